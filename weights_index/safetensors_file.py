@@ -1,0 +1,183 @@
+"""Safe, validated access to safetensors files: header-only inspection and on-demand tensor loading.
+
+Everything in the library reads files through here, so every malformed case (truncated file, header
+longer than the file, absurd header size, bad JSON, offsets out of range, NaN/Inf tensors, pickle files)
+raises one typed error that names the file and the fix, before any tensor is handed out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fusion.errors import AdapterFormatError, NonFiniteTensorError, UnsafeFormatError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""The safetensors reference rejects headers above 100 MB; so do we."""
+
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
+
+CONVERT_HINT = (
+    "convert it to safetensors on a machine you trust, e.g. "
+    "python -c \"import torch, safetensors.torch as s; "
+    "s.save_file({k: v.contiguous() for k, v in torch.load('IN', weights_only=True).items()}, 'OUT.safetensors')\""
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's entry in a safetensors header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed, validated header of a safetensors file: string metadata and tensor entries."""
+
+    path: Path
+    file_size: int
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name``."""
+        return self.tensors[name].shape
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise :class:`UnsafeFormatError` for pickle-based checkpoint suffixes."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeFormatError(
+            f"{path.suffix} files are Python pickles, which can run code when loaded; only safetensors is read",
+            path=path,
+            hint=CONVERT_HINT,
+        )
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Read and validate only the header of ``path`` (no tensor data is touched)."""
+    path = Path(path)
+    refuse_pickle(path)
+    try:
+        file_size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise AdapterFormatError(
+                    f"file is {file_size} bytes, too short to be safetensors", path=path, hint="re-download the file"
+                )
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise AdapterFormatError(
+                    f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); the file is corrupt",
+                    path=path,
+                    hint="re-download the file",
+                )
+            if 8 + header_len > file_size:
+                raise AdapterFormatError(
+                    f"header claims {header_len} bytes but the file has only {file_size - 8} after the prefix; "
+                    "the file is truncated",
+                    path=path,
+                    hint="re-download the file",
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise AdapterFormatError(f"cannot read file: {exc}", path=path) from exc
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"header is not valid JSON ({exc})", path=path, hint="re-download the file") from exc
+    if not isinstance(parsed, dict):
+        raise AdapterFormatError("header is not a JSON object", path=path)
+    metadata_raw = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict):
+        raise AdapterFormatError("__metadata__ is not a JSON object", path=path)
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata_raw.items()}
+    data_size = file_size - 8 - header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in parsed.items():
+        tensors[name] = _tensor_info(path, name, entry, data_size)
+    return SafetensorsHeader(path=path, file_size=file_size, metadata=metadata, tensors=tensors)
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise AdapterFormatError(f"tensor {name!r} has a malformed header entry", path=path)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_BYTES:
+        raise AdapterFormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path=path)
+    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise AdapterFormatError(f"tensor {name!r} has a malformed shape {shape!r}", path=path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise AdapterFormatError(f"tensor {name!r} has malformed data offsets {offsets!r}", path=path)
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
+        raise AdapterFormatError(
+            f"tensor {name!r} lies at bytes {start}..{end} but the data section has {data_size}; the file is truncated",
+            path=path,
+            hint="re-download the file",
+        )
+    if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+        raise AdapterFormatError(f"tensor {name!r} byte length does not match its shape and dtype", path=path)
+    return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def load_tensors(
+    path: str | Path,
+    names: Iterable[str] | None = None,
+    *,
+    allow_non_finite: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Load tensors (all, or ``names``) from a validated file onto the CPU.
+
+    Floating tensors holding NaN/Inf raise :class:`NonFiniteTensorError` unless ``allow_non_finite``.
+    """
+    header = read_header(path)
+    wanted = list(header.tensors) if names is None else list(names)
+    missing = [n for n in wanted if n not in header.tensors]
+    if missing:
+        raise AdapterFormatError(f"tensors not in file: {missing[:5]}", path=header.path)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(header.path), framework="pt", device="cpu") as handle:
+            for name in wanted:
+                out[name] = handle.get_tensor(name)
+    except Exception as exc:  # safetensors raises its own error types for corrupt data
+        raise AdapterFormatError(f"cannot load tensors: {exc}", path=header.path) from exc
+    if not allow_non_finite:
+        for name, tensor in out.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteTensorError(
+                    f"tensor {name!r} contains NaN or Inf values",
+                    path=header.path,
+                    hint="the file is broken; pass allow_non_finite=True only to inspect it",
+                )
+    return out
