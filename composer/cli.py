@@ -1,0 +1,61 @@
+"""The `compose` command line: `compose "prompt" [options]` or `compose SUBCOMMAND ...`.
+
+Subcommands live one per file in :mod:`composer.commands`; each module exposes ``register(subparsers)``
+which adds its parser and sets ``handler`` to a function ``(args) -> exit code``. Exit codes: 0 success,
+1 a :class:`~fusion.errors.ComposerError` (message printed, no traceback), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from composer import commands
+from fusion.errors import ComposerError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every subcommand found in :mod:`composer.commands`."""
+    parser = argparse.ArgumentParser(
+        prog="compose",
+        description="Retrieve and compose LoRA adapters in diffusers pipelines.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `compose` console script; returns the process exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    subcommands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    if args_list and args_list[0] not in subcommands and not args_list[0].startswith("-"):
+        args_list.insert(0, "generate")
+    args = parser.parse_args(args_list)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except ComposerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

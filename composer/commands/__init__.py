@@ -1,0 +1,1 @@
+"""One module per `compose` subcommand; each exposes ``register(subparsers)``."""
