@@ -13,6 +13,7 @@ registers fakes for, so the pure-Python parts import cleanly.
 from __future__ import annotations
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import pathlib
 import sys
@@ -42,7 +43,9 @@ def _declare_schemas() -> None:
 
 
 class _TorchvisionRepairFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001, ANN201
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "torchvision":
             return None
         sys.meta_path.remove(self)
