@@ -43,7 +43,7 @@ DTYPE_BYTES = {
 
 CONVERT_HINT = (
     "convert it to safetensors on a machine you trust, e.g. "
-    "python -c \"import torch, safetensors.torch as s; "
+    'python -c "import torch, safetensors.torch as s; '
     "s.save_file({k: v.contiguous() for k, v in torch.load('IN', weights_only=True).items()}, 'OUT.safetensors')\""
 )
 
