@@ -1,0 +1,109 @@
+"""Shared test setup: offline hub, a per-session preset cache, tiny pipeline fixtures and the ``gpu`` skip hook.
+
+Pipelines: ``tiny_sd`` / ``tiny_sdxl`` / ``tiny_flux`` / ``tiny_kontext`` return a FRESH pipeline loaded from the
+session cache in every test (tests may mutate them freely); ``tiny_sd_path`` etc. are the cached folders, built once
+per session. Kontext runs need ``composer.presets.kontext_call_kwargs(h, w)`` or they silently run at 1024².
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face library is imported: tests never reach a network
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from composer.presets import CACHE_ENV, ensure_preset, load_preset, preset_cache_root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run torch single-threaded (``LORA_COMPOSER_TEST_THREADS`` overrides).
+
+    The test models are tiny, so intra-op threads buy nothing, and on a shared 2-core machine spinning OpenMP
+    workers make a 30 ms tiny-pipeline call take 0.3-1 s. One thread keeps timings stable.
+    """
+    torch.set_num_threads(int(os.environ.get("LORA_COMPOSER_TEST_THREADS", "1")))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` when CUDA is unavailable."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def preset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The presets cache folder for this session (a temp dir); ``LORA_COMPOSER_CACHE`` points at its parent."""
+    root = tmp_path_factory.mktemp("lora-composer-cache")
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(root)
+    yield preset_cache_root()
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
+def _fresh(name: str, folder: Path) -> DiffusionPipeline:
+    """Load a new, independent copy of a cached preset with progress bars off."""
+    pipe = load_preset(name, cache_dir=folder.parent)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(preset_cache: Path) -> Path:
+    """Cache folder of the ``tiny-sd`` preset, built once per session."""
+    return ensure_preset("tiny-sd", preset_cache)
+
+
+@pytest.fixture
+def tiny_sd(tiny_sd_path: Path) -> DiffusionPipeline:
+    """A fresh tiny StableDiffusionPipeline (SD 1.x family), loaded from the session cache for this test."""
+    return _fresh("tiny-sd", tiny_sd_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(preset_cache: Path) -> Path:
+    """Cache folder of the ``tiny-sdxl`` preset, built once per session."""
+    return ensure_preset("tiny-sdxl", preset_cache)
+
+
+@pytest.fixture
+def tiny_sdxl(tiny_sdxl_path: Path) -> DiffusionPipeline:
+    """A fresh tiny StableDiffusionXLPipeline, loaded from the session cache for this test."""
+    return _fresh("tiny-sdxl", tiny_sdxl_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(preset_cache: Path) -> Path:
+    """Cache folder of the ``tiny-flux`` preset, built once per session."""
+    return ensure_preset("tiny-flux", preset_cache)
+
+
+@pytest.fixture
+def tiny_flux(tiny_flux_path: Path) -> DiffusionPipeline:
+    """A fresh tiny FluxPipeline, loaded from the session cache for this test."""
+    return _fresh("tiny-flux", tiny_flux_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext_path(preset_cache: Path) -> Path:
+    """Cache folder of the ``tiny-flux-kontext`` preset, built once per session."""
+    return ensure_preset("tiny-flux-kontext", preset_cache)
+
+
+@pytest.fixture
+def tiny_kontext(tiny_kontext_path: Path) -> DiffusionPipeline:
+    """A fresh tiny FluxKontextPipeline; call it with ``**kontext_call_kwargs(h, w)`` to keep the size."""
+    return _fresh("tiny-flux-kontext", tiny_kontext_path)
