@@ -1,0 +1,91 @@
+"""Malformed files raise one typed error naming the file, before any tensor is handed out."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusion.errors import AdapterFormatError, NonFiniteTensorError, UnsafeFormatError
+from weights_index.reader import probe, read_adapter
+from weights_index.safetensors_file import load_tensors, read_header
+
+KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def _good(path: Path, value: float = 0.1) -> Path:
+    tensors = {f"{KEY}.lora_down.weight": torch.full((2, 8), value), f"{KEY}.lora_up.weight": torch.full((8, 2), 0.1)}
+    save_file(tensors, str(path))
+    return path
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    path = _good(tmp_path / "t.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20])
+    for call in (probe, read_adapter):
+        with pytest.raises(AdapterFormatError, match=r"t\.safetensors.*truncated"):
+            call(path)
+
+
+def test_header_longer_than_file(tmp_path: Path) -> None:
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", 5000) + b"{}")
+    with pytest.raises(AdapterFormatError, match=r"h\.safetensors.*truncated"):
+        probe(path)
+
+
+def test_absurd_header_size(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    with pytest.raises(AdapterFormatError, match=r"a\.safetensors.*corrupt"):
+        read_adapter(path)
+
+
+def test_bad_json_and_tiny_file(tmp_path: Path) -> None:
+    path = tmp_path / "j.safetensors"
+    path.write_bytes(struct.pack("<Q", 3) + b"{x}")
+    with pytest.raises(AdapterFormatError, match="JSON"):
+        read_header(path)
+    (tmp_path / "s.safetensors").write_bytes(b"abc")
+    with pytest.raises(AdapterFormatError, match="too short"):
+        probe(tmp_path / "s.safetensors")
+
+
+def test_offsets_outside_data(tmp_path: Path) -> None:
+    header = json.dumps({"x.lora_A.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    path = tmp_path / "o.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    with pytest.raises(AdapterFormatError, match="truncated"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_refused_unless_allowed(tmp_path: Path, bad: float) -> None:
+    path = _good(tmp_path / "n.safetensors", value=bad)
+    with pytest.raises(NonFiniteTensorError, match=r"n\.safetensors"):
+        read_adapter(path)
+    adapter = read_adapter(path, allow_non_finite=True)
+    assert not bool(torch.isfinite(next(iter(adapter.layers.values())).down).all())
+    assert probe(path).num_layers == 1
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin", ".pth"])
+def test_pickle_files_refused_with_conversion_hint(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"\x80\x04not really a pickle")
+    for call in (probe, read_adapter):
+        with pytest.raises(UnsafeFormatError, match=r"model\..*safetensors") as info:
+            call(path)
+        assert "save_file" in str(info.value)
+
+
+def test_load_tensors_subset(tmp_path: Path) -> None:
+    path = _good(tmp_path / "g.safetensors")
+    assert set(load_tensors(path, [f"{KEY}.lora_up.weight"])) == {f"{KEY}.lora_up.weight"}
+    with pytest.raises(AdapterFormatError, match="not in file"):
+        load_tensors(path, ["missing"])

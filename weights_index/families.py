@@ -1,0 +1,178 @@
+"""Base-model family of an adapter file: from its metadata first, then from the structure of its keys and shapes.
+
+Metadata names the family when the trainer wrote it (kohya's ``ss_base_model_version`` and ``ss_v2``, the SAI model
+spec's ``modelspec.architecture``, our own ``base_family``). Structure narrows the candidates independently: Flux
+transformers have double/single blocks, SDXL has a second text encoder, transformer depth above one and an
+``add_embedding``; SD1 and SD2 differ by the cross-attention width (768 vs 1024) only at real sizes. Tiny test
+models (cross-attention width 32) are decided by structure alone.
+
+The two sources are checked against each other: metadata that names a family the structure rules out is an error,
+because one of them is wrong and silently trusting either gives broken images.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+UNET_FAMILIES = frozenset({"sd1", "sd2", "sdxl"})
+ALL_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "flux"})
+
+CROSS_ATTENTION_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 4096: "flux"}
+"""Real-size width of the text features keys/values project from (attn2.to_k input) → family."""
+
+_TEXT_HIDDEN_WIDTHS = {768: "sd1", 1024: "sd2"}
+"""Real-size hidden width of the only text encoder of an SD1 (CLIP-L) or SD2 (OpenCLIP-H) model."""
+
+_FLUX_MARKERS = re.compile(
+    r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d"
+    r"|^(transformer\.)?transformer_blocks\.\d+\.(attn|ff|ff_context|norm1)"
+    r"|^lora_transformer_"
+    r"|(^|\.)(context_embedder|x_embedder)\."
+)
+_UNET_MARKERS = re.compile(
+    r"(^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d?"
+    r"|^(lora_unet_|unet\.)"
+)
+_SDXL_MARKERS = re.compile(
+    r"^(lora_te2_|lora_te1_|text_encoder_2\.)"
+    r"|(^|[._])add_embedding[._]"
+    r"|(attentions|input_blocks[._]\d+|output_blocks[._]\d+|middle_block)[._]\d[._]transformer_blocks[._][1-9]"
+    r"|mid_block[._]attentions[._]0[._]transformer_blocks[._][1-9]"
+)
+_SHALLOW_ATTENTION = re.compile(r"input_blocks[._][12][._]1[._]|down_blocks[._]0[._]attentions[._]")
+"""SD1/SD2 have attention in their first down block (LDM input_blocks 1 and 2); SDXL's first down block has none."""
+
+_CROSS_KEY = re.compile(r"attn2[._](to_k|to_v)([._]|$)")
+_TEXT_KEY = re.compile(r"^(lora_te_|text_encoder\.).*(q_proj|k_proj|v_proj)([._]|$)")
+_TEXT_LAYER = re.compile(r"^(lora_te_|text_encoder\.)(text_model[._])?encoder[._]layers[._](\d+)[._]")
+
+
+@dataclass(frozen=True)
+class FamilyEvidence:
+    """What the metadata and the key structure say about an adapter's base family.
+
+    ``candidates`` are the families the structure allows (empty when the keys are not recognisable);
+    ``from_metadata`` is the family the metadata names, if any; ``family`` is the conclusion.
+    """
+
+    family: str
+    candidates: frozenset[str]
+    from_metadata: str | None
+    reason: str
+
+
+def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The family a file's metadata names, or None when it names none we know."""
+    own = metadata.get("base_family", "").strip().lower()
+    if own in ALL_FAMILIES:
+        return own
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        value = metadata.get(key, "").strip().lower()
+        if value:
+            found = _family_from_label(value)
+            if found:
+                return found
+    if metadata.get("ss_v2", "").strip().lower() == "true":
+        return "sd2"
+    return None
+
+
+def _family_from_label(label: str) -> str | None:
+    if "flux" in label:
+        return "flux"
+    if "xl" in label:
+        return "sdxl"
+    if re.search(r"(^|[^a-z0-9])(sd[_-]?v?2|stable-diffusion-v2|v2)", label):
+        return "sd2"
+    if re.search(r"(^|[^a-z0-9])(sd[_-]?v?1|stable-diffusion-v1|v1)", label):
+        return "sd1"
+    return None
+
+
+def structural_candidates(shapes: Mapping[str, tuple[int, ...]]) -> tuple[frozenset[str], str]:
+    """Families the key names and shapes allow, with a short reason (header-only: names and shapes suffice).
+
+    ``shapes`` maps raw tensor names (as stored in the file) to their shapes.
+    """
+    keys = list(shapes)
+    denoiser_keys = [k for k in keys if not _is_text_key(k)]
+    if any(_FLUX_MARKERS.search(k) for k in denoiser_keys):
+        return frozenset({"flux"}), "Flux transformer blocks"
+    unet = any(_UNET_MARKERS.search(k) for k in denoiser_keys) or any(
+        k.startswith(("lora_te_", "lora_te1_", "lora_te2_", "text_encoder")) for k in keys
+    )
+    if not unet:
+        return frozenset(), "no recognisable denoiser structure"
+    if any(_SDXL_MARKERS.search(k) for k in keys):
+        return frozenset({"sdxl"}), "second text encoder / deep transformer blocks / add_embedding (SDXL)"
+    width = _cross_attention_width(shapes)
+    if width in CROSS_ATTENTION_WIDTHS:
+        family = CROSS_ATTENTION_WIDTHS[width]
+        return frozenset({family}), f"cross-attention width {width}"
+    text_width = _text_hidden_width(shapes)
+    if text_width in _TEXT_HIDDEN_WIDTHS:
+        family = _TEXT_HIDDEN_WIDTHS[text_width]
+        return frozenset({family}), f"text-encoder width {text_width}"
+    if any(k.startswith("lora_te_") for k in keys) or any(_SHALLOW_ATTENTION.search(k) for k in keys):
+        return frozenset({"sd1", "sd2"}), "single text encoder / attention in the first input blocks (SD1/SD2)"
+    if _max_text_layer(keys) >= 12:
+        return frozenset({"sd2"}), "more than 12 text-encoder layers with one text encoder (SD2)"
+    return UNET_FAMILIES, "UNet structure"
+
+
+def _is_text_key(key: str) -> bool:
+    return key.startswith(("lora_te", "text_encoder", "te_", "te1_", "te2_"))
+
+
+def _in_features(shape: tuple[int, ...], key: str) -> int | None:
+    """Input width of the layer a factor belongs to, for factors whose shape reveals it."""
+    if key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight", "down.weight", "hada_w1_b", "hada_w2_b")):
+        return int(shape[1]) if len(shape) >= 2 else None
+    return None
+
+
+def _cross_attention_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    for key, shape in shapes.items():
+        if not _is_text_key(key) and _CROSS_KEY.search(key):
+            width = _in_features(shape, key)
+            if width is not None:
+                return width
+    return None
+
+
+def _text_hidden_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    for key, shape in shapes.items():
+        if _TEXT_KEY.search(key):
+            width = _in_features(shape, key)
+            if width is not None:
+                return width
+    return None
+
+
+def _max_text_layer(keys: list[str]) -> int:
+    best = -1
+    for key in keys:
+        match = _TEXT_LAYER.search(key)
+        if match:
+            best = max(best, int(match.group(3)))
+    return best
+
+
+def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> FamilyEvidence:
+    """Combine metadata and structure into one family ("unknown" when neither decides).
+
+    Metadata wins among the structurally possible families; a lone structural candidate wins otherwise;
+    an undecided UNet defaults to ``sd1`` (by far the most common UNet adapter).
+    """
+    candidates, reason = structural_candidates(shapes)
+    named = family_from_metadata(metadata)
+    if named is not None and (not candidates or named in candidates):
+        return FamilyEvidence(named, candidates, named, f"metadata names {named}")
+    if len(candidates) == 1:
+        (only,) = candidates
+        return FamilyEvidence(only, candidates, named, reason)
+    if candidates and candidates <= UNET_FAMILIES:
+        return FamilyEvidence("sd1", candidates, named, f"{reason}; SD1 assumed")
+    return FamilyEvidence("unknown", candidates, named, reason)

@@ -1,0 +1,271 @@
+"""LoRA files (diffusers/PEFT, kohya/A1111 SD1.x/SDXL incl. LDM naming and LoCon, Flux kohya/xlabs/BFL/ai-toolkit).
+
+Key conversion is diffusers' own: ``StableDiffusionXLLoraLoaderMixin.lora_state_dict`` (SD1/SD2/SDXL; given a UNet
+``layers_per_block`` it also remaps LDM ``input_blocks/middle_block/output_blocks`` names, for SD1 too) and
+``FluxLoraLoaderMixin.lora_state_dict`` (Flux kohya/xlabs/BFL/fal, splitting fused qkv projections), then
+diffusers' PEFT renaming. What diffusers lacks is added here:
+
+- **per-module alpha**: kohya stores ``alpha`` per module and means ΔW = (alpha / rank) · up @ down for each one.
+  diffusers 0.42 keeps only the most common alpha for attention modules of SD files (its alpha names do not match
+  PEFT's module names), so a file with mixed alphas is applied wrongly there. We keep each module's own alpha by
+  following the tensor objects through diffusers' renaming (renaming moves tensors, never copies them). Flux kohya
+  files come back from diffusers with alpha already folded into the factors.
+- **PEFT / diffusers scaling configs**: ``lora_adapter_metadata`` in the safetensors metadata (diffusers ≥ 0.34) or
+  an ``adapter_config.json`` beside a PEFT file gives ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and
+  ``use_rslora``; they are resolved per module exactly as PEFT does. Without either, scale is 1 (alpha = rank).
+- DoRA files are refused rather than silently read as plain LoRA (diffusers drops their magnitude vectors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from fusion.adapters import AdapterKind, LowRank
+from fusion.errors import AdapterFormatError, ShapeMismatchError, UnknownLayoutError
+
+DOWN_ALPHA_SIBLINGS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
+DENOISER_PREFIXES = ("unet.", "transformer.")
+TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.")
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """The scaling part of a PEFT ``LoraConfig``: per-module r and alpha via patterns, optional rank-stabilised."""
+
+    r: int
+    lora_alpha: float
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> ScaleConfig | None:
+        """Build from a LoraConfig-like dict; None when it has no ``r``/``lora_alpha``."""
+        if "r" not in raw and "lora_alpha" not in raw:
+            return None
+        r = int(raw.get("r", 8))
+        return cls(
+            r=r,
+            lora_alpha=float(raw.get("lora_alpha", r)),
+            rank_pattern=dict(raw.get("rank_pattern") or {}),
+            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            use_rslora=bool(raw.get("use_rslora", False)),
+        )
+
+    def alpha_for(self, module: str, rank: int) -> float:
+        """The ``LowRank.alpha`` giving this module the scale PEFT would apply (lora_alpha / r or / √r)."""
+        from peft.utils.other import get_pattern_key
+
+        r = int(self.rank_pattern.get(get_pattern_key(list(self.rank_pattern), module), self.r))
+        alpha = float(self.alpha_pattern.get(get_pattern_key(list(self.alpha_pattern), module), self.lora_alpha))
+        scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return scale * rank
+
+
+def scale_configs(metadata: Mapping[str, str], path: Path) -> dict[str, ScaleConfig]:
+    """Per-component scaling configs ("unet", "transformer", "text_encoder", …, or "" for a bare PEFT file)."""
+    configs: dict[str, ScaleConfig] = {}
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if raw:
+        try:
+            packed = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise AdapterFormatError(f"{LORA_ADAPTER_METADATA_KEY} metadata is not JSON ({exc})", path=path) from exc
+        components: dict[str, dict[str, Any]] = {}
+        for key, value in packed.items():
+            component, _, name = key.partition(".")
+            if name:
+                components.setdefault(component, {})[name] = value
+            else:
+                components.setdefault("", {})[key] = value
+        for component, values in components.items():
+            config = ScaleConfig.from_mapping(values)
+            if config is not None:
+                configs[component] = config
+    sidecar = path.with_name("adapter_config.json")
+    if "" not in configs and sidecar.is_file():
+        try:
+            config = ScaleConfig.from_mapping(json.loads(sidecar.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AdapterFormatError(f"cannot read {sidecar.name} ({exc})", path=sidecar) from exc
+        if config is not None:
+            configs[""] = config
+    return configs
+
+
+def _refuse_dora(keys: list[str], path: Path) -> None:
+    dora = [k for k in keys if "dora_scale" in k or "lora_magnitude_vector" in k]
+    if dora:
+        raise UnknownLayoutError(
+            f"DoRA adapters are not supported (magnitude vectors such as {dora[0]!r})",
+            path=path,
+            hint="merge the DoRA magnitudes into a plain LoRA with the tool that trained it",
+        )
+
+
+def _alphas_by_tensor(tensors: Mapping[str, torch.Tensor]) -> dict[int, float]:
+    """Map id(down factor) → alpha for every ``<stem>.alpha`` with a down factor beside it."""
+    found: dict[int, float] = {}
+    for key, value in tensors.items():
+        if not key.endswith(".alpha"):
+            continue
+        stem = key[: -len(".alpha")]
+        for suffix in DOWN_ALPHA_SIBLINGS:
+            down = tensors.get(stem + suffix)
+            if down is not None:
+                found[id(down)] = float(value.float().reshape(-1)[0])
+    return found
+
+
+def _diffusers_state_dict(tensors: dict[str, torch.Tensor], flux: bool, layers_per_block: int, path: Path) -> dict:
+    """Run diffusers' key conversion for the file's family; its failures become UnknownLayoutError."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    try:
+        if flux:
+            state_dict, _ = FluxLoraLoaderMixin.lora_state_dict(tensors, return_alphas=True)
+        else:
+            state_dict, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(
+                tensors, unet_config=SimpleNamespace(layers_per_block=layers_per_block)
+            )
+    except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as exc:
+        sample = ", ".join(repr(k) for k in list(tensors)[:3])
+        raise UnknownLayoutError(
+            f"diffusers could not convert these LoRA keys ({str(exc).strip()[:200]}); first keys: {sample}",
+            path=path,
+            hint="the file's key layout is not a supported LoRA layout",
+        ) from exc
+    return state_dict
+
+
+def _to_peft_names(state_dict: Mapping[str, torch.Tensor], text: bool) -> dict[str, torch.Tensor]:
+    """diffusers' own renaming to PEFT ``.lora_A.weight`` / ``.lora_B.weight`` names (same calls as its loaders)."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if all(".lora_A." in k or ".lora_B." in k for k in state_dict):
+        return dict(state_dict)
+    if text:
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state_dict)))
+    return convert_unet_state_dict_to_peft(dict(state_dict))
+
+
+def _split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group keys by component prefix ("unet", "transformer", "text_encoder", "text_encoder_2", or "" for bare)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("base_model.model.")
+        component = ""
+        for prefix in (*DENOISER_PREFIXES, *TEXT_PREFIXES):
+            if name.startswith(prefix):
+                component, name = prefix[:-1], name[len(prefix) :]
+                break
+        parts.setdefault(component, {})[name] = value
+    return parts
+
+
+def _build_layers(
+    named: Mapping[str, torch.Tensor],
+    alphas: Mapping[int, float],
+    config: ScaleConfig | None,
+    path: Path,
+) -> dict[str, AdapterKind]:
+    downs: dict[str, torch.Tensor] = {}
+    ups: dict[str, torch.Tensor] = {}
+    for key, value in named.items():
+        if key.endswith(".lora_A.weight"):
+            downs[key[: -len(".lora_A.weight")]] = value
+        elif key.endswith(".lora_B.weight"):
+            ups[key[: -len(".lora_B.weight")]] = value
+        else:
+            raise UnknownLayoutError(
+                f"unsupported LoRA tensor {key!r} (only down/up factors and alphas are understood)", path=path
+            )
+    layers: dict[str, AdapterKind] = {}
+    for module in sorted(downs.keys() | ups.keys()):
+        if module not in downs or module not in ups:
+            raise AdapterFormatError(f"module {module!r} has only one of its two LoRA factors", path=path)
+        down, up = downs[module], ups[module]
+        if up.dim() == 2 and down.dim() == 4:
+            up = up[:, :, None, None]
+        alpha = alphas.get(id(downs[module]))
+        if alpha is None and config is not None:
+            alpha = config.alpha_for(module, int(down.shape[0]))
+        try:
+            layers[module] = LowRank(down=down, up=up, alpha=alpha)
+        except ShapeMismatchError as exc:
+            raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
+    return layers
+
+
+def read_lora(
+    tensors: dict[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    path: Path,
+    *,
+    flux: bool,
+    layers_per_block: int = 2,
+) -> tuple[dict[str, AdapterKind], dict[str, AdapterKind]]:
+    """Read LoRA tensors into (denoiser layers, text-encoder layers) keyed canonically.
+
+    ``flux`` selects diffusers' Flux conversions; ``layers_per_block`` is the UNet's, needed only to map kohya's
+    LDM-named (``input_blocks``) files onto diffusers module paths (2 for SD1.x, SD2 and SDXL).
+    """
+    keys = list(tensors)
+    _refuse_dora(keys, path)
+    alphas = _alphas_by_tensor(tensors)
+    kohya = any(k.endswith(".lora_down.weight") for k in keys)
+    given = dict(tensors) if kohya else {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    state_dict = _diffusers_state_dict(given, flux, layers_per_block, path)
+    configs = {} if kohya else scale_configs(metadata, path)
+    denoiser: dict[str, AdapterKind] = {}
+    text: dict[str, AdapterKind] = {}
+    for component, named in _split_components(state_dict).items():
+        is_text = component.startswith("text_encoder")
+        peft_named = _to_peft_names(named, is_text)
+        config = configs.get(component) or configs.get("")
+        built = _build_layers(peft_named, alphas, config, path)
+        if is_text:
+            text.update({f"{component}.{k}": v for k, v in built.items()})
+        else:
+            denoiser.update(built)
+    return denoiser, text
+
+
+def kohya_module_paths(names: list[str], path: Path, *, layers_per_block: int = 2) -> dict[str, str]:
+    """Canonical keys for kohya-style SD/SDXL module names (``lora_unet_…``, ``lora_te1_…``), by diffusers' renaming.
+
+    Used by formats that share kohya's module naming but not its tensors (LyCORIS): each name is run through
+    diffusers' LoRA conversion with placeholder factors and found again by tensor identity.
+    """
+    placeholders: dict[str, torch.Tensor] = {}
+    owner: dict[int, str] = {}
+    for name in names:
+        down, up = torch.zeros(1, 1), torch.zeros(1, 1)
+        placeholders[f"{name}.lora_down.weight"] = down
+        placeholders[f"{name}.lora_up.weight"] = up
+        owner[id(down)] = name
+    state_dict = _diffusers_state_dict(placeholders, False, layers_per_block, path)
+    found: dict[str, str] = {}
+    for component, named in _split_components(state_dict).items():
+        for key, value in _to_peft_names(named, component.startswith("text_encoder")).items():
+            name = owner.get(id(value))
+            if name is not None and key.endswith(".lora_A.weight"):
+                module = key[: -len(".lora_A.weight")]
+                found[name] = f"{component}.{module}" if component.startswith("text_encoder") else module
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise UnknownLayoutError(f"cannot map module names such as {missing[:3]} onto model modules", path=path)
+    return found
