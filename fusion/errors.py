@@ -54,5 +54,9 @@ class CompositionError(ComposerError):
     """A composition request is invalid: unknown adapter names, bad weights, schedules, or method options."""
 
 
+class UnknownAdapterError(CompositionError):
+    """A name or id matches no adapter in the library catalog (or no registered adapter)."""
+
+
 class PresetError(ComposerError):
     """A model preset or pipeline could not be built or loaded."""
