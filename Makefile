@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml constraints.txt .ci/torchvision_repair.py
 	fi
 	touch $(STAMP)
 
+DEMO_LIBRARY := examples/demo_library
+DEMO_PROMPT := a corgi astronaut in a neon city, watercolor <lora:corgi_astronaut:0.8> <lora:neon_city:0.7> <lora:watercolor:0.6:lbw=OUTALL>
+
 demo: install
-	$(PY) examples/demo.py
+	$(PY) examples/make_library.py $(DEMO_LIBRARY)
+	$(VENV)/bin/compose index $(DEMO_LIBRARY)
+	$(VENV)/bin/compose "$(DEMO_PROMPT)" --library $(DEMO_LIBRARY) --method merge --out out/demo
 
 test: install
 	$(PY) -m pytest -m "not gpu" -q

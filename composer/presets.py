@@ -12,13 +12,14 @@ Any other name is a local diffusers folder, a known alias from ``KNOWN_MODELS`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -512,9 +513,28 @@ def _from_pretrained(source: str, *, offline: bool, torch_dtype: torch.dtype | N
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
-        return DiffusionPipeline.from_pretrained(source, **kwargs)
+        if not offline:
+            return DiffusionPipeline.from_pretrained(source, **kwargs)
+        with _quiet_loading():
+            return DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise PresetError(f"could not load {what}: {type(exc).__name__}: {exc}", path=source, hint=hint) from exc
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' per-component loading bars for local loads (they take well under a second)."""
+    diffusers_was_on = diffusers.utils.logging.is_progress_bar_enabled()
+    transformers_was_on = transformers.utils.logging.is_progress_bar_enabled()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if diffusers_was_on:
+            diffusers.utils.logging.enable_progress_bar()
+        if transformers_was_on:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def load_preset(

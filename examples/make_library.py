@@ -367,9 +367,13 @@ def main() -> None:
     """Command-line entry: build the library into the given directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--force", action="store_true", help="rebuild even when the library is already complete")
     args = parser.parse_args()
+    if library_is_built(args.out_dir) and not args.force:
+        print(f"demo library already built in {args.out_dir}")
+        return
     for path in build_library(args.out_dir):
-        print(path)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
