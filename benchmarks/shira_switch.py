@@ -1,0 +1,169 @@
+"""Fused adapter switching: SHiRA sorted-index scatter (ours) vs diffusers' LoRA load/fuse/unfuse/delete cycle.
+
+``python -m benchmarks.shira_switch [--quick]`` builds the ``sd15-shapes`` UNet (``small-sd`` with ``--quick``) and,
+on its attention projections (``to_q``/``to_k``/``to_v``/``to_out.0``: 128 on SD 1.5), makes SHiRA adapters with
+r = 32 (K = 32·(out+in) per layer: the parameter count of a rank-32 LoRA) and rank-32 LoRAs, all saved to files.
+Per dtype (fp32, fp16) it times one switch A→B:
+
+- ``ours_memory_ms``: restore A's saved original entries, then scatter B (:class:`fusion.sparse.SparseSwitcher`),
+  with B already in host memory;
+- ``ours_file_ms``: the same after reading B from its SHiRA file (``weights_index.read_adapter``);
+- ``peer_cycle_ms``: diffusers ``unfuse_lora`` + ``delete_adapters`` (A) then ``load_lora_adapter`` (B's file) +
+  ``fuse_lora`` — the cycle a fused LoRA server pays per switch.
+
+Prints ONE JSON document with medians and the ratios peer/ours. Targets (CPU): memory switch ≤ 30 ms in fp32;
+peer/ours from file ≥ 15× in fp32 and ≥ 20× in fp16. Every run also checks the base is restored bit-exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from composer.presets import build_denoiser
+from fusion.adapters import Adapter, Sparse
+from fusion.sparse import SparseSwitcher, shira_budget
+from weights_index.formats.shira import save_shira
+from weights_index.reader import read_adapter
+
+RANK = 32
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _targets(unet: nn.Module) -> dict[str, nn.Linear]:
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, nn.Linear) and ".attn" in name and name.endswith(PROJECTIONS)
+    }
+
+
+def _shira(targets: dict[str, nn.Linear], seed: int) -> Adapter:
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for key, module in targets.items():
+        shape = tuple(module.weight.shape)
+        k = shira_budget(shape, RANK)
+        index = torch.randperm(math.prod(shape), generator=gen)[:k].sort().values
+        layers[key] = Sparse(index, torch.randn(k, generator=gen) * 1e-3, shape)
+    return Adapter(f"shira{seed}", "sd1", layers)
+
+
+def _lora_file(targets: dict[str, nn.Linear], seed: int, path: Path) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, module in targets.items():
+        tensors[f"unet.{key}.lora_A.weight"] = torch.randn(RANK, module.in_features, generator=gen) * 1e-2
+        tensors[f"unet.{key}.lora_B.weight"] = torch.randn(module.out_features, RANK, generator=gen) * 1e-2
+    save_file(tensors, str(path))
+    return path
+
+
+def _median_ms(fn: Callable[[int], None], repeats: int) -> float:
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - start) * 1e3)
+    return round(statistics.median(times), 2)
+
+
+@torch.no_grad()
+def _ours(unet: nn.Module, targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dict[str, float]:
+    pristine = {k: m.weight.detach().clone() for k, m in targets.items()}
+    adapters = [read_adapter(f) for f in files]
+    switcher = SparseSwitcher({k: m.weight for k, m in targets.items()})
+    switcher.apply([(adapters[0], 1.0)])
+    memory = _median_ms(lambda i: switcher.apply([(adapters[(i + 1) % 2], 1.0)]), repeats)
+    from_file = _median_ms(lambda i: switcher.apply([(read_adapter(files[(i + 1) % 2]), 1.0)]), repeats)
+    switcher.restore()
+    exact = all(torch.equal(m.weight, pristine[k]) for k, m in targets.items())
+    return {"ours_memory_ms": memory, "ours_file_ms": from_file, "restored_bit_exact": exact}
+
+
+@torch.no_grad()
+def _peer(unet: nn.Module, files: list[Path], repeats: int) -> dict[str, float]:
+    unet.load_lora_adapter(str(files[0]), prefix="unet", adapter_name="lora0")
+    unet.fuse_lora(lora_scale=1.0)
+    state = {"current": "lora0"}
+
+    def cycle(i: int) -> None:
+        unet.unfuse_lora()
+        unet.delete_adapters(state["current"])
+        name = f"lora{i + 1}"
+        unet.load_lora_adapter(str(files[(i + 1) % 2]), prefix="unet", adapter_name=name)
+        unet.fuse_lora(lora_scale=1.0, adapter_names=[name])
+        state["current"] = name
+
+    cycle_ms = _median_ms(cycle, repeats)
+    unet.unfuse_lora()
+    unet.delete_adapters(state["current"])
+    return {"peer_cycle_ms": cycle_ms}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Build the UNet, write the adapter files, time both sides in fp32 and fp16; return the JSON document."""
+    preset = "small-sd" if quick else "sd15-shapes"
+    repeats = 5 if quick else 9
+    start = time.perf_counter()
+    unet = build_denoiser(preset).eval().requires_grad_(False)
+    build_s = time.perf_counter() - start
+    targets = _targets(unet)  # the Linear objects stay valid after PEFT wraps them and after dtype casts
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shira_files = [
+            save_shira(_shira(targets, s), folder / f"shira{s}.safetensors", {"r": str(RANK)}) for s in (0, 1)
+        ]
+        lora_files = [_lora_file(targets, s, folder / f"lora{s}.safetensors") for s in (0, 1)]
+        for dtype in (torch.float32, torch.float16):
+            unet.to(dtype)
+            ours = _ours(unet, targets, shira_files, repeats)
+            peer = _peer(unet, lora_files, max(3, repeats // 3))
+            results[str(dtype).removeprefix("torch.")] = {
+                **ours,
+                **peer,
+                "ratio_file": round(peer["peer_cycle_ms"] / ours["ours_file_ms"], 2),
+                "ratio_memory": round(peer["peer_cycle_ms"] / ours["ours_memory_ms"], 2),
+            }
+    params = sum(shira_budget(tuple(m.weight.shape), RANK) for m in targets.values())
+    return {
+        "benchmark": "shira_switch",
+        "preset": preset,
+        "quick": quick,
+        "layers": len(targets),
+        "params_per_adapter": params,
+        "build_s": round(build_s, 2),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "results": results,
+        "targets": {"ours_memory_ms_fp32": 30, "ratio_file_fp32": 15, "ratio_file_fp16": 20},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``--quick`` and print the JSON document."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small-sd UNet and fewer repeats")
+    args = parser.parse_args(argv)
+    json.dump(run(args.quick), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
