@@ -22,6 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--library", type=Path, required=True, metavar="DIR", help="folder holding the adapters")
     parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
     parser.add_argument("--no-scan", action="store_true", help="use the catalog as is, without an incremental scan")
+    parser.add_argument(
+        "--overlap",
+        metavar="OTHER",
+        default=None,
+        help="also report SHiRA support overlap (AWOM/AWOR) between NAME and OTHER (both sparse adapters)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=run)
 
@@ -34,13 +40,35 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_scan:
         library.scan()
     entry = library.get(args.name)
+    overlap = _overlap(library, entry.name, args.overlap) if args.overlap else None
     if args.json:
-        emit_json(entry.to_json())
+        emit_json({**entry.to_json(), **({"overlap": overlap} if overlap is not None else {})})
         return 0
     for label, value in _fields(entry):
         if value not in (None, "", [], (), {}):
             print(f"{label + ':':<17}{value}")
+    if overlap is not None:
+        print(
+            f"{'overlap:':<17}with {overlap['other']}: mean AWOR {overlap['mean_awor']:.6f}, "
+            f"mean AWOM {overlap['mean_awom']:.4g}, max AWOM {overlap['max_awom']:.4g}, "
+            f"shared support {overlap['mean_shared']:.2%} over {len(overlap['layers'])} layers"
+        )
     return 0
+
+
+def _overlap(library: Any, name: str, other: str) -> dict[str, Any]:
+    """AWOM/AWOR between two catalogued SHiRA adapters (METHODS §7)."""
+    from fusion.errors import CompositionError
+    from fusion.sparse import adapter_overlap
+
+    first, second = library.read(name), library.read(other)
+    summary = adapter_overlap(first, second)
+    if not summary.layers:
+        raise CompositionError(
+            f"{name!r} and {other!r} share no sparse layers, so there is no overlap to measure",
+            hint="overlap compares SHiRA adapters; convert LoRAs first with `compose convert LORA --to shira`",
+        )
+    return {"other": library.get(other).name, **summary.to_json()}
 
 
 def _fields(entry: Any) -> list[tuple[str, Any]]:

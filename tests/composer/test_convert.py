@@ -71,3 +71,25 @@ def test_density_keeps_top_entries_and_prints_energy(lora_file: Path, capsys) ->
 def test_bad_density_is_a_user_error(lora_file: Path, capsys) -> None:
     assert main(["convert", str(lora_file), "--density", "1.5"]) == 1
     assert "density" in capsys.readouterr().err
+
+
+def test_info_reports_overlap_of_two_converted_adapters(lora_file: Path, tmp_path: Path, capsys) -> None:
+    library = tmp_path / "library"
+    library.mkdir()
+    for name, density in (("sparse_a", 0.05), ("sparse_b", 0.5)):
+        out = library / f"{name}.safetensors"
+        assert main(["convert", str(lora_file), "--to", "shira", "--density", str(density), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", "sparse_a", "--library", str(library), "--overlap", "sparse_b", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["overlap"]
+    assert report["other"] == "sparse_b"
+    assert len(report["layers"]) == 4
+    assert report["mean_shared"] == pytest.approx(1.0)
+    assert 0.0 < report["mean_awor"] < 1.0
+    assert report["max_awom"] > 0.0
+    assert main(["info", "sparse_a", "--library", str(library), "--overlap", "sparse_b"]) == 0
+    assert "mean AWOR" in capsys.readouterr().out
+    plain = library / "plain.safetensors"
+    plain.write_bytes(lora_file.read_bytes())
+    assert main(["info", "sparse_a", "--library", str(library), "--overlap", "plain"]) == 1
+    assert "share no sparse layers" in capsys.readouterr().err
