@@ -1,0 +1,207 @@
+"""Composition for stock diffusers pipelines: ``make_composable(pipe)`` or ``class P(ComposableMixin, SomePipeline)``.
+
+The mixin keeps registered adapters in host memory and, when a composition is set, attaches the adapters it names to
+the denoiser (and text encoders) through a :class:`fusion.engine.FusionEngine` with the chosen strategy. Adding an
+adapter validates it against the model right away (a bad one raises and changes nothing); clearing the composition
+detaches everything and leaves the pipeline's weights and module tree bit-identical to before. Adapters stay
+registered, so the next ``set_composition`` re-attaches them.
+
+Works on StableDiffusion / StableDiffusionXL / Flux / FluxKontext pipelines and their img2img variants (anything
+with a ``unet`` or ``transformer`` and a ``scheduler``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from composer.presets import preset_family
+from fusion.adapter_cache import AdapterCache, file_key
+from fusion.adapters import Adapter
+from fusion.engine import FusionEngine
+from fusion.errors import CompositionError, FamilyMismatchError
+from fusion.strategies import get_strategy
+from fusion.strategies.base import WeightSpec
+from weights_index.reader import read_adapter
+
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+ADAPTER_CACHE = AdapterCache()
+"""Process-wide host-memory cache of adapters read by :meth:`ComposableMixin.add_adapter_file`."""
+
+
+class ComposableMixin:
+    """Adds ``add_adapter``, ``add_adapter_file``, ``set_composition``, ``clear_composition``, ``remove_adapter``
+    and ``composition`` to a diffusers pipeline; every pipeline call starts a fresh step table."""
+
+    @property
+    def _composer(self) -> dict[str, Any]:
+        """Per-instance state: registered adapters, the engine (while a composition is set), the composition."""
+        state = self.__dict__.get("_composer_state")
+        if state is None:
+            state = {"adapters": {}, "engine": None, "composition": None}
+            self.__dict__["_composer_state"] = state
+        return state
+
+    @property
+    def family(self) -> str:
+        """Base-model family of this pipeline ("sd1", "sd2", "sdxl", "flux" or "unknown")."""
+        return preset_family(self)
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        """Registered adapters by name (attached or not)."""
+        return dict(self._composer["adapters"])
+
+    @property
+    def composition(self) -> dict[str, Any] | None:
+        """The active composition (``weights``, ``method``, ``fuse``, ``options``), or None."""
+        current = self._composer["composition"]
+        return None if current is None else {**current, "weights": dict(current["weights"])}
+
+    def _denoiser(self) -> Any:
+        denoiser = getattr(self, "unet", None)
+        if denoiser is None:
+            denoiser = getattr(self, "transformer", None)
+        if denoiser is None:
+            raise CompositionError(f"{type(self).__name__} has neither a unet nor a transformer to compose into")
+        return denoiser
+
+    def _engine(self) -> FusionEngine:
+        engine = self._composer["engine"]
+        if engine is None:
+            scheduler = self.scheduler
+            engine = FusionEngine(
+                self._denoiser(),
+                text_encoders={name: getattr(self, name, None) for name in _TEXT_ENCODERS},
+                timesteps=lambda: scheduler.timesteps,
+                family=self.family,
+            )
+            self._composer["engine"] = engine
+        return engine
+
+    def add_adapter(self, adapter: Adapter, name: str | None = None) -> str:
+        """Register ``adapter`` (renamed to ``name`` if given) after validating it against this model; returns the
+        name. Raises :class:`FamilyMismatchError` / :class:`ShapeMismatchError` and changes nothing if it does not
+        fit."""
+        if name is not None and name != adapter.name:
+            adapter = dataclasses.replace(adapter, name=name)
+        if adapter.name in self._composer["adapters"]:
+            raise CompositionError(
+                f"an adapter named {adapter.name!r} is already registered",
+                path=adapter.source,
+                hint="pass name= to register it under another name",
+            )
+        family = self.family
+        if "unknown" not in (family, adapter.family) and adapter.family != family:
+            raise FamilyMismatchError(
+                f"adapter {adapter.name!r} is for {adapter.family}, this pipeline is {family}",
+                path=adapter.source,
+                hint="use an adapter made for this base model",
+            )
+        engine = self._composer["engine"]
+        if engine is not None:
+            engine.validate([adapter])
+        else:
+            probe = self._engine()
+            try:
+                probe.validate([adapter])
+            finally:
+                probe.clear()
+                self._composer["engine"] = None
+        self._composer["adapters"][adapter.name] = adapter
+        return adapter.name
+
+    def add_adapter_file(self, path: str | Path, name: str | None = None) -> str:
+        """Read an adapter file (any supported format) for this pipeline's family and register it; returns the
+        name (the file's stem unless ``name`` is given). Files are read once and kept in :data:`ADAPTER_CACHE`."""
+        family = None if self.family == "unknown" else self.family
+        adapter = ADAPTER_CACHE.get((file_key(path), family), lambda: read_adapter(path, family))
+        return self.add_adapter(adapter, name=name)
+
+    def set_composition(
+        self,
+        weights: Mapping[str, WeightSpec],
+        method: str = "merge",
+        fuse: bool | None = None,
+        **options: Any,
+    ) -> None:
+        """Compose the named registered adapters with ``method`` (merge, switch, composite, ...).
+
+        ``weights`` maps adapter names to a float, a keyframe string, a block-weight vector or a callable (see
+        :mod:`fusion.schedules`). ``fuse=None`` fuses when the method allows and the weights are static;
+        ``fuse=False`` forces unfused. Replaces any previous composition.
+        """
+        registered = self._composer["adapters"]
+        unknown = [name for name in weights if name not in registered]
+        if unknown:
+            raise CompositionError(
+                f"composition names adapters that are not registered: {unknown}",
+                hint=f"registered: {sorted(registered)}; add them with add_adapter / add_adapter_file",
+            )
+        if not weights:
+            raise CompositionError("a composition needs at least one adapter", hint="use clear_composition() instead")
+        strategy = get_strategy(method)(dict(weights), fuse=fuse, **options)
+        engine = self._engine()
+        engine.set_strategy(None)
+        for name in [n for n in engine.adapter_names if n not in weights]:
+            engine.remove_adapter(name)
+        engine.add_adapters([registered[n] for n in weights if n not in engine.adapters])
+        try:
+            engine.set_strategy(strategy)
+        except Exception:
+            previous = self._composer["composition"]
+            self.clear_composition()
+            if previous is not None:
+                self.set_composition(previous["weights"], previous["method"], previous["fuse"], **previous["options"])
+            raise
+        self._composer["composition"] = {"weights": dict(weights), "method": method, "fuse": fuse, "options": options}
+
+    def clear_composition(self) -> None:
+        """Detach every adapter and restore the base weights bit-exactly (adapters stay registered)."""
+        engine = self._composer["engine"]
+        if engine is not None:
+            engine.clear()
+        self._composer["engine"] = None
+        self._composer["composition"] = None
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister an adapter; if the composition uses it, the composition continues without it."""
+        registered = self._composer["adapters"]
+        if name not in registered:
+            raise CompositionError(f"no adapter named {name!r} is registered", hint=f"registered: {sorted(registered)}")
+        current = self._composer["composition"]
+        if current is not None and name in current["weights"]:
+            rest = {k: v for k, v in current["weights"].items() if k != name}
+            if rest:
+                self.set_composition(rest, current["method"], current["fuse"], **current["options"])
+            else:
+                self.clear_composition()
+        del registered[name]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the pipeline; the composition's step table is rebuilt for this generation."""
+        engine = self._composer["engine"]
+        if engine is not None:
+            engine.reset_generation()
+        return super().__call__(*args, **kwargs)
+
+
+_COMPOSABLE_CLASSES: dict[type, type] = {}
+
+
+def make_composable(pipe: Any) -> Any:
+    """Give ``pipe`` the :class:`ComposableMixin` methods in place (its class becomes a subclass with the same
+    name, so ``save_pretrained`` still records the original pipeline class); returns ``pipe``."""
+    cls = type(pipe)
+    if isinstance(pipe, ComposableMixin):
+        return pipe
+    composable = _COMPOSABLE_CLASSES.get(cls)
+    if composable is None:
+        composable = type(cls.__name__, (ComposableMixin, cls), {"__module__": cls.__module__})
+        composable.__qualname__ = cls.__qualname__
+        _COMPOSABLE_CLASSES[cls] = composable
+    pipe.__class__ = composable
+    return pipe

@@ -1,0 +1,151 @@
+"""The strategy interface: what a composition method sees of each denoiser call, and what it may do with it.
+
+A :class:`~fusion.engine.FusionEngine` wraps the denoiser's ``forward`` (UNet or DiT). Every call the pipeline
+makes goes to the active :class:`Strategy`'s :meth:`Strategy.step` with a :class:`StepContext`; the strategy returns
+what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` returned, or a combination of such).
+
+(a) Per-step gates / weights. Adapters are indexed ``a = 0..A-1`` in ``engine.adapter_names`` order; layers are grouped
+    into ``G = len(engine.group_names)`` groups, the A1111 block-weight blocks of ``engine.layout``
+    (:class:`fusion.layer_groups.BlockLayout`: ``IN04``, ``M00``, ``OUT03``, ``D00``, ``S05``, ``BASE``/``CLIP``/``T5``
+    for text encoders, ``OTHER``).
+    Before running the denoiser a strategy calls one of
+
+    - ``engine.set_weights(w)``: unfused, ``w`` is (A,) (same weight in every group) or (A, G). Cheap: it only
+      swaps a shared tensor that every composed layer reads lazily; no module walk.
+    - ``engine.fuse(w)``: same shapes; writes Σ wᵢ·ΔWᵢ into the base weights (from pristine copies, so calling it
+      again with other weights is an exact switch); ``engine.unfuse()`` restores the pristine weights bit-exactly.
+    - ``engine.weight_table(weights, num_steps)``: the (A, G, S) table ``weight[adapter, group, step]`` for a user
+      weight spec (floats, keyframe strings, block-weight lists, callables), so ``table[:, :, ctx.step]`` is the
+      (A, G) argument for this step (built with :func:`fusion.schedules.build_weight_table`).
+
+(b) Several passes or one batched pass. ``ctx.run()`` calls the original denoiser forward with the pipeline's own
+    arguments (``ctx.run(**overrides)`` replaces keyword arguments) and may be called any number of times, with
+    different weights set in between; the strategy combines the outputs (use :func:`output_tensor` /
+    :func:`with_output_tensor` to unwrap and rewrap the denoiser's return value). For one batched pass,
+    ``engine.set_sample_weights(m)`` with ``m`` (N, A) or (N, A, G) gives sample ``n`` of the batch its own adapter
+    weights (``None`` switches per-sample gating off), and ``ctx.run_tiled(k)`` runs the denoiser ONCE on the inputs
+    repeated ``k`` times along the batch (sample ``i·B + b`` is copy ``i`` of sample ``b``) and returns the
+    prediction reshaped to (k, B, ...). Per-sample weights apply to unfused layers only: unfuse first.
+
+(c) The step index. ``ctx.step`` is the 0-based index of this call's timestep in ``pipe.scheduler.timesteps`` and
+    ``ctx.num_steps`` its length (img2img runs a suffix of that table, so its first step is not 0). The engine builds
+    the lookup at the first call of each generation and then calls :meth:`Strategy.start_generation` with
+    ``num_steps``; a strategy that needs per-generation tables (schedules, caches) builds them there. Several calls
+    at one timestep (true-CFG pipelines call the denoiser twice per step) get the same ``ctx.step``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from fusion.engine import FusionEngine
+
+WeightSpec = Union[float, str, list, Callable[..., Any]]
+"""One adapter's weight in a composition: a constant, a keyframe string (``"0@0,1@0.5"``), a block-weight list, or a
+callable (see ``fusion.schedules``)."""
+
+NON_BATCH_ARGUMENTS = frozenset(
+    {"img_ids", "txt_ids", "return_dict", "joint_attention_kwargs", "cross_attention_kwargs"}
+)
+"""Denoiser keyword arguments never tiled along the batch, even when their first dimension happens to equal it."""
+
+
+def _tile(value: Any, k: int, batch: int) -> Any:
+    """Repeat every tensor whose first dimension is ``batch`` ``k`` times along it (recursing into dicts/sequences)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value.repeat(k, *([1] * (value.dim() - 1)))
+        return value
+    if isinstance(value, Mapping):
+        return {key: _tile(item, k, batch) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tile(item, k, batch) for item in value)
+    return value
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The prediction tensor inside a denoiser's return value (a tensor, a tuple, or a diffusers output object)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output.sample
+
+
+def with_output_tensor(output: Any, tensor: torch.Tensor) -> Any:
+    """``output`` with its prediction replaced by ``tensor``, in the same structure the pipeline expects."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    return type(output)(sample=tensor)
+
+
+@dataclass
+class StepContext:
+    """One denoiser call as the engine hands it to a strategy.
+
+    ``args`` / ``kwargs`` are the pipeline's arguments to the denoiser; ``batch_size`` is the first dimension of its
+    latent input; ``timestep`` the raw timestep argument.
+    """
+
+    engine: FusionEngine
+    step: int
+    num_steps: int
+    timestep: Any
+    batch_size: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    forward: Callable[..., Any] = field(repr=False)
+
+    def run(self, **overrides: Any) -> Any:
+        """Call the original denoiser forward with the pipeline's arguments (keyword ``overrides`` replace theirs)."""
+        return self.forward(*self.args, **{**self.kwargs, **overrides})
+
+    def run_tiled(self, k: int) -> torch.Tensor:
+        """Run the denoiser once on the batch repeated ``k`` times; return the prediction as (k, B, ...)."""
+        args = tuple(_tile(value, k, self.batch_size) for value in self.args)
+        kwargs = {
+            key: value if key in NON_BATCH_ARGUMENTS else _tile(value, k, self.batch_size)
+            for key, value in self.kwargs.items()
+        }
+        prediction = output_tensor(self.forward(*args, **kwargs))
+        return prediction.reshape(k, self.batch_size, *prediction.shape[1:])
+
+
+class Strategy(ABC):
+    """A composition method: decides, for every denoiser call, which adapters count and how much.
+
+    Subclasses set ``name`` (the ``method=`` string) and take ``(weights, *, fuse=None, **options)``; they validate
+    options in ``__init__`` (raise :class:`fusion.errors.CompositionError`), then the engine calls :meth:`activate`
+    once, :meth:`start_generation` at each generation's first denoiser call, :meth:`step` at every call, and
+    :meth:`deactivate` when the composition is replaced or cleared.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, weights: Mapping[str, WeightSpec], *, fuse: bool | None = None, **options: Any) -> None:
+        self.weights = dict(weights)
+        self.fuse = fuse
+        self.options = options
+
+    def activate(self, engine: FusionEngine) -> None:  # noqa: B027 - optional hook
+        """Called once when this strategy becomes the engine's active one (adapters are attached)."""
+
+    def start_generation(self, engine: FusionEngine, num_steps: int) -> None:  # noqa: B027 - optional hook
+        """Called at the first denoiser call of a generation, once ``num_steps`` is known."""
+
+    @abstractmethod
+    def step(self, ctx: StepContext) -> Any:
+        """Compute this denoiser call: set weights, call ``ctx.run()`` (once or more), return the output."""
+
+    def deactivate(self, engine: FusionEngine) -> None:
+        """Undo what this strategy did: restore pristine weights, zero every adapter weight, drop per-sample ones."""
+        engine.unfuse()
+        engine.set_weights(torch.zeros(len(engine.adapter_names)))
