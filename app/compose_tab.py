@@ -1,0 +1,155 @@
+"""The Compose tab: a prompt, automatic or hand-picked adapters (weight, schedule, block weights, step window),
+method, steps and seed → images in a gallery and a "why these adapters" table.
+
+The adapter editor is a table with one row per picked adapter; its columns map onto
+:class:`composer.service.AdapterRequest`. Progress comes from the pipeline's own progress bar (``track_tqdm``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from composer.service import AUTO, AdapterRequest, ComposerError, CompositionService, available_methods
+
+MANUAL = "manual"
+EDITOR_HEADERS = ["adapter", "weight", "schedule", "block weights", "start", "stop"]
+WHY_HEADERS = ["adapter", "weight", "source", "score", "why"]
+DEFAULT_WEIGHT = 0.8
+HISTORY = 24
+"""Images kept in the result gallery (newest first)."""
+
+
+def _optional_float(value: Any, column: str, name: str) -> float | None:
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ComposerError(f"adapter {name!r}: {column} {value!r} is not a number") from exc
+
+
+def adapter_requests(rows: list[list[Any]] | None) -> list[AdapterRequest]:
+    """The editor table's rows as requests (blank rows skipped; numbers checked)."""
+    requests = []
+    for row in rows or []:
+        cells = [*list(row), *[None] * len(EDITOR_HEADERS)][: len(EDITOR_HEADERS)]
+        name = str(cells[0] or "").strip()
+        if not name:
+            continue
+        weight = _optional_float(cells[1], "weight", name)
+        requests.append(
+            AdapterRequest(
+                name=name,
+                weight=DEFAULT_WEIGHT if weight is None else weight,
+                schedule=str(cells[2] or "").strip() or None,
+                block_weights=str(cells[3] or "").strip() or None,
+                start=_optional_float(cells[4], "start", name),
+                stop=_optional_float(cells[5], "stop", name),
+            )
+        )
+    return requests
+
+
+def sync_editor(picked: list[str] | None, rows: list[list[Any]] | None) -> list[list[Any]]:
+    """One editor row per picked adapter, keeping the edits of rows already there."""
+    existing = {str(row[0]): list(row) for row in rows or [] if row and row[0]}
+    return [existing.get(name, [name, DEFAULT_WEIGHT, "", "", "", ""]) for name in picked or []]
+
+
+def why_rows(result: Any) -> list[list[Any]]:
+    """The "why these adapters" table of a composition result."""
+    return [
+        [a.name, a.weight, a.source, None if a.score is None else round(a.score, 4), "; ".join(a.reasons)]
+        for a in result.adapters
+    ]
+
+
+def build(service: CompositionService) -> None:
+    """Lay out the Compose tab and wire its events (the Generate click is the ``/generate`` API endpoint)."""
+    names = service.adapter_names()
+    methods = available_methods()
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=2,
+                placeholder="a corgi astronaut in a neon city, watercolor  (<lora:name:0.8> tags work too)",
+                elem_id="prompt",
+            )
+            mode = gr.Radio([AUTO, MANUAL], value=AUTO if names else MANUAL, label="Adapters", elem_id="mode")
+            picker = gr.Dropdown(names, multiselect=True, label="Pick adapters", visible=not names, elem_id="picker")
+            editor = gr.Dataframe(
+                headers=EDITOR_HEADERS,
+                datatype=["str", "number", "str", "str", "str", "str"],
+                type="array",
+                interactive=True,
+                label="Weights, schedules (0@0,1@0.5), block weights (INS, OUTALL or 1,0,…), start/stop",
+                visible=not names,
+                elem_id="editor",
+            )
+            with gr.Row():
+                method = gr.Dropdown(methods, value=methods[0], label="Method", elem_id="method")
+                steps = gr.Slider(0, 60, value=0, step=1, label="Steps (0 = model default)", elem_id="steps")
+                seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+                count = gr.Slider(1, 4, value=1, step=1, label="Images", elem_id="count")
+            generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="gallery")
+            summary = gr.Markdown(elem_id="summary")
+    why = gr.Dataframe(
+        headers=WHY_HEADERS,
+        interactive=False,
+        wrap=True,
+        column_widths=["18%", "9%", "9%", "9%", "55%"],
+        label="Why these adapters",
+        elem_id="why",
+    )
+    history = gr.State([])
+
+    def show_editor(choice: str) -> tuple[Any, Any]:
+        return gr.update(visible=choice == MANUAL), gr.update(visible=choice == MANUAL)
+
+    def generate(
+        text: str,
+        choice: str,
+        rows: list[list[Any]] | None,
+        method_name: str,
+        step_count: float,
+        seed_value: float,
+        images: float,
+        past: list[tuple[str, str]],
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's documented idiom)
+    ) -> tuple[list[tuple[str, str]], list[list[Any]], str, list[tuple[str, str]]]:
+        try:
+            adapters = AUTO if choice == AUTO else adapter_requests(rows)
+            result = service.compose(
+                text,
+                adapters,
+                method=method_name,
+                steps=int(step_count) or None,
+                seed=int(seed_value or 0),
+                num_images=int(images),
+                progress=True,
+            )
+        except ComposerError as exc:
+            raise gr.Error(str(exc)) from exc
+        caption = f"seed {result.seed} · {result.method}"
+        shown = [(str(path), caption) for path in result.paths] + list(past)
+        shown = shown[:HISTORY]
+        used = ", ".join(f"`{a.name}`" for a in result.adapters) or "none (base model)"
+        text_summary = (
+            f"**Prompt used:** {result.prompt}\n\n**Adapters:** {used} · **method** {result.method} · "
+            f"{result.steps} steps · seed {result.seed} · {result.seconds:.2f} s"
+        )
+        return shown, why_rows(result), text_summary, shown
+
+    mode.change(show_editor, mode, [picker, editor], api_visibility="private")
+    picker.change(sync_editor, [picker, editor], editor, api_visibility="private")
+    generate_button.click(
+        generate,
+        [prompt, mode, editor, method, steps, seed, count, history],
+        [gallery, why, summary, history],
+        api_name="generate",
+    )

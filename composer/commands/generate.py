@@ -1,0 +1,90 @@
+"""`compose "prompt" [--loras auto|name:0.8,...]`: compose adapters and generate (the default command)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from composer.reporting import emit_json, format_table
+
+METHODS = ("merge", "switch", "composite")
+COLUMNS = ("name", "weight", "source", "score", "reasons")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `generate` subcommand (also what a bare `compose "prompt"` runs)."""
+    parser = subparsers.add_parser(
+        "generate",
+        help='compose adapters and generate images (default: compose "prompt" ...)',
+        description="Generate images for PROMPT with LoRA adapters composed inside the pipeline. "
+        "Adapters come from <lora:name:weight> tags in the prompt and from --loras.",
+    )
+    parser.add_argument("prompt", help="the prompt; <lora:name:0.8> tags (lbw=, start=, 0@0,1@0.5) are honoured")
+    parser.add_argument(
+        "--loras",
+        default=None,
+        help="'auto' (retrieve from --library) or a list like 'style:0.8,char:0@0,1@0.5,path/to/file.safetensors'",
+    )
+    parser.add_argument("--method", default="merge", choices=METHODS, help="composition method (default merge)")
+    parser.add_argument("--model", default="tiny-sd", help="preset name, diffusers folder or hub id (default tiny-sd)")
+    parser.add_argument("--library", type=Path, default=None, help="LoRA folder (indexed incrementally)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 on tiny presets)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="image height and width")
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
+    parser.add_argument("--tau", type=int, default=None, help="switch: steps per adapter")
+    parser.add_argument("--mode", choices=("batched", "sequential"), default=None, help="composite: execution mode")
+    parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.set_defaults(handler=run)
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generate options → :meth:`composer.facade.Composer.run` keyword arguments (all but prompt and out)."""
+    extra: dict[str, Any] = {}
+    if args.tau is not None:
+        extra["tau"] = args.tau
+    if args.mode is not None:
+        extra["mode"] = args.mode
+    if args.unfused:
+        extra["fuse"] = False
+    height, width = args.size if args.size else (None, None)
+    return {
+        "loras": args.loras,
+        "method": args.method,
+        "steps": args.steps,
+        "seed": args.seed,
+        "guidance_scale": args.guidance,
+        "negative_prompt": args.negative,
+        "height": height,
+        "width": width,
+        "num_images": args.num_images,
+        **extra,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one composition request and report the chosen adapters and written files."""
+    from composer.facade import Composer
+
+    composer = Composer(model=args.model, library=args.library)
+    result = composer.run(args.prompt, out=args.out, progress=not args.json, **run_options(args))
+    if args.json:
+        emit_json(result.as_dict())
+        return 0
+    rows = [
+        {**a.as_dict(), "reasons": "; ".join(a.reasons), "score": a.score, "source": a.source} for a in result.adapters
+    ]
+    if rows:
+        print(format_table(rows, COLUMNS))
+    else:
+        print("no adapters: generating with the base model")
+    print(f"\nprompt: {result.prompt}")
+    print(f"method: {result.method}, {result.steps} steps, seed {result.seed}, {result.seconds:.2f} s")
+    for path in result.paths:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,335 @@
+"""The `Composer` facade: one object that turns "a prompt + which adapters" into saved images.
+
+It owns the whole request — load the model (preset, folder or hub id), open the library catalog (incremental
+rescan), pick adapters (explicit names, ``<lora:…>`` prompt tags, or ``loras="auto"`` through the retriever),
+read them (host-memory cache), compose them with the chosen method through the mixin, generate, and save each
+image with its A1111 ``parameters`` chunk and JSON sidecar. The CLI and the app are thin layers over it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from composer.images import GenerationRecord, save_image
+from composer.mixin import make_composable
+from composer.presets import KNOWN_MODELS, PRESETS, kontext_call_kwargs, load_preset, preset_family
+from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
+from fusion.errors import CompositionError
+from fusion.layer_groups import BlockLayout
+
+DEFAULT_STEPS = {"sd1": 20, "sd2": 20, "sdxl": 25, "flux": 28}
+TINY_SIZE = 64
+
+
+@dataclass
+class ChosenAdapter:
+    """One adapter in a composition request: where it came from, its weight spec, and why it was chosen."""
+
+    name: str
+    weight: float | str = 0.8
+    source: str = "explicit"
+    score: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    block_weights: str | None = None
+    text_encoder_weight: float | None = None
+    start: float | None = None
+    stop: float | None = None
+    trigger_words: list[str] = field(default_factory=list)
+    hash: str | None = None
+    path: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (what sidecars, ``--json`` and the app show)."""
+        return {k: v for k, v in self.__dict__.items() if v not in (None, [], "")}
+
+
+@dataclass
+class CompositionResult:
+    """What :meth:`Composer.run` produced: the images, the adapters used, and where the files went."""
+
+    images: list[Image.Image]
+    prompt: str
+    adapters: list[ChosenAdapter]
+    method: str
+    seed: int
+    steps: int
+    seconds: float
+    paths: list[Path] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary."""
+        return {
+            "prompt": self.prompt,
+            "method": self.method,
+            "seed": self.seed,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 3),
+            "adapters": [a.as_dict() for a in self.adapters],
+            "images": [str(p) for p in self.paths],
+        }
+
+
+def _window(start: float | None, stop: float | None) -> Any:
+    """A step function that is 1 inside [start, stop) (fractions ≤ 1 or step numbers) and 0 outside."""
+
+    def weight(step: int, num_steps: int) -> float:
+        def position(value: float) -> float:
+            return value * num_steps if value <= 1.0 else value
+
+        lower = 0.0 if start is None else position(start)
+        upper = float(num_steps) if stop is None else position(stop)
+        return 1.0 if lower <= step < upper else 0.0
+
+    return weight
+
+
+class Composer:
+    """Retrieve, compose and generate: ``Composer(model="tiny-sd", library=DIR).run("a prompt", loras="auto")``."""
+
+    def __init__(
+        self,
+        model: str = "tiny-sd",
+        library: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.library_dir = None if library is None else Path(library)
+        self.device = device
+        self.torch_dtype = torch_dtype
+        self._pipe: Any = None
+        self._library: Any = None
+
+    @property
+    def pipe(self) -> Any:
+        """The composable pipeline (loaded on first use)."""
+        if self._pipe is None:
+            self._pipe = make_composable(load_preset(self.model, torch_dtype=self.torch_dtype, device=self.device))
+        return self._pipe
+
+    @property
+    def family(self) -> str:
+        """The base-model family of the loaded pipeline."""
+        return preset_family(self.pipe)
+
+    @property
+    def library(self) -> Any:
+        """The library catalog (opened and rescanned on first use); None when no library was given."""
+        if self._library is None and self.library_dir is not None:
+            from weights_index.catalog import Library
+
+            self._library = Library(self.library_dir)
+            self._library.scan()
+        return self._library
+
+    def choose(
+        self, prompt: str, loras: str | Sequence[str | LoraTag] | Mapping[str, Any] | None
+    ) -> tuple[str, list[ChosenAdapter]]:
+        """Resolve the adapters for ``prompt``: prompt tags first, then ``loras`` (auto, a list spec, a mapping, or
+        names / :class:`~composer.prompts.LoraTag` items carrying block weights and schedules).
+
+        Returns the prompt without ``<lora:…>`` tags (with trigger words added for automatically chosen adapters)
+        and the chosen adapters.
+        """
+        prompt, tags = extract_lora_tags(prompt)
+        chosen = {tag.name: self._from_tag(tag, "prompt tag") for tag in tags}
+        if isinstance(loras, str) and loras.strip().lower() == "auto":
+            prompt = self._auto(prompt, chosen)
+        elif isinstance(loras, str):
+            for tag in parse_lora_list(loras):
+                chosen.setdefault(tag.name, self._from_tag(tag, "explicit"))
+        elif isinstance(loras, Mapping):
+            for name, weight in loras.items():
+                chosen.setdefault(name, ChosenAdapter(name=name, weight=weight, reasons=["named by the caller"]))
+        elif loras:
+            for item in loras:
+                if isinstance(item, LoraTag):
+                    chosen.setdefault(item.name, self._from_tag(item, "explicit"))
+                else:
+                    chosen.setdefault(item, ChosenAdapter(name=item, weight=1.0, reasons=["named by the caller"]))
+        return prompt, list(chosen.values())
+
+    @staticmethod
+    def _from_tag(tag: LoraTag, source: str) -> ChosenAdapter:
+        return ChosenAdapter(
+            name=tag.name,
+            weight=tag.weight,
+            source=source,
+            reasons=["named in a <lora:…> prompt tag" if source == "prompt tag" else "named by the caller"],
+            block_weights=tag.block_weights,
+            text_encoder_weight=tag.text_encoder_weight,
+            start=tag.start,
+            stop=tag.stop,
+        )
+
+    def _auto(self, prompt: str, chosen: dict[str, ChosenAdapter]) -> str:
+        if self.library is None:
+            raise CompositionError("loras='auto' needs a library", hint="pass library=DIR (CLI: --library DIR)")
+        from retrieval.retriever import Retriever
+
+        retriever = Retriever(self.library, pipe=self.pipe)
+        for pick in retriever.select(prompt, family=self.family):
+            if pick.name in chosen:
+                continue
+            chosen[pick.name] = ChosenAdapter(
+                name=pick.name,
+                weight=pick.weight,
+                source="auto",
+                score=pick.score,
+                reasons=list(pick.reasons),
+                trigger_words=list(pick.trigger_words),
+            )
+            missing = [w for w in pick.missing_triggers if w.lower() not in prompt.lower()]
+            if missing:
+                prompt = f"{prompt}, {', '.join(missing)}"
+        return prompt
+
+    def _register(self, chosen: list[ChosenAdapter]) -> None:
+        pipe = self.pipe
+        for item in chosen:
+            if item.name in pipe.adapters:
+                continue
+            path = Path(item.name)
+            if path.suffix and path.is_file():
+                item.path = str(path)
+                pipe.add_adapter_file(path, name=item.name)
+                continue
+            if self.library is None:
+                raise CompositionError(
+                    f"adapter {item.name!r} is not a file and no library is open",
+                    hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
+                )
+            entry = self.library.get(item.name)
+            item.path = str(entry.path)
+            item.hash = entry.metadata.hashes.get("AutoV2")
+            item.trigger_words = item.trigger_words or list(entry.trigger_words)
+            pipe.add_adapter(self.library.read(item.name), name=item.name)
+
+    def _spec(self, item: ChosenAdapter) -> Any:
+        weight = item.weight
+        blocks: Any = item.block_weights
+        steps: Any = None
+        if isinstance(weight, str):
+            steps, weight = weight, 1.0
+        if item.start is not None or item.stop is not None:
+            if steps is not None:
+                raise CompositionError(f"adapter {item.name!r}: use either a keyframe schedule or start/stop, not both")
+            steps = _window(item.start, item.stop)
+        if item.text_encoder_weight is not None and item.text_encoder_weight != weight:
+            blocks = self._with_text_encoder_weight(blocks, float(weight), item.text_encoder_weight)
+            if weight == 0.0:
+                weight = 1.0
+        if blocks is None and steps is None:
+            return float(weight)
+        return {"weight": float(weight), "blocks": blocks, "steps": steps}
+
+    def _with_text_encoder_weight(self, blocks: Any, weight: float, text_encoder_weight: float) -> list[float]:
+        from fusion.schedules import block_weights
+
+        layout = BlockLayout.from_denoiser(self.family, self.pipe._denoiser())
+        per_group = block_weights(blocks, layout)
+        vector = [float(per_group[layout.groups.index(group[0])]) for group in layout.short.targets]
+        base = text_encoder_weight if weight == 0.0 else text_encoder_weight / weight
+        vector[0] = vector[0] * base if blocks is not None else base
+        if weight == 0.0:
+            vector[1:] = [0.0] * (len(vector) - 1)
+        return vector
+
+    def run(
+        self,
+        prompt: str,
+        loras: str | Sequence[str | LoraTag] | Mapping[str, Any] | None = None,
+        *,
+        method: str = "merge",
+        steps: int | None = None,
+        seed: int = 0,
+        guidance_scale: float | None = None,
+        negative_prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 1,
+        out: str | Path | None = None,
+        image: Image.Image | None = None,
+        progress: bool = False,
+        **options: Any,
+    ) -> CompositionResult:
+        """Generate ``num_images`` images for ``prompt`` with the chosen adapters composed by ``method``.
+
+        ``out`` is a folder: images are saved there as ``<seed>-<n>.png`` with sidecars. ``image`` is the input of
+        editing pipelines (Kontext, img2img). Method options (``tau``, ``mode``, ``fuse``...) pass through.
+        """
+        started = time.perf_counter()
+        clean_prompt, chosen = self.choose(prompt, loras)
+        pipe = self.pipe
+        family = self.family
+        steps = steps or (4 if self.model in PRESETS else DEFAULT_STEPS.get(family, 20))
+        size = TINY_SIZE if self.model in PRESETS and self.model.startswith("tiny") else None
+        height, width = height or size, width or size
+        pipe.set_progress_bar_config(disable=not progress)
+        call: dict[str, Any] = {
+            "prompt": clean_prompt,
+            "num_inference_steps": steps,
+            "num_images_per_prompt": num_images,
+        }
+        if guidance_scale is not None:
+            call["guidance_scale"] = guidance_scale
+        if negative_prompt and family != "flux":
+            call["negative_prompt"] = negative_prompt
+        if height and width:
+            call.update(height=height, width=width)
+        if image is not None:
+            call["image"] = image
+            if type(pipe).__name__.startswith("FluxKontext"):
+                call.update(kontext_call_kwargs(height or image.height, width or image.width))
+        fuse = options.pop("fuse", None)
+        try:
+            if chosen:
+                self._register(chosen)
+                specs = {item.name: self._spec(item) for item in chosen}
+                pipe.set_composition(specs, method=method, fuse=fuse, **options)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            with torch.inference_mode():
+                images = pipe(generator=generator, **call).images
+        finally:
+            pipe.clear_composition()
+        result = CompositionResult(
+            images=list(images),
+            prompt=clean_prompt,
+            adapters=chosen,
+            method=method if chosen else "none",
+            seed=seed,
+            steps=steps,
+            seconds=time.perf_counter() - started,
+        )
+        if out is not None:
+            self._save(result, Path(out), guidance_scale, negative_prompt)
+        return result
+
+    def _save(self, result: CompositionResult, out: Path, guidance_scale: float | None, negative: str) -> None:
+        model = KNOWN_MODELS[self.model].hub_id if self.model in KNOWN_MODELS else self.model
+        for index, image in enumerate(result.images):
+            record = GenerationRecord(
+                prompt=result.prompt,
+                negative_prompt=negative,
+                steps=result.steps,
+                guidance_scale=guidance_scale,
+                seed=result.seed,
+                width=image.width,
+                height=image.height,
+                model=model,
+                sampler=type(self.pipe.scheduler).__name__,
+                method=result.method,
+                adapters=[
+                    {"name": a.name, "weight": a.weight, "hash": a.hash, "reasons": a.reasons} for a in result.adapters
+                ],
+            )
+            png, _ = save_image(image, out / f"{result.seed}-{index}", record)
+            result.paths.append(png)

@@ -1,0 +1,263 @@
+"""A thread-safe composition service for long-running front ends (the Gradio app, servers).
+
+A pipeline holds one composition at a time, so two requests composing on one pipeline at once would see each other's
+adapters. The service keeps a pool of :class:`~composer.facade.Composer` workers, one pipeline each: a request
+borrows a worker, composes, generates, clears and gives it back, so concurrent requests never share a pipeline
+mid-request. It also gives the library views a UI shows (entries, search, rescan, previews checked to stay inside
+the library) and the retrieval scores for a prompt. Everything it returns is plain data and every error it raises is
+a :class:`ComposerError` (re-exported here), so a front end needs no other package.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from composer.facade import Composer, CompositionResult
+from composer.prompts import LoraTag
+from fusion.errors import ComposerError, CompositionError, UnsafePathError
+from fusion.strategies import BUILTIN, get_strategy
+
+AUTO = "auto"
+
+__all__ = ["AUTO", "AdapterRequest", "ComposerError", "CompositionService", "LibraryItem", "available_methods"]
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """One adapter a caller asks for: its weight (or a ``0@0,1@0.5`` keyframe schedule), block weights
+    (``INS``/``OUTALL`` or a comma list, as in LoRA Block Weight) and an optional active step window."""
+
+    name: str
+    weight: float = 0.8
+    schedule: str | None = None
+    block_weights: str | None = None
+    start: float | None = None
+    stop: float | None = None
+
+    def tag(self) -> LoraTag:
+        """The same request as a prompt tag (what the facade composes)."""
+        schedule = (self.schedule or "").replace(" ", "")
+        if schedule and "@" not in schedule:
+            raise CompositionError(
+                f"adapter {self.name!r}: schedule {self.schedule!r} is not a keyframe list",
+                hint="write keyframes as weight@position, e.g. 0@0,1@0.5",
+            )
+        return LoraTag(
+            name=self.name,
+            weight=schedule or float(self.weight),
+            block_weights=(self.block_weights or "").strip() or None,
+            start=self.start,
+            stop=self.stop,
+        )
+
+
+@dataclass(frozen=True)
+class LibraryItem:
+    """What a library browser shows for one adapter (``preview`` is checked to lie inside the library)."""
+
+    name: str
+    title: str
+    family: str
+    format: str | None
+    rank: int | None
+    trigger_words: tuple[str, ...]
+    category: str | None
+    preview: Path | None
+    relpath: str
+    error: str | None
+
+
+def available_methods() -> list[str]:
+    """Composition methods whose implementation is installed, in the built-in order."""
+    names = []
+    for name in BUILTIN:
+        try:
+            get_strategy(name)
+        except ComposerError:
+            continue
+        names.append(name)
+    return names
+
+
+class CompositionService:
+    """Compose-and-generate for many concurrent callers over ``workers`` pipelines of ``model``, with ``library``.
+
+    Each request's images go to their own folder under ``out`` (``<time>-<n>/<seed>-<i>.png`` plus sidecars).
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-sd",
+        library: str | Path | None = None,
+        *,
+        out: str | Path = Path("out") / "app",
+        workers: int = 1,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ComposerError(f"workers must be at least 1, got {workers}")
+        self.model = model
+        self.workers = workers
+        self.out = Path(out).resolve()
+        self._library_dir = None if library is None else Path(library)
+        self._workers: queue.Queue[Composer] = queue.Queue()
+        for _ in range(workers):
+            self._workers.put(Composer(model, library, device=device, torch_dtype=torch_dtype))
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._library: Any = None
+
+    # ---------------------------------------------------------------------------------------------- workers
+    @contextmanager
+    def _borrow(self) -> Iterator[Composer]:
+        """Hold one worker (its pipeline) for the duration of a request."""
+        composer = self._workers.get()
+        try:
+            yield composer
+        finally:
+            self._workers.put(composer)
+
+    def warm(self) -> None:
+        """Load every worker's pipeline now rather than on its first request."""
+        held = [self._workers.get() for _ in range(self._workers.qsize())]
+        try:
+            for composer in held:
+                _ = composer.pipe
+        finally:
+            for composer in held:
+                self._workers.put(composer)
+
+    def compose(
+        self,
+        prompt: str,
+        adapters: str | Sequence[AdapterRequest] | None = AUTO,
+        *,
+        method: str = "merge",
+        steps: int | None = None,
+        seed: int = 0,
+        num_images: int = 1,
+        negative_prompt: str = "",
+        guidance_scale: float | None = None,
+        progress: bool = False,
+    ) -> CompositionResult:
+        """Compose ``adapters`` (``"auto"``, requests, or None for the base model) and generate; files are saved."""
+        if not prompt.strip():
+            raise CompositionError("the prompt is empty", hint="type what the image should show")
+        loras: Any = AUTO if adapters == AUTO else [a.tag() for a in adapters or ()]
+        with self._lock:
+            folder = self.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter):04d}"
+        with self._borrow() as composer:
+            return composer.run(
+                prompt,
+                loras=loras or None,
+                method=method,
+                steps=steps,
+                seed=seed,
+                num_images=num_images,
+                negative_prompt=negative_prompt,
+                guidance_scale=guidance_scale,
+                out=folder,
+                progress=progress,
+            )
+
+    def rank(self, prompt: str, k: int = 10) -> list[dict[str, Any]]:
+        """Every signal's score for the ``k`` best adapters for ``prompt`` (needs a library), best first."""
+        library = self._require_library()
+        from retrieval.retriever import Retriever
+
+        with self._borrow() as composer:
+            retriever = Retriever(library, pipe=composer.pipe)
+            hits = retriever.rank(prompt, family=composer.family, k=k)
+        return [hit.to_json() for hit in hits]
+
+    # ---------------------------------------------------------------------------------------------- library
+    @property
+    def library_root(self) -> Path | None:
+        """The library folder (resolved), or None when the service has no library."""
+        return None if self._library_dir is None else self._require_library().root
+
+    def _require_library(self) -> Any:
+        if self._library_dir is None:
+            raise ComposerError("no library is open", hint="start the app with --library DIR")
+        with self._lock:
+            if self._library is None:
+                from weights_index.catalog import Library
+
+                library = Library(self._library_dir)
+                library.scan()
+                self._library = library
+        return self._library
+
+    def rescan(self) -> dict[str, Any]:
+        """Bring the catalog up to date with the folder; returns what changed."""
+        return self._require_library().scan().to_json()
+
+    def entries(self, query: str = "") -> list[LibraryItem]:
+        """Every adapter (by name), or the full-text matches for ``query`` (best first)."""
+        library = self._require_library()
+        found = [hit.entry for hit in library.search(query, limit=200)] if query.strip() else library.entries()
+        return [self._item(entry) for entry in found]
+
+    def adapter_names(self) -> list[str]:
+        """Names of the readable adapters made for this service's model family (all when unknown)."""
+        if self._library_dir is None:
+            return []
+        with self._borrow() as composer:
+            family = composer.family
+        return [e.name for e in self._require_library().entries() if e.ok and family in ("unknown", e.family)]
+
+    def details(self, name: str) -> dict[str, Any]:
+        """Everything the catalog knows about one adapter (JSON-ready), with a preview only if inside the library."""
+        entry = self._require_library().get(name)
+        document = entry.to_json()
+        preview = self._item(entry).preview
+        document["preview"] = None if preview is None else str(preview)
+        return document
+
+    def _item(self, entry: Any) -> LibraryItem:
+        candidates = [entry.preview, *entry.metadata.previews]
+        preview = next((p for p in (self.inside_library(c) for c in candidates if c) if p is not None), None)
+        return LibraryItem(
+            name=entry.name,
+            title=entry.title,
+            family=entry.family,
+            format=entry.format,
+            rank=entry.rank,
+            trigger_words=tuple(entry.trigger_words),
+            category=entry.metadata.category,
+            preview=preview,
+            relpath=entry.relpath,
+            error=entry.error,
+        )
+
+    def inside_library(self, path: str | Path) -> Path | None:
+        """``path``'s real location when it is an existing file inside the library (symlinks resolved), else None."""
+        try:
+            return self.library_file(path)
+        except UnsafePathError:
+            return None
+
+    def library_file(self, path: str | Path) -> Path:
+        """The real path of a file in the library, given relative to it or absolute; raises
+        :class:`UnsafePathError` for ``..`` escapes, absolute paths elsewhere, symlinks leaving it, or no file."""
+        root = self._require_library().root
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = root / candidate
+        real = candidate.resolve()
+        if not (real.is_relative_to(root) and candidate.absolute().is_relative_to(root)) or not real.is_file():
+            raise UnsafePathError(
+                "not a file inside the library", path=path, hint=f"only files under {root} are served"
+            )
+        return real

@@ -1,0 +1,47 @@
+"""The Compose tab's editor table ↔ adapter requests, and the service's request checks (no server needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.compose_tab import adapter_requests, sync_editor
+from composer.service import AdapterRequest, ComposerError, CompositionService
+
+
+def test_editor_rows_become_requests() -> None:
+    rows = [
+        ["corgi_astronaut", 0.7, "", "OUTALL", "", "0.5"],
+        ["", 1.0, "", "", "", ""],
+        ["watercolor", None, "0@0, 1@0.5", "", "2", ""],
+    ]
+    first, second = adapter_requests(rows)
+    assert first == AdapterRequest("corgi_astronaut", 0.7, None, "OUTALL", None, 0.5)
+    assert second.weight == 0.8
+    tag = second.tag()
+    assert tag.weight == "0@0,1@0.5"
+    assert tag.start == 2.0
+    assert first.tag().block_weights == "OUTALL"
+
+
+def test_editor_rejects_non_numbers() -> None:
+    with pytest.raises(ComposerError, match="start 'soon' is not a number"):
+        adapter_requests([["corgi_astronaut", 0.8, "", "", "soon", ""]])
+
+
+def test_schedule_must_be_keyframes() -> None:
+    with pytest.raises(ComposerError, match="not a keyframe list"):
+        AdapterRequest("x", schedule="fast").tag()
+
+
+def test_sync_editor_keeps_edits_and_follows_the_picker() -> None:
+    rows = [["a", 0.3, "0@0,1@1", "", "", ""], ["b", 0.9, "", "", "", ""]]
+    assert sync_editor(["b", "c"], rows) == [["b", 0.9, "", "", "", ""], ["c", 0.8, "", "", "", ""]]
+    assert sync_editor([], rows) == []
+
+
+def test_service_rejects_empty_prompt_and_zero_workers(tmp_path) -> None:
+    with pytest.raises(ComposerError, match="workers must be at least 1"):
+        CompositionService(out=tmp_path, workers=0)
+    with pytest.raises(ComposerError, match="prompt is empty"):
+        CompositionService(out=tmp_path).compose("  ", None)
+    assert CompositionService(out=tmp_path).library_root is None

@@ -1,0 +1,123 @@
+"""`compose "prompt"`: the selection table or one --json document, A1111 PNG chunk + sidecar, reliable exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from composer.cli import EXIT_ERROR, EXIT_USAGE, main
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from make_library import build_library  # noqa: E402  (examples/ is not a package)
+
+PROMPT = "a corgi astronaut on the moon <lora:corgi_astronaut:0.8> <lora:watercolor:0.6:lbw=OUTALL>"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("generate") / "library"
+    build_library(root)
+    return root
+
+
+def test_human_output_lists_adapters_and_written_files(library: Path, tmp_path: Path, capsys) -> None:
+    code = main([PROMPT, "--library", str(library), "--out", str(tmp_path), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "corgi_astronaut" in out
+    assert "watercolor" in out
+    assert "named in a <lora:…> prompt tag" in out
+    assert "prompt: a corgi astronaut on the moon\n" in out
+    assert "method: merge, 2 steps, seed 0" in out
+    assert f"wrote {tmp_path / '0-0.png'}" in out
+    assert (tmp_path / "0-0.png").is_file()
+
+
+def test_json_output_is_one_document(library: Path, tmp_path: Path, capsys) -> None:
+    loras = ["--loras", "pixel_knight:0.9,red_scarf:0@0,1@0.5", "--library", str(library)]
+    code = main(
+        ["a knight", *loras, "--out", str(tmp_path), "--seed", "5", "--steps", "2", "--num-images", "2", "--json"]
+    )
+    document = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert document["prompt"] == "a knight"
+    assert document["seed"] == 5
+    assert document["steps"] == 2
+    assert [a["name"] for a in document["adapters"]] == ["pixel_knight", "red_scarf"]
+    assert document["adapters"][1]["weight"] == "0@0,1@0.5"
+    assert document["images"] == [str(tmp_path / "5-0.png"), str(tmp_path / "5-1.png")]
+    assert all(Path(p).is_file() for p in document["images"])
+
+
+def test_png_carries_a1111_parameters_and_sidecar(library: Path, tmp_path: Path, capsys) -> None:
+    assert main([PROMPT, "--library", str(library), "--out", str(tmp_path), "--steps", "3", "--seed", "11"]) == 0
+    capsys.readouterr()
+    with Image.open(tmp_path / "11-0.png") as image:
+        parameters = image.text["parameters"]
+        assert image.size == (64, 64)
+    first, settings = parameters.split("\n")
+    assert first.startswith("a corgi astronaut on the moon")
+    assert "<lora:corgi_astronaut:0.8>" in first
+    assert "Steps: 3" in settings
+    assert "Seed: 11" in settings
+    assert "Size: 64x64" in settings
+    assert 'Lora hashes: "corgi_astronaut: ' in settings
+    assert "Composition: merge" in settings
+    sidecar = json.loads((tmp_path / "11-0.json").read_text())
+    assert sidecar["parameters"] == parameters
+    assert {a["name"] for a in sidecar["adapters"]} == {"corgi_astronaut", "watercolor"}
+
+
+def test_unknown_adapter_exits_1_with_a_clear_message(library: Path, tmp_path: Path, capsys) -> None:
+    code = main(["a dog", "--loras", "corgi_astronot", "--library", str(library), "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == EXIT_ERROR
+    assert captured.err.startswith("error: ")
+    assert "no adapter named 'corgi_astronot'" in captured.err
+    assert "did you mean corgi_astronaut" in captured.err
+    assert "Traceback" not in captured.err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_bad_tag_exits_1(library: Path, tmp_path: Path, capsys) -> None:
+    code = main(["a dog <lora:corgi_astronaut:lots>", "--library", str(library), "--out", str(tmp_path)])
+    assert code == EXIT_ERROR
+    assert "'lots' in <lora:corgi_astronaut:lots> is not a number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["a dog", "--method", "blend"], ["a dog", "--steps", "many"], ["a dog", "--size", "64"], ["--no-such-flag"]],
+)
+def test_bad_usage_exits_2(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == EXIT_USAGE
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_no_arguments_prints_help_and_exits_2(capsys) -> None:
+    assert main([]) == EXIT_USAGE
+    assert "usage: compose" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_console_script_exit_code_and_stderr(library: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "composer.cli", "a dog", "--loras", "nosuch", "--library", str(library)]
+    completed = subprocess.run(
+        [*command, "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert completed.returncode == EXIT_ERROR
+    assert completed.stdout == ""
+    assert "error: " in completed.stderr
+    assert "no adapter named 'nosuch'" in completed.stderr
+    assert "Traceback" not in completed.stderr
