@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export LORA_COMPOSER_CACHE ?= $(CURDIR)/.cache/lora-composer
 
-.PHONY: install demo test test-gpu bench lint format clean
+.PHONY: install demo app test test-gpu bench lint format clean
 
 install: $(STAMP)
 
@@ -27,12 +27,16 @@ $(STAMP): pyproject.toml constraints.txt .ci/torchvision_repair.py
 	touch $(STAMP)
 
 DEMO_LIBRARY := examples/demo_library
-DEMO_PROMPT := a corgi astronaut in a neon city, watercolor <lora:corgi_astronaut:0.8> <lora:neon_city:0.7> <lora:watercolor:0.6:lbw=OUTALL>
+DEMO_PROMPT := crgastro, a corgi astronaut walking through a neon city at night, soft watercolor
 
 demo: install
 	$(PY) examples/make_library.py $(DEMO_LIBRARY)
 	$(VENV)/bin/compose index $(DEMO_LIBRARY)
-	$(VENV)/bin/compose "$(DEMO_PROMPT)" --library $(DEMO_LIBRARY) --method merge --out out/demo
+	$(VENV)/bin/compose "$(DEMO_PROMPT)" --loras auto --library $(DEMO_LIBRARY) --method merge --out out/demo
+
+app: install
+	$(PY) examples/make_library.py $(DEMO_LIBRARY)
+	$(VENV)/bin/compose app --library $(DEMO_LIBRARY)
 
 test: install
 	$(PY) -m pytest -m "not gpu" -q

@@ -8,6 +8,7 @@ image with its A1111 ``parameters`` chunk and JSON sidecar. The CLI and the app 
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,11 @@ def _window(start: float | None, stop: float | None) -> Any:
         return 1.0 if lower <= step < upper else 0.0
 
     return weight
+
+
+def _accepts(pipe: Any, argument: str) -> bool:
+    """Whether the pipeline's ``__call__`` takes ``argument`` (img2img and InstructPix2Pix take no height/width)."""
+    return argument in inspect.signature(type(pipe).__call__).parameters
 
 
 class Composer:
@@ -283,7 +289,7 @@ class Composer:
             call["guidance_scale"] = guidance_scale
         if negative_prompt and family != "flux":
             call["negative_prompt"] = negative_prompt
-        if height and width:
+        if height and width and _accepts(pipe, "height"):
             call.update(height=height, width=width)
         if image is not None:
             call["image"] = image

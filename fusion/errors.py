@@ -60,3 +60,7 @@ class UnknownAdapterError(CompositionError):
 
 class PresetError(ComposerError):
     """A model preset or pipeline could not be built or loaded."""
+
+
+class TrainingError(ComposerError):
+    """A training request cannot run: unsupported pipeline, bad options, or nothing to train."""

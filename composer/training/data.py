@@ -8,6 +8,7 @@ diffusers VAEs expect). Optional horizontal flips (seeded) augment small sets.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +106,11 @@ class ImageCaptionFolder(Dataset):
 def collate(examples: list[Example]) -> dict[str, torch.Tensor | list[str]]:
     """Stack examples into a batch: ``pixels`` (N, 3, H, W) and ``captions`` (N strings)."""
     return {"pixels": torch.stack([e.pixels for e in examples]), "captions": [e.caption for e in examples]}
+
+
+def index_batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled index batches over ``count`` examples (a fresh permutation each epoch)."""
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count, batch_size):
+            yield order[start : start + batch_size]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from composer.presets import preset_family
-from composer.training.data import ImageCaptionFolder
+from composer.training.data import ImageCaptionFolder, index_batches
 from fusion.adapters import Adapter, Sparse
-from fusion.errors import ComposerError
+from fusion.errors import TrainingError
 from fusion.sparse import MASK_TYPES, base_fingerprint, grad_mask, shira_budget, snip_mask, struct_mask, wm_mask
 from weights_index.formats.shira import save_shira
 
@@ -42,10 +42,6 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 """Module-name endings of the attention projections SHiRA adapts in a UNet."""
 
 ADAPTER_NAME = "default"
-
-
-class TrainingError(ComposerError):
-    """A training request cannot run: unsupported pipeline, bad options, or nothing to train."""
 
 
 MaskFn = Callable[..., torch.Tensor]
@@ -181,14 +177,6 @@ class DenoisingObjective:
         return sum(float(self.loss(denoiser, everything, generator)) for _ in range(draws)) / draws
 
 
-def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled index batches over ``count`` examples."""
-    while True:
-        order = torch.randperm(count, generator=generator)
-        for start in range(0, count, batch_size):
-            yield order[start : start + batch_size]
-
-
 def calibrate_gradients(
     objective: DenoisingObjective,
     denoiser: nn.Module,
@@ -208,7 +196,7 @@ def calibrate_gradients(
     weights = {name: module.weight for name, module in modules.items()}
     totals = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
     generator = torch.Generator().manual_seed(seed)
-    order = _batches(len(objective), batch_size, generator)
+    order = index_batches(len(objective), batch_size, generator)
     try:
         for w in weights.values():
             w.requires_grad_(True)
@@ -349,7 +337,7 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
         denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
         generator = torch.Generator().manual_seed(config.seed)
-        order = _batches(len(objective), config.batch_size, generator)
+        order = index_batches(len(objective), config.batch_size, generator)
         losses: list[float] = []
         checkpoints: list[Path] = []
         family = objective.family

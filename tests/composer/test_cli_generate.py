@@ -121,3 +121,17 @@ def test_console_script_exit_code_and_stderr(library: Path, tmp_path: Path) -> N
     assert "error: " in completed.stderr
     assert "no adapter named 'nosuch'" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_facade_runs_an_img2img_pipeline_with_an_input_image(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from composer.facade import Composer
+    from composer.mixin import make_composable
+
+    composer = Composer(model="tiny-sd")
+    composer._pipe = make_composable(StableDiffusionImg2ImgPipeline.from_pipe(composer.pipe))
+    start = Image.new("RGB", (64, 64), (120, 30, 200))
+    result = composer.run("a corgi", image=start, steps=4, seed=1, out=tmp_path)
+    assert result.images[0].size == (64, 64)
+    assert result.paths[0].exists()
