@@ -23,7 +23,7 @@ from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
 from fusion.strategies import get_strategy
-from fusion.strategies.base import WeightSpec
+from fusion.strategies.base import Strategy, WeightSpec
 from weights_index.reader import read_adapter
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -132,7 +132,8 @@ class ComposableMixin:
 
         ``weights`` maps adapter names to a float, a keyframe string, a block-weight vector or a callable (see
         :mod:`fusion.schedules`). ``fuse=None`` fuses when the method allows and the weights are static;
-        ``fuse=False`` forces unfused. Replaces any previous composition.
+        ``fuse=False`` forces unfused. Replaces any previous composition. ``method="gated"`` accepts
+        ``gates="name"`` (or a path): a checkpoint written by ``compose train-gates``.
         """
         registered = self._composer["adapters"]
         unknown = [name for name in weights if name not in registered]
@@ -143,7 +144,7 @@ class ComposableMixin:
             )
         if not weights:
             raise CompositionError("a composition needs at least one adapter", hint="use clear_composition() instead")
-        strategy = get_strategy(method)(dict(weights), fuse=fuse, **options)
+        strategy = get_strategy(method)(dict(weights), fuse=fuse, **_resolve_options(method, options))
         engine = self._engine()
         engine.set_strategy(None)
         for name in [n for n in engine.adapter_names if n not in weights]:
@@ -158,6 +159,12 @@ class ComposableMixin:
                 self.set_composition(previous["weights"], previous["method"], previous["fuse"], **previous["options"])
             raise
         self._composer["composition"] = {"weights": dict(weights), "method": method, "fuse": fuse, "options": options}
+
+    @property
+    def composition_strategy(self) -> Strategy | None:
+        """The active composition's strategy object (e.g. a gated strategy's ``recorder`` / ``gates``), or None."""
+        engine = self._composer["engine"]
+        return None if engine is None else engine.strategy
 
     def clear_composition(self) -> None:
         """Detach every adapter and restore the base weights bit-exactly (adapters stay registered)."""
@@ -187,6 +194,16 @@ class ComposableMixin:
         if engine is not None:
             engine.reset_generation()
         return super().__call__(*args, **kwargs)
+
+
+def _resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn file references in strategy options into objects: ``gates="name"`` (gated) loads that checkpoint."""
+    resolved = dict(options)
+    if method == "gated" and isinstance(resolved.get("gates"), (str, Path)):
+        from composer.training.gates import load_gates
+
+        resolved["gates"] = load_gates(resolved["gates"])
+    return resolved
 
 
 _COMPOSABLE_CLASSES: dict[type, type] = {}

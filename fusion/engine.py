@@ -3,8 +3,9 @@
 Attaching walks the model once: every ``nn.Linear`` / ``nn.Conv2d`` of the denoiser (keyed by its module path) and of
 the text encoders (keyed ``text_encoder.<path>`` / ``text_encoder_2.<path>``) is indexed with its weight shape and its
 layer group (:class:`fusion.layer_groups.BlockLayout`). Adding adapters is atomic: every key and shape of every adapter
-is validated and every tensor converted to its target's device and dtype before the first module is touched; a module
-is replaced by a :class:`fusion.layers.ComposedLayer` only when some adapter targets it.
+is validated (and a SHiRA adapter's base fingerprint checked against the pristine weights) and every tensor converted
+to its target's device and dtype before the first module is touched; a module is replaced by a
+:class:`fusion.layers.ComposedLayer` only when some adapter targets it.
 
 The denoiser's ``forward`` is wrapped on the instance (no subclassing): each call is looked up in a step table built
 from the scheduler's timesteps at the first call of a generation (O(1) per call: the previous or next entry), then
@@ -28,6 +29,7 @@ from fusion.errors import CompositionError, ShapeMismatchError
 from fusion.layer_groups import BlockLayout
 from fusion.layers import ComposedLayer, GateState, compose, is_composable
 from fusion.schedules import build_weight_table
+from fusion.sparse import check_base_fingerprint
 from fusion.strategies.base import StepContext, Strategy, WeightSpec
 
 TimestepSource = Callable[[], torch.Tensor | Sequence[float] | None]
@@ -152,6 +154,7 @@ class FusionEngine:
                 source=adapter.source,
             )
             validate_shapes(normalised, self.expected_shapes)
+            check_base_fingerprint(normalised, self._pristine_weights(normalised))
             for key, kind in normalised.all_layers():
                 base = self._targets[key].base
                 if isinstance(kind, LowRank) and kind.is_conv and getattr(base, "groups", 1) != 1:
@@ -161,6 +164,17 @@ class FusionEngine:
                     )
             prepared.append(normalised)
         return prepared
+
+    def _pristine_weights(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        """The unfused base weights of the layers ``adapter`` adapts (for its base fingerprint, if it has one)."""
+        meta = adapter.meta.get("safetensors_metadata", adapter.meta)
+        if not isinstance(meta, Mapping) or not meta.get("base_fingerprint"):
+            return {}
+        weights: dict[str, torch.Tensor] = {}
+        for key, _ in adapter.all_layers():
+            layer = self._layers.get(key)
+            weights[key] = layer.pristine_weight() if layer is not None else self._targets[key].base.weight
+        return weights
 
     def _text_key(self, key: str) -> str:
         """Files name CLIP layers ``text_encoder.text_model.encoder…``; newer transformers drop ``text_model``."""
@@ -238,6 +252,7 @@ class FusionEngine:
     def _unwrap(self, key: str) -> None:
         layer = self._layers.pop(key)
         layer.unfuse()
+        layer.release()
         target = self._targets[key]
         setattr(target.parent, target.attr, target.base)
 

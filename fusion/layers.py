@@ -8,21 +8,32 @@ gate over the R rank columns (adapter weight × alpha/rank), so the unfused forw
 
     y = base(x) + ((x @ down_catᵀ) * gate) @ up_catᵀ
 
-whatever the number of adapters (with the gate folded into ``up_cat`` once per weight change). Where the factors are
-at least as large as the weight itself, or Sparse/Dense updates are attached, the layer instead keeps one effective
-weight W + Σ wᵢΔWᵢ beside the untouched base and runs a single matmul. A per-sample gate matrix (N×R) lets each
-sample of a batch see its own adapters (LoRA Composite in one batched pass).
+whatever the number of adapters. A per-sample gate matrix (N×R) lets each sample of a batch see its own adapters
+(LoRA Composite in one batched pass).
 
-Adapter weights come from a :class:`GateState` shared by every composed layer of an engine: the engine swaps its
-(G×A) weight tensor per step and bumps ``version``; each layer recomputes its gate lazily, only when the version
-changed, so a step costs no module walk.
+Gates cost O(1) Python per weight change: every composed layer of an engine registers its columns (owning adapter,
+group, scale) with the engine's :class:`GateState`, which keeps ONE flat gate buffer per (device, dtype) for all
+layers; installing new (G, A) weights fills it with a single gather + multiply, and each layer reads its columns
+through a view. Nothing per layer runs when weights change.
+
+Where the factors are at least as large as the weight itself (R·(in+out) ≥ in·out), one matmul with an effective
+weight W + Σ wᵢΔWᵢ is cheaper than three; such a layer builds that weight only once the same weights served two
+forwards in a row (static weights), so weights that change every step never pay an O(out·in) rebuild. Layers with
+Sparse/Dense updates always run on an effective weight (rebuilt lazily when the weights change).
+
+Per-adapter outputs: with a ``mixer`` set (gated fusion, :mod:`fusion.gates`), the layer computes the base output b
+and every low-rank adapter's own output lₖ = wₖ·ΔWₖ·x as one (K, …, out) stack — one down matmul over
+rank-padded factors and one batched up matmul — and returns ``mixer(layer, b, l)``.
 
 Fused mode writes Σ wᵢΔWᵢ into the base weight and keeps a pristine copy of that weight; unfusing copies it back
-(bit-exact, never subtract-to-undo).
+(bit-exact, never subtract-to-undo). When every update with a non-zero weight is Sparse (SHiRA), fusing instead
+scatters the values at their sorted indices and saves only the original entries there
+(:func:`fusion.sparse.sparse_fuse`); unfusing writes them back (:func:`fusion.sparse.sparse_restore`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,25 +41,115 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.adapters import AdapterKind, LowRank
+from fusion.adapters import AdapterKind, LowRank, Sparse
 from fusion.errors import CompositionError
+from fusion.sparse import SavedEntries, sparse_fuse, sparse_restore
+
+Mixer = Callable[["ComposedLayer", torch.Tensor, torch.Tensor], torch.Tensor]
+"""``mixer(layer, b, l) -> y``: combines the base output ``b`` (…, out) with per-adapter outputs ``l`` (K, …, out)."""
+
+
+class _Columns:
+    """One layer's low-rank columns as registered with a :class:`GateState`: for each column its group, owning
+    adapter index and alpha/rank scale; ``start``/``stop`` locate them in the bank's flat gate buffer."""
+
+    __slots__ = ("bank", "group", "owner", "scale", "start", "stop")
+
+    def __init__(self, group: int, owner: torch.Tensor, scale: torch.Tensor, bank: tuple[torch.device, torch.dtype]):
+        self.group = group
+        self.owner = owner
+        self.scale = scale
+        self.bank = bank
+        self.start = 0
+        self.stop = 0
+
+
+class _Bank:
+    """Every registered column of one (device, dtype): a flat gather index into the (G, A) weights, the scales,
+    and the gate buffer all layers read (``generation`` changes whenever the buffer is reallocated)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, columns: list[_Columns], num_adapters: int) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.num_adapters = num_adapters
+        stop = 0
+        for col in columns:
+            col.start, stop = stop, stop + int(col.owner.numel())
+            col.stop = stop
+        if columns:
+            self.index = torch.cat([c.group * num_adapters + c.owner for c in columns]).to(device)
+            self.scale = torch.cat([c.scale for c in columns]).to(device)
+        else:
+            self.index = torch.zeros(0, dtype=torch.long, device=device)
+            self.scale = torch.zeros(0, device=device)
+        self.gate = torch.zeros(stop, dtype=dtype, device=device)
+        self.sample_gate: torch.Tensor | None = None
+
+    def fill(self, weights: torch.Tensor, sample_weights: torch.Tensor | None) -> None:
+        """gate[c] = weight[group(c), owner(c)] · scale(c) for every column c, in one gather (and per sample)."""
+        flat = weights.reshape(-1).to(self.device)
+        self.gate.copy_(flat.index_select(0, self.index) * self.scale)
+        if sample_weights is None:
+            self.sample_gate = None
+        else:
+            per_sample = sample_weights.reshape(sample_weights.shape[0], -1).to(self.device)
+            self.sample_gate = (per_sample.index_select(1, self.index) * self.scale).to(self.dtype)
 
 
 class GateState:
     """Adapter weights every composed layer of one engine reads: ``weights`` (G, A), optional ``sample_weights``
-    (N, G, A), and a ``version`` bumped on every change so layers know when to recompute their gates."""
+    (N, G, A), a ``version`` bumped on every change, and the flat per-column gate buffers computed from them."""
 
     def __init__(self, num_groups: int, device: torch.device) -> None:
         self.device = device
         self.weights = torch.zeros(num_groups, 0, device=device)
         self.sample_weights: torch.Tensor | None = None
         self.version = 0
+        self.generation = 0
+        self._columns: dict[int, _Columns] = {}
+        self._banks: dict[tuple[torch.device, torch.dtype], _Bank] = {}
+        self._dirty = False
 
     def set(self, weights: torch.Tensor, sample_weights: torch.Tensor | None) -> None:
-        """Install new (G, A) weights and (N, G, A) per-sample weights (or None)."""
+        """Install new (G, A) weights and (N, G, A) per-sample weights (or None): one gather per bank."""
         self.weights = weights
         self.sample_weights = sample_weights
         self.version += 1
+        if self._dirty or any(b.num_adapters != weights.shape[1] for b in self._banks.values()):
+            self._rebuild()
+        else:
+            for bank in self._banks.values():
+                bank.fill(weights, sample_weights)
+
+    def register(self, layer: nn.Module, columns: _Columns | None) -> None:
+        """(Re)register ``layer``'s columns (None unregisters); the buffers are rebuilt at the next use."""
+        if columns is None:
+            self._columns.pop(id(layer), None)
+        else:
+            self._columns[id(layer)] = columns
+        self._dirty = True
+
+    def ensure(self) -> None:
+        """Rebuild the buffers if layers registered since the last weight install."""
+        if self._dirty:
+            self._rebuild()
+
+    def bank(self, columns: _Columns) -> _Bank:
+        """The bank holding ``columns`` (buffers up to date)."""
+        if self._dirty:
+            self._rebuild()
+        return self._banks[columns.bank]
+
+    def _rebuild(self) -> None:
+        grouped: dict[tuple[torch.device, torch.dtype], list[_Columns]] = {}
+        for columns in self._columns.values():
+            grouped.setdefault(columns.bank, []).append(columns)
+        num_adapters = int(self.weights.shape[1])
+        self._banks = {key: _Bank(key[0], key[1], cols, num_adapters) for key, cols in grouped.items()}
+        for bank in self._banks.values():
+            bank.fill(self.weights, self.sample_weights)
+        self.generation += 1
+        self._dirty = False
 
 
 @dataclass
@@ -89,13 +190,22 @@ class ComposedLayer(nn.Module):
         self.down_cat: torch.Tensor | None = None
         self.up_cat: torch.Tensor | None = None
         self.pristine: torch.Tensor | None = None
-        self._owner = torch.zeros(0, dtype=torch.long, device=base.weight.device)
+        self.mixer: Mixer | None = None
+        self._saved: SavedEntries | None = None
+        self._columns: _Columns | None = None
+        self._slot_index: list[int] = []
+        self._output_owners = torch.zeros(0, dtype=torch.long, device=base.weight.device)
         self._col_scale = torch.zeros(0, device=base.weight.device)
+        self._owner = torch.zeros(0, dtype=torch.long, device=base.weight.device)
         self._extra_owner = torch.zeros(0, dtype=torch.long, device=base.weight.device)
-        self._version = -1
-        self._dense_path = False
-        self._up_scaled: torch.Tensor | None = None
+        self._needs_effective = False
+        self._prefers_effective = False
         self._effective: torch.Tensor | None = None
+        self._effective_version = -1
+        self._seen_version = -1
+        self._gate_view: torch.Tensor | None = None
+        self._gate_generation = -1
+        self._padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.register_state_dict_post_hook(_hide_base_prefix)
         self.register_load_state_dict_pre_hook(_restore_base_prefix)
 
@@ -127,8 +237,13 @@ class ComposedLayer(nn.Module):
 
     @property
     def fused(self) -> bool:
-        """True while Σ wᵢΔWᵢ is written into the base weight."""
-        return self.pristine is not None
+        """True while Σ wᵢΔWᵢ is written into the base weight (dense copy or sparse scatter)."""
+        return self.pristine is not None or self._saved is not None
+
+    @property
+    def output_owners(self) -> torch.Tensor:
+        """Engine adapter index of each row of the per-adapter output stack (low-rank slots, attach order)."""
+        return self._output_owners
 
     def add(self, name: str, kind: AdapterKind) -> None:
         """Attach one adapter's update (already on the base weight's device and dtype)."""
@@ -139,11 +254,13 @@ class ComposedLayer(nn.Module):
             self.down_cat = kind.down if self.down_cat is None else torch.cat([self.down_cat, kind.down], 0)
             self.up_cat = kind.up if self.up_cat is None else torch.cat([self.up_cat, kind.up], 1)
         self.slots.append(slot)
+        self._padded = None
 
     def remove(self, name: str) -> None:
         """Detach the named adapter's update; its rank columns are cut out of the concatenation."""
         slot = next(s for s in self.slots if s.name == name)
         self.slots.remove(slot)
+        self._padded = None
         if isinstance(slot.kind, LowRank):
             width = slot.stop - slot.start
             keep = [s for s in self.slots if isinstance(s.kind, LowRank)]
@@ -160,8 +277,10 @@ class ComposedLayer(nn.Module):
                         other.stop -= width
 
     def reindex(self, index: dict[str, int]) -> None:
-        """Map each rank column (and each sparse/dense update) to its adapter's index in the engine's weights."""
-        device = self.base.weight.device
+        """Map each rank column (and each sparse/dense update) to its adapter's index in the engine's weights and
+        register the columns with the shared gate state."""
+        weight = self.base.weight
+        device = weight.device
         owner: list[int] = []
         scale: list[float] = []
         extra: list[int] = []
@@ -171,18 +290,30 @@ class ComposedLayer(nn.Module):
                 scale += [slot.kind.scale] * slot.kind.rank
             else:
                 extra.append(index[slot.name])
+        self._slot_index = [index[slot.name] for slot in self.slots]
+        low_rank = [index[slot.name] for slot in self.slots if isinstance(slot.kind, LowRank)]
+        self._output_owners = torch.tensor(low_rank, dtype=torch.long, device=device)
         self._owner = torch.tensor(owner, dtype=torch.long, device=device)
         self._col_scale = torch.tensor(scale, dtype=torch.float32, device=device)
         self._extra_owner = torch.tensor(extra, dtype=torch.long, device=device)
-        weight = self.base.weight
-        self._dense_path = bool(extra) or self.rank * (weight[0].numel() + weight.shape[0]) >= weight.numel()
+        self._needs_effective = bool(extra)
+        self._prefers_effective = self.rank * (weight[0].numel() + weight.shape[0]) >= weight.numel()
+        self._columns = _Columns(self.group, self._owner, self._col_scale, (device, weight.dtype)) if owner else None
+        self.state.register(self, self._columns)
         self._forget()
 
+    def release(self) -> None:
+        """Unregister from the shared gate state (the layer is being unwrapped)."""
+        self.state.register(self, None)
+        self._columns = None
+
     def _forget(self) -> None:
-        """Drop the cached gate / effective weight so the next forward recomputes them."""
-        self._version = -1
-        self._up_scaled = None
+        """Drop the cached gate view / effective weight so the next forward recomputes them."""
         self._effective = None
+        self._effective_version = -1
+        self._seen_version = -1
+        self._gate_view = None
+        self._gate_generation = -1
 
     # ----- gates -----------------------------------------------------------------------------------------------
 
@@ -200,26 +331,35 @@ class ComposedLayer(nn.Module):
             total += w[i] * kind.delta(torch.float32)
         return total.to(dtype)
 
-    def _refresh(self) -> None:
-        """Recompute what the shared-weight forward needs if the engine's weights changed (once per change).
-
-        Where the concatenated factors are at least as large as the weight (R·(in+out) ≥ in·out), or sparse/dense
-        updates are attached, the cheapest exact forward is one matmul with an effective weight W + Σ wᵢΔWᵢ, kept
-        beside the untouched base weight (no larger than the factors it replaces). Otherwise the gate is folded into
-        the up factor so a forward is base + two thin matmuls.
-        """
+    def _gate(self) -> torch.Tensor:
+        """This layer's (R,) column gates: a view into the shared buffer (re-sliced only when it is reallocated)."""
         state = self.state
-        if self._version == state.version:
-            return
-        weights = state.weights[self.group]
-        weight = self.base.weight
-        if self._dense_path:
-            self._effective = self.merged(weight, weights)
-        else:
-            assert self.up_cat is not None
-            gate = (weights[self._owner] * self._col_scale).to(weight.dtype)
-            self._up_scaled = self.up_cat * self._broadcast(gate[None], self.up_cat)[0]
-        self._version = state.version
+        state.ensure()
+        if self._gate_generation != state.generation or self._gate_view is None:
+            assert self._columns is not None
+            columns = self._columns
+            self._gate_view = state.bank(columns).gate[columns.start : columns.stop]
+            self._gate_generation = state.generation
+        return self._gate_view
+
+    def _refresh(self) -> torch.Tensor | None:
+        """The effective weight W + Σ wᵢΔWᵢ this forward should use, or None for the factor path.
+
+        Layers with sparse/dense updates rebuild it whenever the weights changed. Layers whose factors outgrow the
+        weight build it only when the current weights already served the previous forward, so per-step
+        re-weighting keeps to the factor path and never pays an O(out·in) rebuild.
+        """
+        version = self.state.version
+        if self._effective is not None:
+            if self._effective_version == version:
+                return self._effective
+            self._effective = None
+        if self._needs_effective or (self._prefers_effective and self._seen_version == version):
+            self._effective = self.merged(self.base.weight, self.state.weights[self.group])
+            self._effective_version = version
+            return self._effective
+        self._seen_version = version
+        return None
 
     def _sample_gate(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-sample (N, R) gate and (N, E) sparse/dense weights, or None when per-sample gating is off."""
@@ -232,10 +372,14 @@ class ComposedLayer(nn.Module):
                 f"received a batch of {batch}",
                 hint="set sample weights with one row per sample of the tiled batch",
             )
-        weights = sample[:, self.group]
         dtype = self.base.weight.dtype
-        gate = (weights[:, self._owner] * self._col_scale).to(dtype)
-        return gate, weights[:, self._extra_owner].to(dtype)
+        if self._columns is None:
+            gate = torch.zeros(batch, 0, dtype=dtype, device=self.base.weight.device)
+        else:
+            bank_gate = self.state.bank(self._columns).sample_gate
+            assert bank_gate is not None
+            gate = bank_gate[:, self._columns.start : self._columns.stop]
+        return gate, sample[:, self.group][:, self._extra_owner].to(dtype)
 
     # ----- fused mode ------------------------------------------------------------------------------------------
 
@@ -274,11 +418,48 @@ class ComposedLayer(nn.Module):
         self.add_into(out, weights)
         return out
 
+    def pristine_weight(self) -> torch.Tensor:
+        """The base weight as it was before any fusing (the weight itself when not fused, else a copy)."""
+        if self.pristine is not None:
+            return self.pristine
+        weight = self.base.weight.detach()
+        if self._saved is None:
+            return weight
+        copy = weight.clone()
+        sparse_restore(copy, self._saved)
+        return copy
+
+    def _sparse_updates(self, weights: torch.Tensor) -> list[tuple[Sparse, float]] | None:
+        """(update, weight) for every non-zero-weight slot if all of them are Sparse, else None."""
+        values = weights.tolist()
+        active = [(slot.kind, values[i]) for slot, i in zip(self.slots, self._slot_index) if values[i] != 0.0]
+        if all(isinstance(kind, Sparse) for kind, _ in active):
+            return [(kind, w) for kind, w in active if isinstance(kind, Sparse)]
+        return None
+
     @torch.no_grad()
     def fuse(self, weights: torch.Tensor) -> None:
-        """Write pristine W + Σ wᵢΔWᵢ into the base weight (``weights``: (A,) for this layer's group)."""
+        """Write pristine W + Σ wᵢΔWᵢ into the base weight (``weights``: (A,) for this layer's group).
+
+        Sparse-only updates are scattered in place with the original entries saved (no full pristine copy);
+        anything else writes the dense sum, keeping a pristine copy of the weight.
+        """
         param = self.base.weight.data
         self._forget()
+        if self._saved is not None:
+            sparse_restore(param, self._saved)
+            self._saved = None
+        sparse = self._sparse_updates(weights)
+        if sparse is not None:
+            if self.pristine is not None:
+                param.copy_(self.pristine)
+                self.pristine = None
+            if sparse:
+                self._saved = sparse_fuse(param, sparse)
+            else:
+                empty = torch.zeros(0, dtype=torch.long, device=param.device)
+                self._saved = SavedEntries(index=empty, values=param.new_zeros(0))
+            return
         if self.pristine is None:
             self.pristine = param.clone()
         else:
@@ -287,11 +468,48 @@ class ComposedLayer(nn.Module):
 
     @torch.no_grad()
     def unfuse(self) -> None:
-        """Copy the pristine weight back (bit-exact) and leave fused mode."""
+        """Put the pristine weight back (bit-exact) and leave fused mode."""
+        if self._saved is not None:
+            sparse_restore(self.base.weight.data, self._saved)
+            self._saved = None
+            self._forget()
         if self.pristine is not None:
             self.base.weight.copy_(self.pristine)
             self.pristine = None
             self._forget()
+
+    # ----- per-adapter outputs ---------------------------------------------------------------------------------
+
+    def _padded_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Low-rank factors padded to the largest rank: down (K·r, in), up (K, r, out), the (K·r,) column of the
+        concatenation each padded row reads, and a (K·r,) mask of real rows. Built once per attach change."""
+        if self._padded is None:
+            assert self.down_cat is not None
+            assert self.up_cat is not None
+            slots = [s for s in self.slots if isinstance(s.kind, LowRank)]
+            width = max(s.stop - s.start for s in slots)
+            columns = torch.zeros(len(slots), width, dtype=torch.long)
+            real = torch.zeros(len(slots), width, dtype=torch.bool)
+            for i, slot in enumerate(slots):
+                columns[i, : slot.stop - slot.start] = torch.arange(slot.start, slot.stop)
+                real[i, : slot.stop - slot.start] = True
+            device = self.down_cat.device
+            columns, real = columns.reshape(-1).to(device), real.reshape(-1).to(device)
+            down = self.down_cat.flatten(1)[columns] * real[:, None]
+            up = (self.up_cat.flatten(1)[:, columns] * real).T.reshape(len(slots), width, -1)
+            self._padded = (down, up, columns, real)
+        return self._padded
+
+    def adapter_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every low-rank adapter's own output wₖ·ΔWₖ·x at the current weights, stacked: (K, …, out) for a linear
+        layer's (…, in) input (linear layers only). One down matmul and one batched up matmul, whatever K."""
+        down, up, columns, real = self._padded_factors()
+        gate = self._gate().index_select(0, columns) * real
+        h = F.linear(x, down) * gate
+        lead = h.shape[:-1]
+        k, width, out = up.shape
+        h = h.reshape(-1, k, width).transpose(0, 1)
+        return torch.bmm(h, up).reshape(k, *lead, out)
 
     # ----- forward ---------------------------------------------------------------------------------------------
 
@@ -300,7 +518,7 @@ class ComposedLayer(nn.Module):
         raise NotImplementedError
 
     def _add_up(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """y + h through the up factors ``up`` (the gate already folded in, or applied to ``h``)."""
+        """y + h through the up factors ``up`` (the gate already applied to ``h``)."""
         raise NotImplementedError
 
     def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -315,17 +533,30 @@ class ComposedLayer(nn.Module):
         """Shape an (N, C) per-sample gate to multiply ``h`` (channels last for linear, dim 1 for conv)."""
         raise NotImplementedError
 
+    def _mixed(self, x: torch.Tensor, mixer: Mixer) -> torch.Tensor:
+        """Gated forward: the mixer combines the base output with the per-adapter outputs; sparse/dense updates
+        (never gated) are added at their weights."""
+        y = self.base(x)
+        if self.rank:
+            y = mixer(self, y, self.adapter_outputs(x))
+        if not self._needs_effective:
+            return y
+        extra = self._combined_extra(self.state.weights[self.group], x.dtype)
+        return y if extra is None else y + self._apply_delta(x, extra)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus every attached update at the current weights (the base alone while fused)."""
-        if self.pristine is not None or not self.slots:
+        if self.fused or not self.slots:
             return self.base(x)
         per_sample = self._sample_gate(x.shape[0])
         if per_sample is None:
-            self._refresh()
-            if self._effective is not None:
-                return self._with_weight(x, self._effective)
-            assert self._up_scaled is not None
-            return self._add_up(self.base(x), self._down(x), self._up_scaled)
+            if self.mixer is not None:
+                return self._mixed(x, self.mixer)
+            effective = self._refresh()
+            if effective is not None:
+                return self._with_weight(x, effective)
+            assert self.up_cat is not None
+            return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         gate, extra_weights = per_sample
         y = self.base(x)
         if self.rank:

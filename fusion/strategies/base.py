@@ -26,12 +26,18 @@ what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` re
     weights (``None`` switches per-sample gating off), and ``ctx.run_tiled(k)`` runs the denoiser ONCE on the inputs
     repeated ``k`` times along the batch (sample ``i·B + b`` is copy ``i`` of sample ``b``) and returns the
     prediction reshaped to (k, B, ...). Per-sample weights apply to unfused layers only: unfuse first.
+    ``ctx.wrap(tensor)`` puts a combined prediction back into the denoiser's native return type.
 
 (c) The step index. ``ctx.step`` is the 0-based index of this call's timestep in ``pipe.scheduler.timesteps`` and
     ``ctx.num_steps`` its length (img2img runs a suffix of that table, so its first step is not 0). The engine builds
     the lookup at the first call of each generation and then calls :meth:`Strategy.start_generation` with
     ``num_steps``; a strategy that needs per-generation tables (schedules, caches) builds them there. Several calls
     at one timestep (true-CFG pipelines call the denoiser twice per step) get the same ``ctx.step``.
+
+(d) Per-adapter outputs. A strategy may set ``layer.mixer`` on composed layers (``engine.layers``): the layer then
+    hands ``mixer(layer, b, l)`` its base output b and every low-rank adapter's own output lₖ = wₖ·ΔWₖ·x, stacked
+    (K, …, out) in one batched op, and returns what the mixer returns (gated fusion, :mod:`fusion.gates`). Clear
+    the mixers in :meth:`Strategy.deactivate`.
 """
 
 from __future__ import annotations
@@ -103,10 +109,13 @@ class StepContext:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     forward: Callable[..., Any] = field(repr=False)
+    _last_output: Any = field(default=None, repr=False)
 
     def run(self, **overrides: Any) -> Any:
         """Call the original denoiser forward with the pipeline's arguments (keyword ``overrides`` replace theirs)."""
-        return self.forward(*self.args, **{**self.kwargs, **overrides})
+        output = self.forward(*self.args, **{**self.kwargs, **overrides})
+        self._last_output = output
+        return output
 
     def run_tiled(self, k: int) -> torch.Tensor:
         """Run the denoiser once on the batch repeated ``k`` times; return the prediction as (k, B, ...)."""
@@ -115,8 +124,25 @@ class StepContext:
             key: value if key in NON_BATCH_ARGUMENTS else _tile(value, k, self.batch_size)
             for key, value in self.kwargs.items()
         }
-        prediction = output_tensor(self.forward(*args, **kwargs))
+        output = self.forward(*args, **kwargs)
+        self._last_output = output
+        prediction = output_tensor(output)
         return prediction.reshape(k, self.batch_size, *prediction.shape[1:])
+
+    def wrap(self, prediction: torch.Tensor) -> Any:
+        """``prediction`` in the denoiser's native return structure (what the pipeline expects from this call):
+        the structure of the last :meth:`run` / :meth:`run_tiled` output, else from ``return_dict`` and the model
+        (a tuple, ``UNet2DConditionOutput`` for UNets, ``Transformer2DModelOutput`` for DiTs)."""
+        if self._last_output is not None:
+            return with_output_tensor(self._last_output, prediction)
+        if self.kwargs.get("return_dict", True) is False:
+            return (prediction,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        if hasattr(self.engine.denoiser, "up_blocks"):
+            return UNet2DConditionOutput(sample=prediction)
+        return Transformer2DModelOutput(sample=prediction)
 
 
 class Strategy(ABC):

@@ -29,7 +29,7 @@ import torch
 
 from fusion.errors import CompositionError
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy, output_tensor, with_output_tensor
+from fusion.strategies.base import StepContext, Strategy, output_tensor
 
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
@@ -111,13 +111,11 @@ class Composite(Strategy):
         solo = self._per_adapter[min(ctx.step, self._per_adapter.shape[0] - 1)]  # (k, A, G)
         mix = self._mix
         total: torch.Tensor | None = None
-        first: Any = None
         if self.mode == "sequential":
             for i in range(len(self._rows)):
                 engine.set_weights(solo[i])
-                output = ctx.run()
-                first = output if first is None else first
-                term = output_tensor(output) * mix[i].to(output_tensor(output).dtype)
+                prediction = output_tensor(ctx.run())
+                term = prediction * mix[i].to(prediction.dtype)
                 total = term if total is None else total + term
         else:
             for chunk in self._chunks(ctx.batch_size):
@@ -129,22 +127,7 @@ class Composite(Strategy):
             engine.set_sample_weights(None)
         engine.set_weights(self._encode_weights)
         assert total is not None
-        average = total / len(self._rows)
-        if first is not None:
-            return with_output_tensor(first, average)
-        return self._wrap(ctx, average)
-
-    @staticmethod
-    def _wrap(ctx: StepContext, prediction: torch.Tensor) -> Any:
-        """Return ``prediction`` in the structure the pipeline asked for (``return_dict``)."""
-        if ctx.kwargs.get("return_dict", True) is False:
-            return (prediction,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        if hasattr(ctx.engine.denoiser, "up_blocks"):
-            return UNet2DConditionOutput(sample=prediction)
-        return Transformer2DModelOutput(sample=prediction)
+        return ctx.wrap(total / len(self._rows))
 
     def deactivate(self, engine: FusionEngine) -> None:
         """Switch per-sample gating off and forget the tables."""

@@ -215,3 +215,64 @@ def test_true_cfg_calls_share_their_step(tiny_flux: Any) -> None:
     args = {"num_inference_steps": 3, "height": 32, "width": 32, "output_type": "latent"}
     tiny_flux("x", negative_prompt="y", true_cfg_scale=2.0, **args)
     assert calls == [0, 0, 1, 1, 2, 2]
+
+
+def _shira(name: str, shapes: dict[str, tuple[int, ...]], keys: list[str], seed: int, **meta: Any) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for key in keys:
+        numel = torch.Size(shapes[key]).numel()
+        index = torch.randperm(numel, generator=g)[: numel // 20].sort().values
+        layers[key] = Sparse(index, torch.randn(index.numel(), generator=g) * 0.1, shapes[key])
+    return Adapter(name, "sd1", layers, meta=dict(meta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_shira_fuse_scatters_without_pristine_copies(tiny_sd: Any, dtype: torch.dtype) -> None:
+    """Sparse-only layers fuse by scatter (saved originals, no pristine copy); 1000 random switches among 5 SHiRA
+    adapters equal the dense sum and leave every weight bit-identical after clear."""
+    tiny_sd.unet.to(dtype)
+    before = _snapshot(tiny_sd.unet)
+    engine = FusionEngine(tiny_sd.unet, family="sd1")
+    keys = _attention_keys(engine)
+    adapters = [_shira(f"s{i}", engine.expected_shapes, keys[i % 3 :: 1 + i % 2], seed=i) for i in range(5)]
+    engine.add_adapters(adapters)
+    rng = random.Random(1)
+    for switch in range(1000):
+        weights = torch.zeros(5)
+        for i in rng.sample(range(5), rng.randint(0, 3)):
+            weights[i] = rng.uniform(-1.5, 1.5)
+        engine.fuse(weights)
+        if switch % 250 == 0:
+            assert all(layer.pristine is None for layer in engine.layers.values())
+            key = keys[0]
+            layer = engine.layers[key]
+            expected = before[0][f"{key}.weight"].float() + layer.delta(weights)
+            assert torch.equal(layer.base.weight, expected.to(dtype))
+    engine.set_weights(torch.ones(5))
+    engine.fuse(torch.zeros(5))
+    engine.clear()
+    _assert_identical(tiny_sd.unet, before)
+
+
+def test_shira_for_another_base_is_refused_before_anything_changes(tiny_sd: Any) -> None:
+    from fusion.sparse import BaseMismatchError, base_fingerprint
+
+    engine = _engine(tiny_sd)
+    keys = _attention_keys(engine)[:4]
+    weights = {
+        key: engine.layers[key].weight if key in engine.layers else tiny_sd.unet.get_submodule(key).weight
+        for key in keys
+    }
+    good = _shira("good", engine.expected_shapes, keys, seed=0, base_fingerprint=base_fingerprint(weights))
+    other = {key: w + 1.0 for key, w in weights.items()}
+    foreign = _shira("foreign", engine.expected_shapes, keys, seed=1, base_fingerprint=base_fingerprint(other))
+    engine.add_adapter(_adapter("live", engine.expected_shapes, keys, seed=2))
+    engine.set_strategy(get_strategy("merge")({"live": 1.0}))
+    before = _snapshot(tiny_sd.unet)
+    with pytest.raises(BaseMismatchError, match="foreign"):
+        engine.add_adapters([good, foreign])
+    state = tiny_sd.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before[0].items())
+    engine.add_adapters([good])  # fused "live" changed the weights; the check reads the pristine ones
+    assert engine.adapter_names == ["live", "good"]

@@ -139,7 +139,7 @@ def test_half_precision(device: str, dtype: torch.dtype) -> None:
     x = torch.randn(2, 64, generator=g).to(device, dtype)
     unfused = layer(x)
     assert unfused.dtype == dtype
-    assert layer._up_scaled is not None, "rank 2 on a 32×64 weight takes the factor path"
+    assert layer._effective is None, "rank 2 on a 32×64 weight takes the factor path"
     expected = _reference(
         copy.deepcopy(base).float(), {k: v.to(device, torch.float32) for k, v in updates.items()}, [0.05], x
     )

@@ -1,0 +1,138 @@
+"""Gated fusion overhead: time per denoiser step of gated k=3 vs Merge on the ``small-sd`` UNet.
+
+``python -m benchmarks.gated_overhead [--quick] [--device cuda] [--dtype float16]`` builds the ``small-sd`` UNet
+(block_out_channels (64, 128, 256), cross-attention 768), gives it k = 3 rank-16 LoRAs on every attention projection,
+and times one CFG-batched UNet forward (batch 2, 16×16 latents = 128² images) for:
+
+- ``base``: the bare UNet;
+- ``merge``: Merge at 0.8 each, fused (what a static composition costs: the base);
+- ``merge_unfused``: Merge with ``fuse=False`` (the per-step-reweightable weighted sum);
+- ``gated``: learned gates (reference init, timestep input) on every adapted layer — per layer the base output,
+  every adapter's own output in one batched op, two LayerNorms and the gate;
+- ``gated_table``: the training-free table mode (a weighted sum looked up per step).
+
+Each runs on its own copy of the UNet, timed round-robin (median of ``repeats`` rounds, after a warm-up round).
+Prints one JSON document with the ratios to Merge. Target: gated ≤ 1.5× Merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from composer.presets import load_preset
+from fusion.adapters import Adapter, LowRank
+from fusion.engine import FusionEngine
+from fusion.strategies import get_strategy
+
+RANK = 16
+K = 3
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _lora(unet: nn.Module, seed: int) -> dict[str, LowRank]:
+    """A rank-16 LoRA with random factors on every attention projection."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and name.endswith(TARGETS):
+            down = torch.randn(RANK, module.in_features, generator=g) * 0.01
+            layers[name] = LowRank(down=down, up=torch.randn(module.out_features, RANK, generator=g) * 0.01)
+    return layers
+
+
+def _median_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time (ms) of each run, timed round-robin after one warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(repeats + 1):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_index:
+                times[name].append(1000.0 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | None) -> dict[str, Any]:
+    """Build the UNets, time every configuration, return the JSON document."""
+    repeats = repeats or (5 if quick else 15)
+    pipe = load_preset("small-sd")
+    base = pipe.unet.to(device, dtype)
+    adapters = [Adapter(f"a{i}", "sd1", _lora(base, i)) for i in range(K)]
+    weights = {adapter.name: 0.8 for adapter in adapters}
+    configs = {
+        "merge": ("merge", {}),
+        "merge_unfused": ("merge", {"fuse": False}),
+        "gated": ("gated", {}),
+        "gated_table": ("gated", {"mode": "table"}),
+    }
+    unets: dict[str, nn.Module] = {"base": base}
+    engines = []
+    for name, (method, options) in configs.items():
+        unet = copy.deepcopy(base)
+        engine = FusionEngine(unet, family="sd1")
+        engine.add_adapters(adapters)
+        engine.set_strategy(get_strategy(method)(weights, **options))
+        engines.append(engine)
+        unets[name] = unet
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=g).to(device, dtype)
+    text = torch.randn(2, 77, base.config.cross_attention_dim, generator=g).to(device, dtype)
+
+    def forward(unet: nn.Module) -> Callable[[], Any]:
+        def call() -> None:
+            with torch.inference_mode():
+                unet(sample, torch.tensor(500, device=device), text)
+
+        return call
+
+    ms = _median_ms({name: forward(unet) for name, unet in unets.items()}, repeats, device)
+    for engine in engines:
+        engine.clear()
+    merge = ms["merge"]
+    return {
+        "benchmark": "gated_overhead",
+        "model": "small-sd UNet, batch 2, 16x16 latents",
+        "adapters": f"k={K}, rank {RANK} on {', '.join(TARGETS)}",
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "repeats": repeats,
+        "ms_per_step": {name: round(value, 3) for name, value in ms.items()},
+        "ratio_to_merge": {name: round(value / merge, 3) for name, value in ms.items()},
+        "target": "gated <= 1.5x merge",
+        "meets_target": ms["gated"] <= 1.5 * merge,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags and print one JSON document."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    document = run(args.quick, torch.device(args.device), getattr(torch, args.dtype), args.repeats)
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Gate training for gated fusion (METHODS.md §5), gate checkpoints by name, and gate heatmaps.
+
+Training: the base model and every adapter stay frozen; only the per-layer gates of :mod:`fusion.gates` learn, on
+the ordinary denoising loss over images of the composed concepts — noise (or v) prediction on SD 1.x/2.x/SDXL
+UNets (:class:`composer.training.shira.DenoisingObjective`), flow matching on FLUX.1 transformers
+(:class:`FlowMatchingObjective`: x_σ = (1−σ)·x + σ·ε, target ε − x, σ logit-normal). The adapters are attached
+through a :class:`fusion.engine.FusionEngine` with the ``gated`` strategy, so training runs exactly the layers and
+gates inference uses, timestep input included. ``accelerate`` (CPU in tests, a GPU with mixed precision in
+production), a tqdm progress bar and periodic checkpoints, like SHiRA training.
+
+Checkpoints are safetensors (``<layer path>:<parameter>`` tensors) with JSON metadata (format, version, family,
+adapters, weights, time_dim, steps). A bare name resolves to ``<gates dir>/<name>.safetensors`` where the gates
+dir is ``$LORA_COMPOSER_GATES``, else ``$LORA_COMPOSER_CACHE/gates``, else ``~/.cache/lora-composer/gates``;
+anything with a suffix or a path separator is a path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from composer.presets import CACHE_ENV, preset_family
+from composer.training.data import ImageCaptionFolder
+from composer.training.shira import DenoisingObjective, TrainingError
+from fusion.adapters import Adapter
+from fusion.engine import FusionEngine
+from fusion.errors import AdapterFormatError, ComposerError
+from fusion.gates import TIME_DIM, GateBank, GateRecorder
+from fusion.strategies.gated import Gated
+from weights_index.reader import read_adapter
+from weights_index.safetensors_file import load_tensors, read_header
+
+GATES_ENV = "LORA_COMPOSER_GATES"
+FORMAT = "lora-composer-gates"
+FORMAT_VERSION = "1"
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+DEFAULT_FLUX_RESOLUTION = 512
+"""Training size on FLUX.1 when --resolution is not given (the UNets train at their native size)."""
+
+
+# ----- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def gates_dir() -> Path:
+    """Folder where gate checkpoints are saved and found by name (see the module docstring)."""
+    explicit = os.environ.get(GATES_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get(CACHE_ENV)
+    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "lora-composer"
+    return base / "gates"
+
+
+def gate_path(name_or_path: str | Path) -> Path:
+    """The checkpoint file for a gate name (``style-mix``) or a path (``out/gates.safetensors``)."""
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or os.sep in text or "/" in text or Path(text).suffix:
+        return Path(text).expanduser()
+    if not text or text.startswith("."):
+        raise ComposerError(f"{text!r} is not a valid gate checkpoint name", hint="use letters, digits, - and _")
+    return gates_dir() / f"{text}.safetensors"
+
+
+def save_gates(bank: GateBank, name_or_path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``bank`` as a checkpoint (atomic replace); ``metadata`` is stored as JSON. Returns the path."""
+    path = gate_path(name_or_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"time_dim": bank.time_dim, "layers": len(bank.keys), **dict(metadata or {})}
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "gates": json.dumps(info, sort_keys=True)}
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(bank.to_tensors(), str(temp), metadata=header)
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return path
+
+
+def gate_metadata(name_or_path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a gate checkpoint (reads the header only)."""
+    path = gate_path(name_or_path)
+    if not path.is_file():
+        raise ComposerError("no gate checkpoint here", path=path, hint="train one with `compose train-gates`")
+    header = read_header(path)
+    if header.metadata.get("format") != FORMAT:
+        raise AdapterFormatError("not a gate checkpoint (format metadata missing)", path=path)
+    try:
+        return dict(json.loads(header.metadata.get("gates", "{}")))
+    except ValueError as error:
+        raise AdapterFormatError(f"gate metadata is not JSON: {error}", path=path) from error
+
+
+def load_gates(name_or_path: str | Path) -> GateBank:
+    """Load a gate checkpoint by name or path into a :class:`fusion.gates.GateBank` (CPU, fp32)."""
+    meta = gate_metadata(name_or_path)
+    path = gate_path(name_or_path)
+    tensors = {k: v.float() for k, v in load_tensors(path).items()}
+    try:
+        return GateBank.from_tensors(tensors, time_dim=int(meta.get("time_dim", TIME_DIM)))
+    except ComposerError as error:
+        raise AdapterFormatError(error.reason, path=path) from error
+
+
+# ----- inspection --------------------------------------------------------------------------------------------------
+
+
+def write_gate_heatmap(recorder: GateRecorder, path: str | Path, *, title: str = "mean gate") -> Path:
+    """A PNG with one heatmap per adapter: layers (rows) × steps (columns), colour = mean gate (blank = unused)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = recorder.result().numpy()  # (S, L, A)
+    steps, layers, adapters = values.shape
+    figure, axes = plt.subplots(
+        1, adapters, figsize=(2.0 + 2.4 * adapters, 1.5 + 0.12 * layers), squeeze=False, constrained_layout=True
+    )
+    finite = values[~(values != values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    image = None
+    for index, axis in enumerate(axes[0]):
+        image = axis.imshow(values[:, :, index].T, aspect="auto", interpolation="nearest", vmin=low, vmax=high)
+        axis.set_title(recorder.adapter_names[index], fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_yticks(range(layers))
+        axis.set_yticklabels(recorder.layer_keys if index == 0 else [""] * layers, fontsize=4)
+        axis.set_xticks(range(steps))
+    if image is not None:
+        figure.colorbar(image, ax=list(axes[0]), label=title)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
+    return target
+
+
+# ----- objectives --------------------------------------------------------------------------------------------------
+
+
+class FlowMatchingObjective:
+    """Flow-matching loss of a FLUX.1 transformer on a fixed image set; latents and prompts are encoded once."""
+
+    def __init__(self, pipe: Any, dataset: ImageCaptionFolder, *, device: torch.device) -> None:
+        self.device = device
+        vae = pipe.vae
+        shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+        scale = float(vae.config.scaling_factor)
+        self.guidance = 1.0 if pipe.transformer.config.guidance_embeds else None
+        with torch.no_grad():
+            pixels = torch.stack(dataset.images).to(device=device, dtype=vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            mean = (dist.mean.float() - shift) * scale
+            self.latent_std = dist.std.float() * scale
+            self.latent_mean = mean
+            channels, height, width = mean.shape[1:]
+            self.shape = (int(channels), int(height), int(width))
+            self.img_ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, torch.float32)
+            embeds, pooled, text_ids = [], [], None
+            for caption in dataset.captions:
+                prompt_embeds, pooled_embeds, text_ids = pipe.encode_prompt(
+                    prompt=caption, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=64
+                )
+                embeds.append(prompt_embeds.float())
+                pooled.append(pooled_embeds.float())
+            self.prompt_embeds = torch.cat(embeds)
+            self.pooled = torch.cat(pooled)
+            self.text_ids = text_ids
+
+    def __len__(self) -> int:
+        return int(self.latent_mean.shape[0])
+
+    def loss(self, transformer: nn.Module, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Velocity MSE on the images ``indices``: latents, noise and logit-normal σ drawn from ``generator``."""
+        mean, std = self.latent_mean[indices], self.latent_std[indices]
+        latents = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+        batch = latents.shape[0]
+        channels, height, width = self.shape
+        clean = FluxPipeline._pack_latents(latents, batch, channels, height, width)
+        noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+        sigma = torch.sigmoid(torch.randn(batch, generator=generator)).to(clean.device)
+        noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * noise
+        dtype = next(transformer.parameters()).dtype
+        guidance = None if self.guidance is None else torch.full((batch,), self.guidance, device=clean.device)
+        prediction = transformer(
+            hidden_states=noisy.to(dtype),
+            timestep=sigma.to(dtype),
+            guidance=guidance,
+            pooled_projections=self.pooled[indices].to(dtype),
+            encoder_hidden_states=self.prompt_embeds[indices].to(dtype),
+            txt_ids=self.text_ids,
+            img_ids=self.img_ids,
+            return_dict=False,
+        )[0]
+        return torch.nn.functional.mse_loss(prediction.float(), (noise - clean).float())
+
+    @torch.no_grad()
+    def evaluate(self, transformer: nn.Module, *, draws: int = 4, seed: int = 1234) -> float:
+        """Mean loss over every image × ``draws`` fixed noise/σ draws (the same draws on every call)."""
+        generator = torch.Generator().manual_seed(seed)
+        everything = torch.arange(len(self))
+        return sum(float(self.loss(transformer, everything, generator)) for _ in range(draws)) / draws
+
+
+# ----- the training run --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GateTrainConfig:
+    """Options of one gate training run (the ``compose train-gates`` flags)."""
+
+    adapters: Sequence[Path]
+    data: Path
+    out: str | Path
+    weights: Sequence[float] | None = None
+    prompt: str = ""
+    steps: int = 500
+    learning_rate: float = 1e-3
+    batch_size: int = 1
+    resolution: int | None = None
+    checkpoint_every: int = 0
+    seed: int = 0
+    time_dim: int = TIME_DIM
+    mixed_precision: str = "no"
+    progress: bool = True
+
+
+@dataclass
+class GateTrainResult:
+    """What a run produced: the trained gates, where they were saved, the losses and the checkpoints written."""
+
+    gates: GateBank
+    path: Path
+    losses: list[float]
+    initial_loss: float
+    final_loss: float
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled index batches over ``count`` examples."""
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count, batch_size):
+            yield order[start : start + batch_size]
+
+
+def _checkpoint_target(out: str | Path, step: int) -> Path:
+    final = gate_path(out)
+    return final.with_name(f"{final.stem}-step{step:06d}{final.suffix or '.safetensors'}")
+
+
+def _read_adapters(paths: Sequence[Path], family: str) -> list[Adapter]:
+    adapters = [read_adapter(path, None if family == "unknown" else family) for path in paths]
+    names = [adapter.name for adapter in adapters]
+    if len(set(names)) != len(names):
+        raise TrainingError(f"adapter names must differ, got {names}", hint="rename one of the files")
+    return adapters
+
+
+def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
+    """Train gated-fusion gates for ``config.adapters`` on ``pipe`` (see the module docstring) and save them.
+
+    The pipeline is left as it was: adapters are attached only for the run and detached bit-exactly after.
+    """
+    if config.steps < 1 or config.batch_size < 1:
+        raise TrainingError("steps and batch size must be positive")
+    if not config.adapters:
+        raise TrainingError("no adapters to gate", hint="pass --adapters a.safetensors,b.safetensors")
+    weights = list(config.weights) if config.weights is not None else [1.0] * len(config.adapters)
+    if len(weights) != len(config.adapters):
+        raise TrainingError(f"{len(weights)} weights for {len(config.adapters)} adapters")
+    family = preset_family(pipe)
+    flux = isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
+    denoiser: nn.Module = pipe.transformer if flux else pipe.unet
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    torch.manual_seed(config.seed)
+    for component in ("vae", *_TEXT_ENCODERS, "unet", "transformer"):
+        module = getattr(pipe, component, None)
+        if module is not None:
+            module.to(accelerator.device).requires_grad_(False)
+    adapters = _read_adapters(config.adapters, family)
+    engine = FusionEngine(
+        denoiser, text_encoders={name: getattr(pipe, name, None) for name in _TEXT_ENCODERS}, family=family
+    )
+    try:
+        engine.add_adapters(adapters)
+        composition = {adapter.name: float(w) for adapter, w in zip(adapters, weights)}
+        strategy = Gated(composition, seed=config.seed, time_dim=config.time_dim)
+        engine.set_strategy(strategy)
+        bank = strategy.gates
+        assert bank is not None
+        bank.float().requires_grad_(True)
+        native = DEFAULT_FLUX_RESOLUTION if flux else int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+        size = config.resolution or native
+        dataset = ImageCaptionFolder(config.data, prompt=config.prompt, size=size, seed=config.seed)
+        objective: Any = (
+            FlowMatchingObjective(pipe, dataset, device=accelerator.device)
+            if flux
+            else DenoisingObjective(pipe, dataset, device=accelerator.device)
+        )
+        denoiser.eval()
+        initial_loss = objective.evaluate(denoiser)
+        optimizer = torch.optim.AdamW(bank.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        optimizer = accelerator.prepare(optimizer)
+        generator = torch.Generator().manual_seed(config.seed)
+        order = _batches(len(objective), config.batch_size, generator)
+        meta = {
+            "family": family,
+            "adapters": [a.name for a in adapters],
+            "adapter_files": [str(p) for p in config.adapters],
+            "weights": weights,
+            "learning_rate": config.learning_rate,
+        }
+        losses: list[float] = []
+        checkpoints: list[Path] = []
+        bar = tqdm(range(1, config.steps + 1), desc="train-gates", disable=not config.progress)
+        for step in bar:
+            with accelerator.autocast():
+                loss = objective.loss(denoiser, next(order), generator)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                checkpoints.append(save_gates(bank, _checkpoint_target(config.out, step), {**meta, "steps": step}))
+        final_loss = objective.evaluate(denoiser)
+    finally:
+        engine.clear()
+    if not all(math.isfinite(v) for v in losses):
+        raise TrainingError("the loss became NaN/Inf", hint="lower --lr or use fp32")
+    bank.requires_grad_(False)
+    path = save_gates(bank, config.out, {**meta, "steps": config.steps, "final_loss": final_loss})
+    return GateTrainResult(bank, path, losses, initial_loss, final_loss, checkpoints)
