@@ -113,6 +113,7 @@ class Composer:
         self.torch_dtype = torch_dtype
         self._pipe: Any = None
         self._library: Any = None
+        self._retriever: Any = None
 
     @property
     def pipe(self) -> Any:
@@ -179,10 +180,7 @@ class Composer:
     def _auto(self, prompt: str, chosen: dict[str, ChosenAdapter]) -> str:
         if self.library is None:
             raise CompositionError("loras='auto' needs a library", hint="pass library=DIR (CLI: --library DIR)")
-        from retrieval.retriever import Retriever
-
-        retriever = Retriever(self.library, pipe=self.pipe)
-        for pick in retriever.select(prompt, family=self.family):
+        for pick in self.retriever.select(prompt, family=self.family):
             if pick.name in chosen:
                 continue
             chosen[pick.name] = ChosenAdapter(

@@ -1,1 +1,36 @@
-"""Floor 3: prompt → ranked adapters (weight features, encoders, zero-shot scorer, hybrid ranking)."""
+"""Floor 3: prompt → ranked adapters (weight features, encoders, zero-shot scorer, hybrid ranking).
+
+Public names are imported lazily: open_clip and the encoder load only when a caller asks for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Retriever": "retrieval.retriever",
+    "RankedHit": "retrieval.retriever",
+    "Selection": "retrieval.retriever",
+    "insert_triggers": "retrieval.retriever",
+    "reciprocal_rank_fusion": "retrieval.retriever",
+    "train_retriever": "retrieval.training",
+    "TrainingConfig": "retrieval.training",
+    "fit_encoder": "retrieval.training",
+    "descriptions": "retrieval.training",
+    "TextEmbedder": "retrieval.text",
+    "TINY_MODEL": "retrieval.text",
+    "ZeroShotScorer": "retrieval.zero_shot",
+    "pipeline_token_encoder": "retrieval.zero_shot",
+    "ProbeEncoder": "retrieval.encoder",
+    "LearnedIndex": "retrieval.learned_index",
+    "spectral_features": "retrieval.features",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from composer.reporting import emit_json, format_table
+from fusion.strategies import BUILTIN
 
-METHODS = ("merge", "switch", "composite")
+METHODS = tuple(BUILTIN)
+
 COLUMNS = ("name", "weight", "source", "score", "reasons")
 
 
@@ -39,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tau", type=int, default=None, help="switch: steps per adapter")
     parser.add_argument("--mode", choices=("batched", "sequential"), default=None, help="composite: execution mode")
     parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
+    parser.add_argument("--gates", default=None, metavar="NAME", help="gated: a trained gate checkpoint (name or path)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.set_defaults(handler=run)
 
@@ -52,6 +55,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         extra["mode"] = args.mode
     if args.unfused:
         extra["fuse"] = False
+    if args.gates is not None:
+        extra["gates"] = args.gates
     height, width = args.size if args.size else (None, None)
     return {
         "loras": args.loras,

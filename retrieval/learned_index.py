@@ -1,0 +1,127 @@
+"""The learned signal's storage: a trained encoder's adapter embeddings in FAISS, kept consistent with the catalog.
+
+Files live beside the catalog: ``retriever-<family>.safetensors`` (the checkpoint) and
+``retriever-<family>.vectors.npz`` (a :class:`weights_index.vectors.VectorStore` keyed by catalog row ids). The
+JSON file ``retriever-<family>.vectors.json`` stamps which checkpoint (size and mtime) made the vectors.
+
+:meth:`LearnedIndex.sync` makes the store match the catalog after a rescan: rows that are gone (deleted files)
+are dropped, renamed files keep their row id and so their vector, and new or changed files (whose catalog
+``vector_id`` a rescan clears) are embedded. A new checkpoint invalidates every vector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fusion.adapters import Adapter
+from fusion.errors import ComposerError
+from retrieval.encoder import ProbeEncoder
+from retrieval.text import TextEmbedder
+from weights_index.catalog import Library
+from weights_index.vectors import VectorStore
+
+
+def checkpoint_path(library: Library, family: str) -> Path:
+    """Where the retriever checkpoint for ``family`` lives: beside the library's catalog."""
+    return library.db_path.parent / f"retriever-{family}.safetensors"
+
+
+def vectors_path(library: Library, family: str) -> Path:
+    """Where the family's adapter vectors live."""
+    return library.db_path.parent / f"retriever-{family}.vectors.npz"
+
+
+def _stamp(path: Path) -> str:
+    info = path.stat()
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+class LearnedIndex:
+    """Adapter embeddings of one family from a trained :class:`ProbeEncoder`, searchable by prompt text."""
+
+    def __init__(self, library: Library, family: str, encoder: ProbeEncoder, *, text: TextEmbedder | None = None):
+        self.library = library
+        self.family = family
+        self.encoder = encoder
+        self._text = text
+        self.store = VectorStore(encoder.config.out_dim)
+        self._stamp_path = vectors_path(library, family).with_suffix(".json")
+        path = vectors_path(library, family)
+        checkpoint = checkpoint_path(library, family)
+        if path.exists() and self._stamp_path.exists() and checkpoint.exists():
+            stamp = json.loads(self._stamp_path.read_text()).get("checkpoint")
+            if stamp == _stamp(checkpoint):
+                self.store = VectorStore.load(path)
+
+    @classmethod
+    def open(cls, library: Library, family: str, *, text: TextEmbedder | None = None) -> LearnedIndex | None:
+        """The family's index when a trained checkpoint exists beside the catalog, else None."""
+        path = checkpoint_path(library, family)
+        if not path.exists():
+            return None
+        encoder, _ = ProbeEncoder.load(path)
+        return cls(library, family, encoder, text=text)
+
+    @property
+    def text(self) -> TextEmbedder:
+        """The text embedder the encoder was trained against (built on first use)."""
+        if self._text is None:
+            self._text = TextEmbedder.from_spec(self.encoder.config.text)
+        return self._text
+
+    def rebuild(self, adapters: Mapping[int, Adapter]) -> None:
+        """Replace every vector with embeddings of ``adapters`` (catalog id → adapter) and save."""
+        self.store = VectorStore(self.encoder.config.out_dim)
+        self._embed(adapters)
+        self.save()
+
+    def _embed(self, adapters: Mapping[int, Adapter]) -> None:
+        if not adapters:
+            return
+        ids = list(adapters)
+        vectors = self.encoder.embed([adapters[i] for i in ids])
+        self.store.upsert(ids, vectors.numpy())
+        for item_id in ids:
+            self.library.set_vector_id(item_id, item_id)
+
+    def sync(self) -> dict[str, int]:
+        """Match the store to the catalog (drop gone rows, embed new/changed ones); saves when anything changed.
+
+        Returns counts: ``removed``, ``embedded`` and ``failed`` (files that could not be read).
+        """
+        entries = [e for e in self.library.entries(self.family) if e.ok]
+        removed = self.store.retain([e.id for e in entries])
+        stored = set(self.store.ids.tolist())
+        stale = [e for e in entries if e.id not in stored or e.vector_id != e.id]
+        adapters: dict[int, Adapter] = {}
+        failed = 0
+        for entry in stale:
+            try:
+                adapters[entry.id] = self.library.read(entry.id)
+            except ComposerError:
+                failed += 1
+        self._embed(adapters)
+        if removed or adapters:
+            self.save()
+        return {"removed": removed, "embedded": len(adapters), "failed": failed}
+
+    def save(self) -> None:
+        """Write the vectors (atomically) and the stamp of the checkpoint that made them."""
+        self.store.save(vectors_path(self.library, self.family))
+        tmp = self._stamp_path.with_name(f".{self._stamp_path.name}.tmp")
+        tmp.write_text(json.dumps({"checkpoint": _stamp(checkpoint_path(self.library, self.family))}))
+        os.replace(tmp, self._stamp_path)
+
+    def query(self, prompt: str, k: int) -> list[tuple[int, float]]:
+        """Top-``k`` (catalog id, cosine) for a prompt."""
+        return self.query_vector(self.text.encode([prompt])[0], k)
+
+    def query_vector(self, vector: torch.Tensor, k: int) -> list[tuple[int, float]]:
+        """Top-``k`` (catalog id, cosine) for an already-embedded query."""
+        scores, ids = self.store.search(vector.reshape(1, -1).numpy(), k)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]

@@ -1,0 +1,356 @@
+"""Prompt → ranked adapters: reciprocal-rank fusion of metadata, learned-encoder and zero-shot signals; selection.
+
+Signals (each ranks the adapters it can say something about):
+
+- ``trigger`` — adapters whose trigger word or phrase occurs in the prompt (whole words, any case);
+- ``metadata`` — SQLite FTS5 bm25 over names, titles, trigger words, tags and descriptions;
+- ``learned`` — cosine of the prompt's text embedding with the trained probe encoder's adapter embeddings (FAISS),
+  for families with a checkpoint beside the catalog;
+- ``zero_shot`` — cross-attention response z-score (:mod:`retrieval.zero_shot`), when a pipeline or token
+  encoder is given: works for adapters without any metadata.
+
+The fused score is Σ 1/(rrf_k + rank) over the signals that ranked an adapter. Selection keeps, best first, the
+adapters whose trigger words are in the prompt or that a weight signal singles out (a robust z-score of at least
+``min_confidence`` against the rest of the library), at most one per category, at most ``max_adapters``. A signal
+that is unavailable is skipped and said so in :attr:`Retriever.notes` and in every pick's reasons.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusion.errors import ComposerError
+from retrieval.learned_index import LearnedIndex
+from retrieval.text import TextEmbedder
+from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_family, pipeline_token_encoder
+from weights_index.catalog import CatalogEntry, Library
+from weights_index.metadata import infer_category
+
+SIGNALS = ("trigger", "metadata", "learned", "zero_shot")
+WEIGHT_SIGNALS = ("learned", "zero_shot")
+"""Signals computed from the weights (or learned from them); they alone can justify a pick without trigger words."""
+CATEGORIES = ("character", "clothing", "style", "background", "object")
+DEFAULT_WEIGHT = 0.8
+RRF_K = 60
+MIN_CONFIDENCE = 3.5
+MIN_SCORED_FOR_CONFIDENCE = 5
+LEARNED_POOL = 2000
+"""How many nearest adapters the learned signal ranks (and measures confidence against) per query."""
+
+
+@dataclass(frozen=True)
+class SignalScore:
+    """One signal's verdict on one adapter: its rank among the adapters that signal scored, and the raw score."""
+
+    rank: int
+    score: float
+    confidence: float | None = None
+    """Robust z-score of ``score`` among every adapter the signal scored (weight signals only)."""
+
+
+@dataclass
+class RankedHit:
+    """One adapter in a ranking: fused score, per-signal ranks/scores, and why it is there."""
+
+    name: str
+    id: int
+    family: str
+    score: float
+    signals: dict[str, SignalScore]
+    reasons: list[str]
+    trigger_words: tuple[str, ...]
+    triggers_in_prompt: list[str]
+    category: str | None
+    preferred_weight: float | None
+
+    @property
+    def confidence(self) -> float:
+        """The strongest weight-signal z-score (0 when no weight signal scored it)."""
+        values = [s.confidence for name, s in self.signals.items() if name in WEIGHT_SIGNALS and s.confidence]
+        return max(values, default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "name": self.name,
+            "id": self.id,
+            "family": self.family,
+            "score": self.score,
+            "signals": {k: v.__dict__ for k, v in self.signals.items()},
+            "reasons": self.reasons,
+            "trigger_words": list(self.trigger_words),
+            "triggers_in_prompt": self.triggers_in_prompt,
+            "category": self.category,
+            "preferred_weight": self.preferred_weight,
+        }
+
+
+@dataclass
+class Selection:
+    """An adapter chosen for a prompt: the weight to use, its score, why, and trigger words to add to the prompt."""
+
+    name: str
+    weight: float
+    score: float
+    reasons: list[str]
+    missing_triggers: list[str] = field(default_factory=list)
+    category: str | None = None
+    trigger_words: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def _category(entry: CatalogEntry) -> str | None:
+    meta = entry.metadata
+    notes = " ".join(text for text in (meta.description, meta.notes) if text)
+    category = meta.category or infer_category([*meta.labels, *meta.tags], entry.title, notes or None)
+    return category if category in CATEGORIES else None
+
+
+def _trigger_pattern(trigger: str) -> re.Pattern[str] | None:
+    words = trigger.strip().split()
+    if not words:
+        return None
+    return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)", re.IGNORECASE)
+
+
+def robust_z(scores: dict[Any, float]) -> dict[Any, float]:
+    """(score − median) / (1.4826 · MAD) for each key; zeros when fewer than a handful were scored."""
+    if len(scores) < MIN_SCORED_FOR_CONFIDENCE:
+        return dict.fromkeys(scores, 0.0)
+    values = list(scores.values())
+    median = statistics.median(values)
+    spread = 1.4826 * statistics.median(abs(v - median) for v in values)
+    spread = spread if spread > 1e-12 else (statistics.pstdev(values) or 1.0)
+    return {key: (value - median) / spread for key, value in scores.items()}
+
+
+def reciprocal_rank_fusion(rankings: Iterable[dict[Any, float]], k: int = RRF_K) -> dict[Any, float]:
+    """Σ 1/(k + rank) over the rankings that rank each key; each ranking maps key → score (higher is better)."""
+    fused: dict[Any, float] = {}
+    for scores in rankings:
+        for rank, (key, _) in enumerate(sorted(scores.items(), key=lambda kv: -kv[1]), start=1):
+            fused[key] = fused.get(key, 0.0) + 1.0 / (k + rank)
+    return fused
+
+
+def _ranks(scores: dict[int, float], confidence: bool, cap: bool = False) -> dict[int, SignalScore]:
+    """Rank by score; with ``confidence``, attach each score's robust z in the library (``cap``: at most the score
+    itself, for scores that are already z-scores against a baseline)."""
+    z = robust_z(scores) if confidence else {}
+    if cap:
+        z = {key: min(value, scores[key]) for key, value in z.items()}
+    ordered = sorted(scores.items(), key=lambda kv: -kv[1])
+    return {key: SignalScore(rank, value, z.get(key)) for rank, (key, value) in enumerate(ordered, start=1)}
+
+
+class Retriever:
+    """Ranks and selects a library's adapters for prompts; see the module docstring for the signals.
+
+    ``pipe`` (any SD/SDXL/Flux diffusers pipeline) enables the zero-shot signal with its own text encoder(s);
+    alternatively pass ``token_encoder`` and ``zero_shot_family``. ``text`` overrides the text embedder the
+    learned signal would otherwise rebuild from the checkpoint. ``scan`` rescans the library first (incremental),
+    and the learned vectors are then brought in line with the catalog.
+    """
+
+    def __init__(
+        self,
+        library: Library,
+        *,
+        pipe: Any = None,
+        token_encoder: TokenEncoder | None = None,
+        zero_shot_family: str | None = None,
+        text: TextEmbedder | None = None,
+        scan: bool = True,
+        rrf_k: int = RRF_K,
+        min_confidence: float = MIN_CONFIDENCE,
+        max_adapters: int = 4,
+        candidates: int = 100,
+    ) -> None:
+        self.library = library
+        self.rrf_k = rrf_k
+        self.min_confidence = min_confidence
+        self.max_adapters = max_adapters
+        self.candidates = candidates
+        self._text = text
+        if pipe is not None and token_encoder is None:
+            token_encoder = pipeline_token_encoder(pipe)
+            zero_shot_family = zero_shot_family or pipeline_family(pipe)
+        self._token_encoder = token_encoder
+        self.zero_shot_family = zero_shot_family
+        self._scorer: ZeroShotScorer | None = None
+        self._scored: dict[int, str | None] = {}
+        """Catalog id → content hash of every adapter the zero-shot scorer has seen (None: could not be scored)."""
+        self._learned: dict[str, LearnedIndex | None] = {}
+        self.notes: list[str] = []
+        self.refresh(scan=scan)
+
+    def refresh(self, *, scan: bool = True) -> None:
+        """Rescan the library (optionally) and bring every cached signal in line with the catalog."""
+        if scan:
+            self.library.scan()
+        self._entries = {e.id: e for e in self.library.entries() if e.ok}
+        self._patterns = {
+            e.id: [(t, p) for t in e.trigger_words if (p := _trigger_pattern(t)) is not None]
+            for e in self._entries.values()
+        }
+        self.notes = []
+        for family in sorted({e.family for e in self._entries.values()}):
+            index = LearnedIndex.open(self.library, family, text=self._text)
+            if index is not None:
+                index.sync()
+            self._learned[family] = index
+        missing = [f for f, index in self._learned.items() if index is None]
+        if missing:
+            self.notes.append(
+                f"learned encoder: no trained checkpoint for {', '.join(missing)} (run compose train-retriever)"
+            )
+        if self._token_encoder is None:
+            self.notes.append("zero-shot: no pipeline given, cross-attention response not used")
+        for item_id, sha256 in list(self._scored.items()):
+            entry = self._entries.get(item_id)
+            if entry is None or entry.sha256 != sha256:
+                del self._scored[item_id]
+                if self._scorer is not None:
+                    self._scorer.remove(str(item_id))
+
+    # ------------------------------------------------------------------------------------------------ signals
+    def _in_scope(self, entry: CatalogEntry, family: str | None) -> bool:
+        return family is None or entry.family == family
+
+    def _trigger_signal(self, prompt: str, family: str | None) -> tuple[dict[int, float], dict[int, list[str]]]:
+        matched: dict[int, list[str]] = {}
+        for item_id, patterns in self._patterns.items():
+            if not self._in_scope(self._entries[item_id], family):
+                continue
+            found = [t for t, pattern in patterns if pattern.search(prompt)]
+            if found:
+                matched[item_id] = found
+        return {i: float(max(len(t) for t in found)) for i, found in matched.items()}, matched
+
+    def _metadata_signal(self, prompt: str, family: str | None) -> dict[int, float]:
+        hits = self.library.search(prompt, limit=self.candidates)
+        return {h.entry.id: h.score for h in hits if h.entry.id in self._entries and self._in_scope(h.entry, family)}
+
+    def _learned_signal(self, prompt: str, family: str | None) -> dict[int, float]:
+        indexes = [index for f, index in self._learned.items() if index is not None and family in (None, f)]
+        if not indexes:
+            return {}
+        scores: dict[int, float] = {}
+        for index in indexes:
+            vector = index.text.encode([prompt])[0]
+            scores.update(index.query_vector(vector, max(1, min(len(index.store), LEARNED_POOL))))
+        return {i: s for i, s in scores.items() if i in self._entries}
+
+    def _zero_shot_signal(self, prompt: str, family: str | None) -> dict[int, float]:
+        if self._token_encoder is None or (family is not None and family != self.zero_shot_family):
+            return {}
+        scorer = self._zero_shot_scorer()
+        return {int(name): score for name, score in scorer.scores(prompt).items() if int(name) in self._entries}
+
+    def _zero_shot_scorer(self) -> ZeroShotScorer:
+        """The scorer, with every in-family adapter not yet seen read and added (unscorable ones remembered)."""
+        assert self._token_encoder is not None
+        if self._scorer is None:
+            self._scorer = ZeroShotScorer(self._token_encoder)
+        for item_id, entry in self._entries.items():
+            if item_id in self._scored:
+                continue
+            self._scored[item_id] = entry.sha256
+            if self.zero_shot_family is not None and entry.family != self.zero_shot_family:
+                continue
+            try:
+                self._scorer.add(str(item_id), self.library.read(item_id))
+            except ComposerError:
+                continue
+        return self._scorer
+
+    # ----------------------------------------------------------------------------------------------- ranking
+    def rank(self, prompt: str, family: str | None = None, k: int = 10) -> list[RankedHit]:
+        """The top-``k`` adapters for ``prompt`` (only ``family`` ones when given), best first."""
+        triggers, matched = self._trigger_signal(prompt, family)
+        per_signal = {
+            "trigger": _ranks(triggers, confidence=False),
+            "metadata": _ranks(self._metadata_signal(prompt, family), confidence=False),
+            "learned": _ranks(self._learned_signal(prompt, family), confidence=True),
+            "zero_shot": _ranks(self._zero_shot_signal(prompt, family), confidence=True, cap=True),
+        }
+        rankings = [{i: -float(v.rank) for i, v in ranks.items()} for ranks in per_signal.values()]
+        fused = reciprocal_rank_fusion(rankings, self.rrf_k)
+        ordered = sorted(fused.items(), key=lambda kv: (-kv[1], self._entries[kv[0]].name))[:k]
+        return [self._hit(item_id, score, per_signal, matched.get(item_id, [])) for item_id, score in ordered]
+
+    def _hit(
+        self, item_id: int, score: float, per_signal: dict[str, dict[int, SignalScore]], matched: list[str]
+    ) -> RankedHit:
+        entry = self._entries[item_id]
+        signals = {name: ranks[item_id] for name, ranks in per_signal.items() if item_id in ranks}
+        return RankedHit(
+            name=entry.name,
+            id=item_id,
+            family=entry.family,
+            score=score,
+            signals=signals,
+            reasons=self._reasons(signals, matched),
+            trigger_words=entry.trigger_words,
+            triggers_in_prompt=matched,
+            category=_category(entry),
+            preferred_weight=entry.metadata.preferred_weight,
+        )
+
+    def _reasons(self, signals: dict[str, SignalScore], matched: list[str]) -> list[str]:
+        reasons = []
+        if matched:
+            reasons.append("trigger word in prompt: " + ", ".join(repr(t) for t in matched))
+        if "metadata" in signals:
+            s = signals["metadata"]
+            reasons.append(f"metadata text match (rank {s.rank}, bm25 {s.score:.2f})")
+        if "learned" in signals:
+            s = signals["learned"]
+            reasons.append(f"learned encoder: cosine {s.score:.3f} (rank {s.rank}, z {s.confidence or 0.0:.1f})")
+        if "zero_shot" in signals:
+            s = signals["zero_shot"]
+            reasons.append(
+                f"cross-attention response z {s.score:.1f} vs ordinary prompts (rank {s.rank}, "
+                f"library z {s.confidence or 0.0:.1f})"
+            )
+        return reasons + [f"not used: {note}" for note in self.notes]
+
+    # --------------------------------------------------------------------------------------------- selection
+    def select(self, prompt: str, family: str | None = None, k: int | None = None) -> list[Selection]:
+        """The adapters to compose for ``prompt``: see the module docstring for the rules."""
+        limit = self.max_adapters if k is None else k
+        picks: list[Selection] = []
+        categories: set[str] = set()
+        for hit in self.rank(prompt, family, k=self.candidates):
+            if len(picks) >= limit:
+                break
+            confident = hit.confidence >= self.min_confidence
+            if not hit.triggers_in_prompt and not confident:
+                continue
+            if hit.category is not None and hit.category in categories:
+                continue
+            if hit.category is not None:
+                categories.add(hit.category)
+            reasons = list(hit.reasons)
+            if not hit.triggers_in_prompt:
+                reasons.insert(0, f"weights single it out (z {hit.confidence:.1f} ≥ {self.min_confidence})")
+            weight = hit.preferred_weight if hit.preferred_weight is not None else DEFAULT_WEIGHT
+            reasons.append(f"weight {weight} ({'preferred weight' if hit.preferred_weight is not None else 'default'})")
+            missing = [] if hit.triggers_in_prompt or not hit.trigger_words else [hit.trigger_words[0]]
+            picks.append(
+                Selection(hit.name, weight, hit.score, reasons, missing, hit.category, list(hit.trigger_words))
+            )
+        return picks
+
+
+def insert_triggers(prompt: str, picks: Iterable[Selection]) -> str:
+    """``prompt`` with each pick's missing trigger words appended (comma-separated)."""
+    extra = [t for pick in picks for t in pick.missing_triggers]
+    return ", ".join([prompt, *extra]) if extra else prompt

@@ -1,0 +1,236 @@
+"""Training the probe encoder from a library's own metadata (symmetric InfoNCE against open_clip text embeddings).
+
+Every adapter of one base family that has something to say about itself (title, trigger words, caption tags,
+labels, category, description) contributes several description variants — the full description and random
+subsets of its words — embedded once by the frozen text tower. Each step draws a batch of adapters and one variant
+each and pulls matching (adapter, text) pairs together, in both directions, with a learnable temperature. The
+checkpoint is written beside the catalog, then every adapter of the family (with or without metadata) is embedded
+into the FAISS vector store that the retriever queries.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from fusion.adapters import Adapter
+from fusion.errors import ComposerError
+from retrieval.encoder import EncoderConfig, ProbeEncoder, layer_shapes
+from retrieval.learned_index import LearnedIndex, checkpoint_path
+from retrieval.text import DEFAULT_MODEL, TextEmbedder
+from weights_index.catalog import CatalogEntry, Library
+from weights_index.metadata import AdapterMetadata
+
+MAX_TAGS = 12
+MIN_DESCRIBED = 2
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of :func:`train_retriever` (defaults suit libraries of tens to thousands of adapters)."""
+
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    probes: int = 16
+    variants: int = 8
+    text_model: str = DEFAULT_MODEL
+    text_weights: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class TrainingReport:
+    """What a training run did: where the checkpoint went, on what, and how the loss moved."""
+
+    family: str
+    checkpoint: str
+    adapters: int
+    described: int
+    steps: int
+    first_loss: float
+    final_loss: float
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def descriptions(metadata: AdapterMetadata, variants: int = 8, seed: int = 0) -> list[str]:
+    """Description texts of one adapter: the full one first, then random subsets of its words; [] when none.
+
+    Built from the title, trigger words, most frequent caption tags, curated labels, category and description.
+    """
+    triggers = list(metadata.trigger_words)
+    tags = [tag for tag, _ in sorted(metadata.tags.items(), key=lambda kv: -kv[1])[:MAX_TAGS]]
+    extra = [*metadata.labels, *([metadata.category] if metadata.category else [])]
+    title = [metadata.title] if metadata.title else []
+    words = list(dict.fromkeys([*title, *triggers, *tags, *extra]))
+    if not words and not metadata.description:
+        return []
+    full = ", ".join(words)
+    if metadata.description:
+        full = f"{full}. {metadata.description}" if full else metadata.description
+    out = [full]
+    rng = random.Random(seed)
+    pool = [w for w in words if w not in triggers] or words
+    for _ in range(variants - 1):
+        chosen = triggers[:] if triggers else []
+        chosen += rng.sample(pool, k=min(len(pool), rng.randint(1, 4)))
+        rng.shuffle(chosen)
+        out.append(", ".join(dict.fromkeys(chosen)))
+    return out
+
+
+def _family(entries: list[CatalogEntry], family: str | None) -> str:
+    if family is not None:
+        return family
+    counts = Counter(entry.family for entry in entries if entry.ok and entry.family != "unknown")
+    if not counts:
+        raise ComposerError("the library has no readable adapter of a known family", hint="run `compose index DIR`")
+    return counts.most_common(1)[0][0]
+
+
+def _vocabulary(adapters: list[Adapter]) -> dict[str, tuple[int, int]]:
+    """Every layer key of the adapters with its most common (input, output) width."""
+    seen: dict[str, Counter] = {}
+    for adapter in adapters:
+        for key, shape in layer_shapes(adapter).items():
+            seen.setdefault(key, Counter())[shape] += 1
+    return {key: counts.most_common(1)[0][0] for key, counts in seen.items()}
+
+
+def contrastive_loss(
+    adapter_vectors: torch.Tensor, text_vectors: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE between matching rows of two batches of vectors (normalised here), CLIP's temperature."""
+    a = nn.functional.normalize(adapter_vectors, dim=-1)
+    t = nn.functional.normalize(text_vectors, dim=-1)
+    logits = logit_scale.clamp(max=math.log(100.0)).exp() * a @ t.T
+    target = torch.arange(len(a), device=a.device)
+    return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+def fit_encoder(
+    adapters: list[Adapter],
+    texts: list[list[str]],
+    text: TextEmbedder,
+    config: TrainingConfig,
+    *,
+    family: str = "unknown",
+    progress: bool = False,
+    described: list[int] | None = None,
+) -> tuple[ProbeEncoder, list[float]]:
+    """Train a probe encoder so ``adapters[described[j]]`` embeds near the text embeddings of ``texts[j]``.
+
+    ``texts[j]`` are description variants (padded with the first one to ``config.variants``); ``described``
+    defaults to every adapter. The layer vocabulary covers all ``adapters``, so undescribed ones can be embedded
+    afterwards. Returns the trained encoder (eval mode, CPU) and the per-step losses.
+    """
+    described = list(range(len(adapters))) if described is None else described
+    variants = [group[: config.variants] + [group[0]] * (config.variants - len(group)) for group in texts]
+    targets = text.encode([t for group in variants for t in group]).reshape(len(described), config.variants, -1)
+    torch.manual_seed(config.seed)
+    encoder_config = EncoderConfig(
+        layers=_vocabulary(adapters),
+        out_dim=text.dim,
+        dim=config.dim,
+        depth=config.depth,
+        heads=config.heads,
+        probes=config.probes,
+        family=family,
+        text=text.spec,
+    )
+    accelerator = Accelerator()
+    model = ProbeEncoder(encoder_config)
+    prepared = [model.prepare(adapters[i]).to(accelerator.device) for i in described]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    targets = targets.to(accelerator.device)
+    generator = torch.Generator().manual_seed(config.seed)
+    batch = min(config.batch_size, len(described))
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(config.steps), desc=f"training retriever ({family})", disable=not progress, unit="step")
+    for _ in bar:
+        chosen = torch.randperm(len(described), generator=generator)[:batch]
+        variant = torch.randint(config.variants, (batch,), generator=generator)
+        vectors = model([prepared[i] for i in chosen.tolist()])
+        loss = contrastive_loss(vectors, targets[chosen, variant], accelerator.unwrap_model(model).logit_scale)
+        optimizer.zero_grad()
+        accelerator.backward(loss)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    encoder: ProbeEncoder = accelerator.unwrap_model(model)
+    return encoder.to("cpu").eval(), losses
+
+
+def train_retriever(
+    library: Library,
+    *,
+    family: str | None = None,
+    config: TrainingConfig | None = None,
+    text: TextEmbedder | None = None,
+    progress: bool = True,
+) -> TrainingReport:
+    """Train the probe encoder on ``library``'s adapters of ``family`` (default: its most common family).
+
+    Writes the checkpoint beside the catalog and rebuilds the family's vectors. Needs at least two adapters with
+    metadata to describe them; adapters that cannot be read are skipped (listed in the report).
+    """
+    config = config or TrainingConfig()
+    start = time.perf_counter()
+    entries = [e for e in library.entries() if e.ok]
+    family = _family(entries, family)
+    adapters: list[Adapter] = []
+    kept: list[CatalogEntry] = []
+    skipped: list[str] = []
+    for entry in (e for e in entries if e.family == family):
+        try:
+            adapters.append(library.read(entry.id))
+            kept.append(entry)
+        except ComposerError as exc:
+            skipped.append(f"{entry.name}: {exc}")
+    texts = [descriptions(entry.metadata, config.variants, seed=config.seed + entry.id) for entry in kept]
+    described = [i for i, variants in enumerate(texts) if variants]
+    if len(described) < MIN_DESCRIBED:
+        raise ComposerError(
+            f"only {len(described)} {family} adapters have metadata to learn from; at least {MIN_DESCRIBED} needed",
+            path=library.root,
+            hint="add trigger words or tags (e.g. .civitai.info sidecars), or rely on metadata-free zero-shot",
+        )
+    text = text or TextEmbedder(config.text_model, config.text_weights, seed=config.seed)
+    encoder, losses = fit_encoder(
+        adapters, [texts[i] for i in described], text, config, family=family, progress=progress, described=described
+    )
+    path = checkpoint_path(library, family)
+    encoder.save(path, extra={"described": len(described), "steps": config.steps, "final_loss": losses[-1]})
+    index = LearnedIndex(library, family, encoder, text=text)
+    index.rebuild(dict(zip((e.id for e in kept), adapters)))
+    return TrainingReport(
+        family=family,
+        checkpoint=str(path),
+        adapters=len(kept),
+        described=len(described),
+        steps=config.steps,
+        first_loss=losses[0] if losses else float("nan"),
+        final_loss=losses[-1] if losses else float("nan"),
+        seconds=time.perf_counter() - start,
+        skipped=skipped,
+    )

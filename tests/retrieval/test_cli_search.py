@@ -1,0 +1,68 @@
+"""`compose search` and `compose train-retriever` end to end, and selection on the demo library."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from retrieval_helpers import make_library
+
+from composer.cli import main
+from retrieval.learned_index import checkpoint_path
+from retrieval.retriever import Retriever
+from retrieval.text import TINY_MODEL
+from weights_index.catalog import Library
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_search_prints_ranking_and_picks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_library(tmp_path / "lib")
+    assert main(["search", "a crgastro in a redscarf", "--library", str(tmp_path / "lib")]) == 0
+    out = capsys.readouterr().out
+    assert "pick corgi @ 0.8" in out
+    assert "pick scarf @ 0.8" in out
+    assert "trigger word in prompt: 'crgastro'" in out
+    assert "note: learned encoder: no trained checkpoint" in out
+    assert main(["search", "a crgastro", "--library", str(tmp_path / "lib"), "--json", "-k", "2"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["selection"][0]["name"] == "corgi"
+    assert len(document["hits"]) <= 2
+    assert document["hits"][0]["signals"]["trigger"]["rank"] == 1
+
+
+def test_train_retriever_command_then_search_uses_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    library = make_library(tmp_path / "lib")
+    argv = ["train-retriever", "--library", str(library.root), "--steps", "30", "--dim", "32", "--json"]
+    assert main([*argv, "--text-model", TINY_MODEL]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["described"] == 6
+    assert Path(report["checkpoint"]) == checkpoint_path(library, "sd1")
+    assert main(["search", "corgi astronaut", "--library", str(library.root), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert all("learned" in hit["signals"] for hit in document["hits"])
+    assert not any("no trained checkpoint" in note for note in document["notes"])
+
+
+def test_train_retriever_reports_a_library_without_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["train-retriever", "--library", str(tmp_path / "empty"), "--text-model", TINY_MODEL]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_demo_library_selects_the_adapters_named_by_trigger_words(tmp_path: Path, tiny_sd) -> None:
+    spec = importlib.util.spec_from_file_location("make_library", REPO / "examples" / "make_library.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_library", module)
+    spec.loader.exec_module(module)
+    module.build_library(tmp_path / "demo")
+    for retriever in (Retriever(Library(tmp_path / "demo")), Retriever(Library(tmp_path / "demo"), pipe=tiny_sd)):
+        picks = retriever.select("a corgi astronaut wearing a red scarf, film grain")
+        assert {p.name: p.weight for p in picks} == {"corgi_astronaut": 0.8, "red_scarf": 0.7, "film_grain": 0.8}
+        picks = retriever.select("pxknight in a neoncity, wtrclr")
+        assert {p.name for p in picks} == {"pixel_knight", "neon_city", "watercolor"}
+        assert retriever.select("a plain photo of a cat") == []
+    assert len(retriever.rank("a plain photo of a cat")) == 8  # zero-shot scores all eight demo adapters
