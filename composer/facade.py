@@ -137,6 +137,15 @@ class Composer:
             self._library.scan()
         return self._library
 
+    @property
+    def retriever(self) -> Any:
+        """The library's retriever, built once per Composer (it caches adapter responses and text encodings)."""
+        if self._retriever is None:
+            from retrieval.retriever import Retriever
+
+            self._retriever = Retriever(self.library, pipe=self.pipe)
+        return self._retriever
+
     def choose(
         self, prompt: str, loras: str | Sequence[str | LoraTag] | Mapping[str, Any] | None
     ) -> tuple[str, list[ChosenAdapter]]:
