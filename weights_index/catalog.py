@@ -522,11 +522,24 @@ class Library:
         return real
 
     def read(self, name: str | int, *, allow_non_finite: bool = False) -> Adapter:
-        """Load an adapter's tensors into a :class:`fusion.adapters.Adapter` (named after its catalog name)."""
+        """Load an adapter's tensors into a :class:`fusion.adapters.Adapter` (named after its catalog name).
+
+        What the catalog knows travels along in ``Adapter.meta``: ``category`` (Switch and CMLoRA order by it),
+        ``scores`` (e.g. CMLoRA's ``delta_h``), ``trigger_words``, ``title`` and ``preferred_weight``.
+        """
         entry = self.get(name)
         path = self.resolve(entry.id)
         family = entry.family if entry.family in FAMILIES else None
-        return reader.read_adapter(path, family, name=entry.name, allow_non_finite=allow_non_finite)
+        adapter = reader.read_adapter(path, family, name=entry.name, allow_non_finite=allow_non_finite)
+        known = {
+            "category": entry.metadata.category,
+            "scores": dict(entry.scores),
+            "trigger_words": list(entry.trigger_words),
+            "title": entry.title,
+            "preferred_weight": entry.metadata.preferred_weight,
+        }
+        adapter.meta.update({key: value for key, value in known.items() if value not in (None, {}, [], "")})
+        return adapter
 
     def update_scores(self, name_or_id: str | int, scores: Mapping[str, Any]) -> None:
         """Merge per-adapter scores (e.g. a frequency score) into the entry; kept until the file's content changes."""

@@ -469,3 +469,27 @@ def test_sigkill_mid_scan_leaves_the_previous_catalog(tmp_path: Path, mode: str)
     report = library.scan()
     assert names(library) == complete
     assert report.broken == ()
+
+
+def test_read_carries_catalog_knowledge_into_adapter_meta(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    tensors = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(2, 32),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(32, 2),
+    }
+    save_file(tensors, str(folder / "misty_bg.safetensors"), metadata={"ss_output_name": "misty_bg"})
+    (folder / "misty_bg.json").write_text(
+        json.dumps({"activation text": "mistybg", "preferred weight": 0.6, "notes": "a background"})
+    )
+    (folder / "misty_bg.civitai.info").write_text(json.dumps({"model": {"name": "Misty", "tags": ["background"]}}))
+    library = Library(folder)
+    library.scan()
+    library.update_scores("misty_bg", {"delta_h": -0.25})
+    meta = library.read("misty_bg").meta
+    assert meta["category"] == "background"
+    assert meta["scores"] == {"delta_h": -0.25}
+    assert meta["trigger_words"] == ["mistybg"]
+    assert meta["preferred_weight"] == 0.6
