@@ -26,22 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks._common import random_lora
 from composer.mixin import make_composable
 from composer.presets import load_preset
-from fusion.adapters import Adapter, LowRank
+from fusion.adapters import Adapter
 
 RANK = 16
-
-
-def _lora(unet: nn.Module, seed: int) -> dict[str, LowRank]:
-    """A rank-16 LoRA with random factors on every attention projection of the UNet."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and ".attn" in name:
-            down = torch.randn(RANK, module.in_features, generator=g) * 0.01
-            layers[name] = LowRank(down=down, up=torch.randn(module.out_features, RANK, generator=g) * 0.01)
-    return layers
 
 
 class _StepTimer:
@@ -98,7 +88,7 @@ def run(quick: bool, device: str | None) -> dict[str, Any]:
     pipe = make_composable(load_preset(preset, torch_dtype=dtype, device=target))
     pipe.set_progress_bar_config(disable=True)
     for i in range(max(ks)):
-        pipe.add_adapter(Adapter(f"a{i}", "sd1", _lora(pipe.unet, seed=i)))
+        pipe.add_adapter(Adapter(f"a{i}", "sd1", random_lora(pipe.unet, i, RANK)))
     base_ms = _step_ms(pipe, size, steps)
     results = []
     for k in ks:

@@ -30,29 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks._common import ATTENTION_PROJECTIONS, peft_state_dict, random_lora
 from composer.presets import build_denoiser
-from fusion.adapters import Adapter, LowRank
+from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
 
 RANK = 32
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def _lora(unet: nn.Module, seed: int) -> dict[str, LowRank]:
-    """A rank-32 LoRA with random factors on every attention projection."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and name.endswith(TARGETS):
-            down = torch.randn(RANK, module.in_features, generator=g) * 0.01
-            layers[name] = LowRank(down=down, up=torch.randn(module.out_features, RANK, generator=g) * 0.01)
-    return layers
-
-
-def _peft(layers: dict[str, LowRank]) -> dict[str, torch.Tensor]:
-    state = {f"{k}.lora_A.weight": v.down.clone() for k, v in layers.items()}
-    state |= {f"{k}.lora_B.weight": v.up.clone() for k, v in layers.items()}
-    return state
 
 
 def _timed(phases: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, float]:
@@ -78,7 +61,9 @@ def _weights(unet: nn.Module) -> dict[str, torch.Tensor]:
     return {
         name.replace(".base_layer", "").removesuffix(".weight"): param
         for name, param in unet.named_parameters()
-        if name.endswith("weight") and "lora_" not in name and name.replace(".base_layer", "")[:-7].endswith(TARGETS)
+        if name.endswith("weight")
+        and "lora_" not in name
+        and name.replace(".base_layer", "")[:-7].endswith(ATTENTION_PROJECTIONS)
     }
 
 
@@ -95,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     unet = build_denoiser(args.model).to(device, dtype).eval()
     peer_unet = copy.deepcopy(unet)
-    adapters = [Adapter(f"a{i}", "sd1", _lora(unet, i)) for i in range(num_adapters)]
-    peft_states = [_peft(a.layers) for a in adapters]
+    adapters = [Adapter(f"a{i}", "sd1", random_lora(unet, i, RANK)) for i in range(num_adapters)]
+    peft_states = [peft_state_dict(a.layers, prefix="") for a in adapters]
     original = {k: v.detach().clone() for k, v in _weights(unet).items()}
 
     # Our cycle and the peer's alternate (each on its own copy of the UNet) so machine load drifts over both alike.
@@ -136,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "benchmark": "fused_switch",
         "model": args.model,
-        "adapters": f"{num_adapters} × rank {RANK} on {', '.join(TARGETS)} ({len(adapters[0].layers)} layers)",
+        "adapters": (
+            f"{num_adapters} × rank {RANK} on {', '.join(ATTENTION_PROJECTIONS)} ({len(adapters[0].layers)} layers)"
+        ),
         "device": str(device),
         "dtype": args.dtype,
         "torch_threads": torch.get_num_threads(),

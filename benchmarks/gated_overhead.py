@@ -30,25 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks._common import ATTENTION_PROJECTIONS, random_lora
 from composer.presets import load_preset
-from fusion.adapters import Adapter, LowRank
+from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
 from fusion.strategies import get_strategy
 
 RANK = 16
 K = 3
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def _lora(unet: nn.Module, seed: int) -> dict[str, LowRank]:
-    """A rank-16 LoRA with random factors on every attention projection."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and name.endswith(TARGETS):
-            down = torch.randn(RANK, module.in_features, generator=g) * 0.01
-            layers[name] = LowRank(down=down, up=torch.randn(module.out_features, RANK, generator=g) * 0.01)
-    return layers
 
 
 def _median_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
@@ -72,7 +61,7 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
     repeats = repeats or (5 if quick else 15)
     pipe = load_preset("small-sd")
     base = pipe.unet.to(device, dtype)
-    adapters = [Adapter(f"a{i}", "sd1", _lora(base, i)) for i in range(K)]
+    adapters = [Adapter(f"a{i}", "sd1", random_lora(base, i, RANK)) for i in range(K)]
     weights = {adapter.name: 0.8 for adapter in adapters}
     configs = {
         "merge": ("merge", {}),
@@ -107,7 +96,7 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
     return {
         "benchmark": "gated_overhead",
         "model": "small-sd UNet, batch 2, 16x16 latents",
-        "adapters": f"k={K}, rank {RANK} on {', '.join(TARGETS)}",
+        "adapters": f"k={K}, rank {RANK} on {', '.join(ATTENTION_PROJECTIONS)}",
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),

@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from benchmarks._common import ATTENTION_PROJECTIONS
 from retrieval.retriever import Retriever, reciprocal_rank_fusion
 from retrieval.text import TextEmbedder
 from retrieval.training import TrainingConfig, fit_encoder
@@ -54,7 +55,7 @@ _CONCEPT_TEXT = (
 CONCEPTS = tuple(_CONCEPT_TEXT.split())
 TRAIN_TEMPLATES = ("a photo of a {}", "a {}", "{}, high quality", "a picture showing a {}", "an image of the {}")
 EVAL_TEMPLATES = ("a drawing of a {} in the scene", "my {}, close up")
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
 TRAINED_VERSION = 1
 _ADJECTIVE_TEXT = (
     "red blue green golden silver dark bright tiny giant ancient neon wooden glass velvet frozen misty rusty "
@@ -126,7 +127,7 @@ def _train_library(folder: Path, model: str, steps: int, images_per_concept: int
             states = pipe.encode_prompt(captions, "cpu", 1, False)[0]
         name = f"c{index}"
         unet.add_adapter(
-            LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)),
+            LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(ATTENTION_PROJECTIONS)),
             adapter_name=name,
         )
         params = [p for p in unet.parameters() if p.requires_grad]

@@ -25,30 +25,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
+from benchmarks._common import peft_state_dict, random_lora
 from composer.mixin import make_composable
 from composer.presets import load_preset
-from fusion.adapters import Adapter, LowRank
+from fusion.adapters import Adapter
 
 RANK = 16
-
-
-def _lora(unet: nn.Module, seed: int) -> dict[str, LowRank]:
-    """A rank-16 LoRA with random factors on every attention projection of the UNet."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and ".attn" in name:
-            down = torch.randn(RANK, module.in_features, generator=g) * 0.01
-            layers[name] = LowRank(down=down, up=torch.randn(module.out_features, RANK, generator=g) * 0.01)
-    return layers
-
-
-def _peft(layers: dict[str, LowRank]) -> dict[str, torch.Tensor]:
-    state = {f"unet.{k}.lora_A.weight": v.down.clone() for k, v in layers.items()}
-    state |= {f"unet.{k}.lora_B.weight": v.up.clone() for k, v in layers.items()}
-    return state
 
 
 def _per_step_ms(work: Callable[[int], None], steps: int, repeats: int) -> float:
@@ -70,7 +53,7 @@ def run(quick: bool) -> dict[str, Any]:
     steps, repeats = (10, 3) if quick else (30, 5)
     ours_pipe = make_composable(load_preset(preset))
     peer = load_preset(preset)
-    loras = [_lora(ours_pipe.unet, seed) for seed in range(max(ks))]
+    loras = [random_lora(ours_pipe.unet, seed, RANK) for seed in range(max(ks))]
     loaded = 0
     results = []
     for k in ks:
@@ -78,7 +61,7 @@ def run(quick: bool) -> dict[str, Any]:
         with torch.no_grad():
             while loaded < k:
                 ours_pipe.add_adapter(Adapter(names[loaded], "sd1", loras[loaded]))
-                peer.load_lora_weights(_peft(loras[loaded]), adapter_name=names[loaded])
+                peer.load_lora_weights(peft_state_dict(loras[loaded]), adapter_name=names[loaded])
                 loaded += 1
         # a schedule that changes every step for every adapter: the worst case for re-weighting
         specs = {name: f"{0.2 + 0.1 * (i % 5)}@0,1@1" for i, name in enumerate(names)}

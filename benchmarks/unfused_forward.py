@@ -24,30 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks._common import ATTENTION_PROJECTIONS, peft_state_dict, random_lora
 from composer.presets import load_preset
-from fusion.adapters import Adapter, LowRank
+from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
 from fusion.strategies import get_strategy
 
 RANK = 16
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def _lora(unet: nn.Module, seed: int) -> dict[str, LowRank]:
-    """A rank-16 LoRA with random factors on every attention projection."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and name.endswith(TARGETS):
-            down = torch.randn(RANK, module.in_features, generator=g) * 0.01
-            layers[name] = LowRank(down=down, up=torch.randn(module.out_features, RANK, generator=g) * 0.01)
-    return layers
-
-
-def _peft(layers: dict[str, LowRank]) -> dict[str, torch.Tensor]:
-    state = {f"unet.{k}.lora_A.weight": v.down.clone() for k, v in layers.items()}
-    state |= {f"unet.{k}.lora_B.weight": v.up.clone() for k, v in layers.items()}
-    return state
 
 
 def _interleaved_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
@@ -95,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    adapters = [Adapter(f"a{i}", "sd1", _lora(base_unet, i)) for i in range(max(ks))]
+    adapters = [Adapter(f"a{i}", "sd1", random_lora(base_unet, i, RANK)) for i in range(max(ks))]
     rows = []
     loaded = 0
     for k in ks:
@@ -104,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.set_strategy(get_strategy("merge")({a.name: 0.8 for a in adapters[:k]}, fuse=False))
         with torch.no_grad():
             for adapter in adapters[loaded:k]:
-                peft_pipe.load_lora_weights(_peft(adapter.layers), adapter_name=adapter.name)
+                peft_pipe.load_lora_weights(peft_state_dict(adapter.layers), adapter_name=adapter.name)
         loaded = k
         peft_pipe.set_adapters([a.name for a in adapters[:k]], [0.8] * k)
         ms = _interleaved_ms(
@@ -123,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "benchmark": "unfused_forward",
         "model": "small-sd UNet, batch 2, 16x16 latents",
-        "adapters": f"rank {RANK} on {', '.join(TARGETS)}",
+        "adapters": f"rank {RANK} on {', '.join(ATTENTION_PROJECTIONS)}",
         "device": str(device),
         "dtype": args.dtype,
         "torch_threads": torch.get_num_threads(),
