@@ -42,6 +42,7 @@ def test_generate_in_browser_shows_image_and_why_table(running_app, browser: Bro
     browser.evaluate("document.querySelector('#prompt textarea').focus()")
     browser.type_text(PROMPT)
     assert browser.evaluate("document.querySelector('#prompt textarea').value") == PROMPT
+    browser.wait_for("document.querySelector('#generate') !== null")
     browser.evaluate("document.querySelector('#generate').click()")
 
     source = browser.wait_for(
