@@ -63,10 +63,12 @@ class CompositionResult:
     steps: int
     seconds: float
     paths: list[Path] = field(default_factory=list)
+    plots: dict[str, Path] = field(default_factory=dict)
+    """Plot kind (``scores``, ``gates``, ``weights``) → PNG, when plots were asked for."""
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly summary."""
-        return {
+        """JSON-friendly summary (``plots`` only when plots were written)."""
+        summary = {
             "prompt": self.prompt,
             "method": self.method,
             "seed": self.seed,
@@ -75,6 +77,19 @@ class CompositionResult:
             "adapters": [a.as_dict() for a in self.adapters],
             "images": [str(p) for p in self.paths],
         }
+        if self.plots:
+            summary["plots"] = {kind: str(path) for kind, path in self.plots.items()}
+        return summary
+
+
+@dataclass
+class _PlotData:
+    """What a generation leaves for its plots: the weight table and (gated) the gate recorder."""
+
+    table: torch.Tensor | None = None
+    adapters: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    recorder: Any = None
 
 
 def _window(start: float | None, stop: float | None) -> Any:
@@ -272,14 +287,18 @@ class Composer:
         out: str | Path | None = None,
         image: Image.Image | None = None,
         progress: bool = False,
+        plot: str | Path | None = None,
         **options: Any,
     ) -> CompositionResult:
         """Generate ``num_images`` images for ``prompt`` with the chosen adapters composed by ``method``.
 
         ``out`` is a folder: images are saved there as ``<seed>-<n>.png`` with sidecars. ``image`` is the input of
         editing pipelines (Kontext, img2img). Method options (``tau``, ``mode``, ``fuse``...) pass through.
+        ``plot`` is a folder for PNG plots (see :meth:`_write_plots`), listed in ``result.plots``.
         """
         started = time.perf_counter()
+        if plot is not None and method == "gated":
+            options.setdefault("record", True)
         clean_prompt, chosen = self.choose(prompt, loras)
         pipe = self.pipe
         family = self.family
@@ -303,6 +322,7 @@ class Composer:
             if type(pipe).__name__.startswith("FluxKontext"):
                 call.update(kontext_call_kwargs(height or image.height, width or image.width))
         fuse = options.pop("fuse", None)
+        captured = _PlotData()
         try:
             if chosen:
                 self._register(chosen)
@@ -311,6 +331,8 @@ class Composer:
             generator = torch.Generator(device="cpu").manual_seed(seed)
             with torch.inference_mode():
                 images = pipe(generator=generator, **call).images
+            if plot is not None and chosen:
+                captured = self._plot_data(steps)
         finally:
             pipe.clear_composition()
         result = CompositionResult(
@@ -324,7 +346,42 @@ class Composer:
         )
         if out is not None:
             self._save(result, Path(out), guidance_scale, negative_prompt)
+        if plot is not None:
+            ranked = isinstance(loras, str) and loras.strip().lower() == "auto"
+            self._write_plots(result, Path(plot), captured, extract_lora_tags(prompt)[0] if ranked else None)
         return result
+
+    def _plot_data(self, steps: int) -> _PlotData:
+        """The active composition's weight table weight[adapter, group, step] and gate recorder (if any)."""
+        engine = self.pipe._engine()
+        strategy = self.pipe.composition_strategy
+        return _PlotData(
+            table=engine.weight_table(strategy.weights, steps).cpu(),
+            adapters=list(engine.adapter_names),
+            groups=list(engine.group_names),
+            recorder=getattr(strategy, "recorder", None),
+        )
+
+    def _write_plots(self, result: CompositionResult, folder: Path, data: _PlotData, ranked: str | None) -> None:
+        """``<seed>-scores.png`` (retrieval scores per adapter and signal, when ``ranked`` holds the prompt the
+        adapters were retrieved for), ``<seed>-weights.png`` (the weight table) and ``<seed>-gates.png`` (gated)."""
+        from composer import plots
+
+        stem = folder / str(result.seed)
+        if ranked is not None:
+            hits = [hit.to_json() for hit in self.retriever.rank(ranked, family=self.family, k=plots.SCORE_TOP_K)]
+            names, scores, fused = plots.hit_scores(hits)
+            result.plots["scores"] = plots.write_score_chart(
+                names, scores, fused, f"{stem}-scores.png", title=f"retrieval: {ranked}"
+            )
+        if data.table is not None:
+            result.plots["weights"] = plots.write_weight_table(
+                data.table, data.adapters, data.groups, f"{stem}-weights.png", title=f"weight ({result.method})"
+            )
+        if data.recorder is not None:
+            from composer.training.gates import write_gate_heatmap
+
+            result.plots["gates"] = write_gate_heatmap(data.recorder, f"{stem}-gates.png")
 
     def _save(self, result: CompositionResult, out: Path, guidance_scale: float | None, negative: str) -> None:
         model = KNOWN_MODELS[self.model].hub_id if self.model in KNOWN_MODELS else self.model

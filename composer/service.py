@@ -23,13 +23,23 @@ from typing import Any
 import torch
 
 from composer.facade import Composer, CompositionResult
+from composer.mixin import make_composable
 from composer.prompts import LoraTag
+from composer.restore import Restorer, RestoreResult, editing_pipeline
 from fusion.errors import ComposerError, CompositionError, UnsafePathError
 from fusion.strategies import BUILTIN, get_strategy
 
 AUTO = "auto"
 
-__all__ = ["AUTO", "AdapterRequest", "ComposerError", "CompositionService", "LibraryItem", "available_methods"]
+__all__ = [
+    "AUTO",
+    "AdapterRequest",
+    "ComposerError",
+    "CompositionService",
+    "LibraryItem",
+    "RestoreResult",
+    "available_methods",
+]
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,22 @@ def available_methods() -> list[str]:
     return names
 
 
+class _WorkerRestorer(Restorer):
+    """A :class:`Restorer` whose editing pipeline is built from one worker's pipeline (``from_pipe``: the weights
+    are shared, not copied). It is only used while that worker is borrowed, so the two never run at once."""
+
+    def __init__(self, worker: Composer) -> None:
+        super().__init__(worker.model, worker.library_dir, device=worker.device, torch_dtype=worker.torch_dtype)
+        self._worker = worker
+
+    @property
+    def pipe(self) -> Any:
+        """The worker's pipeline as a composable editing pipeline (built on first use)."""
+        if self._pipe is None:
+            self._pipe = make_composable(editing_pipeline(self._worker.pipe))
+        return self._pipe
+
+
 class CompositionService:
     """Compose-and-generate for many concurrent callers over ``workers`` pipelines of ``model``, with ``library``.
 
@@ -117,6 +143,7 @@ class CompositionService:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._library: Any = None
+        self._restorers: dict[int, _WorkerRestorer] = {}
 
     # ---------------------------------------------------------------------------------------------- workers
     @contextmanager
@@ -150,13 +177,14 @@ class CompositionService:
         negative_prompt: str = "",
         guidance_scale: float | None = None,
         progress: bool = False,
+        plot: bool = False,
     ) -> CompositionResult:
-        """Compose ``adapters`` (``"auto"``, requests, or None for the base model) and generate; files are saved."""
+        """Compose ``adapters`` (``"auto"``, requests, or None for the base model) and generate; files are saved.
+        ``plot`` also writes the composition's plots (``result.plots``: retrieval scores, weight table, gates)."""
         if not prompt.strip():
             raise CompositionError("the prompt is empty", hint="type what the image should show")
         loras: Any = AUTO if adapters == AUTO else [a.tag() for a in adapters or ()]
-        with self._lock:
-            folder = self.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter):04d}"
+        folder = self._folder()
         with self._borrow() as composer:
             return composer.run(
                 prompt,
@@ -169,7 +197,60 @@ class CompositionService:
                 guidance_scale=guidance_scale,
                 out=folder,
                 progress=progress,
+                plot=folder / "plots" if plot else None,
             )
+
+    def _folder(self) -> Path:
+        """A fresh output folder for one request."""
+        with self._lock:
+            return self.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter):04d}"
+
+    def restore(
+        self,
+        image: Any,
+        restoration: Sequence[AdapterRequest],
+        style: Sequence[AdapterRequest] = (),
+        *,
+        method: str = "merge",
+        task: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> RestoreResult:
+        """Restore ``image`` (a PIL image or a path) with ``restoration`` adapters composed with ``style`` adapters
+        by ``method``; the prompt is ``task`` or the restoration adapters' task prompts. The image is saved."""
+        if not restoration:
+            raise CompositionError("pick at least one restoration adapter", hint="restoration adapters carry a task")
+        folder = self._folder()
+        with self._borrow() as composer:
+            restorer = self._restorers.get(id(composer))
+            if restorer is None:
+                restorer = self._restorers.setdefault(id(composer), _WorkerRestorer(composer))
+            return restorer.restore(
+                image,
+                [f"{a.name}:{float(a.weight)}" for a in restoration],
+                ",".join(f"{a.name}:{float(a.weight)}" for a in style) or None,
+                method=method,
+                task=(task or "").strip() or None,
+                steps=steps,
+                seed=seed,
+                out=folder,
+                progress=progress,
+            )
+
+    def restoration_names(self) -> list[str]:
+        """Library adapters that restore rather than add a concept: a ``task_prompt`` or ``needs_input_image`` in
+        their file metadata (made for this service's model family)."""
+        names = set(self.adapter_names())
+        return [
+            e.name
+            for e in self._require_library().entries()
+            if e.name in names
+            and (
+                (e.header_metadata.get("task_prompt") or "").strip()
+                or str(e.header_metadata.get("needs_input_image", "")).strip().lower() in ("1", "true", "yes")
+            )
+        ]
 
     def rank(self, prompt: str, k: int = 10) -> list[dict[str, Any]]:
         """Every signal's score for the ``k`` best adapters for ``prompt`` (needs a library), best first."""

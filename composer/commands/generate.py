@@ -42,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=("batched", "sequential"), default=None, help="composite: execution mode")
     parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
     parser.add_argument("--gates", default=None, metavar="NAME", help="gated: a trained gate checkpoint (name or path)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write PNG plots to DIR: retrieval scores (--loras auto), weight table, gate heatmaps (--method gated)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.set_defaults(handler=run)
 
@@ -68,6 +75,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "height": height,
         "width": width,
         "num_images": args.num_images,
+        "plot": args.plot,
         **extra,
     }
 
@@ -90,6 +98,6 @@ def run(args: argparse.Namespace) -> int:
         print("no adapters: generating with the base model")
     print(f"\nprompt: {result.prompt}")
     print(f"method: {result.method}, {result.steps} steps, seed {result.seed}, {result.seconds:.2f} s")
-    for path in result.paths:
+    for path in [*result.paths, *result.plots.values()]:
         print(f"wrote {path}")
     return 0

@@ -1,0 +1,39 @@
+"""The Analyze tab over HTTP: the retrieval score chart beside the score table, and a composition's weight table,
+gate heatmap and retrieval chart drawn by `composer.plots`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradio_client import Client
+from PIL import Image
+
+from app.analyze_tab import score_chart
+from composer import plots
+
+
+def _size(path: str | Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_score_chart_of_ranked_hits(running_app) -> None:
+    hits = running_app.service.rank("a corgi astronaut", k=5)
+    path = score_chart(running_app.service, hits)
+    assert path.is_relative_to(running_app.service.out)
+    assert _size(path)[1] == round((1.2 + 0.32 * len(hits)) * plots.DPI)
+
+
+def test_plots_endpoint_draws_gates_weights_and_scores(running_app, tmp_path: Path) -> None:
+    client = Client(running_app.url, verbose=False, download_files=str(tmp_path))
+    image, weights, gates, scores = client.predict("a corgi astronaut on the moon", [], "gated", 2, api_name="/plots")
+    assert _size(image) == (64, 64)
+    assert all(_size(p)[0] > 200 for p in (weights, gates, scores))
+
+    image, weights, gates, scores = client.predict(
+        "a knight", ["pixel_knight", "red_scarf"], "merge", 2, api_name="/plots"
+    )
+    assert gates is None
+    assert scores is None
+    assert _size(weights)[0] == round((2.2 + 2.4 * 2) * plots.DPI)
