@@ -195,6 +195,11 @@ class Restorer(Composer):
         size = working_size(image.width, image.height, max_area=max_area, multiple=pipe.vae_scale_factor * 2)
         fuse = options.pop("fuse", None)
         call = self._call_kwargs(image, size, options)
+        if "strength" in call and int(steps * call["strength"]) < 1:
+            raise CompositionError(
+                f"img2img with strength {call['strength']} and {steps} steps runs no denoising step",
+                hint=f"use at least {math.ceil(1 / call['strength'])} steps or a higher strength",
+            )
         pipe.set_progress_bar_config(disable=not progress)
         try:
             self._register(chosen)

@@ -87,6 +87,14 @@ def output_folder(out: Path, index: int, prompt: str) -> Path:
     return out / f"{index:04d}-{slug(prompt)}"
 
 
+def _prompt_options(options: argparse.Namespace, index: int, prompt: str) -> dict[str, Any]:
+    """The generate options for one prompt; plots go to a per-prompt folder so prompts never overwrite each other."""
+    run_options = generate.run_options(options)
+    if run_options.get("plot") is not None:
+        run_options["plot"] = output_folder(Path(run_options["plot"]), index, prompt)
+    return run_options
+
+
 def run(args: argparse.Namespace) -> int:
     """Compose every prompt (in this process or under accelerate) and report the merged manifest."""
     options, rest = _generate_parser().parse_known_args(["-", *args.options])
@@ -144,7 +152,9 @@ def _compose_share(prompts: list[str], options: argparse.Namespace, *, distribut
     records = []
     for index in indices:
         result = composer.run(
-            prompts[index], out=output_folder(options.out, index, prompts[index]), **generate.run_options(options)
+            prompts[index],
+            out=output_folder(options.out, index, prompts[index]),
+            **_prompt_options(options, index, prompts[index]),
         )
         records.append({"index": index, "rank": rank, "source": prompts[index], **result.as_dict()})
     parts = options.out / PARTS_DIRNAME

@@ -143,3 +143,11 @@ def test_two_accelerate_processes_give_the_single_process_images(
     assert sorted({item["rank"] for item in document["items"]}) == [0, 1]
     for folder in FOLDERS:
         assert np.array_equal(_pixels(double / folder / "0-0.png"), _pixels(single / folder / "0-0.png")), folder
+
+
+def test_plots_go_to_one_folder_per_prompt(library: Path, prompts_file: Path, tmp_path: Path) -> None:
+    out, plots = tmp_path / "out", tmp_path / "plots"
+    argv = ["batch", str(prompts_file), "--processes", "1", "--library", str(library), "--out", str(out)]
+    assert main([*argv, "--steps", "1", "--plot", str(plots)]) == 0
+    written = sorted(p.relative_to(plots).as_posix() for p in plots.rglob("*-weights.png"))
+    assert written == [f"{folder}/0-weights.png" for folder in FOLDERS]

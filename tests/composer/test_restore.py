@@ -154,6 +154,11 @@ def test_sd_family_restores_through_img2img(tmp_path: Path) -> None:
     assert result.paths[0].is_file()
     with pytest.raises(CompositionError, match="at least one"):
         restorer.restore(image, [])
+    before = weight.detach().clone()
+    with pytest.raises(CompositionError, match="runs no denoising step"):
+        restorer.restore(image, ["dehaze"], steps=1)
+    assert torch.equal(weight, before)
+    assert restorer.pipe.composition is None
 
 
 def test_restore_and_style_example_runs(tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
