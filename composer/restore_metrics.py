@@ -26,6 +26,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from composer.degrade import load_rgb
 from composer.training.data import DatasetError, list_images
 from fusion.errors import ComposerError
+from retrieval.text import random_init_is_intended
 
 DEFAULT_IQA_MODEL = "ViT-B-32"
 TINY_IQA_MODEL = "lora-composer-tiny-iqa"
@@ -113,9 +114,10 @@ class ClipIQA:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
-                clip, _, self.preprocess = open_clip.create_model_and_transforms(
-                    model, pretrained=None if weights is None else str(weights)
-                )
+                with random_init_is_intended(weights is None):
+                    clip, _, self.preprocess = open_clip.create_model_and_transforms(
+                        model, pretrained=None if weights is None else str(weights)
+                    )
             except (RuntimeError, OSError, ValueError) as exc:
                 raise MetricError(f"cannot build {model!r}: {exc}", path=weights) from exc
         self.model = clip.to(device).eval()

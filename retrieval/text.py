@@ -8,9 +8,11 @@ architectures (e.g. a tiny one for tests) are registered with :func:`register_mo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,27 @@ def _ensure_known(name: str) -> None:
         )
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def random_init_is_intended(intended: bool = True) -> Iterator[None]:
+    """Silence open_clip's root-logger warning about random weights while building a model that is meant to have
+    them (offline use without a weights file; callers report that themselves)."""
+    if not intended:
+        yield
+        return
+    quiet = _DropRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 class TextEmbedder:
     """L2-normalised text embeddings from an open_clip text tower (weights from ``weights`` or random offline).
 
@@ -80,7 +103,8 @@ class TextEmbedder:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = open_clip.create_model(name, pretrained=self.weights, device=self.device)
+                with random_init_is_intended(self.weights is None):
+                    model = open_clip.create_model(name, pretrained=self.weights, device=self.device)
             self.tokenizer = open_clip.get_tokenizer(name)
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
             raise TextModelError(

@@ -26,3 +26,18 @@ def test_unknown_architecture_and_missing_weights_are_typed_errors(tmp_path) -> 
         TextEmbedder("no-such-model")
     with pytest.raises(TextModelError, match="not found"):
         TextEmbedder(TINY_MODEL, tmp_path / "missing.safetensors")
+
+
+def test_random_init_warning_is_silenced_only_when_intended(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from retrieval.text import random_init_is_intended
+
+    with caplog.at_level(logging.WARNING), random_init_is_intended():
+        logging.getLogger().warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+        logging.getLogger().warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), random_init_is_intended(False):
+        logging.getLogger().warning("No pretrained weights loaded for model 'x'.")
+    assert len(caplog.records) == 1
