@@ -95,6 +95,35 @@ def composition_section(service: CompositionService) -> None:
     button.click(compose, [prompt, picked, method, steps], [image, weights, gates, chart], api_name="plots")
 
 
+SPECTRA_HEADERS = ["adapter", "ΔH", "band", "HF with", "error"]
+
+
+def spectra_section(service: CompositionService) -> None:
+    """CMLoRA frequency analysis: ΔH per adapter (stored in the catalog), the summary chart and each profile."""
+    gr.Markdown("### Spectra: high-frequency shift per adapter (CMLoRA order)")
+    with gr.Row():
+        prompts = gr.Textbox(
+            label="Prompts (one per line; empty = defaults)", lines=2, scale=3, elem_id="spectra-prompts"
+        )
+        steps = gr.Slider(1, 30, value=4, step=1, label="Steps", scale=1)
+        button = gr.Button("Measure spectra", scale=1, elem_id="spectra")
+    table = gr.Dataframe(headers=SPECTRA_HEADERS, interactive=False, elem_id="spectra-table")
+    summary = gr.Image(label="ΔH per adapter", format="png", interactive=False, elem_id="spectra-summary")
+    profiles = gr.Gallery(label="Radial profiles", columns=3, elem_id="spectra-profiles")
+
+    def measure(text: str, step_count: float) -> tuple[list[list[Any]], str | None, list[str]]:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        try:
+            report = service.spectra(lines, steps=int(step_count))
+        except ComposerError as exc:
+            raise gr.Error(str(exc)) from exc
+        rows = [[a.name, a.delta_h, a.band, a.hf_with, a.error] for a in report.adapters]
+        plotted = [str(a.plot) for a in report.adapters if a.plot is not None]
+        return rows, None if report.summary_plot is None else str(report.summary_plot), plotted
+
+    button.click(measure, [prompts, steps], [table, summary, profiles], api_name="spectra")
+
+
 def build(service: CompositionService) -> None:
     """Lay out the Analyze tab."""
     if service.library_root is None:
@@ -102,3 +131,4 @@ def build(service: CompositionService) -> None:
         return
     retrieval_section(service)
     composition_section(service)
+    spectra_section(service)

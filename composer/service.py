@@ -200,6 +200,23 @@ class CompositionService:
                 plot=folder / "plots" if plot else None,
             )
 
+    def spectra(self, prompts: Sequence[str] | None = None, steps: int = 4) -> Any:
+        """CMLoRA frequency analysis of the library on a worker's pipeline: ΔH per adapter stored in the catalog,
+        radial-profile plots written under the output folder (an :class:`composer.analyze.AnalysisReport`)."""
+        from composer.analyze import analyze_library
+
+        library = self._require_library()
+        folder = self._folder() / "spectra"
+        with self._borrow() as composer:
+            return analyze_library(
+                library,
+                composer.pipe,
+                model=composer.model,
+                prompts=list(prompts or []) or None,
+                steps=steps,
+                plot_dir=folder,
+            )
+
     def _folder(self) -> Path:
         """A fresh output folder for one request."""
         with self._lock:

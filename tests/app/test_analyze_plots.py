@@ -37,3 +37,17 @@ def test_plots_endpoint_draws_gates_weights_and_scores(running_app, tmp_path: Pa
     assert gates is None
     assert scores is None
     assert _size(weights)[0] == round((2.2 + 2.4 * 2) * plots.DPI)
+
+
+def test_spectra_endpoint_scores_the_library_and_draws_profiles(running_app, tmp_path: Path) -> None:
+    client = Client(running_app.url, verbose=False, download_files=str(tmp_path))
+    table, summary, profiles = client.predict("a quiet room", 2, api_name="/spectra")
+    rows = {row[0]: row for row in table["data"]}
+    scored = [row for row in rows.values() if row[1] is not None]
+    assert len(scored) >= 6
+    assert all(row[2] in ("H", "L") for row in scored)
+    assert _size(summary)[0] > 200
+    assert len(profiles) == len(scored)
+    library = running_app.service._require_library()
+    stored = library.get(scored[0][0]).scores["delta_h"]
+    assert stored == float(scored[0][1])
