@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from app.ui import build_ui
-from composer.service import CompositionService
+from composer.service import ComposerError, CompositionService
 
 
 @dataclass
@@ -59,7 +59,12 @@ def start(
     options: dict[str, Any] = {"server_name": host, "prevent_thread_lock": True, "quiet": quiet}
     if port is not None:
         options["server_port"] = port
-    _, url, _ = blocks.launch(allowed_paths=served_folders(service), ssr_mode=False, mcp_server=False, **options)
+    try:
+        _, url, _ = blocks.launch(allowed_paths=served_folders(service), ssr_mode=False, mcp_server=False, **options)
+    except OSError as exc:
+        raise ComposerError(
+            f"cannot serve on {host}:{port}: {exc}", hint="another program holds the port: pass --port N, or --port 0"
+        ) from exc
     return RunningApp(url=url, blocks=blocks, service=service)
 
 

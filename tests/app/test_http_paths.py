@@ -69,3 +69,14 @@ def test_symlinked_preview_is_not_offered(running_app) -> None:
     assert service.inside_library("character/corgi_astronaut.preview.png") is not None
     assert service.inside_library("../outside/secret.png") is None
     assert all(item.preview is None or item.preview.is_relative_to(service.library_root) for item in service.entries())
+
+
+def test_busy_port_is_a_typed_error(running_app) -> None:
+    from urllib.parse import urlparse
+
+    from app.server import start
+    from composer.service import ComposerError
+
+    port = urlparse(running_app.url).port
+    with pytest.raises(ComposerError, match="--port"):
+        start(running_app.service, port=port)
