@@ -33,6 +33,7 @@ scatters the values at their sorted indices and saves only the original entries 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -177,7 +178,7 @@ def _restore_base_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: 
             state_dict[f"{prefix}base.{name}"] = state_dict.pop(prefix + name)
 
 
-class ComposedLayer(nn.Module):
+class ComposedLayer(nn.Module, ABC):
     """Shared machinery of :class:`ComposedLinear` and :class:`ComposedConv2d` (see the module docstring)."""
 
     def __init__(self, base: nn.Module, key: str, group: int, state: GateState) -> None:
@@ -513,25 +514,25 @@ class ComposedLayer(nn.Module):
 
     # ----- forward ---------------------------------------------------------------------------------------------
 
+    @abstractmethod
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         """x → (…, R) through the concatenated down factors."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _add_up(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """y + h through the up factors ``up`` (the gate already applied to ``h``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's operation (bias included) with another weight."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The base layer's operation with ``delta`` as the weight and no bias."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _broadcast(self, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Shape an (N, C) per-sample gate to multiply ``h`` (channels last for linear, dim 1 for conv)."""
-        raise NotImplementedError
 
     def _mixed(self, x: torch.Tensor, mixer: Mixer) -> torch.Tensor:
         """Gated forward: the mixer combines the base output with the per-adapter outputs; sparse/dense updates
