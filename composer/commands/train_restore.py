@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, train, save, report the loss before/after."""
     from composer.presets import load_preset
     from composer.training.restore import RestoreTrainConfig, TaskPairs, train_restore
-    from composer.training.shira import TrainingError
+    from fusion.errors import TrainingError
 
     if len(args.pairs) != len(args.task):
         raise TrainingError(

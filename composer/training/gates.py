@@ -17,9 +17,8 @@ anything with a suffix or a path separator is a path.
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,14 @@ from accelerate import Accelerator
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from composer.presets import CACHE_ENV, preset_family
 from composer.training.data import ImageCaptionFolder
-from composer.training.shira import DenoisingObjective, TrainingError
+from composer.training.loop import optimise
+from composer.training.shira import DenoisingObjective
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
-from fusion.errors import AdapterFormatError, ComposerError
+from fusion.errors import AdapterFormatError, ComposerError, TrainingError
 from fusion.gates import TIME_DIM, GateBank, GateRecorder
 from fusion.strategies.gated import Gated
 from weights_index.reader import read_adapter
@@ -250,14 +249,6 @@ class GateTrainResult:
     checkpoints: list[Path] = field(default_factory=list)
 
 
-def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled index batches over ``count`` examples."""
-    while True:
-        order = torch.randperm(count, generator=generator)
-        for start in range(0, count, batch_size):
-            yield order[start : start + batch_size]
-
-
 def _checkpoint_target(out: str | Path, step: int) -> Path:
     final = gate_path(out)
     return final.with_name(f"{final.stem}-step{step:06d}{final.suffix or '.safetensors'}")
@@ -314,10 +305,6 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
         )
         denoiser.eval()
         initial_loss = objective.evaluate(denoiser)
-        optimizer = torch.optim.AdamW(bank.parameters(), lr=config.learning_rate, weight_decay=0.0)
-        optimizer = accelerator.prepare(optimizer)
-        generator = torch.Generator().manual_seed(config.seed)
-        order = _batches(len(objective), config.batch_size, generator)
         meta = {
             "family": family,
             "adapters": [a.name for a in adapters],
@@ -325,24 +312,26 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
             "weights": weights,
             "learning_rate": config.learning_rate,
         }
-        losses: list[float] = []
-        checkpoints: list[Path] = []
-        bar = tqdm(range(1, config.steps + 1), desc="train-gates", disable=not config.progress)
-        for step in bar:
-            with accelerator.autocast():
-                loss = objective.loss(denoiser, next(order), generator)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                checkpoints.append(save_gates(bank, _checkpoint_target(config.out, step), {**meta, "steps": step}))
+        result = optimise(
+            accelerator,
+            denoiser,
+            bank.parameters(),
+            objective,
+            steps=config.steps,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            desc="train-gates",
+            progress=config.progress,
+            prepare_model=False,
+            checkpoint_every=config.checkpoint_every,
+            save_checkpoint=lambda _, step: save_gates(
+                bank, _checkpoint_target(config.out, step), {**meta, "steps": step}
+            ),
+        )
         final_loss = objective.evaluate(denoiser)
     finally:
         engine.clear()
-    if not all(math.isfinite(v) for v in losses):
-        raise TrainingError("the loss became NaN/Inf", hint="lower --lr or use fp32")
     bank.requires_grad_(False)
     path = save_gates(bank, config.out, {**meta, "steps": config.steps, "final_loss": final_loss})
-    return GateTrainResult(bank, path, losses, initial_loss, final_loss, checkpoints)
+    return GateTrainResult(bank, path, result.losses, initial_loss, final_loss, result.checkpoints)

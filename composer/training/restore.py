@@ -18,7 +18,6 @@ diffusers pipeline loads — with ``task_prompt`` (the first task's prompt), ``t
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -33,11 +32,11 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from composer.training.data import DatasetError, index_batches, list_images, load_image
-from composer.training.shira import TrainingError
+from composer.training.data import DatasetError, list_images, load_image
+from composer.training.loop import optimise
 from fusion.adapters import Adapter
+from fusion.errors import TrainingError
 from weights_index.reader import read_adapter
 from weights_index.safetensors_file import load_tensors, read_header
 
@@ -306,31 +305,23 @@ def train_restore(pipe: Any, config: RestoreTrainConfig) -> RestoreTrainResult:
         torch.manual_seed(config.seed)
         transformer.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
     try:
-        params = [p for n, p in transformer.named_parameters() if "lora_" in n]
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-        wrapped, optimizer = accelerator.prepare(transformer, optimizer)
-        generator = torch.Generator().manual_seed(config.seed)
-        order = index_batches(len(objective), config.batch_size, generator)
-        losses: list[float] = []
-        bar = tqdm(range(config.steps), desc="train-restore", disable=not config.progress)
-        for _ in bar:
-            with accelerator.autocast():
-                loss = objective.loss(wrapped, next(order), generator)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        unwrapped = accelerator.unwrap_model(wrapped)
+        result = optimise(
+            accelerator,
+            transformer,
+            [p for n, p in transformer.named_parameters() if "lora_" in n],
+            objective,
+            steps=config.steps,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            desc="train-restore",
+            progress=config.progress,
+        )
+        unwrapped, losses = result.model, result.losses
         final_loss = objective.evaluate(unwrapped)
         state = get_peft_model_state_dict(unwrapped, adapter_name=ADAPTER_NAME)
     finally:
         _restore_peft_state(transformer, had_config, previous_config, loaded_flag)
-    if not all(math.isfinite(v) for v in losses):
-        raise TrainingError("the loss became NaN/Inf", hint="lower --lr or use fp32")
     metadata = {
         "task_prompt": config.tasks[0].prompt,
         "task_prompts": json.dumps([task.prompt for task in config.tasks]),

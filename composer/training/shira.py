@@ -16,7 +16,6 @@ with mixed precision in production) with a tqdm progress bar and periodic checkp
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,10 +28,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import ShiraConfig, inject_adapter_in_model
 from peft.tuners.shira.layer import ShiraLayer
 from torch import nn
-from tqdm.auto import tqdm
 
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder, index_batches
+from composer.training.loop import optimise
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
 from fusion.sparse import MASK_TYPES, base_fingerprint, grad_mask, shira_budget, snip_mask, struct_mask, wm_mask
@@ -329,38 +328,28 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
     initial_loss = objective.evaluate(denoiser)
     previous_config = denoiser.__dict__.get("peft_config")
     inject_adapter_in_model(shira_config(targets, config.r, config.mask, mask_fn, seed=config.seed), denoiser)
+    family = objective.family
     try:
-        params = [p for n, p in denoiser.named_parameters() if "shira_weight" in n]
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-        generator = torch.Generator().manual_seed(config.seed)
-        order = index_batches(len(objective), config.batch_size, generator)
-        losses: list[float] = []
-        checkpoints: list[Path] = []
-        family = objective.family
-        bar = tqdm(range(1, config.steps + 1), desc="train-shira", disable=not config.progress)
-        for step in bar:
-            with accelerator.autocast():
-                loss = objective.loss(denoiser, next(order), generator)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                unwrapped = accelerator.unwrap_model(denoiser)
-                path = _checkpoint_path(config.out, step)
-                checkpoints.append(_save(extract_sparse(unwrapped), path, family, config, fingerprint, step))
-        denoiser = accelerator.unwrap_model(denoiser)
-        layers = extract_sparse(denoiser)
-        final_loss = objective.evaluate(denoiser)
+        result = optimise(
+            accelerator,
+            denoiser,
+            [p for n, p in denoiser.named_parameters() if "shira_weight" in n],
+            objective,
+            steps=config.steps,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            desc="train-shira",
+            progress=config.progress,
+            checkpoint_every=config.checkpoint_every,
+            save_checkpoint=lambda model, step: _save(
+                extract_sparse(model), _checkpoint_path(config.out, step), family, config, fingerprint, step
+            ),
+        )
+        layers = extract_sparse(result.model)
+        final_loss = objective.evaluate(result.model)
     finally:
         remove_shira_layers(pipe.unet, previous_config)
-    if not all(math.isfinite(v) for v in losses):
-        raise TrainingError("the loss became NaN/Inf", hint="lower --lr or use fp32")
     path = _save(layers, config.out, family, config, fingerprint, config.steps)
     adapter = Adapter(name=path.stem, family=family, layers=layers, source=str(path))
-    return ShiraTrainResult(adapter, path, losses, initial_loss, final_loss, checkpoints)
+    return ShiraTrainResult(adapter, path, result.losses, initial_loss, final_loss, result.checkpoints)

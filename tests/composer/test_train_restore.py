@@ -20,7 +20,7 @@ from composer.training.restore import (
     find_pairs,
     train_restore,
 )
-from composer.training.shira import TrainingError
+from fusion.errors import TrainingError
 from weights_index.reader import read_adapter
 from weights_index.safetensors_file import read_header
 

@@ -1,0 +1,85 @@
+"""The optimisation loop every trainer shares (SHiRA, restoration LoRAs, gates): accelerate + AdamW + tqdm.
+
+A trainer decides what is trainable and what the loss is (an objective with ``len()`` and
+``loss(model, indices, generator)``); this loop owns the rest — fp32 trainable parameters, shuffled index batches,
+autocast/backward/step, the progress bar, periodic checkpoints and the non-finite-loss check — so the three
+trainers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from composer.training.data import index_batches
+from fusion.errors import TrainingError
+
+
+@dataclass
+class LoopResult:
+    """What :func:`optimise` returns: the trained model (unwrapped), the loss per step, checkpoints written."""
+
+    model: nn.Module
+    losses: list[float]
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def optimise(
+    accelerator: Accelerator,
+    model: nn.Module,
+    params: Iterable[nn.Parameter],
+    objective: Any,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    desc: str,
+    progress: bool = True,
+    prepare_model: bool = True,
+    checkpoint_every: int = 0,
+    save_checkpoint: Callable[[nn.Module, int], Path] | None = None,
+) -> LoopResult:
+    """Train ``params`` for ``steps`` steps on ``objective.loss(model, …)``.
+
+    ``prepare_model=False`` leaves ``model`` unwrapped (for trainable parameters that live outside it, e.g.
+    gates reached through hooks). ``save_checkpoint(model, step)`` runs every ``checkpoint_every`` steps before
+    the last. Raises :class:`TrainingError` when the loss becomes NaN/Inf.
+    """
+    trainable = list(params)
+    if not trainable:
+        raise TrainingError("nothing to train: no trainable parameters were found")
+    for param in trainable:
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+    if prepare_model:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        wrapped, optimizer = model, accelerator.prepare(optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    order = index_batches(len(objective), batch_size, generator)
+    result = LoopResult(model=model, losses=[])
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress)
+    for step in bar:
+        with accelerator.autocast():
+            loss = objective.loss(wrapped, next(order), generator)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        if not math.isfinite(result.losses[-1]):
+            raise TrainingError(f"the loss became {result.losses[-1]} at step {step}", hint="lower --lr or use fp32")
+        if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            result.checkpoints.append(save_checkpoint(accelerator.unwrap_model(wrapped), step))
+    result.model = accelerator.unwrap_model(wrapped) if prepare_model else model
+    return result
