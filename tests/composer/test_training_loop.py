@@ -1,0 +1,93 @@
+"""The shared optimisation loop: it trains, checkpoints on schedule, and stops on a non-finite loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from composer.training.loop import optimise
+from fusion.errors import TrainingError
+
+
+class _Regression:
+    """Fit y = 3x with a 1-parameter model; ``poison_at`` makes the loss NaN from that step on."""
+
+    def __init__(self, poison_at: int | None = None) -> None:
+        self.x = torch.linspace(-1, 1, 16)[:, None]
+        self.calls = 0
+        self.poison_at = poison_at
+
+    def __len__(self) -> int:
+        return 16
+
+    def loss(self, model: nn.Module, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        self.calls += 1
+        loss = ((model(self.x[index]) - 3 * self.x[index]) ** 2).mean()
+        return loss * float("nan") if self.poison_at and self.calls >= self.poison_at else loss
+
+
+def test_loop_trains_and_checkpoints_on_schedule(tmp_path: Path) -> None:
+    model = nn.Linear(1, 1, bias=False)
+    saved: list[int] = []
+
+    def save(trained: nn.Module, step: int) -> Path:
+        saved.append(step)
+        return tmp_path / f"step-{step}"
+
+    result = optimise(
+        Accelerator(cpu=True),
+        model,
+        model.parameters(),
+        _Regression(),
+        steps=60,
+        learning_rate=0.1,
+        batch_size=4,
+        seed=0,
+        desc="test",
+        progress=False,
+        checkpoint_every=25,
+        save_checkpoint=save,
+    )
+    assert saved == [25, 50]
+    assert result.checkpoints == [tmp_path / "step-25", tmp_path / "step-50"]
+    assert len(result.losses) == 60
+    assert result.losses[-1] < result.losses[0] / 10
+
+
+def test_non_finite_loss_stops_with_a_typed_error() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    objective = _Regression(poison_at=3)
+    with pytest.raises(TrainingError, match="step 3"):
+        optimise(
+            Accelerator(cpu=True),
+            model,
+            model.parameters(),
+            objective,
+            steps=10,
+            learning_rate=0.1,
+            batch_size=4,
+            seed=0,
+            desc="test",
+            progress=False,
+        )
+    assert objective.calls == 3
+
+
+def test_nothing_to_train_is_a_typed_error() -> None:
+    with pytest.raises(TrainingError, match="nothing to train"):
+        optimise(
+            Accelerator(cpu=True),
+            nn.Identity(),
+            [],
+            _Regression(),
+            steps=1,
+            learning_rate=0.1,
+            batch_size=1,
+            seed=0,
+            desc="test",
+            progress=False,
+        )
