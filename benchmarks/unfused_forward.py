@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -48,6 +50,51 @@ def _interleaved_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: to
             if round_index:
                 times[name].append((time.perf_counter() - start) * 1000)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _resident_bytes(device: torch.device) -> int:
+    """Bytes in use now: CUDA allocations on a GPU, the process's resident set on the CPU (Linux)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_row(
+    base_unet: nn.Module,
+    adapters: list[Adapter],
+    forward: Callable[[nn.Module], Callable[[], Any]],
+    device: torch.device,
+) -> dict[str, Any]:
+    """What attaching ``adapters`` costs beyond their own bytes: unfused (after two forwards, so any cached merged
+    weights exist), then fused (pristine copies of the touched weights), then cleared."""
+    unet = copy.deepcopy(base_unet)
+    touched = {key for adapter in adapters for key in adapter.layers}
+    weight_bytes = sum(
+        module.weight.numel() * module.weight.element_size() for name, module in unet.named_modules() if name in touched
+    )
+    start = _resident_bytes(device)
+    engine = FusionEngine(unet, family="sd1")
+    engine.add_adapters(adapters)
+    engine.set_strategy(get_strategy("merge")({a.name: 0.8 for a in adapters}, fuse=False))
+    for _ in range(2):
+        forward(unet)()
+    unfused = _resident_bytes(device)
+    engine.fuse([0.8] * len(adapters))
+    fused = _resident_bytes(device)
+    engine.clear()
+    cleared = _resident_bytes(device)
+    mb = 1e6
+    return {
+        "k": len(adapters),
+        "adapter_mb": round(sum(a.nbytes for a in adapters) / mb, 2),
+        "touched_weights_mb": round(weight_bytes / mb, 2),
+        "attached_unfused_mb": round((unfused - start) / mb, 2),
+        "fused_extra_mb": round((fused - unfused) / mb, 2),
+        "after_clear_mb": round((cleared - start) / mb, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 "peft_vs_ours": round(ms["peft"] / ms["ours"], 3),
             }
         )
+    memory = [_memory_row(base_unet, adapters[:k], forward, device) for k in ks]
     document = {
         "benchmark": "unfused_forward",
         "model": "small-sd UNet, batch 2, 16x16 latents",
@@ -113,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "targets": {"ours_vs_base_k5": 1.15, "ours_vs_base_k20": 1.35},
         "rows": rows,
+        "memory": memory,
     }
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
