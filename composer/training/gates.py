@@ -31,7 +31,7 @@ from torch import nn
 
 from composer.presets import CACHE_ENV, preset_family
 from composer.training.data import ImageCaptionFolder
-from composer.training.loop import optimise
+from composer.training.loop import Objective, optimise
 from composer.training.shira import DenoisingObjective
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -150,7 +150,7 @@ def write_gate_heatmap(recorder: GateRecorder, path: str | Path, *, title: str =
 # ----- objectives --------------------------------------------------------------------------------------------------
 
 
-class FlowMatchingObjective:
+class FlowMatchingObjective(Objective):
     """Flow-matching loss of a FLUX.1 transformer on a fixed image set; latents and prompts are encoded once."""
 
     def __init__(self, pipe: Any, dataset: ImageCaptionFolder, *, device: torch.device) -> None:
@@ -205,13 +205,6 @@ class FlowMatchingObjective:
             return_dict=False,
         )[0]
         return torch.nn.functional.mse_loss(prediction.float(), (noise - clean).float())
-
-    @torch.no_grad()
-    def evaluate(self, transformer: nn.Module, *, draws: int = 4, seed: int = 1234) -> float:
-        """Mean loss over every image × ``draws`` fixed noise/σ draws (the same draws on every call)."""
-        generator = torch.Generator().manual_seed(seed)
-        everything = torch.arange(len(self))
-        return sum(float(self.loss(transformer, everything, generator)) for _ in range(draws)) / draws
 
 
 # ----- the training run --------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ trainers cannot drift apart.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +21,26 @@ from tqdm.auto import tqdm
 
 from composer.training.data import index_batches
 from fusion.errors import TrainingError
+
+
+class Objective(ABC):
+    """A training loss over a fixed set of examples (images, pairs) whose encodings are computed once."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of examples."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The mean loss of ``model`` on the examples at ``indices`` with noise drawn from ``generator``."""
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, *, draws: int = 4, seed: int = 1234) -> float:
+        """Mean loss over every example × ``draws`` fixed noise draws: the same draws on every call, so values
+        before and after training compare."""
+        generator = torch.Generator().manual_seed(seed)
+        everything = torch.arange(len(self))
+        return sum(float(self.loss(model, everything, generator)) for _ in range(draws)) / draws
 
 
 @dataclass
@@ -36,7 +56,7 @@ def optimise(
     accelerator: Accelerator,
     model: nn.Module,
     params: Iterable[nn.Parameter],
-    objective: Any,
+    objective: Objective,
     *,
     steps: int,
     learning_rate: float,

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from composer.training.data import DatasetError, list_images, load_image
-from composer.training.loop import optimise
+from composer.training.loop import Objective, optimise
 from fusion.adapters import Adapter
 from fusion.errors import TrainingError
 from weights_index.reader import read_adapter
@@ -96,7 +96,7 @@ def _is_flux(pipe: Any) -> bool:
     return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
 
 
-class KontextRestoreObjective:
+class KontextRestoreObjective(Objective):
     """The flow-matching restoration loss on a fixed set of pairs; latents and prompt embeddings are encoded once."""
 
     def __init__(
@@ -195,13 +195,6 @@ class KontextRestoreObjective:
         )[0]
         prediction = prediction[:, : clean.shape[1]]
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
-
-    @torch.no_grad()
-    def evaluate(self, transformer: nn.Module, *, draws: int = 4, seed: int = 1234) -> float:
-        """Mean loss over every pair × ``draws`` fixed noise/σ draws (the same draws on every call)."""
-        generator = torch.Generator().manual_seed(seed)
-        everything = torch.arange(len(self))
-        return sum(float(self.loss(transformer, everything, generator)) for _ in range(draws)) / draws
 
 
 @dataclass

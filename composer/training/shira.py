@@ -31,7 +31,7 @@ from torch import nn
 
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder, index_batches
-from composer.training.loop import optimise
+from composer.training.loop import Objective, optimise
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
 from fusion.sparse import MASK_TYPES, base_fingerprint, grad_mask, shira_budget, snip_mask, struct_mask, wm_mask
@@ -103,7 +103,7 @@ def shira_config(targets: list[str], r: int, mask_type: str, mask_fn: MaskFn | N
 # ----- the denoising objective -------------------------------------------------------------------------------------
 
 
-class DenoisingObjective:
+class DenoisingObjective(Objective):
     """The diffusion training loss on a fixed image set: latents and prompt embeddings are encoded once.
 
     Each :meth:`loss` call draws images, VAE latent samples, noise and timesteps from ``generator`` and returns the
@@ -167,13 +167,6 @@ class DenoisingObjective:
             noisy.to(dtype), timesteps, encoder_hidden_states=hidden.to(dtype), return_dict=False, **kwargs
         )[0]
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
-
-    @torch.no_grad()
-    def evaluate(self, denoiser: nn.Module, *, draws: int = 4, seed: int = 1234) -> float:
-        """Mean loss over every image × ``draws`` fixed noise/timestep draws (same draws on every call)."""
-        generator = torch.Generator().manual_seed(seed)
-        everything = torch.arange(len(self))
-        return sum(float(self.loss(denoiser, everything, generator)) for _ in range(draws)) / draws
 
 
 def calibrate_gradients(
