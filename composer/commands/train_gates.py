@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer.commands._training_options import add_training_options
 from composer.reporting import emit_json
 
 
@@ -35,15 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", type=_floats, default=None, help="adapter weights, comma-separated (default 1)")
     parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="images of the composed concepts")
     parser.add_argument("--prompt", default="", help="caption for images without a .txt file")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
-    parser.add_argument("--resolution", type=int, default=None, help="training size (default: the model's native)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="save a checkpoint every N steps")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate setting")
-    parser.add_argument("--seed", type=int, default=0, help="seed for gate init, noise and batches")
+    add_training_options(
+        parser, steps=500, learning_rate=1e-3, examples="images", seeded="gate init, noise and batches"
+    )
     parser.add_argument("--out", required=True, metavar="FILE|NAME", help="output .safetensors path, or a gate name")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer.commands._training_options import add_training_options
 from composer.reporting import emit_json
 
 
@@ -28,16 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="tiny-flux-kontext", help="Kontext preset, diffusers folder or hub id")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
     parser.add_argument("--alpha", type=float, default=4.0, help="LoRA alpha (default 4: scale alpha/rank)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    parser.add_argument("--batch-size", type=int, default=1, help="pairs per step (default 1)")
-    parser.add_argument("--resolution", type=int, default=None, help="square crop size (default 64 tiny, else 512)")
+    add_training_options(
+        parser,
+        steps=1000,
+        learning_rate=1e-4,
+        examples="pairs",
+        seeded="LoRA init, noise and batches",
+        resolution_help="square crop size (default 64 tiny, else 512)",
+        checkpoints=False,
+    )
     parser.add_argument("--guidance", type=float, default=2.5, help="guidance embedding value (default 2.5)")
     parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 prompt tokens (default 512)")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate setting")
-    parser.add_argument("--seed", type=int, default=0, help="seed for LoRA init, noise and batches")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer.commands._training_options import add_training_options
 from composer.reporting import emit_json
 from fusion.sparse import MASK_TYPES
 
@@ -24,16 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True, help="instance prompt for images without a .txt caption")
     parser.add_argument("--mask", choices=MASK_TYPES, default="snip", help="SHiRA mask type (default snip)")
     parser.add_argument("--r", type=int, default=32, help="budget: K = r·(out+in) entries per layer (default 32)")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
-    parser.add_argument("--resolution", type=int, default=None, help="training size (default: the model's native)")
+    add_training_options(parser, steps=500, learning_rate=1e-4, examples="images", seeded="masks, noise and batches")
     parser.add_argument("--calibration-batches", type=int, default=8, help="batches for grad/snip masks (default 8)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="save a checkpoint every N steps")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate setting")
-    parser.add_argument("--seed", type=int, default=0, help="seed for masks, noise and batches")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=run)
 
 
