@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,3 +32,20 @@ def peft_state_dict(layers: dict[str, LowRank], prefix: str = "unet.") -> dict[s
     state = {f"{prefix}{key}.lora_A.weight": update.down.clone() for key, update in layers.items()}
     state |= {f"{prefix}{key}.lora_B.weight": update.up.clone() for key, update in layers.items()}
     return state
+
+
+def interleaved_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time in ms of each run, timed round-robin (one call of each per round, after a warm-up round) so
+    that load on the machine drifts over all of them alike; CUDA work is synchronised around each call."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(repeats + 1):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_index:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -21,16 +21,14 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks._common import ATTENTION_PROJECTIONS, random_lora
+from benchmarks._common import ATTENTION_PROJECTIONS, interleaved_ms, random_lora
 from composer.presets import load_preset
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -38,22 +36,6 @@ from fusion.strategies import get_strategy
 
 RANK = 16
 K = 3
-
-
-def _median_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median wall time (ms) of each run, timed round-robin after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(repeats + 1):
-        for name, run in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_index:
-                times[name].append(1000.0 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | None) -> dict[str, Any]:
@@ -89,7 +71,7 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
 
         return call
 
-    ms = _median_ms({name: forward(unet) for name, unet in unets.items()}, repeats, device)
+    ms = interleaved_ms({name: forward(unet) for name, unet in unets.items()}, repeats, device)
     for engine in engines:
         engine.clear()
     merge = ms["merge"]

@@ -17,39 +17,20 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks._common import ATTENTION_PROJECTIONS, peft_state_dict, random_lora
+from benchmarks._common import ATTENTION_PROJECTIONS, interleaved_ms, peft_state_dict, random_lora
 from composer.presets import load_preset
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
 from fusion.strategies import get_strategy
 
 RANK = 16
-
-
-def _interleaved_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median wall time in ms of each run, timed round-robin (one call of each per round, after a warm-up round)
-    so that load on the machine drifts over all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(repeats + 1):
-        for name, run in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_index:
-                times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _resident_bytes(device: torch.device) -> int:
@@ -137,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 peft_pipe.load_lora_weights(peft_state_dict(adapter.layers), adapter_name=adapter.name)
         loaded = k
         peft_pipe.set_adapters([a.name for a in adapters[:k]], [0.8] * k)
-        ms = _interleaved_ms(
+        ms = interleaved_ms(
             {"base": forward(base_unet), "ours": forward(ours_unet), "peft": forward(peft_pipe.unet)}, repeats, device
         )
         engine.clear()

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from lora_factories import random_lora
 from torch import nn
 
 from composer.mixin import make_composable
 from composer.presets import load_preset
-from fusion.adapters import Adapter, LowRank
+from fusion.adapters import Adapter
 from fusion.errors import CompositionError
 from fusion.strategies.composite import Composite
 
@@ -20,29 +21,12 @@ STEPS = 4
 GUIDANCE = 6.0
 
 
-def _random_lora(unet: nn.Module, rank: int, seed: int, every: int) -> dict[str, LowRank]:
-    """Random factors on every ``every``-th attention/feed-forward linear and resnet conv1 of the UNet."""
-    g = torch.Generator().manual_seed(seed)
-    layers: dict[str, LowRank] = {}
-    targets = [
-        (name, m)
-        for name, m in unet.named_modules()
-        if (isinstance(m, nn.Linear) and (".attn" in name or ".ff." in name))
-        or (isinstance(m, nn.Conv2d) and name.endswith("conv1"))
-    ]
-    for i, (name, module) in enumerate(targets):
-        if i % every:
-            continue
-        w = module.weight
-        down = torch.randn(rank, *w.shape[1:], generator=g) * 0.3
-        up = torch.randn(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.3
-        layers[name] = LowRank(down=down, up=up, alpha=rank / 2)
-    return layers
-
-
 def _setup(pipe: Any, k: int = 3) -> list[Adapter]:
     pipe = make_composable(pipe)
-    adapters = [Adapter(f"l{i}", "sd1", _random_lora(pipe.unet, 2 + i, seed=10 + i, every=i + 1)) for i in range(k)]
+    adapters = [
+        Adapter(f"l{i}", "sd1", random_lora(pipe.unet, 2 + i, seed=10 + i, every=i + 1, alpha=(2 + i) / 2))
+        for i in range(k)
+    ]
     for adapter in adapters:
         pipe.add_adapter(adapter)
     return adapters

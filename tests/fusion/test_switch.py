@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from lora_factories import random_lora
 
 from composer.mixin import make_composable
 from composer.presets import load_preset
@@ -17,26 +17,6 @@ from fusion.strategies.switch import Switch, active_index, category_order
 
 STEPS = 7
 TAU = 2
-
-
-def _random_lora(unet: nn.Module, rank: int, seed: int, every: int) -> dict[str, LowRank]:
-    """Random factors on every ``every``-th attention/feed-forward linear and resnet conv1 of the UNet."""
-    g = torch.Generator().manual_seed(seed)
-    layers: dict[str, LowRank] = {}
-    targets = [
-        (name, m)
-        for name, m in unet.named_modules()
-        if (isinstance(m, nn.Linear) and (".attn" in name or ".ff." in name))
-        or (isinstance(m, nn.Conv2d) and name.endswith("conv1"))
-    ]
-    for i, (name, module) in enumerate(targets):
-        if i % every:
-            continue
-        w = module.weight
-        down = torch.randn(rank, *w.shape[1:], generator=g) * 0.3
-        up = torch.randn(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.3
-        layers[name] = LowRank(down=down, up=up)
-    return layers
 
 
 def _peft(layers: dict[str, LowRank]) -> dict[str, torch.Tensor]:
@@ -63,7 +43,7 @@ def _run(pipe: Any, **kwargs: Any) -> torch.Tensor:
 def _adapters(pipe: Any) -> list[Adapter]:
     categories = ["style", "background", "character"]
     return [
-        Adapter(f"l{i}", "sd1", _random_lora(pipe.unet, 2 + i, seed=i, every=i + 1), meta={"category": categories[i]})
+        Adapter(f"l{i}", "sd1", random_lora(pipe.unet, 2 + i, seed=i, every=i + 1), meta={"category": categories[i]})
         for i in range(3)
     ]
 
