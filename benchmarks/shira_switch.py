@@ -3,13 +3,18 @@
 ``python -m benchmarks.shira_switch [--quick]`` builds the ``sd15-shapes`` UNet (``small-sd`` with ``--quick``) and,
 on its attention projections (``to_q``/``to_k``/``to_v``/``to_out.0``: 128 on SD 1.5), makes SHiRA adapters with
 r = 32 (K = 32·(out+in) per layer: the parameter count of a rank-32 LoRA) and rank-32 LoRAs, all saved to files.
-Per dtype (fp32, fp16) it times one switch A→B:
+Per dtype (fp32, fp16) and per support case it times one switch A→B:
 
-- ``ours_memory_ms``: restore A's saved original entries, then scatter B (:class:`fusion.sparse.SparseSwitcher`),
-  with B already in host memory;
-- ``ours_file_ms``: the same after reading B from its SHiRA file (``weights_index.read_adapter``);
+- ``ours_memory_ms``: take A out and write B (:class:`fusion.sparse_switching.SparseSwitcher`), both adapters in
+  host memory and switched before (their fused states cached: the steady state of a server toggling adapters);
+- ``ours_memory_uncached_ms``: the same with the cache off (B's base values gathered and summed on every switch);
+- ``ours_file_ms``: the same after reading B from its SHiRA file (``weights_index.read_adapter``; nothing cached);
 - ``peer_cycle_ms``: diffusers ``unfuse_lora`` + ``delete_adapters`` (A) then ``load_lora_adapter`` (B's file) +
   ``fuse_lora`` — the cycle a fused LoRA server pays per switch.
+
+Support cases: ``independent`` — A and B have their own random masks (the general case: a switch touches the
+cache lines of both supports); ``shared`` — A and B share one mask (masks that depend only on the base, like WM and
+struct, or one random seed): B overwrites A in one scatter.
 
 Prints ONE JSON document with medians and the ratios peer/ours. Targets (CPU): memory switch ≤ 30 ms in fp32;
 peer/ours from file ≥ 15× in fp32 and ≥ 20× in fp16. Every run also checks the base is restored bit-exactly.
@@ -35,7 +40,8 @@ from torch import nn
 
 from composer.presets import build_denoiser
 from fusion.adapters import Adapter, Sparse
-from fusion.sparse import SparseSwitcher, shira_budget
+from fusion.sparse import shira_budget
+from fusion.sparse_switching import SparseSwitcher
 from weights_index.formats.shira import save_shira
 from weights_index.reader import read_adapter
 
@@ -51,14 +57,15 @@ def _targets(unet: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def _shira(targets: dict[str, nn.Linear], seed: int) -> Adapter:
-    gen = torch.Generator().manual_seed(seed)
+def _shira(targets: dict[str, nn.Linear], seed: int, mask_seed: int) -> Adapter:
+    masks = torch.Generator().manual_seed(mask_seed)
+    values = torch.Generator().manual_seed(seed)
     layers = {}
     for key, module in targets.items():
         shape = tuple(module.weight.shape)
         k = shira_budget(shape, RANK)
-        index = torch.randperm(math.prod(shape), generator=gen)[:k].sort().values
-        layers[key] = Sparse(index, torch.randn(k, generator=gen) * 1e-3, shape)
+        index = torch.randperm(math.prod(shape), generator=masks)[:k].sort().values
+        layers[key] = Sparse(index, torch.randn(k, generator=values) * 1e-3, shape)
     return Adapter(f"shira{seed}", "sd1", layers)
 
 
@@ -82,16 +89,27 @@ def _median_ms(fn: Callable[[int], None], repeats: int) -> float:
 
 
 @torch.no_grad()
-def _ours(unet: nn.Module, targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dict[str, float]:
+def _ours(targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dict[str, Any]:
     pristine = {k: m.weight.detach().clone() for k, m in targets.items()}
     adapters = [read_adapter(f) for f in files]
-    switcher = SparseSwitcher({k: m.weight for k, m in targets.items()})
+    weights = {k: m.weight for k, m in targets.items()}
+    switcher = SparseSwitcher(weights)
     switcher.apply([(adapters[0], 1.0)])
-    memory = _median_ms(lambda i: switcher.apply([(adapters[(i + 1) % 2], 1.0)]), repeats)
+    switcher.apply([(adapters[1], 1.0)])
+    memory = _median_ms(lambda i: switcher.apply([(adapters[i % 2], 1.0)]), repeats)
     from_file = _median_ms(lambda i: switcher.apply([(read_adapter(files[(i + 1) % 2]), 1.0)]), repeats)
     switcher.restore()
+    uncached = SparseSwitcher(weights, cache_size=0)
+    uncached.apply([(adapters[1], 1.0)])
+    memory_uncached = _median_ms(lambda i: uncached.apply([(adapters[i % 2], 1.0)]), repeats)
+    uncached.restore()
     exact = all(torch.equal(m.weight, pristine[k]) for k, m in targets.items())
-    return {"ours_memory_ms": memory, "ours_file_ms": from_file, "restored_bit_exact": exact}
+    return {
+        "ours_memory_ms": memory,
+        "ours_memory_uncached_ms": memory_uncached,
+        "ours_file_ms": from_file,
+        "restored_bit_exact": exact,
+    }
 
 
 @torch.no_grad()
@@ -125,20 +143,26 @@ def run(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        shira_files = [
-            save_shira(_shira(targets, s), folder / f"shira{s}.safetensors", {"r": str(RANK)}) for s in (0, 1)
-        ]
+        cases = {"independent": (0, 1), "shared": (7, 7)}
+        shira_files = {
+            case: [
+                save_shira(_shira(targets, s, m), folder / f"{case}{s}.safetensors", {"r": str(RANK)})
+                for s, m in zip((0, 1), masks)
+            ]
+            for case, masks in cases.items()
+        }
         lora_files = [_lora_file(targets, s, folder / f"lora{s}.safetensors") for s in (0, 1)]
         for dtype in (torch.float32, torch.float16):
             unet.to(dtype)
-            ours = _ours(unet, targets, shira_files, repeats)
             peer = _peer(unet, lora_files, max(3, repeats // 3))
-            results[str(dtype).removeprefix("torch.")] = {
-                **ours,
-                **peer,
-                "ratio_file": round(peer["peer_cycle_ms"] / ours["ours_file_ms"], 2),
-                "ratio_memory": round(peer["peer_cycle_ms"] / ours["ours_memory_ms"], 2),
-            }
+            for case, files in shira_files.items():
+                ours = _ours(targets, files, repeats)
+                results[f"{str(dtype).removeprefix('torch.')}_{case}"] = {
+                    **ours,
+                    **peer,
+                    "ratio_file": round(peer["peer_cycle_ms"] / ours["ours_file_ms"], 2),
+                    "ratio_memory": round(peer["peer_cycle_ms"] / ours["ours_memory_ms"], 2),
+                }
     params = sum(shira_budget(tuple(m.weight.shape), RANK) for m in targets.values())
     return {
         "benchmark": "shira_switch",

@@ -108,11 +108,10 @@ class Sparse:
                 f"and {tuple(self.values.shape)}"
             )
         if self.index.numel():
-            numel = math.prod(self.shape)
-            if int(self.index.min()) < 0 or int(self.index.max()) >= numel:
-                raise ShapeMismatchError(f"sparse indices fall outside a weight of shape {self.shape}")
             if self.index.numel() > 1 and not bool((self.index[1:] > self.index[:-1]).all()):
                 raise ShapeMismatchError("sparse indices must be sorted and unique")
+            if int(self.index[0]) < 0 or int(self.index[-1]) >= math.prod(self.shape):
+                raise ShapeMismatchError(f"sparse indices fall outside a weight of shape {self.shape}")
 
     @classmethod
     def from_unsorted(cls, index: torch.Tensor, values: torch.Tensor, shape: Iterable[int]) -> Sparse:

@@ -27,8 +27,8 @@ rank-padded factors and one batched up matmul — and returns ``mixer(layer, b, 
 
 Fused mode writes Σ wᵢΔWᵢ into the base weight and keeps a pristine copy of that weight; unfusing copies it back
 (bit-exact, never subtract-to-undo). When every update with a non-zero weight is Sparse (SHiRA), fusing instead
-scatters the values at their sorted indices and saves only the original entries there
-(:func:`fusion.sparse.sparse_fuse`); unfusing writes them back (:func:`fusion.sparse.sparse_restore`).
+scatters the values at their sorted indices and saves only the original entries there; unfusing writes them back,
+and re-fusing a weight set seen before reuses its fused values (:mod:`fusion.sparse_switching`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch import nn
 
 from fusion.adapters import AdapterKind, LowRank, Sparse
 from fusion.errors import CompositionError
-from fusion.sparse import SavedEntries, sparse_fuse, sparse_restore
+from fusion.sparse_switching import FusedSparse, FusedSparseCache, fuse_sparse, restore_sparse
 
 Mixer = Callable[["ComposedLayer", torch.Tensor, torch.Tensor], torch.Tensor]
 """``mixer(layer, b, l) -> y``: combines the base output ``b`` (…, out) with per-adapter outputs ``l`` (K, …, out)."""
@@ -192,7 +192,8 @@ class ComposedLayer(nn.Module, ABC):
         self.up_cat: torch.Tensor | None = None
         self.pristine: torch.Tensor | None = None
         self.mixer: Mixer | None = None
-        self._saved: SavedEntries | None = None
+        self._saved: FusedSparse | None = None
+        self._sparse_cache = FusedSparseCache()
         self._columns: _Columns | None = None
         self._slot_index: list[int] = []
         self._output_owners = torch.zeros(0, dtype=torch.long, device=base.weight.device)
@@ -256,12 +257,14 @@ class ComposedLayer(nn.Module, ABC):
             self.up_cat = kind.up if self.up_cat is None else torch.cat([self.up_cat, kind.up], 1)
         self.slots.append(slot)
         self._padded = None
+        self._sparse_cache.clear()
 
     def remove(self, name: str) -> None:
         """Detach the named adapter's update; its rank columns are cut out of the concatenation."""
         slot = next(s for s in self.slots if s.name == name)
         self.slots.remove(slot)
         self._padded = None
+        self._sparse_cache.clear()
         if isinstance(slot.kind, LowRank):
             width = slot.stop - slot.start
             keep = [s for s in self.slots if isinstance(s.kind, LowRank)]
@@ -427,7 +430,7 @@ class ComposedLayer(nn.Module, ABC):
         if self._saved is None:
             return weight
         copy = weight.clone()
-        sparse_restore(copy, self._saved)
+        restore_sparse(copy, self._saved)
         return copy
 
     def _sparse_updates(self, weights: torch.Tensor) -> list[tuple[Sparse, float]] | None:
@@ -445,34 +448,39 @@ class ComposedLayer(nn.Module, ABC):
         Sparse-only updates are scattered in place with the original entries saved (no full pristine copy);
         anything else writes the dense sum, keeping a pristine copy of the weight.
         """
-        param = self.base.weight.data
+        param = self.base.weight.detach()
         self._forget()
-        if self._saved is not None:
-            sparse_restore(param, self._saved)
-            self._saved = None
         sparse = self._sparse_updates(weights)
         if sparse is not None:
             if self.pristine is not None:
                 param.copy_(self.pristine)
                 self.pristine = None
-            if sparse:
-                self._saved = sparse_fuse(param, sparse)
-            else:
+            prepared = self._sparse_cache.lookup(param, sparse) if sparse else None
+            self._saved = fuse_sparse(param, sparse, self._saved, prepared)
+            self._sparse_cache.store(param, sparse, self._saved)
+            if self._saved is None:
                 empty = torch.zeros(0, dtype=torch.long, device=param.device)
-                self._saved = SavedEntries(index=empty, values=param.new_zeros(0))
+                self._saved = FusedSparse(empty, param.new_zeros(0), param.new_zeros(0), [0, 0])
             return
+        self._restore_sparse()
         if self.pristine is None:
             self.pristine = param.clone()
         else:
             param.copy_(self.pristine)
         self.add_into(param, weights)
 
+    def _restore_sparse(self) -> None:
+        if self._saved is not None:
+            param = self.base.weight.detach()
+            restore_sparse(param, self._saved)
+            self._sparse_cache.store(param, [], None)
+            self._saved = None
+
     @torch.no_grad()
     def unfuse(self) -> None:
         """Put the pristine weight back (bit-exact) and leave fused mode."""
         if self._saved is not None:
-            sparse_restore(self.base.weight.data, self._saved)
-            self._saved = None
+            self._restore_sparse()
             self._forget()
         if self.pristine is not None:
             self.base.weight.copy_(self.pristine)

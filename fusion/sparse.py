@@ -8,10 +8,7 @@ Which entries is the mask:
 - ``struct``: every f-th row and column plus the diagonal, with f chosen so the pattern covers K entries, thinned
   evenly to exactly K.
 
-Fused mode writes an adapter straight into the weight at its sorted flat indices (``W.view(-1)[idx] += w·values``) and
-keeps the original values at those indices; switching A→B writes A's saved originals back and then applies B, so the
-base is restored bit-exactly without subtracting anything (:func:`sparse_fuse`, :func:`sparse_restore`,
-:class:`SparseSwitcher`).
+Writing adapters into weights and switching between them is :mod:`fusion.sparse_switching`.
 
 Two adapters interfere little when their supports barely overlap: :func:`overlap` reports, per layer, AWOM = ‖S1ᵀS2‖₂
 (spectral norm) and AWOR = the sparsity (fraction of zeros) of S1ᵀS2, and :func:`adapter_overlap` summarises them.
@@ -25,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -128,100 +125,6 @@ def struct_mask(shape: Sequence[int], k: int) -> torch.Tensor:
 def mask_to_sparse_index(mask: torch.Tensor) -> torch.Tensor:
     """Sorted flat int64 positions of a {0,1} mask's ones (row-major, the order PEFT's ``torch.where`` gives)."""
     return torch.nonzero(mask.reshape(-1) != 0).squeeze(1)
-
-
-# ----- fused switching ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class SavedEntries:
-    """The original values of a weight at sorted flat positions, written back by :func:`sparse_restore`."""
-
-    index: torch.Tensor
-    values: torch.Tensor
-
-
-def sparse_fuse(weight: torch.Tensor, updates: Sequence[tuple[Sparse, float]]) -> SavedEntries:
-    """Write Σ wᵢ·valuesᵢ into ``weight`` at the updates' indices, in place; return the original entries there.
-
-    The sum is formed in fp32 and added to the fp32 original before rounding to the weight's dtype (the same result
-    as ``(W.float() + Σ wᵢΔWᵢ).to(dtype)`` computed densely). One update is a gather and a scatter at its own
-    sorted indices; several are merged on the union of their supports. ``index_select`` / ``put_`` are used because
-    advanced indexing (``flat[idx]``) is ~10× slower on CPU.
-    """
-    flat = weight.detach().view(-1)
-    if len(updates) == 1:
-        update, w = updates[0]
-        index = update.index
-        increment = update.values.float() * float(w)
-    else:
-        index, inverse = torch.unique(torch.cat([u.index for u, _ in updates]), sorted=True, return_inverse=True)
-        increment = torch.zeros(index.numel(), dtype=torch.float32, device=flat.device)
-        increment.index_add_(0, inverse, torch.cat([u.values.float() * float(w) for u, w in updates]))
-    original = flat.index_select(0, index)
-    flat.put_(index, (original.float() + increment).to(flat.dtype))
-    return SavedEntries(index=index, values=original)
-
-
-def sparse_restore(weight: torch.Tensor, saved: SavedEntries) -> None:
-    """Write the saved original entries back into ``weight`` (bit-exact undo of :func:`sparse_fuse`)."""
-    weight.detach().view(-1).put_(saved.index, saved.values)
-
-
-class SparseSwitcher:
-    """Fused SHiRA switching over a model's weights: ``apply`` restores what is fused, then fuses the new adapters.
-
-    ``weights`` maps layer keys to the weight tensors to write (e.g. ``{key: module.weight}``). Every update must
-    already be on its weight's device (values in any float dtype). ``restore`` puts every touched entry back
-    bit-exactly; nothing else is ever copied, so a switch costs O(K) per layer, not O(out·in).
-    """
-
-    def __init__(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self.weights = dict(weights)
-        self._saved: dict[str, SavedEntries] = {}
-
-    @property
-    def fused(self) -> bool:
-        """True while some adapter is written into the weights."""
-        return bool(self._saved)
-
-    def check(self, adapter: Adapter) -> None:
-        """Raise unless every layer of ``adapter`` is Sparse and fits a weight of this switcher."""
-        for key, kind in adapter.all_layers():
-            if not isinstance(kind, Sparse):
-                raise CompositionError(
-                    f"adapter {adapter.name!r} layer {key!r} is {type(kind).__name__}, not sparse",
-                    path=adapter.source,
-                    hint="convert it with `compose convert --to shira`",
-                )
-            weight = self.weights.get(key)
-            if weight is None or tuple(weight.shape) != kind.shape:
-                raise ShapeMismatchError(
-                    f"adapter {adapter.name!r} layer {key!r} ({kind.shape}) has no matching weight in the model",
-                    path=adapter.source,
-                )
-
-    @torch.no_grad()
-    def apply(self, adapters: Iterable[tuple[Adapter, float]]) -> None:
-        """Restore the fused adapters' entries, then fuse ``adapters`` with their weights (validated first)."""
-        chosen = [(a, float(w)) for a, w in adapters]
-        for adapter, _ in chosen:
-            self.check(adapter)
-        self.restore()
-        per_layer: dict[str, list[tuple[Sparse, float]]] = {}
-        for adapter, w in chosen:
-            for key, kind in adapter.all_layers():
-                assert isinstance(kind, Sparse)
-                per_layer.setdefault(key, []).append((kind, w))
-        for key, updates in per_layer.items():
-            self._saved[key] = sparse_fuse(self.weights[key], updates)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Write back every saved original entry: the weights are bit-identical to before the first ``apply``."""
-        for key, saved in self._saved.items():
-            sparse_restore(self.weights[key], saved)
-        self._saved = {}
 
 
 # ----- LoRA → SHiRA conversion -------------------------------------------------------------------------------------

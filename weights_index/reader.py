@@ -141,7 +141,7 @@ def read_adapter(
     _check_evidence(evidence, path)
     detected = "flux" if layout.format.startswith("flux-") else evidence.family
     resolved = _resolve_family(evidence, detected, family, path)
-    tensors = load_tensors(path, allow_non_finite=allow_non_finite)
+    tensors = load_tensors(path, allow_non_finite=allow_non_finite, header=header)
     layers, text_layers = _read_layers(
         layout.format, resolved, tensors, header.metadata, path, layers_per_block, shapes
     )

@@ -150,17 +150,31 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry is NaN or ±Inf.
+
+    A NaN or Inf anywhere makes the sum non-finite, so a finite sum settles it with one reduction; only a
+    non-finite sum (which finite values can also reach by overflow) is checked entry by entry.
+    """
+    if tensor.element_size() == 1:  # float8 has no isfinite kernel
+        tensor = tensor.float()
+    total = tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else tensor.dtype)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 def load_tensors(
     path: str | Path,
     names: Iterable[str] | None = None,
     *,
     allow_non_finite: bool = False,
+    header: SafetensorsHeader | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load tensors (all, or ``names``) from a validated file onto the CPU.
 
-    Floating tensors holding NaN/Inf raise :class:`NonFiniteTensorError` unless ``allow_non_finite``.
+    Floating tensors holding NaN/Inf raise :class:`NonFiniteTensorError` unless ``allow_non_finite``. ``header``
+    is the file's already-read :func:`read_header` (it is read again when not given).
     """
-    header = read_header(path)
+    header = header or read_header(path)
     wanted = list(header.tensors) if names is None else list(names)
     missing = [n for n in wanted if n not in header.tensors]
     if missing:
@@ -174,7 +188,7 @@ def load_tensors(
         raise AdapterFormatError(f"cannot load tensors: {exc}", path=header.path) from exc
     if not allow_non_finite:
         for name, tensor in out.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise NonFiniteTensorError(
                     f"tensor {name!r} contains NaN or Inf values",
                     path=header.path,

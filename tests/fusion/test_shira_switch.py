@@ -10,7 +10,8 @@ import torch
 
 from fusion.adapters import Adapter, Sparse
 from fusion.engine import FusionEngine
-from fusion.sparse import SparseSwitcher, shira_budget
+from fusion.sparse import shira_budget
+from fusion.sparse_switching import SparseSwitcher
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 

@@ -1,4 +1,4 @@
-"""SHiRA tensor math: mask budgets and types, exact fused switching, overlap metrics, fingerprints, LoRA conversion."""
+"""SHiRA tensor math: mask budgets and types, overlap metrics, fingerprints, LoRA conversion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from fusion.adapters import Adapter, LowRank, Sparse
 from fusion.errors import CompositionError, FamilyMismatchError, ShapeMismatchError
 from fusion.sparse import (
     BaseMismatchError,
-    SparseSwitcher,
     adapter_overlap,
     base_fingerprint,
     check_base_fingerprint,
@@ -21,8 +20,6 @@ from fusion.sparse import (
     random_mask,
     shira_budget,
     snip_mask,
-    sparse_fuse,
-    sparse_restore,
     struct_mask,
     top_k_mask,
     wm_mask,
@@ -99,61 +96,6 @@ def test_struct_mask_is_diagonal_plus_strided_lines() -> None:
     tiny = struct_mask((10, 10), 4)
     assert tiny.diagonal()[:4].all()
     assert int(tiny.sum()) == 4
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_sparse_fuse_matches_dense_and_restores_bit_exactly(dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(2)
-    weight = torch.randn(48, 40, generator=gen).to(dtype)
-    pristine = weight.clone()
-    first, second = _sparse((48, 40), 300, gen, dtype), _sparse((48, 40), 200, gen, dtype)
-    saved = sparse_fuse(weight, [(first, 0.7), (second, -1.3)])
-    expected = (pristine.float() + 0.7 * first.delta(torch.float32) + -1.3 * second.delta(torch.float32)).to(dtype)
-    assert torch.allclose(weight.float(), expected.float(), atol=1e-6 if dtype == torch.float32 else 1e-3)
-    single = pristine.clone()
-    sparse_fuse(single, [(first, 0.5)])
-    assert torch.equal(single, (pristine.float() + 0.5 * first.delta(torch.float32)).to(dtype))
-    sparse_restore(weight, saved)
-    assert torch.equal(weight, pristine)
-
-
-def test_switcher_random_switches_restore_exactly() -> None:
-    gen = torch.Generator().manual_seed(3)
-    weights = {"a": torch.randn(32, 24, generator=gen), "b": torch.randn(16, 32, generator=gen)}
-    pristine = {k: v.clone() for k, v in weights.items()}
-    adapters = [
-        Adapter(f"s{i}", "sd1", {k: _sparse(tuple(v.shape), 60, gen) for k, v in weights.items() if i % 3 or k == "a"})
-        for i in range(5)
-    ]
-    switcher = SparseSwitcher(weights)
-    for _ in range(200):
-        count = int(torch.randint(1, 3, (1,), generator=gen))
-        chosen = torch.randperm(5, generator=gen)[:count].tolist()
-        scales = torch.randn(count, generator=gen).tolist()
-        switcher.apply([(adapters[i], w) for i, w in zip(chosen, scales)])
-        for key, weight in weights.items():
-            expected = pristine[key] + sum(
-                w * adapters[i].layers[key].delta() for i, w in zip(chosen, scales) if key in adapters[i].layers
-            )
-            assert torch.allclose(weight, expected, atol=1e-5)
-    assert switcher.fused
-    switcher.restore()
-    assert not switcher.fused
-    assert all(torch.equal(weights[k], pristine[k]) for k in weights)
-
-
-def test_switcher_refuses_non_sparse_or_unknown_layers_before_touching() -> None:
-    weights = {"a": torch.zeros(4, 3)}
-    switcher = SparseSwitcher(weights)
-    good = Adapter("g", "sd1", {"a": Sparse(torch.tensor([1]), torch.tensor([2.0]), (4, 3))})
-    switcher.apply([(good, 1.0)])
-    low = Adapter("l", "sd1", {"a": LowRank(torch.ones(1, 3), torch.ones(4, 1))})
-    with pytest.raises(CompositionError, match="not sparse"):
-        switcher.apply([(low, 1.0)])
-    wrong = Adapter("w", "sd1", {"b": Sparse(torch.tensor([1]), torch.tensor([2.0]), (4, 3))})
-    with pytest.raises(ShapeMismatchError):
-        switcher.apply([(wrong, 1.0)])
-    assert float(weights["a"].reshape(-1)[1]) == 2.0
 
 
 def test_overlap_metrics_match_dense_definitions() -> None:

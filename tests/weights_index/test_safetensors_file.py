@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from fusion.errors import AdapterFormatError, NonFiniteTensorError, UnsafeFormatError
 from weights_index.reader import probe, read_adapter
-from weights_index.safetensors_file import load_tensors, read_header
+from weights_index.safetensors_file import all_finite, load_tensors, read_header
 
 KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
@@ -89,3 +89,19 @@ def test_load_tensors_subset(tmp_path: Path) -> None:
     assert set(load_tensors(path, [f"{KEY}.lora_up.weight"])) == {f"{KEY}.lora_up.weight"}
     with pytest.raises(AdapterFormatError, match="not in file"):
         load_tensors(path, ["missing"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
+def test_all_finite_finds_any_nan_or_inf_and_survives_overflowing_sums(dtype: torch.dtype) -> None:
+    clean = torch.linspace(-2, 2, 257).to(dtype)
+    assert all_finite(clean)
+    assert all_finite(clean[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = clean.float().clone()
+        broken[131] = bad
+        broken = broken.to(dtype)
+        if bool(torch.isfinite(broken.float()[131])):  # float8 e4m3 has no infinity: it saturates
+            continue
+        assert not all_finite(broken)
+    huge = torch.full((64,), torch.finfo(dtype).max, dtype=torch.float64).to(dtype)
+    assert all_finite(huge)

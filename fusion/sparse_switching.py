@@ -1,0 +1,266 @@
+"""Fused sparse switching: write SHiRA updates straight into weights and take them out again, bit-exactly and fast.
+
+Fused mode writes W + Σ wᵢ·valuesᵢ at the updates' sorted flat positions and keeps the base values there; taking an
+adapter out writes those base values back, so the base is restored bit-exactly without subtracting anything.
+
+Why our own path rather than PEFT's ``ShiraLayer.merge``/``unmerge``: PEFT adds a dense ΔW (O(out·in) per layer) and
+unmerges by subtracting it (not bit-exact in fp16/bf16). Here a switch touches only the K stored positions per layer,
+and on CPU its cost is the memory traffic of the cache lines those positions fall in (``benchmarks/shira_switch.py``
+measures it against diffusers' LoRA cycle). Three things keep that traffic down:
+
+- a switch A→B walks each weight in chunks and, per chunk, restores A then writes B, so the lines A and B share are
+  fetched from memory once, not twice;
+- a fused state remembers its base values and its fused values (:class:`FusedSparse`); switching back to a set seen
+  before (:class:`FusedSparseCache`) is a plain scatter, with no gather and no arithmetic;
+- when B has the same support as A (SHiRA masks that depend only on the base — WM, struct, or one random seed —
+  give every adapter the same positions), nothing needs restoring: B's values overwrite A's in one scatter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fusion.adapters import Adapter, Sparse
+from fusion.errors import CompositionError, ShapeMismatchError
+
+CHUNK_ENTRIES = 1 << 18
+"""Weight entries per interleaving chunk (1 MiB of fp32): small enough to stay in cache between restore and write."""
+_SUPPORT_SAMPLES = 64
+"""Positions compared before two supports are compared in full (different random masks differ at once)."""
+
+Updates = Sequence[tuple[Sparse, float]]
+
+
+@dataclass(eq=False)
+class FusedSparse:
+    """One weight's fused sparse state: sorted flat positions, the base values there, and the values written there.
+
+    ``bounds[j]`` is the first position index at or after flat entry ``j·CHUNK_ENTRIES`` (chunk boundaries).
+    """
+
+    index: torch.Tensor
+    original: torch.Tensor
+    fused: torch.Tensor
+    bounds: list[int] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held beyond the adapter's own tensors (base values and fused values)."""
+        return self.original.nbytes + self.fused.nbytes
+
+
+def merge_updates(updates: Updates) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted positions, fp32 Σ wᵢ·valuesᵢ there) for one weight's updates (union of supports for several)."""
+    if len(updates) == 1:
+        update, w = updates[0]
+        return update.index, update.values.float() * float(w)
+    index, inverse = torch.unique(torch.cat([u.index for u, _ in updates]), sorted=True, return_inverse=True)
+    increment = torch.zeros(index.numel(), dtype=torch.float32, device=index.device)
+    increment.index_add_(0, inverse, torch.cat([u.values.float() * float(w) for u, w in updates]))
+    return index, increment
+
+
+def _chunk_bounds(index: torch.Tensor, numel: int) -> list[int]:
+    edges = torch.arange(0, numel + CHUNK_ENTRIES, CHUNK_ENTRIES, device=index.device).clamp_(max=numel)
+    return torch.searchsorted(index, edges).tolist()
+
+
+def same_support(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """True when two sorted position tensors are equal (a sampled check first, so unequal ones cost O(1))."""
+    if first is second:
+        return True
+    if first.numel() != second.numel():
+        return False
+    step = max(1, first.numel() // _SUPPORT_SAMPLES)
+    if not torch.equal(first[::step], second[::step]):
+        return False
+    return torch.equal(first, second)
+
+
+def _combine(original: torch.Tensor, increment: torch.Tensor) -> torch.Tensor:
+    """original + increment (fp32), summed in fp32 and rounded once to the weight's dtype, as a dense fp32 sum is."""
+    return torch.add(original, increment, out=torch.empty_like(original))
+
+
+def fuse_sparse(
+    weight: torch.Tensor,
+    updates: Updates,
+    current: FusedSparse | None = None,
+    prepared: FusedSparse | None = None,
+) -> FusedSparse | None:
+    """Take ``current`` out of ``weight`` and write ``updates`` in, in place; return the new state (None: no updates).
+
+    ``prepared`` is a state an earlier call returned for the same updates on this weight (as the base is the same,
+    its base values and fused values still hold): it is written as is. Without it the updates are merged, the base
+    values at their positions are read (after ``current`` is taken out of each chunk) and the sum rounded once.
+    """
+    flat = weight.detach().view(-1)
+    if current is not None and current.index.numel() == 0:
+        current = None
+    if prepared is None and not updates:
+        if current is not None:
+            restore_sparse(weight, current)
+        return None
+    if prepared is not None:
+        index = prepared.index
+        increment = None
+    else:
+        index, increment = merge_updates(updates)
+    if current is not None and same_support(current.index, index):
+        if prepared is None:
+            assert increment is not None
+            prepared = FusedSparse(
+                current.index, current.original, _combine(current.original, increment), current.bounds
+            )
+        flat.index_put_((prepared.index,), prepared.fused)
+        return prepared
+    if prepared is None:
+        assert increment is not None
+        bounds = _chunk_bounds(index, flat.numel())
+        original = torch.empty(index.numel(), dtype=flat.dtype, device=flat.device)
+        fused = torch.empty_like(original)
+        target = FusedSparse(index, original, fused, bounds)
+    else:
+        target = prepared
+    restore_bounds = current.bounds if current is not None else None
+    for chunk in range(len(target.bounds) - 1):
+        if current is not None and restore_bounds is not None:
+            start, stop = restore_bounds[chunk], restore_bounds[chunk + 1]
+            if stop > start:
+                flat.index_put_((current.index[start:stop],), current.original[start:stop])
+        start, stop = target.bounds[chunk], target.bounds[chunk + 1]
+        if stop == start:
+            continue
+        positions = target.index[start:stop]
+        if prepared is None:
+            assert increment is not None
+            torch.index_select(flat, 0, positions, out=target.original[start:stop])
+            torch.add(target.original[start:stop], increment[start:stop], out=target.fused[start:stop])
+        flat.index_put_((positions,), target.fused[start:stop])
+    return target
+
+
+def restore_sparse(weight: torch.Tensor, state: FusedSparse) -> None:
+    """Write the base values of ``state`` back into ``weight`` (bit-exact undo of :func:`fuse_sparse`)."""
+    weight.detach().view(-1).index_put_((state.index,), state.original)
+
+
+class FusedSparseCache:
+    """The fused states of the last few update sets of one weight, so switching back to one costs a single scatter.
+
+    Entries are keyed by the identity of the :class:`Sparse` updates and their weights. They stay valid while the
+    weight is only written through :func:`fuse_sparse` / :func:`restore_sparse`: a weight replaced, cast, moved, or
+    written in place by anything else (its version counter moves) drops them. Writes through ``weight.data`` are
+    invisible to the version counter; call :meth:`clear` after those.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: list[tuple[tuple[tuple[Sparse, float], ...], FusedSparse]] = []
+        self._seen: tuple[int, torch.dtype, torch.device, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached states."""
+        return sum(state.nbytes for _, state in self._entries)
+
+    def clear(self) -> None:
+        """Forget every cached state."""
+        self._entries = []
+        self._seen = None
+
+    @staticmethod
+    def _stamp(weight: torch.Tensor) -> tuple[int, torch.dtype, torch.device, int]:
+        return (weight.data_ptr(), weight.dtype, weight.device, weight._version)
+
+    def lookup(self, weight: torch.Tensor, updates: Updates) -> FusedSparse | None:
+        """The cached state for exactly these updates and weights on this weight, or None."""
+        if self._seen != self._stamp(weight):
+            self.clear()
+            return None
+        for position, (key, state) in enumerate(self._entries):
+            if len(key) == len(updates) and all(a is b and v == w for (a, v), (b, w) in zip(key, updates)):
+                self._entries.append(self._entries.pop(position))
+                return state
+        return None
+
+    def store(self, weight: torch.Tensor, updates: Updates, state: FusedSparse | None) -> None:
+        """Remember ``state`` for ``updates`` (the newest entry) and the weight as it is after the write."""
+        if state is not None and self.capacity > 0 and not any(s is state for _, s in self._entries):
+            self._entries.append((tuple((u, float(w)) for u, w in updates), state))
+            del self._entries[: max(0, len(self._entries) - self.capacity)]
+        self._seen = self._stamp(weight)
+
+
+class SparseSwitcher:
+    """Fused SHiRA switching over a model's weights: ``apply`` takes out what is fused and writes the new adapters.
+
+    ``weights`` maps layer keys to the weight tensors to write (e.g. ``{key: module.weight}``). Every update must
+    already be on its weight's device (values in any float dtype). ``restore`` puts every touched entry back
+    bit-exactly; nothing else is ever copied, so a switch costs O(K) per layer, not O(out·in). The last
+    ``cache_size`` adapter sets per layer keep their fused values, so switching back to one is a single scatter.
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], cache_size: int = 4) -> None:
+        self.weights = dict(weights)
+        self._state: dict[str, FusedSparse] = {}
+        self._caches = {key: FusedSparseCache(cache_size) for key in self.weights}
+
+    @property
+    def fused(self) -> bool:
+        """True while some adapter is written into the weights."""
+        return bool(self._state)
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes held by the cached fused states of every layer."""
+        return sum(cache.nbytes for cache in self._caches.values())
+
+    def check(self, adapter: Adapter) -> None:
+        """Raise unless every layer of ``adapter`` is Sparse and fits a weight of this switcher."""
+        for key, kind in adapter.all_layers():
+            if not isinstance(kind, Sparse):
+                raise CompositionError(
+                    f"adapter {adapter.name!r} layer {key!r} is {type(kind).__name__}, not sparse",
+                    path=adapter.source,
+                    hint="convert it with `compose convert --to shira`",
+                )
+            weight = self.weights.get(key)
+            if weight is None or tuple(weight.shape) != kind.shape:
+                raise ShapeMismatchError(
+                    f"adapter {adapter.name!r} layer {key!r} ({kind.shape}) has no matching weight in the model",
+                    path=adapter.source,
+                )
+
+    @torch.no_grad()
+    def apply(self, adapters: Iterable[tuple[Adapter, float]]) -> None:
+        """Replace the fused adapters by ``adapters`` with their weights (all validated before anything is written)."""
+        chosen = [(a, float(w)) for a, w in adapters]
+        for adapter, _ in chosen:
+            self.check(adapter)
+        per_layer: dict[str, list[tuple[Sparse, float]]] = {}
+        for adapter, w in chosen:
+            for key, kind in adapter.all_layers():
+                assert isinstance(kind, Sparse)
+                per_layer.setdefault(key, []).append((kind, w))
+        for key in [*per_layer, *(k for k in self._state if k not in per_layer)]:
+            weight, cache, updates = self.weights[key], self._caches[key], per_layer.get(key, [])
+            prepared = cache.lookup(weight, updates) if updates else None
+            state = fuse_sparse(weight, updates, self._state.pop(key, None), prepared)
+            cache.store(weight, updates, state)
+            if state is not None:
+                self._state[key] = state
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write back every saved base entry: the weights are bit-identical to before the first ``apply``."""
+        for key, state in self._state.items():
+            restore_sparse(self.weights[key], state)
+            self._caches[key].store(self.weights[key], [], None)
+        self._state = {}
