@@ -9,6 +9,8 @@ Per dtype (fp32, fp16) and per support case it times one switch A→B:
   host memory and switched before (their fused states cached: the steady state of a server toggling adapters);
 - ``ours_memory_uncached_ms``: the same with the cache off (B's base values gathered and summed on every switch);
 - ``ours_file_ms``: the same after reading B from its SHiRA file (``weights_index.read_adapter``; nothing cached);
+- ``raw_scatter_ms``: the floor — writing B's values at B's positions with one ``index_put_`` per layer, nothing
+  saved, nothing restored, nothing summed (what a switch would cost if A never had to come out);
 - ``peer_cycle_ms``: diffusers ``unfuse_lora`` + ``delete_adapters`` (A) then ``load_lora_adapter`` (B's file) +
   ``fuse_lora`` — the cycle a fused LoRA server pays per switch.
 
@@ -93,6 +95,11 @@ def _ours(targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dic
     pristine = {k: m.weight.detach().clone() for k, m in targets.items()}
     adapters = [read_adapter(f) for f in files]
     weights = {k: m.weight for k, m in targets.items()}
+    plain = [(w.detach().view(-1), adapters[1].layers[k]) for k, w in weights.items()]
+    plain = [(flat, update.index, update.values.to(flat.dtype)) for flat, update in plain]
+    raw = _median_ms(lambda i: [flat.index_put_((index,), values) for flat, index, values in plain], repeats)
+    for key, weight in weights.items():
+        weight.detach().copy_(pristine[key])
     switcher = SparseSwitcher(weights)
     switcher.apply([(adapters[0], 1.0)])
     switcher.apply([(adapters[1], 1.0)])
@@ -105,6 +112,7 @@ def _ours(targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dic
     uncached.restore()
     exact = all(torch.equal(m.weight, pristine[k]) for k, m in targets.items())
     return {
+        "raw_scatter_ms": raw,
         "ours_memory_ms": memory,
         "ours_memory_uncached_ms": memory_uncached,
         "ours_file_ms": from_file,

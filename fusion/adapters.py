@@ -94,7 +94,11 @@ class LowRank:
 
 @dataclass(frozen=True, eq=False)
 class Sparse:
-    """A sparse update: ``values`` written at sorted, unique flat ``index`` positions of a weight of ``shape``."""
+    """A sparse update: ``values`` written at sorted, unique flat ``index`` positions of a weight of ``shape``.
+
+    ``index`` is int64, or int32 as SHiRA files store it (kept as read: no conversion pass, half the bytes); other
+    integer dtypes are widened to int64.
+    """
 
     index: torch.Tensor
     values: torch.Tensor
@@ -102,6 +106,10 @@ class Sparse:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.index.is_floating_point() or self.index.is_complex() or self.index.dtype == torch.bool:
+            raise ShapeMismatchError(f"sparse indices must be integers, got {self.index.dtype}")
+        if self.index.dtype not in (torch.int32, torch.int64):
+            object.__setattr__(self, "index", self.index.long())
         if self.index.dim() != 1 or self.values.dim() != 1 or self.index.numel() != self.values.numel():
             raise ShapeMismatchError(
                 f"sparse update needs 1-D index and values of equal length, got {tuple(self.index.shape)} "
@@ -144,7 +152,7 @@ class Sparse:
         return (self.index, self.values)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sparse:
-        """A copy on ``device`` / with values in ``dtype`` (indices stay int64)."""
+        """A copy on ``device`` / with values in ``dtype`` (indices keep their dtype)."""
         return replace(self, index=self.index.to(device=device), values=self.values.to(device=device, dtype=dtype))
 
 

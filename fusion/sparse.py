@@ -228,7 +228,7 @@ class OverlapSummary:
 
 def _coo(update: Sparse) -> torch.Tensor:
     rows, cols = int(update.shape[0]), int(math.prod(update.shape[1:]))
-    index = update.index
+    index = update.index.long()
     return torch.sparse_coo_tensor(
         torch.stack([index // cols, index % cols]), update.values.double(), (rows, cols), check_invariants=False
     ).coalesce()

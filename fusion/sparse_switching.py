@@ -65,6 +65,7 @@ def merge_updates(updates: Updates) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _chunk_bounds(index: torch.Tensor, numel: int) -> list[int]:
     edges = torch.arange(0, numel + CHUNK_ENTRIES, CHUNK_ENTRIES, device=index.device).clamp_(max=numel)
+    edges = edges.to(index.dtype)
     return torch.searchsorted(index, edges).tolist()
 
 
@@ -75,9 +76,9 @@ def same_support(first: torch.Tensor, second: torch.Tensor) -> bool:
     if first.numel() != second.numel():
         return False
     step = max(1, first.numel() // _SUPPORT_SAMPLES)
-    if not torch.equal(first[::step], second[::step]):
+    if not torch.equal(first[::step], second[::step].to(first.dtype)):
         return False
-    return torch.equal(first, second)
+    return torch.equal(first, second.to(first.dtype))
 
 
 def _combine(original: torch.Tensor, increment: torch.Tensor) -> torch.Tensor:

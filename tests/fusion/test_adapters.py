@@ -79,6 +79,18 @@ def test_sparse_rejects_unsorted_or_out_of_range() -> None:
         Sparse(index=torch.tensor([1, 12]), values=torch.ones(2), shape=(3, 4))
 
 
+def test_sparse_keeps_int32_widens_small_integers_and_refuses_float_indices() -> None:
+    narrow = Sparse(index=torch.tensor([1, 5], dtype=torch.int32), values=torch.ones(2), shape=(3, 4))
+    assert narrow.index.dtype == torch.int32
+    assert torch.equal(narrow.delta().reshape(-1).nonzero().squeeze(1), torch.tensor([1, 5]))
+    small = Sparse(index=torch.tensor([1, 5], dtype=torch.int16), values=torch.ones(2), shape=(3, 4))
+    assert small.index.dtype == torch.int64
+    with pytest.raises(ShapeMismatchError, match="integers"):
+        Sparse(index=torch.tensor([1.0, 5.0]), values=torch.ones(2), shape=(3, 4))
+    with pytest.raises(ShapeMismatchError):
+        Sparse(index=torch.tensor([-1, 5], dtype=torch.int32), values=torch.ones(2), shape=(3, 4))
+
+
 def test_sparse_from_unsorted_sums_duplicates() -> None:
     update = Sparse.from_unsorted(torch.tensor([7, 2, 7]), torch.tensor([1.0, 2.0, 3.0]), (2, 4))
     assert update.index.tolist() == [2, 7]

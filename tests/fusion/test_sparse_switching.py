@@ -149,3 +149,21 @@ def test_switcher_refuses_non_sparse_or_unknown_layers_before_touching() -> None
     with pytest.raises(ShapeMismatchError):
         switcher.apply([(wrong, 1.0)])
     assert float(weights["a"].reshape(-1)[1]) == 2.0
+
+
+def test_int32_positions_from_files_switch_like_int64_ones() -> None:
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(30, 20, generator=gen)
+    pristine = weight.clone()
+    wide = _sparse((30, 20), 50, gen)
+    narrow = Sparse(wide.index.to(torch.int32), wide.values, wide.shape)
+    assert narrow.index.dtype == torch.int32
+    assert same_support(wide.index, narrow.index)
+    state = fuse_sparse(weight, [(wide, 1.0)])
+    switched = fuse_sparse(weight, [(narrow, 2.0)], current=state)
+    assert switched is not None
+    assert torch.equal(weight, _expected(pristine, [(wide, 2.0)]))
+    both = fuse_sparse(weight, [(narrow, 1.0), (_sparse((30, 20), 40, gen), 1.0)], current=switched)
+    assert both is not None
+    restore_sparse(weight, both)
+    assert torch.equal(weight, pristine)

@@ -118,7 +118,7 @@ def _read_ours(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, Spa
         if index.is_floating_point() or shape.is_floating_point():
             raise AdapterFormatError(f"SHiRA module {stem!r} has non-integer indices or shape", path=path)
         try:
-            out[stem] = Sparse(index=index.long(), values=values, shape=tuple(int(s) for s in shape.tolist()))
+            out[stem] = Sparse(index=index, values=values, shape=tuple(int(s) for s in shape.tolist()))
         except ShapeMismatchError as exc:
             raise ShapeMismatchError(f"SHiRA module {stem!r}: {exc.reason}", path=path) from exc
     return out
