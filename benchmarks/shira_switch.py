@@ -9,10 +9,11 @@ Per dtype (fp32, fp16) and per support case it times one switch A→B:
   host memory and switched before (their fused states cached: the steady state of a server toggling adapters);
 - ``ours_memory_uncached_ms``: the same with the cache off (B's base values gathered and summed on every switch);
 - ``ours_file_ms``: the same after reading B from its SHiRA file (``weights_index.read_adapter``; nothing cached);
+  ``read_ms`` is the read alone (validated: sorted positions in range, finite values);
 - ``raw_scatter_ms``: the floor — writing B's values at B's positions with one ``index_put_`` per layer, nothing
   saved, nothing restored, nothing summed (what a switch would cost if A never had to come out);
-- ``peer_cycle_ms``: diffusers ``unfuse_lora`` + ``delete_adapters`` (A) then ``load_lora_adapter`` (B's file) +
-  ``fuse_lora`` — the cycle a fused LoRA server pays per switch.
+- ``peer_cycle_ms``: diffusers, on a pipeline around the same UNet, ``unfuse_lora`` + ``delete_adapters`` (A) then
+  ``load_lora_weights`` (B's file) + ``fuse_lora`` — the cycle a fused LoRA server pays per switch.
 
 Support cases: ``independent`` — A and B have their own random masks (the general case: a switch touches the
 cache lines of both supports); ``shared`` — A and B share one mask (masks that depend only on the base, like WM and
@@ -37,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 from torch import nn
 
-from composer.presets import build_denoiser
+from composer.presets import build_denoiser, load_preset
 from fusion.adapters import Adapter, Sparse
 from fusion.sparse import shira_budget
 from fusion.sparse_switching import SparseSwitcher
@@ -105,6 +108,7 @@ def _ours(targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dic
     switcher.apply([(adapters[1], 1.0)])
     memory = _median_ms(lambda i: switcher.apply([(adapters[i % 2], 1.0)]), repeats)
     from_file = _median_ms(lambda i: switcher.apply([(read_adapter(files[(i + 1) % 2]), 1.0)]), repeats)
+    read = _median_ms(lambda i: read_adapter(files[i % 2]), repeats)
     switcher.restore()
     uncached = SparseSwitcher(weights, cache_size=0)
     uncached.apply([(adapters[1], 1.0)])
@@ -116,27 +120,36 @@ def _ours(targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dic
         "ours_memory_ms": memory,
         "ours_memory_uncached_ms": memory_uncached,
         "ours_file_ms": from_file,
+        "read_ms": read,
         "restored_bit_exact": exact,
     }
 
 
+def _pipeline(unet: nn.Module) -> DiffusionPipeline:
+    """A Stable Diffusion pipeline around ``unet`` (small-sd's text encoder, VAE and scheduler), for the peer's
+    pipeline-level ``load_lora_weights``."""
+    diffusers_logging.set_verbosity_error()  # one "no text-encoder keys" warning per load otherwise
+    donor = load_preset("small-sd")
+    return type(donor)(**{**donor.components, "unet": unet})
+
+
 @torch.no_grad()
-def _peer(unet: nn.Module, files: list[Path], repeats: int) -> dict[str, float]:
-    unet.load_lora_adapter(str(files[0]), prefix="unet", adapter_name="lora0")
-    unet.fuse_lora(lora_scale=1.0)
+def _peer(pipe: DiffusionPipeline, files: list[Path], repeats: int) -> dict[str, float]:
+    pipe.load_lora_weights(str(files[0]), adapter_name="lora0")
+    pipe.fuse_lora(lora_scale=1.0)
     state = {"current": "lora0"}
 
     def cycle(i: int) -> None:
-        unet.unfuse_lora()
-        unet.delete_adapters(state["current"])
+        pipe.unfuse_lora()
+        pipe.delete_adapters(state["current"])
         name = f"lora{i + 1}"
-        unet.load_lora_adapter(str(files[(i + 1) % 2]), prefix="unet", adapter_name=name)
-        unet.fuse_lora(lora_scale=1.0, adapter_names=[name])
+        pipe.load_lora_weights(str(files[(i + 1) % 2]), adapter_name=name)
+        pipe.fuse_lora(lora_scale=1.0, adapter_names=[name])
         state["current"] = name
 
     cycle_ms = _median_ms(cycle, repeats)
-    unet.unfuse_lora()
-    unet.delete_adapters(state["current"])
+    pipe.unfuse_lora()
+    pipe.delete_adapters(state["current"])
     return {"peer_cycle_ms": cycle_ms}
 
 
@@ -147,6 +160,7 @@ def run(quick: bool) -> dict[str, Any]:
     start = time.perf_counter()
     unet = build_denoiser(preset).eval().requires_grad_(False)
     build_s = time.perf_counter() - start
+    pipe = _pipeline(unet)
     targets = _targets(unet)  # the Linear objects stay valid after PEFT wraps them and after dtype casts
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,7 +176,7 @@ def run(quick: bool) -> dict[str, Any]:
         lora_files = [_lora_file(targets, s, folder / f"lora{s}.safetensors") for s in (0, 1)]
         for dtype in (torch.float32, torch.float16):
             unet.to(dtype)
-            peer = _peer(unet, lora_files, max(3, repeats // 3))
+            peer = _peer(pipe, lora_files, max(3, repeats // 3))
             for case, files in shira_files.items():
                 ours = _ours(targets, files, repeats)
                 results[f"{str(dtype).removeprefix('torch.')}_{case}"] = {

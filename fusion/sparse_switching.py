@@ -95,8 +95,9 @@ def fuse_sparse(
     """Take ``current`` out of ``weight`` and write ``updates`` in, in place; return the new state (None: no updates).
 
     ``prepared`` is a state an earlier call returned for the same updates on this weight (as the base is the same,
-    its base values and fused values still hold): it is written as is. Without it the updates are merged, the base
-    values at their positions are read (after ``current`` is taken out of each chunk) and the sum rounded once.
+    its base values and fused values still hold): it is written as is, or not at all when it is ``current``.
+    Without it the updates are merged, the base values at their positions are read (after ``current`` is taken out
+    of each chunk) and the sum rounded once.
     """
     flat = weight.detach().view(-1)
     if current is not None and current.index.numel() == 0:
@@ -105,6 +106,8 @@ def fuse_sparse(
         if current is not None:
             restore_sparse(weight, current)
         return None
+    if prepared is not None and prepared is current:
+        return current
     if prepared is not None:
         index = prepared.index
         increment = None
@@ -126,10 +129,12 @@ def fuse_sparse(
         target = FusedSparse(index, original, fused, bounds)
     else:
         target = prepared
-    restore_bounds = current.bounds if current is not None else None
+    if current is not None and len(current.bounds) != len(target.bounds):  # chunked under another chunk size
+        restore_sparse(weight, current)
+        current = None
     for chunk in range(len(target.bounds) - 1):
-        if current is not None and restore_bounds is not None:
-            start, stop = restore_bounds[chunk], restore_bounds[chunk + 1]
+        if current is not None:
+            start, stop = current.bounds[chunk], current.bounds[chunk + 1]
             if stop > start:
                 flat.index_put_((current.index[start:stop],), current.original[start:stop])
         start, stop = target.bounds[chunk], target.bounds[chunk + 1]
