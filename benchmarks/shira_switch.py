@@ -11,7 +11,8 @@ Per dtype (fp32, fp16) and per support case it times one switch A→B:
 - ``ours_file_ms``: the same after reading B from its SHiRA file (``weights_index.read_adapter``; nothing cached);
   ``read_ms`` is the read alone (validated: sorted positions in range, finite values);
 - ``raw_scatter_ms``: the floor — writing B's values at B's positions with one ``index_put_`` per layer, nothing
-  saved, nothing restored, nothing summed (what a switch would cost if A never had to come out);
+  saved, nothing restored, nothing summed (what a switch would cost if A never had to come out); ``raw_put_ms`` and
+  ``raw_index_copy_ms`` write the same with ``put_`` and ``index_copy_``;
 - ``peer_cycle_ms``: diffusers, on a pipeline around the same UNet, ``unfuse_lora`` + ``delete_adapters`` (A) then
   ``load_lora_weights`` (B's file) + ``fuse_lora`` — the cycle a fused LoRA server pays per switch.
 
@@ -99,8 +100,10 @@ def _ours(targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dic
     adapters = [read_adapter(f) for f in files]
     weights = {k: m.weight for k, m in targets.items()}
     plain = [(w.detach().view(-1), adapters[1].layers[k]) for k, w in weights.items()]
-    plain = [(flat, update.index, update.values.to(flat.dtype)) for flat, update in plain]
+    plain = [(flat, update.index.long(), update.values.to(flat.dtype)) for flat, update in plain]
     raw = _median_ms(lambda i: [flat.index_put_((index,), values) for flat, index, values in plain], repeats)
+    raw_put = _median_ms(lambda i: [flat.put_(index, values) for flat, index, values in plain], repeats)
+    raw_copy = _median_ms(lambda i: [flat.index_copy_(0, index, values) for flat, index, values in plain], repeats)
     for key, weight in weights.items():
         weight.detach().copy_(pristine[key])
     switcher = SparseSwitcher(weights)
@@ -117,6 +120,8 @@ def _ours(targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dic
     exact = all(torch.equal(m.weight, pristine[k]) for k, m in targets.items())
     return {
         "raw_scatter_ms": raw,
+        "raw_put_ms": raw_put,
+        "raw_index_copy_ms": raw_copy,
         "ours_memory_ms": memory,
         "ours_memory_uncached_ms": memory_uncached,
         "ours_file_ms": from_file,
