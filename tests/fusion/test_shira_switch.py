@@ -98,3 +98,24 @@ def test_switch_restores_exactly_in_half_precision(tiny_sd) -> None:
         assert torch.equal(weights[key], expected)
     switcher.restore()
     assert all(torch.equal(weights[k], pristine[k]) for k in weights)
+
+
+@torch.no_grad()
+def test_engine_toggling_back_to_a_fused_set_reuses_it_exactly(tiny_sd) -> None:
+    unet = tiny_sd.unet
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    adapters = _shira_adapters(unet, 3)
+    engine = FusionEngine(unet, family="sd1")
+    engine.add_adapters(adapters)
+    first, second = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.0, 0.8, 0.0])
+    engine.fuse(first)
+    fused_first = {k: v.clone() for k, v in unet.state_dict().items()}
+    states = {key: layer._saved for key, layer in engine.layers.items() if layer._saved is not None}
+    engine.fuse(second)
+    engine.fuse(first)
+    assert all(torch.equal(v, fused_first[k]) for k, v in unet.state_dict().items())
+    reused = [engine.layers[key]._saved is state for key, state in states.items() if state.index.numel()]
+    assert reused
+    assert all(reused)
+    engine.unfuse()
+    assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items())
