@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,10 +45,20 @@ def _stamp(path: Path) -> str:
 class LearnedIndex:
     """Adapter embeddings of one family from a trained :class:`ProbeEncoder`, searchable by prompt text."""
 
-    def __init__(self, library: Library, family: str, encoder: ProbeEncoder, *, text: TextEmbedder | None = None):
+    def __init__(
+        self,
+        library: Library,
+        family: str,
+        encoder: ProbeEncoder,
+        *,
+        text: TextEmbedder | None = None,
+        validation: dict[str, Any] | None = None,
+    ):
         self.library = library
         self.family = family
         self.encoder = encoder
+        self.validation = validation
+        """The training run's held-out check (``retrieval.training.Validation.to_json``), None when unvalidated."""
         self._text = text
         self.store = VectorStore(encoder.config.out_dim)
         self._stamp_path = vectors_path(library, family).with_suffix(".json")
@@ -64,8 +75,13 @@ class LearnedIndex:
         path = checkpoint_path(library, family)
         if not path.exists():
             return None
-        encoder, _ = ProbeEncoder.load(path)
-        return cls(library, family, encoder, text=text)
+        encoder, extra = ProbeEncoder.load(path)
+        return cls(library, family, encoder, text=text, validation=extra.get("validation"))
+
+    @property
+    def reliable(self) -> bool:
+        """False when the training run's held-out check found the encoder no better than chance."""
+        return self.validation is None or bool(self.validation.get("reliable", True))
 
     @property
     def text(self) -> TextEmbedder:

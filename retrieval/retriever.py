@@ -206,6 +206,13 @@ class Retriever:
             if index is not None:
                 index.sync()
             self._learned[family] = index
+        for family, index in self._learned.items():
+            if index is not None and not index.reliable:
+                assert index.validation is not None
+                self.notes.append(
+                    f"learned encoder ({family}): held-out recall@3 {index.validation['recall_at_3']:.2f} is not above "
+                    f"chance (needs > {index.validation['threshold']:.2f}); left out of the ranking"
+                )
         missing = [f for f, index in self._learned.items() if index is None]
         if missing:
             self.notes.append(
@@ -239,7 +246,9 @@ class Retriever:
         return {h.entry.id: h.score for h in hits if h.entry.id in self._entries and self._in_scope(h.entry, family)}
 
     def _learned_signal(self, prompt: str, family: str | None) -> dict[int, float]:
-        indexes = [index for f, index in self._learned.items() if index is not None and family in (None, f)]
+        indexes = [
+            index for f, index in self._learned.items() if index is not None and index.reliable and family in (None, f)
+        ]
         if not indexes:
             return {}
         scores: dict[int, float] = {}

@@ -32,6 +32,10 @@ from weights_index.metadata import AdapterMetadata
 
 MAX_TAGS = 12
 MIN_DESCRIBED = 2
+VALIDATION_SHARE = 0.2
+"""Share of the described adapters held out to validate a training run (the final encoder sees them all)."""
+MIN_VALIDATION = 4
+"""Fewest held-out adapters worth a validation; smaller libraries train unvalidated."""
 
 
 @dataclass
@@ -50,6 +54,7 @@ class TrainingConfig:
     text_model: str = DEFAULT_MODEL
     text_weights: str | None = None
     seed: int = 0
+    validate: bool = True
 
 
 @dataclass
@@ -65,6 +70,7 @@ class TrainingReport:
     final_loss: float
     seconds: float
     skipped: list[str] = field(default_factory=list)
+    validation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -181,6 +187,66 @@ def fit_encoder(
     return encoder.to("cpu").eval(), losses
 
 
+@dataclass(frozen=True)
+class Validation:
+    """How well an encoder trained like this one names adapters it never saw described.
+
+    ``recall_at_3``: share of held-out descriptions whose own adapter ranks in the top 3 of all adapters;
+    ``chance_at_3`` = 3/N; ``threshold`` = chance + two binomial standard errors over the held-out adapters. The
+    retriever fuses the learned signal only when it is ``reliable`` (recall above the threshold), so an encoder that
+    does not generalise (e.g. a text tower with random weights) cannot drag the other signals down.
+    """
+
+    recall_at_3: float
+    chance_at_3: float
+    threshold: float
+    held_out: int
+    queries: int
+
+    @property
+    def reliable(self) -> bool:
+        """True when held-out recall@3 is clearly above chance."""
+        return self.recall_at_3 > self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (with ``reliable``)."""
+        return {**self.__dict__, "reliable": self.reliable}
+
+
+def validate_encoder(
+    adapters: list[Adapter],
+    texts: list[list[str]],
+    text: TextEmbedder,
+    config: TrainingConfig,
+    *,
+    family: str = "unknown",
+    described: list[int] | None = None,
+) -> Validation | None:
+    """Hold out a share of the described adapters, train on the rest, rank every adapter for each held-out text.
+
+    Arguments as :func:`fit_encoder`. None when too few adapters are described to hold ``MIN_VALIDATION`` out.
+    """
+    described = list(range(len(adapters))) if described is None else described
+    count = max(MIN_VALIDATION, round(VALIDATION_SHARE * len(described)))
+    if len(described) - count < MIN_DESCRIBED or len(described) < MIN_VALIDATION / VALIDATION_SHARE:
+        return None
+    held = set(random.Random(config.seed).sample(range(len(described)), count))
+    kept = [j for j in range(len(described)) if j not in held]
+    encoder, _ = fit_encoder(
+        adapters, [texts[j] for j in kept], text, config, family=family, described=[described[j] for j in kept]
+    )
+    vectors = encoder.embed(adapters)
+    hits = queries = 0
+    for j in sorted(held):
+        cosines = vectors @ text.encode(texts[j]).T
+        own = cosines[described[j]]
+        hits += int(((cosines > own).sum(0) < 3).sum())
+        queries += len(texts[j])
+    chance = min(1.0, 3 / len(adapters))
+    threshold = chance + 2 * math.sqrt(chance * (1 - chance) / count)
+    return Validation(hits / max(1, queries), chance, threshold, count, queries)
+
+
 def train_retriever(
     library: Library,
     *,
@@ -216,12 +282,15 @@ def train_retriever(
             hint="add trigger words or tags (e.g. .civitai.info sidecars), or rely on metadata-free zero-shot",
         )
     text = text or TextEmbedder(config.text_model, config.text_weights, seed=config.seed)
-    encoder, losses = fit_encoder(
-        adapters, [texts[i] for i in described], text, config, family=family, progress=progress, described=described
-    )
+    chosen = [texts[i] for i in described]
+    validation = None
+    if config.validate:
+        validation = validate_encoder(adapters, chosen, text, config, family=family, described=described)
+    encoder, losses = fit_encoder(adapters, chosen, text, config, family=family, progress=progress, described=described)
     path = checkpoint_path(library, family)
-    encoder.save(path, extra={"described": len(described), "steps": config.steps, "final_loss": losses[-1]})
-    index = LearnedIndex(library, family, encoder, text=text)
+    extra = {"described": len(described), "steps": config.steps, "final_loss": losses[-1]}
+    encoder.save(path, extra=extra | {"validation": validation.to_json() if validation else None})
+    index = LearnedIndex(library, family, encoder, text=text, validation=validation.to_json() if validation else None)
     index.rebuild(dict(zip((e.id for e in kept), adapters)))
     return TrainingReport(
         family=family,
@@ -233,4 +302,5 @@ def train_retriever(
         final_loss=losses[-1] if losses else float("nan"),
         seconds=time.perf_counter() - start,
         skipped=skipped,
+        validation=validation.to_json() if validation else None,
     )

@@ -50,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
         f"({report.adapters} embedded) in {report.seconds:.1f} s; loss {report.first_loss:.3f} → "
         f"{report.final_loss:.3f}\ncheckpoint: {report.checkpoint}"
     )
+    if report.validation is None:
+        print("held-out check: too few described adapters to hold some out; the learned signal is used unvalidated")
+    else:
+        check = report.validation
+        verdict = "used in rankings" if check["reliable"] else "left out of rankings (no better than chance)"
+        print(
+            f"held-out check: recall@3 {check['recall_at_3']:.2f} on {check['held_out']} adapters never described "
+            f"in training (chance {check['chance_at_3']:.2f}, needs > {check['threshold']:.2f}) → {verdict}"
+        )
     for skipped in report.skipped:
         print(f"skipped: {skipped}")
     return 0

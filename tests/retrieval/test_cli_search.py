@@ -40,11 +40,23 @@ def test_train_retriever_command_then_search_uses_it(tmp_path: Path, capsys: pyt
     assert main([*argv, "--text-model", TINY_MODEL]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["described"] == 6
+    assert report["validation"] is None
     assert Path(report["checkpoint"]) == checkpoint_path(library, "sd1")
     assert main(["search", "corgi astronaut", "--library", str(library.root), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert all("learned" in hit["signals"] for hit in document["hits"])
     assert not any("no trained checkpoint" in note for note in document["notes"])
+
+
+def test_train_retriever_says_whether_its_signal_was_validated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    library = make_library(tmp_path / "lib")
+    argv = ["train-retriever", "--library", str(library.root), "--steps", "10", "--dim", "32"]
+    assert main([*argv, "--text-model", TINY_MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "trained the sd1 retriever on 6 described adapters" in out
+    assert "held-out check: too few described adapters" in out
 
 
 def test_train_retriever_reports_a_library_without_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from retrieval_helpers import CONCEPTS, aligned_lora, make_library, random_lora, word_encoder, write_peft
 
-from retrieval.learned_index import LearnedIndex
+from retrieval.encoder import ProbeEncoder
+from retrieval.learned_index import LearnedIndex, checkpoint_path
 from retrieval.retriever import DEFAULT_WEIGHT, Retriever, insert_triggers, robust_z
 from retrieval.text import TINY_MODEL
 from retrieval.training import TrainingConfig, train_retriever
@@ -101,6 +102,20 @@ def test_learned_signal_and_rescans_keep_everything_consistent(tmp_path: Path) -
     assert "teapot" not in names
     assert "seaside_castle" in names
     assert all(int(name) in ids for name in retriever._zero_shot_scorer().names)
+
+
+def test_an_unreliable_learned_encoder_is_left_out_with_a_note(tmp_path: Path) -> None:
+    library = make_library(tmp_path / "lib")
+    train_retriever(library, config=QUICK, progress=False)
+    path = checkpoint_path(library, "sd1")
+    encoder, extra = ProbeEncoder.load(path)
+    failed = {"recall_at_3": 0.05, "chance_at_3": 0.1, "threshold": 0.3, "held_out": 4, "queries": 32}
+    encoder.save(path, extra=extra | {"validation": failed | {"reliable": False}})
+    retriever = Retriever(library, token_encoder=word_encoder(), zero_shot_family="sd1")
+    assert any("left out of the ranking" in note for note in retriever.notes)
+    hits = retriever.rank("space suit astronaut corgi", k=10)
+    assert hits
+    assert not any("learned" in hit.signals for hit in hits)
 
 
 def test_robust_z_and_trigger_insertion() -> None:

@@ -9,8 +9,8 @@ from retrieval_helpers import CONCEPTS, make_library, random_lora, write_peft
 
 from fusion.errors import ComposerError
 from retrieval.learned_index import LearnedIndex, checkpoint_path, vectors_path
-from retrieval.text import TINY_MODEL
-from retrieval.training import TrainingConfig, descriptions, train_retriever
+from retrieval.text import TINY_MODEL, TextEmbedder
+from retrieval.training import TrainingConfig, descriptions, train_retriever, validate_encoder
 from weights_index.catalog import Library
 from weights_index.metadata import AdapterMetadata
 
@@ -67,3 +67,27 @@ def test_training_needs_described_adapters(tmp_path: Path) -> None:
     library.scan()
     with pytest.raises(ComposerError, match="metadata to learn from"):
         train_retriever(library, config=QUICK, progress=False)
+
+
+def test_validation_holds_out_adapters_and_flags_an_encoder_that_cannot_generalise() -> None:
+    adapters = [random_lora(f"a{i}", i) for i in range(20)]
+    texts = [[f"zq{i}x", f"zq{i}x style", f"zq{i}x art"] for i in range(20)]
+    text = TextEmbedder(TINY_MODEL, seed=0)
+    validation = validate_encoder(adapters, texts, text, QUICK)
+    assert validation is not None
+    assert validation.held_out == 4
+    assert validation.queries == 12
+    assert validation.chance_at_3 == pytest.approx(3 / 20)
+    assert validation.threshold > validation.chance_at_3
+    assert not validation.reliable
+    assert validate_encoder(adapters[:6], texts[:6], text, QUICK) is None
+
+
+def test_small_libraries_train_unvalidated_and_stay_in_the_ranking(tmp_path: Path) -> None:
+    library = make_library(tmp_path / "lib")
+    report = train_retriever(library, config=QUICK, progress=False)
+    assert report.validation is None
+    index = LearnedIndex.open(library, "sd1")
+    assert index is not None
+    assert index.validation is None
+    assert index.reliable
