@@ -3,16 +3,18 @@
 The down matrix A of a LoRA on a cross-attention key/value projection (``attn2.to_k/to_v`` in UNets, the context
 projections ``attn.add_k_proj/add_v_proj`` in Flux) is applied to the text encoder's token states, so ΔW·h for the
 prompt's token states h says how much the adapter changes what the image attends to for *this* prompt. Training
-pushes A's rows towards the states of the words in the training captions, so an adapter reacts most to prompts that
-mention its concept.
+pushes A's rows towards the states its training captions produce, so an adapter reacts most to prompts about its
+concept.
 
 The response is computed without forming ΔW: per layer, ‖ΔW h‖ = ‖s·R_B·A·h‖ where Q_B R_B is the QR of the up
 factor, and the stacked rows of every such layer are compressed, exactly, by one SVD into a small basis M with
-Σ_ℓ ‖ΔW_ℓ h‖² = ‖M h‖². A prompt's response is the mean of ‖M (h − μ)‖² over every token state the denoiser reads
-(padding included: in CLIP pipelines those states summarise the prompt and are most of what training saw), with μ
-the mean state of the neutral prompts (what every prompt shares). The score is the response's z-score against
-the adapter's responses to a fixed set of ordinary prompts: scale-free, 0 means "reacts as to any prompt", large
-means the prompt speaks to this adapter. Measured limits are in ``benchmarks/retrieval_eval.py``.
+Σ_ℓ ‖ΔW_ℓ h‖² = ‖M h‖². A prompt's response is the mean of ‖M (h − μ)‖² over the token states that summarise it —
+the end-of-text token and the padding after it (:class:`PipelineTokenEncoder`) — with μ the mean of every token
+state of the neutral prompts (what every prompt shares). The score is the response's z-score against the adapter's
+responses to a fixed set of ordinary prompts: scale-free, 0 means "reacts as to any prompt", large means the prompt
+speaks to this adapter. Measured on 40 trained LoRAs (``benchmarks/retrieval_eval.py``; the choices were made on
+phrasings other than the evaluation's): recall@3 0.86 this way, 0.71 with μ taken over the summary states only,
+0.30 with every state scored.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ NEUTRAL_PROMPTS = tuple(template.format(subject) for template in NEUTRAL_TEMPLAT
 DEFAULT_MAX_RANK = 64
 
 TokenEncoder = Callable[[str], torch.Tensor]
-"""A function prompt → (tokens, width) token states, as the denoiser's cross-attention reads them."""
+"""A function prompt → (tokens, width) token states, as the denoiser's cross-attention reads them. It may also have
+a ``summary_start(prompt) -> int`` method (see :class:`PipelineTokenEncoder`): responses then use only the states
+from that index on, while the centre μ stays the mean of every neutral state."""
 
 
 def reads_text_states(key: str) -> bool:
@@ -107,9 +111,12 @@ class ZeroShotScorer:
     ) -> None:
         self.encode = encode
         self.max_rank = max_rank
-        neutral = [encode(prompt).float() for prompt in neutral_prompts]
+        prompts = list(neutral_prompts)
+        neutral = [encode(prompt).float() for prompt in prompts]
         self.center = torch.cat(neutral).mean(0)
-        self.neutral_states = [states - self.center for states in neutral]
+        self.neutral_states = [
+            states[self._summary_start(prompt) :] - self.center for prompt, states in zip(prompts, neutral)
+        ]
         self.width = int(self.center.shape[0])
         self._names: list[str] = []
         self._bases: list[torch.Tensor] = []
@@ -148,9 +155,13 @@ class ZeroShotScorer:
                 del cached[where]
             self._stacked = None
 
+    def _summary_start(self, prompt: str) -> int:
+        start = getattr(self.encode, "summary_start", None)
+        return 0 if start is None else int(start(prompt))
+
     def prompt_states(self, prompt: str) -> torch.Tensor:
-        """The prompt's token states, centred on the neutral mean."""
-        return self.encode(prompt).float() - self.center
+        """The prompt's token states that are scored (its summary states when the encoder knows them), centred."""
+        return self.encode(prompt).float()[self._summary_start(prompt) :] - self.center
 
     def scores(self, prompt: str) -> dict[str, float]:
         """Response z-score (prompt vs ordinary prompts) of every added adapter; empty when none was added."""
@@ -173,32 +184,55 @@ def pipeline_family(pipe: Any) -> str:
     return "sd1"
 
 
-def pipeline_token_encoder(pipe: Any, *, max_sequence_length: int = 512) -> TokenEncoder:
-    """A :data:`TokenEncoder` using the pipeline's own text encoder(s): exactly the states its denoiser reads.
+def _end_of_text(tokenizer: Any, prompt: str, max_length: int) -> int:
+    """Index of the end-of-text token in the tokenised prompt (truncated as the pipeline truncates it)."""
+    return max(0, len(tokenizer(prompt, max_length=max_length, truncation=True).input_ids) - 1)
+
+
+class PipelineTokenEncoder:
+    """A :data:`TokenEncoder` using a pipeline's own text encoder(s): states exactly as its denoiser reads them.
 
     SD 1.x/2.x: the CLIP states from ``encode_prompt``; SDXL: both CLIP encoders' states concatenated, as
     ``encode_prompt`` builds them; Flux: the T5 states through the transformer's ``context_embedder`` and a plain
-    layer norm (the timestep modulation of the context stream is left out). Every position the denoiser attends to
-    is kept (padding too) except CLIP's start token, whose state is the same for every prompt.
+    layer norm (the timestep modulation of the context stream is left out). Every position is kept except CLIP's
+    start token, whose state is the same for every prompt.
+
+    :meth:`summary_start` tells where the states that summarise the prompt begin: the end-of-text token and the
+    padding after it have read the whole prompt (CLIP is causal; T5 runs unmasked over the padding), so they carry
+    what the prompt is about whatever its phrasing, and they are most of what a LoRA's cross-attention sees in
+    training; the word tokens' own states depend on their position and neighbours and swamp a mean over all states.
     """
-    family = pipeline_family(pipe)
+
+    def __init__(self, pipe: Any, *, max_sequence_length: int = 512) -> None:
+        self.pipe = pipe
+        self.family = pipeline_family(pipe)
+        self.max_sequence_length = max_sequence_length
 
     @torch.no_grad()
-    def encode(prompt: str) -> torch.Tensor:
-        device = pipe.device
-        if family == "flux":
+    def __call__(self, prompt: str) -> torch.Tensor:
+        pipe = self.pipe
+        if self.family == "flux":
             embeds, _, _ = pipe.encode_prompt(
                 prompt=prompt,
                 prompt_2=None,
-                device=device,
+                device=pipe.device,
                 num_images_per_prompt=1,
-                max_sequence_length=max_sequence_length,
+                max_sequence_length=self.max_sequence_length,
             )
             context = pipe.transformer.context_embedder(embeds.to(pipe.transformer.dtype))[0].float()
             return torch.nn.functional.layer_norm(context, context.shape[-1:]).cpu()
         output = pipe.encode_prompt(
-            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            prompt=prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return output[0][0, 1:].float().cpu()
 
-    return encode
+    def summary_start(self, prompt: str) -> int:
+        """Index, in the states :meth:`__call__` returns, of the prompt's end-of-text token."""
+        if self.family == "flux":
+            return _end_of_text(self.pipe.tokenizer_2, prompt, self.max_sequence_length)
+        return _end_of_text(self.pipe.tokenizer, prompt, self.pipe.tokenizer.model_max_length) - 1
+
+
+def pipeline_token_encoder(pipe: Any, *, max_sequence_length: int = 512) -> PipelineTokenEncoder:
+    """The :class:`PipelineTokenEncoder` of a diffusers pipeline (SD 1.x/2.x, SDXL or Flux)."""
+    return PipelineTokenEncoder(pipe, max_sequence_length=max_sequence_length)

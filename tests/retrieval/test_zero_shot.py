@@ -59,7 +59,11 @@ def test_sd_pipeline_token_states_feed_cross_attention(tiny_sd) -> None:
     assert states.shape == (tiny_sd.tokenizer.model_max_length - 1, tiny_sd.unet.config.cross_attention_dim)
     full = tiny_sd.encode_prompt("a corgi astronaut", "cpu", 1, False)[0][0]
     assert torch.allclose(states, full[1:])
+    words = len(tiny_sd.tokenizer("a corgi astronaut").input_ids) - 2
+    assert encode.summary_start("a corgi astronaut") == words
+    assert encode.summary_start("a corgi") == words - 1
     scorer = ZeroShotScorer(encode)
+    assert scorer.prompt_states("a corgi astronaut").shape[0] == len(states) - words
     assert scorer.add("a", random_lora("a", 0))
     neutral = [scorer.scores(prompt)["a"] for prompt in NEUTRAL_PROMPTS]
     assert abs(sum(neutral) / len(neutral)) < 1e-3  # z-scores against the neutral prompts average to zero
@@ -73,4 +77,9 @@ def test_sdxl_and_flux_token_states_have_the_cross_attention_width(tiny_sdxl, ti
     flux_states = pipeline_token_encoder(tiny_flux, max_sequence_length=32)("a castle by the sea")
     inner = tiny_flux.transformer.context_embedder.out_features
     assert flux_states.shape == (32, inner)
+    flux_encoder = pipeline_token_encoder(tiny_flux, max_sequence_length=32)
+    assert (
+        flux_encoder.summary_start("a castle by the sea")
+        == len(tiny_flux.tokenizer_2("a castle by the sea").input_ids) - 1
+    )
     assert torch.allclose(flux_states.mean(-1), torch.zeros(len(flux_states)), atol=1e-5)
