@@ -230,7 +230,7 @@ class PipelineTokenEncoder:
         """Index, in the states :meth:`__call__` returns, of the prompt's end-of-text token."""
         if self.family == "flux":
             return _end_of_text(self.pipe.tokenizer_2, prompt, self.max_sequence_length)
-        return _end_of_text(self.pipe.tokenizer, prompt, self.pipe.tokenizer.model_max_length) - 1
+        return max(0, _end_of_text(self.pipe.tokenizer, prompt, self.pipe.tokenizer.model_max_length) - 1)
 
 
 def pipeline_token_encoder(pipe: Any, *, max_sequence_length: int = 512) -> PipelineTokenEncoder:
