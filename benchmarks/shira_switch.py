@@ -44,6 +44,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 from torch import nn
 
+from benchmarks._common import ATTENTION_PROJECTIONS, peft_state_dict, random_lora
 from composer.presets import build_denoiser, load_preset
 from fusion.adapters import Adapter, Sparse
 from fusion.sparse import shira_budget
@@ -52,14 +53,13 @@ from weights_index.formats.shira import save_shira
 from weights_index.reader import read_adapter
 
 RANK = 32
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def _targets(unet: nn.Module) -> dict[str, nn.Linear]:
     return {
         name: module
         for name, module in unet.named_modules()
-        if isinstance(module, nn.Linear) and ".attn" in name and name.endswith(PROJECTIONS)
+        if isinstance(module, nn.Linear) and ".attn" in name and name.endswith(ATTENTION_PROJECTIONS)
     }
 
 
@@ -73,16 +73,6 @@ def _shira(targets: dict[str, nn.Linear], seed: int, mask_seed: int) -> Adapter:
         index = torch.randperm(math.prod(shape), generator=masks)[:k].sort().values
         layers[key] = Sparse(index, torch.randn(k, generator=values) * 1e-3, shape)
     return Adapter(f"shira{seed}", "sd1", layers)
-
-
-def _lora_file(targets: dict[str, nn.Linear], seed: int, path: Path) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, module in targets.items():
-        tensors[f"unet.{key}.lora_A.weight"] = torch.randn(RANK, module.in_features, generator=gen) * 1e-2
-        tensors[f"unet.{key}.lora_B.weight"] = torch.randn(module.out_features, RANK, generator=gen) * 1e-2
-    save_file(tensors, str(path))
-    return path
 
 
 def _median_ms(fn: Callable[[int], None], repeats: int) -> float:
@@ -178,7 +168,9 @@ def run(quick: bool) -> dict[str, Any]:
             ]
             for case, masks in cases.items()
         }
-        lora_files = [_lora_file(targets, s, folder / f"lora{s}.safetensors") for s in (0, 1)]
+        lora_files = [folder / f"lora{s}.safetensors" for s in (0, 1)]
+        for seed, path in enumerate(lora_files):
+            save_file(peft_state_dict(random_lora(unet, seed, RANK)), str(path))
         for dtype in (torch.float32, torch.float16):
             unet.to(dtype)
             peer = _peer(pipe, lora_files, max(3, repeats // 3))
