@@ -100,8 +100,6 @@ def fuse_sparse(
     of each chunk) and the sum rounded once.
     """
     flat = weight.detach().view(-1)
-    if current is not None and current.index.numel() == 0:
-        current = None
     if prepared is None and not updates:
         if current is not None:
             restore_sparse(weight, current)
