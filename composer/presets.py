@@ -369,6 +369,9 @@ PRESETS: dict[str, PresetSpec] = {
 }
 """Built-in offline presets by name."""
 
+TOY_PRESET = "toy-sd"
+"""The trained toy-world model shipped with the package (composer/toyworld): real images offline, the default."""
+
 
 class KnownModel(NamedTuple):
     """A real model on the Hugging Face hub that LoRA Composer supports, for users with network access."""
@@ -550,6 +553,11 @@ def load_preset(
     ``KNOWN_MODELS`` and names shaped like ``owner/model`` go to the hub (or its local cache); a local folder never
     touches the network. Failures raise PresetError with a hint.
     """
+    if name == TOY_PRESET:
+        from composer.toyworld.model import load_toy_pipeline
+
+        with _quiet_loading():
+            return _finish(load_toy_pipeline(torch_dtype), device)
     if name in PRESETS:
         folder = ensure_preset(name, cache_dir)
         pipe = _from_pretrained(
@@ -572,7 +580,7 @@ def load_preset(
         return _finish(pipe, device)
     hub_id = KNOWN_MODELS[name].hub_id if name in KNOWN_MODELS else name
     if not _HUB_ID.match(hub_id):
-        known = ", ".join([*PRESETS, *KNOWN_MODELS])
+        known = ", ".join([TOY_PRESET, *PRESETS, *KNOWN_MODELS])
         raise PresetError(
             f"{name!r} is not a preset, a known model, an existing folder or a hub id",
             hint=f"use one of {known}, a diffusers folder, or a hub id like owner/model",

@@ -1,0 +1,127 @@
+"""``python -m composer.toyworld.train OUT``: train the whole toy world — base model, judge, one adapter per concept.
+
+This is the command that produced the shipped weights (see ``composer/toyworld/weights/README.md`` for the exact
+arguments, seed, step counts, hardware and checksums). Every stage writes into OUT and is skipped when its output
+is already there, and base training resumes from its checkpoint, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from composer.toyworld.concepts import ConceptTraining, train_concept
+from composer.toyworld.judge import JUDGE_FILE, Judge, judge_accuracy, train_judge
+from composer.toyworld.train_base import BaseTrainingConfig, train_base
+from composer.toyworld.world import CONCEPTS
+
+CONCEPT_PLAN: dict[str, ConceptTraining] = {
+    "zorbex": ConceptTraining("lora", text_encoder=True),
+    "kiboko": ConceptTraining("lora"),
+    "lunari": ConceptTraining("lora", text_encoder=True),
+    "crown": ConceptTraining("loha", rank=4),
+    "sunglasses": ConceptTraining("lora", text_encoder=True),
+    "pixel_art": ConceptTraining("lokr", rank=4),
+    "polka_dots": ConceptTraining("lora"),
+    "sunset": ConceptTraining("shira", rank=8),
+    "forest": ConceptTraining("lora", text_encoder=True),
+    "flower": ConceptTraining("loha", rank=4),
+    "mushroom": ConceptTraining("lora"),
+}
+"""Which adapter kind teaches which concept: the library mixes kinds and formats the way real ones do."""
+
+
+def save_concept(path: Path, trained: dict, setup: ConceptTraining) -> None:
+    """One safetensors file: PEFT state dicts under ``unet.`` / ``text_encoder.``, configs in the header."""
+    from safetensors.torch import save_file
+
+    tensors = {f"unet.{k}": v for k, v in trained["unet"].items()}
+    if trained["text_encoder"] is not None:
+        tensors |= {f"text_encoder.{k}": v for k, v in trained["text_encoder"].items()}
+    header = {
+        "training": json.dumps(asdict(setup)),
+        "unet_config": json.dumps(trained["unet_config"], default=str),
+        "text_config": json.dumps(trained["text_config"], default=str),
+    }
+    save_file(tensors, str(path), metadata=header)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stages named by ``--stages`` into OUT."""
+    parser = argparse.ArgumentParser(prog="python -m composer.toyworld.train", description=__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--stages", default="base,judge,concepts")
+    parser.add_argument("--steps", type=int, default=BaseTrainingConfig.steps)
+    parser.add_argument("--vae-steps", type=int, default=BaseTrainingConfig.vae_steps)
+    parser.add_argument("--batch", type=int, default=BaseTrainingConfig.batch)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop base training after this long")
+    parser.add_argument("--judge-steps", type=int, default=3000)
+    parser.add_argument("--concept-steps", type=int, default=ConceptTraining.steps)
+    parser.add_argument("--concept-batch", type=int, default=ConceptTraining.batch)
+    parser.add_argument("--concept-lr", type=float, default=ConceptTraining.lr)
+    parser.add_argument("--concepts", default=",".join(CONCEPT_PLAN))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    stages = set(args.stages.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    pipe_dir = args.out / "toy-sd"
+    if "base" in stages and not (pipe_dir / "model_index.json").is_file():
+        began = time.monotonic()
+        config = BaseTrainingConfig(
+            steps=args.steps, vae_steps=args.vae_steps, batch=args.batch, seed=args.seed, max_minutes=args.max_minutes
+        )
+        train_base(args.out, config, args.device)
+        log["base_seconds"] = round(time.monotonic() - began, 1)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, torch_dtype=torch.float32)
+    if "judge" in stages and not (args.out / JUDGE_FILE).is_file():
+        began = time.monotonic()
+        judge = train_judge(
+            steps=args.judge_steps,
+            seed=args.seed,
+            vae=pipe.vae.to(args.device or "cuda" if torch.cuda.is_available() else "cpu"),
+            device=args.device,
+        )
+        judge.save(args.out / JUDGE_FILE)
+        log["judge_seconds"] = round(time.monotonic() - began, 1)
+        log["judge_accuracy"] = judge_accuracy(Judge.load(args.out / JUDGE_FILE))
+    if "concepts" in stages:
+        folder = args.out / "concepts"
+        folder.mkdir(exist_ok=True)
+        for name in args.concepts.split(","):
+            target = folder / f"{name}.safetensors"
+            if target.is_file():
+                continue
+            setup = CONCEPT_PLAN[name]
+            overrides = {
+                "steps": args.concept_steps,
+                "batch": args.concept_batch,
+                "lr": args.concept_lr,
+                "seed": args.seed,
+            }
+            setup = ConceptTraining(**{**asdict(setup), **overrides})
+            began = time.monotonic()
+            try:
+                trained = train_concept(pipe, CONCEPTS[name], setup, args.device)
+            except Exception as exc:  # one concept failing must not lose the others' hours
+                log[f"concept_{name}_error"] = repr(exc)
+                print(f"concept {name} failed: {exc!r}")
+                continue
+            save_concept(target, trained, setup)
+            log[f"concept_{name}_seconds"] = round(time.monotonic() - began, 1)
+    with open(args.out / "train_log.json", "a") as handle:
+        handle.write(json.dumps(log) + "\n")
+    print(json.dumps(log, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
