@@ -73,7 +73,8 @@ def train_concept(
 ) -> dict:
     """Train an adapter for ``concept`` on copies of ``pipe``'s UNet and text encoder (``pipe`` stays unchanged).
 
-    Returns PEFT's state dicts and configs: ``{"unet": state_dict, "text_encoder": state_dict | None, "unet_config": dict, "text_config": ...}``.
+    Returns PEFT's state dicts and configs under ``unet``, ``text_encoder`` (or None), ``unet_config`` and
+    ``text_config``.
     """
     from peft import get_peft_model_state_dict
 
