@@ -26,17 +26,18 @@ $(STAMP): pyproject.toml constraints.txt .ci/torchvision_repair.py
 	fi
 	touch $(STAMP)
 
-DEMO_LIBRARY := examples/demo_library
-DEMO_PROMPT := crgastro, a corgi astronaut walking through a neon city at night, soft watercolor
+DEMO_LIBRARY := examples/toy_library
+DEMO_PROMPT := zorbex wearing a krwn crown at a snst sunset
 
 demo: install
-	$(PY) examples/make_library.py $(DEMO_LIBRARY)
+	$(PY) -m composer.toyworld.library $(DEMO_LIBRARY)
 	$(VENV)/bin/compose index $(DEMO_LIBRARY)
-	$(VENV)/bin/compose "$(DEMO_PROMPT)" --loras auto --library $(DEMO_LIBRARY) --method merge --out out/demo
+	$(VENV)/bin/compose "$(DEMO_PROMPT)" --loras auto --library $(DEMO_LIBRARY) --model toy-sd --method merge --out out/demo
+	$(VENV)/bin/compose judge out/demo/0-0.png
 
 app: install
-	$(PY) examples/make_library.py $(DEMO_LIBRARY)
-	$(VENV)/bin/compose app --library $(DEMO_LIBRARY)
+	$(PY) -m composer.toyworld.library $(DEMO_LIBRARY)
+	$(VENV)/bin/compose app --library $(DEMO_LIBRARY) --model toy-sd
 
 test: install
 	$(PY) -m pytest -m "not gpu" -q

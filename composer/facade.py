@@ -20,13 +20,15 @@ from PIL import Image
 
 from composer.images import GenerationRecord, save_image
 from composer.mixin import make_composable
-from composer.presets import KNOWN_MODELS, PRESETS, kontext_call_kwargs, load_preset, preset_family
+from composer.presets import KNOWN_MODELS, PRESETS, TOY_PRESET, kontext_call_kwargs, load_preset, preset_family
 from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
 from fusion.errors import CompositionError
 from fusion.layer_groups import BlockLayout
 
 DEFAULT_STEPS = {"sd1": 20, "sd2": 20, "sdxl": 25, "flux": 28}
 TINY_SIZE = 64
+TOY_GUIDANCE = 3.0
+"""CFG scale toy-sd is evaluated at and used with by default (the pipeline default, 7.5, is not what it was tuned on)."""
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Composer:
 
     def __init__(
         self,
-        model: str = "tiny-sd",
+        model: str = "toy-sd",
         library: str | Path | None = None,
         *,
         device: str | torch.device | None = None,
@@ -311,6 +313,8 @@ class Composer:
             "num_inference_steps": steps,
             "num_images_per_prompt": num_images,
         }
+        if guidance_scale is None and self.model == TOY_PRESET:
+            guidance_scale = TOY_GUIDANCE
         if guidance_scale is not None:
             call["guidance_scale"] = guidance_scale
         if negative_prompt and family != "flux":

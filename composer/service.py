@@ -123,7 +123,7 @@ class CompositionService:
 
     def __init__(
         self,
-        model: str = "tiny-sd",
+        model: str = "toy-sd",
         library: str | Path | None = None,
         *,
         out: str | Path = Path("out") / "app",

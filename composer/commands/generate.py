@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="'auto' (retrieve from --library) or a list like 'style:0.8,char:0@0,1@0.5,path/to/file.safetensors'",
     )
     parser.add_argument("--method", default="merge", choices=METHODS, help="composition method (default merge)")
-    parser.add_argument("--model", default="tiny-sd", help="preset name, diffusers folder or hub id (default tiny-sd)")
+    parser.add_argument(
+        "--model", default="toy-sd", help="preset name, diffusers folder or hub id (default toy-sd, trained here)"
+    )
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder (indexed incrementally)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 on tiny presets)")
     parser.add_argument("--seed", type=int, default=0)

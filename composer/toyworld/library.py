@@ -246,3 +246,19 @@ def build_toy_library(out_dir: Path, *, pipe: torch.nn.Module | None = None) -> 
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m composer.toyworld.library [OUT]``: write the toy library (default examples/toy_library)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m composer.toyworld.library", description=main.__doc__)
+    parser.add_argument("out", type=Path, nargs="?", default=Path("examples/toy_library"))
+    args = parser.parse_args(argv)
+    for path in build_toy_library(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

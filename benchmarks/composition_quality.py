@@ -1,0 +1,225 @@
+"""Composition quality on the toy world, scored by its judge: the ComposLoRA protocol on a model trained here.
+
+Protocol (ComposLoRA, Zhong et al. 2024, adapted): one character adapter plus 1–4 adapters of other categories
+(clothing, style, background, object), every adapter at weight 0.8, prompt = a world caption naming each element
+by its trigger phrase, several seeds; every method composes the same sets through the public API
+(``pipe.set_composition``). Each image is read by the judge: per-element presence, all-elements success, and
+win/tie/lose against merge on the number of elements present (ties counted as ties). The reference row is each
+LoRA alone on base-vocabulary scenes (its concept present; the prompt's other attributes kept).
+
+``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
+``--sets`` combinations per k (seeded) and writes docs/composition_quality.md and an image grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = ("merge", "switch", "composite", "cmlora")
+WEIGHT = 0.8
+
+
+def _pipeline(library: Path) -> tuple[Any, list[str]]:
+    from composer import load_preset, make_composable
+    from composer.toyworld.library import build_toy_library
+
+    files = build_toy_library(library)
+    pipe = make_composable(load_preset("toy-sd"))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for path in files:
+            pipe.add_adapter_file(path, name=path.stem)
+    return pipe, [path.stem for path in files]
+
+
+def composition_sets(names: list[str], k: int) -> list[tuple[str, ...]]:
+    """Every set of one character plus k−1 concepts of distinct other categories, among the shipped concepts."""
+    from composer.toyworld.world import CONCEPTS
+
+    by_category: dict[str, list[str]] = {}
+    for name in names:
+        by_category.setdefault(CONCEPTS[name].category, []).append(name)
+    others = [c for c in ("clothing", "style", "background", "object") if c in by_category]
+    sets = []
+    for character in by_category.get("character", []):
+        for categories in itertools.combinations(others, k - 1):
+            for picks in itertools.product(*(by_category[c] for c in categories)):
+                sets.append((character, *picks))
+    return sets
+
+
+def _generate(pipe: Any, prompt: str, seed: int, steps: int) -> tuple[torch.Tensor, float]:
+    """One image (1, 3, 64, 64) in [0, 1] and the seconds it took."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        images = pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=3.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(seed),
+        ).images
+    return images, time.perf_counter() - started
+
+
+def _prompt(combo: tuple[str, ...], seed: int) -> str:
+    from composer.toyworld.world import CONCEPTS, caption, sample_scene
+
+    rng = random.Random(seed)
+    concepts = tuple(CONCEPTS[name] for name in combo)
+    scene = sample_scene(rng, optional=0.0).with_concepts(*concepts)
+    return caption(scene, rng, concepts)
+
+
+def run_compositions(
+    pipe: Any, names: list[str], ks: list[int], sets_per_k: int, seeds: list[int], steps: int, methods: tuple[str, ...]
+) -> dict[str, Any]:
+    """For each k and method: element presence, all-elements success, win/tie/lose vs merge, seconds per image."""
+    from composer.toyworld.verdict import judge_images
+
+    table: dict[str, Any] = {}
+    picker = random.Random(0)
+    for k in ks:
+        every = composition_sets(names, k)
+        chosen = every if sets_per_k >= len(every) else picker.sample(every, sets_per_k)
+        trials = [(combo, seed) for combo in chosen for seed in seeds]
+        found: dict[str, list[int]] = {}
+        row: dict[str, Any] = {"sets": len(chosen), "sets_possible": len(every), "images_per_method": len(trials)}
+        for method in methods:
+            counts, successes, seconds = [], 0, 0.0
+            for combo, seed in trials:
+                prompt = _prompt(combo, seed)
+                pipe.set_composition(dict.fromkeys(combo, WEIGHT), method=method)
+                image, per_image = _generate(pipe, prompt, seed, steps)
+                pipe.clear_composition()
+                verdict = judge_images(image, [prompt], [list(combo)])[0]
+                present = sum(verdict.concepts.values())
+                counts.append(present)
+                successes += present == len(combo)
+                seconds += per_image
+            found[method] = counts
+            row[method] = {
+                "element_presence": round(sum(counts) / (len(trials) * k), 3),
+                "all_elements": round(successes / len(trials), 3),
+                "seconds_per_image": round(seconds / len(trials), 2),
+            }
+        for method in methods:
+            if method == "merge" or "merge" not in found:
+                continue
+            pairs = list(zip(found[method], found["merge"]))
+            row[method]["vs_merge"] = {
+                "win": sum(a > b for a, b in pairs),
+                "tie": sum(a == b for a, b in pairs),
+                "lose": sum(a < b for a, b in pairs),
+            }
+        table[f"k={k}"] = row
+    return table
+
+
+def run_alone(pipe: Any, names: list[str], images: int, steps: int) -> dict[str, Any]:
+    """Each LoRA alone at weight 0.8 on base scenes: its concept present, and the prompt's other attributes kept."""
+    from composer.toyworld.verdict import judge_images
+    from composer.toyworld.world import CONCEPTS, caption, sample_scene
+
+    rows = {}
+    for name in names:
+        concept = CONCEPTS[name]
+        rng = random.Random(7)
+        scenes = [sample_scene(rng).with_concepts(concept) for _ in range(images)]
+        prompts = [caption(scene, rng, (concept,)) for scene in scenes]
+        pipe.set_composition({name: WEIGHT}, method="merge")
+        with torch.inference_mode():
+            out = pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=3.0,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+            ).images
+        pipe.clear_composition()
+        verdicts = judge_images(out, prompts, [[name]] * images)
+        kept = [
+            all(v.seen[a] == getattr(s, a) for a in v.seen if a not in concept.sets) for v, s in zip(verdicts, scenes)
+        ]
+        rows[name] = {
+            "concept_present": round(sum(v.concepts[name] for v in verdicts) / images, 3),
+            "others_kept": round(sum(kept) / images, 3),
+        }
+    return rows
+
+
+def run_base(pipe: Any, images: int, steps: int) -> dict[str, float]:
+    """The base model alone on base-vocabulary captions: every attribute of the scene right (judge)."""
+    from composer.toyworld.verdict import shipped_judge
+    from composer.toyworld.world import ATTRIBUTES, caption, sample_scene
+
+    rng = random.Random(11)
+    scenes = [sample_scene(rng) for _ in range(images)]
+    prompts = [caption(scene, rng) for scene in scenes]
+    with torch.inference_mode():
+        out = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=3.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+    seen = shipped_judge().read(out)
+    right = [all(s[a] == getattr(sc, a) for a in ATTRIBUTES) for s, sc in zip(seen, scenes)]
+    per = {a: round(sum(s[a] == getattr(sc, a) for s, sc in zip(seen, scenes)) / images, 3) for a in ATTRIBUTES}
+    return {"all_attributes": round(sum(right) / images, 3), **per, "images": images}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print one JSON document."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sets", type=int, default=6, help="composition sets sampled per k (full mode)")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--alone-images", type=int, default=16)
+    parser.add_argument("--base-images", type=int, default=48)
+    parser.add_argument("--library", type=Path, default=Path(".cache/bench/toy_library"))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    pipe, names = _pipeline(args.library)
+    methods = tuple(args.methods.split(","))
+    started = time.perf_counter()
+    if args.quick:
+        result = {
+            "mode": "quick",
+            "compositions": run_compositions(pipe, names, [2, 3], 1, [0], 8, methods),
+        }
+    else:
+        result = {
+            "mode": "full",
+            "steps": args.steps,
+            "base": run_base(pipe, args.base_images, args.steps),
+            "alone": run_alone(pipe, names, args.alone_images, args.steps),
+            "compositions": run_compositions(
+                pipe, names, [2, 3, 4, 5], args.sets, list(range(args.seeds)), args.steps, methods
+            ),
+        }
+    result["adapters"] = names
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["hardware"] = "CPU, 1 torch thread"
+    document = json.dumps(result, indent=2)
+    if args.out is not None:
+        args.out.write_text(document + "\n")
+    sys.stdout.write(document + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""What a toy-world image should show and whether it does: expectations from a prompt and the adapters composed
+into it, checked by the judge. Used by ``compose judge`` (and so by ``make demo``) and by the quality benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from composer.toyworld.world import CONCEPTS
+
+_WORDS: dict[str, dict[str, str]] = {
+    "shape": {"circle": "circle", "square": "square", "triangle": "triangle"},
+    "colour": {"red": "red", "blue": "blue", "green": "green", "yellow": "yellow"},
+    "clothing": {"hat": "hat", "scarf": "scarf"},
+    "object": {"ball": "ball", "box": "box"},
+    "style": {"striped": "striped", "stripes": "striped", "outlined": "outlined", "outline": "outlined"},
+    "background": {
+        "sky": "sky",
+        "grass": "grass",
+        "meadow": "grass",
+        "night": "night",
+        "snow": "snow",
+        "snowy": "snow",
+    },
+}
+"""Base-vocabulary words of the world's captions and the attribute value each names."""
+
+
+@dataclass
+class Verdict:
+    """The judge's reading of one image against what its prompt and adapters ask for."""
+
+    seen: dict[str, str]
+    expected: dict[str, str]
+    concepts: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def all_found(self) -> bool:
+        """Every expected attribute was seen."""
+        return all(self.seen[attr] == value for attr, value in self.expected.items())
+
+    def as_dict(self) -> dict:
+        """JSON-able form."""
+        return {"seen": self.seen, "expected": self.expected, "concepts": self.concepts, "all_found": self.all_found}
+
+
+def expected_attributes(prompt: str, adapters: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Attributes the prompt names in base-vocabulary words, overridden by the toy concepts among ``adapters``.
+
+    Returns (all expected attributes, per concept the attributes it sets). A background mentioned with "blue sky"
+    is read as a background, not a colour; the concepts and the later words win.
+    """
+    expected: dict[str, str] = {}
+    words = re.findall(r"[a-z]+", prompt.lower().replace("blue sky", "sky"))
+    for attr, table in _WORDS.items():
+        for word in words:
+            if word in table:
+                expected[attr] = table[word]
+    concepts = {name: dict(CONCEPTS[name].sets) for name in adapters if name in CONCEPTS}
+    for sets in concepts.values():
+        expected.update(sets)
+    return expected, concepts
+
+
+@lru_cache(maxsize=1)
+def shipped_judge():
+    """The judge trained with the shipped model (weights in the package)."""
+    from composer.toyworld.judge import Judge
+    from composer.toyworld.model import WEIGHTS_DIR
+
+    return Judge.load(WEIGHTS_DIR.parent / "judge.safetensors")
+
+
+def judge_images(images: torch.Tensor, prompts: list[str], adapters: list[list[str]]) -> list[Verdict]:
+    """Verdicts for images (B, 3, 64, 64) in [0, 1] with the prompt and adapter names each was made with."""
+    seen = shipped_judge().read(images)
+    verdicts = []
+    for reading, prompt, names in zip(seen, prompts, adapters):
+        expected, concepts = expected_attributes(prompt, names)
+        found = {name: all(reading[a] == v for a, v in sets.items()) for name, sets in concepts.items()}
+        verdicts.append(Verdict(reading, expected, found))
+    return verdicts
+
+
+def judge_file(path: Path) -> Verdict:
+    """Judge a PNG written by ``compose``: its JSON sidecar says the prompt and the composed adapters."""
+    import numpy as np
+    from PIL import Image
+
+    from fusion.errors import ComposerError
+
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise ComposerError(f"{path} has no JSON sidecar, so what it should show is unknown", path=sidecar)
+    record = json.loads(sidecar.read_text())
+    image = Image.open(path).convert("RGB")
+    if image.size != (64, 64):
+        raise ComposerError(
+            f"{path} is {image.size[0]}×{image.size[1]}; the judge reads toy-world images (64×64 from toy-sd)",
+            path=path,
+        )
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    names = [item["name"] for item in record.get("adapters", [])]
+    return judge_images(tensor, [record.get("prompt", "")], [names])[0]

@@ -1,0 +1,166 @@
+"""The toy world: the generator, the shipped toy-sd model and judge, concept adapters, the library and the demo path."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from composer.toyworld.judge import judge_accuracy
+from composer.toyworld.verdict import expected_attributes, judge_file, judge_images, shipped_judge
+from composer.toyworld.world import (
+    ATTRIBUTES,
+    CONCEPTS,
+    HELD_OUT,
+    VOCABULARY,
+    caption,
+    render,
+    sample_layout,
+    sample_scene,
+)
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from composer import load_preset, make_composable
+
+    pipe = make_composable(load_preset("toy-sd"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def toy_library(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from composer.toyworld.library import build_toy_library
+
+    return build_toy_library(tmp_path_factory.mktemp("toy") / "library")
+
+
+def test_render_is_deterministic_and_in_range() -> None:
+    rng = random.Random(3)
+    scenes = [sample_scene(rng) for _ in range(4)]
+    first = render(scenes, sample_layout(4, torch.Generator().manual_seed(1)))
+    second = render(scenes, sample_layout(4, torch.Generator().manual_seed(1)))
+    assert first.shape == (4, 3, 64, 64)
+    assert torch.equal(first, second)
+    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+
+
+def test_held_out_concepts_cover_every_category_and_never_appear_in_base_scenes() -> None:
+    categories = [c.category for c in HELD_OUT]
+    assert categories.count("character") >= 3
+    for category in ("clothing", "style", "background", "object"):
+        assert categories.count(category) >= 2
+    rng = random.Random(0)
+    held = {(attr, value) for concept in HELD_OUT for attr, value in concept.sets.items()}
+    for _ in range(500):
+        scene = sample_scene(rng)
+        assert not any((attr, getattr(scene, attr)) in held for attr in ATTRIBUTES)
+        assert not any(concept.trigger in caption(scene, rng) for concept in HELD_OUT)
+
+
+def test_judge_reads_generator_images_of_the_whole_vocabulary() -> None:
+    accuracy = judge_accuracy(shipped_judge(), count=400, seed=2024)
+    for attr in ATTRIBUTES:
+        assert accuracy[attr] >= 0.98, (attr, accuracy)
+
+
+def test_expected_attributes_from_prompt_and_concepts() -> None:
+    expected, concepts = expected_attributes("zorbex wearing a hat under a blue sky, striped", ["zorbex", "other"])
+    assert expected == {"shape": "star", "colour": "purple", "clothing": "hat", "background": "sky", "style": "striped"}
+    assert concepts == {"zorbex": {"shape": "star", "colour": "purple"}}
+
+
+def test_toy_preset_loads_offline_fast_and_generates_deterministically(toy_pipe) -> None:
+    from composer import load_preset
+    from composer.presets import preset_family
+
+    started = time.perf_counter()
+    load_preset("toy-sd")
+    assert time.perf_counter() - started < 3.0  # well under a second on an idle machine; CI shares two cores
+    assert preset_family(toy_pipe) == "sd1"
+    call = {"num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "pt"}
+    with torch.inference_mode():
+        a = toy_pipe("a red circle in the snow", generator=torch.Generator().manual_seed(4), **call).images
+        b = toy_pipe("a red circle in the snow", generator=torch.Generator().manual_seed(4), **call).images
+    assert a.shape == (1, 3, 64, 64)
+    assert torch.equal(a, b)
+
+
+def test_base_model_draws_what_the_caption_says(toy_pipe) -> None:
+    prompts = ["a red circle in the snow", "a blue square at night", "a yellow triangle on the grass"]
+    with torch.inference_mode():
+        images = toy_pipe(
+            prompts,
+            num_inference_steps=12,
+            guidance_scale=3.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+    verdicts = judge_images(images, prompts, [[]] * 3)
+    assert sum(v.all_found for v in verdicts) >= 2, [v.as_dict() for v in verdicts]
+
+
+def test_library_has_every_format_and_reads(toy_library: list[Path]) -> None:
+    from weights_index import read_adapter
+
+    assert {path.stem for path in toy_library} >= {"zorbex", "kiboko"}
+    for path in toy_library:
+        adapter = read_adapter(path)
+        assert adapter.layers, path
+
+
+def test_a_concept_lora_changes_the_attribute_it_was_trained_for(toy_pipe, toy_library: list[Path]) -> None:
+    path = next(p for p in toy_library if p.stem == "zorbex")
+    prompts = ["zorbex in the snow", "zorbex on the grass", "zorbex at night", "zorbex under a blue sky"]
+    call = {"num_inference_steps": 12, "guidance_scale": 3.0, "output_type": "pt"}
+    with torch.inference_mode():
+        base = toy_pipe(prompts, generator=torch.Generator().manual_seed(0), **call).images
+    with torch.no_grad():
+        toy_pipe.add_adapter_file(path, name="zorbex")
+    toy_pipe.set_composition({"zorbex": 1.0}, method="merge")
+    try:
+        with torch.inference_mode():
+            adapted = toy_pipe(prompts, generator=torch.Generator().manual_seed(0), **call).images
+    finally:
+        toy_pipe.clear_composition()
+    before = judge_images(base, prompts, [["zorbex"]] * 4)
+    after = judge_images(adapted, prompts, [["zorbex"]] * 4)
+    assert sum(v.concepts["zorbex"] for v in before) == 0
+    assert sum(v.concepts["zorbex"] for v in after) >= 3
+
+
+def test_compose_then_judge_from_the_cli(toy_library: list[Path], tmp_path: Path, capsys) -> None:
+    from composer.cli import main
+
+    library = toy_library[0].parents[1]
+    assert main(["index", str(library)]) == 0
+    out = tmp_path / "out"
+    code = main(
+        ["zorbex in the snow", "--loras", "auto", "--library", str(library), "--steps", "12", "--out", str(out)]
+    )
+    assert code == 0
+    verdict = judge_file(out / "0-0.png")
+    assert verdict.concepts == {"zorbex": True}
+    assert main(["judge", str(out / "0-0.png")]) == 0
+    assert "concept zorbex: found" in capsys.readouterr().out
+
+
+def test_judge_refuses_an_image_without_a_sidecar(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from fusion.errors import ComposerError
+
+    path = tmp_path / "lonely.png"
+    Image.new("RGB", (64, 64)).save(path)
+    with pytest.raises(ComposerError, match="no JSON sidecar"):
+        judge_file(path)
+
+
+def test_vocabulary_names_are_unique() -> None:
+    for attr in ATTRIBUTES:
+        assert len(set(VOCABULARY[attr])) == len(VOCABULARY[attr])
+    assert set(CONCEPTS) == {c.name for c in HELD_OUT}
