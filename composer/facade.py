@@ -28,7 +28,7 @@ from fusion.layer_groups import BlockLayout
 DEFAULT_STEPS = {"sd1": 20, "sd2": 20, "sdxl": 25, "flux": 28}
 TINY_SIZE = 64
 TOY_GUIDANCE = 3.0
-"""CFG scale toy-sd is evaluated at and used with by default (the pipeline default, 7.5, is not what it was tuned on)."""
+"""CFG scale toy-sd is evaluated and used at by default (not the pipeline default, 7.5, it was never tuned for)."""
 
 
 @dataclass

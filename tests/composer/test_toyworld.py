@@ -46,7 +46,8 @@ def test_render_is_deterministic_and_in_range() -> None:
     second = render(scenes, sample_layout(4, torch.Generator().manual_seed(1)))
     assert first.shape == (4, 3, 64, 64)
     assert torch.equal(first, second)
-    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert float(first.min()) >= 0.0
+    assert float(first.max()) <= 1.0
 
 
 def test_held_out_concepts_cover_every_category_and_never_appear_in_base_scenes() -> None:
