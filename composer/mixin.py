@@ -24,7 +24,7 @@ from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
 from fusion.strategies import get_strategy
 from fusion.strategies.base import Strategy, WeightSpec
-from weights_index.reader import read_adapter
+from weights_index.reader import adapter_file, read_adapter
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -114,11 +114,28 @@ class ComposableMixin:
         self._composer["adapters"][adapter.name] = adapter
         return adapter.name
 
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight shape of every composable layer (denoiser paths and ``text_encoder*.`` keys), as readers take
+        them: they give flattened conv updates their conv shape and weight-relative kinds (IA3, OFT) their shape."""
+        engine = self._composer["engine"]
+        if engine is not None:
+            return dict(engine.expected_shapes)
+        probe = self._engine()
+        try:
+            return dict(probe.expected_shapes)
+        finally:
+            probe.clear()
+            self._composer["engine"] = None
+
     def add_adapter_file(self, path: str | Path, name: str | None = None) -> str:
-        """Read an adapter file (any supported format) for this pipeline's family and register it; returns the
-        name (the file's stem unless ``name`` is given). Files are read once and kept in :data:`ADAPTER_CACHE`."""
+        """Read an adapter file or a PEFT / diffusers checkpoint folder (any supported format) for this pipeline's
+        family and shapes and register it; returns the name (the file's stem unless ``name`` is given). Files are
+        read once per model and kept in :data:`ADAPTER_CACHE`."""
         family = None if self.family == "unknown" else self.family
-        adapter = ADAPTER_CACHE.get((file_key(path), family), lambda: read_adapter(path, family))
+        file = adapter_file(path)
+        shapes = self.model_shapes()
+        key = (file_key(file), family, hash(frozenset(shapes.items())))
+        adapter = ADAPTER_CACHE.get(key, lambda: read_adapter(path, family, shapes=shapes))
         return self.add_adapter(adapter, name=name)
 
     def set_composition(

@@ -7,6 +7,9 @@ the ground truth every fast path is tested against:
 - :class:`Sparse` — SHiRA-style sorted flat indices + values into the weight;
 - :class:`Dense` — a full ΔW (LoKr, full fine-tune diffs, anything without a cheaper exact form).
 
+A fourth family, :class:`fusion.relative.Relative` (IA3, OFT/BOFT, DoRA, GLoRA), is a function of the base weight; it
+has no ΔW of its own until the engine resolves it against the pristine weight it adapts (see that module).
+
 An :class:`Adapter` groups them by module path: ``layers`` for the denoiser (UNet or DiT), and
 ``text_encoder_layers`` keyed ``"text_encoder.<path>"`` / ``"text_encoder_2.<path>"``.
 
@@ -19,11 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
 from fusion.errors import ShapeMismatchError
+
+if TYPE_CHECKING:
+    from fusion.relative import Relative
 
 FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 """Base-model families an adapter can be made for. FLUX.1 Kontext shares the ``flux`` family."""
@@ -184,7 +190,7 @@ class Dense:
         return replace(self, weight=self.weight.to(device=device, dtype=dtype))
 
 
-AdapterKind = Union[LowRank, Sparse, Dense]
+AdapterKind = Union[LowRank, Sparse, Dense, "Relative"]
 
 
 @dataclass(eq=False)
