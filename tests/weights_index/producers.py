@@ -38,6 +38,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_fnmatch": True,
         "name_algo_map": {"*ff.net.2": {"train_on_input": True}, "*mlp.fc2": {"train_on_input": True}},
     },
+    "qv": {
+        "enable_conv": False,
+        "unet_target_module": [],
+        "text_encoder_target_module": [],
+        "unet_target_name": ["*attn1.to_q", "*attn1.to_v"],
+        "text_encoder_target_name": ["*q_proj", "*v_proj"],
+        "use_fnmatch": True,
+    },
     "norm": {"enable_conv": False, "unet_target_module": ["Transformer2DModel"], "unet_target_name": []},
 }
 """Target presets for diffusers models (LyCORIS's own presets name LDM/BFL classes, and its "full" preset collides

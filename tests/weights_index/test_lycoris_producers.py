@@ -18,9 +18,11 @@ from producers import (
     relative_error,
     remove,
     save,
+    standalone_network,
 )
 
 from composer.mixin import make_composable
+from fusion.errors import ComposerError, UnknownLayoutError
 from fusion.relative import Relative
 from weights_index.reader import probe, read_adapter
 
@@ -116,3 +118,123 @@ def test_lycoris_kohya_sd1(tiny_sd, tmp_path: Path, case: str) -> None:
     assert probe(path).family == "sd1"
     errors = check_producer_file(tiny_sd, network, path)
     assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize(("algo", "options"), [("lokr", {}), ("loha", {"dora_wd": True})])
+def test_lycoris_kohya_sdxl(tiny_sdxl, tmp_path: Path, algo: str, options: dict) -> None:
+    network = lycoris_network(tiny_sdxl, algo, tmp_path, **options)
+    path = save(network, tmp_path / f"{algo}.safetensors")
+    assert any(k.startswith("lora_te2_") for k in safe_keys(path))
+    errors = check_producer_file(tiny_sdxl, network, path)
+    assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize(("algo", "options"), [("lokr", {}), ("locon", {"dora_wd": True}), ("ia3", {})])
+def test_lycoris_kohya_flux(tiny_flux, tmp_path: Path, algo: str, options: dict) -> None:
+    network = lycoris_network(tiny_flux, algo, tmp_path, preset="flux", **options)
+    path = save(network, tmp_path / f"{algo}.safetensors")
+    errors = check_producer_file(tiny_flux, network, path)
+    assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha"])
+def test_lycoris_standalone_names(tiny_sd, tmp_path: Path, algo: str) -> None:
+    network = standalone_network(tiny_sd, algo)
+    path = save(network, tmp_path / f"{algo}.safetensors")
+    assert all(k.startswith("lycoris_") for k in safe_keys(path))
+    errors = check_producer_file(tiny_sd, network, path)
+    assert max(errors.values()) <= TOL, errors
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_fp16_files_are_rebuilt_in_fp32(tiny_sd, tmp_path: Path, algo: str) -> None:
+    """An fp16 file's factors are exact fp16 values; the rebuilt ΔW must not be rounded to fp16 again."""
+    network = lycoris_network(tiny_sd, algo, tmp_path, text=False)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.copy_(param.half().float())
+    path = save(network, tmp_path / f"{algo}.safetensors", torch.float16)
+    outputs = producer_outputs(network)
+    remove(network)
+    adapter = read_adapter(path, "sd1", shapes=make_composable(tiny_sd).model_shapes())
+    assert all(t.dtype == torch.float32 for t in adapter.tensors())
+    errors = _layer_errors(outputs, adapter, tiny_sd)
+    assert max(errors.values()) <= 1e-6, max(errors.values())
+
+
+def test_norm_layers_and_bias_diffs_are_refused(tiny_sd, tmp_path: Path) -> None:
+    norm = lycoris_network(tiny_sd, "locon", tmp_path, preset="norm", text=False, train_norm=True)
+    norm_path = save(norm, tmp_path / "norm.safetensors")
+    remove(norm)
+    full = lycoris_network(tiny_sd, "full", tmp_path, preset="attn", text=False)
+    full_path = save(full, tmp_path / "full.safetensors")
+    remove(full)
+    pipe = make_composable(tiny_sd)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    for path, words in ((norm_path, "w_norm"), (full_path, "diff_b")):
+        with pytest.raises(UnknownLayoutError, match=words) as caught:
+            pipe.add_adapter_file(path)
+        assert path.name in str(caught.value)
+        assert "fix:" in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_kohya_lora_adapting_only_q_and_v_of_the_text_encoder(tiny_sd, tmp_path: Path) -> None:
+    """A plain kohya LoRA (lora_down/lora_up/alpha) whose text-encoder part has no out_proj: diffusers' own key
+    inference fails on it (untyped ValueError); we name the layout and read it exactly."""
+    network = lycoris_network(tiny_sd, "locon", tmp_path, preset="qv")
+    path = save(network, tmp_path / "qv.safetensors")
+    assert probe(path).format == "kohya"
+    assert any("q_proj" in k for k in safe_keys(path)) and not any("out_proj" in k for k in safe_keys(path))
+    errors = check_producer_file(tiny_sd, network, path)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_relative_kinds_need_shapes(tiny_sd, tmp_path: Path) -> None:
+    network = lycoris_network(tiny_sd, "ia3", tmp_path, preset="ia3")
+    path = save(network, tmp_path / "ia3.safetensors")
+    remove(network)
+    with pytest.raises(ComposerError, match="add_adapter_file"):
+        read_adapter(path)
+
+
+def test_stacking_relative_adapters_versus_sequential(tiny_sd, tmp_path: Path) -> None:
+    """Two weight-relative adapters stack as W₀ + ΔW₁ + ΔW₂ (each against W₀); applying them one after another in
+    LyCORIS gives f₂(f₁(W₀)). Single adapters are exact; the stack differs from sequential by a second-order term."""
+    first = lycoris_network(tiny_sd, "ia3", tmp_path, preset="ia3", text=False, seed=1)
+    first_path = save(first, tmp_path / "ia3.safetensors")
+    remove(first)
+    second = lycoris_network(tiny_sd, "ia3", tmp_path, preset="ia3", text=False, seed=2)
+    second_path = save(second, tmp_path / "ia3b.safetensors")
+    remove(second)
+    pipe = make_composable(tiny_sd)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    w0 = pipe.unet.get_submodule(key).weight.detach().clone()
+    pipe.add_adapter_file(first_path, name="a")
+    pipe.add_adapter_file(second_path, name="b")
+    pipe.set_composition({"a": 1.0, "b": 1.0})
+    stacked = pipe.unet.get_submodule(key).weight.detach().clone()
+    pipe.clear_composition()
+    s1 = safe_tensor(first_path, "lora_unet_" + key.replace(".", "_") + ".weight")
+    s2 = safe_tensor(second_path, "lora_unet_" + key.replace(".", "_") + ".weight")
+    additive = w0 * (1 + s1 + s2)[:, None]
+    sequential = w0 * ((1 + s1) * (1 + s2))[:, None]
+    assert relative_error(stacked, additive) <= 1e-6
+    gap = relative_error(stacked, sequential)
+    assert 1e-5 < gap < 1e-2, gap
+
+
+def safe_keys(path: Path) -> list[str]:
+    """Tensor names of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())
+
+
+def safe_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor(key)

@@ -154,11 +154,16 @@ def _to_peft_names(state_dict: Mapping[str, torch.Tensor], text: bool) -> dict[s
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
     )
+    from diffusers.utils.state_dict_utils import StateDictType
 
     if all(".lora_A." in k or ".lora_B." in k for k in state_dict):
         return dict(state_dict)
     if text:
-        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state_dict)))
+        # diffusers infers the old ``to_k_lora`` layout only from a ``to_out_lora`` key: a file adapting just some
+        # projections (say q and v) makes its inference fail, so name the layout when its keys show it.
+        old = any(".to_q_lora." in k or ".to_k_lora." in k or ".to_v_lora." in k for k in state_dict)
+        kind = StateDictType.DIFFUSERS_OLD if old else None
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state_dict), original_type=kind))
     return convert_unet_state_dict_to_peft(dict(state_dict))
 
 

@@ -212,6 +212,17 @@ def _names_from_model(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     return lookup
 
 
+def _kohya_spelling(name: str) -> str:
+    """The name as kohya spells it: ``lycoris_`` → ``lora_unet_``, CLIP paths with ``text_model_`` (LyCORIS on
+    transformers ≥ 5 writes them without)."""
+    if name.startswith("lycoris_"):
+        return "lora_unet_" + name.removeprefix("lycoris_")
+    for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
+        if name.startswith(prefix) and not name.startswith(prefix + "text_model_"):
+            return prefix + "text_model_" + name.removeprefix(prefix)
+    return name
+
+
 def _canonical_names(
     names: list[str], path: Path, layers_per_block: int, shapes: Mapping[str, tuple[int, ...]] | None
 ) -> dict[str, str]:
@@ -222,7 +233,7 @@ def _canonical_names(
     result = {n: from_model[n] for n in names if n in from_model}
     rest = [n for n in names if "." not in n and n not in result]
     if rest:
-        kohya = {n: "lora_unet_" + n.removeprefix("lycoris_") if n.startswith("lycoris_") else n for n in rest}
+        kohya = {n: _kohya_spelling(n) for n in rest}
         mapped = kohya_module_paths(list(kohya.values()), path, layers_per_block=layers_per_block)
         result.update({n: mapped[kohya[n]] for n in rest})
     for name in names:
