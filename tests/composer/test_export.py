@@ -17,12 +17,12 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "weights_index"))
 
-from producers import lycoris_network, pipeline_latents, relative_error, remove, save  # noqa: E402
+from producers import lycoris_network, pipeline_latents, relative_error, remove, save
 
-from composer.cli import main  # noqa: E402
-from composer.facade import Composer  # noqa: E402
-from composer.mixin import make_composable  # noqa: E402
-from composer.presets import load_preset  # noqa: E402
+from composer.cli import main
+from composer.facade import Composer
+from composer.mixin import make_composable
+from composer.presets import load_preset
 
 TOL = 1e-5
 
