@@ -50,6 +50,10 @@ CASES = {
 }
 
 
+UNFUSED = ("locon", "loha", "lokr-tucker", "locon-dora", "ia3", "boft", "glora")
+"""Cases also checked unfused (the unfused paths are per kind: factors, dense/effective weight; others fused only)."""
+
+
 def _module_keys(pipe) -> dict[int, str]:
     """id(module) → canonical key, found by identity in the pipeline (independent of any name mapping)."""
     keys = {}
@@ -76,26 +80,25 @@ def _layer_errors(outputs, adapter, pipe) -> dict[str, float]:
     return errors
 
 
-def check_producer_file(pipe, network, path: Path) -> dict[str, float]:
-    """Read exact per layer and composed exact (fused and unfused) against the applied network; returns errors."""
+def check_producer_file(pipe, network, path: Path, *, unfused: bool = True) -> dict[str, float]:
+    """Read exact per layer (the adapter ``add_adapter_file`` registered, read with the pipeline's shapes) and
+    composed exact (fused, and unfused if asked) against the applied network; returns the worst errors."""
     want = pipeline_latents(pipe)
     outputs = producer_outputs(network)
     remove(network)
     composable = make_composable(pipe)
-    adapter = read_adapter(path, composable.family, shapes=composable.model_shapes())
+    base = pipeline_latents(composable)
+    assert relative_error(base, want) > 1e-4, "the adapter must change the output (100× the tolerance)"
+    composable.add_adapter_file(path, name="a")
+    adapter = composable.adapters["a"]
     layer_errors = _layer_errors(outputs, adapter, pipe)
     assert len(layer_errors) == len(dict(adapter.all_layers()))
-    base = pipeline_latents(pipe)
-    assert relative_error(base, want) > 1e-3, "the adapter must change the output"
-    composable.add_adapter_file(path, name="a")
     composable.set_composition({"a": 1.0})
-    fused = pipeline_latents(composable)
-    composable.set_composition({"a": 1.0}, fuse=False)
-    unfused = pipeline_latents(composable)
+    errors = {"layer": max(layer_errors.values()), "fused": relative_error(pipeline_latents(composable), want)}
+    if unfused:
+        composable.set_composition({"a": 1.0}, fuse=False)
+        errors["unfused"] = relative_error(pipeline_latents(composable), want)
     composable.clear_composition()
-    assert torch.equal(pipeline_latents(composable), base)
-    errors = {"layer": max(layer_errors.values()), "fused": relative_error(fused, want)}
-    errors["unfused"] = relative_error(unfused, want)
     return errors
 
 
@@ -116,7 +119,7 @@ def test_lycoris_kohya_sd1(tiny_sd, tmp_path: Path, case: str) -> None:
         _zero_bias_diffs(network)
     path = save(network, tmp_path / f"{case}.safetensors")
     assert probe(path).family == "sd1"
-    errors = check_producer_file(tiny_sd, network, path)
+    errors = check_producer_file(tiny_sd, network, path, unfused=case in UNFUSED)
     assert max(errors.values()) <= TOL, errors
 
 
