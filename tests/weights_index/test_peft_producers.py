@@ -71,32 +71,42 @@ def _apply(module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tor
     return torch.nn.functional.linear(x, delta.reshape(module.weight.shape))
 
 
-@pytest.mark.parametrize("kind", ["lora", "rslora", "dora", "loha", "lokr", "shira"])
-def test_peft_save_pretrained_folder(tiny_sd, tmp_path: Path, kind: str) -> None:
+PEFT_KINDS = ("lora", "rslora", "dora", "loha", "lokr", "shira")
+
+
+def check_peft_folder(pipe, kind: str, folder: Path) -> dict[str, float]:
+    """Save a perturbed PEFT ``kind`` adapter of ``pipe``'s UNet to ``folder``; return the worst per-layer error
+    (read with the pipeline's shapes) and the fused / unfused composed errors against PEFT's own forward."""
     from peft import get_peft_model
 
-    model = get_peft_model(tiny_sd.unet, _config(kind))
+    model = get_peft_model(pipe.unet, _config(kind))
     _perturb(model)
-    folder = tmp_path / f"peft-{kind}"
     model.save_pretrained(str(folder))
-    want = pipeline_latents(tiny_sd)
-    outputs = _peft_layer_outputs(tiny_sd.unet)
-    tiny_sd.unet = model.unload()
-    pipe = make_composable(tiny_sd)
-    base = pipeline_latents(pipe)
-    assert relative_error(base, want) > 1e-4
+    want = pipeline_latents(pipe)
+    outputs = _peft_layer_outputs(pipe.unet)
+    pipe.unet = model.unload()
+    pipe = make_composable(pipe)
+    assert relative_error(pipeline_latents(pipe), want) > 1e-4
     adapter = read_adapter(folder, "sd1", shapes=pipe.model_shapes())
     assert adapter.name == folder.name
     assert probe(folder).num_layers == len(outputs)
+    errors = {"layer": 0.0}
     for key, (module, x, expected) in outputs.items():
-        kind_ = adapter.layers[key]
-        delta = kind_.resolve(module.weight).delta() if isinstance(kind_, Relative) else kind_.delta(torch.float32)
-        assert relative_error(_apply(module, x, delta), expected) <= TOL, key
+        update = adapter.layers[key]
+        delta = update.resolve(module.weight).delta() if isinstance(update, Relative) else update.delta(torch.float32)
+        errors["layer"] = max(errors["layer"], relative_error(_apply(module, x, delta), expected))
     pipe.add_adapter_file(folder)
     pipe.set_composition({folder.name: 1.0})
-    assert relative_error(pipeline_latents(pipe), want) <= TOL
+    errors["fused"] = relative_error(pipeline_latents(pipe), want)
     pipe.set_composition({folder.name: 1.0}, fuse=False)
-    assert relative_error(pipeline_latents(pipe), want) <= TOL
+    errors["unfused"] = relative_error(pipeline_latents(pipe), want)
+    return errors
+
+
+@pytest.mark.parametrize("kind", PEFT_KINDS)
+def test_peft_save_pretrained_folder(tiny_sd, tmp_path: Path, kind: str) -> None:
+    errors = check_peft_folder(tiny_sd, kind, tmp_path / f"peft-{kind}")
+    assert max(errors.values()) <= TOL, errors
 
 
 def test_peft_shira_file_through_add_adapter_file_without_shapes(tiny_sd, tmp_path: Path) -> None:
@@ -114,14 +124,12 @@ def test_peft_shira_file_through_add_adapter_file_without_shapes(tiny_sd, tmp_pa
     assert relative_error(pipeline_latents(pipe), want) <= TOL
 
 
-@pytest.mark.parametrize("preset", ["tiny_sd", "tiny_sdxl", "tiny_flux"])
-def test_diffusers_save_lora_weights(preset: str, request, tmp_path: Path) -> None:
-    """Files written by the pipeline class's ``save_lora_weights`` (denoiser + CLIP text-encoder LoRA) compose to
-    the latents of the PEFT-injected pipeline that wrote them."""
+def check_diffusers_file(pipe, fresh, folder: Path) -> dict[str, float]:
+    """Write ``pipe``'s perturbed denoiser + CLIP LoRA with the pipeline class's ``save_lora_weights`` (adapter
+    metadata included, as training scripts pass it) and compose the file on ``fresh()`` (an untouched copy)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = request.getfixturevalue(preset)
     denoiser_name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     denoiser = getattr(pipe, denoiser_name)
     denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"]))
@@ -134,12 +142,25 @@ def test_diffusers_save_lora_weights(preset: str, request, tmp_path: Path) -> No
         f"{denoiser_name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
         "text_encoder_lora_adapter_metadata": pipe.text_encoder.peft_config["default"].to_dict(),
     }
-    type(pipe).save_lora_weights(str(tmp_path), **layers, weight_name="lora.safetensors")
+    type(pipe).save_lora_weights(str(folder), **layers, weight_name="lora.safetensors")
     want = pipeline_latents(pipe)
+    ours = make_composable(fresh())
+    assert relative_error(pipeline_latents(ours), want) > 1e-4
+    ours.add_adapter_file(folder / "lora.safetensors", name="d")
+    ours.set_composition({"d": 1.0})
+    return {"fused": relative_error(pipeline_latents(ours), want)}
+
+
+@pytest.mark.parametrize("preset", ["tiny_sd", "tiny_sdxl", "tiny_flux"])
+def test_diffusers_save_lora_weights(preset: str, request, tmp_path: Path) -> None:
+    """Files written by the pipeline class's ``save_lora_weights`` (denoiser + CLIP text-encoder LoRA) compose to
+    the latents of the PEFT-injected pipeline that wrote them."""
     folder = request.getfixturevalue(f"{preset}_path")
-    pipe = make_composable(load_preset(folder.name, cache_dir=folder.parent))
-    pipe.set_progress_bar_config(disable=True)
-    assert relative_error(pipeline_latents(pipe), want) > 1e-4
-    pipe.add_adapter_file(tmp_path / "lora.safetensors", name="d")
-    pipe.set_composition({"d": 1.0})
-    assert relative_error(pipeline_latents(pipe), want) <= TOL
+
+    def fresh():
+        pipe = load_preset(folder.name, cache_dir=folder.parent)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    errors = check_diffusers_file(request.getfixturevalue(preset), fresh, tmp_path)
+    assert max(errors.values()) <= TOL, errors
