@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.adapters import Adapter, AdapterKind, LowRank, validate_shapes
+from fusion.adapters import Adapter, AdapterKind, Dense, LowRank, validate_shapes
 from fusion.errors import CompositionError, ShapeMismatchError
 from fusion.layer_groups import BlockLayout
 from fusion.layers import ComposedLayer, GateState, compose, is_composable
@@ -162,6 +162,12 @@ class FusionEngine:
             normalised = self._resolve_relative(normalised)
             for key, kind in normalised.all_layers():
                 base = self._targets[key].base
+                if isinstance(kind, Dense) and kind.bias is not None and base.bias is None:
+                    raise ShapeMismatchError(
+                        f"adapter {adapter.name!r} updates the bias of {key!r}, which has no bias in this model",
+                        path=adapter.source,
+                        hint="the adapter was made for a different base model",
+                    )
                 if isinstance(kind, LowRank) and kind.is_conv and getattr(base, "groups", 1) != 1:
                     raise ShapeMismatchError(
                         f"adapter {adapter.name!r} puts a LoCon update on grouped conv {key!r}",

@@ -46,11 +46,6 @@ def lycoris_case(family: str, algo: str, options: dict, cache: Path, folder: Pat
         network = standalone_network(pipe, algo)
     else:
         network = lycoris_network(pipe, algo, folder, preset=preset, **options)
-    if algo == "full":
-        with torch.no_grad():
-            for module in network.loras:
-                if getattr(module, "bias", None) is not None and module.org_bias is not None:
-                    module.bias.copy_(module.org_bias[0])
     path = save(network, folder / f"{family}-{algo}.safetensors")
     return check_producer_file(pipe, network, path)
 
@@ -108,15 +103,6 @@ def rows(cache: Path, folder: Path) -> list[tuple[str, str, str, str, Callable[[
             "sd1",
             "lycoris kohya",
             lambda: refusal("sd1", "locon", {"preset": "norm", "train_norm": True}, cache, folder),
-        )
-    )
-    found.append(
-        (
-            "full",
-            "diff_b ≠ 0",
-            "sd1",
-            "lycoris kohya",
-            lambda: refusal("sd1", "full", {"preset": "attn"}, cache, folder),
         )
     )
     for kind in PEFT_KINDS:

@@ -22,6 +22,7 @@ from producers import (
 )
 
 from composer.mixin import make_composable
+from fusion.adapters import Dense
 from fusion.errors import ComposerError, UnknownLayoutError
 from fusion.relative import Relative
 from weights_index.reader import probe, read_adapter
@@ -50,7 +51,7 @@ CASES = {
 }
 
 
-UNFUSED = ("locon", "loha", "lokr-tucker", "locon-dora", "ia3", "boft", "glora")
+UNFUSED = ("locon", "loha", "lokr-tucker", "locon-dora", "ia3", "full", "boft", "glora")
 """Cases also checked unfused (the unfused paths are per kind: factors, dense/effective weight; others fused only)."""
 
 
@@ -76,7 +77,10 @@ def _layer_errors(outputs, adapter, pipe) -> dict[str, float]:
         key = keys[id(module)]
         kind = layers.get(key) or layers[key.replace("text_encoder.", "text_encoder.text_model.", 1)]
         delta = kind.resolve(module.weight).delta() if isinstance(kind, Relative) else kind.delta(torch.float32)
-        errors[name] = relative_error(apply_weight(module, x, delta.reshape(module.weight.shape)), want)
+        got = apply_weight(module, x, delta.reshape(module.weight.shape))
+        if isinstance(kind, Dense) and kind.bias is not None:
+            got = got + kind.bias_delta(got.dtype).reshape((1, -1, 1, 1) if got.dim() == 4 else (-1,))
+        errors[name] = relative_error(got, want)
     return errors
 
 
@@ -102,21 +106,11 @@ def check_producer_file(pipe, network, path: Path, *, unfused: bool = True) -> d
     return errors
 
 
-def _zero_bias_diffs(network) -> None:
-    """Make LyCORIS full/diff modules store diff_b = 0 (bias updates are refused; see the test below)."""
-    with torch.no_grad():
-        for module in network.loras:
-            if getattr(module, "bias", None) is not None and module.org_bias is not None:
-                module.bias.copy_(module.org_bias[0])
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_lycoris_kohya_sd1(tiny_sd, tmp_path: Path, case: str) -> None:
     algo, options = CASES[case]
     options = dict(options)
     network = lycoris_network(tiny_sd, algo, tmp_path, preset=options.pop("preset", "full"), **options)
-    if algo == "full":
-        _zero_bias_diffs(network)
     path = save(network, tmp_path / f"{case}.safetensors")
     assert probe(path).family == "sd1"
     errors = check_producer_file(tiny_sd, network, path, unfused=case in UNFUSED)
@@ -165,20 +159,40 @@ def test_fp16_files_are_rebuilt_in_fp32(tiny_sd, tmp_path: Path, algo: str) -> N
     assert max(errors.values()) <= 1e-6, max(errors.values())
 
 
-def test_norm_layers_and_bias_diffs_are_refused(tiny_sd, tmp_path: Path) -> None:
+def test_norm_layers_are_refused(tiny_sd, tmp_path: Path) -> None:
     norm = lycoris_network(tiny_sd, "locon", tmp_path, preset="norm", text=False, train_norm=True)
-    norm_path = save(norm, tmp_path / "norm.safetensors")
+    path = save(norm, tmp_path / "norm.safetensors")
     remove(norm)
-    full = lycoris_network(tiny_sd, "full", tmp_path, preset="attn", text=False)
-    full_path = save(full, tmp_path / "full.safetensors")
-    remove(full)
     pipe = make_composable(tiny_sd)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    for path, words in ((norm_path, "w_norm"), (full_path, "diff_b")):
-        with pytest.raises(UnknownLayoutError, match=words) as caught:
-            pipe.add_adapter_file(path)
-        assert path.name in str(caught.value)
-        assert "fix:" in str(caught.value)
+    with pytest.raises(UnknownLayoutError, match="w_norm") as caught:
+        pipe.add_adapter_file(path)
+    assert path.name in str(caught.value)
+    assert "fix:" in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+def test_bias_updates_switch_and_restore_exactly(tiny_sd, tmp_path: Path) -> None:
+    """LyCORIS full/diff's bias updates follow the composition's weights fused, unfused and per step, and clearing
+    restores every bias bit-exactly."""
+    network = lycoris_network(tiny_sd, "full", tmp_path, preset="attn", text=False)
+    path = save(network, tmp_path / "full.safetensors")
+    remove(network)
+    assert any(k.endswith(".diff_b") for k in safe_keys(path))
+    pipe = make_composable(tiny_sd)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.add_adapter_file(path, name="full")
+    pipe.set_composition({"full": 0.5})
+    half_fused = pipeline_latents(pipe)
+    pipe.set_composition({"full": 0.5}, fuse=False)
+    assert relative_error(pipeline_latents(pipe), half_fused) <= TOL
+    pipe.set_composition({"full": 1.0})
+    merged = pipeline_latents(pipe)
+    pipe.set_composition({"full": 1.0}, method="composite")
+    assert relative_error(pipeline_latents(pipe), merged) <= TOL
+    pipe.set_composition({"full": "0@0,1@1"})
+    pipeline_latents(pipe)
+    pipe.clear_composition()
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
 
 

@@ -265,7 +265,7 @@ def _to_conv(update: AdapterKind, shape: tuple[int, ...]) -> AdapterKind:
         down = update.down.reshape(update.rank, *shape[1:])
         return LowRank(down=down, up=update.up[:, :, None, None], alpha=update.alpha)
     if isinstance(update, Dense):
-        return Dense(weight=update.weight.reshape(shape), scale=update.scale)
+        return Dense(weight=update.weight.reshape(shape), scale=update.scale, bias=update.bias)
     return update
 
 

@@ -8,7 +8,7 @@ algorithm      tensors                          update
 =============  ===============================  =============================================================
 LoCon          ``lora_down/up.weight``,         :class:`LowRank`; with a Tucker core (conv) the core is folded
                ``lora_mid.weight``, ``alpha``   into the down factor: down'[a,i,h,w] = Σ_b mid[a,b,h,w]·down[b,i]
-full / diff    ``diff`` (``diff_b`` bias)       :class:`Dense` ΔW = diff; bias updates are refused (typed)
+full / diff    ``diff``, ``diff_b``             :class:`Dense` ΔW = diff with bias update Δb = diff_b
 IA3            ``weight``, ``on_input``         :class:`~fusion.relative.ChannelScale`
 diag-OFT/BOFT  ``oft_blocks`` (3-D / 4-D),      :class:`~fusion.relative.Orthogonal`, constraint = alpha·out
                ``alpha``, ``rescale``
@@ -82,16 +82,12 @@ def locon_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> 
 
 
 def full_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> Dense:
-    """A full-weight difference ``diff``; a non-zero bias difference ``diff_b`` is refused."""
+    """A full-weight difference ``diff`` and, if stored, the bias difference ``diff_b``."""
     bias = parts.get("diff_b")
-    if bias is not None and bool(bias.ne(0).any()):
-        raise UnknownLayoutError(
-            f"LyCORIS full/diff module {module!r} also changes the layer's bias (diff_b); LoRA Composer composes "
-            "weight updates only",
-            path=path,
-            hint="apply the file with LyCORIS/A1111 directly, or " + LYCORIS_FIX,
-        )
-    return Dense(weight=parts["diff"].float())
+    try:
+        return Dense(weight=parts["diff"].float(), bias=None if bias is None else bias.float().reshape(-1))
+    except ShapeMismatchError as exc:
+        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
 
 
 def ia3_update(
