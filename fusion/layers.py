@@ -1,5 +1,7 @@
 """Composed layers: one base Linear/Conv2d plus every attached adapter's update, computed in one pair of matmuls.
 
+(Affine LayerNorm/GroupNorm layers are composed too, for dense updates of their weight and bias only.)
+
 A composed layer replaces the base module in its parent but keeps the base module object as ``.base`` (and forwards
 attribute lookups to it, so ``layer.weight`` / ``layer.in_features`` still work for diffusers code; ``state_dict``
 keys stay the base's, so saving a composed model writes the usual names — with the fused weights while fused).
@@ -433,7 +435,7 @@ class ComposedLayer(nn.Module, ABC):
             flat.addmm_(self.up_cat.flatten(1).to(work.dtype) * gate, self.down_cat.flatten(1).to(work.dtype))
         extra = self._combined_extra(weights, work.dtype)
         if extra is not None:
-            flat += extra.flatten(1)
+            flat += extra.reshape(flat.shape)
         if not direct:
             target.copy_(work)
 
@@ -663,15 +665,56 @@ class ComposedConv2d(ComposedLayer):
         return gate.reshape(gate.shape[0], gate.shape[1], *([1] * (h.dim() - 2)))
 
 
+class ComposedNorm(ComposedLayer):
+    """A composed ``nn.LayerNorm`` / ``nn.GroupNorm`` (LyCORIS norm training): dense updates of its affine weight and
+    bias, y = normalise(x)·(w + Σ wᵢΔwᵢ) + b + Σ wᵢΔbᵢ. Low-rank updates never target it (their shapes are ≥ 2-D)."""
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        if isinstance(base, nn.GroupNorm):
+            return F.group_norm(x, base.num_groups, None, None, base.eps)
+        return F.layer_norm(x, base.normalized_shape, None, None, base.eps)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        raise CompositionError(f"norm layer {self.key!r} takes dense updates only, not LoRA factors")
+
+    def _add_up(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        raise CompositionError(f"norm layer {self.key!r} takes dense updates only, not LoRA factors")
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        base = self.base
+        if isinstance(base, nn.GroupNorm):
+            return F.group_norm(x, base.num_groups, weight, bias, base.eps)
+        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+
+    def _apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        normalised = self._normalised(x)
+        if isinstance(self.base, nn.GroupNorm):
+            return normalised * delta.reshape(1, -1, *([1] * (x.dim() - 2)))
+        return normalised * delta
+
+    def _broadcast(self, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, nn.GroupNorm):
+            return gate.reshape(gate.shape[0], gate.shape[1], *([1] * (h.dim() - 2)))
+        return gate.reshape(gate.shape[0], *([1] * (h.dim() - 2)), gate.shape[1])
+
+
 def compose(base: nn.Module, key: str, group: int, state: GateState) -> ComposedLayer:
-    """Wrap ``base`` (an ``nn.Linear`` or ``nn.Conv2d``) in the matching composed layer."""
+    """Wrap ``base`` (an ``nn.Linear``, ``nn.Conv2d`` or affine ``nn.LayerNorm`` / ``nn.GroupNorm``) in the
+    matching composed layer."""
     if isinstance(base, nn.Linear):
         return ComposedLinear(base, key, group, state)
     if isinstance(base, nn.Conv2d):
         return ComposedConv2d(base, key, group, state)
-    raise CompositionError(f"module {key!r} is a {type(base).__name__}; only Linear and Conv2d layers can be composed")
+    if isinstance(base, (nn.LayerNorm, nn.GroupNorm)) and base.weight is not None:
+        return ComposedNorm(base, key, group, state)
+    raise CompositionError(
+        f"module {key!r} is a {type(base).__name__}; only Linear, Conv2d and affine norm layers can be composed"
+    )
 
 
 def is_composable(module: nn.Module) -> bool:
     """True for module types :func:`compose` accepts."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return module.weight is not None
     return isinstance(module, (nn.Linear, nn.Conv2d))

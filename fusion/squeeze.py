@@ -82,9 +82,10 @@ def squeeze_update(
 def combine(weighted: Iterable[tuple[AdapterKind, float]]) -> LowRank | Dense:
     """The exact Σ wᵢ·ΔWᵢ of one layer's updates: concatenated factors when all are low-rank, else dense."""
     items = [(kind, w) for kind, w in weighted if w != 0.0]
-    if any(isinstance(kind, Dense) and kind.bias is not None for kind, _ in items):
+    if any((isinstance(kind, Dense) and kind.bias is not None) or len(kind.shape) == 1 for kind, _ in items):
         raise CompositionError(
-            "a layer's composition includes a bias update (LyCORIS full/diff diff_b), which LoRA factors cannot hold",
+            "a layer's composition includes a bias or norm-layer update (LyCORIS diff_b, w_norm/b_norm), which LoRA "
+            "factors cannot hold",
             hint="export without that adapter, or apply it separately",
         )
     if not items:

@@ -119,3 +119,12 @@ def test_convert_to_lora_squeezes_a_lycoris_file(two_files, tiny_sd_path: Path, 
     assert main(["convert", str(first), "--to", "lora", "--model", "tiny-sd", "--out", str(exact)]) == 0
     want = _composed(tiny_sd_path, first)
     assert relative_error(_composed(tiny_sd_path, exact), want) <= TOL
+
+
+def test_export_refuses_bias_updates(tiny_sd, tmp_path: Path, capsys) -> None:
+    network = lycoris_network(tiny_sd, "full", tmp_path, preset="attn", text=False)
+    path = save(network, tmp_path / "full.safetensors")
+    remove(network)
+    assert main(["export", f"<lora:{path}:1.0>", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "bias" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -19,11 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[2])]
 
 import torch  # noqa: E402
-from producers import lycoris_network, remove, save, standalone_network  # noqa: E402
+from producers import lycoris_network, save, standalone_network  # noqa: E402
 from test_lycoris_producers import CASES, TOL, check_producer_file  # noqa: E402
 from test_peft_producers import PEFT_KINDS, check_diffusers_file, check_peft_folder  # noqa: E402
 
-from composer.mixin import make_composable  # noqa: E402
 from composer.presets import ensure_preset, load_preset  # noqa: E402
 from fusion.errors import ComposerError  # noqa: E402
 
@@ -48,17 +47,6 @@ def lycoris_case(family: str, algo: str, options: dict, cache: Path, folder: Pat
         network = lycoris_network(pipe, algo, folder, preset=preset, **options)
     path = save(network, folder / f"{family}-{algo}.safetensors")
     return check_producer_file(pipe, network, path)
-
-
-def refusal(family: str, algo: str, options: dict, cache: Path, folder: Path) -> dict[str, float]:
-    """Add a file that must be refused; raises the typed error it gets."""
-    pipe = fresh(family, cache)
-    options = dict(options)
-    network = lycoris_network(pipe, algo, folder, preset=options.pop("preset"), text=False, **options)
-    path = save(network, folder / f"refused-{algo}.safetensors")
-    remove(network)
-    make_composable(pipe).add_adapter_file(path)
-    return {}
 
 
 def rows(cache: Path, folder: Path) -> list[tuple[str, str, str, str, Callable[[], dict[str, float]]]]:
@@ -94,15 +82,6 @@ def rows(cache: Path, folder: Path) -> list[tuple[str, str, str, str, Callable[[
             "sd1",
             "lycoris kohya",
             lambda: lycoris_case("sd1", "locon", {"preset": "qv"}, cache, folder),
-        )
-    )
-    found.append(
-        (
-            "norm",
-            "train_norm",
-            "sd1",
-            "lycoris kohya",
-            lambda: refusal("sd1", "locon", {"preset": "norm", "train_norm": True}, cache, folder),
         )
     )
     for kind in PEFT_KINDS:

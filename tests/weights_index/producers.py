@@ -154,17 +154,26 @@ def remove(network: nn.Module) -> None:
 
 
 def module_input(module: nn.Module, gen: torch.Generator) -> torch.Tensor:
-    """A random input batch for a Linear (…, in) or Conv2d (N, in, 6, 6)."""
+    """A random input batch for a Linear / LayerNorm (…, C) or a Conv2d / GroupNorm (N, C, 6, 6)."""
     if isinstance(module, nn.Conv2d):
         return torch.randn(2, module.in_channels, 6, 6, generator=gen)
+    if isinstance(module, nn.GroupNorm):
+        return torch.randn(2, module.num_channels, 6, 6, generator=gen)
+    if isinstance(module, nn.LayerNorm):
+        return torch.randn(3, *module.normalized_shape, generator=gen)
     return torch.randn(3, module.in_features, generator=gen)
 
 
 def apply_weight(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The module's operation with ``weight`` and no bias."""
+    """The module's operation with ``weight`` and no bias (for a norm: the normalised input times ``weight``)."""
+    weight = weight.to(x.dtype)
     if isinstance(module, nn.Conv2d):
-        return module._conv_forward(x, weight.to(x.dtype), None)
-    return F.linear(x, weight.to(x.dtype))
+        return module._conv_forward(x, weight, None)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, weight, None, module.eps)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, weight, None, module.eps)
+    return F.linear(x, weight)
 
 
 @torch.no_grad()
@@ -204,7 +213,7 @@ def _bias(module: nn.Module, lyco: nn.Module, x: torch.Tensor) -> torch.Tensor:
     bias = bias[0] if isinstance(bias, list) else getattr(module, "bias", None)
     if bias is None:
         return torch.zeros((), dtype=x.dtype)
-    shape = (1, -1, 1, 1) if isinstance(module, nn.Conv2d) else (-1,)
+    shape = (1, -1, 1, 1) if isinstance(module, (nn.Conv2d, nn.GroupNorm)) else (-1,)
     return bias.to(x.dtype).reshape(shape)
 
 

@@ -23,7 +23,7 @@ from producers import (
 
 from composer.mixin import make_composable
 from fusion.adapters import Dense
-from fusion.errors import ComposerError, UnknownLayoutError
+from fusion.errors import ComposerError
 from fusion.relative import Relative
 from weights_index.reader import probe, read_adapter
 
@@ -48,10 +48,11 @@ CASES = {
     "diag-oft-constrained": ("diag-oft", {"preset": "attn", "constraint": 1e-3, "rescaled": True}),
     "boft": ("boft", {"preset": "attn", "text": False}),
     "glora": ("glora", {"preset": "attn"}),
+    "locon-norm": ("locon", {"preset": "norm", "train_norm": True}),
 }
 
 
-UNFUSED = ("locon", "loha", "lokr-tucker", "locon-dora", "ia3", "full", "boft", "glora")
+UNFUSED = ("locon", "loha", "lokr-tucker", "locon-dora", "ia3", "full", "boft", "glora", "locon-norm")
 """Cases also checked unfused (the unfused paths are per kind: factors, dense/effective weight; others fused only)."""
 
 
@@ -79,7 +80,8 @@ def _layer_errors(outputs, adapter, pipe) -> dict[str, float]:
         delta = kind.resolve(module.weight).delta() if isinstance(kind, Relative) else kind.delta(torch.float32)
         got = apply_weight(module, x, delta.reshape(module.weight.shape))
         if isinstance(kind, Dense) and kind.bias is not None:
-            got = got + kind.bias_delta(got.dtype).reshape((1, -1, 1, 1) if got.dim() == 4 else (-1,))
+            channels_first = isinstance(module, (torch.nn.Conv2d, torch.nn.GroupNorm))
+            got = got + kind.bias_delta(got.dtype).reshape((1, -1, 1, 1) if channels_first else (-1,))
         errors[name] = relative_error(got, want)
     return errors
 
@@ -157,19 +159,6 @@ def test_fp16_files_are_rebuilt_in_fp32(tiny_sd, tmp_path: Path, algo: str) -> N
     assert all(t.dtype == torch.float32 for t in adapter.tensors())
     errors = _layer_errors(outputs, adapter, tiny_sd)
     assert max(errors.values()) <= 1e-6, max(errors.values())
-
-
-def test_norm_layers_are_refused(tiny_sd, tmp_path: Path) -> None:
-    norm = lycoris_network(tiny_sd, "locon", tmp_path, preset="norm", text=False, train_norm=True)
-    path = save(norm, tmp_path / "norm.safetensors")
-    remove(norm)
-    pipe = make_composable(tiny_sd)
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    with pytest.raises(UnknownLayoutError, match="w_norm") as caught:
-        pipe.add_adapter_file(path)
-    assert path.name in str(caught.value)
-    assert "fix:" in str(caught.value)
-    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
 
 
 def test_bias_updates_switch_and_restore_exactly(tiny_sd, tmp_path: Path) -> None:

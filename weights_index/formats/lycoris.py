@@ -41,8 +41,8 @@ from weights_index.formats.lycoris_algorithms import (
     glora_update,
     ia3_update,
     locon_update,
+    norm_update,
     oft_update,
-    refuse_norm,
     require,
     with_dora,
 )
@@ -274,7 +274,7 @@ def _module_update(
 ) -> AdapterKind:
     """Dispatch one module to its algorithm's reader; flattened conv factors get the target's conv shape."""
     if "w_norm" in parts or "b_norm" in parts:
-        refuse_norm(name, path)
+        return norm_update(parts, name, path)
     if "oft_blocks" in parts:
         return oft_update(parts, name, path, target)
     if "on_input" in parts or (set(parts) <= {"weight", "alpha"} and "weight" in parts):

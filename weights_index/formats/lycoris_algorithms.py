@@ -15,7 +15,7 @@ diag-OFT/BOFT  ``oft_blocks`` (3-D / 4-D),      :class:`~fusion.relative.Orthogo
 GLoRA          ``a1/a2/b1/b2.weight``, alpha    :class:`~fusion.relative.WeightProduct`, scale = alpha / rank
 DoRA           ``dora_scale`` beside any of     :class:`~fusion.relative.WeightDecomposed` (eps = fp32 epsilon)
                LoCon/LoHa/LoKr
-norm layers    ``w_norm``, ``b_norm``           refused (typed): only Linear/Conv2d weights are composed
+norm layers    ``w_norm``, ``b_norm``           :class:`Dense` Δw = w_norm, Δb = b_norm on the affine norm
 =============  ===============================  =============================================================
 """
 
@@ -148,11 +148,11 @@ def with_dora(update: AdapterKind, magnitude: torch.Tensor, module: str, path: P
         raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
 
 
-def refuse_norm(module: str, path: Path) -> None:
-    """Norm-layer training (``w_norm`` / ``b_norm``) is refused with a typed error."""
-    raise UnknownLayoutError(
-        f"LyCORIS norm-layer module {module!r} (w_norm/b_norm) trains a normalisation layer; LoRA Composer composes "
-        "Linear and Conv2d weights only",
-        path=path,
-        hint="retrain without train_norm, or " + LYCORIS_FIX,
-    )
+def norm_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> Dense:
+    """Norm-layer training: additive updates ``w_norm`` / ``b_norm`` of a LayerNorm/GroupNorm's weight and bias."""
+    require(parts, ("w_norm",), module, path)
+    bias = parts.get("b_norm")
+    try:
+        return Dense(weight=parts["w_norm"].float(), bias=None if bias is None else bias.float().reshape(-1))
+    except ShapeMismatchError as exc:
+        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
