@@ -222,7 +222,8 @@ class Composer:
                 prompt = f"{prompt}, {', '.join(missing)}"
         return prompt
 
-    def _register(self, chosen: list[ChosenAdapter]) -> None:
+    def register(self, chosen: list[ChosenAdapter]) -> None:
+        """Register the chosen adapters with the pipeline (files by path, library entries by name)."""
         pipe = self.pipe
         for item in chosen:
             if item.name in pipe.adapters:
@@ -243,7 +244,8 @@ class Composer:
             item.trigger_words = item.trigger_words or list(entry.trigger_words)
             pipe.add_adapter(self.library.read(item.name), name=item.name)
 
-    def _spec(self, item: ChosenAdapter) -> Any:
+    def spec(self, item: ChosenAdapter) -> Any:
+        """The weight spec of one chosen adapter (a float, or weight + block vector + step window/keyframes)."""
         weight = item.weight
         blocks: Any = item.block_weights
         steps: Any = None
@@ -329,8 +331,8 @@ class Composer:
         captured = _PlotData()
         try:
             if chosen:
-                self._register(chosen)
-                specs = {item.name: self._spec(item) for item in chosen}
+                self.register(chosen)
+                specs = {item.name: self.spec(item) for item in chosen}
                 pipe.set_composition(specs, method=method, fuse=fuse, **options)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             with torch.inference_mode():

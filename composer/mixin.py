@@ -19,14 +19,18 @@ from typing import Any
 
 from composer.presets import preset_family
 from fusion.adapter_cache import AdapterCache, file_key
-from fusion.adapters import Adapter
+from fusion.adapters import Adapter, Dense, LowRank
 from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
+from fusion.squeeze import combine
 from fusion.strategies import get_strategy
 from fusion.strategies.base import Strategy, WeightSpec
-from weights_index.reader import read_adapter
+from weights_index.reader import adapter_file, read_adapter
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+STATIC_CHECK_STEPS = 64
+"""Steps over which :meth:`ComposableMixin.merged_updates` checks that a composition's weights are static."""
 
 ADAPTER_CACHE = AdapterCache()
 """Process-wide host-memory cache of adapters read by :meth:`ComposableMixin.add_adapter_file`."""
@@ -114,11 +118,28 @@ class ComposableMixin:
         self._composer["adapters"][adapter.name] = adapter
         return adapter.name
 
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight shape of every composable layer (denoiser paths and ``text_encoder*.`` keys), as readers take
+        them: they give flattened conv updates their conv shape and weight-relative kinds (IA3, OFT) their shape."""
+        engine = self._composer["engine"]
+        if engine is not None:
+            return dict(engine.expected_shapes)
+        probe = self._engine()
+        try:
+            return dict(probe.expected_shapes)
+        finally:
+            probe.clear()
+            self._composer["engine"] = None
+
     def add_adapter_file(self, path: str | Path, name: str | None = None) -> str:
-        """Read an adapter file (any supported format) for this pipeline's family and register it; returns the
-        name (the file's stem unless ``name`` is given). Files are read once and kept in :data:`ADAPTER_CACHE`."""
+        """Read an adapter file or a PEFT / diffusers checkpoint folder (any supported format) for this pipeline's
+        family and shapes and register it; returns the name (the file's stem unless ``name`` is given). Files are
+        read once per model and kept in :data:`ADAPTER_CACHE`."""
         family = None if self.family == "unknown" else self.family
-        adapter = ADAPTER_CACHE.get((file_key(path), family), lambda: read_adapter(path, family))
+        file = adapter_file(path)
+        shapes = self.model_shapes()
+        key = (file_key(file), family, hash(frozenset(shapes.items())))
+        adapter = ADAPTER_CACHE.get(key, lambda: read_adapter(path, family, shapes=shapes))
         return self.add_adapter(adapter, name=name)
 
     def set_composition(
@@ -159,6 +180,30 @@ class ComposableMixin:
                 self.set_composition(previous["weights"], previous["method"], previous["fuse"], **previous["options"])
             raise
         self._composer["composition"] = {"weights": dict(weights), "method": method, "fuse": fuse, "options": options}
+
+    def merged_updates(self) -> dict[str, LowRank | Dense]:
+        """The exact Σ wᵢ·ΔWᵢ of every adapted layer under the active composition (weight-relative kinds resolved
+        against the pristine weights, block weights applied per layer group): concatenated factors where every
+        update of a layer is low-rank, else dense. Keys are the engine's (denoiser paths, ``text_encoder*.`` keys).
+        Raises :class:`CompositionError` without a composition or when its weights change across steps."""
+        engine = self._composer["engine"]
+        current = self._composer["composition"]
+        if engine is None or current is None:
+            raise CompositionError("no composition is set", hint="call set_composition(...) first")
+        table = engine.weight_table(current["weights"], num_steps=STATIC_CHECK_STEPS)
+        if not bool((table == table[..., :1]).all()):
+            raise CompositionError(
+                "the composition's weights change across steps; only a static composition is one set of weights",
+                hint="drop keyframe schedules and start/stop windows",
+            )
+        weights = table[..., 0]
+        index = {name: i for i, name in enumerate(engine.adapter_names)}
+        merged: dict[str, LowRank | Dense] = {}
+        for key, layer in engine.layers.items():
+            items = [(slot.kind, float(weights[index[slot.name], layer.group])) for slot in layer.slots]
+            if any(w != 0.0 for _, w in items):
+                merged[key] = combine(items)
+        return merged
 
     @property
     def composition_strategy(self) -> Strategy | None:

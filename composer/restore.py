@@ -202,9 +202,9 @@ class Restorer(Composer):
             )
         pipe.set_progress_bar_config(disable=not progress)
         try:
-            self._register(chosen)
+            self.register(chosen)
             prompt = task_prompt([pipe.adapters[item.name] for item in restoration], task)
-            pipe.set_composition({item.name: self._spec(item) for item in chosen}, method=method, fuse=fuse, **options)
+            pipe.set_composition({item.name: self.spec(item) for item in chosen}, method=method, fuse=fuse, **options)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             with torch.inference_mode():
                 output = pipe(prompt=prompt, num_inference_steps=steps, generator=generator, **call).images[0]

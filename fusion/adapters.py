@@ -7,6 +7,9 @@ the ground truth every fast path is tested against:
 - :class:`Sparse` — SHiRA-style sorted flat indices + values into the weight;
 - :class:`Dense` — a full ΔW (LoKr, full fine-tune diffs, anything without a cheaper exact form).
 
+A fourth family, :class:`fusion.relative.Relative` (IA3, OFT/BOFT, DoRA, GLoRA), is a function of the base weight; it
+has no ΔW of its own until the engine resolves it against the pristine weight it adapts (see that module).
+
 An :class:`Adapter` groups them by module path: ``layers`` for the denoiser (UNet or DiT), and
 ``text_encoder_layers`` keyed ``"text_encoder.<path>"`` / ``"text_encoder_2.<path>"``.
 
@@ -19,11 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
 from fusion.errors import ShapeMismatchError
+
+if TYPE_CHECKING:
+    from fusion.relative import Relative
 
 FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 """Base-model families an adapter can be made for. FLUX.1 Kontext shares the ``flux`` family."""
@@ -158,10 +164,20 @@ class Sparse:
 
 @dataclass(frozen=True, eq=False)
 class Dense:
-    """A full update ΔW = scale · weight, for kinds with no cheaper exact form (e.g. LoKr)."""
+    """A full update ΔW = scale · weight, for kinds with no cheaper exact form (e.g. LoKr).
+
+    ``bias`` is an optional bias update Δb = scale · bias (LyCORIS full/diff's ``diff_b``), one value per output.
+    """
 
     weight: torch.Tensor
     scale: float = 1.0
+    bias: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.bias is not None and self.bias.numel() != self.weight.shape[0]:
+            raise ShapeMismatchError(
+                f"bias update of {self.bias.numel()} values for a weight with {self.weight.shape[0]} outputs"
+            )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -175,16 +191,24 @@ class Dense:
             return self.weight.to(out_dtype)
         return (self.weight.float() * self.scale).to(out_dtype)
 
+    def bias_delta(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """Δb with the scale folded in (1-D), or None when the update leaves the bias alone."""
+        if self.bias is None:
+            return None
+        out_dtype = dtype or self.bias.dtype
+        return (self.bias.float().reshape(-1) * self.scale).to(out_dtype)
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors this update owns."""
-        return (self.weight,)
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Dense:
         """A copy on ``device`` / in ``dtype``."""
-        return replace(self, weight=self.weight.to(device=device, dtype=dtype))
+        bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+        return replace(self, weight=self.weight.to(device=device, dtype=dtype), bias=bias)
 
 
-AdapterKind = Union[LowRank, Sparse, Dense]
+AdapterKind = Union[LowRank, Sparse, Dense, "Relative"]
 
 
 @dataclass(eq=False)

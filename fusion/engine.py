@@ -3,8 +3,9 @@
 Attaching walks the model once: every ``nn.Linear`` / ``nn.Conv2d`` of the denoiser (keyed by its module path) and of
 the text encoders (keyed ``text_encoder.<path>`` / ``text_encoder_2.<path>``) is indexed with its weight shape and its
 layer group (:class:`fusion.layer_groups.BlockLayout`). Adding adapters is atomic: every key and shape of every adapter
-is validated (and a SHiRA adapter's base fingerprint checked against the pristine weights) and every tensor converted
-to its target's device and dtype before the first module is touched; a module is replaced by a
+is validated (and a SHiRA adapter's base fingerprint checked against the pristine weights), weight-relative updates
+(IA3, OFT, DoRA, GLoRA) resolved to ΔW = f(W₀) − W₀ against the pristine weights, and every tensor converted to its
+target's device and dtype before the first module is touched; a module is replaced by a
 :class:`fusion.layers.ComposedLayer` only when some adapter targets it.
 
 The denoiser's ``forward`` is wrapped on the instance (no subclassing): each call is looked up in a step table built
@@ -17,6 +18,7 @@ parent and unwraps the forward, leaving the model bit-identical to before the en
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -24,10 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.adapters import Adapter, AdapterKind, LowRank, validate_shapes
+from fusion.adapters import Adapter, AdapterKind, Dense, LowRank, validate_shapes
 from fusion.errors import CompositionError, ShapeMismatchError
 from fusion.layer_groups import BlockLayout
 from fusion.layers import ComposedLayer, GateState, compose, is_composable
+from fusion.relative import Relative
 from fusion.schedules import build_weight_table
 from fusion.sparse import check_base_fingerprint
 from fusion.strategies.base import StepContext, Strategy, WeightSpec
@@ -125,7 +128,8 @@ class FusionEngine:
 
     def validate(self, adapters: Iterable[Adapter]) -> list[Adapter]:
         """Check names and every key/shape against the model; return the adapters with keys and factor layouts
-        normalised to the model's (1×1-conv factors, ``text_model.`` prefixes). Touches nothing, copies no tensor."""
+        normalised to the model's (1×1-conv factors, ``text_model.`` prefixes) and weight-relative updates resolved
+        to ΔW = f(W₀) − W₀ against the pristine weights (:mod:`fusion.relative`). Touches no model tensor."""
         prepared: list[Adapter] = []
         seen = set(self.adapters)
         for adapter in adapters:
@@ -155,8 +159,15 @@ class FusionEngine:
             )
             validate_shapes(normalised, self.expected_shapes)
             check_base_fingerprint(normalised, self._pristine_weights(normalised))
+            normalised = self._resolve_relative(normalised)
             for key, kind in normalised.all_layers():
                 base = self._targets[key].base
+                if isinstance(kind, Dense) and kind.bias is not None and base.bias is None:
+                    raise ShapeMismatchError(
+                        f"adapter {adapter.name!r} updates the bias of {key!r}, which has no bias in this model",
+                        path=adapter.source,
+                        hint="the adapter was made for a different base model",
+                    )
                 if isinstance(kind, LowRank) and kind.is_conv and getattr(base, "groups", 1) != 1:
                     raise ShapeMismatchError(
                         f"adapter {adapter.name!r} puts a LoCon update on grouped conv {key!r}",
@@ -165,6 +176,26 @@ class FusionEngine:
             prepared.append(normalised)
         return prepared
 
+    def _pristine(self, key: str) -> torch.Tensor:
+        """The base weight of ``key`` as it was before any fusing."""
+        layer = self._layers.get(key)
+        return layer.pristine_weight() if layer is not None else self._targets[key].base.weight
+
+    def _resolve_relative(self, adapter: Adapter) -> Adapter:
+        """Turn weight-relative updates (IA3, OFT, DoRA, GLoRA) into ΔW = f(W₀) − W₀ against the pristine weights
+        (:mod:`fusion.relative`); other updates pass through untouched."""
+        if not any(isinstance(kind, Relative) for _, kind in adapter.all_layers()):
+            return adapter
+
+        def resolved(key: str, kind: AdapterKind) -> AdapterKind:
+            return kind.resolve(self._pristine(key)) if isinstance(kind, Relative) else kind
+
+        return dataclasses.replace(
+            adapter,
+            layers={k: resolved(k, v) for k, v in adapter.layers.items()},
+            text_encoder_layers={k: resolved(k, v) for k, v in adapter.text_encoder_layers.items()},
+        )
+
     def _pristine_weights(self, adapter: Adapter) -> dict[str, torch.Tensor]:
         """The unfused base weights of the layers ``adapter`` adapts (for its base fingerprint, if it has one)."""
         meta = adapter.meta.get("safetensors_metadata", adapter.meta)
@@ -172,8 +203,7 @@ class FusionEngine:
             return {}
         weights: dict[str, torch.Tensor] = {}
         for key, _ in adapter.all_layers():
-            layer = self._layers.get(key)
-            weights[key] = layer.pristine_weight() if layer is not None else self._targets[key].base.weight
+            weights[key] = self._pristine(key)
         return weights
 
     def _text_key(self, key: str) -> str:

@@ -1,5 +1,7 @@
 """Composed layers: one base Linear/Conv2d plus every attached adapter's update, computed in one pair of matmuls.
 
+(Affine LayerNorm/GroupNorm layers are composed too, for dense updates of their weight and bias only.)
+
 A composed layer replaces the base module in its parent but keeps the base module object as ``.base`` (and forwards
 attribute lookups to it, so ``layer.weight`` / ``layer.in_features`` still work for diffusers code; ``state_dict``
 keys stay the base's, so saving a composed model writes the usual names — with the fused weights while fused).
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.adapters import AdapterKind, LowRank, Sparse
+from fusion.adapters import AdapterKind, Dense, LowRank, Sparse
 from fusion.errors import CompositionError
 from fusion.sparse_switching import FusedSparse, FusedSparseCache, fuse_sparse, restore_sparse
 
@@ -191,6 +193,7 @@ class ComposedLayer(nn.Module, ABC):
         self.down_cat: torch.Tensor | None = None
         self.up_cat: torch.Tensor | None = None
         self.pristine: torch.Tensor | None = None
+        self.pristine_bias: torch.Tensor | None = None
         self.mixer: Mixer | None = None
         self._saved: FusedSparse | None = None
         self._sparse_cache = FusedSparseCache()
@@ -203,6 +206,7 @@ class ComposedLayer(nn.Module, ABC):
         self._needs_effective = False
         self._prefers_effective = False
         self._effective: torch.Tensor | None = None
+        self._effective_bias: torch.Tensor | None = None
         self._effective_version = -1
         self._seen_version = -1
         self._gate_view: torch.Tensor | None = None
@@ -240,7 +244,7 @@ class ComposedLayer(nn.Module, ABC):
     @property
     def fused(self) -> bool:
         """True while Σ wᵢΔWᵢ is written into the base weight (dense copy or sparse scatter)."""
-        return self.pristine is not None or self._saved is not None
+        return self.pristine is not None or self._saved is not None or self.pristine_bias is not None
 
     @property
     def output_owners(self) -> torch.Tensor:
@@ -335,6 +339,24 @@ class ComposedLayer(nn.Module, ABC):
             total += w[i] * kind.delta(torch.float32)
         return total.to(dtype)
 
+    def _combined_bias(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Σ wᵢΔbᵢ over the dense updates that carry a bias update, or None if none does."""
+        kinds = self._extra_kinds()
+        if not any(isinstance(kind, Dense) and kind.bias is not None for kind in kinds):
+            return None
+        w = weights[self._extra_owner]
+        total = torch.zeros(self.base.weight.shape[0], dtype=torch.float32, device=self.base.weight.device)
+        for i, kind in enumerate(kinds):
+            if isinstance(kind, Dense) and kind.bias is not None:
+                total += w[i] * kind.bias_delta(torch.float32)
+        return total.to(dtype)
+
+    def _merged_bias(self, weights: torch.Tensor) -> torch.Tensor | None:
+        """The base bias plus Σ wᵢΔbᵢ (the base bias itself when no update touches it)."""
+        bias = self.base.bias
+        extra = None if bias is None else self._combined_bias(weights, torch.float32)
+        return bias if extra is None else (bias.detach().float() + extra).to(bias.dtype)
+
     def _gate(self) -> torch.Tensor:
         """This layer's (R,) column gates: a view into the shared buffer (re-sliced only when it is reallocated)."""
         state = self.state
@@ -360,6 +382,7 @@ class ComposedLayer(nn.Module, ABC):
             self._effective = None
         if self._needs_effective or (self._prefers_effective and self._seen_version == version):
             self._effective = self.merged(self.base.weight, self.state.weights[self.group])
+            self._effective_bias = self._merged_bias(self.state.weights[self.group])
             self._effective_version = version
             return self._effective
         self._seen_version = version
@@ -412,7 +435,7 @@ class ComposedLayer(nn.Module, ABC):
             flat.addmm_(self.up_cat.flatten(1).to(work.dtype) * gate, self.down_cat.flatten(1).to(work.dtype))
         extra = self._combined_extra(weights, work.dtype)
         if extra is not None:
-            flat += extra.flatten(1)
+            flat += extra.reshape(flat.shape)
         if not direct:
             target.copy_(work)
 
@@ -450,6 +473,7 @@ class ComposedLayer(nn.Module, ABC):
         """
         param = self.base.weight.detach()
         self._forget()
+        self._fuse_bias(weights)
         sparse = self._sparse_updates(weights)
         if sparse is not None:
             if self.pristine is not None:
@@ -469,6 +493,24 @@ class ComposedLayer(nn.Module, ABC):
             param.copy_(self.pristine)
         self.add_into(param, weights)
 
+    @torch.no_grad()
+    def _fuse_bias(self, weights: torch.Tensor) -> None:
+        """Write pristine b + Σ wᵢΔbᵢ into the base bias (keeping a pristine copy), or put the pristine one back."""
+        bias = self.base.bias
+        extra = None if bias is None else self._combined_bias(weights, torch.float32)
+        if extra is None:
+            self._restore_bias()
+            return
+        if self.pristine_bias is None:
+            self.pristine_bias = bias.detach().clone()
+        bias.copy_((self.pristine_bias.float() + extra).to(bias.dtype))
+
+    @torch.no_grad()
+    def _restore_bias(self) -> None:
+        if self.pristine_bias is not None:
+            self.base.bias.copy_(self.pristine_bias)
+            self.pristine_bias = None
+
     def _restore_sparse(self) -> None:
         if self._saved is not None:
             param = self.base.weight.detach()
@@ -478,7 +520,8 @@ class ComposedLayer(nn.Module, ABC):
 
     @torch.no_grad()
     def unfuse(self) -> None:
-        """Put the pristine weight back (bit-exact) and leave fused mode."""
+        """Put the pristine weight (and bias) back (bit-exact) and leave fused mode."""
+        self._restore_bias()
         if self._saved is not None:
             self._restore_sparse()
             self._forget()
@@ -531,8 +574,8 @@ class ComposedLayer(nn.Module, ABC):
         """y + h through the up factors ``up`` (the gate already applied to ``h``)."""
 
     @abstractmethod
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The base layer's operation (bias included) with another weight."""
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The base layer's operation with another weight and bias."""
 
     @abstractmethod
     def _apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -550,8 +593,12 @@ class ComposedLayer(nn.Module, ABC):
             y = mixer(self, y, self.adapter_outputs(x))
         if not self._needs_effective:
             return y
-        extra = self._combined_extra(self.state.weights[self.group], x.dtype)
-        return y if extra is None else y + self._apply_delta(x, extra)
+        weights = self.state.weights[self.group]
+        extra = self._combined_extra(weights, x.dtype)
+        if extra is not None:
+            y = y + self._apply_delta(x, extra)
+        bias = self._combined_bias(weights, x.dtype)
+        return y if bias is None else y + self._broadcast(bias[None], y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus every attached update at the current weights (the base alone while fused)."""
@@ -563,7 +610,7 @@ class ComposedLayer(nn.Module, ABC):
                 return self._mixed(x, self.mixer)
             effective = self._refresh()
             if effective is not None:
-                return self._with_weight(x, effective)
+                return self._with_weight(x, effective, self._effective_bias)
             assert self.up_cat is not None
             return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         gate, extra_weights = per_sample
@@ -573,6 +620,8 @@ class ComposedLayer(nn.Module, ABC):
             y = self._add_up(y, self._down(x) * self._broadcast(gate, x), self.up_cat)
         for i, kind in enumerate(self._extra_kinds()):
             term = self._apply_delta(x, kind.delta(x.dtype))
+            if isinstance(kind, Dense) and kind.bias is not None:
+                term = term + self._broadcast(kind.bias_delta(x.dtype)[None], term)
             y = y + term * self._broadcast(extra_weights[:, i : i + 1], term)
         return y
 
@@ -587,8 +636,8 @@ class ComposedLinear(ComposedLayer):
         flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.T)
         return flat.reshape(y.shape)
 
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.base.bias)
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
     def _apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return F.linear(x, delta)
@@ -606,8 +655,8 @@ class ComposedConv2d(ComposedLayer):
     def _add_up(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return y + F.conv2d(h, up)
 
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.base._conv_forward(x, weight, self.base.bias)
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.base._conv_forward(x, weight, bias)
 
     def _apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self.base._conv_forward(x, delta, None)
@@ -616,15 +665,56 @@ class ComposedConv2d(ComposedLayer):
         return gate.reshape(gate.shape[0], gate.shape[1], *([1] * (h.dim() - 2)))
 
 
+class ComposedNorm(ComposedLayer):
+    """A composed ``nn.LayerNorm`` / ``nn.GroupNorm`` (LyCORIS norm training): dense updates of its affine weight and
+    bias, y = normalise(x)·(w + Σ wᵢΔwᵢ) + b + Σ wᵢΔbᵢ. Low-rank updates never target it (their shapes are ≥ 2-D)."""
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        if isinstance(base, nn.GroupNorm):
+            return F.group_norm(x, base.num_groups, None, None, base.eps)
+        return F.layer_norm(x, base.normalized_shape, None, None, base.eps)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        raise CompositionError(f"norm layer {self.key!r} takes dense updates only, not LoRA factors")
+
+    def _add_up(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        raise CompositionError(f"norm layer {self.key!r} takes dense updates only, not LoRA factors")
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        base = self.base
+        if isinstance(base, nn.GroupNorm):
+            return F.group_norm(x, base.num_groups, weight, bias, base.eps)
+        return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+
+    def _apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        normalised = self._normalised(x)
+        if isinstance(self.base, nn.GroupNorm):
+            return normalised * delta.reshape(1, -1, *([1] * (x.dim() - 2)))
+        return normalised * delta
+
+    def _broadcast(self, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, nn.GroupNorm):
+            return gate.reshape(gate.shape[0], gate.shape[1], *([1] * (h.dim() - 2)))
+        return gate.reshape(gate.shape[0], *([1] * (h.dim() - 2)), gate.shape[1])
+
+
 def compose(base: nn.Module, key: str, group: int, state: GateState) -> ComposedLayer:
-    """Wrap ``base`` (an ``nn.Linear`` or ``nn.Conv2d``) in the matching composed layer."""
+    """Wrap ``base`` (an ``nn.Linear``, ``nn.Conv2d`` or affine ``nn.LayerNorm`` / ``nn.GroupNorm``) in the
+    matching composed layer."""
     if isinstance(base, nn.Linear):
         return ComposedLinear(base, key, group, state)
     if isinstance(base, nn.Conv2d):
         return ComposedConv2d(base, key, group, state)
-    raise CompositionError(f"module {key!r} is a {type(base).__name__}; only Linear and Conv2d layers can be composed")
+    if isinstance(base, (nn.LayerNorm, nn.GroupNorm)) and base.weight is not None:
+        return ComposedNorm(base, key, group, state)
+    raise CompositionError(
+        f"module {key!r} is a {type(base).__name__}; only Linear, Conv2d and affine norm layers can be composed"
+    )
 
 
 def is_composable(module: nn.Module) -> bool:
     """True for module types :func:`compose` accepts."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return module.weight is not None
     return isinstance(module, (nn.Linear, nn.Conv2d))

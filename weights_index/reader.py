@@ -37,6 +37,26 @@ class AdapterHeader:
     file_size: int
 
 
+CHECKPOINT_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+"""The weights file inside a PEFT ``save_pretrained`` folder and a diffusers ``save_lora_weights`` folder."""
+
+
+def adapter_file(path: str | Path) -> Path:
+    """The safetensors file to read for ``path``: the path itself, or the checkpoint file inside a PEFT /
+    diffusers folder (:data:`CHECKPOINT_FILES`); a folder without one raises :class:`UnknownLayoutError`."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in CHECKPOINT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise UnknownLayoutError(
+        "the folder holds no adapter checkpoint",
+        path=path,
+        hint=f"point at a .safetensors file, or a folder with one of {', '.join(CHECKPOINT_FILES)}",
+    )
+
+
 def _shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], int]:
     header = read_header(path)
     return {k: v.shape for k, v in header.tensors.items()}, header.metadata, header.file_size
@@ -60,7 +80,7 @@ def probe(path: str | Path) -> AdapterHeader:
     :class:`~fusion.errors.UnknownLayoutError` for unrecognised key layouts and
     :class:`~fusion.errors.ShapeMismatchError` when metadata and structure disagree about the family.
     """
-    path = Path(path)
+    path = adapter_file(path)
     shapes, metadata, file_size = _shapes(path)
     layout = read_layout(shapes, metadata, path=path)
     evidence = detect_family(shapes, metadata)
@@ -105,11 +125,7 @@ def _read_layers(
 ) -> tuple[dict[str, AdapterKind], dict[str, AdapterKind]]:
     if fmt in ("shira", "peft-shira"):
         return read_shira(tensors, metadata, path, peft_layout=fmt == "peft-shira", shapes=shapes)
-    if fmt.startswith("lycoris-"):
-        if family == "flux":
-            raise UnknownLayoutError(
-                "LyCORIS LoHa/LoKr files for Flux are not supported yet", path=path, hint="use a LoRA or SHiRA file"
-            )
+    if fmt.startswith("lycoris"):
         return read_lycoris(tensors, path, layers_per_block=layers_per_block, shapes=shapes)
     return read_lora(tensors, metadata, path, flux=family == "flux", layers_per_block=layers_per_block)
 
@@ -123,17 +139,20 @@ def read_adapter(
     layers_per_block: int = 2,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Adapter:
-    """Read any supported adapter file into a canonical :class:`~fusion.adapters.Adapter`.
+    """Read any supported adapter file (or PEFT / diffusers checkpoint folder) into a canonical
+    :class:`~fusion.adapters.Adapter`.
 
     ``family`` declares the pipeline's family: a file that is clearly for another family raises
     :class:`~fusion.errors.FamilyMismatchError`. NaN/Inf tensors are refused unless ``allow_non_finite``.
     ``layers_per_block`` (the UNet's) is used only for kohya/LyCORIS files with LDM ``input_blocks`` names;
-    ``shapes`` (canonical key → weight shape of the target model) is needed for PEFT SHiRA files, which store
-    none, and gives LyCORIS conv layers (stored flattened) their conv shape.
+    ``shapes`` (canonical key → weight shape of the target model; a pipeline's ``model_shapes()``) is needed for
+    PEFT SHiRA files and LyCORIS IA3/OFT files, which store none, maps kohya/LyCORIS module names through the
+    model's own paths, and gives LyCORIS conv layers (stored flattened) their conv shape.
     ``meta`` carries ``format`` and the raw ``safetensors_metadata``; SHiRA/restoration files set
     ``task_prompt`` / ``needs_input_image`` from the metadata keys of the same names.
     """
-    path = Path(path)
+    given = Path(path)
+    path = adapter_file(given)
     header = read_header(path)
     header_shapes = {k: v.shape for k, v in header.tensors.items()}
     layout = read_layout(header_shapes, header.metadata, path=path)
@@ -149,7 +168,7 @@ def read_adapter(
         raise UnknownLayoutError("no adapted module could be read from the file", path=path)
     metadata = header.metadata
     return Adapter(
-        name=name or path.stem,
+        name=name or (given.name if given.is_dir() else path.stem),
         family=resolved,
         layers=layers,
         text_encoder_layers=text_layers,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,3 +197,20 @@ def load_tensors(
                     hint="the file is broken; pass allow_non_finite=True only to inspect it",
                 )
     return out
+
+
+def save_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]) -> Path:
+    """Write a safetensors file atomically (a temp file beside it, renamed into place); returns the path."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        save_file(dict(tensors), temp, metadata=dict(metadata))
+        os.replace(temp, target)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return target

@@ -89,22 +89,6 @@ def test_flux_diffusers(tiny_flux, tmp_path: Path) -> None:
     assert_deltas(*write_diffusers(tmp_path / "d.safetensors", shapes, component="transformer"))
 
 
-def test_dora_is_refused(tiny_sd, tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from fusion.errors import UnknownLayoutError
-
-    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    tensors = {
-        f"{key}.lora_down.weight": torch.zeros(2, 32),
-        f"{key}.lora_up.weight": torch.zeros(32, 2),
-        f"{key}.dora_scale": torch.ones(1, 32),
-    }
-    save_file(tensors, str(tmp_path / "dora.safetensors"))
-    with pytest.raises(UnknownLayoutError, match="DoRA"):
-        read_adapter(tmp_path / "dora.safetensors")
-
-
 # --- equivalence with diffusers' own loader -------------------------------------------------------------------
 
 

@@ -65,7 +65,7 @@ def test_unknown_lycoris_tensor_raises(tiny_sd, tmp_path: Path) -> None:
     path, _ = write_lokr(tmp_path / "k.safetensors", attention_shapes(tiny_sd.unet, limit=1))
     tensors = load_file(str(path))
     name = next(iter(tensors)).rsplit(".", 1)[0]
-    tensors[f"{name}.oft_blocks"] = torch.zeros(2, 2)
+    tensors[f"{name}.hada_w9_z"] = torch.zeros(2, 2)
     save_file(tensors, str(path))
-    with pytest.raises(UnknownLayoutError, match="oft_blocks"):
+    with pytest.raises(UnknownLayoutError, match="hada_w9_z"):
         read_adapter(path)

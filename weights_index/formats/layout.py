@@ -17,6 +17,9 @@ flux-bfl             ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weigh
 flux-ai-toolkit      diffusers keys under ``transformer.``, written by ai-toolkit (its ``software`` metadata)
 lycoris-loha         ``<name>.hada_w1_a`` / ``hada_w1_b`` / ``hada_w2_a`` / ``hada_w2_b`` / ``alpha`` (``hada_t1/t2``)
 lycoris-lokr         ``<name>.lokr_w1`` or ``lokr_w1_a/b``, ``lokr_w2`` or ``lokr_w2_a/b``, ``lokr_t2``, ``alpha``
+lycoris              other LyCORIS algorithms: ``lora_mid`` (Tucker LoCon), ``dora_scale``, ``diff``/``diff_b``,
+                     IA3 ``weight``/``on_input``, ``oft_blocks``, GLoRA ``a1/a2/b1/b2.weight``, ``w_norm/b_norm``,
+                     or LyCORIS's standalone ``lycoris_<path>`` names
 shira                ``<component>.<path>.shira_index`` / ``shira_values`` / ``shira_shape`` (ours)
 peft-shira           ``<path>.shira_indices`` (2×K rows/cols) / ``<path>.shira_weight`` (PEFT)
 ===================  ============================================================================================
@@ -65,14 +68,33 @@ AUX_SUFFIXES = (
     ".shira_values",
     ".shira_shape",
     ".shira_weight",
+    ".diff_b",
+    ".rescale",
+    ".a2.weight",
+    ".b1.weight",
+    ".b2.weight",
+    ".bm.weight",
+    ".b_norm",
 )
 """Suffixes of the other tensors a module owns (they never name a module by themselves)."""
 
-HEAD_SUFFIXES = (*DOWN_SUFFIXES, ".hada_w1_a", ".lokr_w1_a", ".lokr_w1", ".shira_index", ".shira_indices")
+LYCORIS_HEADS = (".diff", ".on_input", ".oft_blocks", ".a1.weight", ".w_norm")
+"""Tensors that name a module of the LyCORIS algorithms other than LoCon/LoHa/LoKr."""
+
+HEAD_SUFFIXES = (
+    *DOWN_SUFFIXES,
+    ".hada_w1_a",
+    ".lokr_w1_a",
+    ".lokr_w1",
+    ".shira_index",
+    ".shira_indices",
+    *LYCORIS_HEADS,
+)
 
 TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.", "te_", "te1_", "te2_")
 
-_LDM_BLOCKS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|out_|time_embed|label_emb)")
+_LDM_BLOCKS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|out_\d|time_embed_\d|label_emb)")
+_LYCORIS_ONLY = (*LYCORIS_HEADS, ".lora_mid.weight", ".diff_b", ".b_norm")
 _FLUX_KOHYA = re.compile(r"^lora_(unet_(double_blocks|single_blocks|final_layer|img_in|txt_in)|transformer_)")
 
 
@@ -123,6 +145,9 @@ def classify_format(keys: list[str], metadata: Mapping[str, str]) -> str:
         return "lycoris-loha"
     if any(k.endswith((".lokr_w1", ".lokr_w1_a")) for k in keys):
         return "lycoris-lokr"
+    kohya_dora = any(k.endswith(".dora_scale") for k in keys) and not any(".lora_A." in k for k in keys)
+    if kohya_dora or any(k.endswith(_LYCORIS_ONLY) or k.startswith("lycoris_") for k in keys):
+        return "lycoris"
     if any(_FLUX_KOHYA.search(k) for k in keys):
         return "flux-kohya"
     if any(".processor.proj_lora" in k or ".processor.qkv_lora" in k for k in keys):
@@ -159,7 +184,7 @@ def read_layout(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
         if stem is not None:
             name, suffix = stem
             modules[name] = modules.get(name) or _rank(suffix, shapes[key])
-        elif not _is_aux(key):
+        elif not _is_aux(key) and not (key.endswith(".weight") and key[: -len(".weight")] + ".on_input" in shapes):
             unrecognised.append(key)
     text = frozenset(m for m in modules if _strip_container(m).startswith(TEXT_PREFIXES))
     if not modules:

@@ -13,7 +13,9 @@ diffusers' PEFT renaming. What diffusers lacks is added here:
 - **PEFT / diffusers scaling configs**: ``lora_adapter_metadata`` in the safetensors metadata (diffusers ≥ 0.34) or
   an ``adapter_config.json`` beside a PEFT file gives ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and
   ``use_rslora``; they are resolved per module exactly as PEFT does. Without either, scale is 1 (alpha = rank).
-- DoRA files are refused rather than silently read as plain LoRA (diffusers drops their magnitude vectors).
+- **DoRA** (PEFT ``use_dora``, diffusers keys alike): the ``lora_magnitude_vector`` tensors are taken out before
+  diffusers' conversion (which would drop them) and each module's LoRA becomes a
+  :class:`~fusion.relative.WeightDecomposed` update: m ⊙ (W + ΔW) / ‖W + ΔW‖ per output row, as PEFT computes it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from fusion.adapters import AdapterKind, LowRank
 from fusion.errors import AdapterFormatError, ShapeMismatchError, UnknownLayoutError
+from fusion.relative import WeightDecomposed
 
 DOWN_ALPHA_SIBLINGS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
 DENOISER_PREFIXES = ("unet.", "transformer.")
@@ -102,14 +105,38 @@ def scale_configs(metadata: Mapping[str, str], path: Path) -> dict[str, ScaleCon
     return configs
 
 
-def _refuse_dora(keys: list[str], path: Path) -> None:
-    dora = [k for k in keys if "dora_scale" in k or "lora_magnitude_vector" in k]
-    if dora:
-        raise UnknownLayoutError(
-            f"DoRA adapters are not supported (magnitude vectors such as {dora[0]!r})",
-            path=path,
-            hint="merge the DoRA magnitudes into a plain LoRA with the tool that trained it",
-        )
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+
+
+def _take_magnitudes(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the other tensors, DoRA magnitudes keyed by canonical layer key: denoiser path or ``text_encoder*.`` path)."""
+    rest: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in MAGNITUDE_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            rest[key] = value
+            continue
+        stem = key[: -len(suffix)].removeprefix("base_model.model.")
+        for prefix in DENOISER_PREFIXES:
+            stem = stem.removeprefix(prefix)
+        magnitudes[stem] = value
+    return rest, magnitudes
+
+
+def _with_magnitudes(
+    layers: dict[str, AdapterKind], text: dict[str, AdapterKind], magnitudes: Mapping[str, torch.Tensor], path: Path
+) -> None:
+    """Wrap each magnitude's module (in place) as a DoRA update; a magnitude without its LoRA is an error."""
+    for key, magnitude in magnitudes.items():
+        target = text if key.startswith(TEXT_PREFIXES) else layers
+        update = target.get(key)
+        if not isinstance(update, LowRank):
+            raise AdapterFormatError(f"DoRA magnitude for {key!r} has no LoRA factors beside it", path=path)
+        try:
+            target[key] = WeightDecomposed(update=update, magnitude=magnitude.reshape(-1), on_output=True)
+        except ShapeMismatchError as exc:
+            raise ShapeMismatchError(f"module {key!r}: {exc.reason}", path=path) from exc
 
 
 def _alphas_by_tensor(tensors: Mapping[str, torch.Tensor]) -> dict[int, float]:
@@ -154,11 +181,16 @@ def _to_peft_names(state_dict: Mapping[str, torch.Tensor], text: bool) -> dict[s
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
     )
+    from diffusers.utils.state_dict_utils import StateDictType
 
     if all(".lora_A." in k or ".lora_B." in k for k in state_dict):
         return dict(state_dict)
     if text:
-        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state_dict)))
+        # diffusers infers the old ``to_k_lora`` layout only from a ``to_out_lora`` key: a file adapting just some
+        # projections (say q and v) makes its inference fail, so name the layout when its keys show it.
+        old = any(".to_q_lora." in k or ".to_k_lora." in k or ".to_v_lora." in k for k in state_dict)
+        kind = StateDictType.DIFFUSERS_OLD if old else None
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(state_dict), original_type=kind))
     return convert_unet_state_dict_to_peft(dict(state_dict))
 
 
@@ -223,8 +255,8 @@ def read_lora(
     ``flux`` selects diffusers' Flux conversions; ``layers_per_block`` is the UNet's, needed only to map kohya's
     LDM-named (``input_blocks``) files onto diffusers module paths (2 for SD1.x, SD2 and SDXL).
     """
+    tensors, magnitudes = _take_magnitudes(tensors)
     keys = list(tensors)
-    _refuse_dora(keys, path)
     alphas = _alphas_by_tensor(tensors)
     kohya = any(k.endswith(".lora_down.weight") for k in keys)
     given = dict(tensors) if kohya else {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
@@ -241,6 +273,7 @@ def read_lora(
             text.update({f"{component}.{k}": v for k, v in built.items()})
         else:
             denoiser.update(built)
+    _with_magnitudes(denoiser, text, magnitudes, path)
     return denoiser, text
 
 

@@ -1,4 +1,8 @@
-"""LyCORIS LoHa and LoKr files (also LoCon layers mixed into them), read into exact canonical updates.
+"""LyCORIS files (every algorithm it writes) and PEFT LoHa/LoKr checkpoints, read into exact canonical updates.
+
+This module groups a file's tensors by module, maps module names onto the model and dispatches each module to its
+algorithm; LoHa and LoKr are rebuilt here (in fp32 whatever the file's dtype), the others in
+:mod:`weights_index.formats.lycoris_algorithms`.
 
 Semantics (as LyCORIS, A1111, ComfyUI and diffusers' LoKr conversion apply them):
 
@@ -13,11 +17,15 @@ Semantics (as LyCORIS, A1111, ComfyUI and diffusers' LoKr conversion apply them)
   when cheaper; otherwise :class:`Dense`.
 
 Module names are kohya's (``lora_unet_…``, ``lora_te1_…``; LyCORIS' standalone ``lycoris_…``) or dotted diffusers
-/ PEFT paths; kohya names are mapped to diffusers module paths by diffusers' own renaming.
+/ PEFT paths. Given the model's weight shapes, kohya names are matched against the model's own module paths (this
+covers SD, SDXL and diffusers-named Flux files, and CLIP paths with or without ``text_model``); otherwise, and for
+LDM-named files, diffusers' own kohya renaming maps them. PEFT LoHa/LoKr checkpoints store no alpha: their scale
+alpha / r (with rank/alpha patterns) comes from the ``adapter_config.json`` beside the file.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,12 +34,33 @@ import torch
 
 from fusion.adapters import AdapterKind, Dense, LowRank
 from fusion.errors import AdapterFormatError, ShapeMismatchError, UnknownLayoutError
-from weights_index.formats.lora import kohya_module_paths
+from weights_index.formats.lora import ScaleConfig, kohya_module_paths
+from weights_index.formats.lycoris_algorithms import (
+    alpha_of,
+    full_update,
+    glora_update,
+    ia3_update,
+    locon_update,
+    norm_update,
+    oft_update,
+    require,
+    with_dora,
+)
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-LORA_KEYS = ("lora_down.weight", "lora_up.weight")
-OTHER_KEYS = ("alpha",)
+LORA_KEYS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+GLORA_KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight")
+OTHER_KEYS = ("alpha", "dora_scale", "diff_b", "diff", "on_input", "oft_blocks", "rescale", "w_norm", "b_norm")
+PARTS = (*LOHA_KEYS, *LOKR_KEYS, *LORA_KEYS, *GLORA_KEYS, *OTHER_KEYS, "weight")
+"""Tensor-name suffixes of one LyCORIS module (``weight`` last: IA3's vector, matched after every ``*.weight``)."""
+
+PREFIXES = {
+    "": ("lora_unet_", "lycoris_", "lora_transformer_"),
+    "text_encoder.": ("lora_te_", "lora_te1_"),
+    "text_encoder_2.": ("lora_te2_",),
+}
+"""Module-name prefixes LyCORIS/kohya give each component (canonical key prefix → file prefixes)."""
 
 
 def _group(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -39,7 +68,7 @@ def _group(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, dict[st
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, value in tensors.items():
-        for part in (*LOHA_KEYS, *LOKR_KEYS, *LORA_KEYS, *OTHER_KEYS):
+        for part in PARTS:
             if key.endswith("." + part):
                 modules.setdefault(key[: -len(part) - 1], {})[part] = value
                 break
@@ -49,23 +78,9 @@ def _group(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, dict[st
         raise UnknownLayoutError(
             f"unrecognised LyCORIS tensors: {', '.join(repr(k) for k in unknown[:5])}",
             path=path,
-            hint="only LoHa, LoKr and LoCon modules are supported (no DoRA, IA3, OFT, GLoRA, …)",
+            hint="supported: LoCon (+Tucker), LoHa, LoKr, DoRA, IA3, full/diff, diag-OFT, BOFT, GLoRA",
         )
     return modules
-
-
-def _alpha(parts: Mapping[str, torch.Tensor]) -> float | None:
-    alpha = parts.get("alpha")
-    if alpha is None:
-        return None
-    value = float(alpha.float().reshape(-1)[0])
-    return None if value == 0.0 else value
-
-
-def _require(parts: Mapping[str, torch.Tensor], names: tuple[str, ...], module: str, path: Path) -> None:
-    missing = [n for n in names if n not in parts]
-    if missing:
-        raise AdapterFormatError(f"module {module!r} lacks {missing}", path=path)
 
 
 def _tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -73,20 +88,23 @@ def _tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torc
     return torch.einsum("ij...,ip,jq->pq...", core.float(), left.float(), right.float())
 
 
-def loha_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> AdapterKind:
-    """Exact update of one LoHa module (LowRank via Khatri-Rao when cheaper, else Dense)."""
-    _require(parts, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), module, path)
+def loha_update(parts: Mapping[str, torch.Tensor], module: str, path: Path, scale: float | None = None) -> AdapterKind:
+    """Exact update of one LoHa module (LowRank via Khatri-Rao when cheaper, else Dense), rebuilt in fp32.
+
+    ``scale`` overrides alpha / rank (PEFT files keep their scaling in ``adapter_config.json``)."""
+    require(parts, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), module, path)
     w1a, w1b, w2a, w2b = (parts[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
     rank = int(w1b.shape[0])
-    alpha = _alpha(parts)
-    scale = 1.0 if alpha is None else alpha / rank
+    alpha = alpha_of(parts)
+    if scale is None:
+        scale = 1.0 if alpha is None else alpha / rank
     if "hada_t1" in parts or "hada_t2" in parts:
-        _require(parts, ("hada_t1", "hada_t2"), module, path)
+        require(parts, ("hada_t1", "hada_t2"), module, path)
         try:
             delta = _tucker(parts["hada_t1"], w1a, w1b) * _tucker(parts["hada_t2"], w2a, w2b)
         except RuntimeError as exc:
             raise ShapeMismatchError(f"module {module!r}: inconsistent LoHa Tucker factors ({exc})", path=path) from exc
-        return Dense(weight=delta.to(w1a.dtype), scale=scale)
+        return Dense(weight=delta, scale=scale)
     if w1a.dim() != 2 or w2a.dim() != 2 or w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
         raise ShapeMismatchError(
             f"module {module!r}: LoHa factors do not chain: w1 {tuple(w1a.shape)}·{tuple(w1b.shape)}, "
@@ -102,18 +120,13 @@ def loha_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> A
     down = (w1b.float().reshape(r1, 1, flat_in) * w2b.float().reshape(1, r2, flat_in)).reshape(r1 * r2, flat_in)
     conv_shape = _conv_shape(rest, module, path)
     if r1 * r2 * (out + flat_in) < out * flat_in:
-        dtype = w1a.dtype
         if conv_shape is not None:
-            return LowRank(
-                down=down.reshape(r1 * r2, *conv_shape).to(dtype),
-                up=up[:, :, None, None].to(dtype),
-                alpha=scale * r1 * r2,
-            )
-        return LowRank(down=down.to(dtype), up=up.to(dtype), alpha=scale * r1 * r2)
+            return LowRank(down=down.reshape(r1 * r2, *conv_shape), up=up[:, :, None, None], alpha=scale * r1 * r2)
+        return LowRank(down=down, up=up, alpha=scale * r1 * r2)
     delta = up @ down
     if conv_shape is not None:
         delta = delta.reshape(out, *conv_shape)
-    return Dense(weight=delta.to(w1a.dtype), scale=scale)
+    return Dense(weight=delta, scale=scale)
 
 
 def _conv_shape(rest: tuple[int, ...], module: str, path: Path) -> tuple[int, ...] | None:
@@ -125,37 +138,38 @@ def _conv_shape(rest: tuple[int, ...], module: str, path: Path) -> tuple[int, ..
     raise ShapeMismatchError(f"module {module!r}: unsupported factor rank {len(rest) + 1}", path=path)
 
 
-def lokr_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> AdapterKind:
-    """Exact update of one LoKr module (LowRank for linear layers with a low-rank W2 when cheaper, else Dense)."""
+def lokr_update(parts: Mapping[str, torch.Tensor], module: str, path: Path, scale: float | None = None) -> AdapterKind:
+    """Exact update of one LoKr module (LowRank for linear layers with a low-rank W2 when cheaper, else Dense),
+    rebuilt in fp32; ``scale`` overrides alpha / rank as in :func:`loha_update`."""
     if "lokr_w1" in parts:
         w1 = parts["lokr_w1"].float()
     else:
-        _require(parts, ("lokr_w1_a", "lokr_w1_b"), module, path)
+        require(parts, ("lokr_w1_a", "lokr_w1_b"), module, path)
         w1 = _matmul(parts["lokr_w1_a"], parts["lokr_w1_b"], module, path)
     rank: int | None = None
     if "lokr_w1_b" in parts:
         rank = int(parts["lokr_w1_b"].shape[0])
     if "lokr_w2_b" in parts:
         rank = int(parts["lokr_w2_b"].shape[0])
-    alpha = _alpha(parts)
-    scale = 1.0 if alpha is None or rank is None else alpha / rank
-    dtype = next(iter(parts.values())).dtype
+    alpha = alpha_of(parts)
+    if scale is None:
+        scale = 1.0 if alpha is None or rank is None else alpha / rank
     if "lokr_w2" in parts:
         w2 = parts["lokr_w2"].float()
     else:
-        _require(parts, ("lokr_w2_a", "lokr_w2_b"), module, path)
+        require(parts, ("lokr_w2_a", "lokr_w2_b"), module, path)
         w2a, w2b = parts["lokr_w2_a"].float(), parts["lokr_w2_b"].float()
         if "lokr_t2" in parts:
             w2 = _tucker(parts["lokr_t2"], w2a, w2b)
         elif w2b.dim() == 2 and w1.dim() == 2 and w2a.dim() == 2:
-            return _lokr_low_rank(w1, w2a, w2b, scale, dtype, module, path)
+            return _lokr_low_rank(w1, w2a, w2b, scale, module, path)
         else:
             w2 = _matmul(w2a, w2b, module, path)
     if w2.dim() == 4 and w1.dim() == 2:
         w1 = w1[:, :, None, None]
     if w1.dim() != w2.dim():
         raise ShapeMismatchError(f"module {module!r}: LoKr factors of different ranks", path=path)
-    return Dense(weight=torch.kron(w1, w2).to(dtype), scale=scale)
+    return Dense(weight=torch.kron(w1.contiguous(), w2.contiguous()), scale=scale)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, module: str, path: Path) -> torch.Tensor:
@@ -167,7 +181,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, module: str, path: Path) -> torch.
 
 
 def _lokr_low_rank(
-    w1: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float, dtype: torch.dtype, module: str, path: Path
+    w1: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float, module: str, path: Path
 ) -> AdapterKind:
     if w2a.shape[1] != w2b.shape[0]:
         raise ShapeMismatchError(
@@ -180,16 +194,48 @@ def _lokr_low_rank(
     if m * r * (out + inp) < out * inp:
         up = torch.kron(w1, w2a)
         down = torch.kron(torch.eye(m), w2b)
-        return LowRank(down=down.to(dtype), up=up.to(dtype), alpha=scale * m * r)
-    return Dense(weight=torch.kron(w1, w2a @ w2b).to(dtype), scale=scale)
+        return LowRank(down=down, up=up, alpha=scale * m * r)
+    return Dense(weight=torch.kron(w1, w2a @ w2b), scale=scale)
 
 
-def _canonical_names(names: list[str], path: Path, layers_per_block: int) -> dict[str, str]:
-    """Map file module names onto canonical keys (kohya names via diffusers, dotted paths by prefix)."""
-    kohya = {n: "lora_unet_" + n.removeprefix("lycoris_") if n.startswith("lycoris_") else n for n in names}
-    underscored = [n for n in names if "." not in n]
-    mapped = kohya_module_paths([kohya[n] for n in underscored], path, layers_per_block=layers_per_block)
-    result = {n: mapped[kohya[n]] for n in underscored}
+def _names_from_model(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """kohya/LyCORIS module name → canonical key, for every weight of the model (``lora_unet_``/``lycoris_``/
+    ``lora_te[12]_`` + the module path with dots as underscores; text encoders with and without ``text_model``)."""
+    lookup: dict[str, str] = {}
+    for key in shapes:
+        component = next((c for c in ("text_encoder_2.", "text_encoder.") if key.startswith(c)), "")
+        module = key[len(component) :]
+        variants = {module, module.removeprefix("text_model."), f"text_model.{module}"} if component else {module}
+        for prefix in PREFIXES[component]:
+            for variant in variants:
+                lookup.setdefault(prefix + variant.replace(".", "_"), key)
+    return lookup
+
+
+def _kohya_spelling(name: str) -> str:
+    """The name as kohya spells it: ``lycoris_`` → ``lora_unet_``, CLIP paths with ``text_model_`` (LyCORIS on
+    transformers ≥ 5 writes them without)."""
+    if name.startswith("lycoris_"):
+        return "lora_unet_" + name.removeprefix("lycoris_")
+    for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):
+        if name.startswith(prefix) and not name.startswith(prefix + "text_model_"):
+            return prefix + "text_model_" + name.removeprefix(prefix)
+    return name
+
+
+def _canonical_names(
+    names: list[str], path: Path, layers_per_block: int, shapes: Mapping[str, tuple[int, ...]] | None
+) -> dict[str, str]:
+    """Map file module names onto canonical keys: through the model's own module names when ``shapes`` is given,
+    else (and for names the model lacks, e.g. LDM ``input_blocks``) by diffusers' kohya renaming; dotted PEFT /
+    diffusers paths by prefix."""
+    from_model = _names_from_model(shapes) if shapes is not None else {}
+    result = {n: from_model[n] for n in names if n in from_model}
+    rest = [n for n in names if "." not in n and n not in result]
+    if rest:
+        kohya = {n: _kohya_spelling(n) for n in rest}
+        mapped = kohya_module_paths(list(kohya.values()), path, layers_per_block=layers_per_block)
+        result.update({n: mapped[kohya[n]] for n in rest})
     for name in names:
         if "." in name:
             bare = name.removeprefix("base_model.model.")
@@ -199,13 +245,63 @@ def _canonical_names(names: list[str], path: Path, layers_per_block: int) -> dic
     return result
 
 
+def _peft_scale_config(path: Path) -> ScaleConfig | None:
+    """The scaling of a PEFT LoHa/LoKr checkpoint (``adapter_config.json`` beside the file: r, alpha, patterns)."""
+    sidecar = path.with_name("adapter_config.json")
+    if not sidecar.is_file():
+        return None
+    try:
+        raw = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"cannot read {sidecar.name} ({exc})", path=sidecar) from exc
+    if str(raw.get("peft_type", "")).upper() not in ("LOHA", "LOKR"):
+        return None
+    return ScaleConfig.from_mapping({**raw, "lora_alpha": raw.get("alpha", raw.get("r", 8))})
+
+
 def _to_conv(update: AdapterKind, shape: tuple[int, ...]) -> AdapterKind:
     """Give a flattened (out, in·kh·kw) update the conv shape it targets (LyCORIS stores conv LoHa factors flat)."""
     if isinstance(update, LowRank) and not update.is_conv:
         down = update.down.reshape(update.rank, *shape[1:])
         return LowRank(down=down, up=update.up[:, :, None, None], alpha=update.alpha)
     if isinstance(update, Dense):
-        return Dense(weight=update.weight.reshape(shape), scale=update.scale)
+        return Dense(weight=update.weight.reshape(shape), scale=update.scale, bias=update.bias)
+    return update
+
+
+def _module_update(
+    parts: Mapping[str, torch.Tensor], name: str, path: Path, target: tuple[int, ...] | None, scale: float | None
+) -> AdapterKind:
+    """Dispatch one module to its algorithm's reader; flattened conv factors get the target's conv shape."""
+    if "w_norm" in parts or "b_norm" in parts:
+        return norm_update(parts, name, path)
+    if "oft_blocks" in parts:
+        return oft_update(parts, name, path, target)
+    if "on_input" in parts or (set(parts) <= {"weight", "alpha"} and "weight" in parts):
+        return ia3_update(parts, name, path, target)
+    if "a1.weight" in parts:
+        return glora_update(parts, name, path)
+    update: AdapterKind
+    if "diff" in parts:
+        update = full_update(parts, name, path)
+    elif "hada_w1_a" in parts or "hada_w1_b" in parts:
+        update = loha_update(parts, name, path, scale)
+    elif any(k.startswith("lokr_") for k in parts):
+        update = lokr_update(parts, name, path, scale)
+    elif "lora_down.weight" in parts:
+        update = locon_update(parts, name, path)
+    else:
+        raise AdapterFormatError(f"module {name!r} has no factors (only {sorted(parts)})", path=path)
+    if target is not None and len(target) == 4 and tuple(update.shape) != tuple(target):
+        if math.prod(update.shape) != math.prod(target):
+            raise ShapeMismatchError(
+                f"module {name!r} has shape {tuple(update.shape)}, the model's weight is {tuple(target)}",
+                path=path,
+                hint="the adapter was made for a different base model",
+            )
+        update = _to_conv(update, tuple(target))
+    if "dora_scale" in parts:
+        return with_dora(update, parts["dora_scale"], name, path, eps=float(torch.finfo(torch.float32).eps))
     return update
 
 
@@ -216,37 +312,22 @@ def read_lycoris(
     layers_per_block: int = 2,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[dict[str, AdapterKind], dict[str, AdapterKind]]:
-    """Read a LyCORIS file into (denoiser layers, text-encoder layers).
+    """Read a LyCORIS file (kohya ``lora_unet_…`` / ``lycoris_…`` names, or a PEFT LoHa/LoKr checkpoint) into
+    (denoiser layers, text-encoder layers).
 
-    LyCORIS stores non-Tucker conv factors flattened to (r, in·kh·kw); give ``shapes`` (canonical key → weight
-    shape) to get such updates in their conv shape, otherwise they stay 2-D (out, in·kh·kw).
+    ``shapes`` (canonical key → weight shape of the target model) maps module names through the model's own module
+    paths, gives conv updates stored flattened (r, in·kh·kw) their conv shape, and is required for the kinds that
+    are functions of the base weight (IA3, OFT/BOFT: :mod:`fusion.relative`). Without it conv updates stay 2-D.
     """
     modules = _group(tensors, path)
-    names = _canonical_names(list(modules), path, layers_per_block)
+    names = _canonical_names(list(modules), path, layers_per_block, shapes)
+    peft = _peft_scale_config(path)
     denoiser: dict[str, AdapterKind] = {}
     text: dict[str, AdapterKind] = {}
     for name, parts in modules.items():
-        if "hada_w1_a" in parts or "hada_w1_b" in parts:
-            update = loha_update(parts, name, path)
-        elif any(k.startswith("lokr_") for k in parts):
-            update = lokr_update(parts, name, path)
-        elif "lora_down.weight" in parts:
-            update = _locon_update(parts, name, path)
-        else:
-            raise AdapterFormatError(f"module {name!r} has an alpha but no factors", path=path)
         key = names[name]
         target = None if shapes is None else shapes.get(key)
-        if target is not None and len(target) == 4 and tuple(update.shape) != tuple(target):
-            if math.prod(update.shape) != math.prod(target):
-                raise ShapeMismatchError(f"module {name!r} does not fit the weight shape {tuple(target)}", path=path)
-            update = _to_conv(update, tuple(target))
+        scale = None if peft is None or "." not in name else peft.alpha_for(key, 1)
+        update = _module_update(parts, name, path, target, scale)
         (text if key.startswith("text_encoder") else denoiser)[key] = update
     return denoiser, text
-
-
-def _locon_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> LowRank:
-    _require(parts, LORA_KEYS, module, path)
-    try:
-        return LowRank(down=parts["lora_down.weight"], up=parts["lora_up.weight"], alpha=_alpha(parts))
-    except ShapeMismatchError as exc:
-        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc

@@ -24,16 +24,14 @@ the target model's shapes.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from fusion.adapters import Adapter, AdapterKind, Sparse
 from fusion.errors import AdapterFormatError, ShapeMismatchError
+from weights_index.safetensors_file import save_atomic
 
 SHIRA_FORMAT_VERSION = "1"
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")
@@ -78,17 +76,7 @@ def save_shira(
         tensors[f"{name}.shira_index"] = update.index.to(torch.int32).contiguous()
         tensors[f"{name}.shira_values"] = update.values.contiguous()
         tensors[f"{name}.shira_shape"] = torch.tensor(update.shape, dtype=torch.int64)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=meta)
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-    return target
+    return save_atomic(tensors, path, meta)
 
 
 def _split_key(name: str) -> tuple[bool, str]:
