@@ -42,19 +42,22 @@ class LibraryEntry:
 
 
 ENTRIES: tuple[LibraryEntry, ...] = (
-    LibraryEntry("zorbex", "Zorbex the Star Creature", "kohya", ("kohya", "civitai", "preview"), ("star", "purple")),
-    LibraryEntry("kiboko", "Kiboko (cross creature)", "diffusers", ("modelspec", "preview"), ("cross", "orange")),
-    LibraryEntry("lunari", "Lunari Moon Sprite", "kohya", ("kohya", "a1111"), ("moon", "crescent", "cyan")),
-    LibraryEntry("crown", "Golden Crown", "loha", ("kohya", "civitai", "preview"), ("crown", "gold", "clothing")),
+    LibraryEntry("zorbex", "Zorbex the Star Creature", "kohya", ("kohya", "civitai", "a1111", "preview"), ("star",)),
+    LibraryEntry("kiboko", "Kiboko (cross creature)", "diffusers", ("modelspec", "a1111", "preview"), ("cross",)),
+    LibraryEntry("lunari", "Lunari Moon Sprite", "kohya", ("kohya", "a1111"), ("moon", "crescent")),
+    LibraryEntry("crown", "Golden Crown", "loha", ("kohya", "civitai", "a1111", "preview"), ("crown", "clothing")),
     LibraryEntry("sunglasses", "Cool Sunglasses", "kohya", ("civitai",), ("sunglasses", "clothing")),
-    LibraryEntry("pixel_art", "Pixel Art Style", "lokr", ("kohya", "civitai", "preview"), ("pixel art", "style")),
+    LibraryEntry("pixel_art", "Pixel Art Style", "lokr", ("kohya", "civitai", "a1111", "preview"), ("pixel art",)),
     LibraryEntry("polka_dots", "Polka Dots", "diffusers", ("a1111",), ("polka dots", "style", "pattern")),
-    LibraryEntry("sunset", "Sunset Sky", "shira", ("modelspec", "preview"), ("sunset", "background", "sky")),
+    LibraryEntry("sunset", "Sunset Sky", "shira", ("modelspec", "a1111", "preview"), ("sunset", "background")),
     LibraryEntry("forest", "Dark Forest", "kohya", (), ()),
-    LibraryEntry("flower", "Pink Flower", "loha", ("civitai", "preview"), ("flower", "object")),
+    LibraryEntry("flower", "Pink Flower", "loha", ("civitai", "a1111", "preview"), ("flower", "object")),
     LibraryEntry("mushroom", "Red Mushroom", "diffusers", ("civitai",), ("mushroom", "object")),
 )
 """The library's files. ``forest`` carries no metadata at all (retrieval must still find it)."""
+
+PREFERRED_WEIGHT = 1.0
+"""The weight the library's A1111 cards recommend: the concept adapters were trained to be used at full strength."""
 
 _FOLDERS = {"character": "characters", "clothing": "clothing", "style": "styles", "background": "backgrounds"}
 
@@ -153,7 +156,7 @@ def _write_sidecars(entry: LibraryEntry, concept: Concept, path: Path) -> None:
         card = {
             "description": concept.description,
             "activation text": concept.trigger,
-            "preferred weight": 0.8,
+            "preferred weight": PREFERRED_WEIGHT,
             "notes": f"{entry.title}; tags: {', '.join(words)}",
         }
         path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
