@@ -20,6 +20,7 @@ from PIL import Image
 
 from composer.images import GenerationRecord, save_image
 from composer.mixin import make_composable
+from composer.model_default import default_model
 from composer.presets import KNOWN_MODELS, PRESETS, TOY_PRESET, kontext_call_kwargs, load_preset, preset_family
 from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
 from fusion.errors import CompositionError
@@ -118,13 +119,13 @@ class Composer:
 
     def __init__(
         self,
-        model: str = "toy-sd",
+        model: str | None = None,
         library: str | Path | None = None,
         *,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
     ) -> None:
-        self.model = model
+        self.model = model or default_model()
         self.library_dir = None if library is None else Path(library)
         self.device = device
         self.torch_dtype = torch_dtype

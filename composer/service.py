@@ -24,6 +24,7 @@ import torch
 
 from composer.facade import Composer, CompositionResult
 from composer.mixin import make_composable
+from composer.model_default import default_model
 from composer.prompts import LoraTag
 from composer.restore import Restorer, RestoreResult, editing_pipeline
 from fusion.errors import ComposerError, CompositionError, UnsafePathError
@@ -123,7 +124,7 @@ class CompositionService:
 
     def __init__(
         self,
-        model: str = "toy-sd",
+        model: str | None = None,
         library: str | Path | None = None,
         *,
         out: str | Path = Path("out") / "app",
@@ -133,7 +134,7 @@ class CompositionService:
     ) -> None:
         if workers < 1:
             raise ComposerError(f"workers must be at least 1, got {workers}")
-        self.model = model
+        self.model = model or default_model()
         self.workers = workers
         self.out = Path(out).resolve()
         self._library_dir = None if library is None else Path(library)

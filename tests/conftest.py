@@ -11,6 +11,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face library is imported: tests never reach a network
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["LORA_COMPOSER_MODEL"] = "tiny-sd"  # the machinery tests use the tiny random presets; toy tests name toy-sd
 
 from collections.abc import Iterator
 from pathlib import Path

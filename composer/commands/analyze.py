@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer.model_default import default_model
 from composer.reporting import emit_json, format_table
 
 COLUMNS = ("name", "delta_h", "band", "hf_with", "hf_without", "error")
@@ -22,7 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--library", type=Path, required=True, help="LoRA folder (indexed incrementally)")
     parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
-    parser.add_argument("--model", default="tiny-sd", help="preset name, diffusers folder or hub id (default tiny-sd)")
+    parser.add_argument(
+        "--model",
+        default=default_model(),
+        help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
+    )
     parser.add_argument("--prompts", nargs="+", default=None, help="prompts to generate (default: three built-in)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 on presets, else 20)")
     parser.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from composer.model_default import default_model
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
@@ -19,7 +21,9 @@ def add_app_options(parser: argparse.ArgumentParser) -> None:
     """The options of the app's entry points (`compose app` and `python -m app`)."""
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder to browse and compose from")
     parser.add_argument(
-        "--model", default="toy-sd", help="preset name, diffusers folder or hub id (default toy-sd, trained here)"
+        "--model",
+        default=default_model(),
+        help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1: reachable from this machine only)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer.model_default import default_model
 from composer.reporting import emit_json, format_table
 
 COLUMNS = ("layer", "rank_in", "rank", "retained")
@@ -34,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("prompt", help="a prompt with <lora:name:weight> tags (or give --loras)")
     parser.add_argument("--loras", default=None, help="extra adapters: name:0.8,other (paths or library names)")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="the LoRA file to write")
-    parser.add_argument("--model", default="tiny-sd", help="preset name, diffusers folder or hub id (default tiny-sd)")
+    parser.add_argument(
+        "--model",
+        default=default_model(),
+        help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
+    )
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder the tags' names refer to")
     add_squeeze_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON document")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from composer.model_default import default_model
 from composer.reporting import emit_json, format_table
 from fusion.strategies import BUILTIN
 
@@ -30,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--method", default="merge", choices=METHODS, help="composition method (default merge)")
     parser.add_argument(
-        "--model", default="toy-sd", help="preset name, diffusers folder or hub id (default toy-sd, trained here)"
+        "--model",
+        default=default_model(),
+        help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
     )
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder (indexed incrementally)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 on tiny presets)")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.commands._training_options import add_training_options
+from composer.model_default import default_model
 from composer.reporting import emit_json
 
 
@@ -31,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "set_composition(..., method='gated', gates=NAME) or `compose --method gated`."
         ),
     )
-    parser.add_argument("--model", default="tiny-sd", help="preset, local diffusers folder or hub id")
+    parser.add_argument(
+        "--model",
+        default=default_model(),
+        help="preset, local diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
+    )
     parser.add_argument("--adapters", type=_paths, required=True, help="adapter files, comma-separated")
     parser.add_argument("--weights", type=_floats, default=None, help="adapter weights, comma-separated (default 1)")
     parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="images of the composed concepts")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.commands._training_options import add_training_options
+from composer.model_default import default_model
 from composer.reporting import emit_json
 from fusion.sparse import MASK_TYPES
 
@@ -20,7 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Saves our SHiRA safetensors layout with the base family, mask type, r and a base-weights fingerprint."
         ),
     )
-    parser.add_argument("--model", default="tiny-sd", help="preset, local diffusers folder or hub id (SD 1.x/2.x/XL)")
+    parser.add_argument(
+        "--model",
+        default=default_model(),
+        help="preset, local diffusers folder or hub id (SD 1.x/2.x/XL) (default toy-sd or $LORA_COMPOSER_MODEL)",
+    )
     parser.add_argument("--images", type=Path, required=True, metavar="DIR", help="training images (+ optional .txt)")
     parser.add_argument("--prompt", required=True, help="instance prompt for images without a .txt caption")
     parser.add_argument("--mask", choices=MASK_TYPES, default="snip", help="SHiRA mask type (default snip)")

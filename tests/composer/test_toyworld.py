@@ -140,9 +140,8 @@ def test_compose_then_judge_from_the_cli(toy_library: list[Path], tmp_path: Path
     library = toy_library[0].parents[1]
     assert main(["index", str(library)]) == 0
     out = tmp_path / "out"
-    code = main(
-        ["zorbex in the snow", "--loras", "auto", "--library", str(library), "--steps", "12", "--out", str(out)]
-    )
+    argv = ["zorbex in the snow", "--loras", "auto", "--library", str(library), "--model", "toy-sd"]
+    code = main([*argv, "--steps", "12", "--out", str(out)])
     assert code == 0
     verdict = judge_file(out / "0-0.png")
     assert verdict.concepts == {"zorbex": True}
