@@ -26,8 +26,9 @@ from typing import Any
 from fusion.errors import ComposerError
 from retrieval.learned_index import LearnedIndex
 from retrieval.text import TextEmbedder
-from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_family, pipeline_token_encoder
+from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_token_encoder
 from weights_index.catalog import CatalogEntry, Library
+from weights_index.families import pipeline_family
 from weights_index.metadata import infer_category
 
 SIGNALS = ("trigger", "metadata", "learned", "zero_shot")

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weights_index.families import family_from_text
 from weights_index.hashing import autov2
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
@@ -46,12 +47,6 @@ MAX_TAGS = 500
 """Caption tags kept per adapter (most frequent first); big datasets list thousands."""
 
 _KOHYA_DEFAULT_TITLE = re.compile(r"^(LoRA|TextualInversion|Checkpoint)@[\d.]+$")
-_FAMILY_PATTERNS = (
-    ("flux", re.compile(r"flux", re.IGNORECASE)),
-    ("sdxl", re.compile(r"sdxl|\bsd[-_ ]?xl|stable-diffusion-xl|pony|illustrious|noobai", re.IGNORECASE)),
-    ("sd2", re.compile(r"\bsd[-_ ]?v?2(?!\d)|stable-diffusion-v2", re.IGNORECASE)),
-    ("sd1", re.compile(r"\bsd[-_ ]?v?1(?!\d)|stable-diffusion-v1", re.IGNORECASE)),
-)
 _CATEGORY_WORDS = {
     "character": ("character", "characters", "celebrity", "person", "people", "oc", "original character"),
     "clothing": ("clothing", "clothes", "outfit", "outfits", "costume", "costumes", "dress", "fashion", "uniform"),
@@ -112,17 +107,6 @@ SIDECAR_SUFFIXES = tuple(p.format(stem="") for p in (CIVITAI_SIDECAR, A1111_SIDE
 def sidecar_names(stem: str) -> tuple[str, ...]:
     """File names next to an adapter whose changes change its metadata (sidecars and previews)."""
     return tuple(stem + suffix for suffix in SIDECAR_SUFFIXES)
-
-
-def family_from_text(text: str | None) -> str | None:
-    """Map a base-model string from any source ("SD 1.5", "sdxl_base_v1-0", "Flux.1 D", "stable-diffusion-v1/lora",
-    "SDXL", "Pony") to a family, or None when it names none we know (e.g. SD3)."""
-    if not text:
-        return None
-    for family, pattern in _FAMILY_PATTERNS:
-        if pattern.search(text):
-            return family
-    return None
 
 
 def read_metadata(
