@@ -12,12 +12,60 @@ from __future__ import annotations
 import re
 
 FUNCTION_WORDS = frozenset(
-    "a an the of in on at by for to and with from into onto over under as is are this that its her his their".split()
+    [
+        "a",
+        "an",
+        "the",
+        "of",
+        "in",
+        "on",
+        "at",
+        "by",
+        "for",
+        "to",
+        "and",
+        "with",
+        "from",
+        "into",
+        "onto",
+        "over",
+        "under",
+        "as",
+        "is",
+        "are",
+        "this",
+        "that",
+        "its",
+        "her",
+        "his",
+        "their",
+    ]
 )
 """Words that never identify anything; dropped from names and from prompts before they are compared."""
 
 PACKAGING_WORDS = frozenset(
-    "lora loras locon loha lokr lycoris lyco dora ia3 sd sd1 sd15 sd2 sd21 sdxl xl flux pony illustrious noobai".split()
+    [
+        "lora",
+        "loras",
+        "locon",
+        "loha",
+        "lokr",
+        "lycoris",
+        "lyco",
+        "dora",
+        "ia3",
+        "sd",
+        "sd1",
+        "sd15",
+        "sd2",
+        "sd21",
+        "sdxl",
+        "xl",
+        "flux",
+        "pony",
+        "illustrious",
+        "noobai",
+    ]
 )
 """Words that say how or for which base an adapter was packaged, not what it is."""
 

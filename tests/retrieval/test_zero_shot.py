@@ -10,7 +10,6 @@ from retrieval_helpers import SELF_Q, aligned_lora, make_library, random_lora, w
 
 from composer.presets import preset_family
 from retrieval.retriever import Retriever
-
 from retrieval.zero_shot import (
     NEUTRAL_PROMPTS,
     ZeroShotScorer,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from weights_index.hashing import autov2, file_sha256
 from weights_index.families import family_from_text
+from weights_index.hashing import autov2, file_sha256
 from weights_index.metadata import AdapterMetadata, infer_category, read_metadata, sidecar_names
 
 PNG_1X1 = base64.b64decode(
