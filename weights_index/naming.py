@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 FUNCTION_WORDS = frozenset(
-    [
+    {
         "a",
         "an",
         "the",
@@ -39,12 +39,12 @@ FUNCTION_WORDS = frozenset(
         "her",
         "his",
         "their",
-    ]
+    }
 )
 """Words that never identify anything; dropped from names and from prompts before they are compared."""
 
 PACKAGING_WORDS = frozenset(
-    [
+    {
         "lora",
         "loras",
         "locon",
@@ -65,7 +65,7 @@ PACKAGING_WORDS = frozenset(
         "pony",
         "illustrious",
         "noobai",
-    ]
+    }
 )
 """Words that say how or for which base an adapter was packaged, not what it is."""
 
