@@ -1,0 +1,218 @@
+"""What the words of a prompt say about which adapters it names, weighed by how specific each phrase is.
+
+Every adapter (one per :class:`~weights_index.versions.VersionGroup`: versions and copies count once) is described
+by phrases of several kinds. Identity kinds name the adapter: its trigger words, its title (whole, and without
+parenthesised parts), its file name, other names its metadata gives (``ss_output_name``, ``modelspec.title``) and
+its activation tags (caption tags present in as many training captions as its most frequent tag — how kohya
+datasets carry their trigger token). Tag kinds describe it: curated labels and the other caption tags. A one-word
+title, file name or alias that some adapter also uses as a tag is a description, not a name, and is not indexed
+as an identity.
+
+Phrases and prompts are compared as bags of words (:mod:`weights_index.naming`): case, punctuation, underscores,
+function words, word order, version markers and packaging words do not count. A phrase matches a run of
+consecutive prompt words that holds exactly its words.
+
+Specificity is an inverse document frequency over the library: a phrase carried as an identity by ``d`` adapters
+and as a mere tag by ``t`` more has the effective count ``n = d + TAG_SHARE·t`` and specificity
+``max(0, 1 − ln n / ln GENERIC_AT)`` — 1 for a phrase that one adapter owns, 0 for one that ``GENERIC_AT`` adapters
+share. The scale is absolute, not relative to the library's size, so a small library does not make every
+descriptive word look like a name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from weights_index.catalog import CatalogEntry
+from weights_index.naming import content_words, name_words
+from weights_index.versions import VersionGroup
+
+IDENTITY_KINDS = ("trigger", "title", "name", "alias", "activation tag")
+"""Phrase kinds that name an adapter; only these can justify picking it."""
+WORD_IDENTITY_KINDS = ("trigger", "activation tag")
+"""Identity kinds that keep naming an adapter even when their one word is also used as a tag ("castle" as a title
+is a description when adapters are tagged "castle"; as a trigger word it was chosen to activate the adapter)."""
+TAG_KINDS = ("label", "tag")
+"""Phrase kinds that describe an adapter: they explain prompt words and break ties, never pick on their own."""
+ALIAS_KEYS = ("ss_output_name", "modelspec.title")
+"""Header fields that name the adapter besides its title."""
+TAG_SHARE = 0.25
+"""How much an adapter carrying a phrase only as a tag counts against that phrase naming another adapter."""
+GENERIC_AT = 50.0
+"""Effective count at which a phrase's specificity reaches 0."""
+ACTIVATION_SHARE = 0.95
+"""A caption tag in at least this share of the captions of the most frequent tag is an activation tag."""
+MAX_CAPTION_TAGS = 64
+"""Caption tags indexed per adapter, most frequent first (big datasets list hundreds)."""
+MAX_PHRASE_WORDS = 8
+"""Longer phrases are not indexed (no prompt names an adapter by nine words)."""
+
+Key = tuple[str, ...]
+
+
+@dataclass
+class _KeyStats:
+    identity: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """Group index → (kind, original phrase) for the groups that carry this key as an identity."""
+    tagged: int = 0
+    """How many groups carry it only as a tag."""
+    described: bool = False
+    """Whether any group carries it as a tag (its own included)."""
+    specificity: float = 0.0
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One phrase of one adapter found in the prompt: which prompt words it covers and how specific it is."""
+
+    group: int
+    kind: str
+    phrase: str
+    words: str
+    span: tuple[int, int]
+    specificity: float
+    carriers: int
+    """How many adapters carry the phrase (as an identity or a tag)."""
+
+    @property
+    def positions(self) -> range:
+        """Indexes of the prompt words this evidence covers."""
+        return range(*self.span)
+
+
+@dataclass(frozen=True)
+class GenericPhrase:
+    """A phrase in the prompt that names adapters but is too widely shared to pick any of them."""
+
+    words: str
+    carriers: int
+    specificity: float
+
+
+@dataclass
+class PromptEvidence:
+    """Everything the index found in one prompt."""
+
+    words: list[str]
+    identity: dict[int, list[Evidence]]
+    """Group index → its identity evidence (every specificity; the selector decides what is enough)."""
+    support: dict[int, list[Evidence]]
+    """Group index → tag evidence, for the groups in ``identity``."""
+    generic: list[GenericPhrase]
+
+
+def specificity(identity_carriers: int, tag_carriers: int) -> float:
+    """The specificity of a phrase carried as an identity by some adapters and as a tag by others (module docs)."""
+    count = identity_carriers + TAG_SHARE * tag_carriers
+    return 0.0 if count <= 0 else max(0.0, 1.0 - math.log(max(count, 1.0)) / math.log(GENERIC_AT))
+
+
+def _phrase_key(words: Iterable[str]) -> Key | None:
+    key = tuple(sorted(words))
+    return key if 0 < len(key) <= MAX_PHRASE_WORDS else None
+
+
+def entry_phrases(entry: CatalogEntry) -> list[tuple[str, str, Key]]:
+    """(kind, phrase, key) of every phrase describing ``entry`` (see the module docstring)."""
+    meta = entry.metadata
+    found: list[tuple[str, str, Key | None]] = []
+    found += [("trigger", t, _phrase_key(content_words(t))) for t in meta.trigger_words]
+    found += [("title", entry.title, _phrase_key(name_words(entry.title)))]
+    found += [("title", entry.title, _phrase_key(name_words(entry.title, keep_parentheses=False)))]
+    stem = entry.name.rsplit("/", 1)[-1]
+    found += [("name", stem, _phrase_key(name_words(stem)))]
+    for alias in (entry.header_metadata.get(k) for k in ALIAS_KEYS):
+        if alias:
+            found.append(("alias", alias, _phrase_key(name_words(alias))))
+    found += [("label", label, _phrase_key(content_words(label))) for label in meta.labels]
+    tags = list(meta.tags.items())[:MAX_CAPTION_TAGS]
+    top = max((count for _, count in tags), default=0)
+    for tag, count in tags:
+        kind = "activation tag" if top > 0 and count >= ACTIVATION_SHARE * top else "tag"
+        found.append((kind, tag, _phrase_key(content_words(tag))))
+    return [(kind, phrase, key) for kind, phrase, key in found if key is not None]
+
+
+class EvidenceIndex:
+    """Phrases of every group of a library, keyed by word bag, with their specificity (built once per refresh)."""
+
+    def __init__(self, groups: list[VersionGroup]) -> None:
+        self.groups = groups
+        self._keys: dict[Key, _KeyStats] = {}
+        self._group_tags: list[dict[Key, str]] = []
+        self.trigger_keys: list[set[Key]] = []
+        for index, group in enumerate(groups):
+            identity: dict[Key, tuple[str, str]] = {}
+            tags: dict[Key, str] = {}
+            triggers: set[Key] = set()
+            for entry in group.members:
+                for kind, phrase, key in entry_phrases(entry):
+                    if kind in IDENTITY_KINDS:
+                        identity.setdefault(key, (kind, phrase))
+                        if kind == "trigger":
+                            triggers.add(key)
+                    else:
+                        tags.setdefault(key, phrase)
+            for key, found in identity.items():
+                self._keys.setdefault(key, _KeyStats()).identity[index] = found
+            for key in tags:
+                stats = self._keys.setdefault(key, _KeyStats())
+                stats.described = True
+                stats.tagged += key not in identity
+            self._group_tags.append(tags)
+            self.trigger_keys.append(triggers)
+        for key, stats in self._keys.items():
+            if len(key) == 1 and stats.described:
+                stats.identity = {g: found for g, found in stats.identity.items() if found[0] in WORD_IDENTITY_KINDS}
+            stats.specificity = specificity(len(stats.identity), stats.tagged)
+        self.longest = max((len(key) for key in self._keys), default=0)
+
+    def specificity_of(self, phrase: str) -> float:
+        """The specificity of a phrase (0 for one no adapter carries)."""
+        stats = self._keys.get(tuple(sorted(content_words(phrase))))
+        return 0.0 if stats is None else stats.specificity
+
+    def match(self, prompt: str, allowed: Callable[[int], bool] = lambda _: True) -> PromptEvidence:
+        """The evidence in ``prompt`` for the groups ``allowed`` accepts (e.g. those of the pipeline's family)."""
+        words = content_words(prompt)
+        identity: dict[int, list[Evidence]] = {}
+        found: dict[Key, list[tuple[int, int]]] = {}
+        generic: dict[str, GenericPhrase] = {}
+        for start in range(len(words)):
+            for stop in range(start + 1, min(len(words), start + self.longest) + 1):
+                key = tuple(sorted(words[start:stop]))
+                stats = self._keys.get(key)
+                if stats is None:
+                    continue
+                found.setdefault(key, []).append((start, stop))
+                text = " ".join(words[start:stop])
+                carriers = len(stats.identity) + stats.tagged
+                if stats.identity and stats.specificity <= 0.0:
+                    generic.setdefault(text, GenericPhrase(text, carriers, stats.specificity))
+                    continue
+                for group, (kind, phrase) in stats.identity.items():
+                    if allowed(group):
+                        item = Evidence(group, kind, phrase, text, (start, stop), stats.specificity, carriers)
+                        identity.setdefault(group, []).append(item)
+        support: dict[int, list[Evidence]] = {}
+        for group in identity:
+            tags = self._group_tags[group]
+            for key, spans in found.items():
+                phrase = tags.get(key)
+                if phrase is None:
+                    continue
+                stats = self._keys[key]
+                for span in spans:
+                    item = Evidence(
+                        group,
+                        "tag",
+                        phrase,
+                        " ".join(words[span[0] : span[1]]),
+                        span,
+                        stats.specificity,
+                        len(stats.identity) + stats.tagged,
+                    )
+                    support.setdefault(group, []).append(item)
+        return PromptEvidence(words, identity, support, sorted(generic.values(), key=lambda g: -g.carriers))
