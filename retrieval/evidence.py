@@ -3,14 +3,17 @@
 Every adapter (one per :class:`~weights_index.versions.VersionGroup`: versions and copies count once) is described
 by phrases of several kinds. Identity kinds name the adapter: its trigger words, its title (whole, and without
 parenthesised parts), its file name, other names its metadata gives (``ss_output_name``, ``modelspec.title``) and
-its activation tags (caption tags present in as many training captions as its most frequent tag — how kohya
-datasets carry their trigger token). Tag kinds describe it: curated labels and the other caption tags. A one-word
-title, file name or alias that some adapter also uses as a tag is a description, not a name, and is not indexed
-as an identity.
+its kohya dataset triggers (:attr:`~weights_index.metadata.AdapterMetadata.dataset_triggers`). Tag kinds describe
+it: curated labels and caption tags. Names (title,
+file name, aliases) are indexed whole and as short names: without their parenthesised parts, and by their leading
+words (two or more: file names lose the parentheses that set a series name apart). A short or one-word name that
+some adapter also uses as a tag is a description, not a name, and is not an identity; neither is a trigger word
+much less specific than the adapter's own most specific one (``ATTRIBUTE_GAP``).
 
 Phrases and prompts are compared as bags of words (:mod:`weights_index.naming`): case, punctuation, underscores,
 function words, word order, version markers and packaging words do not count. A phrase matches a run of
-consecutive prompt words that holds exactly its words.
+consecutive prompt words inside one comma-separated part that holds exactly its words; a run across a function
+word ("skyline with steampunk") must keep the phrase's own word order.
 
 Specificity is an inverse document frequency over the library: a phrase carried as an identity by ``d`` adapters
 and as a mere tag by ``t`` more has the effective count ``n = d + TAG_SHARE·t`` and specificity
@@ -22,32 +25,33 @@ descriptive word look like a name.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from weights_index.catalog import CatalogEntry
-from weights_index.naming import content_words, name_words
+from weights_index.naming import content_words, name_words, prompt_runs
 from weights_index.versions import VersionGroup
 
-IDENTITY_KINDS = ("trigger", "title", "name", "alias", "activation tag")
+IDENTITY_KINDS = ("trigger", "dataset trigger", "title", "name", "alias", "short name")
 """Phrase kinds that name an adapter; only these can justify picking it."""
-WORD_IDENTITY_KINDS = ("trigger", "activation tag")
+WORD_IDENTITY_KINDS = ("trigger", "dataset trigger")
 """Identity kinds that keep naming an adapter even when their one word is also used as a tag ("castle" as a title
 is a description when adapters are tagged "castle"; as a trigger word it was chosen to activate the adapter)."""
 TAG_KINDS = ("label", "tag")
 """Phrase kinds that describe an adapter: they explain prompt words and break ties, never pick on their own."""
 ALIAS_KEYS = ("ss_output_name", "modelspec.title")
 """Header fields that name the adapter besides its title."""
-TAG_SHARE = 0.25
+TAG_SHARE = 0.5
 """How much an adapter carrying a phrase only as a tag counts against that phrase naming another adapter."""
 GENERIC_AT = 50.0
 """Effective count at which a phrase's specificity reaches 0."""
-ACTIVATION_SHARE = 0.95
-"""A caption tag in at least this share of the captions of the most frequent tag is an activation tag."""
 MAX_CAPTION_TAGS = 64
 """Caption tags indexed per adapter, most frequent first (big datasets list hundreds)."""
 MAX_PHRASE_WORDS = 8
 """Longer phrases are not indexed (no prompt names an adapter by nine words)."""
+ATTRIBUTE_GAP = 0.25
+"""A trigger word this much less specific than the adapter's most specific trigger word is an attribute (the
+"floral hair" beside "vintaro"): it supports the adapter like a tag but does not name it."""
 
 Key = tuple[str, ...]
 
@@ -109,30 +113,22 @@ def specificity(identity_carriers: int, tag_carriers: int) -> float:
     return 0.0 if count <= 0 else max(0.0, 1.0 - math.log(max(count, 1.0)) / math.log(GENERIC_AT))
 
 
-def _phrase_key(words: Iterable[str]) -> Key | None:
-    key = tuple(sorted(words))
-    return key if 0 < len(key) <= MAX_PHRASE_WORDS else None
-
-
-def entry_phrases(entry: CatalogEntry) -> list[tuple[str, str, Key]]:
-    """(kind, phrase, key) of every phrase describing ``entry`` (see the module docstring)."""
+def entry_phrases(entry: CatalogEntry) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(kind, phrase, words in order) of every phrase describing ``entry`` (see the module docstring)."""
     meta = entry.metadata
-    found: list[tuple[str, str, Key | None]] = []
-    found += [("trigger", t, _phrase_key(content_words(t))) for t in meta.trigger_words]
-    found += [("title", entry.title, _phrase_key(name_words(entry.title)))]
-    found += [("title", entry.title, _phrase_key(name_words(entry.title, keep_parentheses=False)))]
-    stem = entry.name.rsplit("/", 1)[-1]
-    found += [("name", stem, _phrase_key(name_words(stem)))]
-    for alias in (entry.header_metadata.get(k) for k in ALIAS_KEYS):
-        if alias:
-            found.append(("alias", alias, _phrase_key(name_words(alias))))
-    found += [("label", label, _phrase_key(content_words(label))) for label in meta.labels]
-    tags = list(meta.tags.items())[:MAX_CAPTION_TAGS]
-    top = max((count for _, count in tags), default=0)
-    for tag, count in tags:
-        kind = "activation tag" if top > 0 and count >= ACTIVATION_SHARE * top else "tag"
-        found.append((kind, tag, _phrase_key(content_words(tag))))
-    return [(kind, phrase, key) for kind, phrase, key in found if key is not None]
+    found: list[tuple[str, str, tuple[str, ...]]] = []
+    found += [("trigger", t, tuple(content_words(t))) for t in meta.trigger_words]
+    names = [("title", entry.title), ("name", entry.name.rsplit("/", 1)[-1])]
+    names += [("alias", alias) for alias in (entry.header_metadata.get(k) for k in ALIAS_KEYS) if alias]
+    for kind, name in names:
+        whole = name_words(name)
+        found.append((kind, name, whole))
+        short = {name_words(name, keep_parentheses=False), *(whole[:length] for length in range(2, len(whole)))}
+        found += [("short name", name, words) for words in short - {whole}]
+    found += [("dataset trigger", t, tuple(content_words(t))) for t in meta.dataset_triggers]
+    found += [("label", label, tuple(content_words(label))) for label in meta.labels]
+    found += [("tag", tag, tuple(content_words(tag))) for tag in list(meta.tags)[:MAX_CAPTION_TAGS]]
+    return [item for item in found if 0 < len(item[2]) <= MAX_PHRASE_WORDS]
 
 
 class EvidenceIndex:
@@ -142,13 +138,17 @@ class EvidenceIndex:
         self.groups = groups
         self._keys: dict[Key, _KeyStats] = {}
         self._group_tags: list[dict[Key, str]] = []
+        self._ordered: set[tuple[str, ...]] = set()
+        """Every phrase's words in their own order (a prompt window across a function word must match one)."""
         self.trigger_keys: list[set[Key]] = []
         for index, group in enumerate(groups):
             identity: dict[Key, tuple[str, str]] = {}
             tags: dict[Key, str] = {}
             triggers: set[Key] = set()
             for entry in group.members:
-                for kind, phrase, key in entry_phrases(entry):
+                for kind, phrase, ordered in entry_phrases(entry):
+                    self._ordered.add(ordered)
+                    key = tuple(sorted(ordered))
                     if kind in IDENTITY_KINDS:
                         identity.setdefault(key, (kind, phrase))
                         if kind == "trigger":
@@ -164,10 +164,28 @@ class EvidenceIndex:
             self._group_tags.append(tags)
             self.trigger_keys.append(triggers)
         for key, stats in self._keys.items():
-            if len(key) == 1 and stats.described:
-                stats.identity = {g: found for g, found in stats.identity.items() if found[0] in WORD_IDENTITY_KINDS}
+            if stats.described:  # a shortened or one-word name that is also a tag describes, it does not name
+                stats.identity = {
+                    g: found
+                    for g, found in stats.identity.items()
+                    if found[0] in WORD_IDENTITY_KINDS or (found[0] != "short name" and len(key) > 1)
+                }
             stats.specificity = specificity(len(stats.identity), stats.tagged)
+        self._demote_attributes()
         self.longest = max((len(key) for key in self._keys), default=0)
+
+    def _demote_attributes(self) -> None:
+        """Move trigger words far less specific than their adapter's most specific one to its tags."""
+        best: dict[int, float] = {}
+        for stats in self._keys.values():
+            for group, (kind, _) in stats.identity.items():
+                if kind in WORD_IDENTITY_KINDS:
+                    best[group] = max(best.get(group, 0.0), stats.specificity)
+        for key, stats in self._keys.items():
+            for group, (kind, phrase) in list(stats.identity.items()):
+                if kind in WORD_IDENTITY_KINDS and stats.specificity < best[group] - ATTRIBUTE_GAP:
+                    del stats.identity[group]
+                    self._group_tags[group].setdefault(key, phrase)
 
     def specificity_of(self, phrase: str) -> float:
         """The specificity of a phrase (0 for one no adapter carries)."""
@@ -176,26 +194,36 @@ class EvidenceIndex:
 
     def match(self, prompt: str, allowed: Callable[[int], bool] = lambda _: True) -> PromptEvidence:
         """The evidence in ``prompt`` for the groups ``allowed`` accepts (e.g. those of the pipeline's family)."""
-        words = content_words(prompt)
+        words: list[str] = []
+        windows: list[tuple[int, int]] = []
+        for run in prompt_runs(prompt):
+            offset = len(words)
+            words += [word for word, _ in run]
+            for start in range(len(run)):
+                for stop in range(start + 1, min(len(run), start + self.longest) + 1):
+                    if any(gap for _, gap in run[start + 1 : stop]) and (
+                        tuple(word for word, _ in run[start:stop]) not in self._ordered
+                    ):
+                        continue  # across "with", "in", …: only a phrase written in this order
+                    windows.append((offset + start, offset + stop))
         identity: dict[int, list[Evidence]] = {}
         found: dict[Key, list[tuple[int, int]]] = {}
         generic: dict[str, GenericPhrase] = {}
-        for start in range(len(words)):
-            for stop in range(start + 1, min(len(words), start + self.longest) + 1):
-                key = tuple(sorted(words[start:stop]))
-                stats = self._keys.get(key)
-                if stats is None:
-                    continue
-                found.setdefault(key, []).append((start, stop))
-                text = " ".join(words[start:stop])
-                carriers = len(stats.identity) + stats.tagged
-                if stats.identity and stats.specificity <= 0.0:
-                    generic.setdefault(text, GenericPhrase(text, carriers, stats.specificity))
-                    continue
-                for group, (kind, phrase) in stats.identity.items():
-                    if allowed(group):
-                        item = Evidence(group, kind, phrase, text, (start, stop), stats.specificity, carriers)
-                        identity.setdefault(group, []).append(item)
+        for start, stop in windows:
+            key = tuple(sorted(words[start:stop]))
+            stats = self._keys.get(key)
+            if stats is None:
+                continue
+            found.setdefault(key, []).append((start, stop))
+            text = " ".join(words[start:stop])
+            carriers = len(stats.identity) + stats.tagged
+            if stats.identity and stats.specificity <= 0.0:
+                generic.setdefault(text, GenericPhrase(text, carriers, stats.specificity))
+                continue
+            for group, (kind, phrase) in stats.identity.items():
+                if allowed(group):
+                    item = Evidence(group, kind, phrase, text, (start, stop), stats.specificity, carriers)
+                    identity.setdefault(group, []).append(item)
         support: dict[int, list[Evidence]] = {}
         for group in identity:
             tags = self._group_tags[group]

@@ -1,7 +1,7 @@
 """Choosing the smallest set of adapters whose specific evidence explains distinct parts of a prompt.
 
 Input is the evidence :class:`~retrieval.evidence.EvidenceIndex` found. An adapter is a candidate when some identity
-phrase of it (trigger word, title, name, alias, activation tag) is in the prompt with specificity at least
+phrase of it (trigger word, dataset trigger, title, name, alias) is in the prompt with specificity at least
 ``IDENTITY_THRESHOLD``; tags alone never make a candidate. Candidates are taken greedily, the one whose specific
 evidence explains the most prompt words (weighted by specificity) first; ties go to the one with more supporting
 tags in the prompt, then to the one with a larger share of its trigger words present, then to the one named first.

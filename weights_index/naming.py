@@ -74,6 +74,7 @@ _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _VERSION_WORD = re.compile(r"^(v|ver|version)(\d+)$")
 _VERSION_SPLIT = re.compile(r"^(v|ver|version)$")
 _COPY_MARK = re.compile(r"(\s*\((\d+|copy)\)|\s+-\s+copy(\s*\(\d+\))?|\s+copy\s+\d+)\s*$", re.IGNORECASE)
+_PROMPT_PARTS = re.compile(r"[,;|\n]")
 _PARENTHESES = re.compile(r"[(\[{][^)\]}]*[)\]}]")
 
 
@@ -82,9 +83,28 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def prompt_runs(text: str) -> list[list[tuple[str, bool]]]:
+    """A prompt's content words, per comma-separated part (also ``;``, ``|``, new lines), each with whether a
+    function word came right before it inside its part ("a fox with a hat" → fox, (hat, True))."""
+    runs = []
+    for part in _PROMPT_PARTS.split(text):
+        run: list[tuple[str, bool]] = []
+        gap = False
+        for word in words(split_camel(part)):
+            if word in FUNCTION_WORDS:
+                gap = bool(run)
+                continue
+            run.append((word, gap))
+            gap = False
+        if run:
+            runs.append(run)
+    return runs
+
+
 def content_words(text: str) -> list[str]:
-    """:func:`words` without :data:`FUNCTION_WORDS` (how prompts and tags are compared)."""
-    return [w for w in words(text) if w not in FUNCTION_WORDS]
+    """:func:`words` without :data:`FUNCTION_WORDS` (how prompts and tags are compared); camelCase is split, so a
+    file name pasted into a prompt ("brightHoodie") reads as its words."""
+    return [w for w in words(split_camel(text)) if w not in FUNCTION_WORDS]
 
 
 def _split_versions(tokens: list[str]) -> tuple[list[str], tuple[int, ...] | None]:
@@ -110,14 +130,19 @@ def _split_versions(tokens: list[str]) -> tuple[list[str], tuple[int, ...] | Non
     return kept, version
 
 
-def _prepared(name: str) -> str:
-    """The name without a duplicate-download mark ("(1)", "- Copy") and with camelCase split into words."""
+def split_camel(text: str) -> str:
+    """camelCase words split ("brightHoodie" → "bright Hoodie"); packaging words such as "LoRA" left whole."""
 
     def split(match: re.Match[str]) -> str:
         word = match.group(0)
         return word if word.lower() in PACKAGING_WORDS else _CAMEL.sub(" ", word)
 
-    return _WORD.sub(split, _COPY_MARK.sub("", name.strip()))
+    return _WORD.sub(split, text)
+
+
+def _prepared(name: str) -> str:
+    """The name without a duplicate-download mark ("(1)", "- Copy") and with camelCase split into words."""
+    return split_camel(_COPY_MARK.sub("", name.strip()))
 
 
 def name_words(name: str, *, keep_parentheses: bool = True) -> tuple[str, ...]:
