@@ -101,7 +101,7 @@ class PromptEvidence:
 
     words: list[str]
     identity: dict[int, list[Evidence]]
-    """Group index → its identity evidence (every specificity; the selector decides what is enough)."""
+    """Group index → its identity evidence."""
     support: dict[int, list[Evidence]]
     """Group index → tag evidence, for the groups in ``identity``."""
     generic: list[GenericPhrase]
@@ -185,6 +185,7 @@ class EvidenceIndex:
             for group, (kind, phrase) in list(stats.identity.items()):
                 if kind in WORD_IDENTITY_KINDS and stats.specificity < best[group] - ATTRIBUTE_GAP:
                     del stats.identity[group]
+                    stats.tagged += 1
                     self._group_tags[group].setdefault(key, phrase)
 
     def specificity_of(self, phrase: str) -> float:
@@ -192,8 +193,14 @@ class EvidenceIndex:
         stats = self._keys.get(tuple(sorted(content_words(phrase))))
         return 0.0 if stats is None else stats.specificity
 
-    def match(self, prompt: str, allowed: Callable[[int], bool] = lambda _: True) -> PromptEvidence:
-        """The evidence in ``prompt`` for the groups ``allowed`` accepts (e.g. those of the pipeline's family)."""
+    def match(
+        self, prompt: str, least_specificity: float, allowed: Callable[[int], bool] = lambda _: True
+    ) -> PromptEvidence:
+        """The evidence in ``prompt`` for the groups ``allowed`` accepts (e.g. those of the pipeline's family).
+
+        Phrases less specific than ``least_specificity`` are no evidence; those carried by several adapters are
+        reported as generic.
+        """
         words: list[str] = []
         windows: list[tuple[int, int]] = []
         for run in prompt_runs(prompt):
@@ -217,7 +224,9 @@ class EvidenceIndex:
             found.setdefault(key, []).append((start, stop))
             text = " ".join(words[start:stop])
             carriers = len(stats.identity) + stats.tagged
-            if stats.identity and stats.specificity <= 0.0:
+            if stats.specificity < least_specificity:
+                if carriers < 2:
+                    continue
                 generic.setdefault(text, GenericPhrase(text, carriers, stats.specificity))
                 continue
             for group, (kind, phrase) in stats.identity.items():

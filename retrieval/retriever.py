@@ -35,7 +35,7 @@ from typing import Any
 from fusion.errors import ComposerError
 from retrieval.evidence import EvidenceIndex
 from retrieval.learned_index import LearnedIndex
-from retrieval.selection import Choice, Rejection, choose
+from retrieval.selection import IDENTITY_THRESHOLD, Choice, Rejection, choose
 from retrieval.text import TextEmbedder
 from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_token_encoder
 from weights_index.catalog import CatalogEntry, Library
@@ -385,7 +385,7 @@ class Retriever:
         def allowed(group: int) -> bool:
             return self._in_scope(self._groups[group].preferred, family)
 
-        found = self._evidence.match(prompt, allowed)
+        found = self._evidence.match(prompt, IDENTITY_THRESHOLD, allowed)
         trigger_counts = [len(keys) for keys in self._evidence.trigger_keys]
         choices, rejections = choose(found, self._group_categories, trigger_counts, limit)
         self.generic = [

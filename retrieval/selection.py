@@ -1,10 +1,11 @@
 """Choosing the smallest set of adapters whose specific evidence explains distinct parts of a prompt.
 
-Input is the evidence :class:`~retrieval.evidence.EvidenceIndex` found. An adapter is a candidate when some identity
-phrase of it (trigger word, dataset trigger, title, name, alias) is in the prompt with specificity at least
-``IDENTITY_THRESHOLD``; tags alone never make a candidate. Candidates are taken greedily, the one whose specific
-evidence explains the most prompt words (weighted by specificity) first; ties go to the one with more supporting
-tags in the prompt, then to the one with a larger share of its trigger words present, then to the one named first.
+Input is the evidence :class:`~retrieval.evidence.EvidenceIndex` found with ``IDENTITY_THRESHOLD`` as the least
+specificity: an adapter is a candidate when some identity phrase of it (trigger word, dataset trigger, title, name,
+alias) is in the prompt that specific; tags alone never make a candidate. Candidates are taken greedily, the one
+whose specific evidence explains the most prompt words (weighted by specificity) first; ties go to the one with
+more supporting tags in the prompt, then to the one with a larger share of its trigger words present, then to the
+one named first.
 A candidate is rejected when
 
 - its specific evidence covers only words a pick already explains (two adapters for the same words: the smallest
@@ -69,12 +70,9 @@ def choose(
 ) -> tuple[list[Choice], list[Rejection]]:
     """Pick groups for the prompt (see the module docstring); ``categories`` and ``trigger_counts`` per group."""
     ranked = []
-    for group, items in found.identity.items():
-        specific = [e for e in items if e.specificity >= IDENTITY_THRESHOLD]
-        if not specific:
-            continue
+    for group, specific in found.identity.items():
         support = found.support.get(group, [])
-        triggers = {tuple(sorted(e.words.split())) for e in items if e.kind == "trigger"}
+        triggers = {tuple(sorted(e.words.split())) for e in specific if e.kind == "trigger"}
         complete = len(triggers) / trigger_counts[group] if trigger_counts[group] else 0.0
         score = sum(_coverage(specific).values())
         first = min(e.span[0] for e in specific)
@@ -109,9 +107,4 @@ def choose(
                 explained.setdefault(position, group)
         if category is not None:
             filled.setdefault(category, group)
-    for group, items in found.identity.items():
-        if all(e.specificity < IDENTITY_THRESHOLD for e in items):
-            best = max(items, key=lambda e: e.specificity)
-            reason = f"{best.kind} {best.words!r} is shared by {best.carriers} adapters: too generic to pick"
-            rejected.append(Rejection(group, reason))
     return picks, rejected

@@ -62,8 +62,8 @@ def _keys(entry: CatalogEntry) -> list[tuple[str, ...]]:
 def _why(entry: CatalogEntry, preferred: CatalogEntry) -> str:
     if entry.sha256 and entry.sha256 == preferred.sha256:
         return "identical file (same SHA-256)"
-    hashes = preferred.metadata.hashes
-    if any(entry.metadata.hashes.get(k) and entry.metadata.hashes.get(k) == hashes.get(k) for k in WEIGHT_HASH_KEYS):
+    ours, theirs = entry.metadata.hashes, preferred.metadata.hashes
+    if any(ours.get(k) and ours[k].lower() == theirs.get(k, "").lower() for k in WEIGHT_HASH_KEYS):
         return "same weights (same declared tensor hash)"
     version, best = entry_version(entry), entry_version(preferred)
     if version is not None and best is not None and version != best:
