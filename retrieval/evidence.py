@@ -7,8 +7,8 @@ its kohya dataset triggers (:attr:`~weights_index.metadata.AdapterMetadata.datas
 it: curated labels and caption tags. Names (title,
 file name, aliases) are indexed whole and as short names: without their parenthesised parts, and by their leading
 words (two or more: file names lose the parentheses that set a series name apart). A short or one-word name that
-some adapter also uses as a tag is a description, not a name, and is not an identity; neither is a trigger word
-much less specific than the adapter's own most specific one (``ATTRIBUTE_GAP``).
+some adapter also uses as a tag is a description, not a name, and is not an identity; neither is a trigger word that
+other adapters use as a tag when the adapter has another trigger word that no other adapter uses as a tag.
 
 Phrases and prompts are compared as bags of words (:mod:`weights_index.naming`): case, punctuation, underscores,
 function words, word order, version markers and packaging words do not count. A phrase matches a run of
@@ -49,9 +49,6 @@ MAX_CAPTION_TAGS = 64
 """Caption tags indexed per adapter, most frequent first (big datasets list hundreds)."""
 MAX_PHRASE_WORDS = 8
 """Longer phrases are not indexed (no prompt names an adapter by nine words)."""
-ATTRIBUTE_GAP = 0.25
-"""A trigger word this much less specific than the adapter's most specific trigger word is an attribute (the
-"floral hair" beside "vintaro"): it supports the adapter like a tag but does not name it."""
 
 Key = tuple[str, ...]
 
@@ -175,15 +172,17 @@ class EvidenceIndex:
         self.longest = max((len(key) for key in self._keys), default=0)
 
     def _demote_attributes(self) -> None:
-        """Move trigger words far less specific than their adapter's most specific one to its tags."""
-        best: dict[int, float] = {}
+        """Trigger words that other adapters use as tags become tags of an adapter that also has a trigger word no
+        other adapter uses as a tag ("floral hair" beside "vintaro"): they describe it, the other one names it."""
+        clean: set[int] = set()
         for stats in self._keys.values():
-            for group, (kind, _) in stats.identity.items():
-                if kind in WORD_IDENTITY_KINDS:
-                    best[group] = max(best.get(group, 0.0), stats.specificity)
+            if stats.tagged == 0:
+                clean.update(g for g, (kind, _) in stats.identity.items() if kind in WORD_IDENTITY_KINDS)
         for key, stats in self._keys.items():
+            if stats.tagged == 0:
+                continue
             for group, (kind, phrase) in list(stats.identity.items()):
-                if kind in WORD_IDENTITY_KINDS and stats.specificity < best[group] - ATTRIBUTE_GAP:
+                if kind in WORD_IDENTITY_KINDS and group in clean:
                     del stats.identity[group]
                     stats.tagged += 1
                     self._group_tags[group].setdefault(key, phrase)

@@ -3,9 +3,9 @@
 Input is the evidence :class:`~retrieval.evidence.EvidenceIndex` found with ``IDENTITY_THRESHOLD`` as the least
 specificity: an adapter is a candidate when some identity phrase of it (trigger word, dataset trigger, title, name,
 alias) is in the prompt that specific; tags alone never make a candidate. Candidates are taken greedily, the one
-whose specific evidence explains the most prompt words (weighted by specificity) first; ties go to the one with
-more supporting tags in the prompt, then to the one with a larger share of its trigger words present, then to the
-one named first.
+whose specific evidence explains the most prompt words (weighted by specificity) first; ties go to the one named by
+a whole name rather than a shortened one, then to the one with more supporting tags in the prompt, then to the one
+with a larger share of its trigger words present, then to the one named first.
 A candidate is rejected when
 
 - its specific evidence covers only words a pick already explains (two adapters for the same words: the smallest
@@ -75,15 +75,16 @@ def choose(
         triggers = {tuple(sorted(e.words.split())) for e in specific if e.kind == "trigger"}
         complete = len(triggers) / trigger_counts[group] if trigger_counts[group] else 0.0
         score = sum(_coverage(specific).values())
+        whole = sum(_coverage([e for e in specific if e.kind != "short name"]).values())
         first = min(e.span[0] for e in specific)
-        ranked.append((score, sum(_coverage(support).values()), complete, -first, -group, specific, support))
-    ranked.sort(key=lambda item: item[:5], reverse=True)
+        ranked.append((score, whole, sum(_coverage(support).values()), complete, -first, -group, specific, support))
+    ranked.sort(key=lambda item: item[:6], reverse=True)
     picks: list[Choice] = []
     rejected: list[Rejection] = []
     explained: dict[int, int] = {}
     """Prompt word index → the group whose specific evidence explains it."""
     filled: dict[str, int] = {}
-    for score, _, _, _, negative_group, specific, support in ranked:
+    for score, _, _, _, _, negative_group, specific, support in ranked:
         group = -negative_group
         new = [e for e in specific if any(p not in explained for p in e.positions)]
         if not new:
