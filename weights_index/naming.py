@@ -9,6 +9,7 @@ the small function words, so they compare equal whatever the case, punctuation, 
 
 from __future__ import annotations
 
+import functools
 import re
 
 FUNCTION_WORDS = frozenset(
@@ -70,6 +71,7 @@ PACKAGING_WORDS = frozenset(
 """Words that say how or for which base an adapter was packaged, not what it is."""
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_HAS_CAMEL = re.compile(r"[a-z][A-Z]|[A-Z][A-Z][a-z]")
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _VERSION_WORD = re.compile(r"^(v|ver|version)(\d+)$")
 _VERSION_SPLIT = re.compile(r"^(v|ver|version)$")
@@ -137,7 +139,7 @@ def split_camel(text: str) -> str:
         word = match.group(0)
         return word if word.lower() in PACKAGING_WORDS else _CAMEL.sub(" ", word)
 
-    return _WORD.sub(split, text)
+    return _WORD.sub(split, text) if _HAS_CAMEL.search(text) else text
 
 
 def _prepared(name: str) -> str:
@@ -145,6 +147,7 @@ def _prepared(name: str) -> str:
     return split_camel(_COPY_MARK.sub("", name.strip()))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def name_words(name: str, *, keep_parentheses: bool = True) -> tuple[str, ...]:
     """The words that identify an adapter named ``name`` (a title or a file stem), in order.
 
@@ -168,6 +171,7 @@ def name_words(name: str, *, keep_parentheses: bool = True) -> tuple[str, ...]:
     return tuple(kept or content)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def version_of(name: str) -> tuple[int, ...] | None:
     """The version a title or file name carries ("v2" → (2,), "_v1.5" → (1, 5), "ver 3" → (3,)), or None."""
     return _split_versions(words(_prepared(name)))[1]
