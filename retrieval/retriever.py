@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusion.errors import ComposerError
-from retrieval.evidence import EvidenceIndex
+from retrieval.evidence import Evidence, EvidenceIndex
 from retrieval.learned_index import LearnedIndex
 from retrieval.selection import IDENTITY_THRESHOLD, Choice, Rejection, choose
 from retrieval.text import TextEmbedder
@@ -140,6 +140,15 @@ def _category(entry: CatalogEntry) -> str | None:
     notes = " ".join(text for text in (meta.description, meta.notes) if text)
     category = meta.category or infer_category([*meta.labels, *meta.tags], entry.title, notes or None)
     return category if category in CATEGORIES else None
+
+
+def _adapters(count: int) -> str:
+    return f"{count} adapter" + ("" if count == 1 else "s")
+
+
+def _by_words(items: Iterable[Evidence]) -> list[Evidence]:
+    """One evidence item per matched prompt phrase."""
+    return list({item.words: item for item in items}.values())
 
 
 def _group_category(entries: Iterable[CatalogEntry]) -> str | None:
@@ -388,9 +397,7 @@ class Retriever:
         found = self._evidence.match(prompt, IDENTITY_THRESHOLD, allowed)
         trigger_counts = [len(keys) for keys in self._evidence.trigger_keys]
         choices, rejections = choose(found, self._group_categories, trigger_counts, limit)
-        self.generic = [
-            f"{g.words!r} is carried by {g.carriers} adapters: too generic to pick any" for g in found.generic
-        ]
+        self.generic = [f"{g.words!r} is on {_adapters(g.carriers)}: too generic to pick any" for g in found.generic]
         self.rejected = [Rejected(self._groups[r.group].preferred.name, r.reason, self._lost_to(r)) for r in rejections]
         picks = [self._selection(choice, rejections) for choice in choices]
         if self._has_weight_signals and len(picks) < limit:
@@ -418,13 +425,11 @@ class Retriever:
             if item.kind != "trigger":
                 reasons.append(f"{item.kind} {item.phrase!r} in prompt (as {item.words!r})")
         explains = list(dict.fromkeys(e.words for e in choice.evidence))
-        carried = ", ".join(f"{e.words!r} by {e.carriers}" for e in {e.words: e for e in choice.evidence}.values())
-        reasons.append(f"explains {', '.join(repr(w) for w in explains)} (specific: carried by {carried} adapters)")
+        carried = ", ".join(f"{e.words!r} on {_adapters(e.carriers)}" for e in _by_words(choice.evidence))
+        reasons.append(f"explains {', '.join(repr(w) for w in explains)} (specific: {carried})")
         if choice.support:
-            support = {e.words: e for e in choice.support}.values()
-            reasons.append(
-                "also fits tags in the prompt: " + ", ".join(f"{e.words!r} ({e.carriers} adapters)" for e in support)
-            )
+            support = ", ".join(f"{e.words!r} ({_adapters(e.carriers)})" for e in _by_words(choice.support))
+            reasons.append(f"also fits tags in the prompt: {support}")
         for other, why in group.others:
             reasons.append(f"preferred over {other.name}: {why}")
         for rejection in rejections:
@@ -436,7 +441,7 @@ class Retriever:
             f"({'preferred weight' if weight is not None else 'default'})"
         )
         reasons += [f"not used: {note}" for note in self.notes]
-        present = {key for e in choice.evidence for key in [tuple(sorted(e.words.split()))]}
+        present = {tuple(sorted(e.words.split())) for e in choice.evidence}
         missing = [] if triggers else self._best_trigger(choice.group, present)
         return Selection(
             entry.name,
