@@ -116,3 +116,18 @@ def test_reasons_say_what_each_pick_explains_and_what_was_rejected(library: Libr
     picks = retriever.select("mkmcsm, makima", family="sd1")
     assert len(picks) == 1
     assert retriever.rejected == []  # versions and copies are one candidate, not rivals
+
+
+def test_a_second_adapter_of_a_category_needs_a_name_of_its_own(tmp_path: Path) -> None:
+    _write(tmp_path, "harbor", 1, _spec("Night Harbor", "nbgx", "sea", "background"))
+    for i in range(3):  # three backgrounds share one trigger word: it names none of them well enough for a second pick
+        _write(tmp_path, f"dusk_{i}", 10 + i, _spec(f"Dusk Veil {i}", f"duskveil, dv{i}q", "sky", "background"))
+    library = Library(tmp_path)
+    library.scan()
+    retriever = Retriever(library)
+    assert [p.name for p in retriever.select("nbgx, duskveil")] == ["harbor"]
+    assert retriever.rejected[0].reason == (
+        "background already chosen; 'duskveil' is shared by 3 adapters, not specific enough to name a second"
+    )
+    assert retriever.rejected[0].lost_to == "harbor"
+    assert [p.name for p in retriever.select("nbgx, dv1q")] == ["harbor", "dusk_1"]  # named: both backgrounds
