@@ -16,18 +16,19 @@ tensor) the way people collect them:
   (same tensors, edited metadata) and an SDXL edition of some concepts (the query family is SD 1.x);
 - file names in every style: snake_case, camelCase, spaces, hyphens.
 
-Prompts name 1–3 concepts, mixed with generic filler tags: by their trigger words (all of them, as users paste
-them; only concepts whose metadata states trigger words, not all of them generic tags), by their titles (whole,
-without the parenthesised part,
-or as the file name; any case), and by paraphrase (the title's words reordered with a word inserted, or a
-character's first name alone — reported, no target). A pick is right when it is the concept's newest SD 1.x
-version (an identical copy of it counts: same bytes). Exact-set accuracy, precision (right picks / picks) and
-recall (right picks / named concepts) are reported per prompt kind.
+Prompts name 1–3 concepts, mixed with generic filler tags: by their trigger words (all of them, as users paste them;
+only concepts whose metadata states trigger words, not all of them generic tags), by their titles (whole, without
+the parenthesised part, or as the file name; any case), and by paraphrase (the title's words reordered with a word
+inserted, or a character's first name alone — reported, no target). No concept's title, whole or without its
+parenthesised part, is another concept's (equal titles are versions by definition; a prompt could not tell them
+apart). A pick is right when it holds the tensors of the concept's newest SD 1.x version (the file itself, a
+duplicate download or a re-saved copy). Exact-set accuracy, precision (right picks / picks) and recall (right picks
+/ named concepts) are reported per prompt kind.
 
 Two generator configurations: ``tuned`` (the one looked at while building the selector) and ``held_out`` (another
 seed and other parameters: heavier tag sharing, more versions and collisions, another source mix), never used for
-tuning. Latency: ``select`` p50/p99 on a 10,000-adapter library (metadata signals only; no weight signal runs).
-``--quick`` (what ``make bench`` runs): 400-adapter libraries, fewer prompts, latency at 2,000 adapters.
+tuning. Latency: ``select`` p50/p99 on a library of 10,000 concepts (about 14,000 files; metadata signals only, no
+weight signal runs). ``--quick`` (what ``make bench`` runs): 400 concepts, fewer prompts, latency at 2,000.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class LibraryGenerator:
             token = first.lower() + _pseudo(rng, 2)
         else:
             title = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS[category])}".title()
-            token = title.lower().replace(" ", "")[:4] + _pseudo(rng, 2)
+            token = title.lower().replace(" ", "")[:4] + _pseudo(rng, 3)
         if rng.random() < config.series_share:
             title += f" ({_pseudo(rng, 2).title()} {rng.choice(['Saga', 'Online', 'Chronicles', 'Gakuen'])})"
         return title, token
@@ -201,9 +202,9 @@ class LibraryGenerator:
         rng, config = self.rng, self.config
         category = CATEGORIES[rng.randrange(len(CATEGORIES))]
         title, token = self._title(category)
-        while title.lower() in self.titles:  # one title, one LoRA: equal titles are versions by definition
-            title, token = self._title(category)
-        self.titles.add(title.lower())
+        while {title.lower(), title.split("(")[0].strip().lower()} & self.titles:
+            title, token = self._title(category)  # equal titles are versions by definition; a title whose short
+        self.titles.update({title.lower(), title.split("(")[0].strip().lower()})  # form is another's is ambiguous
         triggers = [token]
         if category in ("style", "background") and rng.random() < config.no_trigger_share:
             triggers = []

@@ -7,13 +7,15 @@ its kohya dataset triggers (:attr:`~weights_index.metadata.AdapterMetadata.datas
 it: curated labels and caption tags. Names (title,
 file name, aliases) are indexed whole and as short names: without their parenthesised parts, and by their leading
 words (two or more: file names lose the parentheses that set a series name apart). A short or one-word name that
-some adapter also uses as a tag is a description, not a name, and is not an identity; neither is a trigger word that
-other adapters use as a tag when the adapter has another trigger word that no other adapter uses as a tag.
+some adapter also uses as a tag is a description, not a name, and is not an identity; so is any phrase that more
+than ``DESCRIPTION_RATIO`` times as many adapters use as a tag as are named by it, and a trigger word that other
+adapters use as a tag when the adapter has another trigger word that no other adapter uses as a tag.
 
 Phrases and prompts are compared as bags of words (:mod:`weights_index.naming`): case, punctuation, underscores,
 function words, word order, version markers and packaging words do not count. A phrase matches a run of
 consecutive prompt words inside one comma-separated part that holds exactly its words; a run across a function
-word ("skyline with steampunk") must keep the phrase's own word order.
+word must be the phrase as written ("girl with a pearl earring" matches that title, "skyline with steampunk" does
+not match "Steampunk Skyline").
 
 Specificity is an inverse document frequency over the library: a phrase carried as an identity by ``d`` adapters
 and as a mere tag by ``t`` more has the effective count ``n = d + TAG_SHARE·t`` and specificity
@@ -38,6 +40,8 @@ WORD_IDENTITY_KINDS = ("trigger", "dataset trigger")
 """Identity kinds that keep naming an adapter even when their one word is also used as a tag ("castle" as a title
 is a description when adapters are tagged "castle"; as a trigger word it was chosen to activate the adapter)."""
 TAG_KINDS = ("label", "tag")
+DESCRIPTION_RATIO = 2
+"""A phrase that more than this many times as many adapters use as a tag as are named by it is a description."""
 """Phrase kinds that describe an adapter: they explain prompt words and break ties, never pick on their own."""
 ALIAS_KEYS = ("ss_output_name", "modelspec.title")
 """Header fields that name the adapter besides its title."""
@@ -100,7 +104,7 @@ class PromptEvidence:
     identity: dict[int, list[Evidence]]
     """Group index → its identity evidence."""
     support: dict[int, list[Evidence]]
-    """Group index → tag evidence, for the groups in ``identity``."""
+    """Group index → tag evidence (other than its identity phrases), for the groups in ``identity``."""
     generic: list[GenericPhrase]
 
 
@@ -135,8 +139,9 @@ class EvidenceIndex:
         self.groups = groups
         self._keys: dict[Key, _KeyStats] = {}
         self._group_tags: list[dict[Key, str]] = []
-        self._ordered: set[tuple[str, ...]] = set()
-        """Every phrase's words in their own order (a prompt window across a function word must match one)."""
+        self._ordered: set[tuple[tuple[str, bool], ...]] = set()
+        """Every phrase's words in order, each with whether a function word came before it: a prompt window across
+        a function word must match one of these exactly ("girl with a pearl earring")."""
         self.trigger_keys: list[set[Key]] = []
         for index, group in enumerate(groups):
             identity: dict[Key, tuple[str, str]] = {}
@@ -144,7 +149,7 @@ class EvidenceIndex:
             triggers: set[Key] = set()
             for entry in group.members:
                 for kind, phrase, ordered in entry_phrases(entry):
-                    self._ordered.add(ordered)
+                    self._ordered.update(tuple(run) for run in prompt_runs(phrase) if len(run) > 1)
                     key = tuple(sorted(ordered))
                     if kind in IDENTITY_KINDS:
                         identity.setdefault(key, (kind, phrase))
@@ -161,7 +166,10 @@ class EvidenceIndex:
             self._group_tags.append(tags)
             self.trigger_keys.append(triggers)
         for key, stats in self._keys.items():
-            if stats.described:  # a shortened or one-word name that is also a tag describes, it does not name
+            if stats.tagged > DESCRIPTION_RATIO * len(stats.identity):
+                stats.tagged += len(stats.identity)  # more adapters describe themselves with it than are named by it
+                stats.identity = {}
+            elif stats.described:  # a shortened or one-word name that is also a tag describes, it does not name
                 stats.identity = {
                     g: found
                     for g, found in stats.identity.items()
@@ -208,7 +216,7 @@ class EvidenceIndex:
             for start in range(len(run)):
                 for stop in range(start + 1, min(len(run), start + self.longest) + 1):
                     if any(gap for _, gap in run[start + 1 : stop]) and (
-                        tuple(word for word, _ in run[start:stop]) not in self._ordered
+                        ((run[start][0], False), *run[start + 1 : stop]) not in self._ordered
                     ):
                         continue  # across "with", "in", …: only a phrase written in this order
                     windows.append((offset + start, offset + stop))
@@ -233,11 +241,12 @@ class EvidenceIndex:
                     item = Evidence(group, kind, phrase, text, (start, stop), stats.specificity, carriers)
                     identity.setdefault(group, []).append(item)
         support: dict[int, list[Evidence]] = {}
-        for group in identity:
+        for group, items in identity.items():
             tags = self._group_tags[group]
+            named = {tuple(sorted(item.words.split())) for item in items}
             for key, spans in found.items():
                 phrase = tags.get(key)
-                if phrase is None:
+                if phrase is None or key in named:  # its own trigger word among its caption tags: no extra support
                     continue
                 stats = self._keys[key]
                 for span in spans:

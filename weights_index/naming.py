@@ -53,7 +53,6 @@ PACKAGING_WORDS = frozenset(
         "lokr",
         "lycoris",
         "lyco",
-        "dora",
         "ia3",
         "sd",
         "sd1",
