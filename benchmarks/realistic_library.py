@@ -183,7 +183,7 @@ class LibraryGenerator:
             tag = rng.choice(self.vocabulary[:40])
             return tag.title(), tag.replace(" ", "") + _pseudo(rng, 1) if rng.random() < 0.5 else tag
         if category == "character" or rng.random() >= config.descriptive_title_share:
-            first, last = _pseudo(rng, 2).title(), _pseudo(rng, rng.randint(2, 3)).title()
+            first, last = _pseudo(rng, rng.randint(2, 3)).title(), _pseudo(rng, rng.randint(2, 3)).title()
             if category == "character":
                 title = f"{first} {last}"
             elif category == "style":
