@@ -4,12 +4,12 @@ Every adapter (one per :class:`~weights_index.versions.VersionGroup`: versions a
 by phrases of several kinds. Identity kinds name the adapter: its trigger words, its title (whole, and without
 parenthesised parts), its file name, other names its metadata gives (``ss_output_name``, ``modelspec.title``) and
 its kohya dataset triggers (:attr:`~weights_index.metadata.AdapterMetadata.dataset_triggers`). Tag kinds describe
-it: curated labels and caption tags. Names (title,
-file name, aliases) are indexed whole and as short names: without their parenthesised parts, and by their leading
-words (two or more: file names lose the parentheses that set a series name apart). A short or one-word name that
-some adapter also uses as a tag is a description, not a name, and is not an identity; so is any phrase that more
-than ``DESCRIPTION_RATIO`` times as many adapters use as a tag as are named by it, and a trigger word that other
-adapters use as a tag when the adapter has another trigger word that no other adapter uses as a tag.
+it: curated labels and caption tags. Names (title, file name, aliases) are indexed whole and as short names: without
+their parenthesised parts, and by their leading words (two or more: file names lose the parentheses that set a
+series name apart). A short or one-word name that some adapter also uses as a tag is a description, not a name, and
+is not an identity; so is any phrase that more than ``DESCRIPTION_RATIO`` times as many adapters use as a tag as are
+named by it, and a trigger word that other adapters use as a tag when the adapter has another trigger word that no
+other adapter uses as a tag.
 
 Phrases and prompts are compared as bags of words (:mod:`weights_index.naming`): case, punctuation, underscores,
 function words, word order, version markers and packaging words do not count. A phrase matches a run of
@@ -35,14 +35,13 @@ from weights_index.naming import content_words, name_words, prompt_runs
 from weights_index.versions import VersionGroup
 
 IDENTITY_KINDS = ("trigger", "dataset trigger", "title", "name", "alias", "short name")
-"""Phrase kinds that name an adapter; only these can justify picking it."""
+"""Phrase kinds that name an adapter; only these can justify picking it. The others ("label", "tag") describe it:
+they explain prompt words and break ties, never pick on their own."""
 WORD_IDENTITY_KINDS = ("trigger", "dataset trigger")
 """Identity kinds that keep naming an adapter even when their one word is also used as a tag ("castle" as a title
 is a description when adapters are tagged "castle"; as a trigger word it was chosen to activate the adapter)."""
-TAG_KINDS = ("label", "tag")
 DESCRIPTION_RATIO = 2
 """A phrase that more than this many times as many adapters use as a tag as are named by it is a description."""
-"""Phrase kinds that describe an adapter: they explain prompt words and break ties, never pick on their own."""
 ALIAS_KEYS = ("ss_output_name", "modelspec.title")
 """Header fields that name the adapter besides its title."""
 TAG_SHARE = 0.5
@@ -100,7 +99,6 @@ class GenericPhrase:
 class PromptEvidence:
     """Everything the index found in one prompt."""
 
-    words: list[str]
     identity: dict[int, list[Evidence]]
     """Group index → its identity evidence."""
     support: dict[int, list[Evidence]]
@@ -260,4 +258,4 @@ class EvidenceIndex:
                         len(stats.identity) + stats.tagged,
                     )
                     support.setdefault(group, []).append(item)
-        return PromptEvidence(words, identity, support, sorted(generic.values(), key=lambda g: -g.carriers))
+        return PromptEvidence(identity, support, sorted(generic.values(), key=lambda g: -g.carriers))

@@ -114,19 +114,16 @@ def _split_versions(tokens: list[str]) -> tuple[list[str], tuple[int, ...] | Non
     version: tuple[int, ...] | None = None
     i = 0
     while i < len(tokens):
-        token = tokens[i]
-        match = _VERSION_WORD.match(token)
-        if match or (_VERSION_SPLIT.match(token) and i + 1 < len(tokens) and tokens[i + 1].isdigit()):
-            number = [int(match.group(2))] if match else []
-            i += 1 if match else 2
-            if not match:
-                number = [int(tokens[i - 1])]
+        joined = _VERSION_WORD.match(tokens[i])
+        if joined or (_VERSION_SPLIT.match(tokens[i]) and i + 1 < len(tokens) and tokens[i + 1].isdigit()):
+            number = [int(joined.group(2))] if joined else [int(tokens[i + 1])]
+            i += 1 if joined else 2
             while i < len(tokens) and tokens[i].isdigit() and len(tokens[i]) <= 2:
                 number.append(int(tokens[i]))
                 i += 1
             version = tuple(number)
             continue
-        kept.append(token)
+        kept.append(tokens[i])
         i += 1
     return kept, version
 
