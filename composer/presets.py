@@ -50,6 +50,7 @@ from transformers import (
 
 from composer.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer, t5_vocab
 from fusion.errors import PresetError
+from weights_index.families import pipeline_family
 
 PRESET_FORMAT_VERSION = 1
 """Bumped when the way presets are built or saved changes; part of every cache fingerprint."""
@@ -601,17 +602,10 @@ def load_preset(
 def preset_family(pipe: Any) -> str:
     """The base-model family of any loaded pipeline: "sd1", "sd2", "sdxl", "flux" or "unknown".
 
-    Decided from the denoiser's and text encoders' classes (and, for SD 2.x, the 1024-wide cross-attention), so it
-    works for subclasses and for pipelines loaded from any source.
+    The codebase's one pipeline-family rule, :func:`weights_index.families.pipeline_family` (SD 2.x by its
+    1024-wide cross-attention).
     """
-    if isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel):
-        return "flux"
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, UNet2DConditionModel) or not isinstance(getattr(pipe, "text_encoder", None), CLIPTextModel):
-        return "unknown"
-    if unet.config.addition_embed_type == "text_time" and getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    return "sd2" if unet.config.cross_attention_dim == 1024 else "sd1"
+    return pipeline_family(pipe)
 
 
 def kontext_call_kwargs(height: int, width: int) -> dict[str, Any]:

@@ -9,10 +9,19 @@ Signals (each ranks the adapters it can say something about):
 - ``zero_shot`` — cross-attention response z-score (:mod:`retrieval.zero_shot`), when a pipeline or token
   encoder is given: works for adapters without any metadata.
 
-The fused score is Σ 1/(rrf_k + rank) over the signals that ranked an adapter. Selection keeps, best first, the
-adapters whose trigger words are in the prompt or that a weight signal singles out (a robust z-score of at least
-``min_confidence`` against the rest of the library), at most one per category, at most ``max_adapters``. A signal
-that is unavailable is skipped and said so in :attr:`Retriever.notes` and in every pick's reasons.
+The fused score is Σ 1/(rrf_k + rank) over the signals that ranked an adapter.
+
+Selection does not use the ranking's metadata signals: it explains the prompt. Versions and copies of one LoRA count
+once (:mod:`weights_index.versions`; the newest is used, the others named in its reasons). The words of the prompt
+are matched against every adapter's trigger words, titles, names and tags, each weighed by how many adapters in the
+library carry it (:mod:`retrieval.evidence`), and the smallest set of adapters whose specific evidence explains
+distinct parts of the prompt is chosen (:mod:`retrieval.selection`): a generic tag shared by many adapters picks
+none of them, a title picks its adapter, at most one adapter per category unless the prompt names two, at most
+``max_adapters``. When a weight signal is available, adapters it singles out (a robust z-score of at least
+``min_confidence`` against the rest of the library) fill categories the words left empty. Each pick's reasons say
+which words it explains, what supports it, and what it was preferred to; :attr:`Retriever.rejected` and
+:attr:`Retriever.generic` say what was not picked and why. A signal that is unavailable is skipped and said so in
+:attr:`Retriever.notes` and in every pick's reasons.
 """
 
 from __future__ import annotations
@@ -24,11 +33,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusion.errors import ComposerError
+from retrieval.evidence import Evidence, EvidenceIndex
 from retrieval.learned_index import LearnedIndex
+from retrieval.selection import IDENTITY_THRESHOLD, Choice, Rejection, choose
 from retrieval.text import TextEmbedder
-from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_family, pipeline_token_encoder
+from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_token_encoder
 from weights_index.catalog import CatalogEntry, Library
+from weights_index.families import pipeline_family
 from weights_index.metadata import infer_category
+from weights_index.naming import content_words
+from weights_index.versions import version_groups
 
 SIGNALS = ("trigger", "metadata", "learned", "zero_shot")
 WEIGHT_SIGNALS = ("learned", "zero_shot")
@@ -100,6 +114,21 @@ class Selection:
     missing_triggers: list[str] = field(default_factory=list)
     category: str | None = None
     trigger_words: list[str] = field(default_factory=list)
+    explains: list[str] = field(default_factory=list)
+    """The prompt words (as matched) that this pick accounts for."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An adapter that matched the prompt but was not picked, why, and the pick it lost to (if any)."""
+
+    name: str
+    reason: str
+    lost_to: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -111,6 +140,20 @@ def _category(entry: CatalogEntry) -> str | None:
     notes = " ".join(text for text in (meta.description, meta.notes) if text)
     category = meta.category or infer_category([*meta.labels, *meta.tags], entry.title, notes or None)
     return category if category in CATEGORIES else None
+
+
+def _adapters(count: int) -> str:
+    return f"{count} adapter" + ("" if count == 1 else "s")
+
+
+def _by_words(items: Iterable[Evidence]) -> list[Evidence]:
+    """One evidence item per matched prompt phrase."""
+    return list({item.words: item for item in items}.values())
+
+
+def _group_category(entries: Iterable[CatalogEntry]) -> str | None:
+    """The category of a LoRA's versions: the first member (the preferred one) that has one decides."""
+    return next((c for c in map(_category, entries) if c is not None), None)
 
 
 def _trigger_pattern(trigger: str) -> re.Pattern[str] | None:
@@ -189,6 +232,10 @@ class Retriever:
         """Catalog id → content hash of every adapter the zero-shot scorer has seen (None: could not be scored)."""
         self._learned: dict[str, LearnedIndex | None] = {}
         self.notes: list[str] = []
+        self.rejected: list[Rejected] = []
+        """Candidates the last :meth:`select` did not pick, with why."""
+        self.generic: list[str] = []
+        """Phrases of the last :meth:`select`'s prompt that name adapters but are too widely shared to pick any."""
         self.refresh(scan=scan)
 
     def refresh(self, *, scan: bool = True) -> None:
@@ -200,6 +247,10 @@ class Retriever:
             e.id: [(t, p) for t in e.trigger_words if (p := _trigger_pattern(t)) is not None]
             for e in self._entries.values()
         }
+        self._groups = version_groups(self._entries.values())
+        self._group_of = {entry.id: index for index, group in enumerate(self._groups) for entry in group.members}
+        self._group_categories = [_group_category(group.members) for group in self._groups]
+        self._evidence = EvidenceIndex(self._groups)
         self.notes = []
         for family in sorted({e.family for e in self._entries.values()}):
             index = LearnedIndex.open(self.library, family, text=self._text)
@@ -333,30 +384,109 @@ class Retriever:
 
     # --------------------------------------------------------------------------------------------- selection
     def select(self, prompt: str, family: str | None = None, k: int | None = None) -> list[Selection]:
-        """The adapters to compose for ``prompt``: see the module docstring for the rules."""
+        """The adapters to compose for ``prompt``: see the module docstring for the rules.
+
+        Afterwards :attr:`rejected` lists the candidates that were not chosen and why, and :attr:`generic` the
+        prompt phrases that name adapters but are too widely shared to pick any.
+        """
         limit = self.max_adapters if k is None else k
-        picks: list[Selection] = []
-        categories: set[str] = set()
+
+        def allowed(group: int) -> bool:
+            return self._in_scope(self._groups[group].preferred, family)
+
+        found = self._evidence.match(prompt, IDENTITY_THRESHOLD, allowed)
+        trigger_counts = [len(keys) for keys in self._evidence.trigger_keys]
+        choices, rejections = choose(found, self._group_categories, trigger_counts, limit)
+        self.generic = [f"{g.words!r} is on {_adapters(g.carriers)}: too generic to pick any" for g in found.generic]
+        self.rejected = [Rejected(self._groups[r.group].preferred.name, r.reason, self._lost_to(r)) for r in rejections]
+        picks = [self._selection(choice, rejections) for choice in choices]
+        if self._has_weight_signals and len(picks) < limit:
+            taken = {choice.group for choice in choices}
+            picks += self._weight_picks(prompt, family, taken, {p.category for p in picks}, limit - len(picks))
+        return picks
+
+    @property
+    def _has_weight_signals(self) -> bool:
+        """True when a weight signal (zero-shot, or a reliable learned encoder) can single out adapters."""
+        reliable = any(index is not None and index.reliable for index in self._learned.values())
+        return self._token_encoder is not None or reliable
+
+    def _lost_to(self, rejection: Rejection) -> str | None:
+        return None if rejection.lost_to is None else self._groups[rejection.lost_to].preferred.name
+
+    def _selection(self, choice: Choice, rejections: list[Rejection]) -> Selection:
+        group = self._groups[choice.group]
+        entry = group.preferred
+        triggers = [e for e in choice.evidence if e.kind == "trigger"]
+        reasons = []
+        if triggers:
+            reasons.append("trigger word in prompt: " + ", ".join(dict.fromkeys(repr(e.phrase) for e in triggers)))
+        for item in choice.evidence:
+            if item.kind != "trigger":
+                reasons.append(f"{item.kind} {item.phrase!r} in prompt (as {item.words!r})")
+        explains = list(dict.fromkeys(e.words for e in choice.evidence))
+        carried = ", ".join(f"{e.words!r} on {_adapters(e.carriers)}" for e in _by_words(choice.evidence))
+        reasons.append(f"explains {', '.join(repr(w) for w in explains)} (specific: {carried})")
+        if choice.support:
+            support = ", ".join(f"{e.words!r} ({_adapters(e.carriers)})" for e in _by_words(choice.support))
+            reasons.append(f"also fits tags in the prompt: {support}")
+        for other, why in group.others:
+            reasons.append(f"preferred over {other.name}: {why}")
+        for rejection in rejections:
+            if rejection.lost_to == choice.group:
+                reasons.append(f"rejected {self._groups[rejection.group].preferred.name}: {rejection.reason}")
+        weight = entry.metadata.preferred_weight
+        reasons.append(
+            f"weight {weight if weight is not None else DEFAULT_WEIGHT} "
+            f"({'preferred weight' if weight is not None else 'default'})"
+        )
+        reasons += [f"not used: {note}" for note in self.notes]
+        present = {tuple(sorted(e.words.split())) for e in choice.evidence}
+        missing = [] if triggers else self._best_trigger(choice.group, present)
+        return Selection(
+            entry.name,
+            weight if weight is not None else DEFAULT_WEIGHT,
+            choice.score,
+            reasons,
+            missing,
+            self._group_categories[choice.group],
+            list(entry.trigger_words),
+            explains,
+        )
+
+    def _best_trigger(self, group: int, present: set[tuple[str, ...]]) -> list[str]:
+        """The most specific trigger word of a group picked without one (to add to the prompt)."""
+        entry = self._groups[group].preferred
+        words = [t for t in entry.trigger_words if tuple(sorted(content_words(t))) not in present]
+        if not words:
+            return []
+        return [max(words, key=lambda t: (self._evidence.specificity_of(t), -entry.trigger_words.index(t)))]
+
+    def _weight_picks(
+        self, prompt: str, family: str | None, taken: set[int], categories: set[str | None], room: int
+    ) -> list[Selection]:
+        """Adapters a weight signal singles out (z ≥ ``min_confidence``) that the words did not already pick, at most
+        one per category not yet filled."""
+        extra: list[Selection] = []
         for hit in self.rank(prompt, family, k=self.candidates):
-            if len(picks) >= limit:
+            if len(extra) >= room:
                 break
-            confident = hit.confidence >= self.min_confidence
-            if not hit.triggers_in_prompt and not confident:
+            group = self._group_of[hit.id]
+            if hit.confidence < self.min_confidence or group in taken:
                 continue
             if hit.category is not None and hit.category in categories:
                 continue
+            taken.add(group)
             if hit.category is not None:
                 categories.add(hit.category)
-            reasons = list(hit.reasons)
-            if not hit.triggers_in_prompt:
-                reasons.insert(0, f"weights single it out (z {hit.confidence:.1f} ≥ {self.min_confidence})")
+            reasons = [f"weights single it out (z {hit.confidence:.1f} ≥ {self.min_confidence})", *hit.reasons]
             weight = hit.preferred_weight if hit.preferred_weight is not None else DEFAULT_WEIGHT
             reasons.append(f"weight {weight} ({'preferred weight' if hit.preferred_weight is not None else 'default'})")
-            missing = [] if hit.triggers_in_prompt or not hit.trigger_words else [hit.trigger_words[0]]
-            picks.append(
+            missing = [hit.trigger_words[0]] if hit.trigger_words and not hit.triggers_in_prompt else []
+            extra.append(
                 Selection(hit.name, weight, hit.score, reasons, missing, hit.category, list(hit.trigger_words))
             )
-        return picks
+        return extra
 
 
 def insert_triggers(prompt: str, picks: Iterable[Selection]) -> str:

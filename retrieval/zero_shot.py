@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fusion.adapters import Adapter, LowRank
+from weights_index.families import pipeline_family
 
 CROSS_ATTENTION_SUFFIXES = ("attn2.to_k", "attn2.to_v", "attn.add_k_proj", "attn.add_v_proj")
 """Layer key endings whose input is the text encoder's token states."""
@@ -172,16 +173,6 @@ class ZeroShotScorer:
         responses = mean_response(self._stacked, self.prompt_states(prompt))
         baselines = torch.tensor(self._baselines, dtype=responses.dtype)
         return dict(zip(self._names, ((responses - baselines[:, 0]) / baselines[:, 1]).tolist()))
-
-
-def pipeline_family(pipe: Any) -> str:
-    """The base family of a diffusers pipeline, by its components: "flux", "sdxl" or "sd1" (SD 1.x/2.x UNets)."""
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None and hasattr(transformer, "context_embedder"):
-        return "flux"
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    return "sd1"
 
 
 def _end_of_text(tokenizer: Any, prompt: str, max_length: int) -> int:

@@ -8,6 +8,11 @@ models (cross-attention width 32) are decided by structure alone.
 
 The two sources are checked against each other: metadata that names a family the structure rules out is an error,
 because one of them is wrong and silently trusting either gives broken images.
+
+This module is the codebase's one family detector: :func:`family_from_text` reads any base-model string (headers,
+Civitai's ``baseModel``, A1111's ``sd version``), :func:`detect_family` an adapter file, and :func:`pipeline_family`
+a loaded diffusers pipeline (by its components' configs, without importing diffusers), so adapters and pipelines
+are matched by the same names.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 UNET_FAMILIES = frozenset({"sd1", "sd2", "sdxl"})
 ALL_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "flux"})
@@ -46,6 +52,14 @@ _SHALLOW_ATTENTION = re.compile(r"input_blocks[._][12][._]1[._]|down_blocks[._]0
 
 _CROSS_KEY = re.compile(r"attn2[._](to_k|to_v)([._]|$)")
 _TEXT_KEY = re.compile(r"^(lora_te_|text_encoder\.).*(q_proj|k_proj|v_proj)([._]|$)")
+_FAMILY_PATTERNS = (
+    ("flux", re.compile(r"flux", re.IGNORECASE)),
+    ("sdxl", re.compile(r"sdxl|\bsd[-_ ]?xl|stable-diffusion-xl|pony|illustrious|noobai", re.IGNORECASE)),
+    ("sd2", re.compile(r"\bsd[-_ ]?v?2(?!\d)|stable-diffusion-v2", re.IGNORECASE)),
+    ("sd1", re.compile(r"\bsd[-_ ]?v?1(?!\d)|stable-diffusion-v1", re.IGNORECASE)),
+)
+SD2_CROSS_ATTENTION_WIDTH = 1024
+"""OpenCLIP-H's hidden width: what an SD 2.x UNet's cross-attention reads (SD 1.x reads CLIP-L's 768)."""
 _TEXT_LAYER = re.compile(r"^(lora_te_|text_encoder\.)(text_model[._])?encoder[._]layers[._](\d+)[._]")
 
 
@@ -69,26 +83,44 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     if own in ALL_FAMILIES:
         return own
     for key in ("modelspec.architecture", "ss_base_model_version"):
-        value = metadata.get(key, "").strip().lower()
-        if value:
-            found = _family_from_label(value)
-            if found:
-                return found
+        found = family_from_text(metadata.get(key))
+        if found:
+            return found
     if metadata.get("ss_v2", "").strip().lower() == "true":
         return "sd2"
     return None
 
 
-def _family_from_label(label: str) -> str | None:
-    if "flux" in label:
-        return "flux"
-    if "xl" in label:
-        return "sdxl"
-    if re.search(r"(^|[^a-z0-9])(sd[_-]?v?2|stable-diffusion-v2|v2)", label):
-        return "sd2"
-    if re.search(r"(^|[^a-z0-9])(sd[_-]?v?1|stable-diffusion-v1|v1)", label):
-        return "sd1"
+def family_from_text(text: str | None) -> str | None:
+    """Map a base-model string from any source ("SD 1.5", "sdxl_base_v1-0", "Flux.1 D", "stable-diffusion-v1/lora",
+    "SDXL", "Pony") to a family, or None when it names none we know (e.g. SD3)."""
+    if not text:
+        return None
+    for family, pattern in _FAMILY_PATTERNS:
+        if pattern.search(text):
+            return family
     return None
+
+
+def pipeline_family(pipe: Any) -> str:
+    """The base family of a loaded diffusers pipeline: "flux", "sdxl", "sd2", "sd1" or "unknown".
+
+    Decided from its components (duck-typed, so subclasses and pipelines from any source work): a transformer with
+    a ``context_embedder`` is Flux; a UNet with SDXL's ``text_time`` added embedding and a second text encoder is
+    SDXL; otherwise a UNet reading 1024-wide text states is SD 2.x and any other UNet SD 1.x.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and hasattr(transformer, "context_embedder"):
+        return "flux"
+    config = getattr(getattr(pipe, "unet", None), "config", None)
+    if config is None or getattr(pipe, "text_encoder", None) is None:
+        return "unknown"
+    if (
+        getattr(config, "addition_embed_type", None) == "text_time"
+        and getattr(pipe, "text_encoder_2", None) is not None
+    ):
+        return "sdxl"
+    return "sd2" if getattr(config, "cross_attention_dim", None) == SD2_CROSS_ATTENTION_WIDTH else "sd1"
 
 
 def structural_candidates(shapes: Mapping[str, tuple[int, ...]]) -> tuple[frozenset[str], str]:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weights_index.families import family_from_text
 from weights_index.hashing import autov2
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
@@ -45,13 +46,8 @@ A1111_SIDECAR = "{stem}.json"
 MAX_TAGS = 500
 """Caption tags kept per adapter (most frequent first); big datasets list thousands."""
 
+_DATASET_FOLDER = re.compile(r"^\d+_(.+)$")
 _KOHYA_DEFAULT_TITLE = re.compile(r"^(LoRA|TextualInversion|Checkpoint)@[\d.]+$")
-_FAMILY_PATTERNS = (
-    ("flux", re.compile(r"flux", re.IGNORECASE)),
-    ("sdxl", re.compile(r"sdxl|\bsd[-_ ]?xl|stable-diffusion-xl|pony|illustrious|noobai", re.IGNORECASE)),
-    ("sd2", re.compile(r"\bsd[-_ ]?v?2(?!\d)|stable-diffusion-v2", re.IGNORECASE)),
-    ("sd1", re.compile(r"\bsd[-_ ]?v?1(?!\d)|stable-diffusion-v1", re.IGNORECASE)),
-)
 _CATEGORY_WORDS = {
     "character": ("character", "characters", "celebrity", "person", "people", "oc", "original character"),
     "clothing": ("clothing", "clothes", "outfit", "outfits", "costume", "costumes", "dress", "fashion", "uniform"),
@@ -75,6 +71,9 @@ class AdapterMetadata:
     description: str | None = None
     author: str | None = None
     trigger_words: tuple[str, ...] = ()
+    dataset_triggers: tuple[str, ...] = ()
+    """kohya dataset folders' identifiers (``10_ohwx`` → "ohwx") that also occur in that folder's captions: the
+    token the LoRA was trained to answer to, when no other source states trigger words."""
     tags: dict[str, int] = field(default_factory=dict)
     labels: tuple[str, ...] = ()
     base_model: str | None = None
@@ -112,17 +111,6 @@ SIDECAR_SUFFIXES = tuple(p.format(stem="") for p in (CIVITAI_SIDECAR, A1111_SIDE
 def sidecar_names(stem: str) -> tuple[str, ...]:
     """File names next to an adapter whose changes change its metadata (sidecars and previews)."""
     return tuple(stem + suffix for suffix in SIDECAR_SUFFIXES)
-
-
-def family_from_text(text: str | None) -> str | None:
-    """Map a base-model string from any source ("SD 1.5", "sdxl_base_v1-0", "Flux.1 D", "stable-diffusion-v1/lora",
-    "SDXL", "Pony") to a family, or None when it names none we know (e.g. SD3)."""
-    if not text:
-        return None
-    for family, pattern in _FAMILY_PATTERNS:
-        if pattern.search(text):
-            return family
-    return None
 
 
 def read_metadata(
@@ -187,6 +175,7 @@ def read_metadata(
         description=description,
         author=first("author", ("modelspec", "civitai")),
         trigger_words=triggers,
+        dataset_triggers=first("dataset_triggers", ("kohya",)) or (),
         tags=tags,
         labels=labels,
         base_model=base_model,
@@ -246,6 +235,7 @@ def _from_kohya(meta: Mapping[str, str], warnings: list[str]) -> dict[str, Any]:
     out["network_alpha"] = _as_float(meta.get("ss_network_alpha"))
     if meta.get("ss_tag_frequency"):
         out["tags"] = _tag_frequency(meta["ss_tag_frequency"], warnings)
+        out["dataset_triggers"] = _dataset_triggers(meta["ss_tag_frequency"])
     hashes = {k: meta[k] for k in ("sshs_model_hash", "sshs_legacy_hash") if meta.get(k)}
     if hashes:
         out["hashes"] = hashes
@@ -272,6 +262,23 @@ def _tag_frequency(raw: str, warnings: list[str]) -> dict[str, int]:
                 counts[tag] = counts.get(tag, 0) + int(count)
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return dict(ranked[:MAX_TAGS])
+
+
+def _dataset_triggers(raw: str) -> tuple[str, ...]:
+    """Identifiers of DreamBooth-style dataset folders (``<repeats>_<identifier>``) found among their own captions'
+    tags (a regularisation folder such as ``5_reg`` names no caption tag and is skipped)."""
+    try:
+        datasets = json.loads(raw)
+    except json.JSONDecodeError:
+        return ()
+    found = []
+    for folder, tags in datasets.items() if isinstance(datasets, dict) else ():
+        match = _DATASET_FOLDER.match(str(folder))
+        if match and isinstance(tags, dict):
+            identifier = match.group(1).strip()
+            if identifier.lower() in {str(tag).strip().lower() for tag in tags}:
+                found.append(identifier)
+    return _unique(found)
 
 
 def _from_modelspec(meta: Mapping[str, str]) -> dict[str, Any]:

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
                 "notes": retriever.notes,
                 "hits": [hit.to_json() for hit in hits],
                 "selection": [pick.to_json() for pick in picks],
+                "rejected": [item.to_json() for item in retriever.rejected],
+                "generic": retriever.generic,
             }
         )
         return 0
@@ -65,13 +67,17 @@ def run(args: argparse.Namespace) -> int:
     for note in retriever.notes:
         print(f"note: {note}")
     if not picks:
-        print("\nselection: none (no trigger word in the prompt and no adapter stands out by its weights)")
+        print("\nselection: none (no adapter is named by a specific trigger word or title, none stands out by weights)")
     for pick in picks:
         extra = f", add to prompt: {', '.join(pick.missing_triggers)}" if pick.missing_triggers else ""
         print(f"\npick {pick.name} @ {pick.weight}{extra}")
         for reason in pick.reasons:
             if not reason.startswith("not used:"):
                 print(f"  - {reason}")
+    for item in retriever.rejected:
+        print(f"\nnot picked: {item.name}: {item.reason}" + (f" (kept {item.lost_to})" if item.lost_to else ""))
+    for phrase in retriever.generic:
+        print(f"generic: {phrase}")
     return 0
 
 

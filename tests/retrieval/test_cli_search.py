@@ -34,6 +34,17 @@ def test_search_prints_ranking_and_picks(tmp_path: Path, capsys: pytest.CaptureF
     assert document["hits"][0]["signals"]["trigger"]["rank"] == 1
 
 
+def test_search_says_what_was_not_picked_and_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_library(tmp_path / "lib")
+    prompt = "neoncity, mossyforest, cstlsea, gldteapot, crgastro"
+    assert main(["search", prompt, "--library", str(tmp_path / "lib")]) == 0
+    assert "not picked: corgi: limit of 4 adapters reached" in capsys.readouterr().out
+    assert main(["search", prompt, "--library", str(tmp_path / "lib"), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["rejected"] == [{"name": "corgi", "reason": "limit of 4 adapters reached", "lost_to": None}]
+    assert document["selection"][0]["explains"] == ["neoncity"]
+
+
 def test_train_retriever_command_then_search_uses_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     library = make_library(tmp_path / "lib")
     argv = ["train-retriever", "--library", str(library.root), "--steps", "30", "--dim", "32", "--json"]

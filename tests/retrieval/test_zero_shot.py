@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import torch
-from retrieval_helpers import SELF_Q, aligned_lora, random_lora, word_encoder
+from pathlib import Path
 
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from retrieval_helpers import SELF_Q, aligned_lora, make_library, random_lora, word_encoder
+
+from composer.presets import preset_family
+from retrieval.retriever import Retriever
 from retrieval.zero_shot import (
     NEUTRAL_PROMPTS,
     ZeroShotScorer,
     mean_response,
-    pipeline_family,
     pipeline_token_encoder,
     reads_text_states,
     response_basis,
 )
+from weights_index.families import pipeline_family
 
 
 def test_basis_reproduces_the_cross_attention_response_exactly() -> None:
@@ -83,3 +88,13 @@ def test_sdxl_and_flux_token_states_have_the_cross_attention_width(tiny_sdxl, ti
         == len(tiny_flux.tokenizer_2("a castle by the sea").input_ids) - 1
     )
     assert torch.allclose(flux_states.mean(-1), torch.zeros(len(flux_states)), atol=1e-5)
+
+
+def test_an_sd2_pipeline_is_sd2_for_the_zero_shot_signal(tiny_sd, tmp_path: Path) -> None:
+    unet = UNet2DConditionModel.from_config({**dict(tiny_sd.unet.config), "cross_attention_dim": 1024})
+    sd2 = StableDiffusionPipeline(**{**tiny_sd.components, "unet": unet})
+    assert pipeline_family(sd2) == preset_family(sd2) == "sd2"
+    assert pipeline_token_encoder(sd2).family == "sd2"
+    retriever = Retriever(make_library(tmp_path / "lib"), pipe=sd2)
+    assert retriever.zero_shot_family == "sd2"
+    assert retriever.rank("a crgastro", family="sd2") == []  # the SD 1 adapters are not scored for an SD 2 model

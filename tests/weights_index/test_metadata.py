@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from weights_index.families import family_from_text
 from weights_index.hashing import autov2, file_sha256
-from weights_index.metadata import AdapterMetadata, family_from_text, infer_category, read_metadata, sidecar_names
+from weights_index.metadata import AdapterMetadata, infer_category, read_metadata, sidecar_names
 
 PNG_1X1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -71,6 +72,8 @@ def test_kohya_training_metadata(tmp_path: Path) -> None:
     assert (meta.network_module, meta.network_dim, meta.network_alpha) == ("networks.lora", 16, 8.0)
     assert meta.tags == {"corgi": 45, "astronaut": 12, "space suit": 7, "dog": 3}
     assert next(iter(meta.tags)) == "corgi"
+    assert meta.dataset_triggers == ("corgi",)  # "10_corgi" names a caption tag; "5_reg" does not
+    assert meta.trigger_words == ()
     assert meta.hashes["sshs_model_hash"] == KOHYA["sshs_model_hash"]
     assert meta.sources == ("kohya",)
 
