@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from composer.toyworld.data import CaptionTokens, WorldRandom, draw_batch
 from composer.toyworld.model import MAX_TOKENS, SCHEDULER_CONFIG
 from composer.toyworld.world import Concept
+from fusion.errors import TrainingError
 
 UNET_TARGETS = [
     "to_q",
@@ -65,7 +66,7 @@ def _peft_config(kind: str, rank: int, targets: list[str]) -> Any:
     if kind == "shira":
         linear = [t for t in targets if t.startswith(("to_", "ff."))]
         return ShiraConfig(r=rank, target_modules=linear)
-    raise ValueError(f"unknown adapter kind {kind!r}")
+    raise TrainingError(f"unknown adapter kind {kind!r}", hint="use lora, loha, lokr or shira")
 
 
 def train_concept(

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from composer.toyworld.world import CONCEPTS, Concept, render, sample_layout, sample_scene
+from fusion.errors import AdapterFormatError
 
 CONCEPT_WEIGHTS = Path(__file__).with_name("weights") / "concepts"
 """Where the trained concept adapters ship (PEFT state dicts, fp16, keys prefixed ``unet.`` / ``text_encoder.``)."""
@@ -106,7 +107,7 @@ def _to_kohya(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Te
     for key, value in tensors.items():
         suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if suffix is None:
-            raise ValueError(f"unexpected PEFT key {key!r}")
+            raise AdapterFormatError(f"unexpected key {key!r} in a PEFT concept state dict", hint="retrain it")
         component, path = key[: -len(suffix) - 1].split(".", 1)
         modules.setdefault(_kohya_module(component, path), {})[suffix] = value
     out: dict[str, torch.Tensor] = {}
