@@ -57,17 +57,22 @@ def composition_sets(names: list[str], k: int) -> list[tuple[str, ...]]:
     return sets
 
 
-def _generate(pipe: Any, prompt: str, seed: int, steps: int) -> tuple[torch.Tensor, float]:
-    """One image (1, 3, 64, 64) in [0, 1] and the seconds it took."""
-    started = time.perf_counter()
+def _sample(pipe: Any, prompts: str | list[str], seed: int, steps: int) -> torch.Tensor:
+    """Images (B, 3, 64, 64) in [0, 1] for the prompts, at CFG 3 (toy-sd's default), from one seeded generator."""
     with torch.inference_mode():
-        images = pipe(
-            prompt,
+        return pipe(
+            prompts,
             num_inference_steps=steps,
             guidance_scale=3.0,
             output_type="pt",
             generator=torch.Generator().manual_seed(seed),
         ).images
+
+
+def _generate(pipe: Any, prompt: str, seed: int, steps: int) -> tuple[torch.Tensor, float]:
+    """One image and the seconds it took."""
+    started = time.perf_counter()
+    images = _sample(pipe, prompt, seed, steps)
     return images, time.perf_counter() - started
 
 
@@ -147,14 +152,7 @@ def run_alone(pipe: Any, names: list[str], images: int, steps: int, weight: floa
         scenes = [sample_scene(rng).with_concepts(concept) for _ in range(images)]
         prompts = [caption(scene, rng, (concept,)) for scene in scenes]
         pipe.set_composition({name: weight}, method="merge")
-        with torch.inference_mode():
-            out = pipe(
-                prompts,
-                num_inference_steps=steps,
-                guidance_scale=3.0,
-                output_type="pt",
-                generator=torch.Generator().manual_seed(0),
-            ).images
+        out = _sample(pipe, prompts, 0, steps)
         pipe.clear_composition()
         verdicts = judge_images(out, prompts, [[name]] * images)
         kept = [
@@ -175,14 +173,7 @@ def run_base(pipe: Any, images: int, steps: int) -> dict[str, float]:
     rng = random.Random(11)
     scenes = [sample_scene(rng) for _ in range(images)]
     prompts = [caption(scene, rng) for scene in scenes]
-    with torch.inference_mode():
-        out = pipe(
-            prompts,
-            num_inference_steps=steps,
-            guidance_scale=3.0,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        ).images
+    out = _sample(pipe, prompts, 0, steps)
     seen = shipped_judge().read(out)
     right = [all(s[a] == getattr(sc, a) for a in ATTRIBUTES) for s, sc in zip(seen, scenes)]
     per = {a: round(sum(s[a] == getattr(sc, a) for s, sc in zip(seen, scenes)) / images, 3) for a in ATTRIBUTES}

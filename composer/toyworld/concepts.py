@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from composer.toyworld.data import CaptionTokens, WorldRandom, draw_batch
-from composer.toyworld.model import MAX_TOKENS, SCHEDULER_CONFIG
+from composer.toyworld.model import MAX_TOKENS
+from composer.toyworld.objective import v_prediction_loss
 from composer.toyworld.world import Concept
 from fusion.errors import TrainingError
 
@@ -98,7 +98,6 @@ def train_concept(
     tokens = CaptionTokens(pipe.tokenizer, MAX_TOKENS)
     alphas = pipe.scheduler.alphas_cumprod.to(device)
     scaling = pipe.vae.config.scaling_factor
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     unet.train()
     text_encoder.train()
     for step in tqdm(range(setup.steps), desc=concept.name, mininterval=5):
@@ -106,16 +105,9 @@ def train_concept(
         ids = tokens(batch.captions, device)
         with torch.no_grad():
             latents = vae.encode(batch.images).latent_dist.sample() * scaling
-        noise = torch.randn(latents.shape, generator=rng.layout).to(device)
-        timesteps = torch.randint(0, SCHEDULER_CONFIG["num_train_timesteps"], (latents.shape[0],), generator=rng.layout)
-        a = alphas[timesteps.to(device)].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents
         for group in optimizer.param_groups:
             group["lr"] = setup.lr * 0.5 * (1 + math.cos(math.pi * step / setup.steps))
-        with amp:
-            prediction = unet(noisy, timesteps.to(device), text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction.float(), target)
+        loss = v_prediction_loss(unet, text_encoder, ids, latents, alphas, rng.layout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

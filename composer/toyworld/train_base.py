@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from composer.toyworld.checkpoint import load_checkpoint, save_checkpoint
 from composer.toyworld.data import CaptionTokens, WorldRandom, draw_batch
 from composer.toyworld.model import MAX_TOKENS, SCHEDULER_CONFIG, assemble_pipeline, build_components
+from composer.toyworld.objective import v_prediction_loss
 from composer.toyworld.world import HELD_OUT
 
 
@@ -149,21 +150,10 @@ def train_base(out_dir: Path, config: BaseTrainingConfig, device: str | torch.de
         ids = tokens(captions, device)
         with torch.no_grad():
             latents = vae.encode(batch.images).latent_dist.sample() * scaling
-        noise = torch.randn(latents.shape, generator=rng.layout).to(device)
-        timesteps = torch.randint(
-            0, noise_schedule.config.num_train_timesteps, (latents.shape[0],), generator=rng.layout
-        )
-        timesteps = timesteps.to(device)
-        a = alphas[timesteps].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents
         for group in optimizer.param_groups:
             warm = min(1.0, (step + 1) / config.warmup)
             group["lr"] = config.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
-        with _autocast(device):
-            states = text_encoder(ids)[0]
-            prediction = unet(noisy, timesteps, states).sample
-        loss = F.mse_loss(prediction.float(), target)
+        loss = v_prediction_loss(unet, text_encoder, ids, latents, alphas, rng.layout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
