@@ -181,7 +181,7 @@ def run_base(pipe: Any, images: int, steps: int) -> dict[str, float]:
 
 
 def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
-    """docs/composition_quality.md (the tables) and composition_quality.png (one set per k, one column per method)."""
+    """docs/composition_quality.md (the tables) and composition_quality.png (every set and seed, a column per method)."""
     from PIL import Image, ImageDraw
 
     methods = [m for m in METHODS if any(m in row for row in result["compositions"].values())]
@@ -220,7 +220,7 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
                 f"{cell['element_presence']:.0%} | {cell['all_elements']:.0%} | {wtl} | "
                 f"{cell['seconds_per_image']} |"
             )
-    lines += ["", "![one set per k, one column per method](images/composition_quality.png)", ""]
+    lines += ["", "![every composition set and seed, one column per method](images/composition_quality.png)", ""]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "composition_quality.md").write_text("\n".join(lines))
     cell, label = 128, 260
