@@ -181,7 +181,7 @@ def run_base(pipe: Any, images: int, steps: int) -> dict[str, float]:
 
 
 def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
-    """docs/composition_quality.md (the tables) and composition_quality.png (every set and seed, a column per method)."""
+    """docs/composition_quality.md (the tables) and composition_quality.png (every set and seed by method)."""
     from PIL import Image, ImageDraw
 
     methods = [m for m in METHODS if any(m in row for row in result["compositions"].values())]
