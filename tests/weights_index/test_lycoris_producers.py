@@ -262,3 +262,20 @@ def safe_tensor(path: Path, key: str) -> torch.Tensor:
 
     with safe_open(str(path), "pt") as handle:
         return handle.get_tensor(key)
+
+
+def test_library_entries_are_read_with_the_models_shapes(tiny_sd, tmp_path: Path) -> None:
+    """A LoHa with conv layers picked from a library by a prompt tag registers with its conv shapes (the catalog
+    path reads for the pipeline's model, like ``add_adapter_file``)."""
+    from composer.facade import Composer
+
+    library = tmp_path / "library"
+    library.mkdir()
+    network = lycoris_network(tiny_sd, "loha", tmp_path, text=False)
+    save(network, library / "loha_style.safetensors")
+    remove(network)
+    composer = Composer(model="tiny-sd", library=library)
+    _, chosen = composer.choose("a fox <lora:loha_style:1.0>", None)
+    composer.register(chosen)
+    layers = composer.pipe.adapters["loha_style"].layers
+    assert len(layers["conv_in"].shape) == 4
