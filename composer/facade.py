@@ -243,7 +243,7 @@ class Composer:
             item.path = str(entry.path)
             item.hash = entry.metadata.hashes.get("AutoV2")
             item.trigger_words = item.trigger_words or list(entry.trigger_words)
-            pipe.add_adapter_file(entry.path, name=item.name)
+            pipe.add_adapter(self.library.read(item.name, shapes=pipe.model_shapes()), name=item.name)
 
     def spec(self, item: ChosenAdapter) -> Any:
         """The weight spec of one chosen adapter (a float, or weight + block vector + step window/keyframes)."""

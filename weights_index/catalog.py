@@ -521,8 +521,17 @@ class Library:
             )
         return real
 
-    def read(self, name: str | int, *, allow_non_finite: bool = False) -> Adapter:
+    def read(
+        self,
+        name: str | int,
+        *,
+        allow_non_finite: bool = False,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> Adapter:
         """Load an adapter's tensors into a :class:`fusion.adapters.Adapter` (named after its catalog name).
+
+        ``shapes`` (a pipeline's ``model_shapes()``) reads it for that model (see
+        :func:`weights_index.reader.read_adapter`).
 
         What the catalog knows travels along in ``Adapter.meta``: ``category`` (Switch and CMLoRA order by it),
         ``scores`` (e.g. CMLoRA's ``delta_h``), ``trigger_words``, ``title`` and ``preferred_weight``.
@@ -530,7 +539,7 @@ class Library:
         entry = self.get(name)
         path = self.resolve(entry.id)
         family = entry.family if entry.family in FAMILIES else None
-        adapter = reader.read_adapter(path, family, name=entry.name, allow_non_finite=allow_non_finite)
+        adapter = reader.read_adapter(path, family, name=entry.name, allow_non_finite=allow_non_finite, shapes=shapes)
         known = {
             "category": entry.metadata.category,
             "scores": dict(entry.scores),
