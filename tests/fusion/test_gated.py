@@ -123,7 +123,8 @@ def test_gated_without_gates_is_the_table_mode_never_random_gates(tiny_sd: Any) 
         torch.manual_seed(seed)  # random gates would differ between these two runs
         strategy = get_strategy("gated")(WEIGHTS)
         engine.set_strategy(strategy)
-        assert strategy.mode == "table" and strategy.gates is None
+        assert strategy.mode == "table"
+        assert strategy.gates is None
         assert all(layer.mixer is None for layer in engine.layers.values())
         outputs.append(tiny_sd.unet(**inputs).sample)
     assert torch.equal(outputs[0], outputs[1])
