@@ -21,14 +21,17 @@ import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion.errors import ComposerError
-from retrieval.learned_index import LearnedIndex
-from retrieval.text import TextEmbedder
-from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_family, pipeline_token_encoder
+from retrieval.checkpoints import checkpoint_path
 from weights_index.catalog import CatalogEntry, Library
 from weights_index.metadata import infer_category
+
+if TYPE_CHECKING:
+    from retrieval.learned_index import LearnedIndex
+    from retrieval.text import TextEmbedder
+    from retrieval.zero_shot import TokenEncoder, ZeroShotScorer
 
 SIGNALS = ("trigger", "metadata", "learned", "zero_shot")
 WEIGHT_SIGNALS = ("learned", "zero_shot")
@@ -180,6 +183,8 @@ class Retriever:
         self.candidates = candidates
         self._text = text
         if pipe is not None and token_encoder is None:
+            from retrieval.zero_shot import pipeline_family, pipeline_token_encoder
+
             token_encoder = pipeline_token_encoder(pipe)
             zero_shot_family = zero_shot_family or pipeline_family(pipe)
         self._token_encoder = token_encoder
@@ -202,7 +207,11 @@ class Retriever:
         }
         self.notes = []
         for family in sorted({e.family for e in self._entries.values()}):
-            index = LearnedIndex.open(self.library, family, text=self._text)
+            index = None
+            if checkpoint_path(self.library, family).exists():  # torch and the encoder load only for a checkpoint
+                from retrieval.learned_index import LearnedIndex
+
+                index = LearnedIndex.open(self.library, family, text=self._text)
             if index is not None:
                 index.sync()
             self._learned[family] = index
@@ -267,6 +276,8 @@ class Retriever:
         """The scorer, with every in-family adapter not yet seen read and added (unscorable ones remembered)."""
         assert self._token_encoder is not None
         if self._scorer is None:
+            from retrieval.zero_shot import ZeroShotScorer
+
             self._scorer = ZeroShotScorer(self._token_encoder)
         for item_id, entry in self._entries.items():
             if item_id in self._scored:

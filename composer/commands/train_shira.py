@@ -7,7 +7,7 @@ from pathlib import Path
 
 from composer.commands._training_options import add_training_options
 from composer.reporting import emit_json
-from fusion.sparse import MASK_TYPES
+from fusion.mask_types import MASK_TYPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
