@@ -72,11 +72,10 @@ class ComposableMixin:
     def _engine(self) -> FusionEngine:
         engine = self._composer["engine"]
         if engine is None:
-            scheduler = self.scheduler
             engine = FusionEngine(
                 self._denoiser(),
                 text_encoders={name: getattr(self, name, None) for name in _TEXT_ENCODERS},
-                timesteps=lambda: scheduler.timesteps,
+                scheduler=lambda: self.scheduler,
                 family=self.family,
             )
             self._composer["engine"] = engine

@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import torch
 
+from fusion.schedules import is_step_dependent
+
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
 
@@ -160,6 +162,12 @@ class Strategy(ABC):
         self.weights = dict(weights)
         self.fuse = fuse
         self.options = options
+
+    @property
+    def needs_steps(self) -> bool:
+        """True when this composition computes differently at different steps (so it needs each call's step index):
+        here, when some adapter's weight spec changes over steps; step-rotating methods say so too."""
+        return any(is_step_dependent(spec) for spec in self.weights.values())
 
     def activate(self, engine: FusionEngine) -> None:  # noqa: B027 - optional hook
         """Called once when this strategy becomes the engine's active one (adapters are attached)."""

@@ -31,7 +31,7 @@ def _adapters(engine: FusionEngine, count: int = 3) -> list[Adapter]:
 
 
 def _engine(pipe: Any) -> FusionEngine:
-    engine = FusionEngine(pipe.unet, timesteps=lambda: pipe.scheduler.timesteps, family="sd1")
+    engine = FusionEngine(pipe.unet, scheduler=pipe.scheduler, family="sd1")
     engine.add_adapters(_adapters(engine))
     return engine
 
