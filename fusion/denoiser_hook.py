@@ -6,6 +6,10 @@ While an engine is attached the hook hands every call to it (:meth:`DenoiserHook
 pass-through. :func:`detach` removes the hook from the registry when that leaves every other hook in place —
 nothing wrapped the forward after us, or diffusers hooks registered after ours (the registry relinks them) — and
 otherwise leaves it in as a pass-through, because taking it out would drop the hooks wrapped around it.
+
+Wrappers that re-install themselves from a forward captured before the hook existed drop it from the call path
+(diffusers' model cpu offload removes and re-adds accelerate's hooks after every pipeline call, restoring the
+forward accelerate first wrapped). :func:`reroute` (the mixin calls it at every pipeline call) puts it back.
 """
 
 from __future__ import annotations
@@ -80,3 +84,30 @@ def detach(denoiser: nn.Module, hook: DenoiserHook) -> None:
         forward = denoiser.__dict__.get("forward")
         if not hook.had_instance_forward and getattr(forward, "__func__", None) is type(denoiser).forward:
             del denoiser.forward
+
+
+def routes(denoiser: nn.Module, hook: DenoiserHook) -> bool:
+    """Whether the denoiser's forward still calls through ``hook``: diffusers hooks registered after it (the registry
+    links them to it), the forward the registry installed for it, or accelerate's wrapper around that forward."""
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(HOOK_NAME) is not hook:
+        return False
+    if registry._hook_order[-1] != HOOK_NAME:
+        return True
+    state = denoiser.__dict__
+    if state.get("forward") is hook.installed_forward:
+        return True
+    return "_hf_hook" in state and state.get("_old_forward") is hook.installed_forward
+
+
+def reroute(denoiser: nn.Module, hook: DenoiserHook) -> None:
+    """Put ``hook`` back in the call path (around the current forward) if a wrapper dropped it."""
+    if routes(denoiser, hook):
+        return
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    current = denoiser.forward
+    if registry.get_hook(HOOK_NAME) is hook:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        denoiser.forward = current  # removal re-installs the stale forward the hook had wrapped
+    registry.register_hook(hook, HOOK_NAME)
+    hook.installed_forward = denoiser.__dict__.get("forward")

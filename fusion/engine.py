@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fusion.adapters import Adapter, AdapterKind, LowRank, validate_shapes
-from fusion.denoiser_hook import attach, detach
+from fusion.denoiser_hook import attach, detach, reroute
 from fusion.errors import CompositionError, ShapeMismatchError, StepUnknownError, UnsupportedModelError
 from fusion.layer_groups import BlockLayout
 from fusion.layers import ComposedLayer, GateState, compose, is_composable
@@ -385,8 +385,10 @@ class FusionEngine:
         self._resume()
 
     def reset_generation(self) -> None:
-        """The next denoiser call starts a generation (the mixin calls this per pipeline call)."""
+        """The next denoiser call starts a generation (the mixin calls this per pipeline call); puts the engine's
+        hook back in the denoiser's call path if a re-installed wrapper dropped it (model cpu offload does)."""
         self._fresh = True
+        reroute(self.denoiser, self._hook)
 
     @staticmethod
     def _find_timestep_position(denoiser: nn.Module) -> int | None:

@@ -542,6 +542,13 @@ class ComposedLayer(nn.Module, ABC):
     def _broadcast(self, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Shape an (N, C) per-sample gate to multiply ``h`` (channels last for linear, dim 1 for conv)."""
 
+    def _traceable(self) -> bool:
+        """Under torch.compile, plain low-rank layers take the factor path reading the gate buffer in place: no
+        version bookkeeping is traced, so new weights (filled into the same buffer) never recompile."""
+        return (
+            self.mixer is None and self.state.sample_weights is None and not self._needs_effective and bool(self.rank)
+        )
+
     def _mixed(self, x: torch.Tensor, mixer: Mixer) -> torch.Tensor:
         """Gated forward: the mixer combines the base output with the per-adapter outputs; sparse/dense updates
         (never gated) are added at their weights."""
@@ -557,6 +564,8 @@ class ComposedLayer(nn.Module, ABC):
         """Base output plus every attached update at the current weights (the base alone while fused)."""
         if self.fused or not self.slots:
             return self.base(x)
+        if torch.compiler.is_compiling() and self._traceable():
+            return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         per_sample = self._sample_gate(x.shape[0])
         if per_sample is None:
             if self.mixer is not None:
