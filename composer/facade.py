@@ -4,13 +4,19 @@ It owns the whole request — load the model (preset, folder or hub id), open th
 rescan), pick adapters (explicit names, ``<lora:…>`` prompt tags, or ``loras="auto"`` through the retriever),
 read them (host-memory cache), compose them with the chosen method through the mixin, generate, and save each
 image with its A1111 ``parameters`` chunk and JSON sidecar. The CLI and the app are thin layers over it.
+
+Adapters live in the process-wide :data:`composer.mixin.ADAPTER_CACHE` (LRU under its byte budget, keyed by file
+identity: resolved path, size, mtime), never on the pipeline between requests: a request registers what it uses and
+unregisters it when done, so host memory stays bounded however many distinct adapters are used, and an edited file
+is read again. The library catalog is opened once per process (:func:`composer.libraries.open_library`).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +25,15 @@ import torch
 from PIL import Image
 
 from composer.images import GenerationRecord, save_image
-from composer.mixin import make_composable
+from composer.libraries import open_library
+from composer.mixin import ADAPTER_CACHE, make_composable
 from composer.presets import KNOWN_MODELS, PRESETS, kontext_call_kwargs, load_preset, preset_family
 from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
+from fusion.adapter_cache import file_key
+from fusion.adapters import Adapter
 from fusion.errors import CompositionError
 from fusion.layer_groups import BlockLayout
+from weights_index.reader import read_adapter
 
 DEFAULT_STEPS = {"sd1": 20, "sd2": 20, "sdxl": 25, "flux": 28}
 TINY_SIZE = 64
@@ -144,12 +154,9 @@ class Composer:
 
     @property
     def library(self) -> Any:
-        """The library catalog (opened and rescanned on first use); None when no library was given."""
+        """The library catalog (opened and rescanned once per process); None when no library was given."""
         if self._library is None and self.library_dir is not None:
-            from weights_index.catalog import Library
-
-            self._library = Library(self.library_dir)
-            self._library.scan()
+            self._library = open_library(self.library_dir)
         return self._library
 
     @property
@@ -220,26 +227,43 @@ class Composer:
                 prompt = f"{prompt}, {', '.join(missing)}"
         return prompt
 
-    def _register(self, chosen: list[ChosenAdapter]) -> None:
+    def _load(self, item: ChosenAdapter) -> Adapter:
+        """The adapter ``item`` names (a file path or a catalog name), from the adapter cache when its file is
+        unchanged; fills in the item's path, hash and trigger words."""
+        family = None if self.family == "unknown" else self.family
+        path = Path(item.name)
+        if path.suffix and path.is_file():
+            item.path = str(path)
+            return ADAPTER_CACHE.get((file_key(path), family), lambda: read_adapter(path, family))
+        library = self.library
+        if library is None:
+            raise CompositionError(
+                f"adapter {item.name!r} is not a file and no library is open",
+                hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
+            )
+        entry = library.get(item.name)
+        item.path = str(entry.path)
+        item.hash = entry.metadata.hashes.get("AutoV2")
+        item.trigger_words = item.trigger_words or list(entry.trigger_words)
+        key = ("catalog", file_key(entry.path), entry.name, entry.metadata.category, repr(sorted(entry.scores.items())))
+        return ADAPTER_CACHE.get(key, lambda: library.read(entry.name))
+
+    @contextmanager
+    def _composing(self, chosen: Sequence[ChosenAdapter]) -> Iterator[Any]:
+        """The pipeline with ``chosen`` registered for one request; on exit the composition is cleared and the
+        adapters this request registered are unregistered (they stay in the byte-bounded adapter cache, not on the
+        pipeline). Adapters the caller registered on ``pipe`` themselves are used as they are and kept."""
         pipe = self.pipe
-        for item in chosen:
-            if item.name in pipe.adapters:
-                continue
-            path = Path(item.name)
-            if path.suffix and path.is_file():
-                item.path = str(path)
-                pipe.add_adapter_file(path, name=item.name)
-                continue
-            if self.library is None:
-                raise CompositionError(
-                    f"adapter {item.name!r} is not a file and no library is open",
-                    hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
-                )
-            entry = self.library.get(item.name)
-            item.path = str(entry.path)
-            item.hash = entry.metadata.hashes.get("AutoV2")
-            item.trigger_words = item.trigger_words or list(entry.trigger_words)
-            pipe.add_adapter(self.library.read(item.name), name=item.name)
+        registered: list[str] = []
+        try:
+            for item in chosen:
+                if item.name not in pipe.adapters:
+                    registered.append(pipe.add_adapter(self._load(item), name=item.name))
+            yield pipe
+        finally:
+            pipe.clear_composition()
+            for name in registered:
+                pipe.remove_adapter(name)
 
     def _spec(self, item: ChosenAdapter) -> Any:
         weight = item.weight
@@ -323,9 +347,8 @@ class Composer:
                 call.update(kontext_call_kwargs(height or image.height, width or image.width))
         fuse = options.pop("fuse", None)
         captured = _PlotData()
-        try:
+        with self._composing(chosen):
             if chosen:
-                self._register(chosen)
                 specs = {item.name: self._spec(item) for item in chosen}
                 pipe.set_composition(specs, method=method, fuse=fuse, **options)
             generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -333,8 +356,6 @@ class Composer:
                 images = pipe(generator=generator, **call).images
             if plot is not None and chosen:
                 captured = self._plot_data(steps)
-        finally:
-            pipe.clear_composition()
         result = CompositionResult(
             images=list(images),
             prompt=clean_prompt,

@@ -201,15 +201,12 @@ class Restorer(Composer):
                 hint=f"use at least {math.ceil(1 / call['strength'])} steps or a higher strength",
             )
         pipe.set_progress_bar_config(disable=not progress)
-        try:
-            self._register(chosen)
+        with self._composing(chosen):
             prompt = task_prompt([pipe.adapters[item.name] for item in restoration], task)
             pipe.set_composition({item.name: self._spec(item) for item in chosen}, method=method, fuse=fuse, **options)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             with torch.inference_mode():
                 output = pipe(prompt=prompt, num_inference_steps=steps, generator=generator, **call).images[0]
-        finally:
-            pipe.clear_composition()
         if output.size != image.size:
             output = output.resize(image.size, Image.Resampling.LANCZOS)
         result = RestoreResult(

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from composer.facade import Composer, CompositionResult
+from composer.libraries import open_library
 from composer.mixin import make_composable
 from composer.prompts import LoraTag
 from composer.restore import Restorer, RestoreResult, editing_pipeline
@@ -290,11 +291,7 @@ class CompositionService:
             raise ComposerError("no library is open", hint="start the app with --library DIR")
         with self._lock:
             if self._library is None:
-                from weights_index.catalog import Library
-
-                library = Library(self._library_dir)
-                library.scan()
-                self._library = library
+                self._library = open_library(self._library_dir)
         return self._library
 
     def rescan(self) -> dict[str, Any]:
