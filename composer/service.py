@@ -246,8 +246,8 @@ class CompositionService:
                 restorer = self._restorers.setdefault(id(composer), _WorkerRestorer(composer))
             return restorer.restore(
                 image,
-                [f"{a.name}:{float(a.weight)}" for a in restoration],
-                ",".join(f"{a.name}:{float(a.weight)}" for a in style) or None,
+                [a.tag() for a in restoration],
+                [a.tag() for a in style] or None,
                 method=method,
                 task=(task or "").strip() or None,
                 steps=steps,
