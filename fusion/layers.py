@@ -17,9 +17,11 @@ layers; installing new (G, A) weights fills it with a single gather + multiply, 
 through a view. Nothing per layer runs when weights change.
 
 Where the factors are at least as large as the weight itself (R·(in+out) ≥ in·out), one matmul with an effective
-weight W + Σ wᵢΔWᵢ is cheaper than three; such a layer builds that weight only once the same weights served two
-forwards in a row (static weights), so weights that change every step never pay an O(out·in) rebuild. Layers with
-Sparse/Dense updates always run on an effective weight (rebuilt lazily when the weights change).
+weight W + Σ wᵢΔWᵢ is cheaper than three; such a layer caches that weight once the same weights served two
+forwards in a row (static weights). Otherwise a linear layer whose call has more rows than in·out/(in+out) builds a
+transient effective weight for that call alone — building it (out·in·R) costs less than the factor path
+(rows·R·(in+out)) — and drops it after, so weights that change every step stay cheap without keeping a weight copy.
+Layers with Sparse/Dense updates always run on an effective weight (rebuilt lazily when the weights change).
 
 Per-adapter outputs: with a ``mixer`` set (gated fusion, :mod:`fusion.gates`), the layer computes the base output b
 and every low-rank adapter's own output lₖ = wₖ·ΔWₖ·x as one (K, …, out) stack — one down matmul over
@@ -202,6 +204,7 @@ class ComposedLayer(nn.Module, ABC):
         self._extra_owner = torch.zeros(0, dtype=torch.long, device=base.weight.device)
         self._needs_effective = False
         self._prefers_effective = False
+        self._transient_rows = float("inf")
         self._effective: torch.Tensor | None = None
         self._effective_version = -1
         self._seen_version = -1
@@ -302,6 +305,7 @@ class ComposedLayer(nn.Module, ABC):
         self._extra_owner = torch.tensor(extra, dtype=torch.long, device=device)
         self._needs_effective = bool(extra)
         self._prefers_effective = self.rank * (weight[0].numel() + weight.shape[0]) >= weight.numel()
+        self._transient_rows = self._transient_threshold()
         self._columns = _Columns(self.group, self._owner, self._col_scale, (device, weight.dtype)) if owner else None
         self.state.register(self, self._columns)
         self._forget()
@@ -542,6 +546,10 @@ class ComposedLayer(nn.Module, ABC):
     def _broadcast(self, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Shape an (N, C) per-sample gate to multiply ``h`` (channels last for linear, dim 1 for conv)."""
 
+    def _transient_threshold(self) -> float:
+        """Rows per call above which a transient effective weight beats the factor path (never, for convs)."""
+        return float("inf")
+
     def _traceable(self) -> bool:
         """Under torch.compile, plain low-rank layers take the factor path reading the gate buffer in place: no
         version bookkeeping is traced, so new weights (filled into the same buffer) never recompile."""
@@ -574,6 +582,8 @@ class ComposedLayer(nn.Module, ABC):
             if effective is not None:
                 return self._with_weight(x, effective)
             assert self.up_cat is not None
+            if x.numel() > self._transient_rows * x.shape[-1]:
+                return self._with_weight(x, torch.addmm(self.base.weight, self.up_cat * self._gate(), self.down_cat))
             return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         gate, extra_weights = per_sample
         y = self.base(x)
@@ -588,6 +598,13 @@ class ComposedLayer(nn.Module, ABC):
 
 class ComposedLinear(ComposedLayer):
     """A composed ``nn.Linear``: low-rank term as two linears (down R×in, up out×R)."""
+
+    def _transient_threshold(self) -> float:
+        weight = self.base.weight
+        if weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16):
+            return float("inf")  # half-precision GEMMs on a CPU are slow: stay on the factor path
+        out_features, in_features = weight.shape
+        return out_features * in_features / (out_features + in_features)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.down_cat)
