@@ -19,7 +19,7 @@ from typing import Any
 
 from composer.presets import preset_family
 from fusion.adapter_cache import AdapterCache, file_key
-from fusion.adapters import Adapter
+from fusion.adapters import Adapter, Sparse
 from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
 from fusion.strategies import get_strategy
@@ -133,6 +133,10 @@ class ComposableMixin:
         :mod:`fusion.schedules`). ``fuse=None`` fuses when the method allows and the weights are static;
         ``fuse=False`` forces unfused. Replaces any previous composition. ``method="gated"`` accepts
         ``gates="name"`` (or a path): a checkpoint written by ``compose train-gates``.
+
+        Sparse (SHiRA) adapters stay attached at weight 0 when a composition leaves them out: fused, they cost
+        nothing, and going from one fused SHiRA composition to another switches the weights in place (restoring
+        the old positions and writing the new ones in one pass, or re-writing a cached fused state).
         """
         registered = self._composer["adapters"]
         unknown = [name for name in weights if name not in registered]
@@ -145,10 +149,13 @@ class ComposableMixin:
             raise CompositionError("a composition needs at least one adapter", hint="use clear_composition() instead")
         strategy = get_strategy(method)(dict(weights), fuse=fuse, **_resolve_options(method, options))
         engine = self._engine()
-        engine.set_strategy(None)
-        for name in [n for n in engine.adapter_names if n not in weights]:
-            engine.remove_adapter(name)
-        engine.add_adapters([registered[n] for n in weights if n not in engine.adapters])
+        stale = [n for n in engine.adapter_names if n not in weights and not _is_sparse(engine.adapters[n])]
+        missing = [n for n in weights if n not in engine.adapters]
+        if stale or missing:
+            engine.set_strategy(None)
+            for name in stale:
+                engine.remove_adapter(name)
+            engine.add_adapters([registered[n] for n in missing])
         try:
             engine.set_strategy(strategy)
         except Exception:
@@ -185,6 +192,9 @@ class ComposableMixin:
                 self.set_composition(rest, current["method"], current["fuse"], **current["options"])
             else:
                 self.clear_composition()
+        engine = self._composer["engine"]
+        if engine is not None and name in engine.adapters:  # a sparse adapter kept attached at weight 0
+            engine.remove_adapter(name)  # the active composition (without it) is re-activated in place
         del registered[name]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -203,6 +213,11 @@ def _resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
         resolved["gates"] = load_gates(resolved["gates"])
     return resolved
+
+
+def _is_sparse(adapter: Adapter) -> bool:
+    """True for adapters made only of sparse updates (SHiRA): kept attached between compositions."""
+    return all(isinstance(kind, Sparse) for _, kind in adapter.all_layers())
 
 
 _COMPOSABLE_CLASSES: dict[type, type] = {}

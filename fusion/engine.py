@@ -283,13 +283,16 @@ class FusionEngine:
         index = {name: i for i, name in enumerate(self.adapters)}
         for layer in self._layers.values():
             layer.reindex(index)
-        self.set_weights(torch.zeros(len(index)))
+        self.zero_weights()
 
     def _suspend(self) -> None:
-        """Before changing adapters: let the strategy undo its work and restore pristine weights."""
+        """Before changing adapters or strategies: let the strategy undo its work. Fused weights stay fused while a
+        strategy is active (the next one either re-fuses from the saved base values — an exact in-place switch — or
+        installs unfused weights, which unfuses); with none active they are restored now."""
         if self.strategy is not None:
             self.strategy.deactivate(self)
-        self.unfuse()
+        else:
+            self.unfuse()
 
     def _resume(self) -> None:
         if self.strategy is not None:
@@ -310,14 +313,23 @@ class FusionEngine:
         )
 
     def set_weights(self, weights: torch.Tensor | Sequence[float]) -> None:
-        """Unfused adapter weights, (A,) or (A, G); per-sample weights are switched off."""
+        """Unfused adapter weights, (A,) or (A, G); per-sample weights are switched off (fused weights are restored
+        first)."""
+        if self._fused:
+            self.unfuse()
         self.state.set(self._per_group(weights), None)
+
+    def zero_weights(self) -> None:
+        """Every unfused adapter weight to zero, per-sample weights off; fused weights are left as they are."""
+        self.state.set(self._per_group(torch.zeros(len(self.adapters))), None)
 
     def set_sample_weights(self, weights: torch.Tensor | None) -> None:
         """Per-sample adapter weights (N, A) or (N, A, G) for the next batched call, or None to switch them off."""
         if weights is None:
             self.state.set(self.state.weights, None)
             return
+        if self._fused:
+            self.unfuse()
         w = torch.as_tensor(weights, dtype=torch.float32, device=self.state.device)
         if w.dim() == 2:
             w = w[:, :, None].expand(-1, -1, len(self.group_names))
@@ -363,7 +375,8 @@ class FusionEngine:
     # ----- strategies and the wrapped forward ------------------------------------------------------------------
 
     def set_strategy(self, strategy: Strategy | None) -> None:
-        """Make ``strategy`` the active one (the previous one is deactivated and weights restored)."""
+        """Make ``strategy`` the active one (the previous one is deactivated; None restores the base weights).
+        Replacing one fused composition by another switches the fused weights in place."""
         if strategy is not None:
             missing = [name for name in strategy.weights if name not in self.adapters]
             if missing:
@@ -379,7 +392,9 @@ class FusionEngine:
                     "that do not change over steps",
                 )
         self._suspend()
-        self.set_weights(torch.zeros(len(self.adapters)))
+        if strategy is None:
+            self.unfuse()
+        self.zero_weights()
         self.strategy = strategy
         self.reset_generation()
         self._resume()

@@ -260,14 +260,14 @@ class ComposedLayer(nn.Module, ABC):
             self.up_cat = kind.up if self.up_cat is None else torch.cat([self.up_cat, kind.up], 1)
         self.slots.append(slot)
         self._padded = None
-        self._sparse_cache.clear()
 
     def remove(self, name: str) -> None:
         """Detach the named adapter's update; its rank columns are cut out of the concatenation."""
         slot = next(s for s in self.slots if s.name == name)
         self.slots.remove(slot)
         self._padded = None
-        self._sparse_cache.clear()
+        if isinstance(slot.kind, Sparse):
+            self._sparse_cache.discard(slot.kind)
         if isinstance(slot.kind, LowRank):
             width = slot.stop - slot.start
             keep = [s for s in self.slots if isinstance(s.kind, LowRank)]

@@ -180,6 +180,6 @@ class Strategy(ABC):
         """Compute this denoiser call: set weights, call ``ctx.run()`` (once or more), return the output."""
 
     def deactivate(self, engine: FusionEngine) -> None:
-        """Undo what this strategy did: restore pristine weights, zero every adapter weight, drop per-sample ones."""
-        engine.unfuse()
-        engine.set_weights(torch.zeros(len(engine.adapter_names)))
+        """Undo what this strategy did: zero every adapter weight and drop per-sample ones. Fused weights are left
+        for the engine (the next strategy switches them in place, or they are restored)."""
+        engine.zero_weights()
