@@ -316,12 +316,11 @@ class ComposedLayer(nn.Module, ABC):
         self._columns = None
 
     def _forget(self) -> None:
-        """Drop the cached gate view / effective weight so the next forward recomputes them."""
-        self._effective = None
-        self._effective_version = -1
-        self._seen_version = -1
-        self._gate_view = None
-        self._gate_generation = -1
+        """Drop the cached gate view / effective weight so the next forward recomputes them (plain attributes, set
+        without nn.Module's registration checks: this runs for every layer on every fuse)."""
+        vars(self).update(
+            _effective=None, _effective_version=-1, _seen_version=-1, _gate_view=None, _gate_generation=-1
+        )
 
     # ----- gates -----------------------------------------------------------------------------------------------
 
