@@ -34,7 +34,7 @@ ADAPTER_CACHE = AdapterCache()
 
 class ComposableMixin:
     """Adds ``add_adapter``, ``add_adapter_file``, ``set_composition``, ``clear_composition``, ``remove_adapter``
-    and ``composition`` to a diffusers pipeline; every pipeline call starts a fresh step table."""
+    and ``composition`` to a diffusers pipeline; every pipeline call starts a new generation."""
 
     @property
     def _composer(self) -> dict[str, Any]:
@@ -198,7 +198,8 @@ class ComposableMixin:
         del registered[name]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the pipeline; the composition's step table is rebuilt for this generation."""
+        """Run the pipeline as a new generation (the engine's hook is put back in the denoiser's call path first if a
+        re-installed offload hook dropped it)."""
         engine = self._composer["engine"]
         if engine is not None:
             engine.reset_generation()

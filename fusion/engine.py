@@ -372,7 +372,7 @@ class FusionEngine:
             full[self.adapter_names.index(name)] = table.weights[row]
         return full.to(self.state.device)
 
-    # ----- strategies and the wrapped forward ------------------------------------------------------------------
+    # ----- strategies and the hooked forward -------------------------------------------------------------------
 
     def set_strategy(self, strategy: Strategy | None) -> None:
         """Make ``strategy`` the active one (the previous one is deactivated; None restores the base weights).

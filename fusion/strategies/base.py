@@ -1,8 +1,9 @@
 """The strategy interface: what a composition method sees of each denoiser call, and what it may do with it.
 
-A :class:`~fusion.engine.FusionEngine` wraps the denoiser's ``forward`` (UNet or DiT). Every call the pipeline
-makes goes to the active :class:`Strategy`'s :meth:`Strategy.step` with a :class:`StepContext`; the strategy returns
-what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` returned, or a combination of such).
+A :class:`~fusion.engine.FusionEngine` hooks the denoiser (UNet or DiT) through diffusers' HookRegistry. Every call
+the pipeline makes goes to the active :class:`Strategy`'s :meth:`Strategy.step` with a :class:`StepContext`; the
+strategy returns what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` returned, or a
+combination of such).
 
 (a) Per-step gates / weights. Adapters are indexed ``a = 0..A-1`` in ``engine.adapter_names`` order; layers are grouped
     into ``G = len(engine.group_names)`` groups, the A1111 block-weight blocks of ``engine.layout``
@@ -29,10 +30,12 @@ what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` re
     ``ctx.wrap(tensor)`` puts a combined prediction back into the denoiser's native return type.
 
 (c) The step index. ``ctx.step`` is the 0-based index of this call's timestep in ``pipe.scheduler.timesteps`` and
-    ``ctx.num_steps`` its length (img2img runs a suffix of that table, so its first step is not 0). The engine builds
-    the lookup at the first call of each generation and then calls :meth:`Strategy.start_generation` with
-    ``num_steps``; a strategy that needs per-generation tables (schedules, caches) builds them there. Several calls
-    at one timestep (true-CFG pipelines call the denoiser twice per step) get the same ``ctx.step``.
+    ``ctx.num_steps`` its length (img2img runs a suffix of that table, so its first step is not 0), read from the
+    scheduler (:class:`fusion.steps.StepClock`). At the first call of each generation the engine calls
+    :meth:`Strategy.start_generation` with ``num_steps``; a strategy that needs per-generation tables (schedules,
+    caches) builds them there. Several calls at one timestep (true-CFG pipelines call the denoiser twice per step)
+    get the same ``ctx.step``. A strategy whose :attr:`Strategy.needs_steps` is true is refused where no step can
+    be known (:class:`fusion.errors.StepUnknownError`).
 
 (d) Per-adapter outputs. A strategy may set ``layer.mixer`` on composed layers (``engine.layers``): the layer then
     hands ``mixer(layer, b, l)`` its base output b and every low-rank adapter's own output lₖ = wₖ·ΔWₖ·x, stacked

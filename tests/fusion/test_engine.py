@@ -1,4 +1,4 @@
-"""FusionEngine: atomic attach, bit-exact restore over many random cycles, the step lookup, the wrapped forward."""
+"""FusionEngine: atomic attach, bit-exact restore over many random cycles, the step index, the hooked forward."""
 
 from __future__ import annotations
 
