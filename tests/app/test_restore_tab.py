@@ -121,14 +121,14 @@ def test_restore_without_a_restoration_adapter_is_refused(restore_app, hazy: Pat
 
 
 def test_service_restore_keeps_schedules_and_block_weights(restore_library: Path, hazy: Path, tmp_path: Path) -> None:
-    from composer.service import AdapterRequest
+    from composer.service import adapter_request
 
     service = CompositionService("tiny-sd", restore_library, out=tmp_path / "out")
     style = [
-        AdapterRequest("watercolor", schedule="0@0,1@1", block_weights="OUTALL"),
-        AdapterRequest("film_grain", 0.4, start=0.0, stop=0.5),
+        adapter_request("watercolor", schedule="0@0,1@1", block_weights="OUTALL"),
+        adapter_request("film_grain", 0.4, start=0.0, stop=0.5),
     ]
-    result = service.restore(hazy, [AdapterRequest("dehaze", 0.9)], style, steps=STEPS)
+    result = service.restore(hazy, [adapter_request("dehaze", 0.9)], style, steps=STEPS)
     by_name = {item.name: item for item in result.adapters}
     assert by_name["dehaze"].weight == 0.9
     watercolor = by_name["watercolor"]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from composer import libraries, mixin
-from composer.service import AdapterRequest, CompositionService
+from composer.service import CompositionService, adapter_request
 from fusion.adapter_cache import AdapterCache
 
 KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -54,7 +54,7 @@ def test_memory_stays_bounded_over_50_distinct_adapters(
     service = CompositionService("tiny-sd", library, out=tmp_path / "out")
     pipes: list[Any] = []
     for i in range(COUNT):
-        service.compose("a cat", [AdapterRequest(f"lora{i:02d}", 0.8)], steps=1)
+        service.compose("a cat", [adapter_request(f"lora{i:02d}", 0.8)], steps=1)
         with service._borrow() as worker:
             pipes.append(worker.pipe)
             assert worker.pipe.adapters == {}, "nothing stays registered between requests"
@@ -65,13 +65,13 @@ def test_memory_stays_bounded_over_50_distinct_adapters(
 
 def test_an_edited_file_is_read_again(library: Path, small_cache: AdapterCache, tmp_path: Path) -> None:
     service = CompositionService("tiny-sd", library, out=tmp_path / "out")
-    first = service.compose("a cat", [AdapterRequest("lora00", 1.0)], steps=1, seed=3).images[0]
+    first = service.compose("a cat", [adapter_request("lora00", 1.0)], steps=1, seed=3).images[0]
     path = library / "lora00.safetensors"
     stat = path.stat()
     _write(path, 99, scale=3.0)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     service.rescan()
-    second = service.compose("a cat", [AdapterRequest("lora00", 1.0)], steps=1, seed=3).images[0]
+    second = service.compose("a cat", [adapter_request("lora00", 1.0)], steps=1, seed=3).images[0]
     assert first.tobytes() != second.tobytes(), "the edited adapter was served stale"
 
 
