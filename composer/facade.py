@@ -13,6 +13,7 @@ is read again. The library catalog is opened once per process (:func:`composer.l
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,24 +42,31 @@ TINY_SIZE = 64
 
 @dataclass
 class ChosenAdapter:
-    """One adapter in a composition request: where it came from, its weight spec, and why it was chosen."""
+    """One adapter of a composition: the request itself (a :class:`~composer.prompts.LoraTag`, whether it came
+    from a prompt tag, the CLI, the app or the API), where it came from, and why it was chosen."""
 
-    name: str
-    weight: float | str = 0.8
+    request: LoraTag
     source: str = "explicit"
     score: float | None = None
     reasons: list[str] = field(default_factory=list)
-    block_weights: str | None = None
-    text_encoder_weight: float | None = None
-    start: float | None = None
-    stop: float | None = None
     trigger_words: list[str] = field(default_factory=list)
     hash: str | None = None
     path: str | None = None
 
+    @property
+    def name(self) -> str:
+        """The adapter's name (catalog name or file path)."""
+        return self.request.name
+
+    @property
+    def weight(self) -> float | str:
+        """Its weight: a number or a keyframe schedule."""
+        return self.request.weight
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly view (what sidecars, ``--json`` and the app show)."""
-        return {k: v for k, v in self.__dict__.items() if v not in (None, [], "")}
+        """JSON-friendly view (what sidecars, ``--json`` and the app show): the request's fields, then the rest."""
+        fields = {**dataclasses.asdict(self.request), **{k: v for k, v in self.__dict__.items() if k != "request"}}
+        return {k: v for k, v in fields.items() if v not in (None, [], "")}
 
 
 @dataclass
@@ -186,26 +194,21 @@ class Composer:
                 chosen.setdefault(tag.name, self._from_tag(tag, "explicit"))
         elif isinstance(loras, Mapping):
             for name, weight in loras.items():
-                chosen.setdefault(name, ChosenAdapter(name=name, weight=weight, reasons=["named by the caller"]))
+                chosen.setdefault(name, ChosenAdapter(LoraTag(name, weight), reasons=["named by the caller"]))
         elif loras:
             for item in loras:
                 if isinstance(item, LoraTag):
                     chosen.setdefault(item.name, self._from_tag(item, "explicit"))
                 else:
-                    chosen.setdefault(item, ChosenAdapter(name=item, weight=1.0, reasons=["named by the caller"]))
+                    chosen.setdefault(item, ChosenAdapter(LoraTag(item, 1.0), reasons=["named by the caller"]))
         return prompt, list(chosen.values())
 
     @staticmethod
     def _from_tag(tag: LoraTag, source: str) -> ChosenAdapter:
         return ChosenAdapter(
-            name=tag.name,
-            weight=tag.weight,
+            tag,
             source=source,
             reasons=["named in a <lora:…> prompt tag" if source == "prompt tag" else "named by the caller"],
-            block_weights=tag.block_weights,
-            text_encoder_weight=tag.text_encoder_weight,
-            start=tag.start,
-            stop=tag.stop,
         )
 
     def _auto(self, prompt: str, chosen: dict[str, ChosenAdapter]) -> str:
@@ -215,8 +218,7 @@ class Composer:
             if pick.name in chosen:
                 continue
             chosen[pick.name] = ChosenAdapter(
-                name=pick.name,
-                weight=pick.weight,
+                LoraTag(pick.name, pick.weight),
                 source="auto",
                 score=pick.score,
                 reasons=list(pick.reasons),
@@ -266,17 +268,21 @@ class Composer:
                 pipe.remove_adapter(name)
 
     def _spec(self, item: ChosenAdapter) -> Any:
-        weight = item.weight
-        blocks: Any = item.block_weights
+        """The request as the engine's weight spec (constant, keyframes, window, block weights, text-encoder weight)."""
+        request = item.request
+        weight = request.weight
+        blocks: Any = request.block_weights
         steps: Any = None
         if isinstance(weight, str):
             steps, weight = weight, 1.0
-        if item.start is not None or item.stop is not None:
+        if request.start is not None or request.stop is not None:
             if steps is not None:
-                raise CompositionError(f"adapter {item.name!r}: use either a keyframe schedule or start/stop, not both")
-            steps = _window(item.start, item.stop)
-        if item.text_encoder_weight is not None and item.text_encoder_weight != weight:
-            blocks = self._with_text_encoder_weight(blocks, float(weight), item.text_encoder_weight)
+                raise CompositionError(
+                    f"adapter {request.name!r}: use either a keyframe schedule or start/stop, not both"
+                )
+            steps = _window(request.start, request.stop)
+        if request.text_encoder_weight is not None and request.text_encoder_weight != weight:
+            blocks = self._with_text_encoder_weight(blocks, float(weight), request.text_encoder_weight)
             if weight == 0.0:
                 weight = 1.0
         if blocks is None and steps is None:

@@ -132,5 +132,5 @@ def test_service_restore_keeps_schedules_and_block_weights(restore_library: Path
     by_name = {item.name: item for item in result.adapters}
     assert by_name["dehaze"].weight == 0.9
     watercolor = by_name["watercolor"]
-    assert (watercolor.weight, watercolor.block_weights) == ("0@0,1@1", "OUTALL")
-    assert (by_name["film_grain"].start, by_name["film_grain"].stop) == (0.0, 0.5)
+    assert (watercolor.weight, watercolor.request.block_weights) == ("0@0,1@1", "OUTALL")
+    assert (by_name["film_grain"].request.start, by_name["film_grain"].request.stop) == (0.0, 0.5)
