@@ -2,7 +2,8 @@
 
 Compile: re-weighting (static weights, fused; per-step keyframes, unfused) fills the same gate buffers, so ten new
 compositions compile nothing new (counted with torch._dynamo's counters, eager backend on CPU). Offload: a
-composition under enable_model_cpu_offload gives what it gives without, and clear leaves the offload hooks working.
+composition under enable_model_cpu_offload or group offloading gives what it gives without, and clear leaves the
+offload hooks working.
 Sequential offload keeps weights on the meta device: refused with a typed error.
 """
 
@@ -95,6 +96,29 @@ def test_model_cpu_offload_composes_and_survives_clear(tiny_sd: Any) -> None:
     pipe.clear_composition()
     assert torch.equal(_run(pipe), plain)
     pipe.remove_all_hooks()
+
+
+@pytest.mark.parametrize("level", ["block_level", "leaf_level"])
+def test_group_offloading_composes_and_clears(tiny_sd: Any, level: str) -> None:
+    """diffusers' group offloading (its own hooks on blocks or leaf modules; CPU to CPU here) composes like the
+    plain model, fused and unfused, and clearing gives the plain model back."""
+    pipe = make_composable(tiny_sd)
+    _register(pipe)
+    compositions = [{"a": 0.7, "b": "0@0,1@1"}, {"a": 0.7, "b": 0.2}]
+    expected = []
+    for weights in compositions:
+        pipe.set_composition(weights)
+        expected.append(_run(pipe))
+    pipe.clear_composition()
+    plain = _run(pipe)
+    cpu = torch.device("cpu")
+    options = {"num_blocks_per_group": 1} if level == "block_level" else {}
+    pipe.unet.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=level, **options)
+    for weights, want in zip(compositions, expected):
+        pipe.set_composition(weights)
+        assert torch.equal(_run(pipe), want)
+    pipe.clear_composition()
+    assert torch.equal(_run(pipe), plain)
 
 
 def test_sequential_offload_is_refused(tiny_sd: Any) -> None:
