@@ -173,7 +173,9 @@ class Strategy(ABC):
         return any(is_step_dependent(spec) for spec in self.weights.values())
 
     def activate(self, engine: FusionEngine) -> None:  # noqa: B027 - optional hook
-        """Called once when this strategy becomes the engine's active one (adapters are attached)."""
+        """Called once when this strategy becomes the engine's active one (adapters are attached). Install weights
+        here (``engine.fuse`` or ``engine.set_weights``): the previous composition's fused weights may still be in
+        place, so that fusing again is an in-place switch."""
 
     def start_generation(self, engine: FusionEngine, num_steps: int) -> None:  # noqa: B027 - optional hook
         """Called at the first denoiser call of a generation, once ``num_steps`` is known."""
