@@ -72,15 +72,25 @@ def _die_with_parent() -> None:
 
 def run_child(command: Sequence[str]) -> int:
     """Run ``command`` in its own session, forwarding :data:`FORWARDED_SIGNALS` to it, until it exits; returns
-    its exit code (128 + N when signal N ended it, as a shell reports it)."""
-    child = subprocess.Popen(list(command), start_new_session=True, preexec_fn=_die_with_parent)
+    its exit code (128 + N when signal N ended it, as a shell reports it).
+
+    The handlers are installed before the child starts: a signal that arrives meanwhile is delivered once it runs,
+    and the child starts with these signals at their defaults even where they were ignored here (a background job).
+    """
+    child: subprocess.Popen[bytes] | None = None
+    pending: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        if child.poll() is None:
+        if child is None:
+            pending.append(signum)
+        elif child.poll() is None:
             child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
+        child = subprocess.Popen(list(command), start_new_session=True, preexec_fn=_die_with_parent)
+        for signum in pending:
+            child.send_signal(signum)
         code = child.wait()
     finally:
         for sig, handler in previous.items():
