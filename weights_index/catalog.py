@@ -23,14 +23,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fusion.adapters import FAMILIES, Adapter
 from fusion.errors import AdapterFormatError, ComposerError, UnknownAdapterError, UnsafePathError
 from weights_index import reader
+from weights_index.families import ALL_FAMILIES
 from weights_index.hashing import file_sha256
 from weights_index.metadata import SIDECAR_SUFFIXES, AdapterMetadata, read_metadata
 from weights_index.safetensors_file import PICKLE_SUFFIXES, read_header, refuse_pickle
+
+if TYPE_CHECKING:
+    from fusion.adapters import Adapter
 
 CATALOG_DIRNAME = ".lora-composer"
 """Folder inside the library holding the catalog database and extracted thumbnails (skipped by scans)."""
@@ -538,7 +541,7 @@ class Library:
         """
         entry = self.get(name)
         path = self.resolve(entry.id)
-        family = entry.family if entry.family in FAMILIES else None
+        family = entry.family if entry.family in ALL_FAMILIES else None
         adapter = reader.read_adapter(path, family, name=entry.name, allow_non_finite=allow_non_finite, shapes=shapes)
         known = {
             "category": entry.metadata.category,

@@ -276,6 +276,6 @@ def test_library_entries_are_read_with_the_models_shapes(tiny_sd, tmp_path: Path
     remove(network)
     composer = Composer(model="tiny-sd", library=library)
     _, chosen = composer.choose("a fox <lora:loha_style:1.0>", None)
-    composer.register(chosen)
-    layers = composer.pipe.adapters["loha_style"].layers
-    assert len(layers["conv_in"].shape) == 4
+    with composer.composing(chosen) as pipe:
+        layers = pipe.adapters["loha_style"].layers
+        assert len(layers["conv_in"].shape) == 4
