@@ -121,7 +121,7 @@ def load_toy_pipeline(torch_dtype: Any = None, device: Any = None) -> Any:
     pipe = StableDiffusionPipeline.from_pretrained(
         WEIGHTS_DIR,
         tokenizer=build_clip_tokenizer(model_max_length=MAX_TOKENS),
-        torch_dtype=torch_dtype or torch.float32,
+        dtype=torch_dtype or torch.float32,
         local_files_only=True,
     )
     return pipe.to(device) if device is not None else pipe
