@@ -629,7 +629,8 @@ class ComposedLayer(nn.Module, ABC):
                 return self._with_weight(x, effective, self._effective_bias)
             assert self.up_cat is not None
             if x.numel() > self._transient_rows * x.shape[-1]:
-                return self._with_weight(x, torch.addmm(self.base.weight, self.up_cat * self._gate(), self.down_cat))
+                transient = torch.addmm(self.base.weight, self.up_cat * self._gate(), self.down_cat)
+                return self._with_weight(x, transient, self.base.bias)
             return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         gate, extra_weights = per_sample
         y = self.base(x)
