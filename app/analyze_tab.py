@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from composer import plots
-from composer.service import AUTO, AdapterRequest, ComposerError, CompositionService, available_methods
+from composer.service import AUTO, ComposerError, CompositionService, adapter_request, available_methods
 
 SIGNALS = ("trigger", "metadata", "learned", "zero_shot")
 SCORE_HEADERS = ["adapter", "fused score", *(f"{s} rank" for s in SIGNALS), "why"]
@@ -84,7 +84,7 @@ def composition_section(service: CompositionService) -> None:
     def compose(
         text: str, names: list[str] | None, method_name: str, step_count: float
     ) -> tuple[str, str | None, str | None, str | None]:
-        adapters: Any = [AdapterRequest(name) for name in names] if names else AUTO
+        adapters: Any = [adapter_request(name) for name in names] if names else AUTO
         try:
             result = service.compose(text, adapters, method=method_name, steps=int(step_count), plot=True)
         except ComposerError as exc:

@@ -2,7 +2,7 @@
 method, steps and seed → images in a gallery and a "why these adapters" table.
 
 The adapter editor is a table with one row per picked adapter; its columns map onto
-:class:`composer.service.AdapterRequest`. Progress comes from the pipeline's own progress bar (``track_tqdm``).
+:class:`composer.service.LoraTag` requests. Progress comes from the pipeline's own progress bar (``track_tqdm``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from composer.service import AUTO, AdapterRequest, ComposerError, CompositionService, available_methods
+from composer.service import AUTO, ComposerError, CompositionService, LoraTag, adapter_request, available_methods
 
 MANUAL = "manual"
 EDITOR_HEADERS = ["adapter", "weight", "schedule", "block weights", "start", "stop"]
@@ -30,7 +30,7 @@ def _optional_float(value: Any, column: str, name: str) -> float | None:
         raise ComposerError(f"adapter {name!r}: {column} {value!r} is not a number") from exc
 
 
-def adapter_requests(rows: list[list[Any]] | None) -> list[AdapterRequest]:
+def adapter_requests(rows: list[list[Any]] | None) -> list[LoraTag]:
     """The editor table's rows as requests (blank rows skipped; numbers checked)."""
     requests = []
     for row in rows or []:
@@ -40,7 +40,7 @@ def adapter_requests(rows: list[list[Any]] | None) -> list[AdapterRequest]:
             continue
         weight = _optional_float(cells[1], "weight", name)
         requests.append(
-            AdapterRequest(
+            adapter_request(
                 name=name,
                 weight=DEFAULT_WEIGHT if weight is None else weight,
                 schedule=str(cells[2] or "").strip() or None,

@@ -13,7 +13,7 @@ import gradio as gr
 from PIL import Image
 
 from app.compose_tab import DEFAULT_WEIGHT, adapter_requests
-from composer.service import AdapterRequest, ComposerError, CompositionService, available_methods
+from composer.service import ComposerError, CompositionService, adapter_request, available_methods
 
 STYLE_HEADERS = ["adapter", "weight"]
 RESTORATION_WEIGHT = 1.0
@@ -76,7 +76,7 @@ def build(service: CompositionService) -> None:
         try:
             result = service.restore(
                 image,
-                [AdapterRequest(name, RESTORATION_WEIGHT) for name in names or []],
+                [adapter_request(name, RESTORATION_WEIGHT) for name in names or []],
                 adapter_requests(rows),
                 method=method_name,
                 task=task_text,

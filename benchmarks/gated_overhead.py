@@ -33,6 +33,7 @@ from composer.presets import load_preset
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
 from fusion.strategies import get_strategy
+from fusion.strategies.gated import initial_gates
 
 RANK = 16
 K = 3
@@ -57,6 +58,8 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
         unet = copy.deepcopy(base)
         engine = FusionEngine(unet, family="sd1")
         engine.add_adapters(adapters)
+        if name == "gated":
+            options = {"gates": initial_gates(engine)}
         engine.set_strategy(get_strategy(method)(weights, **options))
         engines.append(engine)
         unets[name] = unet

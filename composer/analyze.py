@@ -177,7 +177,7 @@ def _with_adapter(
     """Images with only adapter ``name`` merged at ``weight``; the pipeline is left as it was."""
     added = name not in pipe.adapters
     if added:
-        pipe.add_adapter(library.read(name), name=name)
+        pipe.add_adapter(library.read(name, shapes=pipe.model_shapes()), name=name)
     try:
         pipe.set_composition({name: weight}, method="merge")
         return generate(pipe, prompts, steps=steps, seed=seed, size=size)

@@ -30,11 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from composer.degrade_names import DEGRADATIONS
 from composer.training.data import DatasetError, list_images
 from fusion.errors import ComposerError
-
-DEGRADATIONS = ("noise", "rain", "haze", "jpeg", "lowlight")
-"""Names accepted by :func:`degrade` and ``compose make-pairs --degrade``."""
 
 NOISE_LEVELS = (15.0, 25.0, 50.0)
 """The standard Gaussian noise levels (σ on 0–255) of denoising benchmarks."""

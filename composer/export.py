@@ -90,14 +90,10 @@ def export_composition(
     _, chosen = composer.choose(prompt, loras)
     if not chosen:
         raise CompositionError("nothing to export: the prompt names no adapter", hint="add <lora:name:weight> tags")
-    composer.register(chosen)
-    pipe = composer.pipe
     specs = {item.name: composer.spec(item) for item in chosen}
-    pipe.set_composition(specs, method="merge", fuse=False)
-    try:
+    with composer.composing(chosen) as pipe:
+        pipe.set_composition(specs, method="merge", fuse=False)
         updates = pipe.merged_updates()
-    finally:
-        pipe.clear_composition()
     squeezed = _squeeze_all(updates, rank, energy)
     return _write(squeezed, Path(out), composer.family, format, {k: repr(v) for k, v in specs.items()})
 

@@ -4,13 +4,20 @@ It owns the whole request — load the model (preset, folder or hub id), open th
 rescan), pick adapters (explicit names, ``<lora:…>`` prompt tags, or ``loras="auto"`` through the retriever),
 read them (host-memory cache), compose them with the chosen method through the mixin, generate, and save each
 image with its A1111 ``parameters`` chunk and JSON sidecar. The CLI and the app are thin layers over it.
+
+Adapters live in the process-wide :data:`composer.mixin.ADAPTER_CACHE` (LRU under its byte budget, keyed by file
+identity: resolved path, size, mtime), never on the pipeline between requests: a request registers what it uses and
+unregisters it when done, so host memory stays bounded however many distinct adapters are used, and an edited file
+is read again. The library catalog is opened once per process (:func:`composer.libraries.open_library`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +26,16 @@ import torch
 from PIL import Image
 
 from composer.images import GenerationRecord, save_image
-from composer.mixin import make_composable
+from composer.libraries import open_library
+from composer.mixin import ADAPTER_CACHE, make_composable
 from composer.model_default import default_model
 from composer.presets import KNOWN_MODELS, PRESETS, TOY_PRESET, kontext_call_kwargs, load_preset, preset_family
 from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
+from fusion.adapter_cache import file_key
+from fusion.adapters import Adapter
 from fusion.errors import CompositionError
 from fusion.layer_groups import BlockLayout
+from weights_index.reader import read_adapter
 
 DEFAULT_STEPS = {"sd1": 20, "sd2": 20, "sdxl": 25, "flux": 28}
 TINY_SIZE = 64
@@ -34,24 +45,31 @@ TOY_GUIDANCE = 3.0
 
 @dataclass
 class ChosenAdapter:
-    """One adapter in a composition request: where it came from, its weight spec, and why it was chosen."""
+    """One adapter of a composition: the request itself (a :class:`~composer.prompts.LoraTag`, whether it came
+    from a prompt tag, the CLI, the app or the API), where it came from, and why it was chosen."""
 
-    name: str
-    weight: float | str = 0.8
+    request: LoraTag
     source: str = "explicit"
     score: float | None = None
     reasons: list[str] = field(default_factory=list)
-    block_weights: str | None = None
-    text_encoder_weight: float | None = None
-    start: float | None = None
-    stop: float | None = None
     trigger_words: list[str] = field(default_factory=list)
     hash: str | None = None
     path: str | None = None
 
+    @property
+    def name(self) -> str:
+        """The adapter's name (catalog name or file path)."""
+        return self.request.name
+
+    @property
+    def weight(self) -> float | str:
+        """Its weight: a number or a keyframe schedule."""
+        return self.request.weight
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly view (what sidecars, ``--json`` and the app show)."""
-        return {k: v for k, v in self.__dict__.items() if v not in (None, [], "")}
+        """JSON-friendly view (what sidecars, ``--json`` and the app show): the request's fields, then the rest."""
+        fields = {**dataclasses.asdict(self.request), **{k: v for k, v in self.__dict__.items() if k != "request"}}
+        return {k: v for k, v in fields.items() if v not in (None, [], "")}
 
 
 @dataclass
@@ -147,12 +165,9 @@ class Composer:
 
     @property
     def library(self) -> Any:
-        """The library catalog (opened and rescanned on first use); None when no library was given."""
+        """The library catalog (opened and rescanned once per process); None when no library was given."""
         if self._library is None and self.library_dir is not None:
-            from weights_index.catalog import Library
-
-            self._library = Library(self.library_dir)
-            self._library.scan()
+            self._library = open_library(self.library_dir)
         return self._library
 
     @property
@@ -182,26 +197,21 @@ class Composer:
                 chosen.setdefault(tag.name, self._from_tag(tag, "explicit"))
         elif isinstance(loras, Mapping):
             for name, weight in loras.items():
-                chosen.setdefault(name, ChosenAdapter(name=name, weight=weight, reasons=["named by the caller"]))
+                chosen.setdefault(name, ChosenAdapter(LoraTag(name, weight), reasons=["named by the caller"]))
         elif loras:
             for item in loras:
                 if isinstance(item, LoraTag):
                     chosen.setdefault(item.name, self._from_tag(item, "explicit"))
                 else:
-                    chosen.setdefault(item, ChosenAdapter(name=item, weight=1.0, reasons=["named by the caller"]))
+                    chosen.setdefault(item, ChosenAdapter(LoraTag(item, 1.0), reasons=["named by the caller"]))
         return prompt, list(chosen.values())
 
     @staticmethod
     def _from_tag(tag: LoraTag, source: str) -> ChosenAdapter:
         return ChosenAdapter(
-            name=tag.name,
-            weight=tag.weight,
+            tag,
             source=source,
             reasons=["named in a <lora:…> prompt tag" if source == "prompt tag" else "named by the caller"],
-            block_weights=tag.block_weights,
-            text_encoder_weight=tag.text_encoder_weight,
-            start=tag.start,
-            stop=tag.stop,
         )
 
     def _auto(self, prompt: str, chosen: dict[str, ChosenAdapter]) -> str:
@@ -211,8 +221,7 @@ class Composer:
             if pick.name in chosen:
                 continue
             chosen[pick.name] = ChosenAdapter(
-                name=pick.name,
-                weight=pick.weight,
+                LoraTag(pick.name, pick.weight),
                 source="auto",
                 score=pick.score,
                 reasons=list(pick.reasons),
@@ -223,41 +232,64 @@ class Composer:
                 prompt = f"{prompt}, {', '.join(missing)}"
         return prompt
 
-    def register(self, chosen: list[ChosenAdapter]) -> None:
-        """Register the chosen adapters with the pipeline (files by path, library entries by name)."""
+    def _load(self, item: ChosenAdapter) -> Adapter:
+        """The adapter ``item`` names (a file path or a catalog name), read for this pipeline's family and weight
+        shapes, from the adapter cache when its file is unchanged; fills in the item's path, hash and trigger words."""
+        family = None if self.family == "unknown" else self.family
+        shapes = self.pipe.model_shapes()
+        shape_key = hash(frozenset(shapes.items()))
+        path = Path(item.name)
+        if path.suffix and path.is_file():
+            item.path = str(path)
+            return ADAPTER_CACHE.get(
+                (file_key(path), family, shape_key), lambda: read_adapter(path, family, shapes=shapes)
+            )
+        library = self.library
+        if library is None:
+            raise CompositionError(
+                f"adapter {item.name!r} is not a file and no library is open",
+                hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
+            )
+        entry = library.get(item.name)
+        item.path = str(entry.path)
+        item.hash = entry.metadata.hashes.get("AutoV2")
+        item.trigger_words = item.trigger_words or list(entry.trigger_words)
+        key = ("catalog", file_key(entry.path), entry.name, entry.metadata.category, repr(sorted(entry.scores.items())))
+        return ADAPTER_CACHE.get((*key, shape_key), lambda: library.read(entry.name, shapes=shapes))
+
+    @contextmanager
+    def composing(self, chosen: Sequence[ChosenAdapter]) -> Iterator[Any]:
+        """The pipeline with ``chosen`` registered for one request; on exit the composition is cleared and the
+        adapters this request registered are unregistered (they stay in the byte-bounded adapter cache, not on the
+        pipeline). Adapters the caller registered on ``pipe`` themselves are used as they are and kept."""
         pipe = self.pipe
-        for item in chosen:
-            if item.name in pipe.adapters:
-                continue
-            path = Path(item.name)
-            if path.suffix and path.is_file():
-                item.path = str(path)
-                pipe.add_adapter_file(path, name=item.name)
-                continue
-            if self.library is None:
-                raise CompositionError(
-                    f"adapter {item.name!r} is not a file and no library is open",
-                    hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
-                )
-            entry = self.library.get(item.name)
-            item.path = str(entry.path)
-            item.hash = entry.metadata.hashes.get("AutoV2")
-            item.trigger_words = item.trigger_words or list(entry.trigger_words)
-            pipe.add_adapter_file(entry.path, name=item.name)
+        registered: list[str] = []
+        try:
+            for item in chosen:
+                if item.name not in pipe.adapters:
+                    registered.append(pipe.add_adapter(self._load(item), name=item.name))
+            yield pipe
+        finally:
+            pipe.clear_composition()
+            for name in registered:
+                pipe.remove_adapter(name)
 
     def spec(self, item: ChosenAdapter) -> Any:
-        """The weight spec of one chosen adapter (a float, or weight + block vector + step window/keyframes)."""
-        weight = item.weight
-        blocks: Any = item.block_weights
+        """The request as the engine's weight spec (constant, keyframes, window, block weights, text-encoder weight)."""
+        request = item.request
+        weight = request.weight
+        blocks: Any = request.block_weights
         steps: Any = None
         if isinstance(weight, str):
             steps, weight = weight, 1.0
-        if item.start is not None or item.stop is not None:
+        if request.start is not None or request.stop is not None:
             if steps is not None:
-                raise CompositionError(f"adapter {item.name!r}: use either a keyframe schedule or start/stop, not both")
-            steps = _window(item.start, item.stop)
-        if item.text_encoder_weight is not None and item.text_encoder_weight != weight:
-            blocks = self._with_text_encoder_weight(blocks, float(weight), item.text_encoder_weight)
+                raise CompositionError(
+                    f"adapter {request.name!r}: use either a keyframe schedule or start/stop, not both"
+                )
+            steps = _window(request.start, request.stop)
+        if request.text_encoder_weight is not None and request.text_encoder_weight != weight:
+            blocks = self._with_text_encoder_weight(blocks, float(weight), request.text_encoder_weight)
             if weight == 0.0:
                 weight = 1.0
         if blocks is None and steps is None:
@@ -330,9 +362,8 @@ class Composer:
                 call.update(kontext_call_kwargs(height or image.height, width or image.width))
         fuse = options.pop("fuse", None)
         captured = _PlotData()
-        try:
+        with self.composing(chosen):
             if chosen:
-                self.register(chosen)
                 specs = {item.name: self.spec(item) for item in chosen}
                 pipe.set_composition(specs, method=method, fuse=fuse, **options)
             generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -340,8 +371,6 @@ class Composer:
                 images = pipe(generator=generator, **call).images
             if plot is not None and chosen:
                 captured = self._plot_data(steps)
-        finally:
-            pipe.clear_composition()
         result = CompositionResult(
             images=list(images),
             prompt=clean_prompt,

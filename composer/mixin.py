@@ -19,7 +19,7 @@ from typing import Any
 
 from composer.presets import preset_family
 from fusion.adapter_cache import AdapterCache, file_key
-from fusion.adapters import Adapter, Dense, LowRank
+from fusion.adapters import Adapter, Dense, LowRank, Sparse
 from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
 from fusion.squeeze import combine
@@ -38,7 +38,7 @@ ADAPTER_CACHE = AdapterCache()
 
 class ComposableMixin:
     """Adds ``add_adapter``, ``add_adapter_file``, ``set_composition``, ``clear_composition``, ``remove_adapter``
-    and ``composition`` to a diffusers pipeline; every pipeline call starts a fresh step table."""
+    and ``composition`` to a diffusers pipeline; every pipeline call starts a new generation."""
 
     @property
     def _composer(self) -> dict[str, Any]:
@@ -76,11 +76,10 @@ class ComposableMixin:
     def _engine(self) -> FusionEngine:
         engine = self._composer["engine"]
         if engine is None:
-            scheduler = self.scheduler
             engine = FusionEngine(
                 self._denoiser(),
                 text_encoders={name: getattr(self, name, None) for name in _TEXT_ENCODERS},
-                timesteps=lambda: scheduler.timesteps,
+                scheduler=lambda: self.scheduler,
                 family=self.family,
             )
             self._composer["engine"] = engine
@@ -155,6 +154,10 @@ class ComposableMixin:
         :mod:`fusion.schedules`). ``fuse=None`` fuses when the method allows and the weights are static;
         ``fuse=False`` forces unfused. Replaces any previous composition. ``method="gated"`` accepts
         ``gates="name"`` (or a path): a checkpoint written by ``compose train-gates``.
+
+        Sparse (SHiRA) adapters stay attached at weight 0 when a composition leaves them out: fused, they cost
+        nothing, and going from one fused SHiRA composition to another switches the weights in place (restoring
+        the old positions and writing the new ones in one pass, or re-writing a cached fused state).
         """
         registered = self._composer["adapters"]
         unknown = [name for name in weights if name not in registered]
@@ -167,10 +170,13 @@ class ComposableMixin:
             raise CompositionError("a composition needs at least one adapter", hint="use clear_composition() instead")
         strategy = get_strategy(method)(dict(weights), fuse=fuse, **_resolve_options(method, options))
         engine = self._engine()
-        engine.set_strategy(None)
-        for name in [n for n in engine.adapter_names if n not in weights]:
-            engine.remove_adapter(name)
-        engine.add_adapters([registered[n] for n in weights if n not in engine.adapters])
+        stale = [n for n in engine.adapter_names if n not in weights and not _is_sparse(engine.adapters[n])]
+        missing = [n for n in weights if n not in engine.adapters]
+        if stale or missing:
+            engine.set_strategy(None)
+            for name in stale:
+                engine.remove_adapter(name)
+            engine.add_adapters([registered[n] for n in missing])
         try:
             engine.set_strategy(strategy)
         except Exception:
@@ -231,10 +237,14 @@ class ComposableMixin:
                 self.set_composition(rest, current["method"], current["fuse"], **current["options"])
             else:
                 self.clear_composition()
+        engine = self._composer["engine"]
+        if engine is not None and name in engine.adapters:  # a sparse adapter kept attached at weight 0
+            engine.remove_adapter(name)  # the active composition (without it) is re-activated in place
         del registered[name]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the pipeline; the composition's step table is rebuilt for this generation."""
+        """Run the pipeline as a new generation (the engine's hook is put back in the denoiser's call path first if a
+        re-installed offload hook dropped it)."""
         engine = self._composer["engine"]
         if engine is not None:
             engine.reset_generation()
@@ -249,6 +259,11 @@ def _resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
         resolved["gates"] = load_gates(resolved["gates"])
     return resolved
+
+
+def _is_sparse(adapter: Adapter) -> bool:
+    """True for adapters made only of sparse updates (SHiRA): kept attached between compositions."""
+    return all(isinstance(kind, Sparse) for _, kind in adapter.all_layers())
 
 
 _COMPOSABLE_CLASSES: dict[type, type] = {}

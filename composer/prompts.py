@@ -41,6 +41,31 @@ class LoraTag:
         return isinstance(self.weight, str)
 
 
+def adapter_request(
+    name: str,
+    weight: float = 0.8,
+    schedule: str | None = None,
+    block_weights: str | None = None,
+    start: float | None = None,
+    stop: float | None = None,
+) -> LoraTag:
+    """The request a form or an API call makes, as the one request type (a :class:`LoraTag`): ``schedule`` (keyframes
+    ``0@0,1@0.5``) replaces the constant ``weight`` when given; blank block weights mean none."""
+    keyframes = (schedule or "").replace(" ", "")
+    if keyframes and "@" not in keyframes:
+        raise CompositionError(
+            f"adapter {name!r}: schedule {schedule!r} is not a keyframe list",
+            hint="write keyframes as weight@position, e.g. 0@0,1@0.5",
+        )
+    return LoraTag(
+        name=name,
+        weight=keyframes or float(weight),
+        block_weights=(block_weights or "").strip() or None,
+        start=start,
+        stop=stop,
+    )
+
+
 def _number(text: str, tag: str) -> float:
     if not _NUMBER.match(text.strip()):
         raise CompositionError(f"{text!r} in {tag} is not a number", hint="write weights like <lora:name:0.8>")

@@ -35,7 +35,7 @@ from composer.facade import TINY_SIZE, ChosenAdapter, Composer, CompositionResul
 from composer.images import GenerationRecord, save_image
 from composer.mixin import make_composable
 from composer.presets import PRESETS, kontext_call_kwargs, load_preset, preset_family
-from composer.prompts import parse_lora_list
+from composer.prompts import LoraTag, parse_lora_list
 from fusion.errors import CompositionError
 
 EDITING_CLASSES: dict[str, tuple[type, type]] = {
@@ -151,8 +151,8 @@ class Restorer(Composer):
     def restore(
         self,
         image: Image.Image | str | Path,
-        adapters: Sequence[str] | str,
-        loras: str | None = None,
+        adapters: Sequence[str | LoraTag] | str,
+        loras: str | Sequence[LoraTag] | None = None,
         *,
         method: str = "merge",
         task: str | None = None,
@@ -162,8 +162,9 @@ class Restorer(Composer):
         progress: bool = False,
         **options: Any,
     ) -> RestoreResult:
-        """Restore ``image`` with the restoration ``adapters`` (names/paths, ``name:weight`` allowed) composed with
-        the style ``loras`` (a ``name:0.6,other`` list) by ``method``.
+        """Restore ``image`` with the restoration ``adapters`` (names/paths, ``name:weight`` allowed, or
+        :class:`~composer.prompts.LoraTag` requests with their schedules and block weights) composed with the style
+        ``loras`` (a ``name:0.6,other`` list or LoraTag requests) by ``method``.
 
         The prompt is ``task`` or the adapters' task prompts. The result has the input's size. ``out`` is a
         ``.png`` path or a folder (``<input stem>-restored.png``); a JSON sidecar is written beside it. Options:
@@ -179,7 +180,7 @@ class Restorer(Composer):
         specs = (
             parse_lora_list(adapters)
             if isinstance(adapters, str)
-            else [t for a in adapters for t in parse_lora_list(a)]
+            else [t for a in adapters for t in ([a] if isinstance(a, LoraTag) else parse_lora_list(a))]
         )
         if not specs:
             raise CompositionError("restoration needs at least one restoration adapter", hint="pass --adapter NAME")
@@ -201,15 +202,12 @@ class Restorer(Composer):
                 hint=f"use at least {math.ceil(1 / call['strength'])} steps or a higher strength",
             )
         pipe.set_progress_bar_config(disable=not progress)
-        try:
-            self.register(chosen)
+        with self.composing(chosen):
             prompt = task_prompt([pipe.adapters[item.name] for item in restoration], task)
             pipe.set_composition({item.name: self.spec(item) for item in chosen}, method=method, fuse=fuse, **options)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             with torch.inference_mode():
                 output = pipe(prompt=prompt, num_inference_steps=steps, generator=generator, **call).images[0]
-        finally:
-            pipe.clear_composition()
         if output.size != image.size:
             output = output.resize(image.size, Image.Resampling.LANCZOS)
         result = RestoreResult(

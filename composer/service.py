@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from composer.facade import Composer, CompositionResult
+from composer.libraries import open_library
 from composer.mixin import make_composable
 from composer.model_default import default_model
-from composer.prompts import LoraTag
+from composer.prompts import LoraTag, adapter_request
 from composer.restore import Restorer, RestoreResult, editing_pipeline
 from fusion.errors import ComposerError, CompositionError, UnsafePathError
 from fusion.strategies import BUILTIN, get_strategy
@@ -34,42 +35,14 @@ AUTO = "auto"
 
 __all__ = [
     "AUTO",
-    "AdapterRequest",
     "ComposerError",
     "CompositionService",
     "LibraryItem",
+    "LoraTag",
     "RestoreResult",
+    "adapter_request",
     "available_methods",
 ]
-
-
-@dataclass(frozen=True)
-class AdapterRequest:
-    """One adapter a caller asks for: its weight (or a ``0@0,1@0.5`` keyframe schedule), block weights
-    (``INS``/``OUTALL`` or a comma list, as in LoRA Block Weight) and an optional active step window."""
-
-    name: str
-    weight: float = 0.8
-    schedule: str | None = None
-    block_weights: str | None = None
-    start: float | None = None
-    stop: float | None = None
-
-    def tag(self) -> LoraTag:
-        """The same request as a prompt tag (what the facade composes)."""
-        schedule = (self.schedule or "").replace(" ", "")
-        if schedule and "@" not in schedule:
-            raise CompositionError(
-                f"adapter {self.name!r}: schedule {self.schedule!r} is not a keyframe list",
-                hint="write keyframes as weight@position, e.g. 0@0,1@0.5",
-            )
-        return LoraTag(
-            name=self.name,
-            weight=schedule or float(self.weight),
-            block_weights=(self.block_weights or "").strip() or None,
-            start=self.start,
-            stop=self.stop,
-        )
 
 
 @dataclass(frozen=True)
@@ -169,7 +142,7 @@ class CompositionService:
     def compose(
         self,
         prompt: str,
-        adapters: str | Sequence[AdapterRequest] | None = AUTO,
+        adapters: str | Sequence[LoraTag] | None = AUTO,
         *,
         method: str = "merge",
         steps: int | None = None,
@@ -184,7 +157,7 @@ class CompositionService:
         ``plot`` also writes the composition's plots (``result.plots``: retrieval scores, weight table, gates)."""
         if not prompt.strip():
             raise CompositionError("the prompt is empty", hint="type what the image should show")
-        loras: Any = AUTO if adapters == AUTO else [a.tag() for a in adapters or ()]
+        loras: Any = AUTO if adapters == AUTO else list(adapters or ())
         folder = self._folder()
         with self._borrow() as composer:
             return composer.run(
@@ -226,8 +199,8 @@ class CompositionService:
     def restore(
         self,
         image: Any,
-        restoration: Sequence[AdapterRequest],
-        style: Sequence[AdapterRequest] = (),
+        restoration: Sequence[LoraTag],
+        style: Sequence[LoraTag] = (),
         *,
         method: str = "merge",
         task: str | None = None,
@@ -246,8 +219,8 @@ class CompositionService:
                 restorer = self._restorers.setdefault(id(composer), _WorkerRestorer(composer))
             return restorer.restore(
                 image,
-                [f"{a.name}:{float(a.weight)}" for a in restoration],
-                ",".join(f"{a.name}:{float(a.weight)}" for a in style) or None,
+                list(restoration),
+                list(style) or None,
                 method=method,
                 task=(task or "").strip() or None,
                 steps=steps,
@@ -291,11 +264,7 @@ class CompositionService:
             raise ComposerError("no library is open", hint="start the app with --library DIR")
         with self._lock:
             if self._library is None:
-                from weights_index.catalog import Library
-
-                library = Library(self._library_dir)
-                library.scan()
-                self._library = library
+                self._library = open_library(self._library_dir)
         return self._library
 
     def rescan(self) -> dict[str, Any]:

@@ -2,18 +2,23 @@
 
 Attaching walks the model once: every ``nn.Linear`` / ``nn.Conv2d`` of the denoiser (keyed by its module path) and of
 the text encoders (keyed ``text_encoder.<path>`` / ``text_encoder_2.<path>``) is indexed with its weight shape and its
-layer group (:class:`fusion.layer_groups.BlockLayout`). Adding adapters is atomic: every key and shape of every adapter
-is validated (and a SHiRA adapter's base fingerprint checked against the pristine weights), weight-relative updates
-(IA3, OFT, DoRA, GLoRA) resolved to ΔW = f(W₀) − W₀ against the pristine weights, and every tensor converted to its
-target's device and dtype before the first module is touched; a module is replaced by a
+layer group (:class:`fusion.layer_groups.BlockLayout`). Quantised weights (bitsandbytes, GGUF, torchao: anything not
+a plain floating tensor) and weights offloaded to the meta device are refused with
+:class:`fusion.errors.UnsupportedModelError` before anything changes. Adding adapters is atomic: every key and shape
+of every adapter is validated (and a SHiRA adapter's base fingerprint checked against the pristine weights),
+weight-relative updates (IA3, OFT, DoRA, GLoRA) resolved to ΔW = f(W₀) − W₀ against the pristine weights, and every
+tensor converted to its target's device and dtype before the first module is touched; a module is replaced by a
 :class:`fusion.layers.ComposedLayer` only when some adapter targets it.
 
-The denoiser's ``forward`` is wrapped on the instance (no subclassing): each call is looked up in a step table built
-from the scheduler's timesteps at the first call of a generation (O(1) per call: the previous or next entry), then
-handed to the active :class:`fusion.strategies.base.Strategy` as a :class:`fusion.strategies.base.StepContext`.
+The engine enters the denoiser through a diffusers hook (:mod:`fusion.denoiser_hook`), so it composes with the
+model's other diffusers and accelerate hooks. Each call's step index comes from the pipeline's scheduler
+(:class:`fusion.steps.StepClock`: O(1) per call); the call is handed to the active
+:class:`fusion.strategies.base.Strategy` as a :class:`fusion.strategies.base.StepContext`. Where no step can be
+known, a strategy whose weights change over steps is refused (:class:`fusion.errors.StepUnknownError`); others run
+as step 0 of 1.
 
 :meth:`FusionEngine.clear` restores every touched weight from its pristine copy, puts every base module back in its
-parent and unwraps the forward, leaving the model bit-identical to before the engine existed.
+parent and detaches the hook, leaving the model bit-identical to before the engine existed (and every hook it had).
 """
 
 from __future__ import annotations
@@ -27,20 +32,18 @@ import torch
 from torch import nn
 
 from fusion.adapters import Adapter, AdapterKind, Dense, LowRank, validate_shapes
-from fusion.errors import CompositionError, ShapeMismatchError
+from fusion.denoiser_hook import attach, detach, reroute
+from fusion.errors import CompositionError, ShapeMismatchError, StepUnknownError, UnsupportedModelError
 from fusion.layer_groups import BlockLayout
 from fusion.layers import ComposedLayer, GateState, compose, is_composable
 from fusion.relative import Relative
 from fusion.schedules import build_weight_table
 from fusion.sparse import check_base_fingerprint
+from fusion.steps import StepClock
 from fusion.strategies.base import StepContext, Strategy, WeightSpec
 
-TimestepSource = Callable[[], torch.Tensor | Sequence[float] | None]
-"""Returns the current generation's timesteps (``lambda: pipe.scheduler.timesteps``)."""
-
 _LATENT_ARGUMENTS = ("sample", "hidden_states")
-_STEP_TOLERANCE = 1e-2
-"""Relative distance under which a denoiser's timestep argument matches a scheduler timestep (bf16 rounds ~4e-3)."""
+_PLAIN_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 class _Target:
@@ -67,6 +70,23 @@ def _index_modules(root: nn.Module, prefix: str) -> dict[str, tuple[nn.Module, s
     return found
 
 
+def _check_plain(key: str, module: nn.Module) -> None:
+    """Refuse weights the engine cannot restore bit-exactly or add to: quantised or offloaded to meta."""
+    weight = module.weight
+    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dtype not in _PLAIN_FLOATS:
+        raise UnsupportedModelError(
+            f"{key!r} holds a {type(weight).__name__} of {weight.dtype} (a quantised weight); LoRA Composer composes "
+            "plain floating-point weights only",
+            hint="load the base model unquantised (fp16/bf16/fp32), or use diffusers' load_lora_weights for "
+            "quantised bases",
+        )
+    if weight.is_meta:
+        raise UnsupportedModelError(
+            f"{key!r} is on the meta device (sequential cpu offload or an unloaded model)",
+            hint="compose before enable_sequential_cpu_offload is not possible; use enable_model_cpu_offload",
+        )
+
+
 def _normalise(kind: AdapterKind, module: nn.Module) -> AdapterKind:
     """Reshape 2-D LoRA factors aimed at a 1×1 conv into conv factors (files store both ways)."""
     is_pointwise = isinstance(module, nn.Conv2d) and tuple(module.weight.shape[2:]) == (1, 1)
@@ -79,7 +99,8 @@ class FusionEngine:
     """Adapters on a denoiser (UNet2DConditionModel or FluxTransformer2DModel) and its text encoders.
 
     ``text_encoders`` maps ``"text_encoder"`` / ``"text_encoder_2"`` to modules (None entries are skipped);
-    ``timesteps`` returns the scheduler's timesteps for the step lookup (without it every call is step 0 of 1).
+    ``scheduler`` is the pipeline's scheduler (or a callable returning it) whose step index every call reads
+    (without it every call is step 0 of 1, and step-dependent compositions are refused).
     """
 
     def __init__(
@@ -87,12 +108,12 @@ class FusionEngine:
         denoiser: nn.Module,
         *,
         text_encoders: Mapping[str, nn.Module | None] | None = None,
-        timesteps: TimestepSource | None = None,
+        scheduler: Any = None,
         family: str = "unknown",
     ) -> None:
         self.denoiser = denoiser
         self.family = family
-        self.timesteps = timesteps
+        self.clock = None if scheduler is None else StepClock(scheduler)
         self.layout = BlockLayout.from_denoiser(family, denoiser)
         self.group_names: list[str] = list(self.layout.groups)
         param = next(denoiser.parameters())
@@ -101,18 +122,19 @@ class FusionEngine:
         roots = [("", denoiser)] + [(f"{k}.", m) for k, m in (text_encoders or {}).items() if m is not None]
         for prefix, root in roots:
             for key, (parent, attr, module) in _index_modules(root, prefix).items():
+                _check_plain(key, module)
                 self._targets[key] = _Target(parent, attr, module, self.layout.group_index(key))
         self.expected_shapes = {key: tuple(t.base.weight.shape) for key, t in self._targets.items()}
         self.adapters: dict[str, Adapter] = {}
         self._layers: dict[str, ComposedLayer] = {}
         self._fused = False
         self.strategy: Strategy | None = None
-        self._step_values: list[float] | None = None
+        self._fresh = True
         self._last_step = -1
+        self._num_steps = 0
+        self._generation: Any = None
         self._timestep_position = self._find_timestep_position(denoiser)
-        self._had_instance_forward = "forward" in denoiser.__dict__
-        self._inner_forward = denoiser.forward
-        denoiser.forward = self._forward
+        self._hook = attach(denoiser, self._route)
 
     # ----- adapters --------------------------------------------------------------------------------------------
 
@@ -291,13 +313,16 @@ class FusionEngine:
         index = {name: i for i, name in enumerate(self.adapters)}
         for layer in self._layers.values():
             layer.reindex(index)
-        self.set_weights(torch.zeros(len(index)))
+        self.zero_weights()
 
     def _suspend(self) -> None:
-        """Before changing adapters: let the strategy undo its work and restore pristine weights."""
+        """Before changing adapters or strategies: let the strategy undo its work. Fused weights stay fused while a
+        strategy is active (the next one either re-fuses from the saved base values — an exact in-place switch — or
+        installs unfused weights, which unfuses); with none active they are restored now."""
         if self.strategy is not None:
             self.strategy.deactivate(self)
-        self.unfuse()
+        else:
+            self.unfuse()
 
     def _resume(self) -> None:
         if self.strategy is not None:
@@ -318,14 +343,23 @@ class FusionEngine:
         )
 
     def set_weights(self, weights: torch.Tensor | Sequence[float]) -> None:
-        """Unfused adapter weights, (A,) or (A, G); per-sample weights are switched off."""
+        """Unfused adapter weights, (A,) or (A, G); per-sample weights are switched off (fused weights are restored
+        first)."""
+        if self._fused:
+            self.unfuse()
         self.state.set(self._per_group(weights), None)
+
+    def zero_weights(self) -> None:
+        """Every unfused adapter weight to zero, per-sample weights off; fused weights are left as they are."""
+        self.state.set(self._per_group(torch.zeros(len(self.adapters))), None)
 
     def set_sample_weights(self, weights: torch.Tensor | None) -> None:
         """Per-sample adapter weights (N, A) or (N, A, G) for the next batched call, or None to switch them off."""
         if weights is None:
             self.state.set(self.state.weights, None)
             return
+        if self._fused:
+            self.unfuse()
         w = torch.as_tensor(weights, dtype=torch.float32, device=self.state.device)
         if w.dim() == 2:
             w = w[:, :, None].expand(-1, -1, len(self.group_names))
@@ -368,10 +402,11 @@ class FusionEngine:
             full[self.adapter_names.index(name)] = table.weights[row]
         return full.to(self.state.device)
 
-    # ----- strategies and the wrapped forward ------------------------------------------------------------------
+    # ----- strategies and the hooked forward -------------------------------------------------------------------
 
     def set_strategy(self, strategy: Strategy | None) -> None:
-        """Make ``strategy`` the active one (the previous one is deactivated and weights restored)."""
+        """Make ``strategy`` the active one (the previous one is deactivated; None restores the base weights).
+        Replacing one fused composition by another switches the fused weights in place."""
         if strategy is not None:
             missing = [name for name in strategy.weights if name not in self.adapters]
             if missing:
@@ -379,21 +414,30 @@ class FusionEngine:
                     f"composition names adapters that are not attached: {missing}",
                     hint=f"attached: {self.adapter_names}",
                 )
+            if self.clock is None and strategy.needs_steps:
+                raise StepUnknownError(
+                    f"{strategy.name} with these weights changes over steps, but this engine has no scheduler to "
+                    "read the step index from",
+                    hint="create the engine with scheduler=pipe.scheduler (make_composable does), or use weights "
+                    "that do not change over steps",
+                )
         self._suspend()
-        self.set_weights(torch.zeros(len(self.adapters)))
+        if strategy is None:
+            self.unfuse()
+        self.zero_weights()
         self.strategy = strategy
         self.reset_generation()
         self._resume()
 
     def reset_generation(self) -> None:
-        """Forget the step table: the next denoiser call starts a generation (the mixin calls this per pipeline
-        call)."""
-        self._step_values = None
-        self._last_step = -1
+        """The next denoiser call starts a generation (the mixin calls this per pipeline call); puts the engine's
+        hook back in the denoiser's call path if a re-installed wrapper dropped it (model cpu offload does)."""
+        self._fresh = True
+        reroute(self.denoiser, self._hook)
 
     @staticmethod
     def _find_timestep_position(denoiser: nn.Module) -> int | None:
-        params = list(inspect.signature(denoiser.forward).parameters)
+        params = list(inspect.signature(type(denoiser).forward).parameters)[1:]
         return params.index("timestep") if "timestep" in params else None
 
     def _timestep_argument(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -402,58 +446,38 @@ class FusionEngine:
         position = self._timestep_position
         return args[position] if position is not None and len(args) > position else None
 
-    @staticmethod
-    def _as_float(value: Any) -> float | None:
-        if isinstance(value, torch.Tensor):
-            return float(value.reshape(-1)[0]) if value.numel() else None
-        return None if value is None else float(value)
-
-    def _build_step_table(self, value: float) -> bool:
-        """Read the scheduler's timesteps; scale them to the denoiser's convention (Flux passes t/1000)."""
-        source = self.timesteps() if self.timesteps is not None else None
-        if source is None or len(source) == 0:
-            self._step_values = None
-            return False
-        steps = [float(t) for t in (source.tolist() if isinstance(source, torch.Tensor) else source)]
-        best = min((abs(s * scale - value), scale) for scale in (1.0, 1e-3) for s in steps)
-        self._step_values = [s * best[1] for s in steps]
-        return True
-
-    def _nearest(self, value: float) -> tuple[int, float]:
-        assert self._step_values is not None
-        values = self._step_values
-        candidates = [i for i in (self._last_step, self._last_step + 1) if 0 <= i < len(values)]
-        if candidates:
-            best = min(candidates, key=lambda i: abs(values[i] - value))
-            if abs(values[best] - value) <= _STEP_TOLERANCE * max(abs(value), 1e-3):
-                return best, 0.0
-        best = min(range(len(values)), key=lambda i: abs(values[i] - value))
-        return best, abs(values[best] - value) / max(abs(value), 1e-3)
-
-    def step_of(self, value: float | None) -> tuple[int, int, bool]:
-        """(step index, number of steps, whether a generation starts here) for a denoiser timestep argument."""
-        fresh = self._step_values is None
-        if value is None or (fresh and not self._build_step_table(value)):
-            start = self._last_step < 0
-            self._last_step = 0
-            return 0, 1, start
-        step, error = self._nearest(value)
-        if error > _STEP_TOLERANCE and not fresh:
-            self._build_step_table(value)
-            step, _ = self._nearest(value)
-            fresh = True
-        assert self._step_values is not None
-        start = fresh or step < self._last_step
+    def step_of(self, timestep: Any, strategy: Strategy) -> tuple[int, int, bool]:
+        """(step index, number of steps, whether a generation starts here) for a denoiser call; raises
+        :class:`StepUnknownError` when the step cannot be known and ``strategy`` needs it."""
+        found = None if self.clock is None else self.clock.locate(timestep)
+        if found is None:
+            if strategy.needs_steps:
+                raise StepUnknownError(
+                    f"{strategy.name} with these weights changes over steps, but the scheduler does not say which "
+                    "step this denoiser call is (no timesteps set, or a call outside a generation)",
+                    hint="run the denoiser through the pipeline (pipe(...)), or use weights that do not change over "
+                    "steps",
+                )
+            step, num_steps = 0, 1
+        else:
+            step, num_steps = found
+        generation = None if self.clock is None else self.clock.generation
+        start = (
+            self._fresh or generation is not self._generation or num_steps != self._num_steps or step < self._last_step
+        )
+        self._fresh = False
+        self._generation = generation
+        self._num_steps = num_steps
         self._last_step = step
-        return step, len(self._step_values), start
+        return step, num_steps, start
 
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped denoiser forward: find the step, hand the call to the strategy."""
+    def _route(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One denoiser call (from the hook): find the step, hand the call to the strategy."""
         strategy = self.strategy
         if strategy is None:
-            return self._inner_forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         timestep = self._timestep_argument(args, kwargs)
-        step, num_steps, start = self.step_of(self._as_float(timestep))
+        step, num_steps, start = self.step_of(timestep, strategy)
         if start:
             strategy.start_generation(self, num_steps)
         latent = args[0] if args else next((kwargs[k] for k in _LATENT_ARGUMENTS if k in kwargs), None)
@@ -465,7 +489,7 @@ class FusionEngine:
             batch_size=int(latent.shape[0]) if isinstance(latent, torch.Tensor) else 1,
             args=args,
             kwargs=kwargs,
-            forward=self._inner_forward,
+            forward=forward,
         )
         return strategy.step(ctx)
 
@@ -473,7 +497,7 @@ class FusionEngine:
 
     def clear(self) -> None:
         """Deactivate the strategy, restore every weight from its pristine copy, put every base module back and
-        unwrap the forward: the model is bit-identical to before the engine attached."""
+        detach the hook: the model is bit-identical to before the engine attached, with every other hook in place."""
         if self.strategy is not None:
             self.strategy.deactivate(self)
             self.strategy = None
@@ -481,7 +505,4 @@ class FusionEngine:
         for key in list(self._layers):
             self._unwrap(key)
         self.adapters.clear()
-        if self._had_instance_forward:
-            self.denoiser.forward = self._inner_forward
-        elif "forward" in self.denoiser.__dict__:
-            del self.denoiser.forward
+        detach(self.denoiser, self._hook)

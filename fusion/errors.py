@@ -54,6 +54,14 @@ class CompositionError(ComposerError):
     """A composition request is invalid: unknown adapter names, bad weights, schedules, or method options."""
 
 
+class StepUnknownError(CompositionError):
+    """A composition whose weights change over steps ran where the step index cannot be known."""
+
+
+class UnsupportedModelError(ComposerError):
+    """The model cannot be composed exactly as it is (quantised weights, weights offloaded to the meta device)."""
+
+
 class UnknownAdapterError(CompositionError):
     """A name or id matches no adapter in the library catalog (or no registered adapter)."""
 

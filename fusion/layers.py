@@ -19,9 +19,11 @@ layers; installing new (G, A) weights fills it with a single gather + multiply, 
 through a view. Nothing per layer runs when weights change.
 
 Where the factors are at least as large as the weight itself (R·(in+out) ≥ in·out), one matmul with an effective
-weight W + Σ wᵢΔWᵢ is cheaper than three; such a layer builds that weight only once the same weights served two
-forwards in a row (static weights), so weights that change every step never pay an O(out·in) rebuild. Layers with
-Sparse/Dense updates always run on an effective weight (rebuilt lazily when the weights change).
+weight W + Σ wᵢΔWᵢ is cheaper than three; such a layer caches that weight once the same weights served two
+forwards in a row (static weights). Otherwise a linear layer whose call has more rows than in·out/(in+out) builds a
+transient effective weight for that call alone — building it (out·in·R) costs less than the factor path
+(rows·R·(in+out)) — and drops it after, so weights that change every step stay cheap without keeping a weight copy.
+Layers with Sparse/Dense updates always run on an effective weight (rebuilt lazily when the weights change).
 
 Per-adapter outputs: with a ``mixer`` set (gated fusion, :mod:`fusion.gates`), the layer computes the base output b
 and every low-rank adapter's own output lₖ = wₖ·ΔWₖ·x as one (K, …, out) stack — one down matmul over
@@ -205,6 +207,7 @@ class ComposedLayer(nn.Module, ABC):
         self._extra_owner = torch.zeros(0, dtype=torch.long, device=base.weight.device)
         self._needs_effective = False
         self._prefers_effective = False
+        self._transient_rows = float("inf")
         self._effective: torch.Tensor | None = None
         self._effective_bias: torch.Tensor | None = None
         self._effective_version = -1
@@ -261,14 +264,14 @@ class ComposedLayer(nn.Module, ABC):
             self.up_cat = kind.up if self.up_cat is None else torch.cat([self.up_cat, kind.up], 1)
         self.slots.append(slot)
         self._padded = None
-        self._sparse_cache.clear()
 
     def remove(self, name: str) -> None:
         """Detach the named adapter's update; its rank columns are cut out of the concatenation."""
         slot = next(s for s in self.slots if s.name == name)
         self.slots.remove(slot)
         self._padded = None
-        self._sparse_cache.clear()
+        if isinstance(slot.kind, Sparse):
+            self._sparse_cache.discard(slot.kind)
         if isinstance(slot.kind, LowRank):
             width = slot.stop - slot.start
             keep = [s for s in self.slots if isinstance(s.kind, LowRank)]
@@ -306,6 +309,7 @@ class ComposedLayer(nn.Module, ABC):
         self._extra_owner = torch.tensor(extra, dtype=torch.long, device=device)
         self._needs_effective = bool(extra)
         self._prefers_effective = self.rank * (weight[0].numel() + weight.shape[0]) >= weight.numel()
+        self._transient_rows = self._transient_threshold()
         self._columns = _Columns(self.group, self._owner, self._col_scale, (device, weight.dtype)) if owner else None
         self.state.register(self, self._columns)
         self._forget()
@@ -316,12 +320,11 @@ class ComposedLayer(nn.Module, ABC):
         self._columns = None
 
     def _forget(self) -> None:
-        """Drop the cached gate view / effective weight so the next forward recomputes them."""
-        self._effective = None
-        self._effective_version = -1
-        self._seen_version = -1
-        self._gate_view = None
-        self._gate_generation = -1
+        """Drop the cached gate view / effective weight so the next forward recomputes them (plain attributes, set
+        without nn.Module's registration checks: this runs for every layer on every fuse)."""
+        vars(self).update(
+            _effective=None, _effective_version=-1, _seen_version=-1, _gate_view=None, _gate_generation=-1
+        )
 
     # ----- gates -----------------------------------------------------------------------------------------------
 
@@ -585,6 +588,17 @@ class ComposedLayer(nn.Module, ABC):
     def _broadcast(self, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Shape an (N, C) per-sample gate to multiply ``h`` (channels last for linear, dim 1 for conv)."""
 
+    def _transient_threshold(self) -> float:
+        """Rows per call above which a transient effective weight beats the factor path (never, for convs)."""
+        return float("inf")
+
+    def _traceable(self) -> bool:
+        """Under torch.compile, plain low-rank layers take the factor path reading the gate buffer in place: no
+        version bookkeeping is traced, so new weights (filled into the same buffer) never recompile."""
+        return (
+            self.mixer is None and self.state.sample_weights is None and not self._needs_effective and bool(self.rank)
+        )
+
     def _mixed(self, x: torch.Tensor, mixer: Mixer) -> torch.Tensor:
         """Gated forward: the mixer combines the base output with the per-adapter outputs; sparse/dense updates
         (never gated) are added at their weights."""
@@ -604,6 +618,8 @@ class ComposedLayer(nn.Module, ABC):
         """Base output plus every attached update at the current weights (the base alone while fused)."""
         if self.fused or not self.slots:
             return self.base(x)
+        if torch.compiler.is_compiling() and self._traceable():
+            return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         per_sample = self._sample_gate(x.shape[0])
         if per_sample is None:
             if self.mixer is not None:
@@ -612,6 +628,9 @@ class ComposedLayer(nn.Module, ABC):
             if effective is not None:
                 return self._with_weight(x, effective, self._effective_bias)
             assert self.up_cat is not None
+            if x.numel() > self._transient_rows * x.shape[-1]:
+                transient = torch.addmm(self.base.weight, self.up_cat * self._gate(), self.down_cat)
+                return self._with_weight(x, transient, self.base.bias)
             return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         gate, extra_weights = per_sample
         y = self.base(x)
@@ -628,6 +647,13 @@ class ComposedLayer(nn.Module, ABC):
 
 class ComposedLinear(ComposedLayer):
     """A composed ``nn.Linear``: low-rank term as two linears (down R×in, up out×R)."""
+
+    def _transient_threshold(self) -> float:
+        weight = self.base.weight
+        if weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16):
+            return float("inf")  # half-precision GEMMs on a CPU are slow: stay on the factor path
+        out_features, in_features = weight.shape
+        return out_features * in_features / (out_features + in_features)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.down_cat)

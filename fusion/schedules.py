@@ -191,6 +191,17 @@ def parse_spec(spec: Any) -> AdapterSchedule:
     raise CompositionError(f"cannot read a weight schedule from {type(spec).__name__} {spec!r}")
 
 
+def is_step_dependent(spec: Any) -> bool:
+    """True when ``spec`` weights the steps of a generation differently (keyframes with more than one point, a
+    callable, a mapping with such ``steps``): evaluating it needs each call's step index."""
+    steps = parse_spec(spec).steps
+    if steps is None:
+        return False
+    if isinstance(steps, str):
+        steps = parse_keyframes(steps) if "@" in steps else None
+    return not (isinstance(steps, Keyframes) and len(steps.points) == 1) and steps is not None
+
+
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise CompositionError(f"weight {value!r} is not finite")

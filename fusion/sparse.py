@@ -30,9 +30,6 @@ import torch
 from fusion.adapters import Adapter, Sparse, to_sparse
 from fusion.errors import CompositionError, FamilyMismatchError, ShapeMismatchError
 
-MASK_TYPES = ("random", "wm", "grad", "snip", "struct")
-"""The SHiRA mask types, in METHODS.md order."""
-
 FINGERPRINT_VERSION = "fp1"
 _FINGERPRINT_SAMPLES = 8
 """Weight entries sampled per adapted layer for the fingerprint."""

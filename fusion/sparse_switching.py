@@ -18,13 +18,12 @@ measures it against diffusers' LoRA cycle). Three things keep that traffic down:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from fusion.adapters import Adapter, Sparse
-from fusion.errors import CompositionError, ShapeMismatchError
+from fusion.adapters import Sparse
 
 CHUNK_ENTRIES = 1 << 18
 """Weight entries per interleaving chunk (1 MiB of fp32): small enough to stay in cache between restore and write."""
@@ -179,6 +178,10 @@ class FusedSparseCache:
         self._entries = []
         self._seen = None
 
+    def discard(self, update: Sparse) -> None:
+        """Forget the states that involve ``update`` (its adapter is being detached); the others stay valid."""
+        self._entries = [(key, state) for key, state in self._entries if all(u is not update for u, _ in key)]
+
     @staticmethod
     def _stamp(weight: torch.Tensor) -> tuple[int, torch.dtype, torch.device, int]:
         return (weight.data_ptr(), weight.dtype, weight.device, weight._version)
@@ -200,71 +203,3 @@ class FusedSparseCache:
             self._entries.append((tuple((u, float(w)) for u, w in updates), state))
             del self._entries[: max(0, len(self._entries) - self.capacity)]
         self._seen = self._stamp(weight)
-
-
-class SparseSwitcher:
-    """Fused SHiRA switching over a model's weights: ``apply`` takes out what is fused and writes the new adapters.
-
-    ``weights`` maps layer keys to the weight tensors to write (e.g. ``{key: module.weight}``). Every update must
-    already be on its weight's device (values in any float dtype). ``restore`` puts every touched entry back
-    bit-exactly; nothing else is ever copied, so a switch costs O(K) per layer, not O(out·in). The last
-    ``cache_size`` adapter sets per layer keep their fused values, so switching back to one is a single scatter.
-    """
-
-    def __init__(self, weights: Mapping[str, torch.Tensor], cache_size: int = 4) -> None:
-        self.weights = dict(weights)
-        self._state: dict[str, FusedSparse] = {}
-        self._caches = {key: FusedSparseCache(cache_size) for key in self.weights}
-
-    @property
-    def fused(self) -> bool:
-        """True while some adapter is written into the weights."""
-        return bool(self._state)
-
-    @property
-    def cache_nbytes(self) -> int:
-        """Bytes held by the cached fused states of every layer."""
-        return sum(cache.nbytes for cache in self._caches.values())
-
-    def check(self, adapter: Adapter) -> None:
-        """Raise unless every layer of ``adapter`` is Sparse and fits a weight of this switcher."""
-        for key, kind in adapter.all_layers():
-            if not isinstance(kind, Sparse):
-                raise CompositionError(
-                    f"adapter {adapter.name!r} layer {key!r} is {type(kind).__name__}, not sparse",
-                    path=adapter.source,
-                    hint="convert it with `compose convert --to shira`",
-                )
-            weight = self.weights.get(key)
-            if weight is None or tuple(weight.shape) != kind.shape:
-                raise ShapeMismatchError(
-                    f"adapter {adapter.name!r} layer {key!r} ({kind.shape}) has no matching weight in the model",
-                    path=adapter.source,
-                )
-
-    @torch.no_grad()
-    def apply(self, adapters: Iterable[tuple[Adapter, float]]) -> None:
-        """Replace the fused adapters by ``adapters`` with their weights (all validated before anything is written)."""
-        chosen = [(a, float(w)) for a, w in adapters]
-        for adapter, _ in chosen:
-            self.check(adapter)
-        per_layer: dict[str, list[tuple[Sparse, float]]] = {}
-        for adapter, w in chosen:
-            for key, kind in adapter.all_layers():
-                assert isinstance(kind, Sparse)
-                per_layer.setdefault(key, []).append((kind, w))
-        for key in [*per_layer, *(k for k in self._state if k not in per_layer)]:
-            weight, cache, updates = self.weights[key], self._caches[key], per_layer.get(key, [])
-            prepared = cache.lookup(weight, updates) if updates else None
-            state = fuse_sparse(weight, updates, self._state.pop(key, None), prepared)
-            cache.store(weight, updates, state)
-            if state is not None:
-                self._state[key] = state
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Write back every saved base entry: the weights are bit-identical to before the first ``apply``."""
-        for key, state in self._state.items():
-            restore_sparse(self.weights[key], state)
-            self._caches[key].store(self.weights[key], [], None)
-        self._state = {}

@@ -21,20 +21,13 @@ import torch
 
 from fusion.adapters import Adapter
 from fusion.errors import ComposerError
+from retrieval.checkpoints import checkpoint_path, vectors_path
 from retrieval.encoder import ProbeEncoder
 from retrieval.text import TextEmbedder
 from weights_index.catalog import Library
 from weights_index.vectors import VectorStore
 
-
-def checkpoint_path(library: Library, family: str) -> Path:
-    """Where the retriever checkpoint for ``family`` lives: beside the library's catalog."""
-    return library.db_path.parent / f"retriever-{family}.safetensors"
-
-
-def vectors_path(library: Library, family: str) -> Path:
-    """Where the family's adapter vectors live."""
-    return library.db_path.parent / f"retriever-{family}.vectors.npz"
+__all__ = ["LearnedIndex", "checkpoint_path", "vectors_path"]
 
 
 def _stamp(path: Path) -> str:

@@ -30,19 +30,22 @@ import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion.errors import ComposerError
+from retrieval.checkpoints import checkpoint_path
 from retrieval.evidence import Evidence, EvidenceIndex
-from retrieval.learned_index import LearnedIndex
 from retrieval.selection import IDENTITY_THRESHOLD, Choice, Rejection, choose
-from retrieval.text import TextEmbedder
-from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_token_encoder
 from weights_index.catalog import CatalogEntry, Library
 from weights_index.families import pipeline_family
 from weights_index.metadata import infer_category
 from weights_index.naming import content_words
 from weights_index.versions import version_groups
+
+if TYPE_CHECKING:
+    from retrieval.learned_index import LearnedIndex
+    from retrieval.text import TextEmbedder
+    from retrieval.zero_shot import TokenEncoder, ZeroShotScorer
 
 SIGNALS = ("trigger", "metadata", "learned", "zero_shot")
 WEIGHT_SIGNALS = ("learned", "zero_shot")
@@ -223,6 +226,8 @@ class Retriever:
         self.candidates = candidates
         self._text = text
         if pipe is not None and token_encoder is None:
+            from retrieval.zero_shot import pipeline_token_encoder
+
             token_encoder = pipeline_token_encoder(pipe)
             zero_shot_family = zero_shot_family or pipeline_family(pipe)
         self._token_encoder = token_encoder
@@ -253,7 +258,11 @@ class Retriever:
         self._evidence = EvidenceIndex(self._groups)
         self.notes = []
         for family in sorted({e.family for e in self._entries.values()}):
-            index = LearnedIndex.open(self.library, family, text=self._text)
+            index = None
+            if checkpoint_path(self.library, family).exists():  # torch and the encoder load only for a checkpoint
+                from retrieval.learned_index import LearnedIndex
+
+                index = LearnedIndex.open(self.library, family, text=self._text)
             if index is not None:
                 index.sync()
             self._learned[family] = index
@@ -318,6 +327,8 @@ class Retriever:
         """The scorer, with every in-family adapter not yet seen read and added (unscorable ones remembered)."""
         assert self._token_encoder is not None
         if self._scorer is None:
+            from retrieval.zero_shot import ZeroShotScorer
+
             self._scorer = ZeroShotScorer(self._token_encoder)
         for item_id, entry in self._entries.items():
             if item_id in self._scored:

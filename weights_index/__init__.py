@@ -1,7 +1,25 @@
-"""Floor 2: adapter files on disk → canonical adapters; metadata; SQLite catalog; FAISS vector store."""
+"""Floor 2: adapter files on disk → canonical adapters; metadata; SQLite catalog; FAISS vector store.
 
-from weights_index.catalog import Library
-from weights_index.formats.shira import save_shira
-from weights_index.reader import AdapterHeader, probe, read_adapter
+Public names are imported lazily: scanning a catalog reads headers only and imports no torch.
+"""
 
-__all__ = ["AdapterHeader", "Library", "probe", "read_adapter", "save_shira"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AdapterHeader": "weights_index.probe",
+    "Library": "weights_index.catalog",
+    "probe": "weights_index.probe",
+    "read_adapter": "weights_index.reader",
+    "save_shira": "weights_index.formats.shira",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'weights_index' has no attribute {name!r}")

@@ -23,14 +23,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fusion.adapters import FAMILIES, Adapter
 from fusion.errors import AdapterFormatError, ComposerError, UnknownAdapterError, UnsafePathError
 from weights_index import reader
+from weights_index.families import ALL_FAMILIES
 from weights_index.hashing import file_sha256
 from weights_index.metadata import SIDECAR_SUFFIXES, AdapterMetadata, read_metadata
 from weights_index.safetensors_file import PICKLE_SUFFIXES, read_header, refuse_pickle
+
+if TYPE_CHECKING:
+    from fusion.adapters import Adapter
 
 CATALOG_DIRNAME = ".lora-composer"
 """Folder inside the library holding the catalog database and extracted thumbnails (skipped by scans)."""
@@ -521,16 +524,25 @@ class Library:
             )
         return real
 
-    def read(self, name: str | int, *, allow_non_finite: bool = False) -> Adapter:
+    def read(
+        self,
+        name: str | int,
+        *,
+        allow_non_finite: bool = False,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> Adapter:
         """Load an adapter's tensors into a :class:`fusion.adapters.Adapter` (named after its catalog name).
+
+        ``shapes`` (a pipeline's ``model_shapes()``) reads it for that model (see
+        :func:`weights_index.reader.read_adapter`).
 
         What the catalog knows travels along in ``Adapter.meta``: ``category`` (Switch and CMLoRA order by it),
         ``scores`` (e.g. CMLoRA's ``delta_h``), ``trigger_words``, ``title`` and ``preferred_weight``.
         """
         entry = self.get(name)
         path = self.resolve(entry.id)
-        family = entry.family if entry.family in FAMILIES else None
-        adapter = reader.read_adapter(path, family, name=entry.name, allow_non_finite=allow_non_finite)
+        family = entry.family if entry.family in ALL_FAMILIES else None
+        adapter = reader.read_adapter(path, family, name=entry.name, allow_non_finite=allow_non_finite, shapes=shapes)
         known = {
             "category": entry.metadata.category,
             "scores": dict(entry.scores),

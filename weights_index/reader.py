@@ -4,7 +4,8 @@
 producer format, base family, number of adapted modules, ranks and whether text encoders are adapted.
 ``read_adapter`` loads and validates the tensors and hands them to the reader of the file's format family
 (``weights_index/formats/``), which returns a :class:`fusion.adapters.Adapter` whose per-layer ``.delta()`` is the
-exact ΔW the producer (and diffusers, where it loads the format) applies.
+exact ΔW the producer (and diffusers, where it loads the format) applies. The format readers (and torch) are
+imported on the first ``read_adapter``, so probing a library stays light.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fusion.adapters import Adapter, AdapterKind
 from fusion.errors import FamilyMismatchError, ShapeMismatchError, UnknownLayoutError
 from weights_index.families import ALL_FAMILIES, FamilyEvidence, detect_family
 from weights_index.formats.layout import read_layout
-from weights_index.formats.lora import read_lora
-from weights_index.formats.lycoris import read_lycoris
-from weights_index.formats.shira import read_shira
 from weights_index.safetensors_file import load_tensors, read_header
+
+if TYPE_CHECKING:
+    from fusion.adapters import Adapter, AdapterKind
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ def _read_layers(
     layers_per_block: int,
     shapes: Mapping[str, tuple[int, ...]] | None,
 ) -> tuple[dict[str, AdapterKind], dict[str, AdapterKind]]:
+    from weights_index.formats.lora import read_lora
+    from weights_index.formats.lycoris import read_lycoris
+    from weights_index.formats.shira import read_shira
+
     if fmt in ("shira", "peft-shira"):
         return read_shira(tensors, metadata, path, peft_layout=fmt == "peft-shira", shapes=shapes)
     if fmt.startswith("lycoris"):
@@ -167,6 +172,8 @@ def read_adapter(
     if not layers and not text_layers:
         raise UnknownLayoutError("no adapted module could be read from the file", path=path)
     metadata = header.metadata
+    from fusion.adapters import Adapter
+
     return Adapter(
         name=name or (given.name if given.is_dir() else path.stem),
         family=resolved,

@@ -2,7 +2,8 @@
 
 Everything in the library reads files through here, so every malformed case (truncated file, header
 longer than the file, absurd header size, bad JSON, offsets out of range, NaN/Inf tensors, pickle files)
-raises one typed error that names the file and the fix, before any tensor is handed out.
+raises one typed error that names the file and the fix, before any tensor is handed out. Header reading is pure
+Python; torch is imported only when tensors are checked or loaded.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from fusion.errors import AdapterFormatError, NonFiniteTensorError, UnsafeFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -158,6 +162,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     A NaN or Inf anywhere makes the sum non-finite, so a finite sum settles it with one reduction; only a
     non-finite sum (which finite values can also reach by overflow) is checked entry by entry.
     """
+    import torch
+
     if tensor.element_size() == 1:  # float8 has no isfinite kernel
         tensor = tensor.float()
     total = tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else tensor.dtype)

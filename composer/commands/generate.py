@@ -46,7 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tau", type=int, default=None, help="switch: steps per adapter")
     parser.add_argument("--mode", choices=("batched", "sequential"), default=None, help="composite: execution mode")
     parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
-    parser.add_argument("--gates", default=None, metavar="NAME", help="gated: a trained gate checkpoint (name or path)")
+    parser.add_argument(
+        "--gates",
+        default=None,
+        metavar="NAME",
+        help="gated: a gate checkpoint from `compose train-gates` (name or path); without it gated runs its "
+        "training-free table mode",
+    )
     parser.add_argument(
         "--plot",
         type=Path,

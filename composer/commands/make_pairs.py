@@ -10,7 +10,7 @@ from composer.reporting import emit_json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `make-pairs` subcommand."""
-    from composer.degrade import DEGRADATIONS
+    from composer.degrade_names import DEGRADATIONS
 
     parser = subparsers.add_parser(
         "make-pairs",

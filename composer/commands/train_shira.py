@@ -8,7 +8,7 @@ from pathlib import Path
 from composer.commands._training_options import add_training_options
 from composer.model_default import default_model
 from composer.reporting import emit_json
-from fusion.sparse import MASK_TYPES
+from fusion.mask_types import MASK_TYPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -37,7 +37,7 @@ from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
 from fusion.errors import AdapterFormatError, ComposerError, TrainingError
 from fusion.gates import TIME_DIM, GateBank, GateRecorder
-from fusion.strategies.gated import Gated
+from fusion.strategies.gated import Gated, initial_gates
 from weights_index.reader import read_adapter
 from weights_index.safetensors_file import load_tensors, read_header
 
@@ -283,10 +283,8 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
     try:
         engine.add_adapters(adapters)
         composition = {adapter.name: float(w) for adapter, w in zip(adapters, weights)}
-        strategy = Gated(composition, seed=config.seed, time_dim=config.time_dim)
-        engine.set_strategy(strategy)
-        bank = strategy.gates
-        assert bank is not None
+        bank = initial_gates(engine, seed=config.seed, time_dim=config.time_dim)
+        engine.set_strategy(Gated(composition, gates=bank))
         bank.float().requires_grad_(True)
         native = DEFAULT_FLUX_RESOLUTION if flux else int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
         size = config.resolution or native

@@ -34,7 +34,8 @@ from composer.training.data import ImageCaptionFolder, index_batches
 from composer.training.loop import Objective, optimise
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
-from fusion.sparse import MASK_TYPES, base_fingerprint, grad_mask, shira_budget, snip_mask, struct_mask, wm_mask
+from fusion.mask_types import MASK_TYPES
+from fusion.sparse import base_fingerprint, grad_mask, shira_budget, snip_mask, struct_mask, wm_mask
 from weights_index.formats.shira import save_shira
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -1,16 +1,22 @@
 """Composition methods by name: ``method="merge" | "switch" | "composite" | ...`` → a Strategy class.
 
 Each strategy lives in its own module and registers itself with :func:`register`; :func:`get_strategy` imports the
-module named in :data:`BUILTIN` on first use, so a method's module loads only when asked for.
+module named in :data:`BUILTIN` on first use, so a method's module loads only when asked for. Importing this
+package imports no torch (the CLI lists :data:`BUILTIN` as its ``--method`` choices).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from fusion.errors import CompositionError
-from fusion.strategies.base import StepContext, Strategy, WeightSpec
+
+if TYPE_CHECKING:
+    from fusion.strategies.base import Strategy
+
+_BASE_EXPORTS = ("StepContext", "Strategy", "WeightSpec")
 
 BUILTIN: dict[str, str] = {
     "merge": "fusion.strategies.merge",
@@ -48,6 +54,12 @@ def get_strategy(name: str) -> type[Strategy]:
             f"unknown composition method {name!r}", hint=f"choose one of {sorted(set(BUILTIN) | set(_REGISTRY))}"
         )
     return _REGISTRY[name]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE_EXPORTS:
+        return getattr(importlib.import_module("fusion.strategies.base"), name)
+    raise AttributeError(f"module 'fusion.strategies' has no attribute {name!r}")
 
 
 __all__ = ["BUILTIN", "StepContext", "Strategy", "WeightSpec", "get_strategy", "register"]

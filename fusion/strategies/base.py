@@ -1,8 +1,9 @@
 """The strategy interface: what a composition method sees of each denoiser call, and what it may do with it.
 
-A :class:`~fusion.engine.FusionEngine` wraps the denoiser's ``forward`` (UNet or DiT). Every call the pipeline
-makes goes to the active :class:`Strategy`'s :meth:`Strategy.step` with a :class:`StepContext`; the strategy returns
-what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` returned, or a combination of such).
+A :class:`~fusion.engine.FusionEngine` hooks the denoiser (UNet or DiT) through diffusers' HookRegistry. Every call
+the pipeline makes goes to the active :class:`Strategy`'s :meth:`Strategy.step` with a :class:`StepContext`; the
+strategy returns what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` returned, or a
+combination of such).
 
 (a) Per-step gates / weights. Adapters are indexed ``a = 0..A-1`` in ``engine.adapter_names`` order; layers are grouped
     into ``G = len(engine.group_names)`` groups, the A1111 block-weight blocks of ``engine.layout``
@@ -29,10 +30,12 @@ what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` re
     ``ctx.wrap(tensor)`` puts a combined prediction back into the denoiser's native return type.
 
 (c) The step index. ``ctx.step`` is the 0-based index of this call's timestep in ``pipe.scheduler.timesteps`` and
-    ``ctx.num_steps`` its length (img2img runs a suffix of that table, so its first step is not 0). The engine builds
-    the lookup at the first call of each generation and then calls :meth:`Strategy.start_generation` with
-    ``num_steps``; a strategy that needs per-generation tables (schedules, caches) builds them there. Several calls
-    at one timestep (true-CFG pipelines call the denoiser twice per step) get the same ``ctx.step``.
+    ``ctx.num_steps`` its length (img2img runs a suffix of that table, so its first step is not 0), read from the
+    scheduler (:class:`fusion.steps.StepClock`). At the first call of each generation the engine calls
+    :meth:`Strategy.start_generation` with ``num_steps``; a strategy that needs per-generation tables (schedules,
+    caches) builds them there. Several calls at one timestep (true-CFG pipelines call the denoiser twice per step)
+    get the same ``ctx.step``. A strategy whose :attr:`Strategy.needs_steps` is true is refused where no step can
+    be known (:class:`fusion.errors.StepUnknownError`).
 
 (d) Per-adapter outputs. A strategy may set ``layer.mixer`` on composed layers (``engine.layers``): the layer then
     hands ``mixer(layer, b, l)`` its base output b and every low-rank adapter's own output lₖ = wₖ·ΔWₖ·x, stacked
@@ -48,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import torch
+
+from fusion.schedules import is_step_dependent
 
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
@@ -161,8 +166,16 @@ class Strategy(ABC):
         self.fuse = fuse
         self.options = options
 
+    @property
+    def needs_steps(self) -> bool:
+        """True when this composition computes differently at different steps (so it needs each call's step index):
+        here, when some adapter's weight spec changes over steps; step-rotating methods say so too."""
+        return any(is_step_dependent(spec) for spec in self.weights.values())
+
     def activate(self, engine: FusionEngine) -> None:  # noqa: B027 - optional hook
-        """Called once when this strategy becomes the engine's active one (adapters are attached)."""
+        """Called once when this strategy becomes the engine's active one (adapters are attached). Install weights
+        here (``engine.fuse`` or ``engine.set_weights``): the previous composition's fused weights may still be in
+        place, so that fusing again is an in-place switch."""
 
     def start_generation(self, engine: FusionEngine, num_steps: int) -> None:  # noqa: B027 - optional hook
         """Called at the first denoiser call of a generation, once ``num_steps`` is known."""
@@ -172,6 +185,6 @@ class Strategy(ABC):
         """Compute this denoiser call: set weights, call ``ctx.run()`` (once or more), return the output."""
 
     def deactivate(self, engine: FusionEngine) -> None:
-        """Undo what this strategy did: restore pristine weights, zero every adapter weight, drop per-sample ones."""
-        engine.unfuse()
-        engine.set_weights(torch.zeros(len(engine.adapter_names)))
+        """Undo what this strategy did: zero every adapter weight and drop per-sample ones. Fused weights are left
+        for the engine (the next strategy switches them in place, or they are restored)."""
+        engine.zero_weights()

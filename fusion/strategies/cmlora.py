@@ -217,6 +217,11 @@ class CMLoRA(Strategy):
 
     # ----- setup -----------------------------------------------------------------------------------------------
 
+    @property
+    def needs_steps(self) -> bool:
+        """The dominant adapter and the cache refreshes follow the step index."""
+        return True
+
     def activate(self, engine: FusionEngine) -> None:
         """Resolve the H/L sets and the cache mode; install the text-encoder weights (all adapters)."""
         adapters = {name: engine.adapters[name] for name in self.names}

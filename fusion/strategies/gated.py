@@ -1,12 +1,13 @@
 """Gated fusion (AutoLoRA, Li et al. 2025; METHODS.md §5): per-layer, per-timestep gates decide each adapter's share.
 
-Two modes:
+Two modes (``mode=None`` picks ``"learned"`` when ``gates=`` is given, else ``"table"``):
 
-- ``"learned"`` (default): every composed linear layer of the denoiser gets a :class:`fusion.gates.LayerGate`
-  (from ``gates=``, a :class:`fusion.gates.GateBank` — trained with ``compose train-gates`` and loaded by name in
-  the composer layer — or a fresh reference-initialised bank). The layer computes b = W·x and every adapter's
-  lₖ = wₖ·ΔWₖ·x, and the gate returns y = b + Σₖ u_out⊙gₖ⊙lₖ with gₖ depending on b, lₖ and the timestep.
-  Layers without a gate in the bank, conv layers and text-encoder layers keep the plain weighted sum Σ wₖΔWₖ.
+- ``"learned"``: every composed linear layer of the denoiser gets a :class:`fusion.gates.LayerGate` from ``gates=``,
+  a :class:`fusion.gates.GateBank` trained with ``compose train-gates`` (loaded by name in the composer layer). The
+  layer computes b = W·x and every adapter's lₖ = wₖ·ΔWₖ·x, and the gate returns y = b + Σₖ u_out⊙gₖ⊙lₖ with gₖ
+  depending on b, lₖ and the timestep. Layers without a gate in the bank, conv layers and text-encoder layers keep
+  the plain weighted sum Σ wₖΔWₖ. Learned mode without a bank is refused: untrained gates are random attenuation.
+  :func:`initial_gates` builds the reference-initialised bank that training starts from.
 - ``"table"`` (training-free): the gate of adapter k at layer ℓ and step s is the weight table entry
   weight[k, group(ℓ), s] — from block-weight vectors, keyframes, callables (:mod:`fusion.schedules`) and optional
   retrieval ``scores`` that scale each adapter's row. Runs as an unfused weighted sum: one table lookup per step.
@@ -42,29 +43,48 @@ def _denoiser_layers(engine: FusionEngine) -> dict[str, ComposedLayer]:
     return {key: layer for key, layer in engine.layers.items() if not key.startswith(_TEXT_PREFIXES)}
 
 
+def _gateable_layers(engine: FusionEngine) -> dict[str, ComposedLinear]:
+    """The denoiser's composed linear layers that carry at least one low-rank adapter."""
+    return {
+        key: layer
+        for key, layer in _denoiser_layers(engine).items()
+        if isinstance(layer, ComposedLinear) and layer.rank > 0
+    }
+
+
+def initial_gates(engine: FusionEngine, *, seed: int = 0, time_dim: int = TIME_DIM) -> GateBank:
+    """A reference-initialised, untrained bank for every gateable layer of the engine's attached adapters: the
+    starting point of gate training (``compose train-gates``), never a stand-in for trained gates."""
+    candidates = _gateable_layers(engine)
+    if not candidates:
+        raise CompositionError("no attached adapter adapts a linear layer of the denoiser: nothing to gate")
+    features = {key: int(layer.base.weight.shape[0]) for key, layer in candidates.items()}
+    return GateBank(features, time_dim=time_dim, seed=seed)
+
+
 @register("gated")
 class Gated(Strategy):
-    """Gated fusion. Options: ``mode`` (``"learned"`` / ``"table"``), ``gates`` (a GateBank; learned mode),
-    ``scores`` (adapter name → retrieval score scaling its weights), ``record`` (keep mean gates per step/layer/
-    adapter), ``seed`` and ``time_dim`` (for a fresh bank)."""
+    """Gated fusion. Options: ``mode`` (``"learned"`` / ``"table"``; default: learned with ``gates``, else table),
+    ``gates`` (a trained GateBank; learned mode), ``scores`` (adapter name → retrieval score scaling its weights),
+    ``record`` (keep mean gates per step/layer/adapter)."""
 
     def __init__(
         self,
         weights: dict[str, Any],
         *,
         fuse: bool | None = None,
-        mode: str = "learned",
+        mode: str | None = None,
         gates: GateBank | None = None,
         scores: Mapping[str, float] | None = None,
         record: bool = False,
-        seed: int = 0,
-        time_dim: int = TIME_DIM,
         **options: Any,
     ) -> None:
         if options:
             raise CompositionError(
-                f"gated got unknown options {sorted(options)}", hint="use mode, gates, scores, record, seed, time_dim"
+                f"gated got unknown options {sorted(options)}", hint="use mode, gates, scores, record"
             )
+        if mode is None:
+            mode = "table" if gates is None else "learned"
         if not weights:
             raise CompositionError("gated fusion needs at least one adapter")
         if fuse:
@@ -78,6 +98,12 @@ class Gated(Strategy):
             )
         if gates is not None and mode == "table":
             raise CompositionError("table mode takes no gates", hint="drop gates= or use mode='learned'")
+        if gates is None and mode == "learned":
+            raise CompositionError(
+                "learned gated fusion needs trained gates; untrained ones would attenuate adapters at random",
+                hint="train them with `compose train-gates` and pass gates=NAME (CLI: --gates NAME), "
+                "or use the training-free mode='table'",
+            )
         scores = dict(scores or {})
         unknown = [name for name in scores if name not in weights]
         if unknown:
@@ -87,8 +113,6 @@ class Gated(Strategy):
         self.gates = gates
         self.scores = {name: float(value) for name, value in scores.items()}
         self.record = bool(record)
-        self.seed = seed
-        self.time_dim = time_dim
         self.recorder: GateRecorder | None = None
         self.gated_layers: list[str] = []
         self._table: torch.Tensor | None = None
@@ -105,19 +129,13 @@ class Gated(Strategy):
             self._attach_gates(engine)
 
     def _attach_gates(self, engine: FusionEngine) -> None:
-        candidates = {
-            key: layer
-            for key, layer in _denoiser_layers(engine).items()
-            if isinstance(layer, ComposedLinear) and layer.rank > 0
-        }
+        candidates = _gateable_layers(engine)
         if not candidates:
             raise CompositionError(
                 "no adapter of the composition adapts a linear layer of the denoiser: nothing to gate"
             )
-        if self.gates is None:
-            features = {key: int(layer.base.weight.shape[0]) for key, layer in candidates.items()}
-            self.gates = GateBank(features, time_dim=self.time_dim, seed=self.seed)
         bank = self.gates
+        assert bank is not None  # learned mode always has a bank (checked in __init__)
         covered = [key for key in candidates if key in bank.index]
         if not covered:
             raise CompositionError(

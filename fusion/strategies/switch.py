@@ -93,6 +93,11 @@ class Switch(Strategy):
         self._installed: int | None = None
         self._use_fuse = False
 
+    @property
+    def needs_steps(self) -> bool:
+        """Several adapters take turns by step index."""
+        return len(self.weights) > 1 or super().needs_steps
+
     def activate(self, engine: FusionEngine) -> None:
         """Resolve the order, decide fused vs unfused, install the first adapter (what text encoders see)."""
         names = list(self.weights)

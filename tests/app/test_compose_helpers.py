@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.compose_tab import adapter_requests, sync_editor
-from composer.service import AdapterRequest, ComposerError, CompositionService
+from composer.service import ComposerError, CompositionService, LoraTag, adapter_request
 
 
 def test_editor_rows_become_requests() -> None:
@@ -15,12 +15,8 @@ def test_editor_rows_become_requests() -> None:
         ["watercolor", None, "0@0, 1@0.5", "", "2", ""],
     ]
     first, second = adapter_requests(rows)
-    assert first == AdapterRequest("corgi_astronaut", 0.7, None, "OUTALL", None, 0.5)
-    assert second.weight == 0.8
-    tag = second.tag()
-    assert tag.weight == "0@0,1@0.5"
-    assert tag.start == 2.0
-    assert first.tag().block_weights == "OUTALL"
+    assert first == LoraTag("corgi_astronaut", 0.7, block_weights="OUTALL", stop=0.5)
+    assert second == LoraTag("watercolor", "0@0,1@0.5", start=2.0), "the schedule replaces the weight"
 
 
 def test_editor_rejects_non_numbers() -> None:
@@ -30,7 +26,7 @@ def test_editor_rejects_non_numbers() -> None:
 
 def test_schedule_must_be_keyframes() -> None:
     with pytest.raises(ComposerError, match="not a keyframe list"):
-        AdapterRequest("x", schedule="fast").tag()
+        adapter_request("x", schedule="fast")
 
 
 def test_sync_editor_keeps_edits_and_follows_the_picker() -> None:

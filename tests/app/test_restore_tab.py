@@ -118,3 +118,19 @@ def test_restore_without_a_restoration_adapter_is_refused(restore_app, hazy: Pat
             0,
             api_name="/restore",
         )
+
+
+def test_service_restore_keeps_schedules_and_block_weights(restore_library: Path, hazy: Path, tmp_path: Path) -> None:
+    from composer.service import adapter_request
+
+    service = CompositionService("tiny-sd", restore_library, out=tmp_path / "out")
+    style = [
+        adapter_request("watercolor", schedule="0@0,1@1", block_weights="OUTALL"),
+        adapter_request("film_grain", 0.4, start=0.0, stop=0.5),
+    ]
+    result = service.restore(hazy, [adapter_request("dehaze", 0.9)], style, steps=STEPS)
+    by_name = {item.name: item for item in result.adapters}
+    assert by_name["dehaze"].weight == 0.9
+    watercolor = by_name["watercolor"]
+    assert (watercolor.weight, watercolor.request.block_weights) == ("0@0,1@1", "OUTALL")
+    assert (by_name["film_grain"].request.start, by_name["film_grain"].request.stop) == (0.0, 0.5)

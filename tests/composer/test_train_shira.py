@@ -27,7 +27,8 @@ from composer.training.shira import (
     train_shira,
 )
 from fusion.engine import FusionEngine
-from fusion.sparse import MASK_TYPES, BaseMismatchError, check_base_fingerprint, shira_budget
+from fusion.mask_types import MASK_TYPES
+from fusion.sparse import BaseMismatchError, check_base_fingerprint, shira_budget
 from weights_index.reader import read_adapter
 
 

@@ -1,4 +1,4 @@
-"""FusionEngine: atomic attach, bit-exact restore over many random cycles, the step lookup, the wrapped forward."""
+"""FusionEngine: atomic attach, bit-exact restore over many random cycles, the step index, the hooked forward."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _engine(pipe: Any) -> FusionEngine:
     return FusionEngine(
         pipe.unet,
         text_encoders={"text_encoder": pipe.text_encoder},
-        timesteps=lambda: pipe.scheduler.timesteps,
+        scheduler=pipe.scheduler,
         family="sd1",
     )
 
@@ -155,17 +155,6 @@ def test_step_index_follows_the_scheduler(tiny_sd: Any) -> None:
     assert starts == [4, 3]
 
 
-def test_flux_style_scaled_timesteps_are_found() -> None:
-    """Flux passes t/1000 (and may round it to bf16): the lookup still lands on the right step."""
-    timesteps = torch.linspace(1000, 50, 20)
-    engine = FusionEngine.__new__(FusionEngine)
-    engine.timesteps = lambda: timesteps
-    engine.reset_generation()
-    found = [engine.step_of(float((t / 1000).to(torch.bfloat16)))[0] for t in timesteps]
-    assert found == list(range(20))
-    assert engine.step_of(float(timesteps[0] / 1000))[2], "jumping back to step 0 starts a new generation"
-
-
 def test_clear_unwraps_and_restores(tiny_sd: Any) -> None:
     before = _snapshot(tiny_sd.unet)
     engine = _engine(tiny_sd)
@@ -203,7 +192,7 @@ def test_state_dict_keeps_the_base_names_while_composed(tiny_sd: Any) -> None:
 
 def test_true_cfg_calls_share_their_step(tiny_flux: Any) -> None:
     """Flux with true CFG calls the transformer twice per step (timestep/1000): both calls see the same step."""
-    engine = FusionEngine(tiny_flux.transformer, timesteps=lambda: tiny_flux.scheduler.timesteps, family="flux")
+    engine = FusionEngine(tiny_flux.transformer, scheduler=tiny_flux.scheduler, family="flux")
     calls: list[int] = []
 
     class Recorder(Strategy):

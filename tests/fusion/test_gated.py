@@ -13,6 +13,7 @@ from fusion.engine import FusionEngine
 from fusion.errors import CompositionError
 from fusion.gates import GateBank
 from fusion.strategies import get_strategy
+from fusion.strategies.gated import initial_gates
 
 
 def _adapters(engine: FusionEngine, count: int = 3) -> list[Adapter]:
@@ -30,7 +31,7 @@ def _adapters(engine: FusionEngine, count: int = 3) -> list[Adapter]:
 
 
 def _engine(pipe: Any) -> FusionEngine:
-    engine = FusionEngine(pipe.unet, timesteps=lambda: pipe.scheduler.timesteps, family="sd1")
+    engine = FusionEngine(pipe.unet, scheduler=pipe.scheduler, family="sd1")
     engine.add_adapters(_adapters(engine))
     return engine
 
@@ -53,8 +54,9 @@ def test_open_gates_reproduce_unfused_merge(tiny_sd: Any) -> None:
     inputs = _inputs(tiny_sd)
     engine.set_strategy(get_strategy("merge")(WEIGHTS, fuse=False))
     merged = tiny_sd.unet(**inputs).sample
-    strategy = get_strategy("gated")(WEIGHTS)
+    strategy = get_strategy("gated")(WEIGHTS, gates=initial_gates(engine))
     engine.set_strategy(strategy)
+    assert strategy.mode == "learned"
     assert isinstance(strategy.gates, GateBank)
     assert len(strategy.gated_layers) == len(strategy.gates.keys) > 0
     gated_fresh = tiny_sd.unet(**inputs).sample
@@ -96,7 +98,7 @@ def test_table_mode_is_the_weight_table_and_is_recorded(tiny_sd: Any) -> None:
 @torch.no_grad()
 def test_learned_gates_are_recorded_per_step_during_a_generation(tiny_sd: Any) -> None:
     engine = _engine(tiny_sd)
-    strategy = get_strategy("gated")(WEIGHTS, record=True, seed=3)
+    strategy = get_strategy("gated")(WEIGHTS, gates=initial_gates(engine, seed=3), record=True)
     engine.set_strategy(strategy)
     for gate in strategy.gates.gates:
         gate.time.weight.normal_(std=5.0)  # make the gates depend on the timestep
@@ -110,6 +112,32 @@ def test_learned_gates_are_recorded_per_step_during_a_generation(tiny_sd: Any) -
     engine.clear()
 
 
+@torch.no_grad()
+def test_gated_without_gates_is_the_table_mode_never_random_gates(tiny_sd: Any) -> None:
+    engine = _engine(tiny_sd)
+    inputs = _inputs(tiny_sd)
+    engine.set_strategy(get_strategy("merge")(WEIGHTS, fuse=False))
+    merged = tiny_sd.unet(**inputs).sample
+    outputs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)  # random gates would differ between these two runs
+        strategy = get_strategy("gated")(WEIGHTS)
+        engine.set_strategy(strategy)
+        assert strategy.mode == "table"
+        assert strategy.gates is None
+        assert all(layer.mixer is None for layer in engine.layers.values())
+        outputs.append(tiny_sd.unet(**inputs).sample)
+    assert torch.equal(outputs[0], outputs[1])
+    assert (outputs[0] - merged).abs().max() <= 1e-6
+    engine.clear()
+
+
+def test_learned_mode_without_trained_gates_names_train_gates() -> None:
+    with pytest.raises(CompositionError, match="compose train-gates") as caught:
+        get_strategy("gated")({"a": 1.0}, mode="learned")
+    assert "mode='table'" in str(caught.value)
+
+
 def test_bad_options_are_typed() -> None:
     gated = get_strategy("gated")
     with pytest.raises(CompositionError, match="fused"):
@@ -118,5 +146,7 @@ def test_bad_options_are_typed() -> None:
         gated({"a": 1.0}, mode="dense")
     with pytest.raises(CompositionError, match="GateBank"):
         gated({"a": 1.0}, gates="name")
+    with pytest.raises(CompositionError, match="unknown options"):
+        gated({"a": 1.0}, seed=0)
     with pytest.raises(CompositionError, match="outside"):
         gated({"a": 1.0}, scores={"b": 0.5})

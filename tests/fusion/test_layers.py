@@ -148,3 +148,21 @@ def test_half_precision(device: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(layer(x).float(), unfused.float(), atol=0.05, rtol=0.02)
     layer.unfuse()
     assert torch.equal(base.weight, pristine)
+
+
+@torch.no_grad()
+def test_weights_changing_every_call_take_the_cheaper_path_and_cache_nothing() -> None:
+    """Many rows: a transient W + ΣwΔW for the call (not kept); few rows: the factor path. Both match the truth."""
+    g = torch.Generator().manual_seed(2)
+    base = nn.Linear(16, 16)
+    updates = {k: v for k, v in _updates((16, 16), g).items() if k.startswith("lo")}
+    state = GateState(1, torch.device("cpu"))
+    layer = ComposedLinear(base, "layer", 0, state)
+    _attach(layer, updates)
+    assert layer._transient_rows == 8.0  # 16·16 / (16 + 16)
+    for step, rows in enumerate([64, 4, 64, 4, 64]):
+        weights = [0.1 * step, 1.0 - 0.2 * step]
+        state.set(torch.tensor([weights]), None)
+        x = torch.randn(rows, 16, generator=g)
+        assert (layer(x).double() - _reference(base, updates, weights, x)).abs().max() <= 1e-4
+        assert layer._effective is None, "weights that change every call leave no cached weight"

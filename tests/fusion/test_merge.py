@@ -132,7 +132,7 @@ def test_merge_matches_diffusers_set_adapters(preset: str, k: int, request: pyte
 
 def _tiny_engine(tiny_sd: Any) -> tuple[FusionEngine, nn.Module]:
     unet = tiny_sd.unet
-    return FusionEngine(unet, timesteps=lambda: tiny_sd.scheduler.timesteps, family="sd1"), unet
+    return FusionEngine(unet, scheduler=tiny_sd.scheduler, family="sd1"), unet
 
 
 def test_fused_and_unfused_agree_on_the_denoiser(tiny_sd: Any) -> None:

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from fusion import sparse_switching
-from fusion.adapters import Adapter, LowRank, Sparse
-from fusion.errors import CompositionError, ShapeMismatchError
-from fusion.sparse_switching import (
-    FusedSparseCache,
-    SparseSwitcher,
-    fuse_sparse,
-    restore_sparse,
-    same_support,
-)
+from fusion.adapters import Sparse
+from fusion.layers import ComposedLinear, GateState
+from fusion.sparse_switching import FusedSparseCache, fuse_sparse, restore_sparse, same_support
 
 
 def _sparse(
@@ -104,51 +99,47 @@ def test_prepared_state_is_reused_and_cache_drops_after_foreign_writes() -> None
     assert len(cache) == 0
 
 
-def test_switcher_random_switches_restore_exactly(chunk: int) -> None:
+@torch.no_grad()
+def test_composed_layers_random_switches_restore_exactly(chunk: int) -> None:
+    """200 random fused switches among 6 sparse adapters (some sharing supports) through composed layers, the one
+    implementation every public path uses; each fused weight is the dense sum, and unfusing restores bit-exactly."""
     gen = torch.Generator().manual_seed(3)
-    weights = {"a": torch.randn(32, 24, generator=gen), "b": torch.randn(16, 32, generator=gen)}
-    pristine = {k: v.clone() for k, v in weights.items()}
+    bases = {"a": nn.Linear(24, 32), "b": nn.Linear(32, 16)}
+    weights = {k: m.weight for k, m in bases.items()}
+    pristine = {k: v.detach().clone() for k, v in weights.items()}
     shared = {k: torch.randperm(v.numel(), generator=gen)[:60].sort().values for k, v in weights.items()}
     adapters = [
-        Adapter(
-            f"s{i}",
-            "sd1",
-            {
-                k: _sparse(tuple(v.shape), 60, gen, index=shared[k] if i >= 3 else None)
-                for k, v in weights.items()
-                if i % 3 or k == "a"
-            },
-        )
+        {
+            k: _sparse(tuple(v.shape), 60, gen, index=shared[k] if i >= 3 else None)
+            for k, v in weights.items()
+            if i % 3 or k == "a"
+        }
         for i in range(6)
     ]
-    switcher = SparseSwitcher(weights, cache_size=2)
+    state = GateState(1, torch.device("cpu"))
+    layers = {k: ComposedLinear(base, k, 0, state) for k, base in bases.items()}
+    index = {f"s{i}": i for i in range(6)}
+    for key, layer in layers.items():
+        layer._sparse_cache = FusedSparseCache(capacity=2)
+        for i, updates in enumerate(adapters):
+            if key in updates:
+                layer.add(f"s{i}", updates[key])
+        layer.reindex(index)
     for _ in range(200):
         count = int(torch.randint(1, 3, (1,), generator=gen))
         chosen = torch.randperm(6, generator=gen)[:count].tolist()
         scales = torch.randint(1, 4, (count,), generator=gen).float().div(2).tolist()
-        switcher.apply([(adapters[i], w) for i, w in zip(chosen, scales)])
-        for key, weight in weights.items():
-            updates = [(adapters[i].layers[key], w) for i, w in zip(chosen, scales) if key in adapters[i].layers]
-            assert torch.allclose(weight, _expected(pristine[key], updates), atol=1e-6)
-    assert switcher.fused
-    assert switcher.cache_nbytes > 0
-    switcher.restore()
-    assert not switcher.fused
+        vector = torch.zeros(6)
+        vector[chosen] = torch.tensor(scales)
+        for key, layer in layers.items():
+            layer.fuse(vector)
+            updates = [(adapters[i][key], w) for i, w in zip(chosen, scales) if key in adapters[i]]
+            assert torch.allclose(weights[key], _expected(pristine[key], updates), atol=1e-6)
+    assert any(len(layer._sparse_cache) for layer in layers.values())
+    for layer in layers.values():
+        layer.unfuse()
+        assert not layer.fused
     assert all(torch.equal(weights[k], pristine[k]) for k in weights)
-
-
-def test_switcher_refuses_non_sparse_or_unknown_layers_before_touching() -> None:
-    weights = {"a": torch.zeros(4, 3)}
-    switcher = SparseSwitcher(weights)
-    good = Adapter("g", "sd1", {"a": Sparse(torch.tensor([1]), torch.tensor([2.0]), (4, 3))})
-    switcher.apply([(good, 1.0)])
-    low = Adapter("l", "sd1", {"a": LowRank(torch.ones(1, 3), torch.ones(4, 1))})
-    with pytest.raises(CompositionError, match="not sparse"):
-        switcher.apply([(low, 1.0)])
-    wrong = Adapter("w", "sd1", {"b": Sparse(torch.tensor([1]), torch.tensor([2.0]), (4, 3))})
-    with pytest.raises(ShapeMismatchError):
-        switcher.apply([(wrong, 1.0)])
-    assert float(weights["a"].reshape(-1)[1]) == 2.0
 
 
 def test_int32_positions_from_files_switch_like_int64_ones() -> None:

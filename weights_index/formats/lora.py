@@ -300,5 +300,11 @@ def kohya_module_paths(names: list[str], path: Path, *, layers_per_block: int = 
                 found[name] = f"{component}.{module}" if component.startswith("text_encoder") else module
     missing = [n for n in names if n not in found]
     if missing:
-        raise UnknownLayoutError(f"cannot map module names such as {missing[:3]} onto model modules", path=path)
+        raise UnknownLayoutError(
+            f"cannot map module names such as {missing[:3]} onto model modules",
+            path=path,
+            hint="the names match neither this model's modules nor a kohya SD/SDXL layout: use the adapter with the "
+            "base model it was made for (LyCORIS files with BFL Flux names such as double_blocks_0_img_attn_qkv are "
+            "not supported; train on the diffusers Flux model or convert to LoRA with LyCORIS)",
+        )
     return found

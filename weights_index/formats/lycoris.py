@@ -326,6 +326,14 @@ def read_lycoris(
     text: dict[str, AdapterKind] = {}
     for name, parts in modules.items():
         key = names[name]
+        if shapes is not None and key not in shapes and key.replace(".text_model.", ".", 1) not in shapes:
+            raise UnknownLayoutError(
+                f"module {name!r} (read as {key!r}) is not a module of this model",
+                path=path,
+                hint="use the adapter with the base model it was made for (LyCORIS files with BFL Flux names such "
+                "as double_blocks_0_img_attn_qkv are not supported: train on the diffusers Flux model, or convert "
+                "the file to LoRA with LyCORIS)",
+            )
         target = None if shapes is None else shapes.get(key)
         scale = None if peft is None or "." not in name else peft.alpha_for(key, 1)
         update = _module_update(parts, name, path, target, scale)

@@ -1,4 +1,5 @@
-"""Fused SHiRA switching on tiny SD: 1000 random switches among 5 adapters restore the base bit-exactly, and fused
+"""Fused SHiRA switching through the public path (``set_composition``) on tiny SD: 1000 random switches among 5
+adapters restore the base bit-exactly, switch in place (fused states reused, adapters left attached), and fused
 outputs equal the unfused reference (the engine's composed layers) within 1e-5."""
 
 from __future__ import annotations
@@ -8,10 +9,10 @@ import math
 import pytest
 import torch
 
+from composer.mixin import make_composable
 from fusion.adapters import Adapter, Sparse
 from fusion.engine import FusionEngine
 from fusion.sparse import shira_budget
-from fusion.sparse_switching import SparseSwitcher
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -49,55 +50,52 @@ def _random_weights(gen: torch.Generator, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 @pytest.mark.slow
-def test_thousand_switches_through_the_sparse_switcher_and_the_engine(tiny_sd) -> None:
-    unet = tiny_sd.unet
+def test_thousand_switches_through_set_composition(tiny_sd) -> None:
+    pipe = make_composable(tiny_sd)
+    unet = pipe.unet
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     adapters = _shira_adapters(unet, 5)
+    for adapter in adapters:
+        pipe.add_adapter(adapter)
+    names = [a.name for a in adapters]
     inputs = _inputs(tiny_sd)
-    engine = FusionEngine(unet, family="sd1")
-    engine.add_adapters(adapters)
-    switcher = SparseSwitcher({key: layer.base.weight for key, layer in engine.layers.items()})
     gen = torch.Generator().manual_seed(5)
-    zeros = torch.zeros(len(adapters))
+    attached: set[str] = set()
     for switch in range(1000):
         weights = _random_weights(gen, len(adapters))
-        switcher.apply([(a, float(w)) for a, w in zip(adapters, weights) if w != 0])
+        composition = {n: float(w) for n, w in zip(names, weights) if w != 0}
+        pipe.set_composition(composition)
+        engine = pipe._engine()
+        assert engine.fused
+        assert attached <= set(engine.adapter_names), "sparse adapters stay attached: switches happen in place"
+        attached = set(engine.adapter_names)
         if switch % 200 == 0:
-            engine.set_weights(zeros)
             fused = unet(**inputs).sample
-            switcher.restore()
-            engine.set_weights(weights)
-            reference = unet(**inputs).sample
-            assert (fused - reference).abs().max() <= 1e-5
-            engine.set_weights(zeros)
-    switcher.restore()
-    for switch in range(1000):
-        weights = _random_weights(gen, len(adapters))
-        engine.fuse(weights)
-        if switch % 250 == 0:
-            fused = unet(**inputs).sample
-            engine.unfuse()
-            engine.set_weights(weights)
+            pipe.set_composition(composition, fuse=False)
             assert (unet(**inputs).sample - fused).abs().max() <= 1e-5
-    engine.clear()
+    assert attached == set(names)
+    pipe.clear_composition()
     state = unet.state_dict()
     assert set(state) == set(base)
     assert all(torch.equal(state[k], base[k]) for k in base)
 
 
+@torch.no_grad()
 def test_switch_restores_exactly_in_half_precision(tiny_sd) -> None:
-    unet = tiny_sd.unet.half()
+    pipe = make_composable(tiny_sd)
+    unet = pipe.unet.half()
     adapters = [a.to(dtype=torch.float16) for a in _shira_adapters(unet, 3)]
+    for adapter in adapters:
+        pipe.add_adapter(adapter)
     weights = {k: unet.get_submodule(k).weight for a in adapters for k in a.layers}
     pristine = {k: w.clone() for k, w in weights.items()}
-    switcher = SparseSwitcher(weights)
     for adapter in adapters * 5:
-        switcher.apply([(adapter, 0.8)])
+        pipe.set_composition({adapter.name: 0.8})
         key, update = next(iter(adapter.layers.items()))
         expected = (pristine[key].float() + 0.8 * update.delta(torch.float32)).half()
-        assert torch.equal(weights[key], expected)
-    switcher.restore()
-    assert all(torch.equal(weights[k], pristine[k]) for k in weights)
+        assert torch.equal(unet.get_submodule(key).weight, expected)
+    pipe.clear_composition()
+    assert all(torch.equal(unet.get_submodule(k).weight, pristine[k]) for k in weights)
 
 
 @torch.no_grad()
@@ -119,3 +117,39 @@ def test_engine_toggling_back_to_a_fused_set_reuses_it_exactly(tiny_sd) -> None:
     assert all(reused)
     engine.unfuse()
     assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items())
+
+
+@torch.no_grad()
+def test_set_composition_toggling_back_reuses_the_cached_fused_state(tiny_sd) -> None:
+    pipe = make_composable(tiny_sd)
+    first, second = _shira_adapters(pipe.unet, 2)
+    pipe.add_adapter(first)
+    pipe.add_adapter(second)
+    pipe.set_composition({first.name: 1.0, second.name: 0.5})  # attach both
+    pipe.set_composition({first.name: 1.0})
+    layers = pipe._engine().layers
+    states = {key: layers[key]._saved for key in first.layers}
+    pipe.set_composition({second.name: 1.0})
+    pipe.set_composition({first.name: 1.0})
+    assert all(layers[key]._saved is state for key, state in states.items())
+    pipe.clear_composition()
+
+
+@torch.no_grad()
+def test_removing_an_inactive_attached_adapter_keeps_the_composition_fused_in_place(tiny_sd) -> None:
+    pipe = make_composable(tiny_sd)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    first, second = _shira_adapters(pipe.unet, 2)
+    pipe.add_adapter(first)
+    pipe.add_adapter(second)
+    pipe.set_composition({first.name: 1.0})
+    pipe.set_composition({second.name: 1.0})
+    layers = pipe._engine().layers
+    states = {key: layers[key]._saved for key in second.layers}
+    fused = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.remove_adapter(first.name)
+    assert pipe.composition["weights"] == {second.name: 1.0}
+    assert all(layers[key]._saved is state for key, state in states.items()), "re-fused without a write"
+    assert all(torch.equal(v, fused[k]) for k, v in pipe.unet.state_dict().items())
+    pipe.clear_composition()
+    assert all(torch.equal(v, base[k]) for k, v in pipe.unet.state_dict().items())
