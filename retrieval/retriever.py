@@ -36,7 +36,7 @@ from fusion.errors import ComposerError
 from retrieval.evidence import Evidence, EvidenceIndex
 from retrieval.learned_index import LearnedIndex
 from retrieval.selection import IDENTITY_THRESHOLD, Choice, Rejection, choose
-from retrieval.text import TextEmbedder
+from retrieval.text import TextTower
 from retrieval.zero_shot import TokenEncoder, ZeroShotScorer, pipeline_token_encoder
 from weights_index.catalog import CatalogEntry, Library
 from weights_index.families import pipeline_family
@@ -209,7 +209,7 @@ class Retriever:
         pipe: Any = None,
         token_encoder: TokenEncoder | None = None,
         zero_shot_family: str | None = None,
-        text: TextEmbedder | None = None,
+        text: TextTower | None = None,
         scan: bool = True,
         rrf_k: int = RRF_K,
         min_confidence: float = MIN_CONFIDENCE,
@@ -222,6 +222,7 @@ class Retriever:
         self.max_adapters = max_adapters
         self.candidates = candidates
         self._text = text
+        self._pipe = pipe
         if pipe is not None and token_encoder is None:
             token_encoder = pipeline_token_encoder(pipe)
             zero_shot_family = zero_shot_family or pipeline_family(pipe)
@@ -253,10 +254,18 @@ class Retriever:
         self._evidence = EvidenceIndex(self._groups)
         self.notes = []
         for family in sorted({e.family for e in self._entries.values()}):
-            index = LearnedIndex.open(self.library, family, text=self._text)
+            index = LearnedIndex.open(self.library, family, text=self._text, pipe=self._pipe)
             if index is not None:
                 index.sync()
             self._learned[family] = index
+        missing = [f for f, index in self._learned.items() if index is None]
+        for family, index in self._learned.items():
+            if index is None:
+                continue
+            problem = index.text_problem()
+            if problem is not None:
+                self.notes.append(f"learned encoder ({family}): {problem}; left out of the ranking")
+                self._learned[family] = None
         for family, index in self._learned.items():
             if index is not None and not index.reliable:
                 assert index.validation is not None
@@ -264,7 +273,6 @@ class Retriever:
                     f"learned encoder ({family}): held-out recall@3 {index.validation['recall_at_3']:.2f} is not above "
                     f"chance (needs > {index.validation['threshold']:.2f}); left out of the ranking"
                 )
-        missing = [f for f, index in self._learned.items() if index is None]
         if missing:
             self.notes.append(
                 f"learned encoder: no trained checkpoint for {', '.join(missing)} (run compose train-retriever)"
