@@ -45,13 +45,16 @@ def test_embeddings_are_unit_vectors_of_the_pipelines_width_with_either_pooling(
     mean = PipelineTextEmbedder(pipe, name="tiny", pooling="mean")
     prompts = ["a red circle on the grass", "a blue square at night", "a red circle on the grass"]
     vectors = eos.encode(prompts)
-    assert vectors.shape == (3, 32) and eos.dim == 32
+    assert vectors.shape == (3, 32)
+    assert eos.dim == 32
     assert torch.allclose(vectors.norm(dim=-1), torch.ones(3), atol=1e-5)
-    assert torch.allclose(vectors[0], vectors[2]) and not torch.allclose(vectors[0], vectors[1], atol=1e-3)
+    assert torch.allclose(vectors[0], vectors[2])
+    assert not torch.allclose(vectors[0], vectors[1], atol=1e-3)
     assert not torch.allclose(vectors, mean.encode(prompts), atol=1e-3)
     assert eos.encode([]).shape == (0, 32)
     projected = PipelineTextEmbedder(_pipe(projected=True), name="tiny-projected")
-    assert projected.dim == 24 and projected.encode(prompts).shape == (3, 24)
+    assert projected.dim == 24
+    assert projected.encode(prompts).shape == (3, 24)
 
 
 def test_unsupported_pipelines_and_foreign_specs_are_typed_errors() -> None:
@@ -65,7 +68,8 @@ def test_unsupported_pipelines_and_foreign_specs_are_typed_errors() -> None:
     assert PipelineTextEmbedder.from_spec(spec, _pipe(0)).spec == spec
     with pytest.raises(TextModelError, match="trained against 'tiny'"):
         PipelineTextEmbedder.from_spec(spec, _pipe(1))
-    assert pipeline_name("pipeline:toy-sd") == "toy-sd" and pipeline_name("ViT-B-32") is None
+    assert pipeline_name("pipeline:toy-sd") == "toy-sd"
+    assert pipeline_name("ViT-B-32") is None
     with pytest.raises(TextModelError, match="empty pipeline name"):
         pipeline_name("pipeline:")
 
@@ -79,7 +83,8 @@ def test_training_against_a_pipeline_text_tower_and_querying_with_that_pipeline(
     assert report.final_loss < report.first_loss
 
     without = LearnedIndex.open(library, "sd1")
-    assert without is not None and "trained against 'tiny'" in (without.text_problem() or "")
+    assert without is not None
+    assert "trained against 'tiny'" in (without.text_problem() or "")
     assert LearnedIndex.open(library, "sd1", pipe=_pipe(1)).text_problem() is not None
     index = LearnedIndex.open(library, "sd1", pipe=pipe)
     assert index.text_problem() is None
