@@ -23,7 +23,8 @@ from fusion.adapters import Adapter
 from fusion.errors import ComposerError
 from retrieval.checkpoints import checkpoint_path, vectors_path
 from retrieval.encoder import ProbeEncoder
-from retrieval.text import TextEmbedder
+from retrieval.pipeline_text import PipelineTextEmbedder, is_pipeline_spec
+from retrieval.text import TextEmbedder, TextModelError, TextTower
 from weights_index.catalog import Library
 from weights_index.vectors import VectorStore
 
@@ -44,8 +45,9 @@ class LearnedIndex:
         family: str,
         encoder: ProbeEncoder,
         *,
-        text: TextEmbedder | None = None,
+        text: TextTower | None = None,
         validation: dict[str, Any] | None = None,
+        pipe: Any = None,
     ):
         self.library = library
         self.family = family
@@ -53,6 +55,7 @@ class LearnedIndex:
         self.validation = validation
         """The training run's held-out check (``retrieval.training.Validation.to_json``), None when unvalidated."""
         self._text = text
+        self._pipe = pipe
         self.store = VectorStore(encoder.config.out_dim)
         self._stamp_path = vectors_path(library, family).with_suffix(".json")
         path = vectors_path(library, family)
@@ -63,13 +66,18 @@ class LearnedIndex:
                 self.store = VectorStore.load(path)
 
     @classmethod
-    def open(cls, library: Library, family: str, *, text: TextEmbedder | None = None) -> LearnedIndex | None:
-        """The family's index when a trained checkpoint exists beside the catalog, else None."""
+    def open(
+        cls, library: Library, family: str, *, text: TextTower | None = None, pipe: Any = None
+    ) -> LearnedIndex | None:
+        """The family's index when a trained checkpoint exists beside the catalog, else None.
+
+        ``pipe`` serves an encoder trained against a pipeline's text encoder (it must be that same encoder).
+        """
         path = checkpoint_path(library, family)
         if not path.exists():
             return None
         encoder, extra = ProbeEncoder.load(path)
-        return cls(library, family, encoder, text=text, validation=extra.get("validation"))
+        return cls(library, family, encoder, text=text, validation=extra.get("validation"), pipe=pipe)
 
     @property
     def reliable(self) -> bool:
@@ -77,11 +85,36 @@ class LearnedIndex:
         return self.validation is None or bool(self.validation.get("reliable", True))
 
     @property
-    def text(self) -> TextEmbedder:
-        """The text embedder the encoder was trained against (built on first use)."""
+    def text(self) -> TextTower:
+        """The text tower the encoder was trained against (built on first use).
+
+        Raises :class:`TextModelError` when it was a pipeline's text encoder and no (or another) pipeline is given.
+        """
         if self._text is None:
-            self._text = TextEmbedder.from_spec(self.encoder.config.text)
+            spec = self.encoder.config.text
+            if not is_pipeline_spec(spec):
+                self._text = TextEmbedder.from_spec(spec)
+            elif self._pipe is None:
+                raise TextModelError(
+                    f"the {self.family} retriever was trained against {spec.get('name')!r}'s text encoder",
+                    hint=f"give that pipeline (e.g. compose search --model {spec.get('name')})",
+                )
+            else:
+                self._text = PipelineTextEmbedder.from_spec(spec, self._pipe)
         return self._text
+
+    def text_problem(self) -> str | None:
+        """Why the text tower cannot be served (a pipeline's text encoder without that pipeline), else None.
+
+        Builds a pipeline text tower now; an open_clip one stays lazy (it needs nothing but its spec).
+        """
+        if self._text is not None or not is_pipeline_spec(self.encoder.config.text):
+            return None
+        try:
+            self.text  # noqa: B018 — building it is the check
+        except TextModelError as exc:
+            return exc.reason
+        return None
 
     def rebuild(self, adapters: Mapping[int, Adapter]) -> None:
         """Replace every vector with embeddings of ``adapters`` (catalog id → adapter) and save."""

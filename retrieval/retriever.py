@@ -44,7 +44,7 @@ from weights_index.versions import version_groups
 
 if TYPE_CHECKING:
     from retrieval.learned_index import LearnedIndex
-    from retrieval.text import TextEmbedder
+    from retrieval.text import TextTower
     from retrieval.zero_shot import TokenEncoder, ZeroShotScorer
 
 SIGNALS = ("trigger", "metadata", "learned", "zero_shot")
@@ -212,7 +212,7 @@ class Retriever:
         pipe: Any = None,
         token_encoder: TokenEncoder | None = None,
         zero_shot_family: str | None = None,
-        text: TextEmbedder | None = None,
+        text: TextTower | None = None,
         scan: bool = True,
         rrf_k: int = RRF_K,
         min_confidence: float = MIN_CONFIDENCE,
@@ -225,6 +225,7 @@ class Retriever:
         self.max_adapters = max_adapters
         self.candidates = candidates
         self._text = text
+        self._pipe = pipe
         if pipe is not None and token_encoder is None:
             from retrieval.zero_shot import pipeline_token_encoder
 
@@ -262,10 +263,18 @@ class Retriever:
             if checkpoint_path(self.library, family).exists():  # torch and the encoder load only for a checkpoint
                 from retrieval.learned_index import LearnedIndex
 
-                index = LearnedIndex.open(self.library, family, text=self._text)
+                index = LearnedIndex.open(self.library, family, text=self._text, pipe=self._pipe)
             if index is not None:
                 index.sync()
             self._learned[family] = index
+        missing = [f for f, index in self._learned.items() if index is None]
+        for family, index in self._learned.items():
+            if index is None:
+                continue
+            problem = index.text_problem()
+            if problem is not None:
+                self.notes.append(f"learned encoder ({family}): {problem}; left out of the ranking")
+                self._learned[family] = None
         for family, index in self._learned.items():
             if index is not None and not index.reliable:
                 assert index.validation is not None
@@ -273,7 +282,6 @@ class Retriever:
                     f"learned encoder ({family}): held-out recall@3 {index.validation['recall_at_3']:.2f} is not above "
                     f"chance (needs > {index.validation['threshold']:.2f}); left out of the ranking"
                 )
-        missing = [f for f, index in self._learned.items() if index is None]
         if missing:
             self.notes.append(
                 f"learned encoder: no trained checkpoint for {', '.join(missing)} (run compose train-retriever)"

@@ -14,7 +14,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import open_clip
 import torch
@@ -33,7 +33,23 @@ TINY_CONFIG: dict[str, Any] = {
 
 
 class TextModelError(ComposerError):
-    """An open_clip text model could not be built or its weights loaded."""
+    """A text tower (open_clip, or a pipeline's text encoder) could not be built, loaded or matched."""
+
+
+class TextTower(Protocol):
+    """What the learned retriever needs of a text tower: :class:`TextEmbedder` or
+    :class:`retrieval.pipeline_text.PipelineTextEmbedder`."""
+
+    dim: int
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What identifies the embeddings (recorded in the encoder checkpoint)."""
+        ...
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """(len(texts), dim) float32 unit vectors on the CPU."""
+        ...
 
 
 def register_model_config(name: str, config: Mapping[str, Any]) -> str:

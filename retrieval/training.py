@@ -26,7 +26,8 @@ from fusion.adapters import Adapter
 from fusion.errors import ComposerError
 from retrieval.encoder import EncoderConfig, ProbeEncoder, layer_shapes
 from retrieval.learned_index import LearnedIndex, checkpoint_path
-from retrieval.text import DEFAULT_MODEL, TextEmbedder
+from retrieval.pipeline_text import pipeline_name
+from retrieval.text import DEFAULT_MODEL, TextEmbedder, TextModelError, TextTower
 from weights_index.catalog import CatalogEntry, Library
 from weights_index.metadata import AdapterMetadata
 
@@ -135,7 +136,7 @@ def contrastive_loss(
 def fit_encoder(
     adapters: list[Adapter],
     texts: list[list[str]],
-    text: TextEmbedder,
+    text: TextTower,
     config: TrainingConfig,
     *,
     family: str = "unknown",
@@ -216,7 +217,7 @@ class Validation:
 def validate_encoder(
     adapters: list[Adapter],
     texts: list[list[str]],
-    text: TextEmbedder,
+    text: TextTower,
     config: TrainingConfig,
     *,
     family: str = "unknown",
@@ -252,10 +253,13 @@ def train_retriever(
     *,
     family: str | None = None,
     config: TrainingConfig | None = None,
-    text: TextEmbedder | None = None,
+    text: TextTower | None = None,
     progress: bool = True,
 ) -> TrainingReport:
     """Train the probe encoder on ``library``'s adapters of ``family`` (default: its most common family).
+
+    ``text`` is the text tower (default: the open_clip model ``config`` names; a ``pipeline:NAME`` text model must be
+    passed in, built from the loaded pipeline).
 
     Writes the checkpoint beside the catalog and rebuilds the family's vectors. Needs at least two adapters with
     metadata to describe them; adapters that cannot be read are skipped (listed in the report).
@@ -281,7 +285,13 @@ def train_retriever(
             path=library.root,
             hint="add trigger words or tags (e.g. .civitai.info sidecars), or rely on metadata-free zero-shot",
         )
-    text = text or TextEmbedder(config.text_model, config.text_weights, seed=config.seed)
+    if text is None:
+        if pipeline_name(config.text_model) is not None:
+            raise TextModelError(
+                f"text model {config.text_model!r} is a pipeline's text encoder: pass it as text=",
+                hint="build retrieval.pipeline_text.PipelineTextEmbedder(pipe, name=...) from the loaded pipeline",
+            )
+        text = TextEmbedder(config.text_model, config.text_weights, seed=config.seed)
     chosen = [texts[i] for i in described]
     validation = None
     if config.validate:

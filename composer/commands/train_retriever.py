@@ -14,8 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train-retriever",
         help="train the weight-encoder retriever from the library's metadata",
         description=(
-            "Train the AutoLoRA probe encoder (symmetric InfoNCE against open_clip text embeddings of each adapter's "
-            "title, trigger words, tags and description), save it beside the catalog and embed every adapter."
+            "Train the AutoLoRA probe encoder (symmetric InfoNCE against text embeddings of each adapter's title, "
+            "trigger words, tags and description), save it beside the catalog and embed every adapter. The text tower "
+            "is an open_clip model or, with --text-model pipeline:NAME, that pipeline's own CLIP text encoder (then "
+            "query with the same pipeline, e.g. compose search --model NAME)."
         ),
     )
     parser.add_argument("--library", required=True, type=Path, metavar="DIR", help="folder holding the adapters")
@@ -25,7 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="adapters per step (default 64)")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--dim", type=int, help="encoder width (default 128)")
-    parser.add_argument("--text-model", help="open_clip architecture (default ViT-B-32)")
+    parser.add_argument(
+        "--text-model",
+        help="open_clip architecture (default ViT-B-32), or pipeline:NAME for a pipeline's text encoder "
+        "(preset, folder or hub id, e.g. pipeline:toy-sd)",
+    )
+    parser.add_argument(
+        "--text-pooling", choices=("eos", "mean"), default="eos", help="with pipeline:NAME: end-of-text state or mean"
+    )
     parser.add_argument("--text-weights", help="local open_clip weights file (default: random weights, offline)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON document (no progress bar)")
@@ -34,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Scan the library, train, and report where the checkpoint went and how the loss moved."""
+    from retrieval.pipeline_text import PipelineTextEmbedder, pipeline_name
     from retrieval.training import TrainingConfig, train_retriever
     from weights_index.catalog import Library
 
@@ -41,7 +51,13 @@ def run(args: argparse.Namespace) -> int:
     library.scan()
     options = ("steps", "batch_size", "lr", "dim", "text_model", "text_weights", "seed")
     config = TrainingConfig(**{name: getattr(args, name) for name in options if getattr(args, name) is not None})
-    report = train_retriever(library, family=args.family, config=config, progress=not args.json)
+    text = None
+    name = pipeline_name(args.text_model)
+    if name is not None:
+        from composer.presets import load_preset
+
+        text = PipelineTextEmbedder(load_preset(name), name=name, pooling=args.text_pooling)
+    report = train_retriever(library, family=args.family, config=config, text=text, progress=not args.json)
     if args.json:
         emit_json(report.to_json())
         return 0

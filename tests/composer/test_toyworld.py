@@ -164,3 +164,16 @@ def test_vocabulary_names_are_unique() -> None:
     for attr in ATTRIBUTES:
         assert len(set(VOCABULARY[attr])) == len(VOCABULARY[attr])
     assert set(CONCEPTS) == {c.name for c in HELD_OUT}
+
+
+def test_quality_benchmark_quick_mode(tmp_path: Path, capsys) -> None:
+    import json
+
+    from benchmarks.composition_quality import main
+
+    assert main(["--quick", "--library", str(tmp_path / "library")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["compositions"]) == {"k=2", "k=3"}
+    for row in result["compositions"].values():
+        for method in ("merge", "switch", "composite", "cmlora"):
+            assert 0.0 <= row[method]["element_presence"] <= 1.0
