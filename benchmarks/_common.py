@@ -49,3 +49,23 @@ def interleaved_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: tor
             if round_index:
                 times[name].append((time.perf_counter() - start) * 1000)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def device_benchmark_main(
+    description: str, quick_help: str, run: Callable[[bool, torch.device, torch.dtype, int | None], dict], argv: Any
+) -> int:
+    """The command line of a benchmark taking ``--quick --device --dtype --repeats``: runs it, prints its JSON."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    document = run(args.quick, torch.device(args.device), getattr(torch, args.dtype), args.repeats)
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

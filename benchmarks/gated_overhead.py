@@ -17,9 +17,7 @@ Prints one JSON document with the ratios to Merge. Target: gated ≤ 1.5× Merge
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import platform
 import sys
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import ATTENTION_PROJECTIONS, interleaved_ms, random_lora
+from benchmarks._common import ATTENTION_PROJECTIONS, device_benchmark_main, interleaved_ms, random_lora
 from composer.presets import load_preset
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -96,16 +94,7 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags and print one JSON document."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args(argv)
-    document = run(args.quick, torch.device(args.device), getattr(torch, args.dtype), args.repeats)
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+    return device_benchmark_main(__doc__.splitlines()[0], "fewer repeats", run, argv)
 
 
 if __name__ == "__main__":

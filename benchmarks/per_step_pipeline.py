@@ -17,9 +17,7 @@ Each pipeline call is timed round-robin (median of ``repeats``); the latents of 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import platform
 import sys
 from collections.abc import Callable
@@ -27,7 +25,13 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import ATTENTION_PROJECTIONS, interleaved_ms, peft_state_dict, random_lora
+from benchmarks._common import (
+    ATTENTION_PROJECTIONS,
+    device_benchmark_main,
+    interleaved_ms,
+    peft_state_dict,
+    random_lora,
+)
 from composer.mixin import make_composable
 from composer.presets import load_preset
 from fusion.adapters import Adapter
@@ -115,16 +119,7 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags and print one JSON document."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="k = 1 and 5 only, fewer repeats")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args(argv)
-    document = run(args.quick, torch.device(args.device), getattr(torch, args.dtype), args.repeats)
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
+    return device_benchmark_main(__doc__.splitlines()[0], "k = 1 and 5 only, fewer repeats", run, argv)
 
 
 if __name__ == "__main__":
