@@ -360,9 +360,13 @@ def validate_shapes(adapter: Adapter, expected: Mapping[str, tuple[int, ...]]) -
                 hint="check the adapter's base family matches the pipeline",
             )
         if tuple(kind.shape) != tuple(expected[key]):
+            flattened = len(expected[key]) == 4 and math.prod(kind.shape) == math.prod(expected[key])
             raise ShapeMismatchError(
                 f"adapter {adapter.name!r} layer {key!r} has shape {tuple(kind.shape)}, "
                 f"the model's weight is {tuple(expected[key])}",
                 path=adapter.source,
-                hint="the adapter was made for a different base model",
+                hint="this conv update is stored flattened: read the file with the model's shapes "
+                "(read_adapter(..., shapes=pipe.model_shapes()))"
+                if flattened
+                else "the adapter was made for a base model with other layer sizes",
             )

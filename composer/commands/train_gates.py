@@ -11,7 +11,20 @@ from composer.reporting import emit_json
 
 
 def _paths(text: str) -> list[Path]:
-    return [Path(item.strip()) for item in text.split(",") if item.strip()]
+    """Comma-separated adapter files; a folder stands for every ``.safetensors`` file under it (sorted)."""
+    paths: list[Path] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(path.rglob("*.safetensors"))
+            if not found:
+                raise argparse.ArgumentTypeError(f"the folder {path} holds no .safetensors adapter files")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
 
 
 def _floats(text: str) -> list[float]:
@@ -37,8 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=default_model(),
         help="preset, local diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
     )
-    parser.add_argument("--adapters", type=_paths, required=True, help="adapter files, comma-separated")
-    parser.add_argument("--weights", type=_floats, default=None, help="adapter weights, comma-separated (default 1)")
+    parser.add_argument(
+        "--adapters", type=_paths, required=True, help="adapter files or folders of them, comma-separated"
+    )
+    parser.add_argument(
+        "--weights", type=_floats, default=None, help="adapter weights, comma-separated, or one for all (default 1)"
+    )
     parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="images of the composed concepts")
     parser.add_argument("--prompt", default="", help="caption for images without a .txt file")
     add_training_options(

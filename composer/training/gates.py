@@ -247,8 +247,9 @@ def _checkpoint_target(out: str | Path, step: int) -> Path:
     return final.with_name(f"{final.stem}-step{step:06d}{final.suffix or '.safetensors'}")
 
 
-def _read_adapters(paths: Sequence[Path], family: str) -> list[Adapter]:
-    adapters = [read_adapter(path, None if family == "unknown" else family) for path in paths]
+def _read_adapters(paths: Sequence[Path], family: str, shapes: Mapping[str, tuple[int, ...]]) -> list[Adapter]:
+    """Read the files as the mixin does: with the model's shapes (LyCORIS conv factors are stored flattened)."""
+    adapters = [read_adapter(path, None if family == "unknown" else family, shapes=shapes) for path in paths]
     names = [adapter.name for adapter in adapters]
     if len(set(names)) != len(names):
         raise TrainingError(f"adapter names must differ, got {names}", hint="rename one of the files")
@@ -264,7 +265,9 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
         raise TrainingError("steps and batch size must be positive")
     if not config.adapters:
         raise TrainingError("no adapters to gate", hint="pass --adapters a.safetensors,b.safetensors")
-    weights = list(config.weights) if config.weights is not None else [1.0] * len(config.adapters)
+    weights = list(config.weights) if config.weights is not None else [1.0]
+    if len(weights) == 1:
+        weights = weights * len(config.adapters)
     if len(weights) != len(config.adapters):
         raise TrainingError(f"{len(weights)} weights for {len(config.adapters)} adapters")
     family = preset_family(pipe)
@@ -276,11 +279,11 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
         module = getattr(pipe, component, None)
         if module is not None:
             module.to(accelerator.device).requires_grad_(False)
-    adapters = _read_adapters(config.adapters, family)
     engine = FusionEngine(
         denoiser, text_encoders={name: getattr(pipe, name, None) for name in _TEXT_ENCODERS}, family=family
     )
     try:
+        adapters = _read_adapters(config.adapters, family, engine.expected_shapes)
         engine.add_adapters(adapters)
         composition = {adapter.name: float(w) for adapter, w in zip(adapters, weights)}
         bank = initial_gates(engine, seed=config.seed, time_dim=config.time_dim)

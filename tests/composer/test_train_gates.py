@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "weights_index"))
+
+from producers import lycoris_network, remove, save
 
 from composer.cli import main
 from composer.mixin import make_composable
@@ -135,3 +140,18 @@ def test_flow_matching_training_on_flux(tiny_flux: Any, data_dir: Path, tmp_path
     assert any(key.startswith("single_transformer_blocks") for key in result.gates.keys)
     state = tiny_flux.transformer.state_dict()
     assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
+def test_lycoris_conv_adapters_train_with_the_model_shapes(tiny_sd: Any, data_dir: Path, tmp_path: Path) -> None:
+    """LyCORIS stores conv LoHa factors flattened: gate training reads them with the model's shapes, as the mixin
+    does, instead of refusing them as "made for a different base model"."""
+    network = lycoris_network(tiny_sd, "loha", tmp_path, text=False)
+    path = save(network, tmp_path / "loha.safetensors")
+    remove(network)
+    folder = tmp_path / "library"
+    folder.mkdir()
+    (folder / "loha.safetensors").write_bytes(path.read_bytes())
+    out = tmp_path / "gates.safetensors"
+    argv = ["train-gates", "--model", "tiny-sd", "--adapters", str(folder), "--weights", "0.8"]
+    assert main([*argv, "--data", str(data_dir), "--steps", "2", "--out", str(out), "--json"]) == 0
+    assert load_gates(out).keys

@@ -164,8 +164,12 @@ def test_adapter_counts_and_validation(gen: torch.Generator) -> None:
     assert adapter.num_params == 8 + 6 + 16
     assert adapter.nbytes == (8 + 6 + 16) * 4
     validate_shapes(adapter, {"a.to_q": (3, 4), "text_encoder.q": (4, 4)})
-    with pytest.raises(ShapeMismatchError, match="shape"):
+    with pytest.raises(ShapeMismatchError, match="shape") as refused:
         validate_shapes(adapter, {"a.to_q": (3, 5), "text_encoder.q": (4, 4)})
+    assert "other layer sizes" in str(refused.value.hint)
+    with pytest.raises(ShapeMismatchError) as flattened:
+        validate_shapes(adapter, {"a.to_q": (3, 1, 2, 2), "text_encoder.q": (4, 4)})
+    assert "stored flattened" in str(flattened.value.hint)
     with pytest.raises(ShapeMismatchError, match="does not have"):
         validate_shapes(adapter, {"a.to_q": (3, 4)})
     with pytest.raises(ShapeMismatchError, match="must start with"):
