@@ -35,12 +35,18 @@ class Objective(ABC):
         """The mean loss of ``model`` on the examples at ``indices`` with noise drawn from ``generator``."""
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, *, draws: int = 4, seed: int = 1234) -> float:
-        """Mean loss over every example × ``draws`` fixed noise draws: the same draws on every call, so values
-        before and after training compare."""
+    def evaluate(
+        self, model: nn.Module, *, draws: int = 4, seed: int = 1234, limit: int = 64, chunk: int = 16
+    ) -> float:
+        """Mean loss over the first ``limit`` examples × ``draws`` fixed noise draws: the same examples and draws on
+        every call, so values before and after training compare. Runs ``chunk`` examples at a time, so a large
+        training set neither fills memory nor makes the before/after check cost more than a few training steps."""
         generator = torch.Generator().manual_seed(seed)
-        everything = torch.arange(len(self))
-        return sum(float(self.loss(model, everything, generator)) for _ in range(draws)) / draws
+        chunks = torch.arange(min(len(self), limit)).split(chunk)
+        total = 0.0
+        for _ in range(draws):
+            total += sum(float(self.loss(model, part, generator)) * len(part) for part in chunks)
+        return total / (draws * min(len(self), limit))
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from composer.training.loop import optimise
+from composer.training.loop import Objective, optimise
 from fusion.errors import TrainingError
 
 
@@ -91,3 +91,30 @@ def test_nothing_to_train_is_a_typed_error() -> None:
             desc="test",
             progress=False,
         )
+
+
+class _Sized(Objective):
+    """Records the size of every batch it is asked for; the loss of a batch is the mean of its indices."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.batches: list[int] = []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def loss(self, model: nn.Module, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        self.batches.append(len(indices))
+        return indices.float().mean()
+
+
+def test_evaluate_is_bounded_in_batch_and_examples() -> None:
+    """A large training set is evaluated on a fixed first slice, a few examples at a time (it once ran every image
+    in one batch: minutes and gigabytes for a few hundred images)."""
+    objective = _Sized(1000)
+    value = objective.evaluate(nn.Identity(), draws=2, limit=40, chunk=16)
+    assert objective.batches == [16, 16, 8, 16, 16, 8]
+    assert value == pytest.approx(sum(range(40)) / 40)
+    small = _Sized(5)
+    assert small.evaluate(nn.Identity(), draws=1) == pytest.approx(2.0)
+    assert small.batches == [5]
