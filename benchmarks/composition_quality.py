@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-METHODS = ("merge", "switch", "composite", "cmlora")
+METHODS = ("merge", "switch", "composite", "cmlora", "gated")
+"""Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
 WEIGHT = 0.8
 
 
@@ -94,8 +95,11 @@ def run_compositions(
     steps: int,
     methods: tuple[str, ...],
     weight: float = WEIGHT,
+    gates: Path | None = None,
 ) -> dict[str, Any]:
-    """For each k and method: element presence, all-elements success, win/tie/lose vs merge, seconds per image."""
+    """For each k and method: element presence, all-elements success, win/tie/lose vs merge, seconds per image.
+
+    ``gated`` composes with the trained ``gates`` checkpoint (learned mode), loaded by the pipeline by path."""
     from composer.toyworld.verdict import judge_images
 
     table: dict[str, Any] = {}
@@ -111,7 +115,8 @@ def run_compositions(
             counts, successes, seconds = [], 0, 0.0
             for combo, seed in trials:
                 prompt = _prompt(combo, seed)
-                pipe.set_composition(dict.fromkeys(combo, weight), method=method)
+                options = {"gates": str(gates)} if method == "gated" else {}
+                pipe.set_composition(dict.fromkeys(combo, weight), method=method, **options)
                 image, per_image = _generate(pipe, prompt, seed, steps)
                 pipe.clear_composition()
                 verdict = judge_images(image, [prompt], [list(combo)])[0]
@@ -190,7 +195,8 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
         "",
         f"toy-sd, {result['steps']} steps, CFG 3, every adapter at weight {result['weight']}; judged by the toy "
         f"world's judge; {result['hardware']}; {result['seconds']} s in all.",
-        f"Adapters: {', '.join(result['adapters'])}.",
+        f"Adapters: {', '.join(result['adapters'])}."
+        + (f" Gated: learned mode with the gates in `{result['gates']}`." if "gates" in result else ""),
         "",
         f"Base model alone on {result['base']['images']} base-vocabulary captions: all attributes right in "
         f"{result['base']['all_attributes']:.0%} of images; per attribute: "
@@ -249,18 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-images", type=int, default=48)
     parser.add_argument("--library", type=Path, default=Path(".cache/bench/toy_library"))
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--gates", type=Path, default=None, help="gates for gated (default: the toy library's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (timings in the docs: 1)")
     parser.add_argument("--weight", type=float, default=WEIGHT, help="every adapter's weight (protocol: 0.8)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    from composer.toyworld.library import LIBRARY_GATES
+
+    torch.set_num_threads(args.threads)
     pipe, names = _pipeline(args.library)
-    methods = tuple(args.methods.split(","))
+    gates = args.gates or LIBRARY_GATES
+    methods = tuple(m for m in args.methods.split(",") if m != "gated" or gates.is_file())
     started = time.perf_counter()
     if args.quick:
         result = {
             "mode": "quick",
-            "compositions": run_compositions(pipe, names, [2, 3], 1, [0], 8, methods),
+            "compositions": run_compositions(pipe, names, [2, 3], 1, [0], 8, methods, gates=gates),
         }
     else:
         result = {
@@ -270,13 +281,23 @@ def main(argv: list[str] | None = None) -> int:
             "weight": args.weight,
             "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
             "compositions": run_compositions(
-                pipe, names, [2, 3, 4, 5], args.sets, list(range(args.seeds)), args.steps, methods, args.weight
+                pipe,
+                names,
+                [2, 3, 4, 5],
+                args.sets,
+                list(range(args.seeds)),
+                args.steps,
+                methods,
+                args.weight,
+                gates,
             ),
         }
     samples = result["compositions"].pop("_samples")
     result["adapters"] = names
     result["seconds"] = round(time.perf_counter() - started, 1)
-    result["hardware"] = "CPU, 1 torch thread"
+    result["hardware"] = f"CPU, {args.threads} torch thread{'s' if args.threads > 1 else ''}"
+    if "gated" in methods:
+        result["gates"] = str(gates)
     if args.docs is not None and not args.quick:
         write_docs(result, samples, args.docs)
     document = json.dumps(result, indent=2)

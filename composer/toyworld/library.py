@@ -23,6 +23,9 @@ from composer.toyworld.world import CONCEPTS, Concept, render, sample_layout, sa
 from fusion.errors import AdapterFormatError
 
 CONCEPT_WEIGHTS = Path(__file__).with_name("weights") / "concepts"
+LIBRARY_GATES = Path(__file__).with_name("weights") / "gates.safetensors"
+"""Gated-fusion gates trained with ``compose train-gates`` on every concept adapter of this library at once (one
+gate per layer serves any subset of them); see ``weights/README.md`` for the command."""
 """Where the trained concept adapters ship (PEFT state dicts, fp16, keys prefixed ``unet.`` / ``text_encoder.``)."""
 
 _PEFT_TO_LYCORIS = {
