@@ -171,9 +171,33 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys) -> None:
 
     from benchmarks.composition_quality import main
 
+    from composer.toyworld.library import LIBRARY_GATES
+
     assert main(["--quick", "--library", str(tmp_path / "library")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["compositions"]) == {"k=2", "k=3"}
+    methods = ["merge", "switch", "composite", "cmlora"] + (["gated"] if LIBRARY_GATES.is_file() else [])
     for row in result["compositions"].values():
-        for method in ("merge", "switch", "composite", "cmlora"):
+        for method in methods:
             assert 0.0 <= row[method]["element_presence"] <= 1.0
+
+
+def test_gate_data_draws_captioned_compositions_around_a_character(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from composer.toyworld.gate_data import write_composition_images
+    from fusion.errors import TrainingError
+
+    names = ["zorbex", "kiboko", "crown", "sunset"]
+    paths = write_composition_images(tmp_path / "data", 6, names, seed=3)
+    assert [p.name for p in paths] == [f"{i:05d}.png" for i in range(6)]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+        text = path.with_suffix(".txt").read_text()
+        assert ("zorbex" in text) != ("kiboko" in text), text
+        assert "krwn" in text or "snst" in text, text
+    with pytest.raises(TrainingError, match="character"):
+        write_composition_images(tmp_path / "none", 1, ["crown", "sunset"])
+    with pytest.raises(TrainingError, match="unknown"):
+        write_composition_images(tmp_path / "none", 1, ["zorbex", "tophat"])
