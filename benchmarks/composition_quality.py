@@ -5,7 +5,8 @@ Protocol (ComposLoRA, Zhong et al. 2024, adapted): one character adapter plus 1â
 by its trigger phrase, several seeds; every method composes the same sets through the public API
 (``pipe.set_composition``). Each image is read by the judge: per-element presence, all-elements success, and
 win/tie/lose against merge on the number of elements present (ties counted as ties). The reference row is each
-LoRA alone on base-vocabulary scenes (its concept present; the prompt's other attributes kept).
+LoRA alone on base-vocabulary scenes (its concept present; the prompt's other attributes kept), at the protocol's
+weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.0: what a user types).
 
 ``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
 ``--sets`` combinations per k (seeded) and writes docs/composition_quality.md and an image grid.
@@ -204,9 +205,14 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
         "",
         "## Each LoRA alone",
         "",
-        "| adapter | concept present | other attributes of the prompt kept |",
-        "|---|---|---|",
-        *(f"| {n} | {r['concept_present']:.0%} | {r['others_kept']:.0%} |" for n, r in result["alone"].items()),
+        f"| adapter | concept present at {result['weight']} | other attributes kept at {result['weight']} | "
+        f"concept present at {result['preferred_weight']} | other attributes kept at {result['preferred_weight']} |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {n} | {r['concept_present']:.0%} | {r['others_kept']:.0%} | "
+            f"{p['concept_present']:.0%} | {p['others_kept']:.0%} |"
+            for (n, r), p in zip(result["alone"].items(), result["alone_preferred"].values())
+        ),
         "",
         "## Compositions (one character + kâˆ’1 other categories)",
         "",
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
-    from composer.toyworld.library import LIBRARY_GATES
+    from composer.toyworld.library import LIBRARY_GATES, PREFERRED_WEIGHT
 
     torch.set_num_threads(args.threads)
     pipe, names = _pipeline(args.library)
@@ -280,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             "base": run_base(pipe, args.base_images, args.steps),
             "weight": args.weight,
             "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
+            "preferred_weight": PREFERRED_WEIGHT,
+            "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
             "compositions": run_compositions(
                 pipe,
                 names,
