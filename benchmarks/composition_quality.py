@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["hardware"] = f"CPU, {args.threads} torch thread{'s' if args.threads > 1 else ''}"
     if "gated" in methods:
-        result["gates"] = str(gates)
+        here = Path.cwd().resolve()
+        result["gates"] = str(gates.resolve().relative_to(here) if gates.resolve().is_relative_to(here) else gates)
     if args.docs is not None and not args.quick:
         write_docs(result, samples, args.docs)
     document = json.dumps(result, indent=2)

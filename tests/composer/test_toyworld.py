@@ -170,7 +170,6 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys) -> None:
     import json
 
     from benchmarks.composition_quality import main
-
     from composer.toyworld.library import LIBRARY_GATES
 
     assert main(["--quick", "--library", str(tmp_path / "library")]) == 0
