@@ -45,12 +45,10 @@ def _pipeline(library: Path) -> tuple[Any, list[str]]:
 
 def composition_sets(names: list[str], k: int) -> list[tuple[str, ...]]:
     """Every set of one character plus k−1 concepts of distinct other categories, among the shipped concepts."""
-    from composer.toyworld.world import CONCEPTS
+    from composer.toyworld.world import OTHER_CATEGORIES, concepts_by_category
 
-    by_category: dict[str, list[str]] = {}
-    for name in names:
-        by_category.setdefault(CONCEPTS[name].category, []).append(name)
-    others = [c for c in ("clothing", "style", "background", "object") if c in by_category]
+    by_category = {c: [concept.name for concept in group] for c, group in concepts_by_category(names).items()}
+    others = [c for c in OTHER_CATEGORIES if c in by_category]
     sets = []
     for character in by_category.get("character", []):
         for categories in itertools.combinations(others, k - 1):
@@ -100,8 +98,12 @@ def run_compositions(
 ) -> dict[str, Any]:
     """For each k and method: element presence, all-elements success, win/tie/lose vs merge, seconds per image.
 
-    ``gated`` composes with the trained ``gates`` checkpoint (learned mode), loaded by the pipeline by path."""
+    ``gated`` composes with the trained ``gates`` checkpoint (learned mode), read once and passed to every
+    ``set_composition`` (a name or path there would be read again for each image)."""
     from composer.toyworld.verdict import judge_images
+    from composer.training.gates import load_gates
+
+    bank = load_gates(gates) if gates is not None and "gated" in methods else None
 
     table: dict[str, Any] = {}
     picker = random.Random(0)
@@ -116,7 +118,7 @@ def run_compositions(
             counts, successes, seconds = [], 0, 0.0
             for combo, seed in trials:
                 prompt = _prompt(combo, seed)
-                options = {"gates": str(gates)} if method == "gated" else {}
+                options = {"gates": bank} if method == "gated" else {}
                 pipe.set_composition(dict.fromkeys(combo, weight), method=method, **options)
                 image, per_image = _generate(pipe, prompt, seed, steps)
                 pipe.clear_composition()

@@ -11,16 +11,21 @@ from composer.reporting import emit_json
 
 
 def _paths(text: str) -> list[Path]:
-    """Comma-separated adapter files; a folder stands for every ``.safetensors`` file under it (sorted)."""
+    """Comma-separated adapter files; a folder stands for every adapter file under it (sorted), as the catalog
+    finds them."""
+    from weights_index.catalog import ADAPTER_SUFFIXES
+
     paths: list[Path] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         path = Path(item)
         if path.is_dir():
-            found = sorted(path.rglob("*.safetensors"))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in ADAPTER_SUFFIXES)
             if not found:
-                raise argparse.ArgumentTypeError(f"the folder {path} holds no .safetensors adapter files")
+                raise argparse.ArgumentTypeError(
+                    f"the folder {path} holds no adapter files ({', '.join(ADAPTER_SUFFIXES)})"
+                )
             paths.extend(found)
         else:
             paths.append(path)

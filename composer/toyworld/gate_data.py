@@ -16,17 +16,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from composer.toyworld.world import CONCEPTS, Concept, caption, render, sample_layout, sample_scene
+from composer.toyworld.world import (
+    CONCEPTS,
+    OTHER_CATEGORIES,
+    Concept,
+    caption,
+    concepts_by_category,
+    render,
+    sample_layout,
+    sample_scene,
+)
 from fusion.errors import TrainingError
-
-OTHER_CATEGORIES = ("clothing", "style", "background", "object")
 
 
 def sample_composition(rng: random.Random, names: list[str]) -> tuple[Concept, ...]:
     """One character concept plus concepts of 1–4 distinct other categories, drawn from ``names``."""
-    by_category: dict[str, list[Concept]] = {}
-    for name in names:
-        by_category.setdefault(CONCEPTS[name].category, []).append(CONCEPTS[name])
+    by_category = concepts_by_category(names)
     others = [category for category in OTHER_CATEGORIES if category in by_category]
     character = rng.choice(by_category["character"])
     chosen = rng.sample(others, rng.randint(min(1, len(others)), len(others)))

@@ -95,6 +95,18 @@ HELD_OUT: tuple[Concept, ...] = (
 
 CONCEPTS = {concept.name: concept for concept in HELD_OUT}
 
+OTHER_CATEGORIES = ("clothing", "style", "background", "object")
+"""The categories composed around a character (ComposLoRA's protocol), in a fixed order."""
+
+
+def concepts_by_category(names: list[str]) -> dict[str, list[Concept]]:
+    """The named held-out concepts grouped by category, in the order given."""
+    grouped: dict[str, list[Concept]] = {}
+    for name in names:
+        grouped.setdefault(CONCEPTS[name].category, []).append(CONCEPTS[name])
+    return grouped
+
+
 _BACKGROUND_PHRASES = {
     "sky": ("under a blue sky", "in the sky"),
     "grass": ("on the grass", "in a green meadow"),
