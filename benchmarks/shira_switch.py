@@ -13,9 +13,10 @@ around the UNet, ``pipe.set_composition({"B": 1.0})`` after ``{"A": 1.0}`` (fuse
 - ``ours_file_ms``: read B from its SHiRA file (``weights_index.read_adapter``), ``add_adapter``, ``set_composition``
   and ``remove_adapter`` A — the whole from-file cycle; ``read_ms`` is the read alone (validated: sorted positions
   in range, finite values);
-- ``raw_scatter_ms``: the floor — writing B's values at B's positions with one ``index_put_`` per layer, nothing
-  saved, nothing restored, nothing summed (what a switch would cost if A never had to come out); ``raw_put_ms`` and
-  ``raw_index_copy_ms`` write the same with ``put_`` and ``index_copy_``;
+- ``raw_scatter_ms``: the floor — writing B's values at B's positions, nothing saved, nothing restored, nothing
+  summed (what a switch would cost if A never had to come out), with the fastest of ``index_put_`` / ``put_`` /
+  ``index_copy_`` (each reported: ``raw_index_put_ms``, ``raw_put_ms``, ``raw_index_copy_ms``), into scratch copies
+  of the weights and timed round-robin with the public switch, so drift on a shared machine hits both alike;
 - ``peer_cycle_ms``: diffusers, on a pipeline around the same UNet, ``unfuse_lora`` + ``delete_adapters`` (A) then
   ``load_lora_weights`` (B's file) + ``fuse_lora`` — the cycle a fused LoRA server pays per switch.
 
@@ -81,36 +82,54 @@ def _shira(targets: dict[str, nn.Linear], seed: int, mask_seed: int) -> Adapter:
 
 
 def _median_ms(fn: Callable[[int], None], repeats: int) -> float:
-    times = []
+    return _round_robin({"fn": fn}, repeats)["fn"]
+
+
+def _round_robin(fns: dict[str, Callable[[int], None]], repeats: int) -> dict[str, float]:
+    """Median ms of each function, called in turn ``repeats`` times (call ``i`` gets ``i``)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeats):
-        start = time.perf_counter()
-        fn(i)
-        times.append((time.perf_counter() - start) * 1e3)
-    return round(statistics.median(times), 2)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(i)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: round(statistics.median(t), 2) for name, t in times.items()}
+
+
+def _floors(weights: dict[str, torch.Tensor], update: Adapter) -> dict[str, Callable[[int], None]]:
+    """B's values written at B's positions into scratch copies of the weights, one primitive each."""
+    plain = [
+        (weight.detach().clone().view(-1), update.layers[key].index.long(), update.layers[key].values)
+        for key, weight in weights.items()
+    ]
+    plain = [(flat, index, values.to(flat.dtype)) for flat, index, values in plain]
+    return {
+        "raw_index_put_ms": lambda i: [flat.index_put_((index,), values) for flat, index, values in plain],
+        "raw_put_ms": lambda i: [flat.put_(index, values) for flat, index, values in plain],
+        "raw_index_copy_ms": lambda i: [flat.index_copy_(0, index, values) for flat, index, values in plain],
+    }
 
 
 @torch.no_grad()
 def _ours(pipe: DiffusionPipeline, targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dict[str, Any]:
     pristine = {k: m.weight.detach().clone() for k, m in targets.items()}
     adapters = [read_adapter(f) for f in files]
-    weights = {k: m.weight for k, m in targets.items()}
-    plain = [(w.detach().view(-1), adapters[1].layers[k]) for k, w in weights.items()]
-    plain = [(flat, update.index.long(), update.values.to(flat.dtype)) for flat, update in plain]
-    raw = _median_ms(lambda i: [flat.index_put_((index,), values) for flat, index, values in plain], repeats)
-    raw_put = _median_ms(lambda i: [flat.put_(index, values) for flat, index, values in plain], repeats)
-    raw_copy = _median_ms(lambda i: [flat.index_copy_(0, index, values) for flat, index, values in plain], repeats)
-    for key, weight in weights.items():
-        weight.detach().copy_(pristine[key])
+    floors = _floors({k: m.weight for k, m in targets.items()}, adapters[1])
     composable = make_composable(pipe)
     for adapter in adapters:
         composable.add_adapter(adapter)
     names = [a.name for a in adapters]
     composable.set_composition({names[0]: 1.0})
     composable.set_composition({names[1]: 1.0})
-    memory = _median_ms(lambda i: composable.set_composition({names[i % 2]: 1.0}), repeats)
+
+    def switch(i: int) -> None:
+        composable.set_composition({names[i % 2]: 1.0})
+
+    cached = _round_robin({"ours_memory_ms": switch}, repeats)
     for layer in composable._engine().layers.values():
         layer._sparse_cache = FusedSparseCache(capacity=0)
-    memory_uncached = _median_ms(lambda i: composable.set_composition({names[i % 2]: 1.0}), repeats)
+    uncached = _round_robin({"ours_memory_uncached_ms": switch, **floors}, repeats)
+    floor = {name: uncached[name] for name in floors}
     current = names[(repeats - 1) % 2]
 
     def from_file(i: int) -> None:
@@ -128,11 +147,10 @@ def _ours(pipe: DiffusionPipeline, targets: dict[str, nn.Linear], files: list[Pa
         composable.remove_adapter(name)
     exact = all(torch.equal(m.weight, pristine[k]) for k, m in targets.items())
     return {
-        "raw_scatter_ms": raw,
-        "raw_put_ms": raw_put,
-        "raw_index_copy_ms": raw_copy,
-        "ours_memory_ms": memory,
-        "ours_memory_uncached_ms": memory_uncached,
+        "raw_scatter_ms": min(floor.values()),
+        **floor,
+        "ours_memory_ms": cached["ours_memory_ms"],
+        "ours_memory_uncached_ms": uncached["ours_memory_uncached_ms"],
         "ours_file_ms": from_file_ms,
         "read_ms": read,
         "restored_bit_exact": exact,

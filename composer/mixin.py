@@ -172,10 +172,11 @@ class ComposableMixin:
         engine = self._engine()
         stale = [n for n in engine.adapter_names if n not in weights and not _is_sparse(engine.adapters[n])]
         missing = [n for n in weights if n not in engine.adapters]
-        if stale or missing:
+        if stale:
             engine.set_strategy(None)
             for name in stale:
                 engine.remove_adapter(name)
+        if missing:  # attached under the active strategy: fused weights then switch in place, layer by layer
             engine.add_adapters([registered[n] for n in missing])
         try:
             engine.set_strategy(strategy)

@@ -158,8 +158,17 @@ class Sparse:
         return (self.index, self.values)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sparse:
-        """A copy on ``device`` / with values in ``dtype`` (indices keep their dtype)."""
-        return replace(self, index=self.index.to(device=device), values=self.values.to(device=device, dtype=dtype))
+        """This update on ``device`` / with values in ``dtype`` (indices keep their dtype); itself when neither
+        changes. The positions were checked when it was built and moving them keeps them valid, so the copy skips
+        the O(K) checks (attaching an adapter moves every layer's update)."""
+        index = self.index.to(device=device)
+        values = self.values.to(device=device, dtype=dtype)
+        if index is self.index and values is self.values:
+            return self
+        moved = object.__new__(Sparse)
+        for name, value in (("index", index), ("values", values), ("shape", self.shape)):
+            object.__setattr__(moved, name, value)
+        return moved
 
 
 @dataclass(frozen=True, eq=False)

@@ -301,16 +301,20 @@ class ComposedLayer(nn.Module, ABC):
                 scale += [slot.kind.scale] * slot.kind.rank
             else:
                 extra.append(index[slot.name])
-        self._slot_index = [index[slot.name] for slot in self.slots]
         low_rank = [index[slot.name] for slot in self.slots if isinstance(slot.kind, LowRank)]
-        self._output_owners = torch.tensor(low_rank, dtype=torch.long, device=device)
-        self._owner = torch.tensor(owner, dtype=torch.long, device=device)
-        self._col_scale = torch.tensor(scale, dtype=torch.float32, device=device)
-        self._extra_owner = torch.tensor(extra, dtype=torch.long, device=device)
-        self._needs_effective = bool(extra)
-        self._prefers_effective = self.rank * (weight[0].numel() + weight.shape[0]) >= weight.numel()
-        self._transient_rows = self._transient_threshold()
-        self._columns = _Columns(self.group, self._owner, self._col_scale, (device, weight.dtype)) if owner else None
+        owners = torch.tensor(owner, dtype=torch.long, device=device)
+        scales = torch.tensor(scale, dtype=torch.float32, device=device)
+        vars(self).update(  # plain attributes, set without nn.Module's checks: this runs per layer on every attach
+            _slot_index=[index[slot.name] for slot in self.slots],
+            _output_owners=torch.tensor(low_rank, dtype=torch.long, device=device),
+            _owner=owners,
+            _col_scale=scales,
+            _extra_owner=torch.tensor(extra, dtype=torch.long, device=device),
+            _needs_effective=bool(extra),
+            _prefers_effective=self.rank * (weight[0].numel() + weight.shape[0]) >= weight.numel(),
+            _transient_rows=self._transient_threshold(),
+            _columns=_Columns(self.group, owners, scales, (device, weight.dtype)) if owner else None,
+        )
         self.state.register(self, self._columns)
         self._forget()
 
@@ -476,29 +480,31 @@ class ComposedLayer(nn.Module, ABC):
         """
         param = self.base.weight.detach()
         self._forget()
-        self._fuse_bias(weights)
         sparse = self._sparse_updates(weights)
-        if sparse is not None:
-            if self.pristine is not None:
+        if sparse is None:
+            self._fuse_bias(weights)
+            self._restore_sparse()
+            if self.pristine is None:
+                self.pristine = param.clone()
+            else:
                 param.copy_(self.pristine)
-                self.pristine = None
-            prepared = self._sparse_cache.lookup(param, sparse) if sparse else None
-            self._saved = fuse_sparse(param, sparse, self._saved, prepared)
-            self._sparse_cache.store(param, sparse, self._saved)
-            if self._saved is None:
-                empty = torch.zeros(0, dtype=torch.long, device=param.device)
-                self._saved = FusedSparse(empty, param.new_zeros(0), param.new_zeros(0), [0, 0])
+            self.add_into(param, weights)
             return
-        self._restore_sparse()
-        if self.pristine is None:
-            self.pristine = param.clone()
-        else:
+        self._restore_bias()  # no update with a non-zero weight carries a bias
+        if self.pristine is not None:
             param.copy_(self.pristine)
-        self.add_into(param, weights)
+            self.pristine = None
+        prepared = self._sparse_cache.lookup(param, sparse) if sparse else None
+        saved = fuse_sparse(param, sparse, self._saved, prepared)
+        self._sparse_cache.store(param, sparse, saved)
+        if saved is None:
+            empty = torch.zeros(0, dtype=torch.long, device=param.device)
+            saved = FusedSparse(empty, param.new_zeros(0), param.new_zeros(0))
+        vars(self)["_saved"] = saved  # a plain attribute, set without nn.Module's checks (per layer, per switch)
 
-    @torch.no_grad()
     def _fuse_bias(self, weights: torch.Tensor) -> None:
-        """Write pristine b + Σ wᵢΔbᵢ into the base bias (keeping a pristine copy), or put the pristine one back."""
+        """Write pristine b + Σ wᵢΔbᵢ into the base bias (keeping a pristine copy), or put the pristine one back
+        (called under ``fuse``'s no_grad)."""
         bias = self.base.bias
         extra = None if bias is None else self._combined_bias(weights, torch.float32)
         if extra is None:
@@ -508,7 +514,6 @@ class ComposedLayer(nn.Module, ABC):
             self.pristine_bias = bias.detach().clone()
         bias.copy_((self.pristine_bias.float() + extra).to(bias.dtype))
 
-    @torch.no_grad()
     def _restore_bias(self) -> None:
         if self.pristine_bias is not None:
             self.base.bias.copy_(self.pristine_bias)

@@ -6,28 +6,29 @@ adapter out writes those base values back, so the base is restored bit-exactly w
 Why our own path rather than PEFT's ``ShiraLayer.merge``/``unmerge``: PEFT adds a dense ΔW (O(out·in) per layer) and
 unmerges by subtracting it (not bit-exact in fp16/bf16). Here a switch touches only the K stored positions per layer,
 and on CPU its cost is the memory traffic of the cache lines those positions fall in (``benchmarks/shira_switch.py``
-measures it against diffusers' LoRA cycle). Three things keep that traffic down:
+measures it against diffusers' LoRA cycle and against the bare two-scatter floor). What keeps that traffic down:
 
-- a switch A→B restores A then writes B chunk by chunk, so on weights larger than a chunk the lines A and B share
-  are fetched once, not twice (on SD-1.5 shapes, 1 MiB chunks cost more in per-call overhead than they saved: 49 ms
-  vs 38 ms per 128-layer switch on this project's CPU, so a chunk now holds any SD/SDXL attention weight whole);
+- a switch A→B works weight by weight — restore A's positions, read B's base values, write B's sums — so on a weight
+  that fits the cache the lines A and B share are fetched once, not three times (an earlier version also cut large
+  weights into chunks; on SD shapes the extra calls cost more than the shared lines saved, and a chunk big enough to
+  pay for its call does not fit the cache);
 - a fused state remembers its base values and its fused values (:class:`FusedSparse`); switching back to a set seen
   before (:class:`FusedSparseCache`) is a plain scatter, with no gather and no arithmetic;
 - when B has the same support as A (SHiRA masks that depend only on the base — WM, struct, or one random seed —
-  give every adapter the same positions), nothing needs restoring: B's values overwrite A's in one scatter.
+  give every adapter the same positions), nothing needs restoring: B's values overwrite A's in one scatter;
+- int64 positions go through ``index_copy_``/``take``, which are 10–25% faster than ``index_put_``/``index_select``
+  on this project's CPU; int32 positions (as SHiRA files store them) through the two that accept them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from fusion.adapters import Sparse
 
-CHUNK_ENTRIES = 1 << 24
-"""Weight entries per interleaving chunk (64 MiB of fp32): only weights larger than this are switched in pieces."""
 _SUPPORT_SAMPLES = 64
 """Positions compared before two supports are compared in full (different random masks differ at once)."""
 
@@ -36,15 +37,11 @@ Updates = Sequence[tuple[Sparse, float]]
 
 @dataclass(eq=False)
 class FusedSparse:
-    """One weight's fused sparse state: sorted flat positions, the base values there, and the values written there.
-
-    ``bounds[j]`` is the first position index at or after flat entry ``j·CHUNK_ENTRIES`` (chunk boundaries).
-    """
+    """One weight's fused sparse state: sorted flat positions, the base values there, and the values written there."""
 
     index: torch.Tensor
     original: torch.Tensor
     fused: torch.Tensor
-    bounds: list[int] = field(repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -56,17 +53,12 @@ def merge_updates(updates: Updates) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted positions, fp32 Σ wᵢ·valuesᵢ there) for one weight's updates (union of supports for several)."""
     if len(updates) == 1:
         update, w = updates[0]
-        return update.index, update.values.float() * float(w)
+        values = update.values.float()
+        return update.index, values if w == 1.0 else values * float(w)
     index, inverse = torch.unique(torch.cat([u.index for u, _ in updates]), sorted=True, return_inverse=True)
     increment = torch.zeros(index.numel(), dtype=torch.float32, device=index.device)
     increment.index_add_(0, inverse, torch.cat([u.values.float() * float(w) for u, w in updates]))
     return index, increment
-
-
-def _chunk_bounds(index: torch.Tensor, numel: int) -> list[int]:
-    edges = torch.arange(0, numel + CHUNK_ENTRIES, CHUNK_ENTRIES, device=index.device).clamp_(max=numel)
-    edges = edges.to(index.dtype)
-    return torch.searchsorted(index, edges).tolist()
 
 
 def same_support(first: torch.Tensor, second: torch.Tensor) -> bool:
@@ -74,6 +66,11 @@ def same_support(first: torch.Tensor, second: torch.Tensor) -> bool:
     if first is second:
         return True
     if first.numel() != second.numel():
+        return False
+    if not first.numel():
+        return True
+    middle = first.numel() // 2
+    if int(first[middle]) != int(second[middle]):  # one element decides most unequal pairs, at Python speed
         return False
     step = max(1, first.numel() // _SUPPORT_SAMPLES)
     if not torch.equal(first[::step], second[::step].to(first.dtype)):
@@ -86,6 +83,17 @@ def _combine(original: torch.Tensor, increment: torch.Tensor) -> torch.Tensor:
     return torch.add(original, increment, out=torch.empty_like(original))
 
 
+def _write(flat: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    if index.dtype == torch.int64:
+        flat.index_copy_(0, index, values)
+    else:
+        flat.index_put_((index,), values)
+
+
+def _read(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return flat.take(index) if index.dtype == torch.int64 else flat.index_select(0, index)
+
+
 def fuse_sparse(
     weight: torch.Tensor,
     updates: Updates,
@@ -96,8 +104,8 @@ def fuse_sparse(
 
     ``prepared`` is a state an earlier call returned for the same updates on this weight (as the base is the same,
     its base values and fused values still hold): it is written as is, or not at all when it is ``current``.
-    Without it the updates are merged, the base values at their positions are read (after ``current`` is taken out
-    of each chunk) and the sum rounded once.
+    Without it the updates are merged, the base values at their positions read (after ``current`` is taken out)
+    and each sum rounded once to the weight's dtype, as a dense fp32 sum is.
     """
     flat = weight.detach().view(-1)
     if prepared is None and not updates:
@@ -106,50 +114,26 @@ def fuse_sparse(
         return None
     if prepared is not None and prepared is current:
         return current
-    if prepared is not None:
-        index = prepared.index
-        increment = None
-    else:
-        index, increment = merge_updates(updates)
-    if current is not None and same_support(current.index, index):
-        if prepared is None:
-            assert increment is not None
-            prepared = FusedSparse(
-                current.index, current.original, _combine(current.original, increment), current.bounds
-            )
-        flat.index_put_((prepared.index,), prepared.fused)
-        return prepared
     if prepared is None:
-        assert increment is not None
-        bounds = _chunk_bounds(index, flat.numel())
-        original = torch.empty(index.numel(), dtype=flat.dtype, device=flat.device)
-        fused = torch.empty_like(original)
-        target = FusedSparse(index, original, fused, bounds)
-    else:
-        target = prepared
-    if current is not None and len(current.bounds) != len(target.bounds):  # chunked under another chunk size
+        index, increment = merge_updates(updates)
+        if current is not None and same_support(current.index, index):
+            prepared = FusedSparse(current.index, current.original, _combine(current.original, increment))
+            current = None
+        else:
+            if current is not None:
+                restore_sparse(weight, current)
+                current = None
+            original = _read(flat, index)
+            prepared = FusedSparse(index, original, _combine(original, increment))
+    elif current is not None and not same_support(current.index, prepared.index):
         restore_sparse(weight, current)
-        current = None
-    for chunk in range(len(target.bounds) - 1):
-        if current is not None:
-            start, stop = current.bounds[chunk], current.bounds[chunk + 1]
-            if stop > start:
-                flat.index_put_((current.index[start:stop],), current.original[start:stop])
-        start, stop = target.bounds[chunk], target.bounds[chunk + 1]
-        if stop == start:
-            continue
-        positions = target.index[start:stop]
-        if prepared is None:
-            assert increment is not None
-            torch.index_select(flat, 0, positions, out=target.original[start:stop])
-            torch.add(target.original[start:stop], increment[start:stop], out=target.fused[start:stop])
-        flat.index_put_((positions,), target.fused[start:stop])
-    return target
+    _write(flat, prepared.index, prepared.fused)
+    return prepared
 
 
 def restore_sparse(weight: torch.Tensor, state: FusedSparse) -> None:
     """Write the base values of ``state`` back into ``weight`` (bit-exact undo of :func:`fuse_sparse`)."""
-    weight.detach().view(-1).index_put_((state.index,), state.original)
+    _write(weight.detach().view(-1), state.index, state.original)
 
 
 class FusedSparseCache:

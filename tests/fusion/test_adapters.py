@@ -79,6 +79,16 @@ def test_sparse_rejects_unsorted_or_out_of_range() -> None:
         Sparse(index=torch.tensor([1, 12]), values=torch.ones(2), shape=(3, 4))
 
 
+def test_sparse_to_is_itself_when_nothing_changes_and_keeps_positions_when_cast() -> None:
+    update = Sparse(index=torch.tensor([1, 5], dtype=torch.int32), values=torch.ones(2), shape=(3, 4))
+    assert update.to("cpu", torch.float32) is update
+    half = update.to("cpu", torch.float16)
+    assert half.values.dtype == torch.float16
+    assert half.index is update.index
+    assert half.shape == (3, 4)
+    assert torch.equal(half.delta(torch.float32), update.delta())
+
+
 def test_sparse_keeps_int32_widens_small_integers_and_refuses_float_indices() -> None:
     narrow = Sparse(index=torch.tensor([1, 5], dtype=torch.int32), values=torch.ones(2), shape=(3, 4))
     assert narrow.index.dtype == torch.int32

@@ -1,4 +1,4 @@
-"""Fused sparse switching: exact sums, bit-exact restores, chunked switches, shared supports, and the state cache."""
+"""Fused sparse switching: exact sums, bit-exact restores, int32 and int64 positions, shared supports, the cache."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from fusion import sparse_switching
 from fusion.adapters import Sparse
 from fusion.layers import ComposedLinear, GateState
 from fusion.sparse_switching import FusedSparseCache, fuse_sparse, restore_sparse, same_support
@@ -29,26 +28,24 @@ def _expected(pristine: torch.Tensor, updates: list[tuple[Sparse, float]]) -> to
     return total.to(pristine.dtype)
 
 
-@pytest.fixture(params=[1 << 18, 97], ids=["one-chunk", "many-chunks"])
-def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run with the production chunk size and with a tiny one, so small weights span many interleaved chunks."""
-    monkeypatch.setattr(sparse_switching, "CHUNK_ENTRIES", request.param)
-    return request.param
-
-
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fuse_matches_dense_sum_and_restores_bit_exactly(dtype: torch.dtype, chunk: int) -> None:
+def test_fuse_matches_dense_sum_and_restores_bit_exactly(dtype: torch.dtype, index_dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(48, 40, generator=gen).to(dtype)
     pristine = weight.clone()
-    first, second = _sparse((48, 40), 300, gen, dtype), _sparse((48, 40), 200, gen, dtype)
+    first, second = (_sparse((48, 40), k, gen, dtype) for k in (300, 200))
+    first, second = (Sparse(u.index.to(index_dtype), u.values, u.shape) for u in (first, second))
     state = fuse_sparse(weight, [(first, 0.7), (second, -1.3)])
     assert state is not None
     assert torch.equal(weight, _expected(pristine, [(first, 0.7), (second, -1.3)]))
     switched = fuse_sparse(weight, [(second, 0.5)], current=state)
     assert torch.equal(weight, _expected(pristine, [(second, 0.5)]))
     assert switched is not None
-    restore_sparse(weight, switched)
+    at_one = fuse_sparse(weight, [(first, 1.0)], current=switched)
+    assert torch.equal(weight, _expected(pristine, [(first, 1.0)]))
+    assert at_one is not None
+    restore_sparse(weight, at_one)
     assert torch.equal(weight, pristine)
 
 
@@ -100,7 +97,7 @@ def test_prepared_state_is_reused_and_cache_drops_after_foreign_writes() -> None
 
 
 @torch.no_grad()
-def test_composed_layers_random_switches_restore_exactly(chunk: int) -> None:
+def test_composed_layers_random_switches_restore_exactly() -> None:
     """200 random fused switches among 6 sparse adapters (some sharing supports) through composed layers, the one
     implementation every public path uses; each fused weight is the dense sum, and unfusing restores bit-exactly."""
     gen = torch.Generator().manual_seed(3)
