@@ -157,11 +157,18 @@ class Sparse:
         """The tensors this update owns."""
         return (self.index, self.values)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sparse:
-        """This update on ``device`` / with values in ``dtype`` (indices keep their dtype); itself when neither
-        changes. The positions were checked when it was built and moving them keeps them valid, so the copy skips
-        the O(K) checks (attaching an adapter moves every layer's update)."""
-        index = self.index.to(device=device)
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype | None = None,
+    ) -> Sparse:
+        """This update on ``device`` / with values in ``dtype`` (indices in ``index_dtype``, int32 or int64, else
+        as they are); itself when nothing changes. The positions were checked when it was built and moving them
+        keeps them valid, so the copy skips the O(K) checks (attaching an adapter moves every layer's update)."""
+        if index_dtype not in (None, torch.int32, torch.int64):
+            raise ShapeMismatchError(f"sparse indices are int32 or int64, not {index_dtype}")
+        index = self.index.to(device=device, dtype=index_dtype)
         values = self.values.to(device=device, dtype=dtype)
         if index is self.index and values is self.values:
             return self

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.adapters import Adapter, AdapterKind, Dense, LowRank, validate_shapes
+from fusion.adapters import Adapter, AdapterKind, Dense, LowRank, Sparse, validate_shapes
 from fusion.denoiser_hook import attach, detach, reroute
 from fusion.errors import CompositionError, ShapeMismatchError, StepUnknownError, UnsupportedModelError
 from fusion.layer_groups import BlockLayout
@@ -238,10 +238,13 @@ class FusionEngine:
         return key
 
     def _to_targets(self, adapter: Adapter) -> Adapter:
-        """A copy of ``adapter`` whose every update sits on its target weight's device and dtype."""
+        """A copy of ``adapter`` whose every update sits on its target weight's device and dtype (sparse positions
+        as int64: one widening pass per attach, cheaper scatters and gathers on every switch)."""
 
         def move(key: str, kind: AdapterKind) -> AdapterKind:
             weight = self._targets[key].base.weight
+            if isinstance(kind, Sparse):  # int64 positions: the faster index_copy_/take (fusion.sparse_switching)
+                return kind.to(weight.device, weight.dtype, index_dtype=torch.int64)
             return kind.to(weight.device, weight.dtype)
 
         return Adapter(
