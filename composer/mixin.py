@@ -172,11 +172,11 @@ class ComposableMixin:
         engine = self._engine()
         stale = [n for n in engine.adapter_names if n not in weights and not _is_sparse(engine.adapters[n])]
         missing = [n for n in weights if n not in engine.adapters]
-        if stale:
+        if stale or (missing and not engine.fused):
             engine.set_strategy(None)
             for name in stale:
                 engine.remove_adapter(name)
-        if missing:  # attached under the active strategy: fused weights then switch in place, layer by layer
+        if missing:  # under a fused composition they attach at weight 0 and the fused weights switch in place
             engine.add_adapters([registered[n] for n in missing])
         try:
             engine.set_strategy(strategy)

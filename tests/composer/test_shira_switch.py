@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from composer.mixin import make_composable
-from fusion.adapters import Adapter, Sparse
+from fusion.adapters import Adapter, LowRank, Sparse
 from fusion.engine import FusionEngine
 from fusion.sparse import shira_budget
 
@@ -153,3 +153,26 @@ def test_removing_an_inactive_attached_adapter_keeps_the_composition_fused_in_pl
     assert all(torch.equal(v, fused[k]) for k, v in pipe.unet.state_dict().items())
     pipe.clear_composition()
     assert all(torch.equal(v, base[k]) for k, v in pipe.unet.state_dict().items())
+
+
+@torch.no_grad()
+def test_a_new_lora_joining_a_fused_shira_composition_attaches_in_place_and_restores(tiny_sd) -> None:
+    pipe = make_composable(tiny_sd)
+    unet = pipe.unet
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    (shira,) = _shira_adapters(unet, 1)
+    key = next(iter(shira.layers))
+    shape = tuple(unet.get_submodule(key).weight.shape)
+    gen = torch.Generator().manual_seed(3)
+    lora = Adapter("lora", "sd1", {key: LowRank(torch.randn(4, shape[1], generator=gen), torch.randn(shape[0], 4))})
+    pipe.add_adapter(shira)
+    pipe.add_adapter(lora)
+    pipe.set_composition({shira.name: 1.0})
+    pipe.set_composition({lora.name: 0.7})  # not attached yet: joins while the SHiRA weights are fused
+    expected = base[f"{key}.weight"] + 0.7 * lora.layers[key].delta()
+    assert torch.allclose(unet.get_submodule(key).weight, expected, atol=1e-5)
+    pipe.set_composition({shira.name: 0.5})
+    expected = (base[f"{key}.weight"].flatten().float() + 0.5 * shira.layers[key].delta().flatten()).reshape(shape)
+    assert torch.equal(unet.get_submodule(key).weight, expected)
+    pipe.clear_composition()
+    assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items())
