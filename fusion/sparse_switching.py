@@ -50,11 +50,15 @@ class FusedSparse:
 
 
 def merge_updates(updates: Updates) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted positions, fp32 Σ wᵢ·valuesᵢ there) for one weight's updates (union of supports for several)."""
+    """(sorted positions, Σ wᵢ·valuesᵢ there) for one weight's updates (union of supports for several).
+
+    The sum is fp32, except for one update at weight 1, whose values are returned as they are: added to a weight of
+    the same dtype they give the same once-rounded sum (half-precision adds run in fp32, and an fp32 sum of two
+    halves rounds to the nearest half exactly as the exact sum does), without a conversion pass.
+    """
     if len(updates) == 1:
         update, w = updates[0]
-        values = update.values.float()
-        return update.index, values if w == 1.0 else values * float(w)
+        return update.index, update.values if w == 1.0 else update.values.float() * float(w)
     index, inverse = torch.unique(torch.cat([u.index for u, _ in updates]), sorted=True, return_inverse=True)
     increment = torch.zeros(index.numel(), dtype=torch.float32, device=index.device)
     increment.index_add_(0, inverse, torch.cat([u.values.float() * float(w) for u, w in updates]))
@@ -79,7 +83,7 @@ def same_support(first: torch.Tensor, second: torch.Tensor) -> bool:
 
 
 def _combine(original: torch.Tensor, increment: torch.Tensor) -> torch.Tensor:
-    """original + increment (fp32), summed in fp32 and rounded once to the weight's dtype, as a dense fp32 sum is."""
+    """original + increment, summed in fp32 and rounded once to the weight's dtype, as a dense fp32 sum is."""
     return torch.add(original, increment, out=torch.empty_like(original))
 
 

@@ -155,3 +155,19 @@ def test_int32_positions_from_files_switch_like_int64_ones() -> None:
     assert both is not None
     restore_sparse(weight, both)
     assert torch.equal(weight, pristine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_values_at_weight_one_round_once_like_the_fp32_sum(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(4)
+    n = 1 << 14
+    magnitudes = torch.pow(2.0, torch.randint(-20, 12, (2, n), generator=gen).float())
+    weight = (torch.randn(n, generator=gen) * magnitudes[0]).to(dtype).reshape(128, 128)
+    values = (torch.randn(n, generator=gen) * magnitudes[1]).to(dtype)
+    pristine = weight.clone()
+    update = Sparse(torch.arange(n), values, (128, 128))
+    state = fuse_sparse(weight, [(update, 1.0)])
+    assert torch.equal(weight, (pristine.float() + values.float().reshape(128, 128)).to(dtype))
+    assert state is not None
+    restore_sparse(weight, state)
+    assert torch.equal(weight, pristine)
