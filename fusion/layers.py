@@ -40,6 +40,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -165,6 +166,13 @@ class _Slot:
     kind: AdapterKind
     start: int = 0
     stop: int = 0
+
+
+@lru_cache(maxsize=4096)
+def _index_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only tensor of ``values``, shared by every layer with the same list (most layers of one adapter set
+    map to the same few indices): building one per layer on every attach cost more than the rest of re-indexing."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _hide_base_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
@@ -301,15 +309,15 @@ class ComposedLayer(nn.Module, ABC):
                 scale += [slot.kind.scale] * slot.kind.rank
             else:
                 extra.append(index[slot.name])
-        low_rank = [index[slot.name] for slot in self.slots if isinstance(slot.kind, LowRank)]
-        owners = torch.tensor(owner, dtype=torch.long, device=device)
-        scales = torch.tensor(scale, dtype=torch.float32, device=device)
+        low_rank = tuple(index[slot.name] for slot in self.slots if isinstance(slot.kind, LowRank))
+        owners = _index_tensor(tuple(owner), torch.long, device)
+        scales = _index_tensor(tuple(scale), torch.float32, device)
         vars(self).update(  # plain attributes, set without nn.Module's checks: this runs per layer on every attach
             _slot_index=[index[slot.name] for slot in self.slots],
-            _output_owners=torch.tensor(low_rank, dtype=torch.long, device=device),
+            _output_owners=_index_tensor(low_rank, torch.long, device),
             _owner=owners,
             _col_scale=scales,
-            _extra_owner=torch.tensor(extra, dtype=torch.long, device=device),
+            _extra_owner=_index_tensor(tuple(extra), torch.long, device),
             _needs_effective=bool(extra),
             _prefers_effective=self.rank * (weight[0].numel() + weight.shape[0]) >= weight.numel(),
             _transient_rows=self._transient_threshold(),
