@@ -9,10 +9,11 @@ around the UNet, ``pipe.set_composition({"B": 1.0})`` after ``{"A": 1.0}`` (fuse
 - ``ours_memory_ms``: both adapters registered and switched before (their fused states cached in the composed
   layers: the steady state of a server toggling adapters);
 - ``ours_memory_uncached_ms``: the same with the layers' fused-state cache off (A's positions restored and B's base
-  values gathered and summed on every switch, chunk by chunk in one pass);
+  values gathered and summed on every switch, weight by weight);
 - ``ours_file_ms``: read B from its SHiRA file (``weights_index.read_adapter``), ``add_adapter``, ``set_composition``
-  and ``remove_adapter`` A — the whole from-file cycle; ``read_ms`` is the read alone (validated: sorted positions
-  in range, finite values);
+  and ``remove_adapter`` A — the whole from-file cycle, with the layers' fused-state cache at its default (B is a
+  new adapter, so its switch is uncached either way; the cache spares re-writing A when B attaches beside it);
+  ``read_ms`` is the read alone (validated: sorted positions in range, finite values);
 - ``raw_scatter_ms``: the floor — writing B's values at B's positions, nothing saved, nothing restored, nothing
   summed (what a switch would cost if A never had to come out), with the fastest of ``index_put_`` / ``put_`` /
   ``index_copy_`` (each reported: ``raw_index_put_ms``, ``raw_put_ms``, ``raw_index_copy_ms``), into scratch copies
@@ -130,6 +131,8 @@ def _ours(pipe: DiffusionPipeline, targets: dict[str, nn.Linear], files: list[Pa
         layer._sparse_cache = FusedSparseCache(capacity=0)
     uncached = _round_robin({"ours_memory_uncached_ms": switch, **floors}, repeats)
     floor = {name: uncached[name] for name in floors}
+    for layer in composable._engine().layers.values():
+        layer._sparse_cache = FusedSparseCache()  # the default again: a file's adapter is new to it in any case
     current = names[(repeats - 1) % 2]
 
     def from_file(i: int) -> None:
