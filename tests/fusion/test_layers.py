@@ -116,6 +116,21 @@ def test_removing_an_adapter_keeps_the_others_columns() -> None:
     assert layer.in_features == 10, "attribute lookups fall through to the base module"
 
 
+def test_index_tensors_built_under_inference_mode_still_serve_autograd() -> None:
+    g = torch.Generator().manual_seed(6)
+    updates = {name: kind for name, kind in _updates((9, 10), g).items() if name.startswith("lo")}
+    with torch.inference_mode():  # the first attach may run inside a pipeline call
+        _attach(ComposedLinear(nn.Linear(10, 9), "first", 0, GateState(1, torch.device("cpu"))), updates)
+    state = GateState(1, torch.device("cpu"))
+    layer = ComposedLinear(nn.Linear(10, 9), "second", 0, state)
+    _attach(layer, updates)  # same index lists: the same shared tensors
+    assert not layer._owner.is_inference()
+    weights = torch.tensor([[0.5, -0.3]], requires_grad=True)
+    state.set(weights, None)
+    layer(torch.randn(3, 10, generator=g)).sum().backward()
+    assert weights.grad is not None
+
+
 @pytest.mark.parametrize(
     ("device", "dtype"),
     [
