@@ -172,11 +172,15 @@ class ComposableMixin:
         engine = self._engine()
         stale = [n for n in engine.adapter_names if n not in weights and not _is_sparse(engine.adapters[n])]
         missing = [n for n in weights if n not in engine.adapters]
-        if stale or (missing and not engine.fused):
+        # Under a fused all-sparse composition new adapters attach at weight 0 (re-fusing the old weights is a
+        # cached no-op) and the fused weights then switch in place; anything else is stopped first, as re-fusing
+        # dense or low-rank updates would cost a full pass for nothing.
+        in_place = engine.fused and all(_is_sparse(engine.adapters[n]) for n in engine.adapter_names)
+        if stale or (missing and not in_place):
             engine.set_strategy(None)
             for name in stale:
                 engine.remove_adapter(name)
-        if missing:  # under a fused composition they attach at weight 0 and the fused weights switch in place
+        if missing:
             engine.add_adapters([registered[n] for n in missing])
         try:
             engine.set_strategy(strategy)
