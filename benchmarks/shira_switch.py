@@ -18,6 +18,9 @@ around the UNet, ``pipe.set_composition({"B": 1.0})`` after ``{"A": 1.0}`` (fuse
   summed (what a switch would cost if A never had to come out), with the fastest of ``index_put_`` / ``put_`` /
   ``index_copy_`` (each reported: ``raw_index_put_ms``, ``raw_put_ms``, ``raw_index_copy_ms``), into scratch copies
   of the weights and timed round-robin with the public switch, so drift on a shared machine hits both alike;
+- ``bare_switch_kernels_ms``: the kernels of an uncached switch alone (restore A's positions, gather B's base
+  values, add, write B) on scratch copies, no engine around them — how much of the gap to the floor is the third
+  memory pass a first-time switch must make, and how much is bookkeeping;
 - ``peer_cycle_ms``: diffusers, on a pipeline around the same UNet, ``unfuse_lora`` + ``delete_adapters`` (A) then
   ``load_lora_weights`` (B's file) + ``fuse_lora`` — the cycle a fused LoRA server pays per switch.
 
@@ -111,6 +114,28 @@ def _floors(weights: dict[str, torch.Tensor], update: Adapter) -> dict[str, Call
     }
 
 
+def _bare_switch(weights: dict[str, torch.Tensor], adapters: list[Adapter]) -> Callable[[int], None]:
+    """The kernels of an uncached switch and nothing else, on scratch copies of the weights: restore the current
+    adapter's positions, gather the next one's base values, add, write (call ``i`` switches to adapter ``i % 2``)."""
+    flats = {key: weight.detach().clone().view(-1) for key, weight in weights.items()}
+    updates = [
+        {key: (a.layers[key].index.long(), a.layers[key].values.to(flat.dtype)) for key, flat in flats.items()}
+        for a in adapters
+    ]
+    current = {key: (index, flats[key].take(index)) for key, (index, _) in updates[0].items()}
+
+    def switch(i: int) -> None:
+        for key, flat in flats.items():
+            old_index, original = current[key]
+            flat.index_copy_(0, old_index, original)
+            index, values = updates[i % 2][key]
+            base = flat.take(index)
+            flat.index_copy_(0, index, torch.add(base, values, out=torch.empty_like(base)))
+            current[key] = (index, base)
+
+    return switch
+
+
 @torch.no_grad()
 def _ours(pipe: DiffusionPipeline, targets: dict[str, nn.Linear], files: list[Path], repeats: int) -> dict[str, Any]:
     pristine = {k: m.weight.detach().clone() for k, m in targets.items()}
@@ -129,7 +154,8 @@ def _ours(pipe: DiffusionPipeline, targets: dict[str, nn.Linear], files: list[Pa
     cached = _median_ms(switch, repeats)
     for layer in composable._engine().layers.values():
         layer._sparse_cache = FusedSparseCache(capacity=0)
-    uncached = _round_robin({"ours_memory_uncached_ms": switch, **floors}, repeats)
+    bare = _bare_switch({k: m.weight for k, m in targets.items()}, adapters)
+    uncached = _round_robin({"ours_memory_uncached_ms": switch, "bare_switch_kernels_ms": bare, **floors}, repeats)
     floor = {name: uncached[name] for name in floors}
     for layer in composable._engine().layers.values():
         layer._sparse_cache = FusedSparseCache()  # the default again: a file's adapter is new to it in any case
@@ -154,6 +180,7 @@ def _ours(pipe: DiffusionPipeline, targets: dict[str, nn.Linear], files: list[Pa
         **floor,
         "ours_memory_ms": cached,
         "ours_memory_uncached_ms": uncached["ours_memory_uncached_ms"],
+        "bare_switch_kernels_ms": uncached["bare_switch_kernels_ms"],
         "ours_file_ms": from_file_ms,
         "read_ms": read,
         "restored_bit_exact": exact,
@@ -221,6 +248,9 @@ def run(quick: bool) -> dict[str, Any]:
                     **peer,
                     "uncached_vs_two_pass_floor": round(
                         ours["ours_memory_uncached_ms"] / (2 * ours["raw_scatter_ms"]), 2
+                    ),
+                    "bare_kernels_vs_two_pass_floor": round(
+                        ours["bare_switch_kernels_ms"] / (2 * ours["raw_scatter_ms"]), 2
                     ),
                     "ratio_file": round(peer["peer_cycle_ms"] / ours["ours_file_ms"], 2),
                     "ratio_memory": round(peer["peer_cycle_ms"] / ours["ours_memory_ms"], 2),

@@ -97,9 +97,11 @@ def test_prepared_state_is_reused_and_cache_drops_after_foreign_writes() -> None
 
 
 @torch.no_grad()
-def test_composed_layers_random_switches_restore_exactly() -> None:
+@pytest.mark.parametrize("capacity", [0, 1, 2, 4])
+def test_composed_layers_random_switches_restore_exactly(capacity: int) -> None:
     """200 random fused switches among 6 sparse adapters (some sharing supports) through composed layers, the one
-    implementation every public path uses; each fused weight is the dense sum, and unfusing restores bit-exactly."""
+    implementation every public path uses; each fused weight is the dense sum, and unfusing restores bit-exactly,
+    whatever the fused-state cache holds (nothing, or some states sharing base values on a shared support)."""
     gen = torch.Generator().manual_seed(3)
     bases = {"a": nn.Linear(24, 32), "b": nn.Linear(32, 16)}
     weights = {k: m.weight for k, m in bases.items()}
@@ -117,7 +119,7 @@ def test_composed_layers_random_switches_restore_exactly() -> None:
     layers = {k: ComposedLinear(base, k, 0, state) for k, base in bases.items()}
     index = {f"s{i}": i for i in range(6)}
     for key, layer in layers.items():
-        layer._sparse_cache = FusedSparseCache(capacity=2)
+        layer._sparse_cache = FusedSparseCache(capacity=capacity)
         for i, updates in enumerate(adapters):
             if key in updates:
                 layer.add(f"s{i}", updates[key])
@@ -132,7 +134,7 @@ def test_composed_layers_random_switches_restore_exactly() -> None:
             layer.fuse(vector)
             updates = [(adapters[i][key], w) for i, w in zip(chosen, scales) if key in adapters[i]]
             assert torch.allclose(weights[key], _expected(pristine[key], updates), atol=1e-6)
-    assert any(len(layer._sparse_cache) for layer in layers.values())
+    assert any(len(layer._sparse_cache) for layer in layers.values()) == bool(capacity)
     for layer in layers.values():
         layer.unfuse()
         assert not layer.fused
