@@ -381,9 +381,9 @@ class FusionEngine:
     def fuse(self, weights: torch.Tensor | Sequence[float]) -> None:
         """Write pristine W + Σ wᵢΔWᵢ into every composed layer's weight; (A,) or (A, G) weights. Re-fusing with
         other weights is an exact switch (always computed from the pristine copy)."""
-        per_group = self._per_group(weights)
+        rows = self._per_group(weights).unbind(0)  # one call for every group's row, not one per layer
         for layer in self._layers.values():
-            layer.fuse(per_group[layer.group])
+            layer.fuse(rows[layer.group])
         self._fused = True
 
     def unfuse(self) -> None:

@@ -84,6 +84,8 @@ def same_support(first: torch.Tensor, second: torch.Tensor) -> bool:
 
 def _combine(original: torch.Tensor, increment: torch.Tensor) -> torch.Tensor:
     """original + increment, summed in fp32 and rounded once to the weight's dtype, as a dense fp32 sum is."""
+    if increment.dtype == original.dtype:
+        return torch.add(original, increment)
     return torch.add(original, increment, out=torch.empty_like(original))
 
 
@@ -125,12 +127,12 @@ def fuse_sparse(
             current = None
         else:
             if current is not None:
-                restore_sparse(weight, current)
+                _write(flat, current.index, current.original)
                 current = None
             original = _read(flat, index)
             prepared = FusedSparse(index, original, _combine(original, increment))
     elif current is not None and not same_support(current.index, prepared.index):
-        restore_sparse(weight, current)
+        _write(flat, current.index, current.original)
     _write(flat, prepared.index, prepared.fused)
     return prepared
 
