@@ -169,7 +169,9 @@ class _Slot:
 
 
 @lru_cache(maxsize=4096)
-def _index_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _index_tensor(
+    values: tuple[int, ...] | tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """A read-only tensor of ``values``, shared by every layer with the same list (most layers of one adapter set
     map to the same few indices): building one per layer on every attach cost more than the rest of re-indexing.
     Made outside inference mode, so a tensor first built under it can still be saved for backward later."""

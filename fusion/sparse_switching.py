@@ -114,25 +114,24 @@ def fuse_sparse(
     and each sum rounded once to the weight's dtype, as a dense fp32 sum is.
     """
     flat = weight.detach().view(-1)
-    if prepared is None and not updates:
-        if current is not None:
-            restore_sparse(weight, current)
-        return None
     if prepared is not None and prepared is current:
         return current
-    if prepared is None:
-        index, increment = merge_updates(updates)
-        if current is not None and same_support(current.index, index):
-            prepared = FusedSparse(current.index, current.original, _combine(current.original, increment))
-            current = None
-        else:
-            if current is not None:
-                _write(flat, current.index, current.original)
-                current = None
-            original = _read(flat, index)
-            prepared = FusedSparse(index, original, _combine(original, increment))
-    elif current is not None and not same_support(current.index, prepared.index):
+    if prepared is None and not updates:
+        if current is not None:
+            _write(flat, current.index, current.original)
+        return None
+    index, increment = (prepared.index, None) if prepared is not None else merge_updates(updates)
+    shared = current is not None and same_support(current.index, index)
+    if current is not None and not shared:
         _write(flat, current.index, current.original)
+    if prepared is None:
+        assert increment is not None
+        if shared:
+            assert current is not None
+            index, original = current.index, current.original
+        else:
+            original = _read(flat, index)
+        prepared = FusedSparse(index, original, _combine(original, increment))
     _write(flat, prepared.index, prepared.fused)
     return prepared
 
