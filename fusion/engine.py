@@ -382,8 +382,9 @@ class FusionEngine:
         """Write pristine W + Σ wᵢΔWᵢ into every composed layer's weight; (A,) or (A, G) weights. Re-fusing with
         other weights is an exact switch (always computed from the pristine copy)."""
         rows = self._per_group(weights).unbind(0)  # one call for every group's row, not one per layer
-        for layer in self._layers.values():
-            layer.fuse(rows[layer.group])
+        with torch.no_grad():  # once here, not once per layer
+            for layer in self._layers.values():
+                layer.fuse(rows[layer.group])
         self._fused = True
 
     def unfuse(self) -> None:

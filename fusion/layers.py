@@ -483,13 +483,16 @@ class ComposedLayer(nn.Module, ABC):
             return [(kind, w) for kind, w in active if isinstance(kind, Sparse)]
         return None
 
-    @torch.no_grad()
     def fuse(self, weights: torch.Tensor) -> None:
         """Write pristine W + Σ wᵢΔWᵢ into the base weight (``weights``: (A,) for this layer's group).
 
         Sparse-only updates are scattered in place with the original entries saved (no full pristine copy);
-        anything else writes the dense sum, keeping a pristine copy of the weight.
+        anything else writes the dense sum, keeping a pristine copy of the weight. Runs without autograd (entered
+        here only when the caller has not: the engine fuses every layer under one ``no_grad``).
         """
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.fuse(weights)
         param = self.base.weight.detach()
         self._forget()
         sparse = self._sparse_updates(weights)

@@ -23,7 +23,7 @@ measures it against diffusers' LoRA cycle and against the bare two-scatter floor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,13 @@ class FusedSparse:
     index: torch.Tensor
     original: torch.Tensor
     fused: torch.Tensor
+    middle: int = field(default=-1, compare=False)
+    """``index[numel // 2]`` as a Python int, read once when the state is made (-1 when empty), so telling two
+    states' supports apart on a switch costs no tensor access (see :func:`same_support`)."""
+
+    def __post_init__(self) -> None:
+        if self.middle == -1:
+            self.middle = middle_position(self.index)
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +70,12 @@ def merge_updates(updates: Updates) -> tuple[torch.Tensor, torch.Tensor]:
     increment = torch.zeros(index.numel(), dtype=torch.float32, device=index.device)
     increment.index_add_(0, inverse, torch.cat([u.values.float() * float(w) for u, w in updates]))
     return index, increment
+
+
+def middle_position(index: torch.Tensor) -> int:
+    """The middle element of a position tensor as a Python int (-1 when empty): one read that tells most unequal
+    supports apart."""
+    return int(index[index.numel() // 2]) if index.numel() else -1
 
 
 def same_support(first: torch.Tensor, second: torch.Tensor) -> bool:
@@ -120,8 +133,14 @@ def fuse_sparse(
         if current is not None:
             _write(flat, current.index, current.original)
         return None
-    index, increment = (prepared.index, None) if prepared is not None else merge_updates(updates)
-    shared = current is not None and same_support(current.index, index)
+    if prepared is not None:
+        index, increment, middle = prepared.index, None, prepared.middle
+    else:
+        index, increment = merge_updates(updates)
+        middle = middle_position(index)
+    shared = current is not None and (
+        current.index is index or (current.middle == middle and same_support(current.index, index))
+    )
     if current is not None and not shared:
         _write(flat, current.index, current.original)
     if prepared is None:
@@ -131,7 +150,7 @@ def fuse_sparse(
             index, original = current.index, current.original
         else:
             original = _read(flat, index)
-        prepared = FusedSparse(index, original, _combine(original, increment))
+        prepared = FusedSparse(index, original, _combine(original, increment), middle)
     _write(flat, prepared.index, prepared.fused)
     return prepared
 

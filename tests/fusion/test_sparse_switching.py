@@ -75,6 +75,24 @@ def test_same_support_compares_contents_not_samples() -> None:
     assert not same_support(index, index[:-1])
 
 
+def test_supports_sharing_their_middle_position_are_still_told_apart() -> None:
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(30, 20, generator=gen)
+    pristine = weight.clone()
+    index = torch.arange(0, 600, 7)
+    moved = index.clone()
+    moved[3] += 1  # same size, same middle element: only a full comparison tells them apart
+    first, second = _sparse((30, 20), 0, gen, index=index), _sparse((30, 20), 0, gen, index=moved)
+    state = fuse_sparse(weight, [(first, 1.0)])
+    assert state is not None
+    switched = fuse_sparse(weight, [(second, 1.0)], current=state)
+    assert switched is not None
+    assert switched.middle == state.middle
+    assert torch.equal(weight, _expected(pristine, [(second, 1.0)]))
+    restore_sparse(weight, switched)
+    assert torch.equal(weight, pristine)
+
+
 def test_prepared_state_is_reused_and_cache_drops_after_foreign_writes() -> None:
     gen = torch.Generator().manual_seed(8)
     weight = torch.randn(40, 30, generator=gen)
