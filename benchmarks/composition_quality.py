@@ -9,7 +9,8 @@ LoRA alone on base-vocabulary scenes (its concept present; the prompt's other at
 weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.0: what a user types).
 
 ``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
-``--sets`` combinations per k (seeded) and writes docs/composition_quality.md and an image grid.
+``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k`` (the
+protocol's own rule, affordable on a CPU for k=2), and writes docs/composition_quality.md and an image grid.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def composition_sets(names: list[str], k: int) -> list[tuple[str, ...]]:
     return sets
 
 
+def chosen_sets(every: list[tuple[str, ...]], count: int | None, picker: random.Random) -> list[tuple[str, ...]]:
+    """``count`` sets drawn from ``every`` with ``picker``, or every one of them (``None``, or ``count`` ≥ all)."""
+    if count is None or count >= len(every):
+        return every
+    return picker.sample(every, count)
+
+
 def _sample(pipe: Any, prompts: str | list[str], seed: int, steps: int) -> torch.Tensor:
     """Images (B, 3, 64, 64) in [0, 1] for the prompts, at CFG 3 (toy-sd's default), from one seeded generator."""
     with torch.inference_mode():
@@ -95,6 +103,7 @@ def run_compositions(
     methods: tuple[str, ...],
     weight: float = WEIGHT,
     gates: Path | None = None,
+    every_set_k: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """For each k and method: element presence, all-elements success, win/tie/lose vs merge, seconds per image.
 
@@ -110,7 +119,7 @@ def run_compositions(
     samples: dict[str, dict[str, torch.Tensor]] = {}
     for k in ks:
         every = composition_sets(names, k)
-        chosen = every if sets_per_k >= len(every) else picker.sample(every, sets_per_k)
+        chosen = chosen_sets(every, sets_per_k if k not in every_set_k else None, picker)
         trials = [(combo, seed) for combo in chosen for seed in seeds]
         found: dict[str, list[int]] = {}
         row: dict[str, Any] = {"sets": len(chosen), "sets_possible": len(every), "images_per_method": len(trials)}
@@ -257,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sets", type=int, default=6, help="composition sets sampled per k (full mode)")
+    parser.add_argument(
+        "--every-set-k", default="", help="comma-separated k composed on every combination instead of --sets"
+    )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--alone-images", type=int, default=16)
@@ -300,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 methods,
                 args.weight,
                 gates,
+                tuple(int(k) for k in args.every_set_k.split(",") if k),
             ),
         }
     samples = result["compositions"].pop("_samples")

@@ -181,6 +181,20 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys) -> None:
             assert 0.0 <= row[method]["element_presence"] <= 1.0
 
 
+def test_quality_benchmark_composes_every_set_where_asked() -> None:
+    import random
+
+    from benchmarks.composition_quality import chosen_sets, composition_sets
+
+    every = composition_sets(list(CONCEPTS), 2)
+    assert len(every) == 3 * (2 + 2 + 2 + 2)
+    assert chosen_sets(every, None, random.Random(0)) == every
+    assert chosen_sets(every, 99, random.Random(0)) == every
+    drawn = chosen_sets(every, 5, random.Random(0))
+    assert len(set(drawn)) == 5
+    assert set(drawn) <= set(every)
+
+
 def test_gate_data_draws_captioned_compositions_around_a_character(tmp_path: Path) -> None:
     from PIL import Image
 
