@@ -107,6 +107,7 @@ def run_compositions(
 ) -> dict[str, Any]:
     """For each k and method: element presence, all-elements success, win/tie/lose vs merge, seconds per image.
 
+    Each k composes ``sets_per_k`` sets drawn with one seeded picker, or all of them for the k in ``every_set_k``.
     ``gated`` composes with the trained ``gates`` checkpoint (learned mode), read once and passed to every
     ``set_composition`` (a name or path there would be read again for each image)."""
     from composer.toyworld.verdict import judge_images

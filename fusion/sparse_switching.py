@@ -79,7 +79,7 @@ def middle_position(index: torch.Tensor) -> int:
 
 
 def same_support(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """True when two sorted position tensors are equal (a sampled check first, so unequal ones cost O(1)).
+    """True when two sorted position tensors are equal (a strided sample first, so most unequal ones stop there).
     :func:`fuse_sparse` compares the states' :attr:`FusedSparse.middle` before calling it."""
     if first is second:
         return True
