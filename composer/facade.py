@@ -86,6 +86,8 @@ class CompositionResult:
     paths: list[Path] = field(default_factory=list)
     plots: dict[str, Path] = field(default_factory=dict)
     """Plot kind (``scores``, ``gates``, ``weights``) → PNG, when plots were asked for."""
+    branches: str = "both"
+    """CFG branches the adapters acted on (``"conditional"``: the unconditional prediction came from the base)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (``plots`` only when plots were written)."""
@@ -98,6 +100,8 @@ class CompositionResult:
             "adapters": [a.as_dict() for a in self.adapters],
             "images": [str(p) for p in self.paths],
         }
+        if self.branches != "both":
+            summary["branches"] = self.branches
         if self.plots:
             summary["plots"] = {kind: str(path) for kind, path in self.plots.items()}
         return summary
@@ -330,7 +334,8 @@ class Composer:
         """Generate ``num_images`` images for ``prompt`` with the chosen adapters composed by ``method``.
 
         ``out`` is a folder: images are saved there as ``<seed>-<n>.png`` with sidecars. ``image`` is the input of
-        editing pipelines (Kontext, img2img). Method options (``tau``, ``mode``, ``fuse``...) pass through.
+        editing pipelines (Kontext, img2img). Method options (``tau``, ``mode``, ``fuse``...) and ``branches``
+        (``"conditional"``: adapters on CFG's conditional branch only) pass through to ``set_composition``.
         ``plot`` is a folder for PNG plots (see :meth:`_write_plots`), listed in ``result.plots``.
         """
         started = time.perf_counter()
@@ -379,6 +384,7 @@ class Composer:
             seed=seed,
             steps=steps,
             seconds=time.perf_counter() - started,
+            branches=options.get("branches", "both") if chosen else "both",
         )
         if out is not None:
             self._save(result, Path(out), guidance_scale, negative_prompt)
@@ -433,6 +439,7 @@ class Composer:
                 model=model,
                 sampler=type(self.pipe.scheduler).__name__,
                 method=result.method,
+                extra={"Composition branches": result.branches} if result.branches != "both" else {},
                 adapters=[
                     {"name": a.name, "weight": a.weight, "hash": a.hash, "reasons": a.reasons} for a in result.adapters
                 ],

@@ -13,13 +13,17 @@ with a ``unet`` or ``transformer`` and a ``scheduler``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from composer.presets import preset_family
 from fusion.adapter_cache import AdapterCache, file_key
 from fusion.adapters import Adapter, Dense, LowRank, Sparse
+from fusion.cfg_branches import check_branches
 from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
 from fusion.squeeze import combine
@@ -146,6 +150,7 @@ class ComposableMixin:
         weights: Mapping[str, WeightSpec],
         method: str = "merge",
         fuse: bool | None = None,
+        branches: str = "both",
         **options: Any,
     ) -> None:
         """Compose the named registered adapters with ``method`` (merge, switch, composite, ...).
@@ -154,6 +159,11 @@ class ComposableMixin:
         :mod:`fusion.schedules`). ``fuse=None`` fuses when the method allows and the weights are static;
         ``fuse=False`` forces unfused. Replaces any previous composition. ``method="gated"`` accepts
         ``gates="name"`` (or a path): a checkpoint written by ``compose train-gates``.
+
+        ``branches="conditional"`` puts the composition on classifier-free guidance's conditional branch only: the
+        unconditional half of every CFG batch runs on the base weights, its negative prompt encoded by the base text
+        encoders (:mod:`fusion.cfg_branches`). It runs unfused and needs an SD 1.x/2.x or SDXL pipeline; calls
+        without CFG (``guidance_scale`` ≤ 1) compose the whole batch as usual.
 
         Sparse (SHiRA) adapters stay attached at weight 0 when a composition leaves them out: fused, they cost
         nothing, and going from one fused SHiRA composition to another switches the weights in place (restoring
@@ -168,7 +178,12 @@ class ComposableMixin:
             )
         if not weights:
             raise CompositionError("a composition needs at least one adapter", hint="use clear_composition() instead")
-        strategy = get_strategy(method)(dict(weights), fuse=fuse, **_resolve_options(method, options))
+        check_branches(branches)
+        strategy_fuse = fuse
+        if branches == "conditional":
+            self._check_conditional_branch(fuse)
+            strategy_fuse = False
+        strategy = get_strategy(method)(dict(weights), fuse=strategy_fuse, **_resolve_options(method, options))
         engine = self._engine()
         stale = [n for n in engine.adapter_names if n not in weights and not _is_sparse(engine.adapters[n])]
         missing = [n for n in weights if n not in engine.adapters]
@@ -188,9 +203,43 @@ class ComposableMixin:
             previous = self._composer["composition"]
             self.clear_composition()
             if previous is not None:
-                self.set_composition(previous["weights"], previous["method"], previous["fuse"], **previous["options"])
+                self._restore(previous)
             raise
-        self._composer["composition"] = {"weights": dict(weights), "method": method, "fuse": fuse, "options": options}
+        engine.set_branches(branches)
+        self._composer["composition"] = {
+            "weights": dict(weights),
+            "method": method,
+            "fuse": fuse,
+            "branches": branches,
+            "options": options,
+        }
+
+    def _restore(self, composition: Mapping[str, Any], weights: Mapping[str, WeightSpec] | None = None) -> None:
+        """Set ``composition`` (as :attr:`composition` records it) again, optionally with other weights."""
+        self.set_composition(
+            composition["weights"] if weights is None else weights,
+            composition["method"],
+            composition["fuse"],
+            branches=composition["branches"],
+            **composition["options"],
+        )
+
+    def _check_conditional_branch(self, fuse: bool | None) -> None:
+        """Refuse ``branches="conditional"`` where it cannot be exact: fused weights, pipelines without an
+        ``[unconditional; conditional]`` CFG batch."""
+        if fuse:
+            raise CompositionError(
+                "adapters on the conditional branch only cannot be fused: the unconditional half of every batch "
+                "runs on the base weights",
+                hint="leave fuse unset (or False) with branches='conditional'",
+            )
+        if not isinstance(self, _cfg_batch_pipelines()):
+            raise CompositionError(
+                f"{type(self).__name__} does not hand the denoiser an [unconditional; conditional] CFG batch, so "
+                "its conditional branch cannot be composed alone",
+                hint="branches='conditional' works on StableDiffusion and StableDiffusionXL pipelines (text-to-image, "
+                "img2img, inpaint); use branches='both' here",
+            )
 
     def merged_updates(self) -> dict[str, LowRank | Dense]:
         """The exact Σ wᵢ·ΔWᵢ of every adapted layer under the active composition (weight-relative kinds resolved
@@ -239,7 +288,7 @@ class ComposableMixin:
         if current is not None and name in current["weights"]:
             rest = {k: v for k, v in current["weights"].items() if k != name}
             if rest:
-                self.set_composition(rest, current["method"], current["fuse"], **current["options"])
+                self._restore(current, rest)
             else:
                 self.clear_composition()
         engine = self._composer["engine"]
@@ -249,11 +298,50 @@ class ComposableMixin:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the pipeline as a new generation (the engine's hook is put back in the denoiser's call path first if a
-        re-installed offload hook dropped it)."""
+        re-installed offload hook dropped it). With the composition on the conditional branch only, a call with CFG
+        gets its negative prompt encoded by the base text encoders here."""
         engine = self._composer["engine"]
-        if engine is not None:
-            engine.reset_generation()
-        return super().__call__(*args, **kwargs)
+        if engine is None:
+            return super().__call__(*args, **kwargs)
+        call = inspect.signature(super().__call__).bind(*args, **kwargs)
+        halves = engine.branches == "conditional" and self._guides(call)
+        engine.reset_generation(cfg_halves=halves)
+        if halves and any(key.startswith(_TEXT_ENCODERS) for key in engine.layers):
+            self._encode_negative_on_base(call, engine)
+        return super().__call__(*call.args, **call.kwargs)
+
+    def _guides(self, call: inspect.BoundArguments) -> bool:
+        """Whether this pipeline call runs classifier-free guidance (the rule SD and SDXL pipelines apply)."""
+        scale = call.arguments.get("guidance_scale", call.signature.parameters["guidance_scale"].default)
+        return float(scale) > 1.0 and getattr(self._denoiser().config, "time_cond_proj_dim", None) is None
+
+    def _encode_negative_on_base(self, call: inspect.BoundArguments, engine: FusionEngine) -> None:
+        """Encode the call's negative prompt with every adapter muted (through the pipeline's own ``encode_prompt``,
+        so empty prompts, SDXL's zeroed negatives and batch rules stay the pipeline's) and hand it over as
+        ``negative_prompt_embeds``."""
+        arguments = call.arguments
+        if arguments.get("negative_prompt_embeds") is not None:
+            return
+        is_xl = getattr(self, "text_encoder_2", None) is not None or hasattr(self, "tokenizer_2")
+        request: dict[str, Any] = {
+            "prompt": arguments.get("prompt"),
+            "device": self._execution_device,
+            "num_images_per_prompt": 1,
+            "do_classifier_free_guidance": True,
+            "negative_prompt": arguments.pop("negative_prompt", None),
+            "prompt_embeds": arguments.get("prompt_embeds"),
+        }
+        if is_xl:
+            request.update(
+                prompt_2=arguments.get("prompt_2"),
+                negative_prompt_2=arguments.pop("negative_prompt_2", None),
+                pooled_prompt_embeds=arguments.get("pooled_prompt_embeds"),
+            )
+        with torch.no_grad(), engine.muted():
+            encoded = self.encode_prompt(**request)
+        arguments["negative_prompt_embeds"] = encoded[1]
+        if is_xl:
+            arguments["negative_pooled_prompt_embeds"] = encoded[3]
 
 
 def _resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,6 +352,27 @@ def _resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
         resolved["gates"] = load_gates(resolved["gates"])
     return resolved
+
+
+def _cfg_batch_pipelines() -> tuple[type, ...]:
+    """The pipeline classes that hand their denoiser one ``[unconditional; conditional]`` batch under CFG."""
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    return (
+        StableDiffusionPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+    )
 
 
 def _is_sparse(adapter: Adapter) -> bool:

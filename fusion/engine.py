@@ -17,6 +17,10 @@ model's other diffusers and accelerate hooks. Each call's step index comes from 
 known, a strategy whose weights change over steps is refused (:class:`fusion.errors.StepUnknownError`); others run
 as step 0 of 1.
 
+With :meth:`FusionEngine.set_branches` ``("conditional")`` and a generation started with ``cfg_halves=True``, each
+call's unconditional half runs on the base weights (every adapter muted) and only the conditional half goes to the
+strategy (:mod:`fusion.cfg_branches`).
+
 :meth:`FusionEngine.clear` restores every touched weight from its pristine copy, puts every base module back in its
 parent and detaches the hook, leaving the model bit-identical to before the engine existed (and every hook it had).
 """
@@ -25,13 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from fusion.adapters import Adapter, AdapterKind, Dense, LowRank, Sparse, validate_shapes
+from fusion.cfg_branches import batch_slice, cfg_halves, check_branches
 from fusion.denoiser_hook import attach, detach, reroute
 from fusion.errors import CompositionError, ShapeMismatchError, StepUnknownError, UnsupportedModelError
 from fusion.layer_groups import BlockLayout
@@ -40,7 +46,7 @@ from fusion.relative import Relative
 from fusion.schedules import build_weight_table
 from fusion.sparse import check_base_fingerprint
 from fusion.steps import StepClock
-from fusion.strategies.base import StepContext, Strategy, WeightSpec
+from fusion.strategies.base import NON_BATCH_ARGUMENTS, StepContext, Strategy, WeightSpec, output_tensor
 
 _LATENT_ARGUMENTS = ("sample", "hidden_states")
 _PLAIN_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -133,6 +139,8 @@ class FusionEngine:
         self._last_step = -1
         self._num_steps = 0
         self._generation: Any = None
+        self.branches = "both"
+        self._cfg_halves = False
         self._timestep_position = self._find_timestep_position(denoiser)
         self._hook = attach(denoiser, self._route)
 
@@ -433,11 +441,33 @@ class FusionEngine:
         self.reset_generation()
         self._resume()
 
-    def reset_generation(self) -> None:
+    def reset_generation(self, *, cfg_halves: bool = False) -> None:
         """The next denoiser call starts a generation (the mixin calls this per pipeline call); puts the engine's
-        hook back in the denoiser's call path if a re-installed wrapper dropped it (model cpu offload does)."""
+        hook back in the denoiser's call path if a re-installed wrapper dropped it (model cpu offload does).
+        ``cfg_halves`` says this generation's denoiser batches are ``[unconditional; conditional]`` CFG halves."""
         self._fresh = True
+        self._cfg_halves = cfg_halves
         reroute(self.denoiser, self._hook)
+
+    def set_branches(self, branches: str) -> None:
+        """Which CFG branches the adapters act on: ``"both"`` or ``"conditional"`` (see :mod:`fusion.cfg_branches`;
+        the unconditional half of generations started with ``cfg_halves=True`` then runs on the base weights)."""
+        self.branches = check_branches(branches)
+
+    @contextmanager
+    def muted(self) -> Iterator[None]:
+        """Every composed layer computes its base output alone inside this block (refused while fused: the fused
+        base weights carry the adapters)."""
+        if self._fused:
+            raise CompositionError(
+                "adapters cannot be muted while they are fused into the base weights",
+                hint="compose with fuse=False",
+            )
+        self.state.muted = True
+        try:
+            yield
+        finally:
+            self.state.muted = False
 
     @staticmethod
     def _find_timestep_position(denoiser: nn.Module) -> int | None:
@@ -485,17 +515,49 @@ class FusionEngine:
         if start:
             strategy.start_generation(self, num_steps)
         latent = args[0] if args else next((kwargs[k] for k in _LATENT_ARGUMENTS if k in kwargs), None)
+        batch = int(latent.shape[0]) if isinstance(latent, torch.Tensor) else 1
+        if self.branches == "conditional" and self._cfg_halves:
+            return self._route_conditional(forward, args, kwargs, batch, step, num_steps, timestep)
         ctx = StepContext(
             engine=self,
             step=step,
             num_steps=num_steps,
             timestep=timestep,
-            batch_size=int(latent.shape[0]) if isinstance(latent, torch.Tensor) else 1,
+            batch_size=batch,
             args=args,
             kwargs=kwargs,
             forward=forward,
         )
         return strategy.step(ctx)
+
+    def _route_conditional(
+        self,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        batch: int,
+        step: int,
+        num_steps: int,
+        timestep: Any,
+    ) -> Any:
+        """One CFG call with the adapters on its conditional half only: the unconditional half through the base
+        weights, the conditional half through the strategy, the two predictions stacked back in the batch's order."""
+        assert self.strategy is not None
+        (base_args, base_kwargs), (cond_args, cond_kwargs) = cfg_halves(args, kwargs, batch, NON_BATCH_ARGUMENTS)
+        with self.muted():
+            unconditional = output_tensor(forward(*base_args, **base_kwargs))
+        ctx = StepContext(
+            engine=self,
+            step=step,
+            num_steps=num_steps,
+            timestep=batch_slice(timestep, batch // 2, batch, batch),
+            batch_size=batch // 2,
+            args=cond_args,
+            kwargs=cond_kwargs,
+            forward=forward,
+        )
+        conditional = output_tensor(self.strategy.step(ctx))
+        return ctx.wrap(torch.cat([unconditional, conditional]))
 
     # ----- teardown --------------------------------------------------------------------------------------------
 

@@ -104,12 +104,14 @@ class _Bank:
 
 class GateState:
     """Adapter weights every composed layer of one engine reads: ``weights`` (G, A), optional ``sample_weights``
-    (N, G, A), a ``version`` bumped on every change, and the flat per-column gate buffers computed from them."""
+    (N, G, A), a ``version`` bumped on every change, and the flat per-column gate buffers computed from them.
+    While ``muted`` every unfused composed layer computes its base output alone."""
 
     def __init__(self, num_groups: int, device: torch.device) -> None:
         self.device = device
         self.weights = torch.zeros(num_groups, 0, device=device)
         self.sample_weights: torch.Tensor | None = None
+        self.muted = False
         self.version = 0
         self.generation = 0
         self._columns: dict[int, _Columns] = {}
@@ -635,8 +637,8 @@ class ComposedLayer(nn.Module, ABC):
         return y if bias is None else y + self._broadcast(bias[None], y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output plus every attached update at the current weights (the base alone while fused)."""
-        if self.fused or not self.slots:
+        """Base output plus every attached update at the current weights (the base alone while fused or muted)."""
+        if self.fused or not self.slots or self.state.muted:
             return self.base(x)
         if torch.compiler.is_compiling() and self._traceable():
             return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)

@@ -8,6 +8,7 @@ from typing import Any
 
 from composer.model_default import default_model
 from composer.reporting import emit_json, format_table
+from fusion.cfg_branches import BRANCHES
 from fusion.strategies import BUILTIN
 
 METHODS = tuple(BUILTIN)
@@ -47,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=("batched", "sequential"), default=None, help="composite: execution mode")
     parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
     parser.add_argument(
+        "--branches",
+        choices=BRANCHES,
+        default="both",
+        help="CFG branches the adapters act on: both (as pipelines do) or conditional (the unconditional "
+        "prediction from the base model; SD/SDXL)",
+    )
+    parser.add_argument(
         "--gates",
         default=None,
         metavar="NAME",
@@ -75,6 +83,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         extra["fuse"] = False
     if args.gates is not None:
         extra["gates"] = args.gates
+    if args.branches != "both":
+        extra["branches"] = args.branches
     height, width = args.size if args.size else (None, None)
     return {
         "loras": args.loras,

@@ -62,7 +62,13 @@ def test_compose_run_and_clear_bit_exactly(tiny_sd: Any) -> None:
     pipe.add_adapter(_lora(pipe.unet, "sd1", "other", 1), name="char")
     assert _same(pipe.unet, unet_before), "registering alone touches nothing"
     pipe.set_composition({"style": 0.8, "char": 0.6})
-    assert pipe.composition == {"weights": {"style": 0.8, "char": 0.6}, "method": "merge", "fuse": None, "options": {}}
+    assert pipe.composition == {
+        "weights": {"style": 0.8, "char": 0.6},
+        "method": "merge",
+        "fuse": None,
+        "branches": "both",
+        "options": {},
+    }
     both = _latents(pipe)
     assert (both - base).abs().max() > 1e-3
     pipe.set_composition({"style": 0.8, "char": "0@0,1@1"}, fuse=False)

@@ -265,3 +265,28 @@ def test_shira_for_another_base_is_refused_before_anything_changes(tiny_sd: Any)
     assert all(torch.equal(state[k], v) for k, v in before[0].items())
     engine.add_adapters([good])  # fused "live" changed the weights; the check reads the pristine ones
     assert engine.adapter_names == ["live", "good"]
+
+
+def test_muting_gives_the_base_output_and_is_refused_while_fused(tiny_sd: Any) -> None:
+    engine = _engine(tiny_sd)
+    keys = _attention_keys(engine)
+    engine.add_adapter(_adapter("live", engine.expected_shapes, keys, seed=0))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 7, tiny_sd.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = tiny_sd.unet(x, 10, encoder_hidden_states=text).sample
+        engine.set_strategy(get_strategy("merge")({"live": 0.8}, fuse=False))
+        with engine.muted():
+            muted = tiny_sd.unet(x, 10, encoder_hidden_states=text).sample
+        adapted = tiny_sd.unet(x, 10, encoder_hidden_states=text).sample
+        torch.testing.assert_close(muted, base, atol=0, rtol=0)
+        assert (adapted - base).abs().max() > 1e-4
+        engine.set_strategy(get_strategy("merge")({"live": 0.8}))
+        assert engine.fused
+        with pytest.raises(CompositionError, match="fused"), engine.muted():
+            pass
+        engine.set_branches("conditional")
+        engine.reset_generation(cfg_halves=True)
+        with pytest.raises(CompositionError, match="fused"):
+            tiny_sd.unet(x, 10, encoder_hidden_states=text)
+    engine.clear()

@@ -1,0 +1,153 @@
+"""Adapters on CFG's conditional branch only (``set_composition(..., branches="conditional")``): exactly the CFG loop
+in which the unconditional prediction and the negative prompt come from the base model and the conditional ones from
+the adapted model; refused (changing nothing) where that cannot be exact."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from composer.mixin import make_composable
+from fusion.adapters import Adapter, LowRank
+from fusion.errors import CompositionError
+
+GUIDANCE = 3.0
+STEPS = 3
+SIZE = 32
+
+
+def _factors(module: nn.Linear, g: torch.Generator, rank: int = 4) -> LowRank:
+    out_f, in_f = module.weight.shape
+    return LowRank(torch.randn(rank, in_f, generator=g) * 0.2, torch.randn(out_f, rank, generator=g) * 0.2)
+
+
+def _lora_with_text_parts(pipe: Any, name: str, seed: int) -> Adapter:
+    """A LoRA on the UNet's attention projections and on the text encoder's (kohya's usual coverage)."""
+    g = torch.Generator().manual_seed(seed)
+    unet = {
+        path: _factors(module, g)
+        for path, module in pipe.unet.named_modules()
+        if isinstance(module, nn.Linear) and path.endswith(("to_q", "to_k", "to_v"))
+    }
+    text = {
+        f"text_encoder.{path}": _factors(module, g)
+        for path, module in pipe.text_encoder.named_modules()
+        if isinstance(module, nn.Linear) and path.endswith(("q_proj", "v_proj"))
+    }
+    return Adapter(name, pipe.family, unet, text_encoder_layers=text)
+
+
+def _generate(pipe: Any, **kwargs: Any) -> torch.Tensor:
+    call = {
+        "num_inference_steps": STEPS,
+        "height": SIZE,
+        "width": SIZE,
+        "guidance_scale": GUIDANCE,
+        "negative_prompt": "blurry",
+        "output_type": "latent",
+        **kwargs,
+    }
+    return pipe("a corgi", generator=torch.Generator().manual_seed(0), **call).images
+
+
+@torch.no_grad()
+def _reference_cfg_loop(pipe: Any, base_unet: nn.Module, negative: torch.Tensor, positive: torch.Tensor) -> Any:
+    """The SD sampling loop written out: ε = ε_base(z, negative) + g·(ε_adapted(z, positive) − ε_base(z, negative))."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(STEPS)
+    shape = (1, pipe.unet.config.in_channels, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor)
+    latents = randn_tensor(shape, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        z = scheduler.scale_model_input(latents, t)
+        unconditional = base_unet(z, t, encoder_hidden_states=negative).sample
+        conditional = pipe.unet(z, t, encoder_hidden_states=positive).sample
+        eps = unconditional + GUIDANCE * (conditional - unconditional)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def test_conditional_branch_is_the_cfg_loop_with_a_base_unconditional_branch(tiny_sd: Any) -> None:
+    pipe = make_composable(tiny_sd)
+    base_unet = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        negative = pipe.encode_prompt("a corgi", "cpu", 1, True, "blurry")[1]
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.set_composition({"style": 0.8})
+    with torch.no_grad():
+        positive = pipe.encode_prompt("a corgi", "cpu", 1, False)[0]
+    expected = _reference_cfg_loop(pipe, base_unet, negative, positive)
+    both = _generate(pipe)
+
+    pipe.set_composition({"style": 0.8}, branches="conditional")
+    assert pipe.composition["branches"] == "conditional"
+    conditional = _generate(pipe)
+    torch.testing.assert_close(conditional, expected, atol=2e-5, rtol=1e-4)
+    assert (conditional - both).abs().max() > 1e-3, "the unconditional branch no longer carries the adapter"
+
+
+def test_every_method_composes_the_conditional_half_alone(tiny_sd: Any) -> None:
+    """Each strategy sees only the conditional half: with one adapter every method is the same composition."""
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.set_composition({"style": 0.8}, branches="conditional")
+    merged = _generate(pipe)
+    for method, options in [("switch", {}), ("composite", {"mode": "batched"}), ("gated", {"mode": "table"})]:
+        pipe.set_composition({"style": 0.8}, method=method, branches="conditional", **options)
+        torch.testing.assert_close(_generate(pipe), merged, atol=2e-5, rtol=1e-4, msg=method)
+
+
+def test_without_guidance_the_whole_batch_is_composed(tiny_sd: Any) -> None:
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.set_composition({"style": 0.8}, fuse=False)
+    both = _generate(pipe, guidance_scale=1.0)
+    pipe.set_composition({"style": 0.8}, branches="conditional")
+    torch.testing.assert_close(_generate(pipe, guidance_scale=1.0), both, atol=0, rtol=0)
+
+
+def test_sdxl_negative_prompt_is_encoded_on_the_base(tiny_sdxl: Any) -> None:
+    pipe = make_composable(tiny_sdxl)
+    with torch.no_grad():
+        base = pipe.encode_prompt("a corgi", negative_prompt="blurry", device="cpu")
+    g = torch.Generator().manual_seed(3)
+    text = {
+        f"{name}.{path}": _factors(module, g)
+        for name in ("text_encoder", "text_encoder_2")
+        for path, module in getattr(pipe, name).named_modules()
+        if isinstance(module, nn.Linear) and path.endswith("q_proj")
+    }
+    pipe.add_adapter(Adapter("style", "sdxl", {}, text_encoder_layers=text))
+    pipe.set_composition({"style": 1.0}, branches="conditional")
+    seen: list[torch.Tensor] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    try:
+        _generate(pipe, num_inference_steps=1)
+    finally:
+        hook.remove()
+    first = seen[0]
+    torch.testing.assert_close(first["encoder_hidden_states"][:1], base[1], atol=0, rtol=0)
+    torch.testing.assert_close(first["added_cond_kwargs"]["text_embeds"][:1], base[3], atol=0, rtol=0)
+    assert (first["encoder_hidden_states"][1:] - base[0]).abs().max() > 1e-3, "the prompt is encoded adapted"
+
+
+def test_refusals_change_nothing(tiny_sd: Any, tiny_flux: Any) -> None:
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.set_composition({"style": 0.5})
+    before = pipe.composition
+    with pytest.raises(CompositionError, match="cannot be fused"):
+        pipe.set_composition({"style": 0.8}, fuse=True, branches="conditional")
+    with pytest.raises(CompositionError, match="branches must be one of"):
+        pipe.set_composition({"style": 0.8}, branches="negative")
+    assert pipe.composition == before
+
+    flux = make_composable(tiny_flux)
+    flux.add_adapter(Adapter("empty", "flux", {}))
+    with pytest.raises(CompositionError, match="unconditional; conditional"):
+        flux.set_composition({"empty": 1.0}, branches="conditional")
+    assert flux.composition is None

@@ -1,0 +1,35 @@
+"""Splitting a CFG batch's denoiser arguments into its unconditional and conditional halves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion.cfg_branches import batch_slice, cfg_halves, check_branches
+from fusion.errors import CompositionError
+
+
+def test_halves_split_every_batch_tensor_and_keep_the_rest() -> None:
+    latent = torch.arange(4.0)[:, None]
+    added = {"text_embeds": torch.arange(8.0).reshape(4, 2), "time_ids": [torch.ones(4, 6)]}
+    (u_args, u_kwargs), (c_args, c_kwargs) = cfg_halves(
+        (latent, torch.tensor(999)),
+        {"added_cond_kwargs": added, "cross_attention_kwargs": {"scale": torch.ones(4)}, "return_dict": False},
+        4,
+        frozenset({"cross_attention_kwargs", "return_dict"}),
+    )
+    assert u_args[0].flatten().tolist() == [0.0, 1.0]
+    assert c_args[0].flatten().tolist() == [2.0, 3.0]
+    assert int(u_args[1]) == int(c_args[1]) == 999, "a 0-d timestep is shared"
+    assert c_kwargs["added_cond_kwargs"]["text_embeds"].tolist() == [[4.0, 5.0], [6.0, 7.0]]
+    assert c_kwargs["added_cond_kwargs"]["time_ids"][0].shape == (2, 6)
+    assert u_kwargs["cross_attention_kwargs"]["scale"].shape == (4,), "kept arguments pass whole"
+    assert c_kwargs["return_dict"] is False
+
+
+def test_odd_batches_and_unknown_branch_names_are_refused() -> None:
+    with pytest.raises(CompositionError, match="two halves"):
+        cfg_halves((torch.zeros(3, 1),), {}, 3, frozenset())
+    with pytest.raises(CompositionError, match="branches must be one of"):
+        check_branches("unconditional")
+    assert batch_slice("text", 0, 1, 2) == "text"
