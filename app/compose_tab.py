@@ -94,6 +94,11 @@ def build(service: CompositionService) -> None:
                 steps = gr.Slider(0, 60, value=0, step=1, label="Steps (0 = model default)", elem_id="steps")
                 seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                 count = gr.Slider(1, 4, value=1, step=1, label="Images", elem_id="count")
+                conditional = gr.Checkbox(
+                    False,
+                    label="Adapters on the conditional branch only (CFG's unconditional prediction from the base)",
+                    elem_id="conditional",
+                )
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="gallery")
@@ -119,6 +124,7 @@ def build(service: CompositionService) -> None:
         step_count: float,
         seed_value: float,
         images: float,
+        conditional_only: bool,
         past: list[tuple[str, str]],
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's documented idiom)
     ) -> tuple[list[tuple[str, str]], list[list[Any]], str, list[tuple[str, str]]]:
@@ -132,15 +138,17 @@ def build(service: CompositionService) -> None:
                 seed=int(seed_value or 0),
                 num_images=int(images),
                 progress=True,
+                branches="conditional" if conditional_only else "both",
             )
         except ComposerError as exc:
             raise gr.Error(str(exc)) from exc
-        caption = f"seed {result.seed} · {result.method}"
+        method_shown = f"{result.method} (conditional branch)" if result.branches == "conditional" else result.method
+        caption = f"seed {result.seed} · {method_shown}"
         shown = [(str(path), caption) for path in result.paths] + list(past)
         shown = shown[:HISTORY]
         used = ", ".join(f"`{a.name}`" for a in result.adapters) or "none (base model)"
         text_summary = (
-            f"**Prompt used:** {result.prompt}\n\n**Adapters:** {used} · **method** {result.method} · "
+            f"**Prompt used:** {result.prompt}\n\n**Adapters:** {used} · **method** {method_shown} · "
             f"{result.steps} steps · seed {result.seed} · {result.seconds:.2f} s"
         )
         return shown, why_rows(result), text_summary, shown
@@ -149,7 +157,7 @@ def build(service: CompositionService) -> None:
     picker.change(sync_editor, [picker, editor], editor, api_visibility="private")
     generate_button.click(
         generate,
-        [prompt, mode, editor, method, steps, seed, count, history],
+        [prompt, mode, editor, method, steps, seed, count, conditional, history],
         [gallery, why, summary, history],
         api_name="generate",
     )

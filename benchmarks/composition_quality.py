@@ -8,6 +8,10 @@ win/tie/lose against merge on the number of elements present (ties counted as ti
 LoRA alone on base-vocabulary scenes (its concept present; the prompt's other attributes kept), at the protocol's
 weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.0: what a user types).
 
+``--branches both,conditional`` adds rows with every adapter on CFG's conditional branch only
+(``set_composition(..., branches="conditional")``: the unconditional prediction from the base model), labelled
+``<method> (cond)``; win/tie/lose is always against plain merge on both branches, the protocol's baseline.
+
 ``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
 ``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k`` (the
 protocol's own rule, affordable on a CPU for k=2), and writes docs/composition_quality.md and an image grid.
@@ -29,6 +33,13 @@ import torch
 METHODS = ("merge", "switch", "composite", "cmlora", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
 WEIGHT = 0.8
+BRANCHES = ("both", "conditional")
+
+
+def variant(method: str, branches: str) -> str:
+    """The row label of ``method`` composed on ``branches``: the method's name, ``"<method> (cond)"`` for the
+    conditional branch only."""
+    return method if branches == "both" else f"{method} (cond)"
 
 
 def _pipeline(library: Path) -> tuple[Any, list[str]]:
@@ -104,8 +115,10 @@ def run_compositions(
     weight: float = WEIGHT,
     gates: Path | None = None,
     every_set_k: tuple[int, ...] = (),
+    branches: tuple[str, ...] = ("both",),
 ) -> dict[str, Any]:
-    """For each k and method: element presence, all-elements success, win/tie/lose vs merge, seconds per image.
+    """For each k and method (on each of ``branches``, see :func:`variant`): element presence, all-elements success,
+    win/tie/lose vs merge, seconds per image.
 
     Each k composes ``sets_per_k`` sets drawn with one seeded picker, or all of them for the k in ``every_set_k``.
     ``gated`` composes with the trained ``gates`` checkpoint (learned mode), read once and passed to every
@@ -124,31 +137,32 @@ def run_compositions(
         trials = [(combo, seed) for combo in chosen for seed in seeds]
         found: dict[str, list[int]] = {}
         row: dict[str, Any] = {"sets": len(chosen), "sets_possible": len(every), "images_per_method": len(trials)}
-        for method in methods:
+        for method, branch in itertools.product(methods, branches):
+            label = variant(method, branch)
             counts, successes, seconds = [], 0, 0.0
             for combo, seed in trials:
                 prompt = _prompt(combo, seed)
                 options = {"gates": bank} if method == "gated" else {}
-                pipe.set_composition(dict.fromkeys(combo, weight), method=method, **options)
+                pipe.set_composition(dict.fromkeys(combo, weight), method=method, branches=branch, **options)
                 image, per_image = _generate(pipe, prompt, seed, steps)
                 pipe.clear_composition()
                 verdict = judge_images(image, [prompt], [list(combo)])[0]
-                samples.setdefault(f"k={k}: {prompt}", {}).setdefault(method, image[0])
+                samples.setdefault(f"k={k}: {prompt}", {}).setdefault(label, image[0])
                 present = sum(verdict.concepts.values())
                 counts.append(present)
                 successes += present == len(combo)
                 seconds += per_image
-            found[method] = counts
-            row[method] = {
+            found[label] = counts
+            row[label] = {
                 "element_presence": round(sum(counts) / (len(trials) * k), 3),
                 "all_elements": round(successes / len(trials), 3),
                 "seconds_per_image": round(seconds / len(trials), 2),
             }
-        for method in methods:
-            if method == "merge" or "merge" not in found:
+        for label in found:
+            if label == "merge" or "merge" not in found:
                 continue
-            pairs = list(zip(found[method], found["merge"]))
-            row[method]["vs_merge"] = {
+            pairs = list(zip(found[label], found["merge"]))
+            row[label]["vs_merge"] = {
                 "win": sum(a > b for a, b in pairs),
                 "tie": sum(a == b for a, b in pairs),
                 "lose": sum(a < b for a, b in pairs),
@@ -158,8 +172,11 @@ def run_compositions(
     return table
 
 
-def run_alone(pipe: Any, names: list[str], images: int, steps: int, weight: float = WEIGHT) -> dict[str, Any]:
-    """Each LoRA alone at ``weight`` on base scenes: its concept present, and the prompt's other attributes kept."""
+def run_alone(
+    pipe: Any, names: list[str], images: int, steps: int, weight: float = WEIGHT, branches: str = "both"
+) -> dict[str, Any]:
+    """Each LoRA alone at ``weight`` (on ``branches``) on base scenes: its concept present, and the prompt's other
+    attributes kept."""
     from composer.toyworld.verdict import judge_images
     from composer.toyworld.world import CONCEPTS, caption, sample_scene
 
@@ -169,7 +186,7 @@ def run_alone(pipe: Any, names: list[str], images: int, steps: int, weight: floa
         rng = random.Random(7)
         scenes = [sample_scene(rng).with_concepts(concept) for _ in range(images)]
         prompts = [caption(scene, rng, (concept,)) for scene in scenes]
-        pipe.set_composition({name: weight}, method="merge")
+        pipe.set_composition({name: weight}, method="merge", branches=branches)
         out = _sample(pipe, prompts, 0, steps)
         pipe.clear_composition()
         verdicts = judge_images(out, prompts, [[name]] * images)
@@ -202,7 +219,13 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
     """docs/composition_quality.md (the tables) and composition_quality.png (every set and seed by method)."""
     from PIL import Image, ImageDraw
 
-    methods = [m for m in METHODS if any(m in row for row in result["compositions"].values())]
+    methods = list(
+        dict.fromkeys(
+            label for row in result["compositions"].values() for label, cell in row.items() if isinstance(cell, dict)
+        )
+    )
+    conditional = result.get("alone_conditional")
+    cond_header = f" concept present at {result['weight']} (cond) | others kept at {result['weight']} (cond) |"
     lines = [
         "# Composition quality on the toy world (generated by benchmarks/composition_quality.py)",
         "",
@@ -218,11 +241,17 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
         "## Each LoRA alone",
         "",
         f"| adapter | concept present at {result['weight']} | other attributes kept at {result['weight']} | "
-        f"concept present at {result['preferred_weight']} | other attributes kept at {result['preferred_weight']} |",
-        "|---|---|---|---|---|",
+        f"concept present at {result['preferred_weight']} | other attributes kept at {result['preferred_weight']} |"
+        + (cond_header if conditional else ""),
+        "|---|---|---|---|---|" + ("---|---|" if conditional else ""),
         *(
             f"| {n} | {r['concept_present']:.0%} | {r['others_kept']:.0%} | "
             f"{p['concept_present']:.0%} | {p['others_kept']:.0%} |"
+            + (
+                f" {conditional[n]['concept_present']:.0%} | {conditional[n]['others_kept']:.0%} |"
+                if conditional
+                else ""
+            )
             for (n, r), p in zip(result["alone"].items(), result["alone_preferred"].values())
         ),
         "",
@@ -279,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gates", type=Path, default=None, help="gates for gated (default: the toy library's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings in the docs: 1)")
     parser.add_argument("--weight", type=float, default=WEIGHT, help="every adapter's weight (protocol: 0.8)")
+    parser.add_argument(
+        "--branches",
+        default="both",
+        help="comma-separated CFG branches to compose on: both (the protocol) and/or conditional (extra rows)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
@@ -288,11 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     pipe, names = _pipeline(args.library)
     gates = args.gates or LIBRARY_GATES
     methods = tuple(m for m in args.methods.split(",") if m != "gated" or gates.is_file())
+    branches = tuple(b for b in args.branches.split(",") if b)
+    unknown = [b for b in branches if b not in BRANCHES]
+    if unknown:
+        parser.error(f"--branches takes {', '.join(BRANCHES)}; got {', '.join(unknown)}")
     started = time.perf_counter()
     if args.quick:
         result = {
             "mode": "quick",
-            "compositions": run_compositions(pipe, names, [2, 3], 1, [0], 8, methods, gates=gates),
+            "compositions": run_compositions(pipe, names, [2, 3], 1, [0], 8, methods, gates=gates, branches=branches),
         }
     else:
         result = {
@@ -303,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
             "preferred_weight": PREFERRED_WEIGHT,
             "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
+            **(
+                {"alone_conditional": run_alone(pipe, names, args.alone_images, args.steps, args.weight, "conditional")}
+                if "conditional" in branches
+                else {}
+            ),
             "compositions": run_compositions(
                 pipe,
                 names,
@@ -314,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.weight,
                 gates,
                 tuple(int(k) for k in args.every_set_k.split(",") if k),
+                branches,
             ),
         }
     samples = result["compositions"].pop("_samples")

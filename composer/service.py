@@ -152,9 +152,11 @@ class CompositionService:
         guidance_scale: float | None = None,
         progress: bool = False,
         plot: bool = False,
+        branches: str = "both",
     ) -> CompositionResult:
         """Compose ``adapters`` (``"auto"``, requests, or None for the base model) and generate; files are saved.
-        ``plot`` also writes the composition's plots (``result.plots``: retrieval scores, weight table, gates)."""
+        ``plot`` also writes the composition's plots (``result.plots``: retrieval scores, weight table, gates);
+        ``branches="conditional"`` puts the adapters on CFG's conditional branch only."""
         if not prompt.strip():
             raise CompositionError("the prompt is empty", hint="type what the image should show")
         loras: Any = AUTO if adapters == AUTO else list(adapters or ())
@@ -170,6 +172,7 @@ class CompositionService:
                 negative_prompt=negative_prompt,
                 guidance_scale=guidance_scale,
                 out=folder,
+                branches=branches,
                 progress=progress,
                 plot=folder / "plots" if plot else None,
             )

@@ -76,6 +76,20 @@ def test_png_carries_a1111_parameters_and_sidecar(library: Path, tmp_path: Path,
     assert {a["name"] for a in sidecar["adapters"]} == {"corgi_astronaut", "watercolor"}
 
 
+def test_branches_conditional_composes_the_conditional_branch_and_says_so(
+    library: Path, tmp_path: Path, capsys
+) -> None:
+    common = [PROMPT, "--library", str(library), "--steps", "2", "--seed", "4", "--json"]
+    assert main([*common, "--out", str(tmp_path / "both")]) == 0
+    assert "branches" not in json.loads(capsys.readouterr().out)
+    assert main([*common, "--out", str(tmp_path / "cond"), "--branches", "conditional"]) == 0
+    assert json.loads(capsys.readouterr().out)["branches"] == "conditional"
+    with Image.open(tmp_path / "cond" / "4-0.png") as cond, Image.open(tmp_path / "both" / "4-0.png") as both:
+        assert "Composition branches: conditional" in cond.text["parameters"]
+        assert "branches" not in both.text["parameters"]
+        assert cond.tobytes() != both.tobytes()
+
+
 def test_unknown_adapter_exits_1_with_a_clear_message(library: Path, tmp_path: Path, capsys) -> None:
     code = main(["a dog", "--loras", "corgi_astronot", "--library", str(library), "--out", str(tmp_path)])
     captured = capsys.readouterr()
