@@ -317,16 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
+    branches = tuple(b for b in args.branches.split(",") if b)
+    unknown = [b for b in branches if b not in BRANCHES]
+    if unknown:
+        parser.error(f"--branches takes {', '.join(BRANCHES)}; got {', '.join(unknown)}")
     from composer.toyworld.library import LIBRARY_GATES, PREFERRED_WEIGHT
 
     torch.set_num_threads(args.threads)
     pipe, names = _pipeline(args.library)
     gates = args.gates or LIBRARY_GATES
     methods = tuple(m for m in args.methods.split(",") if m != "gated" or gates.is_file())
-    branches = tuple(b for b in args.branches.split(",") if b)
-    unknown = [b for b in branches if b not in BRANCHES]
-    if unknown:
-        parser.error(f"--branches takes {', '.join(BRANCHES)}; got {', '.join(unknown)}")
     started = time.perf_counter()
     if args.quick:
         result = {

@@ -181,6 +181,20 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys) -> None:
             assert 0.0 <= row[method]["element_presence"] <= 1.0
 
 
+def test_quality_benchmark_adds_conditional_branch_rows(tmp_path: Path, capsys) -> None:
+    import json
+
+    from benchmarks.composition_quality import main
+
+    argv = ["--quick", "--methods", "merge", "--branches", "both,conditional", "--library", str(tmp_path / "lib")]
+    assert main(argv) == 0
+    row = json.loads(capsys.readouterr().out)["compositions"]["k=2"]
+    assert set(row) >= {"merge", "merge (cond)"}
+    assert "vs_merge" in row["merge (cond)"], "the conditional rows are scored against plain merge"
+    with pytest.raises(SystemExit):
+        main([*argv, "--branches", "negative"])
+
+
 def test_quality_benchmark_composes_every_set_where_asked() -> None:
     import random
 
