@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers import StableDiffusionImg2ImgPipeline
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from torch import nn
 
 from composer.mixin import make_composable
@@ -151,3 +153,39 @@ def test_refusals_change_nothing(tiny_sd: Any, tiny_flux: Any) -> None:
     with pytest.raises(CompositionError, match="unconditional; conditional"):
         flux.set_composition({"empty": 1.0}, branches="conditional")
     assert flux.composition is None
+
+
+def test_img2img_and_several_prompts_and_images_per_prompt(tiny_sd: Any) -> None:
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.set_composition({"style": 0.8}, branches="conditional")
+    latents = pipe(
+        ["a corgi", "a cat"],
+        negative_prompt=["blurry", "dark"],
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+        height=SIZE,
+        width=SIZE,
+        guidance_scale=GUIDANCE,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert latents.shape[0] == 4
+    pipe.clear_composition()  # the img2img pipeline below shares this UNet
+
+    img2img = make_composable(StableDiffusionImg2ImgPipeline(**tiny_sd.components))
+    img2img.add_adapter(_lora_with_text_parts(img2img, "style", 0))
+    image = Image.new("RGB", (SIZE, SIZE), (200, 120, 40))
+    outputs = {}
+    for branches in ("both", "conditional"):
+        img2img.set_composition({"style": 0.8}, fuse=False, branches=branches)
+        outputs[branches] = img2img(
+            "a corgi",
+            image=image,
+            strength=0.7,
+            num_inference_steps=3,
+            guidance_scale=GUIDANCE,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+    assert (outputs["conditional"] - outputs["both"]).abs().max() > 1e-4
