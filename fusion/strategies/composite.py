@@ -6,7 +6,8 @@ where eᵢ is the denoiser with only adapter i active (at its own weight spec �
 keyframes, see :mod:`fusion.schedules`) and mᵢ the mixing weight (option ``mix``, default 1 for all). The
 unconditional branch carries adapter i too. CFG is linear, so averaging the k predictions of the CFG batch the
 pipeline hands the denoiser and letting the pipeline apply CFG once gives exactly ẽ; this strategy therefore returns
-(1/k)·Σᵢ mᵢ·denoiser_i(batch) and touches nothing else of the pipeline.
+(1/k)·Σᵢ mᵢ·denoiser_i(batch) and touches nothing else of the pipeline. Composed on the conditional branch only
+(:mod:`fusion.cfg_branches`), the engine hands it the conditional half alone and eᵢ(z) is the base model's.
 
 Two modes:
 
