@@ -34,6 +34,11 @@ METHODS = ("merge", "switch", "composite", "cmlora", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
 WEIGHT = 0.8
 BRANCHES = ("both", "conditional")
+COND_NOTE = (
+    ' Rows and columns marked (cond): the same composition with `branches="conditional"` (adapters on CFG\'s'
+    " conditional branch only, the unconditional prediction from the base model); win/tie/lose is always against"
+    " plain merge."
+)
 
 
 def variant(method: str, branches: str) -> str:
@@ -232,7 +237,8 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
         f"toy-sd, {result['steps']} steps, CFG 3, every adapter at weight {result['weight']}; judged by the toy "
         f"world's judge; {result['hardware']}; {result['seconds']} s in all.",
         f"Adapters: {', '.join(result['adapters'])}."
-        + (f" Gated: learned mode with the gates in `{result['gates']}`." if "gates" in result else ""),
+        + (f" Gated: learned mode with the gates in `{result['gates']}`." if "gates" in result else "")
+        + (COND_NOTE if any("(cond)" in label for label in methods) else ""),
         "",
         f"Base model alone on {result['base']['images']} base-vocabulary captions: all attributes right in "
         f"{result['base']['all_attributes']:.0%} of images; per attribute: "
