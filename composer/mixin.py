@@ -303,8 +303,11 @@ class ComposableMixin:
         engine = self._composer["engine"]
         if engine is None:
             return super().__call__(*args, **kwargs)
+        if engine.branches == "both":  # no argument binding on the usual path
+            engine.reset_generation()
+            return super().__call__(*args, **kwargs)
         call = inspect.signature(super().__call__).bind(*args, **kwargs)
-        halves = engine.branches == "conditional" and self._guides(call)
+        halves = self._guides(call)
         engine.reset_generation(cfg_halves=halves)
         if halves and any(key.startswith(_TEXT_ENCODERS) for key in engine.layers):
             self._encode_negative_on_base(call, engine)
@@ -322,7 +325,7 @@ class ComposableMixin:
         arguments = call.arguments
         if arguments.get("negative_prompt_embeds") is not None:
             return
-        is_xl = getattr(self, "text_encoder_2", None) is not None or hasattr(self, "tokenizer_2")
+        is_xl = hasattr(self, "text_encoder_2")  # SDXL pipelines register it (None on a refiner), SD ones do not
         request: dict[str, Any] = {
             "prompt": arguments.get("prompt"),
             "device": self._execution_device,
