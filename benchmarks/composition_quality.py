@@ -11,6 +11,11 @@ weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.
 ``--branches both,conditional`` adds rows with every adapter on CFG's conditional branch only
 (``set_composition(..., branches="conditional")``: the unconditional prediction from the base model), labelled
 ``<method> (cond)``; win/tie/lose is always against plain merge on both branches, the protocol's baseline.
+``mixed`` chooses per adapter (``branches={name: "conditional"}``): background adapters on both branches, every other
+adapter on the conditional branch only, labelled ``<method> (mixed)``. The rule comes from the tuning scenes in
+``composer/toyworld/weights/README.md`` (seed 99, and k = 2 seeds 10–12), not from the benchmark's own.
+``--compositions-only --name NAME`` runs the composition rows alone into ``docs/NAME.md`` (a branch setting added
+to a full run's rows without repeating them; the library and every other row unchanged).
 
 ``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
 ``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k`` (the
@@ -33,18 +38,34 @@ import torch
 METHODS = ("merge", "switch", "composite", "cmlora", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
 WEIGHT = 0.8
-BRANCHES = ("both", "conditional")
+BRANCHES = ("both", "conditional", "mixed")
 COND_NOTE = (
     ' Rows and columns marked (cond): the same composition with `branches="conditional"` (adapters on CFG\'s'
     " conditional branch only, the unconditional prediction from the base model); win/tie/lose is always against"
     " plain merge."
 )
+MIXED_NOTE = (
+    " Rows marked (mixed): background adapters on both CFG branches, every other adapter on the conditional branch"
+    ' only (`branches={name: "conditional"}` for each non-background adapter); the rule was chosen on tuning scenes'
+    " and seeds the benchmark does not use."
+)
+_SUFFIX = {"both": "", "conditional": " (cond)", "mixed": " (mixed)"}
 
 
 def variant(method: str, branches: str) -> str:
-    """The row label of ``method`` composed on ``branches``: the method's name, ``"<method> (cond)"`` for the
-    conditional branch only."""
-    return method if branches == "both" else f"{method} (cond)"
+    """The row label of ``method`` composed on the branch setting ``branches``: the method's name,
+    ``"<method> (cond)"`` for the conditional branch only, ``"<method> (mixed)"`` for the per-adapter rule."""
+    return method + _SUFFIX[branches]
+
+
+def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str]:
+    """What ``set_composition(branches=...)`` gets for ``combo`` under a branch setting: ``mixed`` puts every
+    non-background adapter on the conditional branch only (backgrounds, unnamed, act on both)."""
+    if setting != "mixed":
+        return setting
+    from composer.toyworld.world import CONCEPTS
+
+    return {name: "conditional" for name in combo if CONCEPTS[name].category != "background"}
 
 
 def _pipeline(library: Path) -> tuple[Any, list[str]]:
@@ -148,7 +169,9 @@ def run_compositions(
             for combo, seed in trials:
                 prompt = _prompt(combo, seed)
                 options = {"gates": bank} if method == "gated" else {}
-                pipe.set_composition(dict.fromkeys(combo, weight), method=method, branches=branch, **options)
+                pipe.set_composition(
+                    dict.fromkeys(combo, weight), method=method, branches=branch_choice(branch, combo), **options
+                )
                 image, per_image = _generate(pipe, prompt, seed, steps)
                 pipe.clear_composition()
                 verdict = judge_images(image, [prompt], [list(combo)])[0]
@@ -220,8 +243,11 @@ def run_base(pipe: Any, images: int, steps: int) -> dict[str, float]:
     return {"all_attributes": round(sum(right) / images, 3), **per, "images": images}
 
 
-def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
-    """docs/composition_quality.md (the tables) and composition_quality.png (every set and seed by method)."""
+def write_docs(
+    result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor]], folder: Path, name: str = "composition_quality"
+) -> None:
+    """docs/NAME.md (the tables) and docs/images/NAME.png (every set and seed by method); the base-model and
+    LoRA-alone tables where the run measured them."""
     from PIL import Image, ImageDraw
 
     methods = list(
@@ -229,8 +255,6 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
             label for row in result["compositions"].values() for label, cell in row.items() if isinstance(cell, dict)
         )
     )
-    conditional = result.get("alone_conditional")
-    cond_header = f" concept present at {result['weight']} (cond) | others kept at {result['weight']} (cond) |"
     lines = [
         "# Composition quality on the toy world (generated by benchmarks/composition_quality.py)",
         "",
@@ -238,8 +262,55 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
         f"world's judge; {result['hardware']}; {result['seconds']} s in all.",
         f"Adapters: {', '.join(result['adapters'])}."
         + (f" Gated: learned mode with the gates in `{result['gates']}`." if "gates" in result else "")
-        + (COND_NOTE if any("(cond)" in label for label in methods) else ""),
+        + (COND_NOTE if any("(cond)" in label for label in methods) else "")
+        + (MIXED_NOTE if any("(mixed)" in label for label in methods) else ""),
         "",
+    ]
+    if "alone" in result:
+        lines += _alone_lines(result)
+    lines += [
+        "## Compositions (one character + k−1 other categories)",
+        "",
+        "| k | sets (of possible) × seeds | method | element presence | all elements | vs merge (w/t/l) | s/image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, row in result["compositions"].items():
+        for method in methods:
+            cell = row.get(method)
+            if cell is None:
+                continue
+            versus = cell.get("vs_merge")
+            wtl = f"{versus['win']}/{versus['tie']}/{versus['lose']}" if versus else "—"
+            seeds = row["images_per_method"] // max(row["sets"], 1)
+            lines.append(
+                f"| {k[2:]} | {row['sets']} ({row['sets_possible']}) × {seeds} | {method} | "
+                f"{cell['element_presence']:.0%} | {cell['all_elements']:.0%} | {wtl} | "
+                f"{cell['seconds_per_image']} |"
+            )
+    lines += ["", f"![every composition set and seed, one column per method](images/{name}.png)", ""]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.md").write_text("\n".join(lines))
+    cell, label = 128, 260
+    canvas = Image.new("RGB", (label + cell * len(methods), 20 + cell * len(samples)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, method in enumerate(methods):
+        draw.text((label + j * cell + 4, 4), method, fill="black")
+    for i, (title, images) in enumerate(samples.items()):
+        draw.text((4, 24 + i * cell), "\n".join(title[n : n + 40] for n in range(0, len(title), 40)), fill="black")
+        for j, method in enumerate(methods):
+            if method in images:
+                tile = Image.fromarray((images[method].permute(1, 2, 0) * 255).round().byte().numpy())
+                canvas.paste(tile.resize((cell, cell), Image.NEAREST), (label + j * cell, 20 + i * cell))
+    (folder / "images").mkdir(exist_ok=True)
+    # a 256-colour palette: the toy world's flat colours survive it, and the grid is a quarter of the size
+    canvas.quantize(colors=256).save(folder / "images" / f"{name}.png", optimize=True)
+
+
+def _alone_lines(result: dict[str, Any]) -> list[str]:
+    """The base model's line and the each-LoRA-alone table of a full run."""
+    conditional = result.get("alone_conditional")
+    cond_header = f" concept present at {result['weight']} (cond) | others kept at {result['weight']} (cond) |"
+    return [
         f"Base model alone on {result['base']['images']} base-vocabulary captions: all attributes right in "
         f"{result['base']['all_attributes']:.0%} of images; per attribute: "
         + ", ".join(f"{a} {v:.0%}" for a, v in result["base"].items() if a not in ("all_attributes", "images")),
@@ -261,41 +332,7 @@ def write_docs(result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor
             for (n, r), p in zip(result["alone"].items(), result["alone_preferred"].values())
         ),
         "",
-        "## Compositions (one character + k−1 other categories)",
-        "",
-        "| k | sets (of possible) × seeds | method | element presence | all elements | vs merge (w/t/l) | s/image |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for k, row in result["compositions"].items():
-        for method in methods:
-            cell = row.get(method)
-            if cell is None:
-                continue
-            versus = cell.get("vs_merge")
-            wtl = f"{versus['win']}/{versus['tie']}/{versus['lose']}" if versus else "—"
-            seeds = row["images_per_method"] // max(row["sets"], 1)
-            lines.append(
-                f"| {k[2:]} | {row['sets']} ({row['sets_possible']}) × {seeds} | {method} | "
-                f"{cell['element_presence']:.0%} | {cell['all_elements']:.0%} | {wtl} | "
-                f"{cell['seconds_per_image']} |"
-            )
-    lines += ["", "![every composition set and seed, one column per method](images/composition_quality.png)", ""]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "composition_quality.md").write_text("\n".join(lines))
-    cell, label = 128, 260
-    canvas = Image.new("RGB", (label + cell * len(methods), 20 + cell * len(samples)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, method in enumerate(methods):
-        draw.text((label + j * cell + 4, 4), method, fill="black")
-    for i, (title, images) in enumerate(samples.items()):
-        draw.text((4, 24 + i * cell), "\n".join(title[n : n + 40] for n in range(0, len(title), 40)), fill="black")
-        for j, method in enumerate(methods):
-            if method in images:
-                tile = Image.fromarray((images[method].permute(1, 2, 0) * 255).round().byte().numpy())
-                canvas.paste(tile.resize((cell, cell), Image.NEAREST), (label + j * cell, 20 + i * cell))
-    (folder / "images").mkdir(exist_ok=True)
-    # a 256-colour palette: the toy world's flat colours survive it, and the grid is a quarter of the size
-    canvas.quantize(colors=256).save(folder / "images" / "composition_quality.png", optimize=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,8 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--branches",
         default="both",
-        help="comma-separated CFG branches to compose on: both (the protocol) and/or conditional (extra rows)",
+        help="comma-separated CFG branch settings to compose on: both (the protocol), conditional and/or mixed "
+        "(extra rows)",
     )
+    parser.add_argument(
+        "--compositions-only", action="store_true", help="full mode: skip the base-model and LoRA-alone rows"
+    )
+    parser.add_argument("--name", default="composition_quality", help="file stem of the docs written by --docs")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
@@ -340,19 +382,19 @@ def main(argv: list[str] | None = None) -> int:
             "compositions": run_compositions(pipe, names, [2, 3], 1, [0], 8, methods, gates=gates, branches=branches),
         }
     else:
-        result = {
-            "mode": "full",
-            "steps": args.steps,
-            "base": run_base(pipe, args.base_images, args.steps),
-            "weight": args.weight,
-            "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
-            "preferred_weight": PREFERRED_WEIGHT,
-            "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
-            **(
-                {"alone_conditional": run_alone(pipe, names, args.alone_images, args.steps, args.weight, "conditional")}
-                if "conditional" in branches
-                else {}
-            ),
+        result = {"mode": "full", "steps": args.steps, "weight": args.weight}
+        if not args.compositions_only:
+            result |= {
+                "base": run_base(pipe, args.base_images, args.steps),
+                "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
+                "preferred_weight": PREFERRED_WEIGHT,
+                "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
+            }
+            if "conditional" in branches:
+                result["alone_conditional"] = run_alone(
+                    pipe, names, args.alone_images, args.steps, args.weight, "conditional"
+                )
+        result |= {
             "compositions": run_compositions(
                 pipe,
                 names,
@@ -375,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         here = Path.cwd().resolve()
         result["gates"] = str(gates.resolve().relative_to(here) if gates.resolve().is_relative_to(here) else gates)
     if args.docs is not None and not args.quick:
-        write_docs(result, samples, args.docs)
+        write_docs(result, samples, args.docs, args.name)
     document = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.write_text(document + "\n")

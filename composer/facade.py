@@ -33,6 +33,7 @@ from composer.presets import KNOWN_MODELS, PRESETS, TOY_PRESET, kontext_call_kwa
 from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
 from fusion.adapter_cache import file_key
 from fusion.adapters import Adapter
+from fusion.cfg_branches import Branches, describe_branches
 from fusion.errors import CompositionError
 from fusion.layer_groups import BlockLayout
 from weights_index.reader import read_adapter
@@ -86,8 +87,9 @@ class CompositionResult:
     paths: list[Path] = field(default_factory=list)
     plots: dict[str, Path] = field(default_factory=dict)
     """Plot kind (``scores``, ``gates``, ``weights``) → PNG, when plots were asked for."""
-    branches: str = "both"
-    """CFG branches the adapters acted on (``"conditional"``: the unconditional prediction came from the base)."""
+    branches: Branches = "both"
+    """CFG branches the adapters acted on (``"conditional"``: the unconditional prediction came from the base; a
+    mapping: per adapter)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (``plots`` only when plots were written)."""
@@ -335,7 +337,8 @@ class Composer:
 
         ``out`` is a folder: images are saved there as ``<seed>-<n>.png`` with sidecars. ``image`` is the input of
         editing pipelines (Kontext, img2img). Method options (``tau``, ``mode``, ``fuse``...) and ``branches``
-        (``"conditional"``: adapters on CFG's conditional branch only) pass through to ``set_composition``.
+        (``"conditional"``: adapters on CFG's conditional branch only; or per adapter, ``{"name": "conditional"}``)
+        pass through to ``set_composition``.
         ``plot`` is a folder for PNG plots (see :meth:`_write_plots`), listed in ``result.plots``.
         """
         started = time.perf_counter()
@@ -439,7 +442,7 @@ class Composer:
                 model=model,
                 sampler=type(self.pipe.scheduler).__name__,
                 method=result.method,
-                extra={"Composition branches": result.branches} if result.branches != "both" else {},
+                extra={"Composition branches": describe_branches(result.branches)} if result.branches != "both" else {},
                 adapters=[
                     {"name": a.name, "weight": a.weight, "hash": a.hash, "reasons": a.reasons} for a in result.adapters
                 ],

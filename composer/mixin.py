@@ -23,7 +23,7 @@ import torch
 from composer.presets import preset_family
 from fusion.adapter_cache import AdapterCache, file_key
 from fusion.adapters import Adapter, Dense, LowRank, Sparse
-from fusion.cfg_branches import check_branches
+from fusion.cfg_branches import Branches, resolve_branches
 from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
 from fusion.squeeze import combine
@@ -150,7 +150,7 @@ class ComposableMixin:
         weights: Mapping[str, WeightSpec],
         method: str = "merge",
         fuse: bool | None = None,
-        branches: str = "both",
+        branches: Branches = "both",
         **options: Any,
     ) -> None:
         """Compose the named registered adapters with ``method`` (merge, switch, composite, ...).
@@ -163,7 +163,9 @@ class ComposableMixin:
         ``branches="conditional"`` puts the composition on classifier-free guidance's conditional branch only: the
         unconditional half of every CFG batch runs on the base weights, its negative prompt encoded by the base text
         encoders (:mod:`fusion.cfg_branches`). It runs unfused and needs an SD 1.x/2.x or SDXL pipeline; calls
-        without CFG (``guidance_scale`` ≤ 1) compose the whole batch as usual.
+        without CFG (``guidance_scale`` ≤ 1) compose the whole batch as usual. A mapping chooses per adapter
+        (``{"pixel_art": "conditional"}``; adapters it leaves out act on both branches): the unconditional half
+        then carries the ``"both"`` adapters merged at their weights, and the negative prompt is encoded with them.
 
         Sparse (SHiRA) adapters stay attached at weight 0 when a composition leaves them out: fused, they cost
         nothing, and going from one fused SHiRA composition to another switches the weights in place (restoring
@@ -178,9 +180,9 @@ class ComposableMixin:
             )
         if not weights:
             raise CompositionError("a composition needs at least one adapter", hint="use clear_composition() instead")
-        check_branches(branches)
+        routing, _ = resolve_branches(branches, weights)
         strategy_fuse = fuse
-        if branches == "conditional":
+        if routing == "conditional":
             self._check_conditional_branch(fuse)
             strategy_fuse = False
         strategy = get_strategy(method)(dict(weights), fuse=strategy_fuse, **_resolve_options(method, options))
@@ -210,7 +212,7 @@ class ComposableMixin:
             "weights": dict(weights),
             "method": method,
             "fuse": fuse,
-            "branches": branches,
+            "branches": branches if isinstance(branches, str) else dict(branches),
             "options": options,
         }
 
@@ -225,8 +227,8 @@ class ComposableMixin:
         )
 
     def _check_conditional_branch(self, fuse: bool | None) -> None:
-        """Refuse ``branches="conditional"`` where it cannot be exact: fused weights, pipelines without an
-        ``[unconditional; conditional]`` CFG batch."""
+        """Refuse adapters on the conditional branch only where it cannot be exact: fused weights, pipelines
+        without an ``[unconditional; conditional]`` CFG batch."""
         if fuse:
             raise CompositionError(
                 "adapters on the conditional branch only cannot be fused: the unconditional half of every batch "
@@ -299,7 +301,7 @@ class ComposableMixin:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the pipeline as a new generation (the engine's hook is put back in the denoiser's call path first if a
         re-installed offload hook dropped it). With the composition on the conditional branch only, a call with CFG
-        gets its negative prompt encoded by the base text encoders here."""
+        gets its negative prompt encoded here as the unconditional branch sees it."""
         engine = self._composer["engine"]
         if engine is None:
             return super().__call__(*args, **kwargs)
@@ -310,7 +312,7 @@ class ComposableMixin:
         halves = self._guides(call)
         engine.reset_generation(cfg_halves=halves)
         if halves and any(key.startswith(_TEXT_ENCODERS) for key in engine.layers):
-            self._encode_negative_on_base(call, engine)
+            self._encode_negative_prompt(call, engine)
         return super().__call__(*call.args, **call.kwargs)
 
     def _guides(self, call: inspect.BoundArguments) -> bool:
@@ -318,10 +320,10 @@ class ComposableMixin:
         scale = call.arguments.get("guidance_scale", call.signature.parameters["guidance_scale"].default)
         return float(scale) > 1.0 and getattr(self._denoiser().config, "time_cond_proj_dim", None) is None
 
-    def _encode_negative_on_base(self, call: inspect.BoundArguments, engine: FusionEngine) -> None:
-        """Encode the call's negative prompt with every adapter muted (through the pipeline's own ``encode_prompt``,
-        so empty prompts, SDXL's zeroed negatives and batch rules stay the pipeline's) and hand it over as
-        ``negative_prompt_embeds``."""
+    def _encode_negative_prompt(self, call: inspect.BoundArguments, engine: FusionEngine) -> None:
+        """Encode the call's negative prompt as the unconditional branch sees it (every adapter muted, or only the
+        ones kept on both branches; through the pipeline's own ``encode_prompt``, so empty prompts, SDXL's zeroed
+        negatives and batch rules stay the pipeline's) and hand it over as ``negative_prompt_embeds``."""
         arguments = call.arguments
         if arguments.get("negative_prompt_embeds") is not None:
             return
@@ -340,7 +342,7 @@ class ComposableMixin:
                 negative_prompt_2=arguments.pop("negative_prompt_2", None),
                 pooled_prompt_embeds=arguments.get("pooled_prompt_embeds"),
             )
-        with torch.no_grad(), engine.muted():
+        with torch.no_grad(), engine.unconditional():
             encoded = self.encode_prompt(**request)
         arguments["negative_prompt_embeds"] = encoded[1]
         if is_xl:

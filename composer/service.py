@@ -28,6 +28,7 @@ from composer.mixin import make_composable
 from composer.model_default import default_model
 from composer.prompts import LoraTag, adapter_request
 from composer.restore import Restorer, RestoreResult, editing_pipeline
+from fusion.cfg_branches import Branches
 from fusion.errors import ComposerError, CompositionError, UnsafePathError
 from fusion.strategies import BUILTIN, get_strategy
 
@@ -152,11 +153,11 @@ class CompositionService:
         guidance_scale: float | None = None,
         progress: bool = False,
         plot: bool = False,
-        branches: str = "both",
+        branches: Branches = "both",
     ) -> CompositionResult:
         """Compose ``adapters`` (``"auto"``, requests, or None for the base model) and generate; files are saved.
         ``plot`` also writes the composition's plots (``result.plots``: retrieval scores, weight table, gates);
-        ``branches="conditional"`` puts the adapters on CFG's conditional branch only."""
+        ``branches="conditional"`` puts the adapters on CFG's conditional branch only (a mapping: per adapter)."""
         if not prompt.strip():
             raise CompositionError("the prompt is empty", hint="type what the image should show")
         loras: Any = AUTO if adapters == AUTO else list(adapters or ())

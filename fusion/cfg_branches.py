@@ -9,14 +9,19 @@ and only the conditional half carries the composition, so the guidance differenc
 the prompt's: ``ε = ε_u^base + g·(ε_c^adapted − ε_u^base)``. This is the choice ComfyUI exposes by hooking LoRAs
 onto the positive conditioning only; weak adapters reach their concept at lower weights this way.
 
-Functions here slice a CFG batch's denoiser arguments into its two halves; the engine runs the unconditional half
-with every adapter muted and hands the conditional half to the strategy.
+Per adapter (a mapping ``{name: "both" | "conditional"}``; adapters it does not name act on both branches, as in
+pipelines): the unconditional half carries the ``"both"`` adapters merged at their weights and the conditional half
+the whole composition. Adapters whose content the base model cannot draw (a new background's texture) are then not
+fought by a base unconditional prediction in the late steps, while weak ones (styles) are still amplified by ``g``.
+
+Functions here check a branch choice and slice a CFG batch's denoiser arguments into its two halves; the engine runs
+the unconditional half with the conditional-only adapters muted and hands the conditional half to the strategy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
 
 from fusion.errors import CompositionError
 
@@ -24,11 +29,47 @@ BRANCHES = ("both", "conditional")
 """``"both"``: adapters on the whole CFG batch (what pipelines do); ``"conditional"``: on the conditional half only."""
 
 
+Branches = Union[str, Mapping[str, str]]
+"""One of :data:`BRANCHES` for every adapter, or a mapping from adapter names to one of them."""
+
+
 def check_branches(branches: str) -> str:
     """``branches`` if it is one of :data:`BRANCHES`; a :class:`CompositionError` otherwise."""
     if branches not in BRANCHES:
         raise CompositionError(f"branches must be one of {BRANCHES}, got {branches!r}")
     return branches
+
+
+def resolve_branches(branches: Branches, adapters: Iterable[str]) -> tuple[str, list[str]]:
+    """The routing a branch choice asks of a composition of ``adapters``: ``("both", [])`` (the whole batch
+    composed), or ``("conditional", kept)`` with ``kept`` the adapters the unconditional half still carries (none:
+    the base model). A :class:`CompositionError` for unknown values or names outside the composition."""
+    names = list(adapters)
+    if isinstance(branches, str):
+        return check_branches(branches), []
+    if not isinstance(branches, Mapping):
+        raise CompositionError(
+            f"branches must be one of {BRANCHES} or a mapping from adapter names to them, got {branches!r}"
+        )
+    outside = [name for name in branches if name not in names]
+    if outside:
+        raise CompositionError(
+            f"branches names adapters outside the composition: {outside}", hint=f"the composition has {names}"
+        )
+    for name, value in branches.items():
+        if value not in BRANCHES:
+            raise CompositionError(f"adapter {name!r}: branches must be one of {BRANCHES}, got {value!r}")
+    kept = [name for name in names if branches.get(name, "both") == "both"]
+    if len(kept) == len(names):
+        return "both", []
+    return "conditional", kept
+
+
+def describe_branches(branches: Branches) -> str:
+    """A branch choice as one line for image metadata: ``conditional`` or ``forest: both, zorbex: conditional``."""
+    if isinstance(branches, str):
+        return branches
+    return ", ".join(f"{name}: {value}" for name, value in branches.items())
 
 
 def batch_slice(value: Any, start: int, stop: int, batch: int) -> Any:

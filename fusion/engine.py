@@ -19,7 +19,8 @@ as step 0 of 1.
 
 With :meth:`FusionEngine.set_branches` ``("conditional")`` and a generation started with ``cfg_halves=True``, each
 call's unconditional half runs on the base weights (every adapter muted) and only the conditional half goes to the
-strategy (:mod:`fusion.cfg_branches`).
+strategy (:mod:`fusion.cfg_branches`); with a per-adapter choice the unconditional half carries the adapters kept
+on both branches, merged at their weights.
 
 :meth:`FusionEngine.clear` restores every touched weight from its pristine copy, puts every base module back in its
 parent and detaches the hook, leaving the model bit-identical to before the engine existed (and every hook it had).
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from fusion.adapters import Adapter, AdapterKind, Dense, LowRank, Sparse, validate_shapes
-from fusion.cfg_branches import batch_slice, cfg_halves, check_branches
+from fusion.cfg_branches import Branches, batch_slice, cfg_halves, resolve_branches
 from fusion.denoiser_hook import attach, detach, reroute
 from fusion.errors import CompositionError, ShapeMismatchError, StepUnknownError, UnsupportedModelError
 from fusion.layer_groups import BlockLayout
@@ -140,6 +141,8 @@ class FusionEngine:
         self._num_steps = 0
         self._generation: Any = None
         self.branches = "both"
+        self._unconditional: dict[str, WeightSpec] = {}
+        self._unconditional_table: torch.Tensor | None = None
         self._cfg_halves = False
         self._timestep_position = self._find_timestep_position(denoiser)
         self._hook = attach(denoiser, self._route)
@@ -449,25 +452,55 @@ class FusionEngine:
         self._cfg_halves = cfg_halves
         reroute(self.denoiser, self._hook)
 
-    def set_branches(self, branches: str) -> None:
-        """Which CFG branches the adapters act on: ``"both"`` or ``"conditional"`` (see :mod:`fusion.cfg_branches`;
-        the unconditional half of generations started with ``cfg_halves=True`` then runs on the base weights)."""
-        self.branches = check_branches(branches)
+    def set_branches(self, branches: Branches) -> None:
+        """Which CFG branches the adapters act on: ``"both"``, ``"conditional"`` or a per-adapter mapping of the two
+        (see :mod:`fusion.cfg_branches`). In generations started with ``cfg_halves=True`` the unconditional half then
+        runs under :meth:`unconditional`. Set the strategy first: a mapping is resolved against its adapters."""
+        weights = self.strategy.weights if self.strategy is not None else {}
+        mode, kept = resolve_branches(branches, weights)
+        self.branches = mode
+        self._unconditional = {name: weights[name] for name in kept}
+        self._unconditional_table = None
 
     @contextmanager
     def muted(self) -> Iterator[None]:
         """Every composed layer computes its base output alone inside this block (refused while fused: the fused
         base weights carry the adapters)."""
-        if self._fused:
-            raise CompositionError(
-                "adapters cannot be muted while they are fused into the base weights",
-                hint="compose with fuse=False",
-            )
+        self._refuse_fused()
         self.state.muted = True
         try:
             yield
         finally:
             self.state.muted = False
+
+    @contextmanager
+    def unconditional(self, step: int = 0, num_steps: int = 1) -> Iterator[None]:
+        """What the unconditional half of a conditional-branch composition runs under: every adapter muted, or with a
+        per-adapter branch choice only the adapters kept on both branches, merged at their weights for ``step`` of
+        ``num_steps`` (whatever the method; the strategy's own weights are put back after the block)."""
+        if not self._unconditional:
+            with self.muted():
+                yield
+            return
+        self._refuse_fused()
+        table = self._unconditional_table
+        if table is None or table.shape[2] != num_steps:
+            table = self._unconditional_table = self.weight_table(self._unconditional, num_steps)
+        saved = (self.state.weights, self.state.sample_weights)
+        self.state.set(self._per_group(table[:, :, min(step, num_steps - 1)]), None)
+        self.state.plain = True
+        try:
+            yield
+        finally:
+            self.state.plain = False
+            self.state.set(*saved)
+
+    def _refuse_fused(self) -> None:
+        if self._fused:
+            raise CompositionError(
+                "adapters cannot be muted while they are fused into the base weights",
+                hint="compose with fuse=False",
+            )
 
     @staticmethod
     def _find_timestep_position(denoiser: nn.Module) -> int | None:
@@ -540,11 +573,12 @@ class FusionEngine:
         num_steps: int,
         timestep: Any,
     ) -> Any:
-        """One CFG call with the adapters on its conditional half only: the unconditional half through the base
-        weights, the conditional half through the strategy, the two predictions stacked back in the batch's order."""
+        """One CFG call with the adapters on its conditional half only: the unconditional half under
+        :meth:`unconditional`, the conditional half through the strategy, the two predictions stacked back in the
+        batch's order."""
         assert self.strategy is not None
         (base_args, base_kwargs), (cond_args, cond_kwargs) = cfg_halves(args, kwargs, batch, NON_BATCH_ARGUMENTS)
-        with self.muted():
+        with self.unconditional(step, num_steps):
             unconditional = output_tensor(forward(*base_args, **base_kwargs))
         ctx = StepContext(
             engine=self,

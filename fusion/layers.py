@@ -105,13 +105,15 @@ class _Bank:
 class GateState:
     """Adapter weights every composed layer of one engine reads: ``weights`` (G, A), optional ``sample_weights``
     (N, G, A), a ``version`` bumped on every change, and the flat per-column gate buffers computed from them.
-    While ``muted`` every unfused composed layer computes its base output alone."""
+    While ``muted`` every unfused composed layer computes its base output alone; while ``plain`` it adds the updates
+    at ``weights`` even where a strategy set a mixer (the unconditional half of a per-adapter branch choice)."""
 
     def __init__(self, num_groups: int, device: torch.device) -> None:
         self.device = device
         self.weights = torch.zeros(num_groups, 0, device=device)
         self.sample_weights: torch.Tensor | None = None
         self.muted = False
+        self.plain = False
         self.version = 0
         self.generation = 0
         self._columns: dict[int, _Columns] = {}
@@ -644,7 +646,7 @@ class ComposedLayer(nn.Module, ABC):
             return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         per_sample = self._sample_gate(x.shape[0])
         if per_sample is None:
-            if self.mixer is not None:
+            if self.mixer is not None and not self.state.plain:
                 return self._mixed(x, self.mixer)
             effective = self._refresh()
             if effective is not None:

@@ -49,10 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
     parser.add_argument(
         "--branches",
-        choices=BRANCHES,
+        type=parse_branches,
         default="both",
-        help="CFG branches the adapters act on: both (as pipelines do) or conditional (the unconditional "
-        "prediction from the base model; SD/SDXL)",
+        metavar="BRANCHES",
+        help="CFG branches the adapters act on: both (as pipelines do), conditional (the unconditional "
+        "prediction from the base model; SD/SDXL), or per adapter as NAME=both|conditional,... (adapters not "
+        "named act on both)",
     )
     parser.add_argument(
         "--gates",
@@ -70,6 +72,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.set_defaults(handler=run)
+
+
+def parse_branches(text: str) -> str | dict[str, str]:
+    """``--branches``: one of :data:`fusion.cfg_branches.BRANCHES`, or ``NAME=VALUE`` pairs separated by commas."""
+    if text in BRANCHES:
+        return text
+    choice: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        if not sep or not name.strip() or value.strip() not in BRANCHES:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give {' or '.join(BRANCHES)}, or NAME=VALUE pairs with VALUE one of {', '.join(BRANCHES)}"
+            )
+        choice[name.strip()] = value.strip()
+    return choice
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:

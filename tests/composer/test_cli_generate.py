@@ -149,3 +149,14 @@ def test_facade_runs_an_img2img_pipeline_with_an_input_image(tmp_path: Path) -> 
     result = composer.run("a corgi", image=start, steps=4, seed=1, out=tmp_path)
     assert result.images[0].size == (64, 64)
     assert result.paths[0].exists()
+
+
+def test_branches_per_adapter_are_named_pairs_and_recorded(library: Path, tmp_path: Path, capsys) -> None:
+    common = [PROMPT, "--library", str(library), "--steps", "2", "--seed", "4", "--json", "--out", str(tmp_path)]
+    assert main([*common, "--branches", "watercolor=conditional"]) == 0
+    assert json.loads(capsys.readouterr().out)["branches"] == {"watercolor": "conditional"}
+    with Image.open(tmp_path / "4-0.png") as image:
+        assert 'Composition branches: "watercolor: conditional"' in image.text["parameters"]  # A1111 quotes it
+    with pytest.raises(SystemExit):
+        main([*common, "--branches", "watercolor=negative"])
+    assert "NAME=VALUE pairs" in capsys.readouterr().err

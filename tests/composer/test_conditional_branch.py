@@ -17,6 +17,7 @@ from torch import nn
 from composer.mixin import make_composable
 from fusion.adapters import Adapter, LowRank
 from fusion.errors import CompositionError
+from fusion.strategies.gated import initial_gates
 
 GUIDANCE = 3.0
 STEPS = 3
@@ -146,6 +147,10 @@ def test_refusals_change_nothing(tiny_sd: Any, tiny_flux: Any) -> None:
         pipe.set_composition({"style": 0.8}, fuse=True, branches="conditional")
     with pytest.raises(CompositionError, match="branches must be one of"):
         pipe.set_composition({"style": 0.8}, branches="negative")
+    with pytest.raises(CompositionError, match="outside the composition"):
+        pipe.set_composition({"style": 0.8}, branches={"scene": "both"})
+    with pytest.raises(CompositionError, match="cannot be fused"):
+        pipe.set_composition({"style": 0.8}, fuse=True, branches={"style": "conditional"})
     assert pipe.composition == before
 
     flux = make_composable(tiny_flux)
@@ -153,6 +158,97 @@ def test_refusals_change_nothing(tiny_sd: Any, tiny_flux: Any) -> None:
     with pytest.raises(CompositionError, match="unconditional; conditional"):
         flux.set_composition({"empty": 1.0}, branches="conditional")
     assert flux.composition is None
+
+
+def test_per_adapter_branches_are_the_cfg_loop_with_the_kept_adapters_unconditional(tiny_sd: Any) -> None:
+    """``{"style": "conditional"}``: the unconditional prediction and the negative prompt come from the model with
+    ``scene`` alone merged in, the conditional ones from the model with both adapters."""
+    pipe = make_composable(tiny_sd)
+    style, scene = _lora_with_text_parts(pipe, "style", 0), _lora_with_text_parts(pipe, "scene", 1)
+    kept = make_composable(copy.deepcopy(tiny_sd))
+    kept.add_adapter(scene)
+    kept.set_composition({"scene": 0.6})
+    with torch.no_grad():
+        negative = kept.encode_prompt("a corgi", "cpu", 1, True, "blurry")[1]
+    pipe.add_adapter(style)
+    pipe.add_adapter(scene)
+    weights = {"style": 0.8, "scene": 0.6}
+    pipe.set_composition(weights)
+    with torch.no_grad():
+        positive = pipe.encode_prompt("a corgi", "cpu", 1, False)[0]
+    expected = _reference_cfg_loop(pipe, kept.unet, negative, positive)
+
+    pipe.set_composition(weights, branches={"style": "conditional"})
+    assert pipe.composition["branches"] == {"style": "conditional"}
+    per_adapter = _generate(pipe)
+    torch.testing.assert_close(per_adapter, expected, atol=2e-5, rtol=1e-4)
+    pipe.set_composition(weights, branches="conditional")
+    assert (per_adapter - _generate(pipe)).abs().max() > 1e-3, "the unconditional half lost the kept adapter"
+
+
+def test_per_adapter_choices_that_name_one_branch_for_all_are_that_branch(tiny_sd: Any) -> None:
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    weights = {"style": 0.8, "scene": 0.6}
+    outputs = {}
+    for label, branches in [
+        ("conditional", "conditional"),
+        ("all conditional", {"style": "conditional", "scene": "conditional"}),
+        ("both", "both"),
+        ("all both", {"style": "both"}),
+    ]:
+        pipe.set_composition(weights, branches=branches)
+        outputs[label] = _generate(pipe)
+    torch.testing.assert_close(outputs["all conditional"], outputs["conditional"], atol=0, rtol=0)
+    torch.testing.assert_close(outputs["all both"], outputs["both"], atol=0, rtol=0)
+
+
+def test_every_method_runs_with_a_per_adapter_choice_and_keeps_its_own_weights(tiny_sd: Any) -> None:
+    """The unconditional half runs on the kept adapters merged (a gated layer's mixer set aside); the conditional
+    half and everything after it see the strategy's own weights again."""
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    weights = {"style": 0.8, "scene": 0.6}
+    for method, options in [("merge", {}), ("switch", {}), ("composite", {"mode": "batched"}), ("gated", {})]:
+        pipe.set_composition(weights, method=method, branches="conditional", **options)
+        conditional = _generate(pipe)
+        engine = pipe._composer["engine"]
+        installed = engine.state.weights.clone()
+        pipe.set_composition(weights, method=method, branches={"style": "conditional"}, **options)
+        per_adapter = _generate(pipe)
+        assert torch.isfinite(per_adapter).all(), method
+        assert (per_adapter - conditional).abs().max() > 1e-4, method
+        assert not engine.state.plain, method
+        assert not engine.state.muted, method
+        if method == "merge":
+            torch.testing.assert_close(engine.state.weights, installed, atol=0, rtol=0)
+
+
+def test_the_unconditional_half_of_a_gated_composition_is_the_kept_adapters_merged(tiny_sd: Any) -> None:
+    """Learned gates mix every adapter's output in the conditional half; the unconditional half set them aside."""
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    outputs: list[torch.Tensor] = []
+    hook = pipe.unet.register_forward_hook(lambda _module, _args, out: outputs.append(out[0]))
+    try:
+        pipe.set_composition({"style": 0.0, "scene": 0.6}, fuse=False)
+        _generate(pipe, num_inference_steps=1)
+        gates = initial_gates(pipe._composer["engine"])
+        pipe.set_composition({"style": 0.8, "scene": 0.6}, method="gated", gates=gates)
+        _generate(pipe, num_inference_steps=1)
+        pipe.set_composition(
+            {"style": 0.8, "scene": 0.6}, method="gated", gates=gates, branches={"style": "conditional"}
+        )
+        _generate(pipe, num_inference_steps=1)
+    finally:
+        hook.remove()
+    merged, gated, per_adapter = outputs
+    torch.testing.assert_close(per_adapter[:1], merged[:1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(per_adapter[1:], gated[1:], atol=1e-5, rtol=1e-4)
+    assert (gated[:1] - merged[:1]).abs().max() > 1e-4, "the gates do change the unconditional half when kept"
 
 
 def test_img2img_and_several_prompts_and_images_per_prompt(tiny_sd: Any) -> None:

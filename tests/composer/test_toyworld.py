@@ -195,6 +195,19 @@ def test_quality_benchmark_adds_conditional_branch_rows(tmp_path: Path, capsys) 
         main([*argv, "--branches", "negative"])
 
 
+def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(tmp_path: Path, capsys) -> None:
+    import json
+
+    from benchmarks.composition_quality import branch_choice, main
+
+    assert branch_choice("mixed", ("zorbex", "forest")) == {"zorbex": "conditional"}
+    assert branch_choice("mixed", ("kiboko", "crown", "sunset")) == {"kiboko": "conditional", "crown": "conditional"}
+    assert branch_choice("conditional", ("zorbex", "forest")) == "conditional"
+    argv = ["--quick", "--methods", "merge", "--branches", "mixed", "--library", str(tmp_path / "lib")]
+    assert main(argv) == 0
+    assert "merge (mixed)" in json.loads(capsys.readouterr().out)["compositions"]["k=2"]
+
+
 def test_quality_benchmark_composes_every_set_where_asked() -> None:
     import random
 
@@ -228,3 +241,25 @@ def test_gate_data_draws_captioned_compositions_around_a_character(tmp_path: Pat
         write_composition_images(tmp_path / "none", 1, ["crown", "sunset"])
     with pytest.raises(TrainingError, match="unknown"):
         write_composition_images(tmp_path / "none", 1, ["zorbex", "tophat"])
+
+
+def test_quality_docs_of_a_compositions_only_run_have_no_alone_table(tmp_path: Path) -> None:
+    import torch
+
+    from benchmarks.composition_quality import write_docs
+
+    cell = {"element_presence": 0.5, "all_elements": 0.25, "seconds_per_image": 1.0}
+    result = {
+        "steps": 20,
+        "weight": 0.8,
+        "hardware": "CPU, 2 torch threads",
+        "seconds": 1.0,
+        "adapters": ["zorbex", "forest"],
+        "compositions": {"k=2": {"sets": 1, "sets_possible": 1, "images_per_method": 1, "merge (mixed)": cell}},
+    }
+    write_docs(result, {"k=2: a prompt": {"merge (mixed)": torch.zeros(3, 8, 8)}}, tmp_path, "quality_mixed")
+    text = (tmp_path / "quality_mixed.md").read_text()
+    assert "Each LoRA alone" not in text
+    assert "Rows marked (mixed)" in text
+    assert "| 2 | 1 (1) × 1 | merge (mixed) | 50% | 25% | — | 1.0 |" in text
+    assert (tmp_path / "images" / "quality_mixed.png").is_file()

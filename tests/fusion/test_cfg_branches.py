@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.cfg_branches import batch_slice, cfg_halves, check_branches
+from fusion.cfg_branches import batch_slice, cfg_halves, check_branches, describe_branches, resolve_branches
 from fusion.errors import CompositionError
 
 
@@ -33,3 +33,20 @@ def test_odd_batches_and_unknown_branch_names_are_refused() -> None:
     with pytest.raises(CompositionError, match="branches must be one of"):
         check_branches("unconditional")
     assert batch_slice("text", 0, 1, 2) == "text"
+
+
+def test_a_per_adapter_choice_resolves_to_the_adapters_the_unconditional_half_keeps() -> None:
+    names = ["style", "scene", "hero"]
+    assert resolve_branches("both", names) == ("both", [])
+    assert resolve_branches("conditional", names) == ("conditional", [])
+    assert resolve_branches({"style": "conditional"}, names) == ("conditional", ["scene", "hero"])
+    assert resolve_branches(dict.fromkeys(names, "conditional"), names) == ("conditional", [])
+    assert resolve_branches({"style": "both"}, names) == ("both", []), "unnamed adapters act on both branches"
+    with pytest.raises(CompositionError, match="outside the composition"):
+        resolve_branches({"forest": "both"}, names)
+    with pytest.raises(CompositionError, match="adapter 'style'"):
+        resolve_branches({"style": "negative"}, names)
+    with pytest.raises(CompositionError, match="or a mapping"):
+        resolve_branches(["style"], names)  # type: ignore[arg-type]
+    assert describe_branches({"scene": "both", "style": "conditional"}) == "scene: both, style: conditional"
+    assert describe_branches("conditional") == "conditional"
