@@ -10,10 +10,14 @@ k = 2 rank-16 LoRAs on every attention projection at 0.8:
   conditional-only composition (the unconditional half of each CFG batch on the base weights, unfused);
 - ``reference``: the same sampling written out as a user would without us: a base UNet for the unconditional
   prediction and a diffusers pipeline with the LoRAs loaded by ``load_lora_weights`` (PEFT layers) for the
-  conditional one, two denoiser calls per step, CFG combined by hand.
+  conditional one, two denoiser calls per step, CFG combined by hand;
+- ``per_adapter``: ``set_composition(weights, branches={"a1": "conditional"})`` — ``a0`` kept on both branches
+  (the unconditional half carries it merged), ``a1`` on the conditional branch only;
+- ``reference_per_adapter``: its hand-written loop, the unconditional prediction from a diffusers/PEFT pipeline
+  with ``a0`` loaded.
 
-Each is timed round-robin (median of ``repeats``); the latents of ``conditional`` and ``reference`` are compared
-(``max_abs_diff``). Prints one JSON document with the ratios.
+Each is timed round-robin (median of ``repeats``); the latents of each of ours and its reference are compared
+(``max_abs_diff``, ``max_abs_diff_per_adapter``). Prints one JSON document with the ratios.
 """
 
 from __future__ import annotations
@@ -80,19 +84,24 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
     both, conditional = (
         make_composable(type(plain)(**{**plain.components, "unet": copy.deepcopy(plain.unet)})) for _ in range(2)
     )
-    peer = type(plain)(**{**plain.components, "unet": copy.deepcopy(plain.unet)})
+    peer, peer_kept = (type(plain)(**{**plain.components, "unet": copy.deepcopy(plain.unet)}) for _ in range(2))
+    per_adapter = make_composable(type(plain)(**{**plain.components, "unet": copy.deepcopy(plain.unet)}))
     adapters = [Adapter(f"a{i}", "sd1", random_lora(plain.unet, i, RANK, scale=0.05)) for i in range(K)]
     names = [adapter.name for adapter in adapters]
-    for pipe in (both, conditional, peer):
+    for pipe in (both, conditional, per_adapter, peer, peer_kept):
         pipe.set_progress_bar_config(disable=True)
     for adapter in adapters:
-        both.add_adapter(adapter)
-        conditional.add_adapter(adapter)
+        for pipe in (both, conditional, per_adapter):
+            pipe.add_adapter(adapter)
         with torch.no_grad():
             peer.load_lora_weights(peft_state_dict(adapter.layers), adapter_name=adapter.name)
+    with torch.no_grad():
+        peer_kept.load_lora_weights(peft_state_dict(adapters[0].layers), adapter_name=names[0])
     peer.set_adapters(names, [WEIGHT] * K)
+    peer_kept.set_adapters([names[0]], [WEIGHT])
     both.set_composition(dict.fromkeys(names, WEIGHT))
     conditional.set_composition(dict.fromkeys(names, WEIGHT), branches="conditional")
+    per_adapter.set_composition(dict.fromkeys(names, WEIGHT), branches={names[1]: "conditional"})
     call = {
         "prompt": PROMPT,
         "num_inference_steps": STEPS,
@@ -114,13 +123,18 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
         "both": generate(both),
         "conditional": generate(conditional),
         "reference": _reference(plain, peer, device, dtype),
+        "per_adapter": generate(per_adapter),
+        "reference_per_adapter": _reference(peer_kept, peer, device, dtype),
     }
     difference = float((runs["conditional"]().float() - runs["reference"]().float()).abs().max())
+    per_adapter_difference = float(
+        (runs["per_adapter"]().float() - runs["reference_per_adapter"]().float()).abs().max()
+    )
     ms = interleaved_ms(runs, repeats, device)
     return {
         "benchmark": "conditional_branch",
-        "path": "public API: set_composition(weights, branches='conditional') vs a hand-written CFG loop with a base "
-        "UNet and a diffusers/PEFT adapted UNet",
+        "path": "public API: set_composition(weights, branches='conditional' or per adapter) vs a hand-written CFG "
+        "loop with a base (or one-adapter) UNet and a diffusers/PEFT adapted UNet",
         "model": f"small-sd pipeline, {SIZE}x{SIZE}, {STEPS} steps, CFG {GUIDANCE}, latent output",
         "adapters": f"{K} LoRAs of rank {RANK} on {', '.join(ATTENTION_PROJECTIONS)}, each at {WEIGHT}",
         "device": str(device),
@@ -132,7 +146,10 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
         "conditional_vs_plain": round(ms["conditional"] / ms["plain"], 3),
         "conditional_vs_both": round(ms["conditional"] / ms["both"], 3),
         "reference_vs_conditional": round(ms["reference"] / ms["conditional"], 3),
+        "per_adapter_vs_conditional": round(ms["per_adapter"] / ms["conditional"], 3),
+        "reference_per_adapter_vs_per_adapter": round(ms["reference_per_adapter"] / ms["per_adapter"], 3),
         "max_abs_diff": difference,
+        "max_abs_diff_per_adapter": per_adapter_difference,
     }
 
 

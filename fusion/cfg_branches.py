@@ -15,7 +15,7 @@ the whole composition. Adapters whose content the base model cannot draw (a new 
 fought by a base unconditional prediction in the late steps, while weak ones (styles) are still amplified by ``g``.
 
 Functions here check a branch choice and slice a CFG batch's denoiser arguments into its two halves; the engine runs
-the unconditional half with the conditional-only adapters muted and hands the conditional half to the strategy.
+the unconditional half with every adapter muted but the kept ones and hands the conditional half to the strategy.
 """
 
 from __future__ import annotations

@@ -605,4 +605,5 @@ class FusionEngine:
         for key in list(self._layers):
             self._unwrap(key)
         self.adapters.clear()
+        self.set_branches("both")
         detach(self.denoiser, self._hook)
