@@ -104,11 +104,12 @@ def assemble_pipeline(components: dict[str, Any]) -> Any:
     )
 
 
-def load_toy_pipeline(torch_dtype: Any = None, device: Any = None) -> Any:
+def load_toy_pipeline(torch_dtype: Any = None, device: Any = None, folder: Path = WEIGHTS_DIR) -> Any:
     """The trained ``toy-sd`` pipeline from the weights shipped in the package (offline, well under a second).
 
     Weights are stored in fp16 and loaded as fp32 unless ``torch_dtype`` says otherwise; the tokenizer is the
-    offline CLIP tokenizer (real CLIP ids), rebuilt rather than shipped.
+    offline CLIP tokenizer (real CLIP ids), rebuilt rather than shipped. ``folder`` loads another trained copy
+    (the training command's output) the same way.
     """
     import torch
     from diffusers import StableDiffusionPipeline
@@ -116,10 +117,10 @@ def load_toy_pipeline(torch_dtype: Any = None, device: Any = None) -> Any:
     from composer.tokenizers import build_clip_tokenizer
     from fusion.errors import PresetError
 
-    if not (WEIGHTS_DIR / "model_index.json").is_file():
-        raise PresetError("the toy-sd weights are missing from the package", path=WEIGHTS_DIR, hint="reinstall")
+    if not (Path(folder) / "model_index.json").is_file():
+        raise PresetError("the toy-sd weights are missing", path=Path(folder), hint="reinstall, or train them first")
     pipe = StableDiffusionPipeline.from_pretrained(
-        WEIGHTS_DIR,
+        folder,
         tokenizer=build_clip_tokenizer(model_max_length=MAX_TOKENS),
         dtype=torch_dtype or torch.float32,
         local_files_only=True,

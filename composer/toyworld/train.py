@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +52,17 @@ def save_concept(path: Path, trained: dict, setup: ConceptTraining) -> None:
     save_file(tensors, str(path), metadata=header)
 
 
+def base_pipeline(out: Path) -> Any:
+    """The base model trained into ``out/toy-sd``, loaded as the preset loads it (fp32, the offline CLIP tokenizer).
+
+    The shipped folder carries no tokenizer, and diffusers given a folder without one hands back a tokenizer that
+    maps every caption to unrelated ids, so adapters trained through it learn their concept tied to no word.
+    """
+    from composer.toyworld.model import load_toy_pipeline
+
+    return load_toy_pipeline(torch.float32, folder=out / "toy-sd")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the stages named by ``--stages`` into OUT."""
     parser = argparse.ArgumentParser(prog="python -m composer.toyworld.train", description=__doc__)
@@ -79,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         train_base(args.out, config, args.device)
         log["base_seconds"] = round(time.monotonic() - began, 1)
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, torch_dtype=torch.float32)
+    pipe = base_pipeline(args.out)
     if "judge" in stages and not (args.out / JUDGE_FILE).is_file():
         began = time.monotonic()
         judge = train_judge(

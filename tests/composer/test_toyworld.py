@@ -263,3 +263,18 @@ def test_quality_docs_of_a_compositions_only_run_have_no_alone_table(tmp_path: P
     assert "Rows marked (mixed)" in text
     assert "| 2 | 1 (1) × 1 | merge (mixed) | 50% | 25% | — | 1.0 |" in text
     assert (tmp_path / "images" / "quality_mixed.png").is_file()
+
+
+def test_the_training_command_reads_captions_with_the_clip_tokenizer_the_preset_uses(tmp_path: Path) -> None:
+    """The shipped model folder carries no tokenizer; concept and judge stages must still tokenise as inference does."""
+    from composer.tokenizers import build_clip_tokenizer
+    from composer.toyworld.model import MAX_TOKENS, WEIGHTS_DIR
+    from composer.toyworld.train import base_pipeline
+
+    (tmp_path / "toy-sd").symlink_to(WEIGHTS_DIR, target_is_directory=True)
+    pipe = base_pipeline(tmp_path)
+    caption = "zorbex wearing a krwn crown at a snst sunset, pxlart pixel art"
+    expected = build_clip_tokenizer(model_max_length=MAX_TOKENS)(caption).input_ids
+    assert pipe.tokenizer(caption).input_ids == expected
+    assert expected[0] == 49406  # CLIP's start id, not a fallback vocabulary's
+    assert expected[-1] == 49407
