@@ -53,10 +53,10 @@ ENTRIES: tuple[LibraryEntry, ...] = (
     LibraryEntry("sunglasses", "Cool Sunglasses", "kohya", ("civitai",), ("sunglasses", "clothing")),
     LibraryEntry("pixel_art", "Pixel Art Style", "lokr", ("kohya", "civitai", "a1111", "preview"), ("pixel art",)),
     LibraryEntry("polka_dots", "Polka Dots", "diffusers", ("a1111",), ("polka dots", "style", "pattern")),
-    LibraryEntry("sunset", "Sunset Sky", "shira", ("modelspec", "a1111", "preview"), ("sunset", "background")),
+    LibraryEntry("sunset", "Sunset Sky", "diffusers", ("modelspec", "a1111", "preview"), ("sunset", "background")),
     LibraryEntry("forest", "Dark Forest", "kohya", (), ()),
     LibraryEntry("flower", "Pink Flower", "loha", ("civitai", "a1111", "preview"), ("flower", "object")),
-    LibraryEntry("mushroom", "Red Mushroom", "diffusers", ("civitai",), ("mushroom", "object")),
+    LibraryEntry("mushroom", "Red Mushroom", "shira", ("civitai",), ("mushroom", "object")),
 )
 """The library's files. ``forest`` carries no metadata at all (retrieval must still find it)."""
 

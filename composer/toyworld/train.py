@@ -29,10 +29,10 @@ CONCEPT_PLAN: dict[str, ConceptTraining] = {
     "sunglasses": ConceptTraining("lora", text_encoder=True),
     "pixel_art": ConceptTraining("lokr", rank=4),
     "polka_dots": ConceptTraining("lora"),
-    "sunset": ConceptTraining("shira", rank=8),
+    "sunset": ConceptTraining("lora", text_encoder=True),
     "forest": ConceptTraining("lora", text_encoder=True),
     "flower": ConceptTraining("loha", rank=4),
-    "mushroom": ConceptTraining("lora"),
+    "mushroom": ConceptTraining("shira", rank=8),
 }
 """Which adapter kind teaches which concept: the library mixes kinds and formats the way real ones do."""
 
