@@ -525,6 +525,35 @@ def _from_pretrained(source: str, *, offline: bool, torch_dtype: torch.dtype | N
         raise PresetError(f"could not load {what}: {type(exc).__name__}: {exc}", path=source, hint=hint) from exc
 
 
+def _refuse_missing_components(folder: Path) -> None:
+    """Refuse a pipeline folder whose model_index.json lists a component it has no subfolder for.
+
+    diffusers does not fail there for tokenizers: it builds one with an empty vocabulary, and every prompt then reads
+    as unknown tokens, so the model draws without its text (the toy world's training command once trained adapters
+    that way). Checked before loading, so nothing is built from a half folder.
+    """
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return
+    listed = json.loads(index.read_text())
+    missing = [
+        name
+        for name, value in listed.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and value[0] is not None
+        and not (folder / name).is_dir()
+    ]
+    if missing:
+        folders = ", ".join(f"{name}/" for name in missing)
+        raise PresetError(
+            f"{folder} lists {', '.join(missing)} in model_index.json but has no {folders} folder; diffusers would fill"
+            " a missing tokenizer with an empty vocabulary and read every prompt as unknown tokens",
+            path=folder,
+            hint=f"restore {folders} from the model it came from (save_pretrained writes every component)",
+        )
+
+
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
     """Hide diffusers' and transformers' per-component loading bars for local loads (they take well under a second)."""
@@ -561,6 +590,7 @@ def load_preset(
             return _finish(load_toy_pipeline(torch_dtype), device)
     if name in PRESETS:
         folder = ensure_preset(name, cache_dir)
+        _refuse_missing_components(folder)
         pipe = _from_pretrained(
             str(folder),
             offline=True,
@@ -571,6 +601,7 @@ def load_preset(
         return _finish(pipe, device)
     path = Path(name).expanduser()
     if path.is_dir():
+        _refuse_missing_components(path)
         pipe = _from_pretrained(
             str(path),
             offline=True,

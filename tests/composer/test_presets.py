@@ -207,6 +207,18 @@ def test_empty_local_folder_raises_preset_error(tmp_path):
         load_preset(str(tmp_path))
 
 
+def test_local_folder_without_a_listed_tokenizer_is_refused(tiny_sd_path, tmp_path):
+    """diffusers builds a two-token vocabulary for a missing tokenizer folder: every prompt would read as unknown."""
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for entry in tiny_sd_path.iterdir():
+        if entry.name != "tokenizer":
+            (folder / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    with pytest.raises(PresetError, match=r"tokenizer/") as info:
+        load_preset(str(folder))
+    assert "tokenizer" in info.value.hint
+
+
 def test_local_folder_loads_offline(tiny_sd_path):
     pipe = load_preset(str(tiny_sd_path))
     assert isinstance(pipe, StableDiffusionPipeline)
