@@ -512,7 +512,10 @@ def _finish(pipe: DiffusionPipeline, device: str | torch.device | None) -> Diffu
 
 
 def _from_pretrained(source: str, *, offline: bool, torch_dtype: torch.dtype | None, what: str, hint: str) -> Any:
-    """``DiffusionPipeline.from_pretrained`` with every failure turned into a PresetError that says what to do."""
+    """``DiffusionPipeline.from_pretrained`` with every failure turned into a PresetError that says what to do
+    (a local folder missing a listed component is refused before loading)."""
+    if Path(source).is_dir():
+        _refuse_missing_components(Path(source))
     kwargs: dict[str, Any] = {"local_files_only": offline}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
@@ -590,7 +593,6 @@ def load_preset(
             return _finish(load_toy_pipeline(torch_dtype), device)
     if name in PRESETS:
         folder = ensure_preset(name, cache_dir)
-        _refuse_missing_components(folder)
         pipe = _from_pretrained(
             str(folder),
             offline=True,
@@ -601,7 +603,6 @@ def load_preset(
         return _finish(pipe, device)
     path = Path(name).expanduser()
     if path.is_dir():
-        _refuse_missing_components(path)
         pipe = _from_pretrained(
             str(path),
             offline=True,
