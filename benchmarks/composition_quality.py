@@ -203,8 +203,8 @@ def run_compositions(
 def run_alone(
     pipe: Any, names: list[str], images: int, steps: int, weight: float = WEIGHT, branches: str = "both"
 ) -> dict[str, Any]:
-    """Each LoRA alone at ``weight`` (on ``branches``) on base scenes: its concept present, and the prompt's other
-    attributes kept."""
+    """Each LoRA alone at ``weight`` (on the branch setting ``branches``, ``mixed`` as in compositions) on base
+    scenes: its concept present, and the prompt's other attributes kept."""
     from composer.toyworld.verdict import judge_images
     from composer.toyworld.world import CONCEPTS, caption, sample_scene
 
@@ -214,7 +214,7 @@ def run_alone(
         rng = random.Random(7)
         scenes = [sample_scene(rng).with_concepts(concept) for _ in range(images)]
         prompts = [caption(scene, rng, (concept,)) for scene in scenes]
-        pipe.set_composition({name: weight}, method="merge", branches=branches)
+        pipe.set_composition({name: weight}, method="merge", branches=branch_choice(branches, (name,)))
         out = _sample(pipe, prompts, 0, steps)
         pipe.clear_composition()
         verdicts = judge_images(out, prompts, [[name]] * images)
@@ -307,9 +307,12 @@ def write_docs(
 
 
 def _alone_lines(result: dict[str, Any]) -> list[str]:
-    """The base model's line and the each-LoRA-alone table of a full run."""
-    conditional = result.get("alone_conditional")
-    cond_header = f" concept present at {result['weight']} (cond) | others kept at {result['weight']} (cond) |"
+    """The base model's line and the each-LoRA-alone table of a full run (a column pair per branch setting run)."""
+    settings = [s for s in ("conditional", "mixed") if f"alone_{s}" in result]
+    extra_header = "".join(
+        f" concept present at {result['weight']}{_SUFFIX[s]} | others kept at {result['weight']}{_SUFFIX[s]} |"
+        for s in settings
+    )
     return [
         f"Base model alone on {result['base']['images']} base-vocabulary captions: all attributes right in "
         f"{result['base']['all_attributes']:.0%} of images; per attribute: "
@@ -319,15 +322,14 @@ def _alone_lines(result: dict[str, Any]) -> list[str]:
         "",
         f"| adapter | concept present at {result['weight']} | other attributes kept at {result['weight']} | "
         f"concept present at {result['preferred_weight']} | other attributes kept at {result['preferred_weight']} |"
-        + (cond_header if conditional else ""),
-        "|---|---|---|---|---|" + ("---|---|" if conditional else ""),
+        + extra_header,
+        "|---|---|---|---|---|" + "---|---|" * len(settings),
         *(
             f"| {n} | {r['concept_present']:.0%} | {r['others_kept']:.0%} | "
             f"{p['concept_present']:.0%} | {p['others_kept']:.0%} |"
-            + (
-                f" {conditional[n]['concept_present']:.0%} | {conditional[n]['others_kept']:.0%} |"
-                if conditional
-                else ""
+            + "".join(
+                f" {result[f'alone_{s}'][n]['concept_present']:.0%} | {result[f'alone_{s}'][n]['others_kept']:.0%} |"
+                for s in settings
             )
             for (n, r), p in zip(result["alone"].items(), result["alone_preferred"].values())
         ),
@@ -390,10 +392,11 @@ def main(argv: list[str] | None = None) -> int:
                 "preferred_weight": PREFERRED_WEIGHT,
                 "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
             }
-            if "conditional" in branches:
-                result["alone_conditional"] = run_alone(
-                    pipe, names, args.alone_images, args.steps, args.weight, "conditional"
-                )
+            for setting in ("conditional", "mixed"):
+                if setting in branches:
+                    result[f"alone_{setting}"] = run_alone(
+                        pipe, names, args.alone_images, args.steps, args.weight, setting
+                    )
         result |= {
             "compositions": run_compositions(
                 pipe,

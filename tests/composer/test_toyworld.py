@@ -278,3 +278,46 @@ def test_the_training_command_reads_captions_with_the_clip_tokenizer_the_preset_
     assert pipe.tokenizer(caption).input_ids == expected
     assert expected[0] == 49406  # CLIP's start id, not a fallback vocabulary's
     assert expected[-1] == 49407
+
+
+def test_each_lora_alone_under_the_mixed_rule_keeps_backgrounds_on_both_branches(monkeypatch) -> None:
+    import benchmarks.composition_quality as quality
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def set_composition(self, weights, method, branches):
+            self.calls.append((next(iter(weights)), branches))
+
+        def clear_composition(self):
+            pass
+
+    monkeypatch.setattr(quality, "_sample", lambda pipe, prompts, seed, steps: torch.zeros(len(prompts), 3, 64, 64))
+    pipe = Recorder()
+    rows = quality.run_alone(pipe, ["zorbex", "forest"], 2, 1, branches="mixed")
+    assert pipe.calls == [("zorbex", {"zorbex": "conditional"}), ("forest", {})]
+    assert set(rows) == {"zorbex", "forest"}
+
+
+def test_quality_docs_show_a_column_pair_per_branch_setting_of_the_alone_rows(tmp_path: Path) -> None:
+    from benchmarks.composition_quality import write_docs
+
+    row = {"concept_present": 0.9, "others_kept": 0.8}
+    result = {
+        "steps": 20,
+        "weight": 0.8,
+        "hardware": "CPU, 1 torch thread",
+        "seconds": 1.0,
+        "adapters": ["zorbex"],
+        "base": {"all_attributes": 1.0, "images": 1},
+        "alone": {"zorbex": row},
+        "preferred_weight": 1.0,
+        "alone_preferred": {"zorbex": row},
+        "alone_mixed": {"zorbex": {"concept_present": 1.0, "others_kept": 0.5}},
+        "compositions": {},
+    }
+    write_docs(result, {}, tmp_path)
+    text = (tmp_path / "composition_quality.md").read_text()
+    assert "| concept present at 0.8 (mixed) | others kept at 0.8 (mixed) |" in text
+    assert "| zorbex | 90% | 80% | 90% | 80% | 100% | 50% |" in text
