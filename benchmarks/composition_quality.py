@@ -361,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         "(extra rows)",
     )
     parser.add_argument(
+        "--alone-branches",
+        default=None,
+        help="comma-separated extra branch settings (conditional, mixed) for the LoRA-alone table "
+        "(default: those of --branches)",
+    )
+    parser.add_argument(
         "--compositions-only", action="store_true", help="full mode: skip the base-model and LoRA-alone rows"
     )
     parser.add_argument("--name", default="composition_quality", help="file stem of the docs written by --docs")
@@ -368,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
     branches = tuple(b for b in args.branches.split(",") if b)
-    unknown = [b for b in branches if b not in BRANCHES]
-    if unknown:
-        parser.error(f"--branches takes {', '.join(BRANCHES)}; got {', '.join(unknown)}")
+    alone_branches = branches if args.alone_branches is None else tuple(args.alone_branches.split(","))
+    for flag, settings in (("--branches", branches), ("--alone-branches", alone_branches)):
+        unknown = [b for b in settings if b not in BRANCHES]
+        if unknown:
+            parser.error(f"{flag} takes {', '.join(BRANCHES)}; got {', '.join(unknown)}")
     from composer.toyworld.library import LIBRARY_GATES, PREFERRED_WEIGHT
 
     torch.set_num_threads(args.threads)
@@ -393,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
             }
             for setting in ("conditional", "mixed"):
-                if setting in branches:
+                if setting in alone_branches:
                     result[f"alone_{setting}"] = run_alone(
                         pipe, names, args.alone_images, args.steps, args.weight, setting
                     )

@@ -193,6 +193,8 @@ def test_quality_benchmark_adds_conditional_branch_rows(tmp_path: Path, capsys) 
     assert "vs_merge" in row["merge (cond)"], "the conditional rows are scored against plain merge"
     with pytest.raises(SystemExit):
         main([*argv, "--branches", "negative"])
+    with pytest.raises(SystemExit):
+        main([*argv, "--alone-branches", "mixed,negative"])
 
 
 def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(tmp_path: Path, capsys) -> None:
