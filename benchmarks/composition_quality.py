@@ -14,7 +14,9 @@ weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.
 ``mixed`` chooses per adapter (``branches={name: "conditional"}``): background adapters on both branches, every other
 adapter on the conditional branch only, labelled ``<method> (mixed)``. The rule comes from the tuning scenes in
 ``composer/toyworld/weights/README.md`` (seed 99, and k = 2 seeds 10–12), not from the benchmark's own.
-``--compositions-only --name NAME`` runs the composition rows alone into ``docs/NAME.md`` (a branch setting added
+The LoRA-alone table gets a column pair for each of those settings too, or for those given to ``--alone-branches``
+(a ``mixed`` alone column beside the protocol's rows, without the mixed compositions). ``--compositions-only --name
+NAME`` runs the composition rows alone into ``docs/NAME.md`` (a branch setting added
 to a full run's rows without repeating them; the library and every other row unchanged).
 
 ``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
     branches = tuple(b for b in args.branches.split(",") if b)
-    alone_branches = branches if args.alone_branches is None else tuple(args.alone_branches.split(","))
+    alone_branches = branches if args.alone_branches is None else tuple(b for b in args.alone_branches.split(",") if b)
     for flag, settings in (("--branches", branches), ("--alone-branches", alone_branches)):
         unknown = [b for b in settings if b not in BRANCHES]
         if unknown:
