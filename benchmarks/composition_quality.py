@@ -41,6 +41,8 @@ METHODS = ("merge", "switch", "composite", "cmlora", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
 WEIGHT = 0.8
 BRANCHES = ("both", "conditional", "mixed")
+EXTRA_BRANCHES = BRANCHES[1:]
+"""The settings that add rows (and LoRA-alone columns) beside the protocol's both-branch ones."""
 COND_NOTE = (
     ' Rows and columns marked (cond): the same composition with `branches="conditional"` (adapters on CFG\'s'
     " conditional branch only, the unconditional prediction from the base model); win/tie/lose is always against"
@@ -310,7 +312,7 @@ def write_docs(
 
 def _alone_lines(result: dict[str, Any]) -> list[str]:
     """The base model's line and the each-LoRA-alone table of a full run (a column pair per branch setting run)."""
-    settings = [s for s in ("conditional", "mixed") if f"alone_{s}" in result]
+    settings = [s for s in EXTRA_BRANCHES if f"alone_{s}" in result]
     extra_header = "".join(
         f" concept present at {result['weight']}{_SUFFIX[s]} | others kept at {result['weight']}{_SUFFIX[s]} |"
         for s in settings
@@ -327,13 +329,12 @@ def _alone_lines(result: dict[str, Any]) -> list[str]:
         + extra_header,
         "|---|---|---|---|---|" + "---|---|" * len(settings),
         *(
-            f"| {n} | {r['concept_present']:.0%} | {r['others_kept']:.0%} | "
-            f"{p['concept_present']:.0%} | {p['others_kept']:.0%} |"
+            f"| {n} |"
             + "".join(
-                f" {result[f'alone_{s}'][n]['concept_present']:.0%} | {result[f'alone_{s}'][n]['others_kept']:.0%} |"
-                for s in settings
+                f" {row[n]['concept_present']:.0%} | {row[n]['others_kept']:.0%} |"
+                for row in [result["alone"], result["alone_preferred"], *(result[f"alone_{s}"] for s in settings)]
             )
-            for (n, r), p in zip(result["alone"].items(), result["alone_preferred"].values())
+            for n in result["alone"]
         ),
         "",
     ]
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 "preferred_weight": PREFERRED_WEIGHT,
                 "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
             }
-            for setting in ("conditional", "mixed"):
+            for setting in EXTRA_BRANCHES:
                 if setting in alone_branches:
                     result[f"alone_{setting}"] = run_alone(
                         pipe, names, args.alone_images, args.steps, args.weight, setting
