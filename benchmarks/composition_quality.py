@@ -322,7 +322,7 @@ def _alone_lines(result: dict[str, Any]) -> list[str]:
         f"{result['base']['all_attributes']:.0%} of images; per attribute: "
         + ", ".join(f"{a} {v:.0%}" for a, v in result["base"].items() if a not in ("all_attributes", "images")),
         "",
-        "## Each LoRA alone",
+        f"## Each LoRA alone ({result['alone_images']} scenes each)",
         "",
         f"| adapter | concept present at {result['weight']} | other attributes kept at {result['weight']} | "
         f"concept present at {result['preferred_weight']} | other attributes kept at {result['preferred_weight']} |"
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--alone-images", type=int, default=16)
+    parser.add_argument("--alone-images", type=int, default=32, help="scenes per adapter in the LoRA-alone rows")
     parser.add_argument("--base-images", type=int, default=48)
     parser.add_argument("--library", type=Path, default=Path(".cache/bench/toy_library"))
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.compositions_only:
             result |= {
                 "base": run_base(pipe, args.base_images, args.steps),
+                "alone_images": args.alone_images,
                 "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
                 "preferred_weight": PREFERRED_WEIGHT,
                 "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),

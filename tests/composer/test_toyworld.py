@@ -317,9 +317,11 @@ def test_quality_docs_show_a_column_pair_per_branch_setting_of_the_alone_rows(tm
         "preferred_weight": 1.0,
         "alone_preferred": {"zorbex": row},
         "alone_mixed": {"zorbex": {"concept_present": 1.0, "others_kept": 0.5}},
+        "alone_images": 32,
         "compositions": {},
     }
     write_docs(result, {}, tmp_path)
     text = (tmp_path / "composition_quality.md").read_text()
+    assert "## Each LoRA alone (32 scenes each)" in text
     assert "| concept present at 0.8 (mixed) | others kept at 0.8 (mixed) |" in text
     assert "| zorbex | 90% | 80% | 90% | 80% | 100% | 50% |" in text
