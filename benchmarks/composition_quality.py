@@ -340,6 +340,11 @@ def _alone_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    """The non-empty items of a comma-separated option value."""
+    return tuple(item for item in text.split(",") if item)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print one JSON document."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -376,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
-    branches = tuple(b for b in args.branches.split(",") if b)
-    alone_branches = branches if args.alone_branches is None else tuple(b for b in args.alone_branches.split(",") if b)
+    branches = _comma_list(args.branches)
+    alone_branches = branches if args.alone_branches is None else _comma_list(args.alone_branches)
     for flag, settings in (("--branches", branches), ("--alone-branches", alone_branches)):
         unknown = [b for b in settings if b not in BRANCHES]
         if unknown:
