@@ -165,7 +165,9 @@ class ComposableMixin:
         encoders (:mod:`fusion.cfg_branches`). It runs unfused and needs an SD 1.x/2.x or SDXL pipeline; calls
         without CFG (``guidance_scale`` ≤ 1) compose the whole batch as usual. A mapping chooses per adapter
         (``{"pixel_art": "conditional"}``; adapters it leaves out act on both branches): the unconditional half
-        then carries the ``"both"`` adapters merged at their weights, and the negative prompt is encoded with them.
+        then carries the ``"both"`` adapters merged at their weights, and the negative prompt is encoded with them. A
+        number in [0, 1] instead of a branch name (``{"zorbex": 0.5}``) is the share of that adapter's weight the
+        unconditional half carries, as ComfyUI's hooked LoRAs take a strength per conditioning.
 
         Sparse (SHiRA) adapters stay attached at weight 0 when a composition leaves them out: fused, they cost
         nothing, and going from one fused SHiRA composition to another switches the weights in place (restoring

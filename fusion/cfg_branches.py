@@ -9,10 +9,14 @@ and only the conditional half carries the composition, so the guidance differenc
 the prompt's: ``ε = ε_u^base + g·(ε_c^adapted − ε_u^base)``. This is the choice ComfyUI exposes by hooking LoRAs
 onto the positive conditioning only; weak adapters reach their concept at lower weights this way.
 
-Per adapter (a mapping ``{name: "both" | "conditional"}``; adapters it does not name act on both branches, as in
-pipelines): the unconditional half carries the ``"both"`` adapters merged at their weights and the conditional half
-the whole composition. Adapters whose content the base model cannot draw (a new background's texture) are then not
-fought by a base unconditional prediction in the late steps, while weak ones (styles) are still amplified by ``g``.
+Per adapter (a mapping ``{name: "both" | "conditional" | share}``; adapters it does not name act on both branches,
+as in pipelines): the unconditional half carries the ``"both"`` adapters merged at their weights and the conditional
+half the whole composition. Adapters whose content the base model cannot draw (a new background's texture) are then
+not fought by a base unconditional prediction in the late steps, while weak ones (styles) are still amplified by
+``g``. A number ``s`` in [0, 1] is the share of the adapter's weight the unconditional half carries (``"both"`` is 1,
+``"conditional"`` 0), as ComfyUI's hooked LoRAs take a strength per conditioning: where an adapter shifts both
+predictions alike by ``Δ``, the guided prediction moves by ``(g − (g − 1)·s)·Δ``, so ``s`` sets the adapter's
+strength between the unamplified ``Δ`` of both branches and the ``g·Δ`` of the conditional one.
 
 Functions here check a branch choice and slice a CFG batch's denoiser arguments into its two halves; the engine runs
 the unconditional half with every adapter muted but the kept ones and hands the conditional half to the strategy.
@@ -20,6 +24,7 @@ the unconditional half with every adapter muted but the kept ones and hands the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
@@ -29,8 +34,11 @@ BRANCHES = ("both", "conditional")
 """``"both"``: adapters on the whole CFG batch (what pipelines do); ``"conditional"``: on the conditional half only."""
 
 
-Branches = Union[str, Mapping[str, str]]
-"""One of :data:`BRANCHES` for every adapter, or a mapping from adapter names to one of them."""
+Branches = Union[str, Mapping[str, Union[str, float]]]
+"""One of :data:`BRANCHES` for every adapter, or a mapping from adapter names to one of them or to the share (0–1) of
+the adapter's weight that the unconditional half carries."""
+
+_SHARES = {"both": 1.0, "conditional": 0.0}
 
 
 def check_branches(branches: str) -> str:
@@ -40,13 +48,14 @@ def check_branches(branches: str) -> str:
     return branches
 
 
-def resolve_branches(branches: Branches, adapters: Iterable[str]) -> tuple[str, list[str]]:
-    """The routing a branch choice asks of a composition of ``adapters``: ``("both", [])`` (the whole batch
-    composed), or ``("conditional", kept)`` with ``kept`` the adapters the unconditional half still carries (none:
-    the base model). A :class:`CompositionError` for unknown values or names outside the composition."""
+def resolve_branches(branches: Branches, adapters: Iterable[str]) -> tuple[str, dict[str, float]]:
+    """The routing a branch choice asks of a composition of ``adapters``: ``("both", {})`` (the whole batch
+    composed), or ``("conditional", kept)`` with ``kept`` the adapters the unconditional half still carries and the
+    share of their weight it carries (none: the base model). A :class:`CompositionError` for unknown values, shares
+    outside [0, 1] or names outside the composition."""
     names = list(adapters)
     if isinstance(branches, str):
-        return check_branches(branches), []
+        return check_branches(branches), {}
     if not isinstance(branches, Mapping):
         raise CompositionError(
             f"branches must be one of {BRANCHES} or a mapping from adapter names to them, got {branches!r}"
@@ -56,17 +65,25 @@ def resolve_branches(branches: Branches, adapters: Iterable[str]) -> tuple[str, 
         raise CompositionError(
             f"branches names adapters outside the composition: {outside}", hint=f"the composition has {names}"
         )
-    for name, value in branches.items():
-        if value not in BRANCHES:
-            raise CompositionError(f"adapter {name!r}: branches must be one of {BRANCHES}, got {value!r}")
-    kept = [name for name in names if branches.get(name, "both") == "both"]
-    if len(kept) == len(names):
-        return "both", []
-    return "conditional", kept
+    shares = {name: _share(name, branches.get(name, "both")) for name in names}
+    if all(share == 1.0 for share in shares.values()):
+        return "both", {}
+    return "conditional", {name: share for name, share in shares.items() if share > 0.0}
+
+
+def _share(name: str, value: Any) -> float:
+    """The unconditional half's share of adapter ``name``'s weight for one per-adapter branch value."""
+    if isinstance(value, str) and value in _SHARES:
+        return _SHARES[value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1:
+        return float(value)
+    raise CompositionError(
+        f"adapter {name!r}: branches must be one of {BRANCHES} or a share of its weight between 0 and 1, got {value!r}"
+    )
 
 
 def describe_branches(branches: Branches) -> str:
-    """A branch choice as one line for image metadata: ``conditional`` or ``forest: both, zorbex: conditional``."""
+    """A branch choice as one line for image metadata: ``conditional`` or ``forest: both, zorbex: 0.5``."""
     if isinstance(branches, str):
         return branches
     return ", ".join(f"{name}: {value}" for name, value in branches.items())

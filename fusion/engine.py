@@ -142,6 +142,7 @@ class FusionEngine:
         self._generation: Any = None
         self.branches = "both"
         self._unconditional: dict[str, WeightSpec] = {}
+        self._unconditional_shares: dict[str, float] = {}
         self._unconditional_table: torch.Tensor | None = None
         self._cfg_halves = False
         self._timestep_position = self._find_timestep_position(denoiser)
@@ -454,12 +455,14 @@ class FusionEngine:
 
     def set_branches(self, branches: Branches) -> None:
         """Which CFG branches the adapters act on: ``"both"``, ``"conditional"`` or a per-adapter mapping of the two
-        (see :mod:`fusion.cfg_branches`). In generations started with ``cfg_halves=True`` the unconditional half then
-        runs under :meth:`unconditional`. Set the strategy first: a mapping is resolved against its adapters."""
+        or of unconditional shares (see :mod:`fusion.cfg_branches`). In generations started with
+        ``cfg_halves=True`` the unconditional half then runs under :meth:`unconditional`. Set the strategy first: a
+        mapping is resolved against its adapters."""
         weights = self.strategy.weights if self.strategy is not None else {}
         mode, kept = resolve_branches(branches, weights)
         self.branches = mode
         self._unconditional = {name: weights[name] for name in kept}
+        self._unconditional_shares = kept
         self._unconditional_table = None
 
     @contextmanager
@@ -476,8 +479,9 @@ class FusionEngine:
     @contextmanager
     def unconditional(self, step: int = 0, num_steps: int = 1) -> Iterator[None]:
         """What the unconditional half of a conditional-branch composition runs under: every adapter muted, or with a
-        per-adapter branch choice only the adapters kept on both branches, merged at their weights for ``step`` of
-        ``num_steps`` (whatever the method; the strategy's own weights are put back after the block)."""
+        per-adapter branch choice only the adapters kept on both branches, merged at their weights (times the share
+        the choice gives each) for ``step`` of ``num_steps`` (whatever the method; the strategy's own weights are put
+        back after the block)."""
         if not self._unconditional:
             with self.muted():
                 yield
@@ -485,7 +489,10 @@ class FusionEngine:
         self._refuse_fused()
         table = self._unconditional_table
         if table is None or table.shape[2] != num_steps:
-            table = self._unconditional_table = self.weight_table(self._unconditional, num_steps)
+            table = self.weight_table(self._unconditional, num_steps)
+            for name, share in self._unconditional_shares.items():
+                table[self.adapter_names.index(name)] *= share
+            self._unconditional_table = table
         saved = (self.state.weights, self.state.sample_weights)
         self.state.set(self._per_group(table[:, :, min(step, num_steps - 1)]), None)
         self.state.plain = True

@@ -53,8 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="both",
         metavar="BRANCHES",
         help="CFG branches the adapters act on: both (as pipelines do), conditional (the unconditional "
-        "prediction from the base model; SD/SDXL), or per adapter as NAME=both|conditional,... (adapters not "
-        "named act on both)",
+        "prediction from the base model; SD/SDXL), or per adapter as NAME=both|conditional|SHARE,... with SHARE "
+        "the part (0-1) of the adapter's weight the unconditional branch carries (adapters not named act on both)",
     )
     parser.add_argument(
         "--gates",
@@ -74,19 +74,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def parse_branches(text: str) -> str | dict[str, str]:
-    """``--branches``: one of :data:`fusion.cfg_branches.BRANCHES`, or ``NAME=VALUE`` pairs separated by commas."""
+def parse_branches(text: str) -> str | dict[str, str | float]:
+    """``--branches``: one of :data:`fusion.cfg_branches.BRANCHES`, or ``NAME=VALUE`` pairs separated by commas with
+    VALUE one of them or the unconditional branch's share (0–1) of that adapter's weight."""
     if text in BRANCHES:
         return text
-    choice: dict[str, str] = {}
+    choice: dict[str, str | float] = {}
     for item in text.split(","):
-        name, sep, value = item.strip().partition("=")
-        if not sep or not name.strip() or value.strip() not in BRANCHES:
+        name, sep, value = (part.strip() for part in item.partition("="))
+        share = _share(value)
+        if not sep or not name or (value not in BRANCHES and share is None):
             raise argparse.ArgumentTypeError(
-                f"{text!r}: give {' or '.join(BRANCHES)}, or NAME=VALUE pairs with VALUE one of {', '.join(BRANCHES)}"
+                f"{text!r}: give {' or '.join(BRANCHES)}, or NAME=VALUE pairs with VALUE one of "
+                f"{', '.join(BRANCHES)} or a share between 0 and 1"
             )
-        choice[name.strip()] = value.strip()
+        choice[name] = value if value in BRANCHES else share
     return choice
+
+
+def _share(text: str) -> float | None:
+    """``text`` as a number in [0, 1], or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 <= value <= 1 else None
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:

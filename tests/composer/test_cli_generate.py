@@ -160,3 +160,15 @@ def test_branches_per_adapter_are_named_pairs_and_recorded(library: Path, tmp_pa
     with pytest.raises(SystemExit):
         main([*common, "--branches", "watercolor=negative"])
     assert "NAME=VALUE pairs" in capsys.readouterr().err
+
+
+def test_branches_per_adapter_take_an_unconditional_share(library: Path, tmp_path: Path, capsys) -> None:
+    common = [PROMPT, "--library", str(library), "--steps", "2", "--seed", "4", "--json", "--out", str(tmp_path)]
+    assert main([*common, "--branches", "watercolor=0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["branches"] == {"watercolor": 0.5}
+    with Image.open(tmp_path / "4-0.png") as image:
+        assert 'Composition branches: "watercolor: 0.5"' in image.text["parameters"]
+    for bad in ("watercolor=1.5", "watercolor=nan"):
+        with pytest.raises(SystemExit):
+            main([*common, "--branches", bad])
+        assert "a share between 0 and 1" in capsys.readouterr().err

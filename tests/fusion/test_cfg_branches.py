@@ -37,11 +37,11 @@ def test_odd_batches_and_unknown_branch_names_are_refused() -> None:
 
 def test_a_per_adapter_choice_resolves_to_the_adapters_the_unconditional_half_keeps() -> None:
     names = ["style", "scene", "hero"]
-    assert resolve_branches("both", names) == ("both", [])
-    assert resolve_branches("conditional", names) == ("conditional", [])
-    assert resolve_branches({"style": "conditional"}, names) == ("conditional", ["scene", "hero"])
-    assert resolve_branches(dict.fromkeys(names, "conditional"), names) == ("conditional", [])
-    assert resolve_branches({"style": "both"}, names) == ("both", []), "unnamed adapters act on both branches"
+    assert resolve_branches("both", names) == ("both", {})
+    assert resolve_branches("conditional", names) == ("conditional", {})
+    assert resolve_branches({"style": "conditional"}, names) == ("conditional", {"scene": 1.0, "hero": 1.0})
+    assert resolve_branches(dict.fromkeys(names, "conditional"), names) == ("conditional", {})
+    assert resolve_branches({"style": "both"}, names) == ("both", {}), "unnamed adapters act on both branches"
     with pytest.raises(CompositionError, match="outside the composition"):
         resolve_branches({"forest": "both"}, names)
     with pytest.raises(CompositionError, match="adapter 'style'"):
@@ -50,3 +50,14 @@ def test_a_per_adapter_choice_resolves_to_the_adapters_the_unconditional_half_ke
         resolve_branches(["style"], names)  # type: ignore[arg-type]
     assert describe_branches({"scene": "both", "style": "conditional"}) == "scene: both, style: conditional"
     assert describe_branches("conditional") == "conditional"
+
+
+def test_a_share_is_the_part_of_an_adapters_weight_the_unconditional_half_carries() -> None:
+    names = ["style", "scene"]
+    assert resolve_branches({"style": 0.5}, names) == ("conditional", {"style": 0.5, "scene": 1.0})
+    assert resolve_branches({"style": 0, "scene": 0.25}, names) == ("conditional", {"scene": 0.25})
+    assert resolve_branches({"style": 1, "scene": 1.0}, names) == ("both", {}), "a share of 1 is both branches"
+    for bad in (1.5, -0.1, float("nan"), True, "0.5"):
+        with pytest.raises(CompositionError, match="share of its weight between 0 and 1"):
+            resolve_branches({"style": bad}, names)  # type: ignore[dict-item]
+    assert describe_branches({"style": 0.5}) == "style: 0.5"
