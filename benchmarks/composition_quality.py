@@ -13,11 +13,14 @@ weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.
 ``<method> (cond)``; win/tie/lose is always against plain merge on both branches, the protocol's baseline.
 ``mixed`` chooses per adapter (``branches={name: "conditional"}``): background adapters on both branches, every other
 adapter on the conditional branch only, labelled ``<method> (mixed)``. The rule comes from the tuning scenes in
-``composer/toyworld/weights/README.md`` (seed 99, and k = 2 seeds 10–12), not from the benchmark's own.
+``composer/toyworld/weights/README.md`` (seed 99, and k = 2 seeds 10–12), not from the benchmark's own. ``shared``
+keeps backgrounds on both branches too and gives every other adapter's unconditional half ``SHARE`` of its weight
+(``branches={name: 0.5}``), labelled ``<method> (share 0.5)``; chosen on the tuning scenes of seeds 99 and 123.
 The LoRA-alone table gets a column pair for each of those settings too, or for those given to ``--alone-branches``
 (a ``mixed`` alone column beside the protocol's rows, without the mixed compositions). ``--compositions-only --name
 NAME`` runs the composition rows alone into ``docs/NAME.md`` (a branch setting added
-to a full run's rows without repeating them; the library and every other row unchanged).
+to a full run's rows without repeating them; the library and every other row unchanged); ``--extra-only`` does the
+same with the LoRA-alone columns of ``--alone-branches`` kept (no base-model or protocol LoRA-alone rows).
 
 ``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
 ``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k`` (the
@@ -40,9 +43,11 @@ import torch
 METHODS = ("merge", "switch", "composite", "cmlora", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
 WEIGHT = 0.8
-BRANCHES = ("both", "conditional", "mixed")
+BRANCHES = ("both", "conditional", "mixed", "shared")
 EXTRA_BRANCHES = BRANCHES[1:]
 """The settings that add rows (and LoRA-alone columns) beside the protocol's both-branch ones."""
+SHARE = 0.5
+"""Under ``shared``: the share of each non-background adapter's weight that CFG's unconditional half carries."""
 COND_NOTE = (
     ' Rows and columns marked (cond): the same composition with `branches="conditional"` (adapters on CFG\'s'
     " conditional branch only, the unconditional prediction from the base model); win/tie/lose is always against"
@@ -53,23 +58,32 @@ MIXED_NOTE = (
     ' only (`branches={name: "conditional"}` for each non-background adapter); the rule was chosen on tuning scenes'
     " and seeds the benchmark does not use."
 )
-_SUFFIX = {"both": "", "conditional": " (cond)", "mixed": " (mixed)"}
+SHARED_NOTE = (
+    f" Rows and columns marked (share {SHARE}): background adapters on both CFG branches, every other adapter on the"
+    f" conditional branch at its weight and on the unconditional one at {SHARE} of it"
+    f" (`branches={{name: {SHARE}}}` for each non-background adapter); the share was chosen on tuning scenes the"
+    " benchmark does not use."
+)
+_SUFFIX = {"both": "", "conditional": " (cond)", "mixed": " (mixed)", "shared": f" (share {SHARE})"}
 
 
 def variant(method: str, branches: str) -> str:
     """The row label of ``method`` composed on the branch setting ``branches``: the method's name,
-    ``"<method> (cond)"`` for the conditional branch only, ``"<method> (mixed)"`` for the per-adapter rule."""
+    ``"<method> (cond)"`` for the conditional branch only, ``"<method> (mixed)"`` and ``"<method> (share 0.5)"`` for
+    the per-adapter rules."""
     return method + _SUFFIX[branches]
 
 
-def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str]:
+def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str | float]:
     """What ``set_composition(branches=...)`` gets for ``combo`` under a branch setting: ``mixed`` puts every
-    non-background adapter on the conditional branch only (backgrounds, unnamed, act on both)."""
-    if setting != "mixed":
+    non-background adapter on the conditional branch only, ``shared`` gives its unconditional half :data:`SHARE` of
+    its weight (backgrounds, unnamed, act on both)."""
+    if setting not in ("mixed", "shared"):
         return setting
     from composer.toyworld.world import CONCEPTS
 
-    return {name: "conditional" for name in combo if CONCEPTS[name].category != "background"}
+    value: str | float = "conditional" if setting == "mixed" else SHARE
+    return {name: value for name in combo if CONCEPTS[name].category != "background"}
 
 
 def _pipeline(library: Path) -> tuple[Any, list[str]]:
@@ -267,11 +281,11 @@ def write_docs(
         f"Adapters: {', '.join(result['adapters'])}."
         + (f" Gated: learned mode with the gates in `{result['gates']}`." if "gates" in result else "")
         + (COND_NOTE if any("(cond)" in label for label in methods) else "")
-        + (MIXED_NOTE if any("(mixed)" in label for label in methods) else ""),
+        + (MIXED_NOTE if any("(mixed)" in label for label in methods) else "")
+        + (SHARED_NOTE if "alone_shared" in result or any("(share" in label for label in methods) else ""),
         "",
     ]
-    if "alone" in result:
-        lines += _alone_lines(result)
+    lines += _alone_lines(result)
     lines += [
         "## Compositions (one character + k−1 other categories)",
         "",
@@ -311,30 +325,41 @@ def write_docs(
 
 
 def _alone_lines(result: dict[str, Any]) -> list[str]:
-    """The base model's line and the each-LoRA-alone table of a full run (a column pair per branch setting run)."""
-    settings = [s for s in EXTRA_BRANCHES if f"alone_{s}" in result]
-    extra_header = "".join(
-        f" concept present at {result['weight']}{_SUFFIX[s]} | others kept at {result['weight']}{_SUFFIX[s]} |"
-        for s in settings
-    )
+    """The base model's line and the each-LoRA-alone table with a column pair per weight and branch setting the
+    run measured (none: no lines)."""
+    weight = result["weight"]
+    columns = [
+        (key, f"concept present at {at} | other attributes kept at {at}")
+        for key, at in [("alone", weight), ("alone_preferred", result.get("preferred_weight"))]
+        if key in result
+    ] + [
+        (f"alone_{s}", f"concept present at {weight}{_SUFFIX[s]} | others kept at {weight}{_SUFFIX[s]}")
+        for s in EXTRA_BRANCHES
+        if f"alone_{s}" in result
+    ]
+    if not columns:
+        return []
+    lines = []
+    if "base" in result:
+        lines += [
+            f"Base model alone on {result['base']['images']} base-vocabulary captions: all attributes right in "
+            f"{result['base']['all_attributes']:.0%} of images; per attribute: "
+            + ", ".join(f"{a} {v:.0%}" for a, v in result["base"].items() if a not in ("all_attributes", "images")),
+            "",
+        ]
     return [
-        f"Base model alone on {result['base']['images']} base-vocabulary captions: all attributes right in "
-        f"{result['base']['all_attributes']:.0%} of images; per attribute: "
-        + ", ".join(f"{a} {v:.0%}" for a, v in result["base"].items() if a not in ("all_attributes", "images")),
-        "",
+        *lines,
         f"## Each LoRA alone ({result['alone_images']} scenes each)",
         "",
-        f"| adapter | concept present at {result['weight']} | other attributes kept at {result['weight']} | "
-        f"concept present at {result['preferred_weight']} | other attributes kept at {result['preferred_weight']} |"
-        + extra_header,
-        "|---|---|---|---|---|" + "---|---|" * len(settings),
+        "| adapter | " + " | ".join(header for _, header in columns) + " |",
+        "|---|" + "---|---|" * len(columns),
         *(
             f"| {n} |"
             + "".join(
-                f" {row[n]['concept_present']:.0%} | {row[n]['others_kept']:.0%} |"
-                for row in [result["alone"], result["alone_preferred"], *(result[f"alone_{s}"] for s in settings)]
+                f" {result[key][n]['concept_present']:.0%} | {result[key][n]['others_kept']:.0%} |"
+                for key, _ in columns
             )
-            for n in result["alone"]
+            for n in result[columns[0][0]]
         ),
         "",
     ]
@@ -365,17 +390,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--branches",
         default="both",
-        help="comma-separated CFG branch settings to compose on: both (the protocol), conditional and/or mixed "
-        "(extra rows)",
+        help="comma-separated CFG branch settings to compose on: both (the protocol), conditional, mixed and/or "
+        "shared (extra rows)",
     )
     parser.add_argument(
         "--alone-branches",
         default=None,
-        help="comma-separated extra branch settings (conditional, mixed) for the LoRA-alone table "
+        help="comma-separated extra branch settings (conditional, mixed, shared) for the LoRA-alone table "
         "(default: those of --branches)",
     )
     parser.add_argument(
         "--compositions-only", action="store_true", help="full mode: skip the base-model and LoRA-alone rows"
+    )
+    parser.add_argument(
+        "--extra-only",
+        action="store_true",
+        help="full mode: skip the base-model rows and the protocol's LoRA-alone columns (keep --alone-branches')",
     )
     parser.add_argument("--name", default="composition_quality", help="file stem of the docs written by --docs")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
@@ -402,13 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = {"mode": "full", "steps": args.steps, "weight": args.weight}
         if not args.compositions_only:
-            result |= {
-                "base": run_base(pipe, args.base_images, args.steps),
-                "alone_images": args.alone_images,
-                "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
-                "preferred_weight": PREFERRED_WEIGHT,
-                "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
-            }
+            result["alone_images"] = args.alone_images
+            if not args.extra_only:
+                result |= {
+                    "base": run_base(pipe, args.base_images, args.steps),
+                    "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
+                    "preferred_weight": PREFERRED_WEIGHT,
+                    "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
+                }
             for setting in EXTRA_BRANCHES:
                 if setting in alone_branches:
                     result[f"alone_{setting}"] = run_alone(
