@@ -14,8 +14,9 @@ weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.
 ``mixed`` chooses per adapter (``branches={name: "conditional"}``): background adapters on both branches, every other
 adapter on the conditional branch only, labelled ``<method> (mixed)``. The rule comes from the tuning scenes in
 ``composer/toyworld/weights/README.md`` (seed 99, and k = 2 seeds 10–12), not from the benchmark's own. ``shared``
-keeps backgrounds on both branches too and gives every other adapter's unconditional half ``SHARE`` of its weight
-(``branches={name: 0.5}``), labelled ``<method> (share 0.5)``; chosen on the tuning scenes of seeds 99 and 123.
+keeps backgrounds on both branches too and gives the unconditional half of every other adapter a share of its weight
+(``branches={name: share}``, :data:`SHARES`: styles 0.25, the rest 0.5), labelled ``<method> (shared)``; chosen on
+the LoRA-alone tuning scenes of seeds 99 and 123.
 The LoRA-alone table gets a column pair for each of those settings too, or for those given to ``--alone-branches``
 (a ``mixed`` alone column beside the protocol's rows, without the mixed compositions). ``--compositions-only --name
 NAME`` runs the composition rows alone into ``docs/NAME.md`` (a branch setting added
@@ -46,8 +47,10 @@ WEIGHT = 0.8
 BRANCHES = ("both", "conditional", "mixed", "shared")
 EXTRA_BRANCHES = BRANCHES[1:]
 """The settings that add rows (and LoRA-alone columns) beside the protocol's both-branch ones."""
-SHARE = 0.5
-"""Under ``shared``: the share of each non-background adapter's weight that CFG's unconditional half carries."""
+SHARES = {"background": 1.0, "style": 0.25, "character": 0.5, "clothing": 0.5, "object": 0.5}
+"""Under ``shared``: the share of an adapter's weight that CFG's unconditional half carries, by category. Styles are
+detail the late steps draw, where an adapter shifts both predictions alike and guidance cancels it, so they get the
+most amplification; backgrounds stay on both branches, as under ``mixed``."""
 COND_NOTE = (
     ' Rows and columns marked (cond): the same composition with `branches="conditional"` (adapters on CFG\'s'
     " conditional branch only, the unconditional prediction from the base model); win/tie/lose is always against"
@@ -59,31 +62,33 @@ MIXED_NOTE = (
     " and seeds the benchmark does not use."
 )
 SHARED_NOTE = (
-    f" Rows and columns marked (share {SHARE}): background adapters on both CFG branches, every other adapter on the"
-    f" conditional branch at its weight and on the unconditional one at {SHARE} of it"
-    f" (`branches={{name: {SHARE}}}` for each non-background adapter); the share was chosen on tuning scenes the"
+    " Rows and columns marked (shared): background adapters on both CFG branches, every other adapter on the"
+    " conditional branch at its weight and on the unconditional one at a share of it, 0.25 for styles and 0.5 for"
+    " characters, clothing and objects (`branches={name: share}`); the shares were chosen on tuning scenes the"
     " benchmark does not use."
 )
-_SUFFIX = {"both": "", "conditional": " (cond)", "mixed": " (mixed)", "shared": f" (share {SHARE})"}
+_SUFFIX = {"both": "", "conditional": " (cond)", "mixed": " (mixed)", "shared": " (shared)"}
 
 
 def variant(method: str, branches: str) -> str:
     """The row label of ``method`` composed on the branch setting ``branches``: the method's name,
-    ``"<method> (cond)"`` for the conditional branch only, ``"<method> (mixed)"`` and ``"<method> (share 0.5)"`` for
+    ``"<method> (cond)"`` for the conditional branch only, ``"<method> (mixed)"`` and ``"<method> (shared)"`` for
     the per-adapter rules."""
     return method + _SUFFIX[branches]
 
 
 def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str | float]:
     """What ``set_composition(branches=...)`` gets for ``combo`` under a branch setting: ``mixed`` puts every
-    non-background adapter on the conditional branch only, ``shared`` gives its unconditional half :data:`SHARE` of
-    its weight (backgrounds, unnamed, act on both)."""
+    non-background adapter on the conditional branch only, ``shared`` gives its unconditional half the
+    :data:`SHARES` of its category (backgrounds, unnamed, act on both)."""
     if setting not in ("mixed", "shared"):
         return setting
     from composer.toyworld.world import CONCEPTS
 
-    value: str | float = "conditional" if setting == "mixed" else SHARE
-    return {name: value for name in combo if CONCEPTS[name].category != "background"}
+    categories = {name: CONCEPTS[name].category for name in combo if CONCEPTS[name].category != "background"}
+    if setting == "mixed":
+        return dict.fromkeys(categories, "conditional")
+    return {name: SHARES[category] for name, category in categories.items()}
 
 
 def _pipeline(library: Path) -> tuple[Any, list[str]]:
@@ -282,7 +287,7 @@ def write_docs(
         + (f" Gated: learned mode with the gates in `{result['gates']}`." if "gates" in result else "")
         + (COND_NOTE if any("(cond)" in label for label in methods) else "")
         + (MIXED_NOTE if any("(mixed)" in label for label in methods) else "")
-        + (SHARED_NOTE if "alone_shared" in result or any("(share" in label for label in methods) else ""),
+        + (SHARED_NOTE if "alone_shared" in result or any("(shared)" in label for label in methods) else ""),
         "",
     ]
     lines += _alone_lines(result)

@@ -210,18 +210,22 @@ def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(tmp_path
     assert "merge (mixed)" in json.loads(capsys.readouterr().out)["compositions"]["k=2"]
 
 
-def test_quality_benchmark_shared_rows_give_the_unconditional_half_a_share_of_non_backgrounds() -> None:
-    from benchmarks.composition_quality import SHARE, branch_choice, variant
+def test_quality_benchmark_shared_rows_give_the_unconditional_half_a_share_by_category() -> None:
+    from benchmarks.composition_quality import branch_choice, variant
 
-    assert branch_choice("shared", ("zorbex", "forest")) == {"zorbex": SHARE}
-    assert branch_choice("shared", ("kiboko", "crown", "sunset")) == {"kiboko": SHARE, "crown": SHARE}
-    assert variant("merge", "shared") == f"merge (share {SHARE})"
+    assert branch_choice("shared", ("zorbex", "forest")) == {"zorbex": 0.5}
+    assert branch_choice("shared", ("kiboko", "crown", "pixel_art", "sunset")) == {
+        "kiboko": 0.5,
+        "crown": 0.5,
+        "pixel_art": 0.25,
+    }
+    assert variant("merge", "shared") == "merge (shared)"
 
 
 def test_an_extra_only_run_measures_only_the_extra_settings(tmp_path: Path, capsys) -> None:
     import json
 
-    from benchmarks.composition_quality import SHARE, main
+    from benchmarks.composition_quality import main
 
     argv = ["--extra-only", "--branches", "shared", "--methods", "merge", "--sets", "1", "--seeds", "1"]
     argv += ["--steps", "1", "--alone-images", "1", "--library", str(tmp_path / "lib"), "--docs", str(tmp_path)]
@@ -229,11 +233,11 @@ def test_an_extra_only_run_measures_only_the_extra_settings(tmp_path: Path, caps
     result = json.loads(capsys.readouterr().out)
     assert not {"base", "alone", "alone_preferred"} & set(result)
     assert set(result["alone_shared"]) == set(result["adapters"])
-    assert set(result["compositions"]["k=2"]) >= {f"merge (share {SHARE})"}
+    assert set(result["compositions"]["k=2"]) >= {"merge (shared)"}
     text = (tmp_path / "quality_shared.md").read_text()
     assert "Base model alone" not in text
-    assert f"| adapter | concept present at 0.8 (share {SHARE}) | others kept at 0.8 (share {SHARE}) |" in text
-    assert f"Rows and columns marked (share {SHARE})" in text
+    assert "| adapter | concept present at 0.8 (shared) | others kept at 0.8 (shared) |" in text
+    assert "Rows and columns marked (shared)" in text
 
 
 def test_quality_benchmark_composes_every_set_where_asked() -> None:
