@@ -89,7 +89,7 @@ class CompositionResult:
     """Plot kind (``scores``, ``gates``, ``weights``) → PNG, when plots were asked for."""
     branches: Branches = "both"
     """CFG branches the adapters acted on (``"conditional"``: the unconditional prediction came from the base; a
-    mapping: per adapter)."""
+    mapping: per adapter, a branch or the share of its weight the unconditional half carried)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (``plots`` only when plots were written)."""
