@@ -66,6 +66,26 @@ def why_rows(result: Any) -> list[list[Any]]:
     ]
 
 
+def branch_choice(share: float) -> str | float:
+    """The slider's unconditional share as ``set_composition(branches=...)``: ``"both"`` at 1, ``"conditional"`` at 0,
+    the share itself in between."""
+    share = float(share)
+    if share >= 1:
+        return "both"
+    return "conditional" if share <= 0 else share
+
+
+def branch_label(branches: Any) -> str:
+    """How a result's CFG branches are named after its method in captions (nothing for both branches)."""
+    if branches == "both":
+        return ""
+    if branches == "conditional":
+        return " (conditional branch)"
+    if isinstance(branches, (int, float)):
+        return f" (unconditional share {branches:g})"
+    return " (per-adapter branches)"
+
+
 def build(service: CompositionService) -> None:
     """Lay out the Compose tab and wire its events (the Generate click is the ``/generate`` API endpoint)."""
     names = service.adapter_names()
@@ -94,10 +114,14 @@ def build(service: CompositionService) -> None:
                 steps = gr.Slider(0, 60, value=0, step=1, label="Steps (0 = model default)", elem_id="steps")
                 seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                 count = gr.Slider(1, 4, value=1, step=1, label="Images", elem_id="count")
-                conditional = gr.Checkbox(
-                    False,
-                    label="Adapters on the conditional branch only (CFG's unconditional prediction from the base)",
-                    elem_id="conditional",
+                unconditional_share = gr.Slider(
+                    0,
+                    1,
+                    value=1,
+                    step=0.05,
+                    label="Adapters' weight on CFG's unconditional branch (1: both branches, as pipelines do; "
+                    "0: conditional branch only)",
+                    elem_id="unconditional-share",
                 )
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
@@ -124,7 +148,7 @@ def build(service: CompositionService) -> None:
         step_count: float,
         seed_value: float,
         images: float,
-        conditional_only: bool,
+        share: float,
         past: list[tuple[str, str]],
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's documented idiom)
     ) -> tuple[list[tuple[str, str]], list[list[Any]], str, list[tuple[str, str]]]:
@@ -138,11 +162,11 @@ def build(service: CompositionService) -> None:
                 seed=int(seed_value or 0),
                 num_images=int(images),
                 progress=True,
-                branches="conditional" if conditional_only else "both",
+                branches=branch_choice(share),
             )
         except ComposerError as exc:
             raise gr.Error(str(exc)) from exc
-        method_shown = f"{result.method} (conditional branch)" if result.branches == "conditional" else result.method
+        method_shown = result.method + branch_label(result.branches)
         caption = f"seed {result.seed} · {method_shown}"
         shown = [(str(path), caption) for path in result.paths] + list(past)
         shown = shown[:HISTORY]
@@ -157,7 +181,7 @@ def build(service: CompositionService) -> None:
     picker.change(sync_editor, [picker, editor], editor, api_visibility="private")
     generate_button.click(
         generate,
-        [prompt, mode, editor, method, steps, seed, count, conditional, history],
+        [prompt, mode, editor, method, steps, seed, count, unconditional_share, history],
         [gallery, why, summary, history],
         api_name="generate",
     )

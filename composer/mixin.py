@@ -167,7 +167,8 @@ class ComposableMixin:
         (``{"pixel_art": "conditional"}``; adapters it leaves out act on both branches): the unconditional half
         then carries the ``"both"`` adapters merged at their weights, and the negative prompt is encoded with them. A
         number in [0, 1] instead of a branch name (``{"zorbex": 0.5}``) is the share of that adapter's weight the
-        unconditional half carries, as ComfyUI's hooked LoRAs take a strength per conditioning.
+        unconditional half carries, as ComfyUI's hooked LoRAs take a strength per conditioning (``branches=0.5``:
+        that share for every adapter).
 
         Sparse (SHiRA) adapters stay attached at weight 0 when a composition leaves them out: fused, they cost
         nothing, and going from one fused SHiRA composition to another switches the weights in place (restoring
@@ -214,7 +215,7 @@ class ComposableMixin:
             "weights": dict(weights),
             "method": method,
             "fuse": fuse,
-            "branches": branches if isinstance(branches, str) else dict(branches),
+            "branches": dict(branches) if isinstance(branches, Mapping) else branches,
             "options": options,
         }
 

@@ -16,7 +16,8 @@ not fought by a base unconditional prediction in the late steps, while weak ones
 ``g``. A number ``s`` in [0, 1] is the share of the adapter's weight the unconditional half carries (``"both"`` is 1,
 ``"conditional"`` 0), as ComfyUI's hooked LoRAs take a strength per conditioning: where an adapter shifts both
 predictions alike by ``Δ``, the guided prediction moves by ``(g − (g − 1)·s)·Δ``, so ``s`` sets the adapter's
-strength between the unamplified ``Δ`` of both branches and the ``g·Δ`` of the conditional one.
+strength between the unamplified ``Δ`` of both branches and the ``g·Δ`` of the conditional one. A number instead
+of a mapping is that share for every adapter.
 
 Functions here check a branch choice and slice a CFG batch's denoiser arguments into its two halves; the engine runs
 the unconditional half with every adapter muted but the kept ones and hands the conditional half to the strategy.
@@ -34,9 +35,9 @@ BRANCHES = ("both", "conditional")
 """``"both"``: adapters on the whole CFG batch (what pipelines do); ``"conditional"``: on the conditional half only."""
 
 
-Branches = Union[str, Mapping[str, Union[str, float]]]
-"""One of :data:`BRANCHES` for every adapter, or a mapping from adapter names to one of them or to the share (0–1) of
-the adapter's weight that the unconditional half carries."""
+Branches = Union[str, float, Mapping[str, Union[str, float]]]
+"""One of :data:`BRANCHES` or a share (0–1) of the adapters' weights that the unconditional half carries, for every
+adapter, or a mapping from adapter names to either."""
 
 _SHARES = {"both": 1.0, "conditional": 0.0}
 
@@ -56,36 +57,44 @@ def resolve_branches(branches: Branches, adapters: Iterable[str]) -> tuple[str, 
     names = list(adapters)
     if isinstance(branches, str):
         return check_branches(branches), {}
-    if not isinstance(branches, Mapping):
+    if _is_number(branches):
+        shares = dict.fromkeys(names, _share("every adapter", branches))
+    elif isinstance(branches, Mapping):
+        outside = [name for name in branches if name not in names]
+        if outside:
+            raise CompositionError(
+                f"branches names adapters outside the composition: {outside}", hint=f"the composition has {names}"
+            )
+        shares = {name: _share(f"adapter {name!r}", branches.get(name, "both")) for name in names}
+    else:
         raise CompositionError(
-            f"branches must be one of {BRANCHES} or a mapping from adapter names to them, got {branches!r}"
+            f"branches must be one of {BRANCHES}, a share, or a mapping from adapter names to them, got {branches!r}"
         )
-    outside = [name for name in branches if name not in names]
-    if outside:
-        raise CompositionError(
-            f"branches names adapters outside the composition: {outside}", hint=f"the composition has {names}"
-        )
-    shares = {name: _share(name, branches.get(name, "both")) for name in names}
     if all(share == 1.0 for share in shares.values()):
         return "both", {}
     return "conditional", {name: share for name, share in shares.items() if share > 0.0}
 
 
-def _share(name: str, value: Any) -> float:
-    """The unconditional half's share of adapter ``name``'s weight for one per-adapter branch value."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _share(subject: str, value: Any) -> float:
+    """The unconditional half's share of the weight of ``subject`` (``adapter 'name'`` or ``every adapter``) for one
+    branch value."""
     if isinstance(value, str) and value in _SHARES:
         return _SHARES[value]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1:
+    if _is_number(value) and math.isfinite(value) and 0 <= value <= 1:
         return float(value)
     raise CompositionError(
-        f"adapter {name!r}: branches must be one of {BRANCHES} or a share of its weight between 0 and 1, got {value!r}"
+        f"{subject}: branches must be one of {BRANCHES} or a share of their weight between 0 and 1, got {value!r}"
     )
 
 
 def describe_branches(branches: Branches) -> str:
     """A branch choice as one line for image metadata: ``conditional`` or ``forest: both, zorbex: 0.5``."""
-    if isinstance(branches, str):
-        return branches
+    if not isinstance(branches, Mapping):
+        return str(branches)
     return ", ".join(f"{name}: {value}" for name, value in branches.items())
 
 

@@ -53,8 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="both",
         metavar="BRANCHES",
         help="CFG branches the adapters act on: both (as pipelines do), conditional (the unconditional "
-        "prediction from the base model; SD/SDXL), or per adapter as NAME=both|conditional|SHARE,... with SHARE "
-        "the part (0-1) of the adapter's weight the unconditional branch carries (adapters not named act on both)",
+        "prediction from the base model; SD/SDXL), SHARE (the part, 0-1, of the adapters' weights the unconditional "
+        "branch carries), or per adapter as NAME=both|conditional|SHARE,... (adapters not named act on both)",
     )
     parser.add_argument(
         "--gates",
@@ -74,19 +74,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def parse_branches(text: str) -> str | dict[str, str | float]:
-    """``--branches``: one of :data:`fusion.cfg_branches.BRANCHES`, or ``NAME=VALUE`` pairs separated by commas with
-    VALUE one of them or the unconditional branch's share (0–1) of that adapter's weight."""
+def parse_branches(text: str) -> str | float | dict[str, str | float]:
+    """``--branches``: one of :data:`fusion.cfg_branches.BRANCHES`, the unconditional branch's share (0–1) of every
+    adapter's weight, or ``NAME=VALUE`` pairs separated by commas with VALUE either."""
     if text in BRANCHES:
         return text
+    every = _share(text)
+    if every is not None:
+        return every
     choice: dict[str, str | float] = {}
     for item in text.split(","):
         name, sep, value = (part.strip() for part in item.partition("="))
         share = _share(value)
         if not sep or not name or (value not in BRANCHES and share is None):
             raise argparse.ArgumentTypeError(
-                f"{text!r}: give {' or '.join(BRANCHES)}, or NAME=VALUE pairs with VALUE one of "
-                f"{', '.join(BRANCHES)} or a share between 0 and 1"
+                f"{text!r}: give {', '.join(BRANCHES)} or a share between 0 and 1, or NAME=VALUE pairs with VALUE "
+                "one of those"
             )
         choice[name] = value if value in BRANCHES else share
     return choice

@@ -168,7 +168,9 @@ def test_branches_per_adapter_take_an_unconditional_share(library: Path, tmp_pat
     assert json.loads(capsys.readouterr().out)["branches"] == {"watercolor": 0.5}
     with Image.open(tmp_path / "4-0.png") as image:
         assert 'Composition branches: "watercolor: 0.5"' in image.text["parameters"]
-    for bad in ("watercolor=1.5", "watercolor=nan"):
+    assert main([*common, "--branches", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["branches"] == 0.5
+    for bad in ("watercolor=1.5", "watercolor=nan", "1.5"):
         with pytest.raises(SystemExit):
             main([*common, "--branches", bad])
         assert "a share between 0 and 1" in capsys.readouterr().err

@@ -210,6 +210,18 @@ def test_a_share_puts_that_part_of_the_adapters_weight_on_the_unconditional_half
     torch.testing.assert_close(_generate(pipe), expected, atol=2e-5, rtol=1e-4)
 
 
+def test_one_share_for_every_adapter_is_that_share_for_each(tiny_sd: Any) -> None:
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    weights = {"style": 0.8, "scene": 0.6}
+    pipe.set_composition(weights, branches={"style": 0.5, "scene": 0.5})
+    each = _generate(pipe)
+    pipe.set_composition(weights, branches=0.5)
+    assert pipe.composition["branches"] == 0.5
+    torch.testing.assert_close(_generate(pipe), each, atol=0, rtol=0)
+
+
 def test_per_adapter_choices_that_name_one_branch_for_all_are_that_branch(tiny_sd: Any) -> None:
     pipe = make_composable(tiny_sd)
     pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))

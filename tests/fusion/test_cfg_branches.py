@@ -46,7 +46,7 @@ def test_a_per_adapter_choice_resolves_to_the_adapters_the_unconditional_half_ke
         resolve_branches({"forest": "both"}, names)
     with pytest.raises(CompositionError, match="adapter 'style'"):
         resolve_branches({"style": "negative"}, names)
-    with pytest.raises(CompositionError, match="or a mapping"):
+    with pytest.raises(CompositionError, match="a share, or a mapping"):
         resolve_branches(["style"], names)  # type: ignore[arg-type]
     assert describe_branches({"scene": "both", "style": "conditional"}) == "scene: both, style: conditional"
     assert describe_branches("conditional") == "conditional"
@@ -58,6 +58,16 @@ def test_a_share_is_the_part_of_an_adapters_weight_the_unconditional_half_carrie
     assert resolve_branches({"style": 0, "scene": 0.25}, names) == ("conditional", {"scene": 0.25})
     assert resolve_branches({"style": 1, "scene": 1.0}, names) == ("both", {}), "a share of 1 is both branches"
     for bad in (1.5, -0.1, float("nan"), True, "0.5"):
-        with pytest.raises(CompositionError, match="share of its weight between 0 and 1"):
+        with pytest.raises(CompositionError, match="share of their weight between 0 and 1"):
             resolve_branches({"style": bad}, names)  # type: ignore[dict-item]
     assert describe_branches({"style": 0.5}) == "style: 0.5"
+
+
+def test_one_share_for_every_adapter() -> None:
+    names = ["style", "scene"]
+    assert resolve_branches(0.5, names) == ("conditional", {"style": 0.5, "scene": 0.5})
+    assert resolve_branches(0, names) == ("conditional", {})
+    assert resolve_branches(1.0, names) == ("both", {})
+    with pytest.raises(CompositionError, match="share of their weight between 0 and 1"):
+        resolve_branches(2.0, names)
+    assert describe_branches(0.5) == "0.5"
