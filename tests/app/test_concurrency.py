@@ -71,7 +71,7 @@ def test_twenty_concurrent_requests_each_get_their_own_composition(
             STEPS,
             7,
             1,
-            False,
+            1.0,
             api_name="/generate",
         )
         assert [row[0] for row in why["data"]] == [row[0] for row in tables[index]]
