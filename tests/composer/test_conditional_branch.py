@@ -151,6 +151,12 @@ def test_refusals_change_nothing(tiny_sd: Any, tiny_flux: Any) -> None:
         pipe.set_composition({"style": 0.8}, branches={"scene": "both"})
     with pytest.raises(CompositionError, match="cannot be fused"):
         pipe.set_composition({"style": 0.8}, fuse=True, branches={"style": "conditional"})
+    with pytest.raises(CompositionError, match="between 0 and 1"):
+        pipe.set_composition({"style": 0.8}, branches={"style": 1.5})
+    with pytest.raises(CompositionError, match="between 0 and 1"):
+        pipe.set_composition({"style": 0.8}, branches=float("nan"))
+    with pytest.raises(CompositionError, match="cannot be fused"):
+        pipe.set_composition({"style": 0.8}, fuse=True, branches=0.5)
     assert pipe.composition == before
 
     flux = make_composable(tiny_flux)
