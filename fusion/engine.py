@@ -141,7 +141,6 @@ class FusionEngine:
         self._num_steps = 0
         self._generation: Any = None
         self.branches = "both"
-        self._unconditional: dict[str, WeightSpec] = {}
         self._unconditional_shares: dict[str, float] = {}
         self._unconditional_table: torch.Tensor | None = None
         self._cfg_halves = False
@@ -461,7 +460,6 @@ class FusionEngine:
         weights = self.strategy.weights if self.strategy is not None else {}
         mode, kept = resolve_branches(branches, weights)
         self.branches = mode
-        self._unconditional = {name: weights[name] for name in kept}
         self._unconditional_shares = kept
         self._unconditional_table = None
 
@@ -482,15 +480,17 @@ class FusionEngine:
         per-adapter branch choice only the adapters kept on both branches, merged at their weights (times the share
         the choice gives each) for ``step`` of ``num_steps`` (whatever the method; the strategy's own weights are put
         back after the block)."""
-        if not self._unconditional:
+        if not self._unconditional_shares:
             with self.muted():
                 yield
             return
         self._refuse_fused()
         table = self._unconditional_table
         if table is None or table.shape[2] != num_steps:
-            table = self.weight_table(self._unconditional, num_steps)
-            for name, share in self._unconditional_shares.items():
+            assert self.strategy is not None
+            shares = self._unconditional_shares
+            table = self.weight_table({name: self.strategy.weights[name] for name in shares}, num_steps)
+            for name, share in shares.items():
                 table[self.adapter_names.index(name)] *= share
             self._unconditional_table = table
         saved = (self.state.weights, self.state.sample_weights)

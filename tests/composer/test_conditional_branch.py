@@ -166,52 +166,46 @@ def test_refusals_change_nothing(tiny_sd: Any, tiny_flux: Any) -> None:
     assert flux.composition is None
 
 
-def test_per_adapter_branches_are_the_cfg_loop_with_the_kept_adapters_unconditional(tiny_sd: Any) -> None:
-    """``{"style": "conditional"}``: the unconditional prediction and the negative prompt come from the model with
-    ``scene`` alone merged in, the conditional ones from the model with both adapters."""
+WEIGHTS = {"style": 0.8, "scene": 0.6}
+
+
+def _composed_and_reference(tiny_sd: Any, unconditional: dict[str, float]) -> tuple[Any, torch.Tensor]:
+    """``tiny_sd`` composable with ``style`` and ``scene`` attached, and the latents of the CFG loop written out whose
+    unconditional prediction and negative prompt come from a model composed at ``unconditional`` and whose
+    conditional ones come from the model with both adapters at :data:`WEIGHTS`."""
     pipe = make_composable(tiny_sd)
     style, scene = _lora_with_text_parts(pipe, "style", 0), _lora_with_text_parts(pipe, "scene", 1)
     kept = make_composable(copy.deepcopy(tiny_sd))
+    kept.add_adapter(style)
     kept.add_adapter(scene)
-    kept.set_composition({"scene": 0.6})
+    kept.set_composition(unconditional)
     with torch.no_grad():
         negative = kept.encode_prompt("a corgi", "cpu", 1, True, "blurry")[1]
     pipe.add_adapter(style)
     pipe.add_adapter(scene)
-    weights = {"style": 0.8, "scene": 0.6}
-    pipe.set_composition(weights)
+    pipe.set_composition(WEIGHTS)
     with torch.no_grad():
         positive = pipe.encode_prompt("a corgi", "cpu", 1, False)[0]
-    expected = _reference_cfg_loop(pipe, kept.unet, negative, positive)
+    return pipe, _reference_cfg_loop(pipe, kept.unet, negative, positive)
 
-    pipe.set_composition(weights, branches={"style": "conditional"})
+
+def test_per_adapter_branches_are_the_cfg_loop_with_the_kept_adapters_unconditional(tiny_sd: Any) -> None:
+    """``{"style": "conditional"}``: the unconditional prediction and the negative prompt come from the model with
+    ``scene`` alone merged in, the conditional ones from the model with both adapters."""
+    pipe, expected = _composed_and_reference(tiny_sd, {"scene": 0.6})
+    pipe.set_composition(WEIGHTS, branches={"style": "conditional"})
     assert pipe.composition["branches"] == {"style": "conditional"}
     per_adapter = _generate(pipe)
     torch.testing.assert_close(per_adapter, expected, atol=2e-5, rtol=1e-4)
-    pipe.set_composition(weights, branches="conditional")
+    pipe.set_composition(WEIGHTS, branches="conditional")
     assert (per_adapter - _generate(pipe)).abs().max() > 1e-3, "the unconditional half lost the kept adapter"
 
 
 def test_a_share_puts_that_part_of_the_adapters_weight_on_the_unconditional_half(tiny_sd: Any) -> None:
     """``{"style": 0.25}``: the unconditional prediction and the negative prompt come from the model with style at
     a quarter of its weight (scene, unnamed, at its own), the conditional ones from the model with both at theirs."""
-    pipe = make_composable(tiny_sd)
-    style, scene = _lora_with_text_parts(pipe, "style", 0), _lora_with_text_parts(pipe, "scene", 1)
-    kept = make_composable(copy.deepcopy(tiny_sd))
-    kept.add_adapter(style)
-    kept.add_adapter(scene)
-    kept.set_composition({"style": 0.8 * 0.25, "scene": 0.6})
-    with torch.no_grad():
-        negative = kept.encode_prompt("a corgi", "cpu", 1, True, "blurry")[1]
-    pipe.add_adapter(style)
-    pipe.add_adapter(scene)
-    weights = {"style": 0.8, "scene": 0.6}
-    pipe.set_composition(weights)
-    with torch.no_grad():
-        positive = pipe.encode_prompt("a corgi", "cpu", 1, False)[0]
-    expected = _reference_cfg_loop(pipe, kept.unet, negative, positive)
-
-    pipe.set_composition(weights, branches={"style": 0.25})
+    pipe, expected = _composed_and_reference(tiny_sd, {"style": 0.8 * 0.25, "scene": 0.6})
+    pipe.set_composition(WEIGHTS, branches={"style": 0.25})
     assert pipe.composition["branches"] == {"style": 0.25}
     torch.testing.assert_close(_generate(pipe), expected, atol=2e-5, rtol=1e-4)
 
