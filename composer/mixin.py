@@ -164,11 +164,11 @@ class ComposableMixin:
         unconditional half of every CFG batch runs on the base weights, its negative prompt encoded by the base text
         encoders (:mod:`fusion.cfg_branches`). It runs unfused and needs an SD 1.x/2.x or SDXL pipeline; calls
         without CFG (``guidance_scale`` ≤ 1) compose the whole batch as usual. A mapping chooses per adapter
-        (``{"pixel_art": "conditional"}``; adapters it leaves out act on both branches): the unconditional half
-        then carries the ``"both"`` adapters merged at their weights, and the negative prompt is encoded with them. A
+        (``{"pixel_art": "conditional"}``; adapters it leaves out act on both branches): the method then runs on the
+        unconditional half with the ``"both"`` adapters alone, and the negative prompt is encoded with them. A
         number in [0, 1] instead of a branch name (``{"zorbex": 0.5}``) is the share of that adapter's weight the
         unconditional half carries, as ComfyUI's hooked LoRAs take a strength per conditioning (``branches=0.5``:
-        that share for every adapter).
+        that share for every adapter); a share of 1 is the method on both branches, whatever the method.
 
         Sparse (SHiRA) adapters stay attached at weight 0 when a composition leaves them out: fused, they cost
         nothing, and going from one fused SHiRA composition to another switches the weights in place (restoring

@@ -10,17 +10,20 @@ the prompt's: ``ε = ε_u^base + g·(ε_c^adapted − ε_u^base)``. This is the 
 onto the positive conditioning only; weak adapters reach their concept at lower weights this way.
 
 Per adapter (a mapping ``{name: "both" | "conditional" | share}``; adapters it does not name act on both branches,
-as in pipelines): the unconditional half carries the ``"both"`` adapters merged at their weights and the conditional
-half the whole composition. Adapters whose content the base model cannot draw (a new background's texture) are then
+as in pipelines): the method runs on each half, the conditional one with every adapter at its weight and the
+unconditional one with the ``"both"`` adapters at theirs and the ``"conditional"`` ones at 0 (Switch's turns,
+Composite's passes, CMLoRA's caches and the learned gates on both halves, each half keeping its own caches).
+Adapters whose content the base model cannot draw (a new background's texture) are then
 not fought by a base unconditional prediction in the late steps, while weak ones (styles) are still amplified by
 ``g``. A number ``s`` in [0, 1] is the share of the adapter's weight the unconditional half carries (``"both"`` is 1,
 ``"conditional"`` 0), as ComfyUI's hooked LoRAs take a strength per conditioning: where an adapter shifts both
 predictions alike by ``Δ``, the guided prediction moves by ``(g − (g − 1)·s)·Δ``, so ``s`` sets the adapter's
-strength between the unamplified ``Δ`` of both branches and the ``g·Δ`` of the conditional one. A number instead
-of a mapping is that share for every adapter.
+strength between the unamplified ``Δ`` of both branches and the ``g·Δ`` of the conditional one; a share of 1 for
+every adapter is the method on the whole batch. A number instead of a mapping is that share for every adapter.
 
 Functions here check a branch choice and slice a CFG batch's denoiser arguments into its two halves; the engine runs
-the unconditional half with every adapter muted but the kept ones and hands the conditional half to the strategy.
+the unconditional half on the base model (no adapter kept there) or through the strategy with every adapter's
+weights times its share, and the conditional half through the strategy.
 """
 
 from __future__ import annotations

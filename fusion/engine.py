@@ -19,8 +19,9 @@ as step 0 of 1.
 
 With :meth:`FusionEngine.set_branches` ``("conditional")`` and a generation started with ``cfg_halves=True``, each
 call's unconditional half runs on the base weights (every adapter muted) and only the conditional half goes to the
-strategy (:mod:`fusion.cfg_branches`); with a per-adapter choice the unconditional half carries the adapters kept
-on both branches, merged at their weights.
+strategy (:mod:`fusion.cfg_branches`); with per-adapter shares the strategy runs on each half, the unconditional one
+with every adapter's weights times its share (:meth:`FusionEngine.unconditional`), so a share of 1 for every adapter
+is the method on the whole batch.
 
 :meth:`FusionEngine.clear` restores every touched weight from its pristine copy, puts every base module back in its
 parent and detaches the hook, leaving the model bit-identical to before the engine existed (and every hook it had).
@@ -142,7 +143,6 @@ class FusionEngine:
         self._generation: Any = None
         self.branches = "both"
         self._unconditional_shares: dict[str, float] = {}
-        self._unconditional_table: torch.Tensor | None = None
         self._cfg_halves = False
         self._timestep_position = self._find_timestep_position(denoiser)
         self._hook = attach(denoiser, self._route)
@@ -370,7 +370,7 @@ class FusionEngine:
     def set_sample_weights(self, weights: torch.Tensor | None) -> None:
         """Per-sample adapter weights (N, A) or (N, A, G) for the next batched call, or None to switch them off."""
         if weights is None:
-            self.state.set(self.state.weights, None)
+            self.state.set(self.state.installed[0], None)
             return
         if self._fused:
             self.unfuse()
@@ -382,7 +382,7 @@ class FusionEngine:
                 f"per-sample weights must be shaped (N, {len(self.adapters)}) or "
                 f"(N, {len(self.adapters)}, {len(self.group_names)}), got {tuple(w.shape)}"
             )
-        self.state.set(self.state.weights, w.transpose(1, 2))
+        self.state.set(self.state.installed[0], w.transpose(1, 2))
 
     @property
     def fused(self) -> bool:
@@ -461,7 +461,6 @@ class FusionEngine:
         mode, kept = resolve_branches(branches, weights)
         self.branches = mode
         self._unconditional_shares = kept
-        self._unconditional_table = None
 
     @contextmanager
     def muted(self) -> Iterator[None]:
@@ -475,32 +474,22 @@ class FusionEngine:
             self.state.muted = False
 
     @contextmanager
-    def unconditional(self, step: int = 0, num_steps: int = 1) -> Iterator[None]:
-        """What the unconditional half of a conditional-branch composition runs under: every adapter muted, or with a
-        per-adapter branch choice only the adapters kept on both branches, merged at their weights (times the share
-        the choice gives each) for ``step`` of ``num_steps`` (whatever the method; the strategy's own weights are put
-        back after the block)."""
+    def unconditional(self) -> Iterator[None]:
+        """What the unconditional half of a conditional-branch composition runs under: every adapter muted, or with
+        per-adapter shares every adapter's weights, as the strategy installs them, times its share (0 for the
+        adapters on the conditional branch only); the strategy's own weights are in place again after the block."""
         if not self._unconditional_shares:
             with self.muted():
                 yield
             return
         self._refuse_fused()
-        table = self._unconditional_table
-        if table is None or table.shape[2] != num_steps:
-            assert self.strategy is not None
-            shares = self._unconditional_shares
-            table = self.weight_table({name: self.strategy.weights[name] for name in shares}, num_steps)
-            for name, share in shares.items():
-                table[self.adapter_names.index(name)] *= share
-            self._unconditional_table = table
-        saved = (self.state.weights, self.state.sample_weights)
-        self.state.set(self._per_group(table[:, :, min(step, num_steps - 1)]), None)
-        self.state.plain = True
+        shares = self._unconditional_shares
+        scale = torch.tensor([shares.get(name, 0.0) for name in self.adapter_names], device=self.state.device)
+        self.state.set_scale(scale)
         try:
             yield
         finally:
-            self.state.plain = False
-            self.state.set(*saved)
+            self.state.set_scale(None)
 
     def _refuse_fused(self) -> None:
         if self._fused:
@@ -580,25 +569,32 @@ class FusionEngine:
         num_steps: int,
         timestep: Any,
     ) -> Any:
-        """One CFG call with the adapters on its conditional half only: the unconditional half under
-        :meth:`unconditional`, the conditional half through the strategy, the two predictions stacked back in the
-        batch's order."""
+        """One CFG call with the adapters on its conditional half only, or on the unconditional half at a share:
+        each half through the strategy (the unconditional one under :meth:`unconditional`; the base model alone
+        where no adapter has a share there), the two predictions stacked back in the batch's order. The strategy
+        sees two calls at one step, as under true-CFG pipelines, so per-call state (CMLoRA's caches) stays apart."""
         assert self.strategy is not None
-        (base_args, base_kwargs), (cond_args, cond_kwargs) = cfg_halves(args, kwargs, batch, NON_BATCH_ARGUMENTS)
-        with self.unconditional(step, num_steps):
-            unconditional = output_tensor(forward(*base_args, **base_kwargs))
-        ctx = StepContext(
-            engine=self,
-            step=step,
-            num_steps=num_steps,
-            timestep=batch_slice(timestep, batch // 2, batch, batch),
-            batch_size=batch // 2,
-            args=cond_args,
-            kwargs=cond_kwargs,
-            forward=forward,
-        )
-        conditional = output_tensor(self.strategy.step(ctx))
-        return ctx.wrap(torch.cat([unconditional, conditional]))
+        halves = cfg_halves(args, kwargs, batch, NON_BATCH_ARGUMENTS)
+        contexts = [
+            StepContext(
+                engine=self,
+                step=step,
+                num_steps=num_steps,
+                timestep=batch_slice(timestep, start, start + batch // 2, batch),
+                batch_size=batch // 2,
+                args=half_args,
+                kwargs=half_kwargs,
+                forward=forward,
+            )
+            for start, (half_args, half_kwargs) in zip((0, batch // 2), halves)
+        ]
+        with self.unconditional():
+            if self._unconditional_shares:
+                unconditional = output_tensor(self.strategy.step(contexts[0]))
+            else:
+                unconditional = output_tensor(forward(*contexts[0].args, **contexts[0].kwargs))
+        conditional = output_tensor(self.strategy.step(contexts[1]))
+        return contexts[1].wrap(torch.cat([unconditional, conditional]))
 
     # ----- teardown --------------------------------------------------------------------------------------------
 

@@ -105,15 +105,18 @@ class _Bank:
 class GateState:
     """Adapter weights every composed layer of one engine reads: ``weights`` (G, A), optional ``sample_weights``
     (N, G, A), a ``version`` bumped on every change, and the flat per-column gate buffers computed from them.
-    While ``muted`` every unfused composed layer computes its base output alone; while ``plain`` it adds the updates
-    at ``weights`` even where a strategy set a mixer (the unconditional half of a per-adapter branch choice)."""
+    ``installed`` holds the two as a strategy set them; while a per-adapter ``scale`` (A,) is set (the unconditional
+    half of a branch-share composition) ``weights`` and ``sample_weights`` are those times the scale, so a strategy
+    runs unchanged on the unconditional half at a share of its weights. While ``muted`` every unfused composed layer
+    computes its base output alone."""
 
     def __init__(self, num_groups: int, device: torch.device) -> None:
         self.device = device
         self.weights = torch.zeros(num_groups, 0, device=device)
         self.sample_weights: torch.Tensor | None = None
+        self.installed: tuple[torch.Tensor, torch.Tensor | None] = (self.weights, None)
+        self.scale: torch.Tensor | None = None
         self.muted = False
-        self.plain = False
         self.version = 0
         self.generation = 0
         self._columns: dict[int, _Columns] = {}
@@ -122,6 +125,10 @@ class GateState:
 
     def set(self, weights: torch.Tensor, sample_weights: torch.Tensor | None) -> None:
         """Install new (G, A) weights and (N, G, A) per-sample weights (or None): one gather per bank."""
+        self.installed = (weights, sample_weights)
+        if self.scale is not None:
+            weights = weights * self.scale
+            sample_weights = None if sample_weights is None else sample_weights * self.scale
         self.weights = weights
         self.sample_weights = sample_weights
         self.version += 1
@@ -130,6 +137,11 @@ class GateState:
         else:
             for bank in self._banks.values():
                 bank.fill(weights, sample_weights)
+
+    def set_scale(self, scale: torch.Tensor | None) -> None:
+        """Multiply every adapter's installed weights by ``scale`` (A,) from now on (None: by 1 again)."""
+        self.scale = scale
+        self.set(*self.installed)
 
     def register(self, layer: nn.Module, columns: _Columns | None) -> None:
         """(Re)register ``layer``'s columns (None unregisters); the buffers are rebuilt at the next use."""
@@ -646,7 +658,7 @@ class ComposedLayer(nn.Module, ABC):
             return self._add_up(self.base(x), self._down(x) * self._broadcast(self._gate()[None], x), self.up_cat)
         per_sample = self._sample_gate(x.shape[0])
         if per_sample is None:
-            if self.mixer is not None and not self.state.plain:
+            if self.mixer is not None:
                 return self._mixed(x, self.mixer)
             effective = self._refresh()
             if effective is not None:

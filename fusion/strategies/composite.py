@@ -7,7 +7,8 @@ keyframes, see :mod:`fusion.schedules`) and mᵢ the mixing weight (option ``mix
 unconditional branch carries adapter i too. CFG is linear, so averaging the k predictions of the CFG batch the
 pipeline hands the denoiser and letting the pipeline apply CFG once gives exactly ẽ; this strategy therefore returns
 (1/k)·Σᵢ mᵢ·denoiser_i(batch) and touches nothing else of the pipeline. Composed on the conditional branch only
-(:mod:`fusion.cfg_branches`), the engine hands it the conditional half alone and eᵢ(z) is the base model's.
+(:mod:`fusion.cfg_branches`), eᵢ(z) is the base model's; with per-adapter shares the engine hands it each half
+in turn, eᵢ(z) then carrying adapter i at its share of the weight.
 
 Two modes:
 

@@ -241,13 +241,13 @@ def test_per_adapter_choices_that_name_one_branch_for_all_are_that_branch(tiny_s
 
 
 def test_every_method_runs_with_a_per_adapter_choice_and_keeps_its_own_weights(tiny_sd: Any) -> None:
-    """The unconditional half runs on the kept adapters merged (a gated layer's mixer set aside); the conditional
-    half and everything after it see the strategy's own weights again."""
+    """Each half runs the method; the conditional half and everything after it see the strategy's own weights."""
     pipe = make_composable(tiny_sd)
     pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
     pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
     weights = {"style": 0.8, "scene": 0.6}
-    for method, options in [("merge", {}), ("switch", {}), ("composite", {"mode": "batched"}), ("gated", {})]:
+    switch = {"order": ["scene", "style"]}  # scene, kept on both branches, is switch's active adapter here
+    for method, options in [("merge", {}), ("switch", switch), ("composite", {"mode": "batched"}), ("gated", {})]:
         pipe.set_composition(weights, method=method, branches="conditional", **options)
         conditional = _generate(pipe)
         engine = pipe._composer["engine"]
@@ -256,35 +256,65 @@ def test_every_method_runs_with_a_per_adapter_choice_and_keeps_its_own_weights(t
         per_adapter = _generate(pipe)
         assert torch.isfinite(per_adapter).all(), method
         assert (per_adapter - conditional).abs().max() > 1e-4, method
-        assert not engine.state.plain, method
+        assert engine.state.scale is None, method
         assert not engine.state.muted, method
         if method == "merge":
             torch.testing.assert_close(engine.state.weights, installed, atol=0, rtol=0)
 
 
-def test_the_unconditional_half_of_a_gated_composition_is_the_kept_adapters_merged(tiny_sd: Any) -> None:
-    """Learned gates mix every adapter's output in the conditional half; the unconditional half set them aside."""
+METHODS = [("merge", {}), ("switch", {}), ("composite", {"mode": "batched"}), ("cmlora", {}), ("gated", {})]
+
+
+def _two_adapters(tiny_sd: Any) -> Any:
     pipe = make_composable(tiny_sd)
     pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
     pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    return pipe
+
+
+def _denoiser_outputs(pipe: Any, **kwargs: Any) -> list[torch.Tensor]:
+    """The whole CFG batch's prediction of every denoiser call of one generation."""
     outputs: list[torch.Tensor] = []
     hook = pipe.unet.register_forward_hook(lambda _module, _args, out: outputs.append(out[0]))
     try:
-        pipe.set_composition({"style": 0.0, "scene": 0.6}, fuse=False)
-        _generate(pipe, num_inference_steps=1)
-        gates = initial_gates(pipe._composer["engine"])
-        pipe.set_composition({"style": 0.8, "scene": 0.6}, method="gated", gates=gates)
-        _generate(pipe, num_inference_steps=1)
-        pipe.set_composition(
-            {"style": 0.8, "scene": 0.6}, method="gated", gates=gates, branches={"style": "conditional"}
-        )
-        _generate(pipe, num_inference_steps=1)
+        _generate(pipe, **kwargs)
     finally:
         hook.remove()
-    merged, gated, per_adapter = outputs
-    torch.testing.assert_close(per_adapter[:1], merged[:1], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(per_adapter[1:], gated[1:], atol=1e-5, rtol=1e-4)
-    assert (gated[:1] - merged[:1]).abs().max() > 1e-4, "the gates do change the unconditional half when kept"
+    return outputs
+
+
+def test_every_method_runs_on_the_unconditional_half_at_the_shares(tiny_sd: Any) -> None:
+    """``{"style": 0.25}``: the unconditional half is the method itself (its schedule, Composite's passes, CMLoRA's
+    caches, the learned gates) with style at a quarter of its weight, the conditional half the method at the full
+    weights: each half of the prediction is that half of the method composed on both branches at those weights."""
+    pipe = _two_adapters(tiny_sd)
+    pipe.set_composition(WEIGHTS, fuse=False)
+    options = {**dict(METHODS), "gated": {"gates": initial_gates(pipe._composer["engine"])}}
+    shared = {"style": 0.8 * 0.25, "scene": 0.6}
+    for method, extra in options.items():
+        pipe.set_composition(shared, method=method, **extra)
+        (scaled,) = _denoiser_outputs(pipe, num_inference_steps=1)
+        pipe.set_composition(WEIGHTS, method=method, **extra)
+        (full,) = _denoiser_outputs(pipe, num_inference_steps=1)
+        pipe.set_composition(WEIGHTS, method=method, branches={"style": 0.25}, **extra)
+        (halves,) = _denoiser_outputs(pipe, num_inference_steps=1)
+        torch.testing.assert_close(halves[:1], scaled[:1], atol=1e-5, rtol=1e-4, msg=method)
+        torch.testing.assert_close(halves[1:], full[1:], atol=1e-5, rtol=1e-4, msg=method)
+        assert (full[:1] - scaled[:1]).abs().max() > 1e-4, method
+
+
+def test_a_share_next_to_one_is_the_method_on_both_branches(tiny_sd: Any) -> None:
+    """Shares are continuous at 1 for every method: a share of 1 − 10⁻⁶ gives the images of ``"both"`` over several
+    steps, Switch's turns and CMLoRA's cached passes included (each half keeps its own caches)."""
+    pipe = _two_adapters(tiny_sd)
+    pipe.set_composition(WEIGHTS, fuse=False)
+    options = {**dict(METHODS), "switch": {"tau": 2}, "gated": {"gates": initial_gates(pipe._composer["engine"])}}
+    for method, extra in options.items():
+        pipe.set_composition(WEIGHTS, method=method, fuse=False, **extra)
+        both = _generate(pipe, num_inference_steps=6)
+        pipe.set_composition(WEIGHTS, method=method, branches=1 - 1e-6, **extra)
+        nearly = _generate(pipe, num_inference_steps=6)
+        torch.testing.assert_close(nearly, both, atol=1e-4, rtol=1e-4, msg=method)
 
 
 def test_img2img_and_several_prompts_and_images_per_prompt(tiny_sd: Any) -> None:
