@@ -15,13 +15,15 @@ weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.
 adapter on the conditional branch only, labelled ``<method> (mixed)``. The rule comes from the tuning scenes in
 ``composer/toyworld/weights/README.md`` (seed 99, and k = 2 seeds 10–12), not from the benchmark's own. ``shared``
 keeps backgrounds on both branches too and gives the unconditional half of every other adapter a share of its weight
-(``branches={name: share}``, :data:`SHARES`: styles 0.25, the rest 0.5), labelled ``<method> (shared)``; chosen on
+(``branches={name: share}``, :data:`SHARES`: 0.5, 0.25 for pixel_art), labelled ``<method> (shared)``; chosen on
 the LoRA-alone tuning scenes of seeds 99 and 123.
 The LoRA-alone table gets a column pair for each of those settings too, or for those given to ``--alone-branches``
 (a ``mixed`` alone column beside the protocol's rows, without the mixed compositions). ``--compositions-only --name
 NAME`` runs the composition rows alone into ``docs/NAME.md`` (a branch setting added
 to a full run's rows without repeating them; the library and every other row unchanged); ``--extra-only`` does the
-same with the LoRA-alone columns of ``--alone-branches`` kept (no base-model or protocol LoRA-alone rows).
+same with the LoRA-alone columns of ``--alone-branches`` kept (no base-model or protocol LoRA-alone rows);
+``--alone-only`` keeps those columns alone (no compositions). The LoRA-alone scenes are drawn with seed 7
+(``--alone-seed`` draws another held-out set).
 
 ``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
 ``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k`` (the
@@ -47,10 +49,25 @@ WEIGHT = 0.8
 BRANCHES = ("both", "conditional", "mixed", "shared")
 EXTRA_BRANCHES = BRANCHES[1:]
 """The settings that add rows (and LoRA-alone columns) beside the protocol's both-branch ones."""
-SHARES = {"background": 1.0, "style": 0.25, "character": 0.5, "clothing": 0.5, "object": 0.5}
-"""Under ``shared``: the share of an adapter's weight that CFG's unconditional half carries, by category. Styles are
-detail the late steps draw, where an adapter shifts both predictions alike and guidance cancels it, so they get the
-most amplification; backgrounds stay on both branches, as under ``mixed``."""
+SHARES = {
+    "zorbex": 0.5,
+    "kiboko": 0.5,
+    "lunari": 0.5,
+    "crown": 0.5,
+    "sunglasses": 0.5,
+    "pixel_art": 0.25,
+    "polka_dots": 0.5,
+    "flower": 0.5,
+    "mushroom": 0.5,
+    "sunset": 1.0,
+    "forest": 1.0,
+}
+"""Under ``shared``: the share of each library adapter's weight that CFG's unconditional half carries (like the
+recommended weight on a LoRA's card): the better of 0.5 and 0.25 for it alone on the tuning scenes (seeds 99 and
+123; 0.5 where they tie or 0.25 was not measured on both). Backgrounds stay on both branches, as under ``mixed``: at
+0.5 they lost the scene's other attributes."""
+ALONE_SEED = 7
+"""The LoRA-alone scene seed the benchmark uses by default (held out from every choice of files, gates and rules)."""
 COND_NOTE = (
     ' Rows and columns marked (cond): the same composition with `branches="conditional"` (adapters on CFG\'s'
     " conditional branch only, the unconditional prediction from the base model); win/tie/lose is always against"
@@ -63,9 +80,9 @@ MIXED_NOTE = (
 )
 SHARED_NOTE = (
     " Rows and columns marked (shared): background adapters on both CFG branches, every other adapter on the"
-    " conditional branch at its weight and on the unconditional one at a share of it, 0.25 for styles and 0.5 for"
-    " characters, clothing and objects (`branches={name: share}`); the shares were chosen on tuning scenes the"
-    " benchmark does not use."
+    " conditional branch at its weight and on the unconditional one at a share of it, 0.25 for pixel_art and 0.5 for"
+    " the others (`branches={name: share}`); the shares were chosen per adapter on tuning scenes the benchmark does"
+    " not use. Every method runs on both halves, the unconditional one at the shares."
 )
 _SUFFIX = {"both": "", "conditional": " (cond)", "mixed": " (mixed)", "shared": " (shared)"}
 
@@ -79,8 +96,8 @@ def variant(method: str, branches: str) -> str:
 
 def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str | float]:
     """What ``set_composition(branches=...)`` gets for ``combo`` under a branch setting: ``mixed`` puts every
-    non-background adapter on the conditional branch only, ``shared`` gives its unconditional half the
-    :data:`SHARES` of its category (backgrounds, unnamed, act on both)."""
+    non-background adapter on the conditional branch only, ``shared`` gives its unconditional half the adapter's
+    :data:`SHARES` (backgrounds, unnamed, act on both)."""
     if setting not in ("mixed", "shared"):
         return setting
     from composer.toyworld.world import CONCEPTS
@@ -88,7 +105,7 @@ def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str |
     categories = {name: CONCEPTS[name].category for name in combo if CONCEPTS[name].category != "background"}
     if setting == "mixed":
         return dict.fromkeys(categories, "conditional")
-    return {name: SHARES[category] for name, category in categories.items()}
+    return {name: SHARES[name] for name in categories}
 
 
 def _pipeline(library: Path) -> tuple[Any, list[str]]:
@@ -224,17 +241,23 @@ def run_compositions(
 
 
 def run_alone(
-    pipe: Any, names: list[str], images: int, steps: int, weight: float = WEIGHT, branches: str = "both"
+    pipe: Any,
+    names: list[str],
+    images: int,
+    steps: int,
+    weight: float = WEIGHT,
+    branches: str = "both",
+    scene_seed: int = ALONE_SEED,
 ) -> dict[str, Any]:
     """Each LoRA alone at ``weight`` (on the branch setting ``branches``, ``mixed`` as in compositions) on base
-    scenes: its concept present, and the prompt's other attributes kept."""
+    scenes drawn with ``scene_seed``: its concept present, and the prompt's other attributes kept."""
     from composer.toyworld.verdict import judge_images
     from composer.toyworld.world import CONCEPTS, caption, sample_scene
 
     rows = {}
     for name in names:
         concept = CONCEPTS[name]
-        rng = random.Random(7)
+        rng = random.Random(scene_seed)
         scenes = [sample_scene(rng).with_concepts(concept) for _ in range(images)]
         prompts = [caption(scene, rng, (concept,)) for scene in scenes]
         pipe.set_composition({name: weight}, method="merge", branches=branch_choice(branches, (name,)))
@@ -269,8 +292,8 @@ def run_base(pipe: Any, images: int, steps: int) -> dict[str, float]:
 def write_docs(
     result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor]], folder: Path, name: str = "composition_quality"
 ) -> None:
-    """docs/NAME.md (the tables) and docs/images/NAME.png (every set and seed by method); the base-model and
-    LoRA-alone tables where the run measured them."""
+    """docs/NAME.md (the tables) and docs/images/NAME.png (every set and seed by method); the base-model,
+    LoRA-alone and composition tables where the run measured them."""
     from PIL import Image, ImageDraw
 
     methods = list(
@@ -291,6 +314,10 @@ def write_docs(
         "",
     ]
     lines += _alone_lines(result)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not result["compositions"]:
+        (folder / f"{name}.md").write_text("\n".join(lines))
+        return
     lines += [
         "## Compositions (one character + k−1 other categories)",
         "",
@@ -311,7 +338,6 @@ def write_docs(
                 f"{cell['seconds_per_image']} |"
             )
     lines += ["", f"![every composition set and seed, one column per method](images/{name}.png)", ""]
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.md").write_text("\n".join(lines))
     cell, label = 128, 260
     canvas = Image.new("RGB", (label + cell * len(methods), 20 + cell * len(samples)), "white")
@@ -354,7 +380,9 @@ def _alone_lines(result: dict[str, Any]) -> list[str]:
         ]
     return [
         *lines,
-        f"## Each LoRA alone ({result['alone_images']} scenes each)",
+        f"## Each LoRA alone ({result['alone_images']} scenes each"
+        + (f", scene seed {result['alone_seed']}" if result.get("alone_seed", ALONE_SEED) != ALONE_SEED else "")
+        + ")",
         "",
         "| adapter | " + " | ".join(header for _, header in columns) + " |",
         "|---|" + "---|---|" * len(columns),
@@ -412,6 +440,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="full mode: skip the base-model rows and the protocol's LoRA-alone columns (keep --alone-branches')",
     )
+    parser.add_argument(
+        "--alone-only", action="store_true", help="full mode: only the LoRA-alone columns of --alone-branches"
+    )
+    parser.add_argument(
+        "--alone-seed",
+        type=int,
+        default=ALONE_SEED,
+        help="seed of the LoRA-alone scenes (default: the benchmark's held-out set)",
+    )
     parser.add_argument("--name", default="composition_quality", help="file stem of the docs written by --docs")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
@@ -438,18 +475,25 @@ def main(argv: list[str] | None = None) -> int:
         result = {"mode": "full", "steps": args.steps, "weight": args.weight}
         if not args.compositions_only:
             result["alone_images"] = args.alone_images
-            if not args.extra_only:
+            result["alone_seed"] = args.alone_seed
+            if not (args.extra_only or args.alone_only):
                 result |= {
                     "base": run_base(pipe, args.base_images, args.steps),
-                    "alone": run_alone(pipe, names, args.alone_images, args.steps, args.weight),
+                    "alone": run_alone(
+                        pipe, names, args.alone_images, args.steps, args.weight, scene_seed=args.alone_seed
+                    ),
                     "preferred_weight": PREFERRED_WEIGHT,
-                    "alone_preferred": run_alone(pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT),
+                    "alone_preferred": run_alone(
+                        pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT, scene_seed=args.alone_seed
+                    ),
                 }
             for setting in EXTRA_BRANCHES:
                 if setting in alone_branches:
                     result[f"alone_{setting}"] = run_alone(
-                        pipe, names, args.alone_images, args.steps, args.weight, setting
+                        pipe, names, args.alone_images, args.steps, args.weight, setting, args.alone_seed
                     )
+        result["compositions"] = {"_samples": {}}
+    if not (args.quick or args.alone_only):
         result |= {
             "compositions": run_compositions(
                 pipe,

@@ -210,16 +210,36 @@ def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(tmp_path
     assert "merge (mixed)" in json.loads(capsys.readouterr().out)["compositions"]["k=2"]
 
 
-def test_quality_benchmark_shared_rows_give_the_unconditional_half_a_share_by_category() -> None:
-    from benchmarks.composition_quality import branch_choice, variant
+def test_quality_benchmark_shared_rows_give_the_unconditional_half_each_adapters_share() -> None:
+    from benchmarks.composition_quality import SHARES, branch_choice, variant
+    from composer.toyworld.world import CONCEPTS
 
+    assert set(SHARES) == set(CONCEPTS)
     assert branch_choice("shared", ("zorbex", "forest")) == {"zorbex": 0.5}
-    assert branch_choice("shared", ("kiboko", "crown", "pixel_art", "sunset")) == {
+    assert branch_choice("shared", ("kiboko", "crown", "pixel_art", "polka_dots", "sunset")) == {
         "kiboko": 0.5,
         "crown": 0.5,
         "pixel_art": 0.25,
+        "polka_dots": 0.5,
     }
     assert variant("merge", "shared") == "merge (shared)"
+
+
+def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(tmp_path: Path, capsys) -> None:
+    import json
+
+    from benchmarks.composition_quality import main
+
+    argv = ["--alone-only", "--alone-branches", "shared", "--alone-seed", "8", "--steps", "1", "--alone-images", "1"]
+    argv += ["--library", str(tmp_path / "lib"), "--docs", str(tmp_path), "--name", "alone"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["alone_seed"] == 8
+    assert result["compositions"] == {}
+    assert set(result["alone_shared"]) == set(result["adapters"])
+    text = (tmp_path / "alone.md").read_text()
+    assert "## Each LoRA alone (1 scenes each, scene seed 8)" in text
+    assert "## Compositions" not in text
 
 
 def test_an_extra_only_run_measures_only_the_extra_settings(tmp_path: Path, capsys) -> None:
