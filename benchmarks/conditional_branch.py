@@ -12,7 +12,7 @@ k = 2 rank-16 LoRAs on every attention projection at 0.8:
   prediction and a diffusers pipeline with the LoRAs loaded by ``load_lora_weights`` (PEFT layers) for the
   conditional one, two denoiser calls per step, CFG combined by hand;
 - ``per_adapter``: ``set_composition(weights, branches={"a1": "conditional"})`` — ``a0`` kept on both branches
-  (the unconditional half carries it merged), ``a1`` on the conditional branch only;
+  (the unconditional half runs the merge with it alone), ``a1`` on the conditional branch only;
 - ``reference_per_adapter``: its hand-written loop, the unconditional prediction from a diffusers/PEFT pipeline
   with ``a0`` loaded.
 
