@@ -169,6 +169,13 @@ def test_refusals_change_nothing(tiny_sd: Any, tiny_flux: Any) -> None:
 WEIGHTS = {"style": 0.8, "scene": 0.6}
 
 
+def _two_adapters(tiny_sd: Any) -> Any:
+    pipe = make_composable(tiny_sd)
+    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
+    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    return pipe
+
+
 def _composed_and_reference(tiny_sd: Any, unconditional: dict[str, float]) -> tuple[Any, torch.Tensor]:
     """``tiny_sd`` composable with ``style`` and ``scene`` attached, and the latents of the CFG loop written out whose
     unconditional prediction and negative prompt come from a model composed at ``unconditional`` and whose
@@ -211,9 +218,7 @@ def test_a_share_puts_that_part_of_the_adapters_weight_on_the_unconditional_half
 
 
 def test_one_share_for_every_adapter_is_that_share_for_each(tiny_sd: Any) -> None:
-    pipe = make_composable(tiny_sd)
-    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
-    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    pipe = _two_adapters(tiny_sd)
     weights = {"style": 0.8, "scene": 0.6}
     pipe.set_composition(weights, branches={"style": 0.5, "scene": 0.5})
     each = _generate(pipe)
@@ -223,9 +228,7 @@ def test_one_share_for_every_adapter_is_that_share_for_each(tiny_sd: Any) -> Non
 
 
 def test_per_adapter_choices_that_name_one_branch_for_all_are_that_branch(tiny_sd: Any) -> None:
-    pipe = make_composable(tiny_sd)
-    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
-    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    pipe = _two_adapters(tiny_sd)
     weights = {"style": 0.8, "scene": 0.6}
     outputs = {}
     for label, branches in [
@@ -242,9 +245,7 @@ def test_per_adapter_choices_that_name_one_branch_for_all_are_that_branch(tiny_s
 
 def test_every_method_runs_with_a_per_adapter_choice_and_keeps_its_own_weights(tiny_sd: Any) -> None:
     """Each half runs the method; the conditional half and everything after it see the strategy's own weights."""
-    pipe = make_composable(tiny_sd)
-    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
-    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
+    pipe = _two_adapters(tiny_sd)
     weights = {"style": 0.8, "scene": 0.6}
     switch = {"order": ["scene", "style"]}  # scene, kept on both branches, is switch's active adapter here
     for method, options in [("merge", {}), ("switch", switch), ("composite", {"mode": "batched"}), ("gated", {})]:
@@ -263,13 +264,6 @@ def test_every_method_runs_with_a_per_adapter_choice_and_keeps_its_own_weights(t
 
 
 METHODS = [("merge", {}), ("switch", {}), ("composite", {"mode": "batched"}), ("cmlora", {}), ("gated", {})]
-
-
-def _two_adapters(tiny_sd: Any) -> Any:
-    pipe = make_composable(tiny_sd)
-    pipe.add_adapter(_lora_with_text_parts(pipe, "style", 0))
-    pipe.add_adapter(_lora_with_text_parts(pipe, "scene", 1))
-    return pipe
 
 
 def _denoiser_outputs(pipe: Any, **kwargs: Any) -> list[torch.Tensor]:
