@@ -94,8 +94,9 @@ def _per_sample(tau: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class GateRecorder:
     """Mean gate per (step, layer, adapter) over a generation: ``values`` (S, L, A), NaN where nothing was seen.
 
-    Values stay on the model's device while recording (no synchronisation per layer); :meth:`result` copies them
-    to the CPU.
+    Every denoiser call of a step counts (CFG's halves run apart under shares, true-CFG pipelines call twice), so
+    the record does not depend on how a pipeline batches its guidance. Values stay on the model's device while
+    recording (no synchronisation per layer); :meth:`result` copies them to the CPU.
     """
 
     def __init__(
@@ -105,13 +106,18 @@ class GateRecorder:
         self.adapter_names = list(adapter_names)
         self.rows = {key: i for i, key in enumerate(self.layer_keys)}
         self.values = torch.full((num_steps, len(self.layer_keys), len(self.adapter_names)), math.nan, device=device)
+        self._sums = torch.zeros_like(self.values)
+        self._counts = torch.zeros_like(self.values)
         self.step = 0
 
     @torch.no_grad()
     def record(self, key: str, owners: torch.Tensor, gates: torch.Tensor) -> None:
         """Store the mean of ``gates`` (K, …) per adapter (``owners``: engine adapter index per row) at this step."""
         means = gates.detach().float().reshape(gates.shape[0], -1).mean(1)
-        self.values[min(self.step, self.values.shape[0] - 1), self.rows[key]].index_copy_(0, owners, means)
+        step, row = min(self.step, self.values.shape[0] - 1), self.rows[key]
+        self._sums[step, row].index_add_(0, owners, means)
+        self._counts[step, row].index_add_(0, owners, torch.ones_like(means))
+        self.values[step, row] = self._sums[step, row] / self._counts[step, row]
 
     def result(self) -> torch.Tensor:
         """The recorded (S, L, A) values on the CPU."""

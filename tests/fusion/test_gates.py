@@ -79,3 +79,12 @@ def test_bank_round_trips_through_tensors_and_records_means() -> None:
     values = recorder.result()
     assert values[1, 1].tolist() == [0.75, pytest.approx(float("nan"), nan_ok=True), 0.25]
     assert torch.isnan(values[0]).all()
+
+
+def test_recorder_averages_every_forward_of_a_step() -> None:
+    """CFG's halves under shares (or a true-CFG pipeline) run the denoiser twice per step: both count."""
+    recorder = GateRecorder(["a.to_q"], ["x", "y"], 1, torch.device("cpu"))
+    owners = torch.tensor([0, 1])
+    recorder.record("a.to_q", owners, torch.stack([torch.full((2, 4), 0.2), torch.full((2, 4), 0.6)]))
+    recorder.record("a.to_q", owners, torch.stack([torch.full((2, 4), 0.4), torch.full((2, 4), 1.0)]))
+    assert recorder.result()[0, 0].tolist() == [pytest.approx(0.3), pytest.approx(0.8)]
