@@ -240,6 +240,22 @@ def run_compositions(
     return table
 
 
+def alone_scenes(name: str, images: int, scene_seed: int = ALONE_SEED) -> tuple[list[Any], list[str]]:
+    """The LoRA-alone row's scenes for the concept ``name`` (base-vocabulary scenes with the concept applied) and
+    their captions, drawn with ``scene_seed``: the same for every run, method and branch setting."""
+    from composer.toyworld.world import CONCEPTS, caption, sample_scene
+
+    concept = CONCEPTS[name]
+    rng = random.Random(scene_seed)
+    scenes = [sample_scene(rng).with_concepts(concept) for _ in range(images)]
+    return scenes, [caption(scene, rng, (concept,)) for scene in scenes]
+
+
+def others_kept(seen: dict[str, str], scene: Any, concept: Any) -> bool:
+    """Whether the judge's reading ``seen`` shows every attribute of ``scene`` that ``concept`` does not set."""
+    return all(value == getattr(scene, attr) for attr, value in seen.items() if attr not in concept.sets)
+
+
 def run_alone(
     pipe: Any,
     names: list[str],
@@ -252,21 +268,17 @@ def run_alone(
     """Each LoRA alone at ``weight`` (on the branch setting ``branches``, ``mixed`` as in compositions) on base
     scenes drawn with ``scene_seed``: its concept present, and the prompt's other attributes kept."""
     from composer.toyworld.verdict import judge_images
-    from composer.toyworld.world import CONCEPTS, caption, sample_scene
+    from composer.toyworld.world import CONCEPTS
 
     rows = {}
     for name in names:
         concept = CONCEPTS[name]
-        rng = random.Random(scene_seed)
-        scenes = [sample_scene(rng).with_concepts(concept) for _ in range(images)]
-        prompts = [caption(scene, rng, (concept,)) for scene in scenes]
+        scenes, prompts = alone_scenes(name, images, scene_seed)
         pipe.set_composition({name: weight}, method="merge", branches=branch_choice(branches, (name,)))
         out = _sample(pipe, prompts, 0, steps)
         pipe.clear_composition()
         verdicts = judge_images(out, prompts, [[name]] * images)
-        kept = [
-            all(v.seen[a] == getattr(s, a) for a in v.seen if a not in concept.sets) for v, s in zip(verdicts, scenes)
-        ]
+        kept = [others_kept(v.seen, s, concept) for v, s in zip(verdicts, scenes)]
         rows[name] = {
             "concept_present": round(sum(v.concepts[name] for v in verdicts) / images, 3),
             "others_kept": round(sum(kept) / images, 3),
