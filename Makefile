@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export LORA_COMPOSER_CACHE ?= $(CURDIR)/.cache/lora-composer
 
-.PHONY: install demo app test test-gpu bench lint format clean
+.PHONY: install demo app test test-gpu bench quality lint format clean
 
 install: $(STAMP)
 
@@ -49,6 +49,27 @@ test-gpu: install
 
 bench: install
 	$(PY) -m benchmarks
+
+# Every table and grid of the toy world's quality benchmark from the shipped files, with the flags of the published
+# docs: two lanes of one torch thread each (each its own library folder); their runs took 7,182 s and 6,729 s when
+# last made (fifteenth session, docs/benchmarks.md).
+# Rerun it whole after any library file or the gates change; docs/benchmarks.md says what each table measured.
+QUALITY = $(PY) -m benchmarks.composition_quality --sets 5 --seeds 3 --every-set-k 2 --steps 20 --threads 1 --docs docs
+LANE_A = $(QUALITY) --library .cache/bench/lane_a
+LANE_B = $(QUALITY) --library .cache/bench/lane_b
+
+quality: install
+	mkdir -p .cache/bench
+	$(PY) -m benchmarks.judge_ceiling --docs docs > /dev/null
+	( $(LANE_A) --alone-images 32 --alone-branches mixed \
+	  && $(LANE_A) --compositions-only --branches mixed --name composition_quality_mixed \
+	  && $(LANE_A) --alone-only --alone-branches shared --alone-seed 2026 --name composition_quality_alone_fresh \
+	) > .cache/bench/lane_a.json & lane_a=$$!; \
+	( $(LANE_B) --compositions-only --branches conditional --name composition_quality_cond \
+	  && $(LANE_B) --extra-only --branches shared --alone-branches shared --name composition_quality_shared \
+	  && $(LANE_B) --alone-only --alone-branches shared --alone-seed 4242 --alone-images 64 \
+	     --name composition_quality_alone_third \
+	) > .cache/bench/lane_b.json; lane_b=$$?; wait $$lane_a && test $$lane_b = 0
 
 lint: install
 	$(VENV)/bin/ruff format --check .
