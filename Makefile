@@ -64,12 +64,12 @@ quality: install
 	( $(LANE_A) --alone-images 32 --alone-branches mixed \
 	  && $(LANE_A) --compositions-only --branches mixed --name composition_quality_mixed \
 	  && $(LANE_A) --alone-only --alone-branches shared --alone-seed 2026 --name composition_quality_alone_fresh \
-	) > .cache/bench/lane_a.json & lane_a=$$!; \
+	) > .cache/bench/lane_a.log & lane_a=$$!; \
 	( $(LANE_B) --compositions-only --branches conditional --name composition_quality_cond \
 	  && $(LANE_B) --extra-only --branches shared --alone-branches shared --name composition_quality_shared \
 	  && $(LANE_B) --alone-only --alone-branches shared --alone-seed 4242 --alone-images 64 \
 	     --name composition_quality_alone_third \
-	) > .cache/bench/lane_b.json; lane_b=$$?; wait $$lane_a && test $$lane_b = 0
+	) > .cache/bench/lane_b.log; lane_b=$$?; wait $$lane_a && test $$lane_b = 0
 
 lint: install
 	$(VENV)/bin/ruff format --check .
