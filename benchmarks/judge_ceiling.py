@@ -43,20 +43,21 @@ def decoded_renders(vae: Any, scenes: list[Any], layout_seed: int) -> torch.Tens
 def ceiling_row(vae: Any, name: str, images: int, scene_seed: int, layouts: int) -> dict[str, Any]:
     """One adapter's ceiling on its LoRA-alone scenes: concept present and others kept over ``layouts`` renders of
     each scene, and the commonest misreadings of the other attributes (attribute, asked, read, count)."""
-    from composer.toyworld.verdict import shipped_judge
+    from composer.toyworld.verdict import judge_images
     from composer.toyworld.world import CONCEPTS
 
     concept = CONCEPTS[name]
-    scenes, _ = alone_scenes(name, images, scene_seed)
+    scenes, prompts = alone_scenes(name, images, scene_seed)
     present = kept = 0
     misread: Counter[tuple[str, str, str]] = Counter()
     for layout in range(layouts):
-        for scene, seen in zip(scenes, shipped_judge().read(decoded_renders(vae, scenes, layout))):
-            present += all(seen[attr] == value for attr, value in concept.sets.items())
-            kept += others_kept(seen, scene, concept)
+        verdicts = judge_images(decoded_renders(vae, scenes, layout), prompts, [[name]] * images)
+        for scene, verdict in zip(scenes, verdicts):
+            present += verdict.concepts[name]
+            kept += others_kept(verdict.seen, scene, concept)
             misread.update(
                 (attr, getattr(scene, attr), value)
-                for attr, value in seen.items()
+                for attr, value in verdict.seen.items()
                 if attr not in concept.sets and value != getattr(scene, attr)
             )
     total = images * layouts
