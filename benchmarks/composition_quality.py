@@ -304,8 +304,8 @@ def run_base(pipe: Any, images: int, steps: int) -> dict[str, float]:
 def write_docs(
     result: dict[str, Any], samples: dict[str, dict[str, torch.Tensor]], folder: Path, name: str = "composition_quality"
 ) -> None:
-    """docs/NAME.md (the tables) and docs/images/NAME.png (every set and seed by method); the base-model,
-    LoRA-alone and composition tables where the run measured them."""
+    """docs/NAME.md (the tables), docs/NAME.json (the measurements behind them) and docs/images/NAME.png (every set
+    and seed by method); the base-model, LoRA-alone and composition tables where the run measured them."""
     from PIL import Image, ImageDraw
 
     methods = list(
@@ -327,6 +327,7 @@ def write_docs(
     ]
     lines += _alone_lines(result)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     if not result["compositions"]:
         (folder / f"{name}.md").write_text("\n".join(lines))
         return

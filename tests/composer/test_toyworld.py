@@ -237,6 +237,7 @@ def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(tmp_path
     assert result["alone_seed"] == 8
     assert result["compositions"] == {}
     assert set(result["alone_shared"]) == set(result["adapters"])
+    assert json.loads((tmp_path / "alone.json").read_text()) == result
     text = (tmp_path / "alone.md").read_text()
     assert "## Each LoRA alone (1 scenes each, scene seed 8)" in text
     assert "## Compositions" not in text
