@@ -2,6 +2,9 @@
 
 The adapter is trained on scenes of the base vocabulary with the concept applied to every one of them, captioned
 with the concept's trigger phrase, on the ordinary v-prediction loss of the base model; the base stays frozen.
+With ``prior_batch`` > 0 each step also draws that many scenes without the concept, captioned without its trigger
+(kohya's regularisation images, DreamBooth's prior preservation), and adds their loss at ``prior_weight``, so the
+adapter learns to change what the trigger names and to leave the rest of the model's world alone.
 LoRA uses PEFT's default init (Kaiming-uniform down, zero up: what kohya's trainer does). The result is PEFT's own
 state dict (``get_peft_model_state_dict``) plus the config that made it, which the library builder writes out in
 the file formats users download.
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from composer.toyworld.data import CaptionTokens, WorldRandom, draw_batch
+from composer.toyworld.data import CaptionTokens, WorldBatch, WorldRandom, draw_batch
 from composer.toyworld.model import MAX_TOKENS
 from composer.toyworld.objective import v_prediction_loss
 from composer.toyworld.world import Concept
@@ -52,6 +55,22 @@ class ConceptTraining:
     lr: float = 1e-3
     text_encoder: bool = False
     seed: int = 0
+    prior_batch: int = 0
+    prior_weight: float = 1.0
+
+
+def training_batch(
+    concept: Concept, setup: ConceptTraining, rng: WorldRandom, device: str | torch.device
+) -> WorldBatch:
+    """One step's scenes: ``setup.batch`` with the concept applied and its trigger in the caption, then
+    ``setup.prior_batch`` regularisation scenes of the base vocabulary without either."""
+    batch = draw_batch(setup.batch, rng, device, concepts=(concept,))
+    if setup.prior_batch == 0:
+        return batch
+    prior = draw_batch(setup.prior_batch, rng, device)
+    return WorldBatch(
+        torch.cat([batch.images, prior.images]), batch.captions + prior.captions, batch.scenes + prior.scenes
+    )
 
 
 def _peft_config(kind: str, rank: int, targets: list[str]) -> Any:
@@ -79,6 +98,11 @@ def train_concept(
     """
     from peft import get_peft_model_state_dict
 
+    if setup.prior_batch < 0 or setup.prior_weight < 0:
+        raise TrainingError(
+            f"prior_batch {setup.prior_batch} and prior_weight {setup.prior_weight} must not be negative",
+            hint="prior_batch 0 trains without prior preservation",
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = WorldRandom(setup.seed + zlib.crc32(concept.name.encode()))
     torch.manual_seed(setup.seed)
@@ -98,16 +122,24 @@ def train_concept(
     tokens = CaptionTokens(pipe.tokenizer, MAX_TOKENS)
     alphas = pipe.scheduler.alphas_cumprod.to(device)
     scaling = pipe.vae.config.scaling_factor
+    weights = None
+    if setup.prior_batch:
+        weights = torch.cat(
+            [
+                torch.full((setup.batch,), 1 / setup.batch),
+                torch.full((setup.prior_batch,), setup.prior_weight / setup.prior_batch),
+            ]
+        )
     unet.train()
     text_encoder.train()
     for step in tqdm(range(setup.steps), desc=concept.name, mininterval=5):
-        batch = draw_batch(setup.batch, rng, device, concepts=(concept,))
+        batch = training_batch(concept, setup, rng, device)
         ids = tokens(batch.captions, device)
         with torch.no_grad():
             latents = vae.encode(batch.images).latent_dist.sample() * scaling
         for group in optimizer.param_groups:
             group["lr"] = setup.lr * 0.5 * (1 + math.cos(math.pi * step / setup.steps))
-        loss = v_prediction_loss(unet, text_encoder, ids, latents, alphas, rng.layout)
+        loss = v_prediction_loss(unet, text_encoder, ids, latents, alphas, rng.layout, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

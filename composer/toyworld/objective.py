@@ -13,8 +13,10 @@ def v_prediction_loss(
     latents: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and v = √ᾱ·ε − √(1−ᾱ)·x₀ (bf16 autocast on CUDA).
+    """MSE between the UNet's prediction and v = √ᾱ·ε − √(1−ᾱ)·x₀ (bf16 autocast on CUDA): the mean over the
+    batch, or with ``sample_weights`` (B,) the weighted sum of each sample's mean.
 
     Noise and timesteps are drawn from ``generator`` (on CPU, so a seed reproduces a run on any device).
     """
@@ -26,4 +28,7 @@ def v_prediction_loss(
     target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-    return F.mse_loss(prediction.float(), target)
+    if sample_weights is None:
+        return F.mse_loss(prediction.float(), target)
+    per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean((1, 2, 3))
+    return (per_sample * sample_weights.to(device)).sum()

@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept-steps", type=int, default=ConceptTraining.steps)
     parser.add_argument("--concept-batch", type=int, default=ConceptTraining.batch)
     parser.add_argument("--concept-lr", type=float, default=ConceptTraining.lr)
+    parser.add_argument(
+        "--concept-prior-batch",
+        type=int,
+        default=ConceptTraining.prior_batch,
+        help="regularisation scenes per step, without the concept or its trigger (prior preservation)",
+    )
+    parser.add_argument("--concept-prior-weight", type=float, default=ConceptTraining.prior_weight)
     parser.add_argument("--concepts", default=",".join(CONCEPT_PLAN))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -115,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": args.concept_steps,
                 "batch": args.concept_batch,
                 "lr": args.concept_lr,
+                "prior_batch": args.concept_prior_batch,
+                "prior_weight": args.concept_prior_weight,
                 "seed": args.seed,
             }
             setup = ConceptTraining(**{**asdict(setup), **overrides})

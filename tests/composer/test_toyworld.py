@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -406,3 +407,42 @@ def test_quality_docs_show_a_column_pair_per_branch_setting_of_the_alone_rows(tm
     assert "## Each LoRA alone (32 scenes each)" in text
     assert "| concept present at 0.8 (mixed) | others kept at 0.8 (mixed) |" in text
     assert "| zorbex | 90% | 80% | 90% | 80% | 100% | 50% |" in text
+
+
+def test_prior_preservation_batches_add_untriggered_base_scenes_after_the_concepts() -> None:
+    """Regularisation scenes (kohya's reg images, DreamBooth's class images) carry no concept and no trigger."""
+    from composer.toyworld.concepts import ConceptTraining, training_batch
+    from composer.toyworld.data import WorldRandom
+
+    concept = CONCEPTS["pixel_art"]
+    setup = ConceptTraining("lokr", rank=4, batch=3, prior_batch=5)
+    batch = training_batch(concept, setup, WorldRandom(0), "cpu")
+    assert batch.images.shape == (8, 3, 64, 64)
+    assert all(
+        scene.style == "pixel" and concept.trigger in text for scene, text in zip(batch.scenes[:3], batch.captions)
+    )
+    prior = list(zip(batch.scenes[3:], batch.captions[3:]))
+    assert all(scene.style != "pixel" and concept.trigger not in text for scene, text in prior)
+
+
+def test_a_concept_trains_with_prior_preservation_and_records_it(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from composer.toyworld.model import WEIGHTS_DIR
+    from composer.toyworld.train import main
+
+    (tmp_path / "toy-sd").symlink_to(WEIGHTS_DIR, target_is_directory=True)
+    args = ["--stages", "concepts", "--concepts", "pixel_art", "--concept-steps", "1", "--concept-batch", "2"]
+    main([str(tmp_path), *args, "--concept-prior-batch", "2", "--concept-prior-weight", "0.5", "--device", "cpu"])
+    with safe_open(str(tmp_path / "concepts" / "pixel_art.safetensors"), "pt") as handle:
+        training = json.loads(handle.metadata()["training"])
+    assert (training["prior_batch"], training["prior_weight"]) == (2, 0.5)
+
+
+def test_prior_preservation_refuses_a_negative_batch_or_weight() -> None:
+    from composer.toyworld.concepts import ConceptTraining, train_concept
+    from fusion.errors import TrainingError
+
+    for setup in (ConceptTraining(prior_batch=-1), ConceptTraining(prior_weight=-0.5)):
+        with pytest.raises(TrainingError, match="prior"):
+            train_concept(None, CONCEPTS["pixel_art"], setup, "cpu")
