@@ -452,8 +452,6 @@ def test_prior_preservation_refuses_a_negative_batch_or_weight() -> None:
 def test_every_pair_of_objects_stays_apart_in_every_style_on_every_background() -> None:
     """Pixelation keeps colour, not detail: two objects that share their colours, or an object coloured like a
     background, would render as the same blocks (a pixel-art ball and a red mushroom on snow did)."""
-    from itertools import combinations
-
     from composer.toyworld.world import BACKGROUNDS, OBJECTS, STYLES, Scene
 
     for seed in (3, 4, 5):
@@ -463,7 +461,7 @@ def test_every_pair_of_objects_stays_apart_in_every_style_on_every_background() 
                 thing: render([Scene(background, "circle", "blue", style=style, object=thing)], layout)
                 for thing in OBJECTS
             }
-            for first, second in combinations(OBJECTS, 2):
+            for first, second in itertools.combinations(OBJECTS, 2):
                 apart = (renders[first] - renders[second]).abs().amax(1) > 0.3
                 assert int(apart.sum()) >= 24, f"{first} and {second}, {style} on {background}"
 
