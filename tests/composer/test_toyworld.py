@@ -473,3 +473,18 @@ def test_a_judge_fine_tunes_from_the_weights_it_is_given() -> None:
     tuned = train_judge(steps=1, batch=2, lr=0.0, init=start, device="cpu")
     assert tuned is not start
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), start.state_dict().values()))
+
+
+def test_the_demo_seeds_benchmark_runs_the_makefiles_demo_prompt(capsys) -> None:
+    import re
+
+    from benchmarks.demo_seeds import DEMO_PROMPT, main
+
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    assert re.search(r"^DEMO_PROMPT := (.*)$", makefile, re.MULTILINE).group(1) == DEMO_PROMPT
+    assert main(["--quick"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    run = result["prompts"][DEMO_PROMPT]
+    assert sorted(run["adapters"]) == ["crown", "zorbex"]
+    assert [row["seed"] for row in run["per_seed"]] == [16, 17]
+    assert run["all_found"] == sum(row["all_found"] for row in run["per_seed"])
