@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt .ci/torchvision_repair.py
 	touch $(STAMP)
 
 DEMO_LIBRARY := examples/toy_library
-DEMO_PROMPT := zorbex wearing a krwn crown on the grass
+DEMO_PROMPT := zorbex wearing a krwn crown in the snow
 
 demo: install
 	$(PY) -m composer.toyworld.library $(DEMO_LIBRARY)

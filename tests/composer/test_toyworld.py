@@ -488,3 +488,6 @@ def test_the_demo_seeds_benchmark_runs_the_makefiles_demo_prompt(capsys) -> None
     assert sorted(run["adapters"]) == ["crown", "zorbex"]
     assert [row["seed"] for row in run["per_seed"]] == [16, 17]
     assert run["all_found"] == sum(row["all_found"] for row in run["per_seed"])
+    assert run["as_captioned"] == sum(row["as_captioned"] for row in run["per_seed"])
+    unasked = {row["seen"]["style"] for row in run["per_seed"] if row["as_captioned"]}
+    assert unasked <= {"none"}, "an image with an unasked style is not as captioned"
