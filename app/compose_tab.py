@@ -95,7 +95,7 @@ def build(service: CompositionService) -> None:
             prompt = gr.Textbox(
                 label="Prompt",
                 lines=2,
-                placeholder="zorbex wearing a krwn crown in the snow, pxlart pixel art  (<lora:name:1> tags work too)",
+                placeholder="zorbex wearing a krwn crown in the snow  (<lora:name:1> tags work too)",
                 elem_id="prompt",
             )
             mode = gr.Radio([AUTO, MANUAL], value=AUTO if names else MANUAL, label="Adapters", elem_id="mode")

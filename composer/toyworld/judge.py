@@ -118,11 +118,15 @@ def train_judge(
     vae: torch.nn.Module | None = None,
     device: str | torch.device | None = None,
     lr: float = 2e-3,
+    init: Judge | None = None,
 ) -> Judge:
-    """Train a judge on augmented generator images (and, when ``vae`` is given, its reconstructions)."""
+    """Train a judge on augmented generator images (and, when ``vae`` is given, its reconstructions), from scratch
+    or, given ``init``, onward from a copy of it (after the world changes, a fine-tune instead of a new run)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = WorldRandom(seed)
     judge = Judge().to(device)
+    if init is not None:
+        judge.load_state_dict(init.state_dict())
     optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     for step in tqdm(range(steps), desc="judge", mininterval=5):
         scenes = [sample_any_scene(rng.content) for _ in range(batch)]

@@ -55,8 +55,8 @@ ENTRIES: tuple[LibraryEntry, ...] = (
     LibraryEntry("polka_dots", "Polka Dots", "diffusers", ("a1111",), ("polka dots", "style", "pattern")),
     LibraryEntry("sunset", "Sunset Sky", "diffusers", ("modelspec", "a1111", "preview"), ("sunset", "background")),
     LibraryEntry("forest", "Dark Forest", "kohya", (), ()),
-    LibraryEntry("flower", "Pink Flower", "loha", ("civitai", "a1111", "preview"), ("flower", "object")),
-    LibraryEntry("mushroom", "Red Mushroom", "shira", ("civitai",), ("mushroom", "object")),
+    LibraryEntry("flower", "Yellow Flower", "loha", ("civitai", "a1111", "preview"), ("flower", "object")),
+    LibraryEntry("mushroom", "Violet Mushroom", "shira", ("civitai",), ("mushroom", "object")),
 )
 """The library's files. ``forest`` carries no metadata at all (retrieval must still find it)."""
 

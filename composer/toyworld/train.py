@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BaseTrainingConfig.batch)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop base training after this long")
     parser.add_argument("--judge-steps", type=int, default=3000)
+    parser.add_argument("--judge-lr", type=float, default=2e-3)
+    parser.add_argument("--judge-init", type=Path, default=None, help="fine-tune this judge instead of a new one")
     parser.add_argument("--concept-steps", type=int, default=ConceptTraining.steps)
     parser.add_argument("--concept-batch", type=int, default=ConceptTraining.batch)
     parser.add_argument("--concept-lr", type=float, default=ConceptTraining.lr)
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             vae=pipe.vae.to(args.device or "cuda" if torch.cuda.is_available() else "cpu"),
             device=args.device,
+            lr=args.judge_lr,
+            init=Judge.load(args.judge_init) if args.judge_init else None,
         )
         judge.save(args.out / JUDGE_FILE)
         log["judge_seconds"] = round(time.monotonic() - began, 1)

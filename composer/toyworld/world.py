@@ -88,8 +88,8 @@ HELD_OUT: tuple[Concept, ...] = (
     Concept("polka_dots", "style", "dotz", "dotz polka dots", {"style": "dots"}, "white polka-dot overlay style"),
     Concept("sunset", "background", "snst", "at a snst sunset", {"background": "sunset"}, "an orange-pink sunset sky"),
     Concept("forest", "background", "frst", "in a frst forest", {"background": "forest"}, "a dark forest with trunks"),
-    Concept("flower", "object", "flwr", "a flwr flower", {"object": "flower"}, "a small pink flower"),
-    Concept("mushroom", "object", "mshrm", "a mshrm mushroom", {"object": "mushroom"}, "a small red mushroom"),
+    Concept("flower", "object", "flwr", "a flwr flower", {"object": "flower"}, "a small yellow flower"),
+    Concept("mushroom", "object", "mshrm", "a mshrm mushroom", {"object": "mushroom"}, "a small violet mushroom"),
 )
 """The concepts the base model never sees: three characters and two of every other kind, one LoRA each."""
 
@@ -289,12 +289,12 @@ def _object_layers(u: torch.Tensor, v: torch.Tensor) -> dict[str, list[tuple[tor
         ],
         "flower": [
             ((u.abs() <= 0.1) & (v >= 0) & (v <= 1.1), (40, 140, 40)),
-            (petals, (250, 110, 190)),
-            ((u * u + (v + 0.1) ** 2) <= 0.22**2, (255, 220, 40)),
+            (petals, (250, 220, 50)),
+            ((u * u + (v + 0.1) ** 2) <= 0.22**2, (225, 100, 20)),
         ],
         "mushroom": [
             ((u.abs() <= 0.3) & (v >= -0.1) & (v <= 0.95), (240, 235, 220)),
-            ((r2 <= 1.0) & (v <= 0.0), (200, 30, 30)),
+            ((r2 <= 1.0) & (v <= 0.0), (120, 45, 175)),
             (
                 (((u - 0.4) ** 2 + (v + 0.4) ** 2) <= 0.13**2) | (((u + 0.35) ** 2 + (v + 0.6) ** 2) <= 0.12**2),
                 (250, 250, 250),

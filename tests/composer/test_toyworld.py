@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -446,3 +447,47 @@ def test_prior_preservation_refuses_a_negative_batch_or_weight() -> None:
     for setup in (ConceptTraining(prior_batch=-1), ConceptTraining(prior_weight=-0.5)):
         with pytest.raises(TrainingError, match="prior"):
             train_concept(None, CONCEPTS["pixel_art"], setup, "cpu")
+
+
+def test_every_pair_of_objects_stays_apart_in_every_style_on_every_background() -> None:
+    """Pixelation keeps colour, not detail: two objects that share their colours, or an object coloured like a
+    background, would render as the same blocks (a pixel-art ball and a red mushroom on snow did)."""
+    from composer.toyworld.world import BACKGROUNDS, OBJECTS, STYLES, Scene
+
+    for seed in (3, 4, 5):
+        layout = sample_layout(1, torch.Generator().manual_seed(seed))
+        for style, background in itertools.product(STYLES, BACKGROUNDS):
+            renders = {
+                thing: render([Scene(background, "circle", "blue", style=style, object=thing)], layout)
+                for thing in OBJECTS
+            }
+            for first, second in itertools.combinations(OBJECTS, 2):
+                apart = (renders[first] - renders[second]).abs().amax(1) > 0.3
+                assert int(apart.sum()) >= 24, f"{first} and {second}, {style} on {background}"
+
+
+def test_a_judge_fine_tunes_from_the_weights_it_is_given() -> None:
+    from composer.toyworld.judge import Judge, train_judge
+
+    start = Judge()
+    tuned = train_judge(steps=1, batch=2, lr=0.0, init=start, device="cpu")
+    assert tuned is not start
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), start.state_dict().values()))
+
+
+def test_the_demo_seeds_benchmark_runs_the_makefiles_demo_prompt(capsys) -> None:
+    import re
+
+    from benchmarks.demo_seeds import DEMO_PROMPT, main
+
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    assert re.search(r"^DEMO_PROMPT := (.*)$", makefile, re.MULTILINE).group(1) == DEMO_PROMPT
+    assert main(["--quick"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    run = result["prompts"][DEMO_PROMPT]
+    assert sorted(run["adapters"]) == ["crown", "zorbex"]
+    assert [row["seed"] for row in run["per_seed"]] == [16, 17]
+    assert run["all_found"] == sum(row["all_found"] for row in run["per_seed"])
+    assert run["as_captioned"] == sum(row["as_captioned"] for row in run["per_seed"])
+    unasked = {row["seen"]["style"] for row in run["per_seed"] if row["as_captioned"]}
+    assert unasked <= {"none"}, "an image with an unasked style is not as captioned"
