@@ -15,6 +15,11 @@ from fusion.adapters import LowRank
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def cpu_hardware(threads: int) -> str:
+    """The ``hardware`` line of a CPU benchmark's JSON: how many torch threads it ran on."""
+    return f"CPU, {threads} torch thread{'s' if threads > 1 else ''}"
+
+
 def random_lora(denoiser: nn.Module, seed: int, rank: int, scale: float = 0.01) -> dict[str, LowRank]:
     """A rank-``rank`` LoRA with seeded random factors on every attention projection (``Adapter.layers`` form)."""
     generator = torch.Generator().manual_seed(seed)

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from benchmarks._common import cpu_hardware
+
 METHODS = ("merge", "switch", "composite", "cmlora", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
 WEIGHT = 0.8
@@ -525,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = result["compositions"].pop("_samples")
     result["adapters"] = names
     result["seconds"] = round(time.perf_counter() - started, 1)
-    result["hardware"] = f"CPU, {args.threads} torch thread{'s' if args.threads > 1 else ''}"
+    result["hardware"] = cpu_hardware(args.threads)
     if "gated" in methods:
         here = Path.cwd().resolve()
         result["gates"] = str(gates.resolve().relative_to(here) if gates.resolve().is_relative_to(here) else gates)

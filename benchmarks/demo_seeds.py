@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from benchmarks._common import cpu_hardware
     from composer.facade import Composer
     from composer.toyworld.library import build_toy_library
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "first_seed": seeds.start,
         "prompts": prompts,
         "seconds": round(time.perf_counter() - started, 1),
-        "hardware": f"CPU, {args.threads} torch thread{'s' if args.threads > 1 else ''}",
+        "hardware": cpu_hardware(args.threads),
     }
     json.dump(result, sys.stdout, indent=1)
     sys.stdout.write("\n")

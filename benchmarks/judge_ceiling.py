@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._common import cpu_hardware
 from benchmarks.composition_quality import ALONE_SEED, alone_scenes, others_kept
 
 SETS = ((ALONE_SEED, 32), (2026, 32), (4242, 64))
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
-    result["hardware"] = f"CPU, {args.threads} torch thread{'s' if args.threads > 1 else ''}"
+    result["hardware"] = cpu_hardware(args.threads)
     if args.docs is not None and not args.quick:
         write_docs(result, args.docs)
     json.dump(result, sys.stdout, indent=1)
