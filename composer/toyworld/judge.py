@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from composer.toyworld.data import WorldRandom
 from composer.toyworld.world import ATTRIBUTES, VOCABULARY, Scene, render, sample_layout
+from fusion.errors import TrainingError
 
 JUDGE_FILE = "judge.safetensors"
 
@@ -119,9 +120,15 @@ def train_judge(
     device: str | torch.device | None = None,
     lr: float = 2e-3,
     init: Judge | None = None,
+    decoded_every: int = 3,
 ) -> Judge:
-    """Train a judge on augmented generator images (and, when ``vae`` is given, its reconstructions), from scratch
-    or, given ``init``, onward from a copy of it (after the world changes, a fine-tune instead of a new run)."""
+    """Train a judge on augmented generator images (and, when ``vae`` is given, its reconstructions on every
+    ``decoded_every``-th step: generated images are decoded latents), from scratch or, given ``init``, onward from
+    a copy of it (after the world changes, a fine-tune instead of a new run)."""
+    if decoded_every < 1:
+        raise TrainingError(
+            f"decoded_every {decoded_every} must be at least 1", hint="3 trains on a round trip every third step"
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = WorldRandom(seed)
     judge = Judge().to(device)
@@ -131,7 +138,7 @@ def train_judge(
     for step in tqdm(range(steps), desc="judge", mininterval=5):
         scenes = [sample_any_scene(rng.content) for _ in range(batch)]
         images = render(scenes, sample_layout(batch, rng.layout), device)
-        if vae is not None and step % 3 == 0:
+        if vae is not None and step % decoded_every == 0:
             with torch.no_grad():
                 latents = vae.encode(images * 2 - 1).latent_dist.sample()
                 images = (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge-steps", type=int, default=3000)
     parser.add_argument("--judge-lr", type=float, default=2e-3)
     parser.add_argument("--judge-init", type=Path, default=None, help="fine-tune this judge instead of a new one")
+    parser.add_argument(
+        "--judge-decoded-every", type=int, default=3, help="train on an autoencoder round trip every Nth step"
+    )
     parser.add_argument("--concept-steps", type=int, default=ConceptTraining.steps)
     parser.add_argument("--concept-batch", type=int, default=ConceptTraining.batch)
     parser.add_argument("--concept-lr", type=float, default=ConceptTraining.lr)
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             lr=args.judge_lr,
             init=Judge.load(args.judge_init) if args.judge_init else None,
+            decoded_every=args.judge_decoded_every,
         )
         judge.save(args.out / JUDGE_FILE)
         log["judge_seconds"] = round(time.monotonic() - began, 1)

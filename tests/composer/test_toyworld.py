@@ -491,3 +491,33 @@ def test_the_demo_seeds_benchmark_runs_the_makefiles_demo_prompt(capsys) -> None
     assert run["as_captioned"] == sum(row["as_captioned"] for row in run["per_seed"])
     unasked = {row["seen"]["style"] for row in run["per_seed"] if row["as_captioned"]}
     assert unasked <= {"none"}, "an image with an unasked style is not as captioned"
+
+
+def test_a_judge_trains_on_autoencoder_round_trips_as_often_as_asked() -> None:
+    from types import SimpleNamespace
+
+    from composer.toyworld.judge import train_judge
+
+    class CountingAutoencoder:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def encode(self, images: torch.Tensor) -> SimpleNamespace:
+            self.calls += 1
+            return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda: images))
+
+        def decode(self, latents: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(sample=latents)
+
+    for every, expected in ((3, 2), (2, 2), (1, 4)):
+        vae = CountingAutoencoder()
+        train_judge(steps=4, batch=2, lr=0.0, vae=vae, decoded_every=every, device="cpu")
+        assert vae.calls == expected, every
+
+
+def test_a_judge_refuses_a_round_trip_period_below_one() -> None:
+    from composer.toyworld.judge import train_judge
+    from fusion.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="decoded_every"):
+        train_judge(steps=1, batch=2, decoded_every=0, device="cpu")
