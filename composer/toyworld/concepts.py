@@ -57,6 +57,9 @@ class ConceptTraining:
     seed: int = 0
     prior_batch: int = 0
     prior_weight: float = 1.0
+    optional: float = 0.5
+    """How often each training scene carries clothing, a style and an object (each on its own): the world's rate by
+    default; higher shows the concept more often beside them, as a dataset's repeats would."""
 
 
 def training_batch(
@@ -64,7 +67,7 @@ def training_batch(
 ) -> WorldBatch:
     """One step's scenes: ``setup.batch`` with the concept applied and its trigger in the caption, then
     ``setup.prior_batch`` regularisation scenes of the base vocabulary without either."""
-    batch = draw_batch(setup.batch, rng, device, concepts=(concept,))
+    batch = draw_batch(setup.batch, rng, device, concepts=(concept,), optional=setup.optional)
     if setup.prior_batch == 0:
         return batch
     prior = draw_batch(setup.prior_batch, rng, device)
@@ -102,6 +105,11 @@ def train_concept(
         raise TrainingError(
             f"prior_batch {setup.prior_batch} and prior_weight {setup.prior_weight} must not be negative",
             hint="prior_batch 0 trains without prior preservation",
+        )
+    if not 0 <= setup.optional <= 1:
+        raise TrainingError(
+            f"optional {setup.optional} is not a rate between 0 and 1",
+            hint="0.5, the world's own rate, is the default",
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = WorldRandom(setup.seed + zlib.crc32(concept.name.encode()))

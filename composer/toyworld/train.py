@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         help="regularisation scenes per step, without the concept or its trigger (prior preservation)",
     )
     parser.add_argument("--concept-prior-weight", type=float, default=ConceptTraining.prior_weight)
+    parser.add_argument(
+        "--concept-optional",
+        type=float,
+        default=ConceptTraining.optional,
+        help="how often each training scene carries clothing, a style and an object (0-1)",
+    )
     parser.add_argument("--concepts", default=",".join(CONCEPT_PLAN))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lr": args.concept_lr,
                 "prior_batch": args.concept_prior_batch,
                 "prior_weight": args.concept_prior_weight,
+                "optional": args.concept_optional,
                 "seed": args.seed,
             }
             setup = ConceptTraining(**{**asdict(setup), **overrides})

@@ -521,3 +521,35 @@ def test_a_judge_refuses_a_round_trip_period_below_one() -> None:
 
     with pytest.raises(TrainingError, match="decoded_every"):
         train_judge(steps=1, batch=2, decoded_every=0, device="cpu")
+
+
+def test_concept_scenes_carry_clothing_style_and_object_as_often_as_asked(tmp_path: Path) -> None:
+    """``optional`` is the rate at which each training scene carries clothing, a style and an object (the world's
+    own 0.5 by default), recorded in the file's header when set from the command line."""
+    from safetensors import safe_open
+
+    from composer.toyworld.concepts import ConceptTraining, training_batch
+    from composer.toyworld.data import WorldRandom
+    from composer.toyworld.model import WEIGHTS_DIR
+    from composer.toyworld.train import main
+
+    assert ConceptTraining().optional == 0.5
+    concept = CONCEPTS["kiboko"]
+    always = training_batch(concept, ConceptTraining(batch=16, optional=1.0), WorldRandom(0), "cpu")
+    assert all("none" not in (s.clothing, s.style, s.object) for s in always.scenes)
+    never = training_batch(concept, ConceptTraining(batch=16, optional=0.0), WorldRandom(0), "cpu")
+    assert all((s.clothing, s.style, s.object) == ("none", "none", "none") for s in never.scenes)
+    (tmp_path / "toy-sd").symlink_to(WEIGHTS_DIR, target_is_directory=True)
+    args = ["--stages", "concepts", "--concepts", "kiboko", "--concept-steps", "1", "--concept-batch", "2"]
+    main([str(tmp_path), *args, "--concept-optional", "0.75", "--device", "cpu"])
+    with safe_open(str(tmp_path / "concepts" / "kiboko.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["training"])["optional"] == 0.75
+
+
+def test_concept_training_refuses_an_optional_rate_outside_zero_to_one() -> None:
+    from composer.toyworld.concepts import ConceptTraining, train_concept
+    from fusion.errors import TrainingError
+
+    for rate in (-0.1, 1.5):
+        with pytest.raises(TrainingError, match="optional"):
+            train_concept(None, CONCEPTS["kiboko"], ConceptTraining(optional=rate), "cpu")
