@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from composer.toyworld.data import WorldRandom
-from composer.toyworld.world import ATTRIBUTES, VOCABULARY, Scene, render, sample_layout
+from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, COLOURS, VOCABULARY, Scene, render, sample_layout
 from fusion.errors import TrainingError
 
 JUDGE_FILE = "judge.safetensors"
@@ -112,6 +113,22 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
+def drifted_fills(scenes: list[Scene], drift: float, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """Each scene's character fill moved from its named colour towards another, picked at random, by a fraction
+    drawn up to ``drift``, as (B, 3) in [0, 1], with the name of the named colour nearest to each fill (RGB).
+
+    Models draw in-between fills (an orange cross drifting amber); trained on these, the judge reads such a fill as
+    the colour it is nearest to, instead of wherever its training happened to put the boundary between two colours.
+    """
+    table = torch.tensor([COLOURS[name] for name in COLOUR_NAMES], dtype=torch.float32)
+    own = torch.tensor([COLOUR_NAMES.index(scene.colour) for scene in scenes])
+    other = (own + torch.randint(1, len(COLOUR_NAMES), (len(scenes),), generator=generator)) % len(COLOUR_NAMES)
+    fraction = torch.rand(len(scenes), 1, generator=generator) * drift
+    fills = table[own] + (table[other] - table[own]) * fraction
+    nearest = torch.cdist(fills, table).argmin(1)
+    return fills / 255, [COLOUR_NAMES[int(i)] for i in nearest]
+
+
 def train_judge(
     steps: int = 3000,
     batch: int = 128,
@@ -121,13 +138,19 @@ def train_judge(
     lr: float = 2e-3,
     init: Judge | None = None,
     decoded_every: int = 3,
+    colour_drift: float = 0.0,
 ) -> Judge:
     """Train a judge on augmented generator images (and, when ``vae`` is given, its reconstructions on every
     ``decoded_every``-th step: generated images are decoded latents), from scratch or, given ``init``, onward from
-    a copy of it (after the world changes, a fine-tune instead of a new run)."""
+    a copy of it (after the world changes, a fine-tune instead of a new run). ``colour_drift`` > 0 paints the
+    characters with :func:`drifted_fills` and labels them with the nearest named colour."""
     if decoded_every < 1:
         raise TrainingError(
             f"decoded_every {decoded_every} must be at least 1", hint="3 trains on a round trip every third step"
+        )
+    if not 0 <= colour_drift < 1:
+        raise TrainingError(
+            f"colour_drift {colour_drift} must be in [0, 1)", hint="0 paints every character in its named colour"
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = WorldRandom(seed)
@@ -137,7 +160,12 @@ def train_judge(
     optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     for step in tqdm(range(steps), desc="judge", mininterval=5):
         scenes = [sample_any_scene(rng.content) for _ in range(batch)]
-        images = render(scenes, sample_layout(batch, rng.layout), device)
+        layout = sample_layout(batch, rng.layout)
+        fills = None
+        if colour_drift:
+            fills, colours = drifted_fills(scenes, colour_drift, rng.layout)
+            scenes = [replace(scene, colour=colour) for scene, colour in zip(scenes, colours)]
+        images = render(scenes, layout, device, fills=fills)
         if vae is not None and step % decoded_every == 0:
             with torch.no_grad():
                 latents = vae.encode(images * 2 - 1).latent_dist.sample()

@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--judge-decoded-every", type=int, default=3, help="train on an autoencoder round trip every Nth step"
     )
+    parser.add_argument(
+        "--judge-colour-drift",
+        type=float,
+        default=0.0,
+        help="move each character's fill up to this fraction towards another colour, labelled with the nearest",
+    )
     parser.add_argument("--concept-steps", type=int, default=ConceptTraining.steps)
     parser.add_argument("--concept-batch", type=int, default=ConceptTraining.batch)
     parser.add_argument("--concept-lr", type=float, default=ConceptTraining.lr)
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.judge_lr,
             init=Judge.load(args.judge_init) if args.judge_init else None,
             decoded_every=args.judge_decoded_every,
+            colour_drift=args.judge_colour_drift,
         )
         judge.save(args.out / JUDGE_FILE)
         log["judge_seconds"] = round(time.monotonic() - began, 1)

@@ -345,8 +345,11 @@ def _select(options: dict[str, torch.Tensor], chosen: torch.Tensor, vocabulary: 
     return out
 
 
-def render(scenes: list[Scene], layout: Layout, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Draw the scenes: a float tensor (B, 3, 64, 64) in [0, 1]. Deterministic given scenes and layout."""
+def render(
+    scenes: list[Scene], layout: Layout, device: torch.device | str = "cpu", fills: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Draw the scenes: a float tensor (B, 3, 64, 64) in [0, 1]. Deterministic given scenes and layout.
+    ``fills`` (B, 3) in [0, 1], when given, paints each character instead of its named colour."""
     device = torch.device(device)
     batch = len(scenes)
     x, y = _grid(batch, device)
@@ -362,7 +365,10 @@ def render(scenes: list[Scene], layout: Layout, device: torch.device | str = "cp
         _index([s.shape for s in scenes], SHAPES, device),
         SHAPES,
     )
-    colours = torch.stack([_colour(COLOURS[s.colour], device) for s in scenes])
+    if fills is None:
+        colours = torch.stack([_colour(COLOURS[s.colour], device) for s in scenes])
+    else:
+        colours = fills.to(device=device, dtype=torch.float32).view(batch, 3, 1, 1)
     image = torch.where(body, colours, image)
     eyes = ((u - 0.32) ** 2 + (v + 0.2) ** 2 <= 0.13**2) | ((u + 0.32) ** 2 + (v + 0.2) ** 2 <= 0.13**2)
     image = torch.where(eyes[:, None] & body, _colour((15, 15, 15), device), image)

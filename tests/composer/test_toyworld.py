@@ -553,3 +553,41 @@ def test_concept_training_refuses_an_optional_rate_outside_zero_to_one() -> None
     for rate in (-0.1, 1.5):
         with pytest.raises(TrainingError, match="optional"):
             train_concept(None, CONCEPTS["kiboko"], ConceptTraining(optional=rate), "cpu")
+
+
+def test_render_paints_the_character_with_the_fill_it_is_given() -> None:
+    scenes = [sample_scene(random.Random(i)) for i in range(3)]
+    layout = sample_layout(3, torch.Generator().manual_seed(0))
+    fills = torch.tensor([[0.5, 0.25, 0.75], [0.1, 0.9, 0.3], [1.0, 1.0, 0.0]])
+    plain = render(scenes, layout)
+    painted = render(scenes, layout, fills=fills)
+    changed = (plain - painted).abs().sum(1) > 0
+    assert changed.any(1).any(1).all()
+    for image, fill, mask in zip(painted, fills, changed):
+        centre = image[:, mask].mean(1)
+        assert torch.allclose(centre, fill, atol=0.2), (centre, fill)
+
+
+def test_drifted_fills_are_labelled_with_the_nearest_named_colour() -> None:
+    """A fill part-way from one named colour to another is that scene's colour only while it is the nearest."""
+    from composer.toyworld.judge import drifted_fills
+    from composer.toyworld.world import COLOURS
+
+    scenes = [sample_scene(random.Random(i)) for i in range(200)]
+    same, labels = drifted_fills(scenes, 0.0, torch.Generator().manual_seed(0))
+    assert labels == [s.colour for s in scenes]
+    assert torch.allclose(same * 255, torch.tensor([COLOURS[s.colour] for s in scenes], dtype=torch.float32))
+    fills, labels = drifted_fills(scenes, 0.6, torch.Generator().manual_seed(0))
+    table = {name: torch.tensor(rgb, dtype=torch.float32) for name, rgb in COLOURS.items()}
+    for fill, label in zip(fills * 255, labels):
+        assert label == min(table, key=lambda name: float((table[name] - fill).norm()))
+    assert labels != [s.colour for s in scenes], "a drift past a midpoint relabels"
+
+
+def test_a_judge_refuses_a_colour_drift_outside_zero_to_one() -> None:
+    from composer.toyworld.judge import train_judge
+    from fusion.errors import TrainingError
+
+    for drift in (-0.1, 1.5):
+        with pytest.raises(TrainingError, match="colour_drift"):
+            train_judge(steps=1, batch=2, colour_drift=drift, device="cpu")
