@@ -114,15 +114,21 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def drifted_fills(scenes: list[Scene], drift: float, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """Each scene's character fill moved from its named colour towards another, picked at random, by a fraction
-    drawn up to ``drift``, as (B, 3) in [0, 1], with the name of the named colour nearest to each fill (RGB).
+    """Each scene's character fill moved from its named colour towards one of the two named colours nearest to it
+    (RGB), picked at random, by a fraction drawn up to ``drift``, as (B, 3) in [0, 1], with the name of the named
+    colour nearest to each fill.
 
     Models draw in-between fills (an orange cross drifting amber); trained on these, the judge reads such a fill as
     the colour it is nearest to, instead of wherever its training happened to put the boundary between two colours.
+    Only neighbours are targets: a fill on the way to a far colour passes near others, which is not how models err.
     """
     table = torch.tensor([COLOURS[name] for name in COLOUR_NAMES], dtype=torch.float32)
+    distances = torch.cdist(table, table)
+    distances.fill_diagonal_(float("inf"))
+    neighbours = distances.topk(2, largest=False).indices
     own = torch.tensor([COLOUR_NAMES.index(scene.colour) for scene in scenes])
-    other = (own + torch.randint(1, len(COLOUR_NAMES), (len(scenes),), generator=generator)) % len(COLOUR_NAMES)
+    pick = torch.randint(0, 2, (len(scenes),), generator=generator)
+    other = neighbours[own, pick]
     fraction = torch.rand(len(scenes), 1, generator=generator) * drift
     fills = table[own] + (table[other] - table[own]) * fraction
     nearest = torch.cdist(fills, table).argmin(1)

@@ -569,7 +569,8 @@ def test_render_paints_the_character_with_the_fill_it_is_given() -> None:
 
 
 def test_drifted_fills_are_labelled_with_the_nearest_named_colour() -> None:
-    """A fill part-way from one named colour to another is that scene's colour only while it is the nearest."""
+    """A fill part-way from one named colour to one of its two nearest is that scene's colour only while it is the
+    nearest."""
     from composer.toyworld.judge import drifted_fills
     from composer.toyworld.world import COLOURS
 
@@ -582,6 +583,18 @@ def test_drifted_fills_are_labelled_with_the_nearest_named_colour() -> None:
     for fill, label in zip(fills * 255, labels):
         assert label == min(table, key=lambda name: float((table[name] - fill).norm()))
     assert labels != [s.colour for s in scenes], "a drift past a midpoint relabels"
+    neighbours = {
+        name: sorted((n for n in table if n != name), key=lambda n: float((table[n] - table[name]).norm()))[:2]
+        for name in table
+    }
+    for fill, scene in zip(fills * 255, scenes):
+        own = table[scene.colour]
+        towards = [
+            n
+            for n in neighbours[scene.colour]
+            if torch.allclose(torch.cross(fill - own, table[n] - own, dim=0), torch.zeros(3), atol=1e-1)
+        ]
+        assert towards, f"{scene.colour} drifted towards none of its two nearest colours {neighbours[scene.colour]}"
 
 
 def test_a_judge_refuses_a_colour_drift_outside_zero_to_one() -> None:
