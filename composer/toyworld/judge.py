@@ -113,10 +113,12 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-def drifted_fills(scenes: list[Scene], drift: float, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """Each scene's character fill moved from its named colour towards one of the two named colours nearest to it
-    (RGB), picked at random, by a fraction drawn up to ``drift``, as (B, 3) in [0, 1], with the name of the named
-    colour nearest to each fill.
+def drifted_fills(
+    scenes: list[Scene], drift: float, generator: torch.Generator, share: float = 1.0
+) -> tuple[torch.Tensor, list[str]]:
+    """A ``share`` of the scenes (each drawn at random) with the character fill moved from its named colour towards
+    one of the two named colours nearest to it (RGB), picked at random, by a fraction drawn up to ``drift``; the rest
+    keep their named colour. As (B, 3) in [0, 1], with the name of the named colour nearest to each fill.
 
     Models draw in-between fills (an orange cross drifting amber); trained on these, the judge reads such a fill as
     the colour it is nearest to, instead of wherever its training happened to put the boundary between two colours.
@@ -130,6 +132,8 @@ def drifted_fills(scenes: list[Scene], drift: float, generator: torch.Generator)
     pick = torch.randint(0, 2, (len(scenes),), generator=generator)
     other = neighbours[own, pick]
     fraction = torch.rand(len(scenes), 1, generator=generator) * drift
+    if share < 1:
+        fraction = fraction * (torch.rand(len(scenes), 1, generator=generator) < share)
     fills = table[own] + (table[other] - table[own]) * fraction
     nearest = torch.cdist(fills, table).argmin(1)
     return fills / 255, [COLOUR_NAMES[int(i)] for i in nearest]
@@ -145,11 +149,13 @@ def train_judge(
     init: Judge | None = None,
     decoded_every: int = 3,
     colour_drift: float = 0.0,
+    colour_drift_share: float = 1.0,
 ) -> Judge:
     """Train a judge on augmented generator images (and, when ``vae`` is given, its reconstructions on every
     ``decoded_every``-th step: generated images are decoded latents), from scratch or, given ``init``, onward from
     a copy of it (after the world changes, a fine-tune instead of a new run). ``colour_drift`` > 0 paints the
-    characters with :func:`drifted_fills` and labels them with the nearest named colour."""
+    characters (a ``colour_drift_share`` of them) with :func:`drifted_fills` and labels them with the nearest named
+    colour."""
     if decoded_every < 1:
         raise TrainingError(
             f"decoded_every {decoded_every} must be at least 1", hint="3 trains on a round trip every third step"
@@ -157,6 +163,10 @@ def train_judge(
     if not 0 <= colour_drift < 1:
         raise TrainingError(
             f"colour_drift {colour_drift} must be in [0, 1)", hint="0 paints every character in its named colour"
+        )
+    if not 0 < colour_drift_share <= 1:
+        raise TrainingError(
+            f"colour_drift_share {colour_drift_share} must be in (0, 1]", hint="1 drifts every character's fill"
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = WorldRandom(seed)
@@ -169,7 +179,7 @@ def train_judge(
         layout = sample_layout(batch, rng.layout)
         fills = None
         if colour_drift:
-            fills, colours = drifted_fills(scenes, colour_drift, rng.layout)
+            fills, colours = drifted_fills(scenes, colour_drift, rng.layout, colour_drift_share)
             scenes = [replace(scene, colour=colour) for scene, colour in zip(scenes, colours)]
         images = render(scenes, layout, device, fills=fills)
         if vae is not None and step % decoded_every == 0:

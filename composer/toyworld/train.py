@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="move each character's fill up to this fraction towards another colour, labelled with the nearest",
     )
+    parser.add_argument(
+        "--judge-colour-drift-share",
+        type=float,
+        default=1.0,
+        help="the share of characters whose fill drifts (the rest keep their named colour)",
+    )
     parser.add_argument("--concept-steps", type=int, default=ConceptTraining.steps)
     parser.add_argument("--concept-batch", type=int, default=ConceptTraining.batch)
     parser.add_argument("--concept-lr", type=float, default=ConceptTraining.lr)
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             init=Judge.load(args.judge_init) if args.judge_init else None,
             decoded_every=args.judge_decoded_every,
             colour_drift=args.judge_colour_drift,
+            colour_drift_share=args.judge_colour_drift_share,
         )
         judge.save(args.out / JUDGE_FILE)
         log["judge_seconds"] = round(time.monotonic() - began, 1)

@@ -597,6 +597,18 @@ def test_drifted_fills_are_labelled_with_the_nearest_named_colour() -> None:
         assert towards, f"{scene.colour} drifted towards none of its two nearest colours {neighbours[scene.colour]}"
 
 
+def test_a_colour_drift_share_keeps_the_rest_of_the_fills_named() -> None:
+    """With a share below 1 about that share of the fills drift; the others are exactly their named colour."""
+    from composer.toyworld.judge import drifted_fills
+    from composer.toyworld.world import COLOURS
+
+    scenes = [sample_scene(random.Random(i)) for i in range(400)]
+    fills, _ = drifted_fills(scenes, 0.5, torch.Generator().manual_seed(0), share=0.25)
+    named = torch.tensor([COLOURS[s.colour] for s in scenes], dtype=torch.float32)
+    drifted = ((fills * 255 - named).abs().amax(1) > 1e-3).float().mean()
+    assert 0.18 < drifted < 0.32, drifted
+
+
 def test_a_judge_refuses_a_colour_drift_outside_zero_to_one() -> None:
     from composer.toyworld.judge import train_judge
     from fusion.errors import TrainingError
@@ -604,3 +616,6 @@ def test_a_judge_refuses_a_colour_drift_outside_zero_to_one() -> None:
     for drift in (-0.1, 1.5):
         with pytest.raises(TrainingError, match="colour_drift"):
             train_judge(steps=1, batch=2, colour_drift=drift, device="cpu")
+    for share in (0.0, 1.5):
+        with pytest.raises(TrainingError, match="colour_drift_share"):
+            train_judge(steps=1, batch=2, colour_drift=0.5, colour_drift_share=share, device="cpu")
