@@ -54,7 +54,10 @@ bench: install
 # docs: two lanes of one torch thread each (each its own library folder); their runs took 7,721 s and 7,155 s when
 # last made (eighteenth session, docs/benchmarks.md).
 # Rerun it whole after any library file or the gates change; docs/benchmarks.md says what each table measured.
-QUALITY = $(PY) -m benchmarks.composition_quality --sets 5 --seeds 3 --every-set-k 2 --steps 20 --threads 1 --docs docs
+# Drawn images are kept in .cache/bench/images under a fingerprint of the code and weights that drew them, so a rerun
+# after a change to the judge alone re-reads them and only judges (minutes, not hours).
+QUALITY = $(PY) -m benchmarks.composition_quality --sets 5 --seeds 3 --every-set-k 2 --steps 20 --threads 1 --docs docs \
+	--image-cache .cache/bench/images
 LANE_A = $(QUALITY) --library .cache/bench/lane_a
 LANE_B = $(QUALITY) --library .cache/bench/lane_b
 

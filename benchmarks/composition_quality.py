@@ -25,6 +25,10 @@ same with the LoRA-alone columns of ``--alone-branches`` kept (no base-model or 
 ``--alone-only`` keeps those columns alone (no compositions). The LoRA-alone scenes are drawn with seed 7
 (``--alone-seed`` draws another held-out set).
 
+``--image-cache DIR`` keeps every drawn image under a fingerprint of the code and weights that draw it (the judge's
+left out) and re-reads it on a later run with the same recipe, so a rerun after a judge-only change judges without
+drawing (``make quality`` uses it); the docs then say how many images were re-read.
+
 ``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
 ``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k`` (the
 protocol's own rule, affordable on a CPU for k=2), and writes docs/composition_quality.md and an image grid.
@@ -38,12 +42,14 @@ import json
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks._common import cpu_hardware
+from benchmarks._image_cache import ImageCache, drawing_fingerprint
 
 METHODS = ("merge", "switch", "composite", "cmlora", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
@@ -68,6 +74,10 @@ SHARES = {
 recommended weight on a LoRA's card): the better of 0.5 and 0.25 for it alone on the tuning scenes (seeds 99 and
 123; 0.5 where they tie or 0.25 was not measured on both). Backgrounds stay on both branches, as under ``mixed``: at
 0.5 they lost the scene's other attributes."""
+GUIDANCE = 3.0
+"""CFG scale of every image (toy-sd's default)."""
+REPOSITORY = Path(__file__).resolve().parents[1]
+"""The checkout whose packages draw the images (what the image cache's fingerprint covers)."""
 ALONE_SEED = 7
 """The LoRA-alone scene seed the benchmark uses by default (held out from every choice of files, gates and rules)."""
 COND_NOTE = (
@@ -145,22 +155,22 @@ def chosen_sets(every: list[tuple[str, ...]], count: int | None, picker: random.
 
 
 def _sample(pipe: Any, prompts: str | list[str], seed: int, steps: int) -> torch.Tensor:
-    """Images (B, 3, 64, 64) in [0, 1] for the prompts, at CFG 3 (toy-sd's default), from one seeded generator."""
+    """Images (B, 3, 64, 64) in [0, 1] for the prompts, at CFG :data:`GUIDANCE`, from one seeded generator."""
     with torch.inference_mode():
         return pipe(
             prompts,
             num_inference_steps=steps,
-            guidance_scale=3.0,
+            guidance_scale=GUIDANCE,
             output_type="pt",
             generator=torch.Generator().manual_seed(seed),
         ).images
 
 
-def _generate(pipe: Any, prompt: str, seed: int, steps: int) -> tuple[torch.Tensor, float]:
-    """One image and the seconds it took."""
-    started = time.perf_counter()
-    images = _sample(pipe, prompt, seed, steps)
-    return images, time.perf_counter() - started
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (the gates in an image's recipe)."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _prompt(combo: tuple[str, ...], seed: int) -> str:
@@ -184,17 +194,21 @@ def run_compositions(
     gates: Path | None = None,
     every_set_k: tuple[int, ...] = (),
     branches: tuple[str, ...] = ("both",),
+    cache: ImageCache | None = None,
 ) -> dict[str, Any]:
     """For each k and method (on each of ``branches``, see :func:`variant`): element presence, all-elements success,
     win/tie/lose vs merge, seconds per image.
 
     Each k composes ``sets_per_k`` sets drawn with one seeded picker, or all of them for the k in ``every_set_k``.
     ``gated`` composes with the trained ``gates`` checkpoint (learned mode), read once and passed to every
-    ``set_composition`` (a name or path there would be read again for each image)."""
+    ``set_composition`` (a name or path there would be read again for each image). Images come through ``cache``
+    (none: every one drawn)."""
     from composer.toyworld.verdict import judge_images
     from composer.training.gates import load_gates
 
     bank = load_gates(gates) if gates is not None and "gated" in methods else None
+    cache = cache or ImageCache(None, "")
+    gates_digest = _file_digest(gates) if bank is not None else None
 
     table: dict[str, Any] = {}
     picker = random.Random(0)
@@ -211,10 +225,20 @@ def run_compositions(
             for combo, seed in trials:
                 prompt = _prompt(combo, seed)
                 options = {"gates": bank} if method == "gated" else {}
-                pipe.set_composition(
-                    dict.fromkeys(combo, weight), method=method, branches=branch_choice(branch, combo), **options
-                )
-                image, per_image = _generate(pipe, prompt, seed, steps)
+                choice = branch_choice(branch, combo)
+                pipe.set_composition(dict.fromkeys(combo, weight), method=method, branches=choice, **options)
+                recipe = {
+                    "draw": "composition",
+                    "weights": dict.fromkeys(combo, weight),
+                    "method": method,
+                    "branches": choice,
+                    "gates": gates_digest if method == "gated" else None,
+                    "prompt": prompt,
+                    "seed": seed,
+                    "steps": steps,
+                    "guidance": GUIDANCE,
+                }
+                image, per_image = cache.draw(recipe, partial(_sample, pipe, prompt, seed, steps))
                 pipe.clear_composition()
                 verdict = judge_images(image, [prompt], [list(combo)])[0]
                 samples.setdefault(f"k={k}: {prompt}", {}).setdefault(label, image[0])
@@ -266,18 +290,32 @@ def run_alone(
     weight: float = WEIGHT,
     branches: str = "both",
     scene_seed: int = ALONE_SEED,
+    cache: ImageCache | None = None,
 ) -> dict[str, Any]:
     """Each LoRA alone at ``weight`` (on the branch setting ``branches``, ``mixed`` as in compositions) on base
-    scenes drawn with ``scene_seed``: its concept present, and the prompt's other attributes kept."""
+    scenes drawn with ``scene_seed``: its concept present, and the prompt's other attributes kept. Images come
+    through ``cache`` (none: every one drawn)."""
     from composer.toyworld.verdict import judge_images
     from composer.toyworld.world import CONCEPTS
 
+    cache = cache or ImageCache(None, "")
     rows = {}
     for name in names:
         concept = CONCEPTS[name]
         scenes, prompts = alone_scenes(name, images, scene_seed)
-        pipe.set_composition({name: weight}, method="merge", branches=branch_choice(branches, (name,)))
-        out = _sample(pipe, prompts, 0, steps)
+        choice = branch_choice(branches, (name,))
+        pipe.set_composition({name: weight}, method="merge", branches=choice)
+        recipe = {
+            "draw": "alone",
+            "weights": {name: weight},
+            "method": "merge",
+            "branches": choice,
+            "prompts": prompts,
+            "seed": 0,
+            "steps": steps,
+            "guidance": GUIDANCE,
+        }
+        out, _ = cache.draw(recipe, partial(_sample, pipe, prompts, 0, steps))
         pipe.clear_composition()
         verdicts = judge_images(out, prompts, [[name]] * images)
         kept = [others_kept(v.seen, s, concept) for v, s in zip(verdicts, scenes)]
@@ -288,15 +326,17 @@ def run_alone(
     return rows
 
 
-def run_base(pipe: Any, images: int, steps: int) -> dict[str, float]:
-    """The base model alone on base-vocabulary captions: every attribute of the scene right (judge)."""
+def run_base(pipe: Any, images: int, steps: int, cache: ImageCache | None = None) -> dict[str, float]:
+    """The base model alone on base-vocabulary captions: every attribute of the scene right (judge). Images come
+    through ``cache`` (none: every one drawn)."""
     from composer.toyworld.verdict import shipped_judge
     from composer.toyworld.world import ATTRIBUTES, caption, sample_scene
 
     rng = random.Random(11)
     scenes = [sample_scene(rng) for _ in range(images)]
     prompts = [caption(scene, rng) for scene in scenes]
-    out = _sample(pipe, prompts, 0, steps)
+    recipe = {"draw": "base", "prompts": prompts, "seed": 0, "steps": steps, "guidance": GUIDANCE}
+    out, _ = (cache or ImageCache(None, "")).draw(recipe, partial(_sample, pipe, prompts, 0, steps))
     seen = shipped_judge().read(out)
     right = [all(s[a] == getattr(sc, a) for a in ATTRIBUTES) for s, sc in zip(seen, scenes)]
     per = {a: round(sum(s[a] == getattr(sc, a) for s, sc in zip(seen, scenes)) / images, 3) for a in ATTRIBUTES}
@@ -319,7 +359,7 @@ def write_docs(
         "# Composition quality on the toy world (generated by benchmarks/composition_quality.py)",
         "",
         f"toy-sd, {result['steps']} steps, CFG 3, every adapter at weight {result['weight']}; judged by the toy "
-        f"world's judge; {result['hardware']}; {result['seconds']} s in all.",
+        f"world's judge; {result['hardware']}; {result['seconds']} s in all." + _reuse_note(result.get("images", {})),
         f"Adapters: {', '.join(result['adapters'])}."
         + (f" Gated: learned mode with the gates in `{result['gates']}`." if "gates" in result else "")
         + (COND_NOTE if any("(cond)" in label for label in methods) else "")
@@ -368,6 +408,17 @@ def write_docs(
     (folder / "images").mkdir(exist_ok=True)
     # a 256-colour palette: the toy world's flat colours survive it, and the grid is a quarter of the size
     canvas.quantize(colors=256).save(folder / "images" / f"{name}.png", optimize=True)
+
+
+def _reuse_note(images: dict[str, int]) -> str:
+    """What the docs say when a run re-read images from its image cache (nothing when it drew every one)."""
+    if not images.get("reused"):
+        return ""
+    total = images["reused"] + images["drawn"]
+    return (
+        f" {images['reused']} of its {total} images were re-read from the image cache, drawn before by the same code,"
+        " weights and recipe (only the judge differs); their seconds per image are those measured when drawn."
+    )
 
 
 def _alone_lines(result: dict[str, Any]) -> list[str]:
@@ -465,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seed of the LoRA-alone scenes (default: the benchmark's held-out set)",
     )
     parser.add_argument("--name", default="composition_quality", help="file stem of the docs written by --docs")
+    parser.add_argument(
+        "--image-cache",
+        type=Path,
+        default=None,
+        help="keep drawn images here and re-read those drawn before under the same code, weights and recipe "
+        "(after a judge-only change a rerun judges without drawing)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--docs", type=Path, default=None, help="full mode: write the Markdown table and grid here")
     args = parser.parse_args(argv)
@@ -478,13 +536,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     pipe, names = _pipeline(args.library)
+    fingerprint = "" if args.image_cache is None else drawing_fingerprint(REPOSITORY)
+    cache = ImageCache(args.image_cache, fingerprint)
     gates = args.gates or LIBRARY_GATES
     methods = tuple(m for m in args.methods.split(",") if m != "gated" or gates.is_file())
     started = time.perf_counter()
     if args.quick:
         result = {
             "mode": "quick",
-            "compositions": run_compositions(pipe, names, [2, 3], 1, [0], 8, methods, gates=gates, branches=branches),
+            "compositions": run_compositions(
+                pipe, names, [2, 3], 1, [0], 8, methods, gates=gates, branches=branches, cache=cache
+            ),
         }
     else:
         result = {"mode": "full", "steps": args.steps, "weight": args.weight}
@@ -493,19 +555,25 @@ def main(argv: list[str] | None = None) -> int:
             result["alone_seed"] = args.alone_seed
             if not (args.extra_only or args.alone_only):
                 result |= {
-                    "base": run_base(pipe, args.base_images, args.steps),
+                    "base": run_base(pipe, args.base_images, args.steps, cache),
                     "alone": run_alone(
-                        pipe, names, args.alone_images, args.steps, args.weight, scene_seed=args.alone_seed
+                        pipe, names, args.alone_images, args.steps, args.weight, scene_seed=args.alone_seed, cache=cache
                     ),
                     "preferred_weight": PREFERRED_WEIGHT,
                     "alone_preferred": run_alone(
-                        pipe, names, args.alone_images, args.steps, PREFERRED_WEIGHT, scene_seed=args.alone_seed
+                        pipe,
+                        names,
+                        args.alone_images,
+                        args.steps,
+                        PREFERRED_WEIGHT,
+                        scene_seed=args.alone_seed,
+                        cache=cache,
                     ),
                 }
             for setting in EXTRA_BRANCHES:
                 if setting in alone_branches:
                     result[f"alone_{setting}"] = run_alone(
-                        pipe, names, args.alone_images, args.steps, args.weight, setting, args.alone_seed
+                        pipe, names, args.alone_images, args.steps, args.weight, setting, args.alone_seed, cache
                     )
         result["compositions"] = {"_samples": {}}
     if not (args.quick or args.alone_only):
@@ -522,11 +590,13 @@ def main(argv: list[str] | None = None) -> int:
                 gates,
                 tuple(int(k) for k in args.every_set_k.split(",") if k),
                 branches,
+                cache,
             ),
         }
     samples = result["compositions"].pop("_samples")
     result["adapters"] = names
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["images"] = {"drawn": cache.drawn, "reused": cache.reused}
     result["hardware"] = cpu_hardware(args.threads)
     if "gated" in methods:
         here = Path.cwd().resolve()
