@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "--judge-colour-drift",
         type=float,
         default=0.0,
-        help="move each character's fill up to this fraction towards another colour, labelled with the nearest",
+        help="move each character's fill up to this fraction towards a neighbouring colour, labelled with the nearest",
     )
     parser.add_argument(
         "--judge-colour-drift-share",
