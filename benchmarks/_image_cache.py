@@ -29,23 +29,20 @@ through the weights it writes, which are fingerprinted. A change to them keeps e
 _NOT_DRAWING = (".md", ".pyc")
 
 
-def drawing_fingerprint(root: Path, extra: tuple[Path, ...] = ()) -> str:
+def drawing_fingerprint(root: Path) -> str:
     """SHA-256 over every file that can change a drawn image — the drawing packages' code and weights under the
-    repository ``root`` (their Markdown and :data:`UNDRAWING_FILES` left out) and each of ``extra`` — and torch's
-    and diffusers' versions. A benchmark's own choices (prompt, seed, steps, CFG, weights, method, branches) belong
-    in each image's recipe."""
+    repository ``root`` (their Markdown and :data:`UNDRAWING_FILES` left out) — and torch's and diffusers' versions.
+    A benchmark's own choices (prompt, seed, steps, CFG, weights, method, branches) belong in each image's recipe."""
     import diffusers
 
     digest = hashlib.sha256(f"torch {torch.__version__} diffusers {diffusers.__version__}".encode())
-    named = [
-        (path.relative_to(root).as_posix(), path)
-        for package in DRAWING_PACKAGES
-        for path in sorted((root / package).rglob("*"))
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in _NOT_DRAWING
-    ]
-    for name, path in [*named, *((path.name, path) for path in extra)]:
-        if name not in UNDRAWING_FILES:
-            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    for package in DRAWING_PACKAGES:
+        for path in sorted((root / package).rglob("*")):
+            name = path.relative_to(root).as_posix()
+            if not path.is_file() or "__pycache__" in path.parts or path.suffix in _NOT_DRAWING:
+                continue
+            if name not in UNDRAWING_FILES:
+                digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 

@@ -66,9 +66,6 @@ def test_the_fingerprint_follows_drawing_files_but_not_the_judges_or_markdown(tm
         changed = drawing_fingerprint(tmp_path)
         assert changed != before, name
         before = changed
-    benchmark = tmp_path / "bench.py"
-    benchmark.write_text("v1")
-    assert drawing_fingerprint(tmp_path, (benchmark,)) != before
 
 
 def test_a_quality_rerun_reads_its_images_back_and_judges_them_alike(tmp_path: Path, capsys) -> None:
