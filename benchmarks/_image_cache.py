@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from weights_index.hashing import file_sha256
+
 DRAWING_PACKAGES = ("composer", "fusion", "weights_index", "retrieval")
 """The packages whose code and shipped files can change what a pipeline of the house draws."""
 UNDRAWING_FILES = frozenset(
@@ -42,7 +44,7 @@ def drawing_fingerprint(root: Path) -> str:
             if not path.is_file() or "__pycache__" in path.parts or path.suffix in _NOT_DRAWING:
                 continue
             if name not in UNDRAWING_FILES:
-                digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+                digest.update(name.encode() + b"\0" + bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
 
 

@@ -50,6 +50,7 @@ import torch
 
 from benchmarks._common import cpu_hardware
 from benchmarks._image_cache import ImageCache, drawing_fingerprint
+from weights_index.hashing import file_sha256
 
 METHODS = ("merge", "switch", "composite", "cmlora", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
@@ -166,13 +167,6 @@ def _sample(pipe: Any, prompts: str | list[str], seed: int, steps: int) -> torch
         ).images
 
 
-def _file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (the gates in an image's recipe)."""
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _prompt(combo: tuple[str, ...], seed: int) -> str:
     from composer.toyworld.world import CONCEPTS, caption, sample_scene
 
@@ -208,7 +202,7 @@ def run_compositions(
 
     bank = load_gates(gates) if gates is not None and "gated" in methods else None
     cache = cache or ImageCache(None, "")
-    gates_digest = _file_digest(gates) if bank is not None else None
+    gates_digest = file_sha256(gates) if bank is not None else None
 
     table: dict[str, Any] = {}
     picker = random.Random(0)
