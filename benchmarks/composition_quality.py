@@ -167,6 +167,21 @@ def _sample(pipe: Any, prompts: str | list[str], seed: int, steps: int) -> torch
         ).images
 
 
+def _drawn(
+    cache: ImageCache | None, pipe: Any, prompts: str | list[str], seed: int, steps: int, **choices: Any
+) -> tuple[torch.Tensor, float]:
+    """:func:`_sample` through ``cache`` (none: drawn), its recipe the prompts, seed, steps and CFG plus ``choices``
+    (what else the pipeline was set to draw with): the images and the seconds drawing them took."""
+    recipe = {
+        **choices,
+        "prompt" if isinstance(prompts, str) else "prompts": prompts,
+        "seed": seed,
+        "steps": steps,
+        "guidance": GUIDANCE,
+    }
+    return (cache or ImageCache(None, "")).draw(recipe, partial(_sample, pipe, prompts, seed, steps))
+
+
 def _prompt(combo: tuple[str, ...], seed: int) -> str:
     from composer.toyworld.world import CONCEPTS, caption, sample_scene
 
@@ -201,7 +216,6 @@ def run_compositions(
     from composer.training.gates import load_gates
 
     bank = load_gates(gates) if gates is not None and "gated" in methods else None
-    cache = cache or ImageCache(None, "")
     gates_digest = file_sha256(gates) if bank is not None else None
 
     table: dict[str, Any] = {}
@@ -221,18 +235,18 @@ def run_compositions(
                 options = {"gates": bank} if method == "gated" else {}
                 choice = branch_choice(branch, combo)
                 pipe.set_composition(dict.fromkeys(combo, weight), method=method, branches=choice, **options)
-                recipe = {
-                    "draw": "composition",
-                    "weights": dict.fromkeys(combo, weight),
-                    "method": method,
-                    "branches": choice,
-                    "gates": gates_digest if method == "gated" else None,
-                    "prompt": prompt,
-                    "seed": seed,
-                    "steps": steps,
-                    "guidance": GUIDANCE,
-                }
-                image, per_image = cache.draw(recipe, partial(_sample, pipe, prompt, seed, steps))
+                image, per_image = _drawn(
+                    cache,
+                    pipe,
+                    prompt,
+                    seed,
+                    steps,
+                    draw="composition",
+                    weights=dict.fromkeys(combo, weight),
+                    method=method,
+                    branches=choice,
+                    gates=gates_digest if method == "gated" else None,
+                )
                 pipe.clear_composition()
                 verdict = judge_images(image, [prompt], [list(combo)])[0]
                 samples.setdefault(f"k={k}: {prompt}", {}).setdefault(label, image[0])
@@ -292,24 +306,15 @@ def run_alone(
     from composer.toyworld.verdict import judge_images
     from composer.toyworld.world import CONCEPTS
 
-    cache = cache or ImageCache(None, "")
     rows = {}
     for name in names:
         concept = CONCEPTS[name]
         scenes, prompts = alone_scenes(name, images, scene_seed)
         choice = branch_choice(branches, (name,))
         pipe.set_composition({name: weight}, method="merge", branches=choice)
-        recipe = {
-            "draw": "alone",
-            "weights": {name: weight},
-            "method": "merge",
-            "branches": choice,
-            "prompts": prompts,
-            "seed": 0,
-            "steps": steps,
-            "guidance": GUIDANCE,
-        }
-        out, _ = cache.draw(recipe, partial(_sample, pipe, prompts, 0, steps))
+        out, _ = _drawn(
+            cache, pipe, prompts, 0, steps, draw="alone", weights={name: weight}, method="merge", branches=choice
+        )
         pipe.clear_composition()
         verdicts = judge_images(out, prompts, [[name]] * images)
         kept = [others_kept(v.seen, s, concept) for v, s in zip(verdicts, scenes)]
@@ -329,8 +334,7 @@ def run_base(pipe: Any, images: int, steps: int, cache: ImageCache | None = None
     rng = random.Random(11)
     scenes = [sample_scene(rng) for _ in range(images)]
     prompts = [caption(scene, rng) for scene in scenes]
-    recipe = {"draw": "base", "prompts": prompts, "seed": 0, "steps": steps, "guidance": GUIDANCE}
-    out, _ = (cache or ImageCache(None, "")).draw(recipe, partial(_sample, pipe, prompts, 0, steps))
+    out, _ = _drawn(cache, pipe, prompts, 0, steps, draw="base")
     seen = shipped_judge().read(out)
     right = [all(s[a] == getattr(sc, a) for a in ATTRIBUTES) for s, sc in zip(seen, scenes)]
     per = {a: round(sum(s[a] == getattr(sc, a) for s, sc in zip(seen, scenes)) / images, 3) for a in ATTRIBUTES}
