@@ -168,6 +168,11 @@ def train_judge(
         raise TrainingError(
             f"colour_drift_share {colour_drift_share} must be in (0, 1]", hint="1 drifts every character's fill"
         )
+    if colour_drift == 0 and colour_drift_share != 1:
+        raise TrainingError(
+            f"colour_drift_share {colour_drift_share} has no effect without a colour_drift",
+            hint="give colour_drift > 0 (e.g. 0.5) too, or leave the share at 1",
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng = WorldRandom(seed)
     judge = Judge().to(device)

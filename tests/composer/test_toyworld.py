@@ -619,3 +619,11 @@ def test_a_judge_refuses_a_colour_drift_outside_zero_to_one() -> None:
     for share in (0.0, 1.5):
         with pytest.raises(TrainingError, match="colour_drift_share"):
             train_judge(steps=1, batch=2, colour_drift=0.5, colour_drift_share=share, device="cpu")
+
+
+def test_a_judge_refuses_a_colour_drift_share_without_a_drift() -> None:
+    from composer.toyworld.judge import train_judge
+    from fusion.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"colour_drift_share 0\.5 has no effect"):
+        train_judge(steps=1, batch=2, colour_drift=0.0, colour_drift_share=0.5, device="cpu")
