@@ -30,7 +30,7 @@ Support cases: ``independent`` — A and B have their own random masks (the gene
 cache lines of both supports); ``shared`` — A and B share one mask (masks that depend only on the base, like WM and
 struct, or one random seed): B overwrites A in one scatter.
 
-Prints ONE JSON document with medians and the ratios. Targets (CPU, issue 15): the switch through
+Prints ONE JSON document with medians and the ratios. Targets (CPU): the switch through
 ``set_composition`` — with the fused states cached, the path a server toggling adapters takes — ≤ 1.3× the
 two-pass scatter floor timed beside it (``memory_vs_two_pass_floor``); diffusers' cycle / ours from file ≥ 3×
 (``ratio_file``). ``uncached_vs_two_pass_floor`` is the first-time switch (B's base values still to be read), reported

@@ -37,8 +37,8 @@ def test_metadata_only_selection_picks_exactly_the_triggered_adapters(tmp_path: 
 
 
 def test_a_prompt_naming_several_adapters_of_one_category_gets_them_up_to_max_adapters(tmp_path: Path) -> None:
-    # Changed with issue 14: this test used to expect ONE background although the prompt names three backgrounds by
-    # their own trigger words; "at most one per category" now applies unless the prompt names two.
+    # The prompt names three backgrounds by their own trigger words: "at most one per category" applies unless the
+    # prompt names two or more of a category, so all three are picked.
     retriever = Retriever(make_library(tmp_path / "lib"))
     picks = retriever.select("neoncity and mossyforest and cstlsea with a gldteapot and crgastro")
     assert [p.name for p in picks] == ["neon", "forest", "castle", "teapot"]  # the first four named; max_adapters 4
