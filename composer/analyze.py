@@ -1,4 +1,4 @@
-"""Frequency analysis of a library (METHODS.md §4): each adapter's ΔH on the current model, stored in the catalog.
+"""Frequency analysis of a library (docs/methods.md#cmlora): each adapter's ΔH on the current model, in the catalog.
 
 For a few prompts (one seed), the pipeline generates once without adapters and once with each adapter alone (Merge
 at ``weight``); :mod:`fusion.frequency` scores every image's high-frequency content, and the adapter's

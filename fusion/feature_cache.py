@@ -1,4 +1,4 @@
-"""DeepCache-style deep-feature reuse on a stock diffusers UNet, for CMLoRA's non-dominant adapters (METHODS.md §4).
+"""DeepCache-style deep-feature reuse on a stock diffusers UNet, for CMLoRA's other adapters (docs/methods.md#cmlora).
 
 A UNet's output depends on its deep path (down blocks ≥ s, the mid block, up blocks except the last s) only through
 the feature that path hands to up block ``-s`` (its input). That feature changes slowly from step to step, so a pass

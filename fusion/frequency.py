@@ -1,4 +1,5 @@
-"""Frequency analysis of images and latents (METHODS.md §4): radial log-magnitude profiles and high-frequency scores.
+"""Frequency analysis of images and latents (docs/methods.md#frequency-analysis): radial log-magnitude profiles and
+high-frequency scores.
 
 For each image: grayscale → 2-D FFT → fftshift → log|F| → average over rings of equal integer radius around the
 centre (the radially averaged profile, radius 0 … r_max) → divide by the profile's maximum. The high-frequency score

@@ -1,4 +1,5 @@
-"""AutoLoRA gates (METHODS.md §5): one small gate module per composed linear layer, per layer AND per timestep.
+"""AutoLoRA gates (docs/methods.md#gated-fusion): one small gate module per composed linear layer, per layer AND
+per timestep.
 
 At a composed layer with base output b = W·x and per-adapter outputs lₖ = wₖ·ΔWₖ·x (from
 :meth:`fusion.layers.ComposedLayer.adapter_outputs`, one batched op for all adapters):

@@ -1,4 +1,4 @@
-"""The SHiRA mask types by name (METHODS.md §7), importable without torch for the CLI's choices."""
+"""The SHiRA mask types by name (docs/methods.md#shira), importable without torch for the CLI's choices."""
 
 MASK_TYPES = ("random", "wm", "grad", "snip", "struct")
-"""The SHiRA mask types, in METHODS.md order: random, top-|W|, top-|grad|, SNIP, structured."""
+"""The SHiRA mask types, in the order of docs/methods.md#shira: random, top-|W|, top-|grad|, SNIP, structured."""

@@ -1,7 +1,7 @@
 """SHiRA math on tensors: mask budgets and the five masks, fused sparse switching, overlap metrics, base fingerprints.
 
-A SHiRA adapter (METHODS.md §7) fine-tunes K = r·(out+in) entries of a weight in place (as many as a rank-r LoRA).
-Which entries is the mask:
+A SHiRA adapter (docs/methods.md#shira) fine-tunes K = r·(out+in) entries of a weight in place (as many as a rank-r
+LoRA). Which entries is the mask:
 
 - ``random``: K positions drawn uniformly (PEFT's own ``random_mask`` in training; :func:`random_mask` here);
 - ``wm``: top-K |W|; ``grad``: top-K accumulated |∇W| over calibration batches; ``snip``: top-K |W ⊙ ∇W|;

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _overlap(library: Any, name: str, other: str) -> dict[str, Any]:
-    """AWOM/AWOR between two catalogued SHiRA adapters (METHODS §7)."""
+    """AWOM/AWOR between two catalogued SHiRA adapters (docs/methods.md#shira)."""
     from fusion.errors import CompositionError
     from fusion.sparse import adapter_overlap
 

@@ -1,4 +1,4 @@
-"""Gate training for gated fusion (METHODS.md §5), gate checkpoints by name, and gate heatmaps.
+"""Gate training for gated fusion (docs/methods.md#gated-fusion), gate checkpoints by name, and gate heatmaps.
 
 Training: the base model and every adapter stay frozen; only the per-layer gates of :mod:`fusion.gates` learn, on
 the ordinary denoising loss over images of the composed concepts — noise (or v) prediction on SD 1.x/2.x/SDXL

@@ -1,11 +1,11 @@
-"""CMLoRA — Cached Multi-LoRA (Zou et al., ICLR 2025; METHODS.md §4).
+"""CMLoRA — Cached Multi-LoRA (Zou et al., ICLR 2025; docs/methods.md#cmlora).
 
 Every step every adapter contributes, Composite-style, but only one — the dominant adapter — gets a full denoiser
 pass; the others reuse a cache. The combined prediction (CFG applied once by the pipeline, CFG being linear) is
 
     ẽ = w_dom · e_dom + w_other · Σ_{i ≠ dom} ẽ_i,   w_dom = (N − 0.5)/(2N − 1.5),   w_other = 1/(2N − 1.5)
 
-(METHODS' coeff = N − 0.5, w_nd = N/(coeff + N − 1), w_dom = coeff·w_nd, averaged over N: N = 3 → 0.556 / 0.222).
+(the paper's coeff = N − 0.5, w_nd = N/(coeff + N − 1), w_dom = coeff·w_nd, averaged over N: N = 3 → 0.556 / 0.222).
 Each adapter's pass uses only that adapter at its own weight spec (number, block weights, keyframes), as in
 Composite.
 
@@ -25,7 +25,7 @@ Refresh. Refresh steps are non-uniform: every ``c1`` = 2 steps over [0, 0.375T),
 when its set differs from stage 1's. At a refresh step the dominant pointer advances to the next adapter of the
 current stage (round robin per set) and that adapter's cache is rebuilt.
 
-Passes. ``recompute="every"`` (default, as METHODS states it): the dominant adapter runs a full pass at every step.
+Passes. ``recompute="every"`` (default, as the paper states it): the dominant adapter runs a full pass at every step.
 ``recompute="refresh"`` (the published code): only at refresh steps; in between it too reuses its cache. An adapter
 with nothing cached (the first step, a new batch shape) always runs a full pass; every full pass refreshes that
 adapter's cache.

@@ -1,4 +1,5 @@
-"""LoRA Composite (Zhong et al. 2024; METHODS.md §3): every adapter every step, never merged, predictions averaged.
+"""LoRA Composite (Zhong et al. 2024; docs/methods.md#lora-composite): every adapter every step, never merged,
+predictions averaged.
 
     ẽ = (1/k) · Σᵢ mᵢ · [ eᵢ(z) + g·(eᵢ(z,c) − eᵢ(z)) ]
 

@@ -1,4 +1,5 @@
-"""Gated fusion (AutoLoRA, Li et al. 2025; METHODS.md §5): per-layer, per-timestep gates decide each adapter's share.
+"""Gated fusion (AutoLoRA, Li et al. 2025; docs/methods.md#gated-fusion): per-layer, per-timestep gates decide
+each adapter's share.
 
 Two modes (``mode=None`` picks ``"learned"`` when ``gates=`` is given, else ``"table"``):
 

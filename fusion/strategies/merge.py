@@ -1,4 +1,4 @@
-"""Merge (METHODS.md §1): W' = W + Σᵢ wᵢ·ΔWᵢ.
+"""Merge (docs/methods.md#merge): W' = W + Σᵢ wᵢ·ΔWᵢ.
 
 Static weights (one value per adapter and group at every step) are fused into the base weights once — zero extra
 cost per step. Scheduled weights (keyframes, callables), or ``fuse=False``, run unfused: each step installs that

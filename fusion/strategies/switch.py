@@ -1,4 +1,4 @@
-"""LoRA Switch (Zhong et al. 2024; METHODS.md §2): one adapter active per step, rotating every τ steps.
+"""LoRA Switch (Zhong et al. 2024; docs/methods.md#lora-switch): one adapter active per step, rotating every τ steps.
 
 At step t (0-based) the active adapter is ``order[(t // τ) mod k]`` — every adapter runs exactly τ steps per turn.
 

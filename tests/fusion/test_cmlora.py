@@ -1,6 +1,6 @@
-"""CMLoRA: the METHODS.md weights and refresh schedule, H/L ordering, caching off = the weighted Composite formula,
-pass counts with caching on = the refresh schedule, stage switching (fraction and online with its guard), on
-tiny-sd (feature and output caching) and tiny-flux (output caching)."""
+"""CMLoRA: the weights and refresh schedule of docs/methods.md#cmlora, H/L ordering, caching off = the weighted
+Composite formula, pass counts with caching on = the refresh schedule, stage switching (fraction and online with its
+guard), on tiny-sd (feature and output caching) and tiny-flux (output caching)."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def test_shallow_pass_on_its_own_feature_reproduces_the_full_pass(tiny_sd: Any) 
     assert all("forward" not in m.__dict__ for m in unet.modules())
 
 
-# ----- caching off = the METHODS formula -----------------------------------------------------------------------
+# ----- caching off = the paper's formula -----------------------------------------------------------------------
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""LoRA Composite: sequential equals the METHODS.md formula from single-LoRA predictions (diffusers' own LoRA path);
-batched (one forward, per-sample gates) equals sequential, also when chunked."""
+"""LoRA Composite: sequential equals the formula of docs/methods.md#lora-composite from single-LoRA predictions
+(diffusers' own LoRA path); batched (one forward, per-sample gates) equals sequential, also when chunked."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Frequency analysis: radial log-magnitude profiles and high-frequency scores against an independent NumPy version,
-the METHODS.md radius cut, ΔH signs on images with and without fine detail, and the latent guard."""
+the radius cut of docs/methods.md#frequency-analysis, ΔH signs on images with and without fine detail, and the
+latent guard."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fusion.frequency import (
 
 
 def _numpy_score(image: np.ndarray, cutoff: float = 0.2) -> tuple[np.ndarray, float]:
-    """The METHODS.md recipe written out with NumPy for one RGB image (3, H, W)."""
+    """The recipe of docs/methods.md#frequency-analysis written out with NumPy for one RGB image (3, H, W)."""
     gray = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
     spectrum = np.log(np.maximum(np.abs(np.fft.fftshift(np.fft.fft2(gray))), 1e-8))
     h, w = gray.shape

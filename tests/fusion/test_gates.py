@@ -1,4 +1,5 @@
-"""Gate modules: the METHODS §5 formula, reference init, the zero-initialised timestep input, per-adapter outputs."""
+"""Gate modules: the formula of docs/methods.md#gated-fusion, reference init, the zero-initialised timestep
+input, per-adapter outputs."""
 
 from __future__ import annotations
 
