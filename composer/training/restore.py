@@ -1,12 +1,12 @@
 """Edit2Restore training: a LoRA on FLUX.1 Kontext that turns a degraded image into its clean version on a task prompt.
 
-Restoration is image editing (docs/methods.md#restoration-adapters): the degraded image is the Kontext conditioning
-image — VAE-encoded, packed into 2×2 patches and concatenated after the noisy latents on the sequence axis, with
-position ids whose first coordinate is 1 — and the clean image is the target. The loss is rectified-flow matching
-as Kontext was trained: for clean latents x₀, noise ε and σ ~ logit-normal(0, 1), the transformer sees x_σ = (1−σ)·x₀ + σ·ε at timestep σ and is
-trained to predict the velocity ε − x₀ on the generated tokens (the conditioning tokens' outputs are dropped, exactly
-as :class:`diffusers.FluxKontextPipeline` drops them at inference). Latents, ids and prompt embeddings are prepared
-with the pipeline's own helpers, so training and inference see identical inputs.
+Restoration is editing (docs/methods.md#restoration-adapters): the degraded image is Kontext's conditioning image —
+VAE-encoded, packed into 2×2 patches and concatenated after the noisy latents on the sequence axis, with position ids
+whose first coordinate is 1 — and the clean image is the target. The loss is rectified-flow matching as Kontext was
+trained: for clean latents x₀, noise ε and σ ~ logit-normal(0, 1), the transformer sees x_σ = (1−σ)·x₀ + σ·ε at timestep
+σ and is trained to predict the velocity ε − x₀ on the generated tokens (the conditioning tokens' outputs are dropped,
+exactly as :class:`diffusers.FluxKontextPipeline` drops them at inference). Latents, ids and prompt embeddings are
+prepared with the pipeline's own helpers, so training and inference see identical inputs.
 
 The adapter is a PEFT LoRA (default rank 64, lora_alpha 4 ⇒ scale 1/16) on Edit2Restore's target modules
 (:data:`EDIT2RESTORE_TARGETS`). Several (pairs folder, task prompt) sets train one multi-task adapter that is steered
