@@ -14,11 +14,15 @@ import sys
 from collections.abc import Sequence
 
 from composer import commands
+from composer.verbosity import configure_logging
 from fusion.errors import ComposerError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+VERBOSITY_FLAGS = frozenset({"-v", "-vv", "-vvv", "--verbose", "-q", "-qq", "--quiet"})
+"""Flags that may come before a bare prompt (``compose -v "prompt"``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compose",
         description="Retrieve and compose LoRA adapters in diffusers pipelines.",
     )
+    add_verbosity(parser, default=0)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(subparsers)
+    for subparser in subparsers.choices.values():
+        add_verbosity(subparser, default=argparse.SUPPRESS)  # before or after the subcommand alike
     return parser
+
+
+def add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    """``-v`` (repeatable: progress notes, then debug details) and ``-q`` (errors only) on stderr."""
+    group = parser.add_argument_group("diagnostics")
+    group.add_argument("-v", "--verbose", action="count", default=default, help="report more on stderr (-vv: debug)")
+    group.add_argument("-q", "--quiet", action="count", default=default, help="report only errors on stderr")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,9 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     subcommands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    if args_list and args_list[0] not in subcommands and not args_list[0].startswith("-"):
-        args_list.insert(0, "generate")
+    first = next((i for i, arg in enumerate(args_list) if arg not in VERBOSITY_FLAGS), len(args_list))
+    if first < len(args_list) and args_list[first] not in subcommands and not args_list[first].startswith("-"):
+        args_list.insert(first, "generate")
     args = parser.parse_args(args_list)
+    configure_logging(args.verbose, args.quiet)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return EXIT_USAGE

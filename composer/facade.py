@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +38,8 @@ from fusion.cfg_branches import Branches, describe_branches
 from fusion.errors import CompositionError
 from fusion.layer_groups import BlockLayout
 from weights_index.reader import read_adapter
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = {"sd1": 20, "sd2": 20, "sdxl": 25, "flux": 28}
 TINY_SIZE = 64
@@ -388,6 +391,15 @@ class Composer:
             steps=steps,
             seconds=time.perf_counter() - started,
             branches=options.get("branches", "both") if chosen else "both",
+        )
+        logger.info(
+            "%s: %d image(s), %s over %s, %d steps, %.2f s",
+            clean_prompt,
+            len(result.images),
+            result.method,
+            ", ".join(a.name for a in chosen) or "no adapters",
+            steps,
+            result.seconds,
         )
         if out is not None:
             self._save(result, Path(out), guidance_scale, negative_prompt)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -51,6 +52,8 @@ from transformers import (
 from composer.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer, t5_vocab
 from fusion.errors import PresetError
 from weights_index.families import pipeline_family
+
+logger = logging.getLogger(__name__)
 
 PRESET_FORMAT_VERSION = 1
 """Bumped when the way presets are built or saved changes; part of every cache fingerprint."""
@@ -492,6 +495,7 @@ def ensure_preset(name: str, cache_dir: str | Path | None = None) -> Path:
         raise PresetError(
             f"cannot write the preset cache: {exc}", path=root, hint=f"set {CACHE_ENV} or cache_dir"
         ) from exc
+    logger.info("building the %s preset into %s (first use, or its cached copy is stale)", name, target)
     try:
         build_preset(name).save_pretrained(work, safe_serialization=True)
         (work / MARKER_FILE).write_text(json.dumps({"name": name, "fingerprint": spec.fingerprint()}))

@@ -14,6 +14,7 @@ initialised under a fixed seed — the machinery runs and is deterministic, but 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from composer.degrade import load_rgb
 from composer.training.data import DatasetError, list_images
 from fusion.errors import ComposerError
+from fusion.warning_categories import MeaninglessScoreWarning
 from retrieval.text import random_init_is_intended
 
 DEFAULT_IQA_MODEL = "ViT-B-32"
@@ -120,6 +122,12 @@ class ClipIQA:
                     )
             except (RuntimeError, OSError, ValueError) as exc:
                 raise MetricError(f"cannot build {model!r}: {exc}", path=weights) from exc
+        if weights is None:
+            warnings.warn(
+                f"CLIP-IQA on {model!r} with random weights: the score is not a quality measure (give weights=)",
+                MeaninglessScoreWarning,
+                stacklevel=2,
+            )
         self.model = clip.to(device).eval()
         self.device = torch.device(device)
         self.name = model

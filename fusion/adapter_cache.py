@@ -9,6 +9,7 @@ itself: callers pass the loader.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion.adapters import Adapter
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_BYTES = 4 * 1024**3
 """Default host-memory budget: 4 GiB (~100 typical SDXL rank-32 LoRAs)."""
@@ -83,6 +86,7 @@ class AdapterCache:
                 _, evicted = self._entries.popitem(last=False)
                 self._nbytes -= evicted.nbytes
                 self._evictions += 1
+                logger.debug("adapter cache over its budget: evicted %r (%d bytes)", evicted.name, evicted.nbytes)
 
     def discard(self, key: Hashable) -> None:
         """Drop one entry if present."""

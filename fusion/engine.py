@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -49,6 +50,8 @@ from fusion.schedules import build_weight_table
 from fusion.sparse import check_base_fingerprint
 from fusion.steps import StepClock
 from fusion.strategies.base import NON_BATCH_ARGUMENTS, StepContext, Strategy, WeightSpec, output_tensor
+
+logger = logging.getLogger(__name__)
 
 _LATENT_ARGUMENTS = ("sample", "hidden_states")
 _PLAIN_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -283,6 +286,9 @@ class FusionEngine:
             for key, kind in adapter.all_layers():
                 self._layer(key).add(adapter.name, kind)
             self.adapters[adapter.name] = adapter
+            logger.debug(
+                "attached adapter %r on %d layers", adapter.name, len(adapter.layers) + len(adapter.text_encoder_layers)
+            )
         self._reindex()
         self._resume()
 
@@ -443,6 +449,10 @@ class FusionEngine:
         self.strategy = strategy
         self.reset_generation()
         self._resume()
+        if strategy is None:
+            logger.debug("composition cleared: base weights restored")
+        else:
+            logger.debug("composition set: %s over %s", strategy.name, ", ".join(strategy.weights))
 
     def reset_generation(self, *, cfg_halves: bool = False) -> None:
         """The next denoiser call starts a generation (the mixin calls this per pipeline call); puts the engine's

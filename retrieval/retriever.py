@@ -26,6 +26,7 @@ which words it explains, what supports it, and what it was preferred to; :attr:`
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
 from collections.abc import Iterable
@@ -41,6 +42,8 @@ from weights_index.families import pipeline_family
 from weights_index.metadata import infer_category
 from weights_index.naming import content_words
 from weights_index.versions import version_groups
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from retrieval.learned_index import LearnedIndex
@@ -288,6 +291,8 @@ class Retriever:
             )
         if self._token_encoder is None:
             self.notes.append("zero-shot: no pipeline given, cross-attention response not used")
+        for note in self.notes:
+            logger.info("%s", note)
         for item_id, sha256 in list(self._scored.items()):
             entry = self._entries.get(item_id)
             if entry is None or entry.sha256 != sha256:
@@ -422,6 +427,9 @@ class Retriever:
         if self._has_weight_signals and len(picks) < limit:
             taken = {choice.group for choice in choices}
             picks += self._weight_picks(prompt, family, taken, {p.category for p in picks}, limit - len(picks))
+        logger.debug("selected %s for %r", [p.name for p in picks] or "nothing", prompt)
+        for rejected in self.rejected:
+            logger.debug("not selected: %s (%s)", rejected.name, rejected.reason)
         return picks
 
     @property

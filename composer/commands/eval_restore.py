@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from composer.reporting import emit_json, format_table
@@ -31,8 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute the metrics and print a table (or JSON)."""
     from composer.restore_metrics import ClipIQA, evaluate_folders, summarise
+    from fusion.warning_categories import MeaninglessScoreWarning
 
-    iqa = None if args.no_iqa else ClipIQA(args.clip_model, weights=args.clip_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MeaninglessScoreWarning)  # said below, in the command's own output
+        iqa = None if args.no_iqa else ClipIQA(args.clip_model, weights=args.clip_weights)
     report = evaluate_folders(args.restored, args.reference, iqa=iqa)
     if args.json:
         emit_json(report.as_dict())

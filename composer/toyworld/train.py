@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,9 @@ from composer.toyworld.concepts import ConceptTraining, train_concept
 from composer.toyworld.judge import JUDGE_FILE, Judge, judge_accuracy, train_judge
 from composer.toyworld.train_base import BaseTrainingConfig, train_base
 from composer.toyworld.world import CONCEPTS
+from composer.verbosity import configure_logging
+
+logger = logging.getLogger(__name__)
 
 CONCEPT_PLAN: dict[str, ConceptTraining] = {
     "zorbex": ConceptTraining("lora", text_encoder=True),
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    configure_logging(verbose=1)  # progress notes of the long runs on stderr
     stages = set(args.stages.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     log: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 trained = train_concept(pipe, CONCEPTS[name], setup, args.device)
             except Exception as exc:  # one concept failing must not lose the others' hours
                 log[f"concept_{name}_error"] = repr(exc)
-                print(f"concept {name} failed: {exc!r}")
+                logger.error("concept %s failed: %r", name, exc)
                 continue
             save_concept(target, trained, setup)
             log[f"concept_{name}_seconds"] = round(time.monotonic() - began, 1)

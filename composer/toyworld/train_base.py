@@ -11,6 +11,7 @@ a rerun with the same output folder continues from it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ from composer.toyworld.data import CaptionTokens, WorldRandom, draw_batch
 from composer.toyworld.model import MAX_TOKENS, SCHEDULER_CONFIG, assemble_pipeline, build_components
 from composer.toyworld.objective import v_prediction_loss
 from composer.toyworld.world import HELD_OUT
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,7 +109,7 @@ def train_base(out_dir: Path, config: BaseTrainingConfig, device: str | torch.de
             rng,
         )
         start, scaling = meta["step"], meta["scaling_factor"]
-        print(f"resuming from step {start} ({checkpoint})")
+        logger.info("resuming from step %d (%s)", start, checkpoint)
     else:
         scaling = train_vae(vae, config, rng, device)
     vae.register_to_config(scaling_factor=scaling)
@@ -144,7 +147,7 @@ def train_base(out_dir: Path, config: BaseTrainingConfig, device: str | torch.de
             rate = 200 / (time.monotonic() - began)
             total = min(config.steps, int(step + rate * (config.max_minutes * 60 - (time.monotonic() - began))))
             progress.total = total
-            print(f"{rate:.1f} steps/s: training {total} steps to fit {config.max_minutes} min")
+            logger.info("%.1f steps/s: training %d steps to fit %s min", rate, total, config.max_minutes)
         batch = draw_batch(config.batch, rng, device)
         captions = ["" if rng.content.random() < config.caption_dropout else text for text in batch.captions]
         ids = tokens(captions, device)

@@ -8,6 +8,7 @@ trainers cannot drift apart.
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from composer.training.data import index_batches
 from fusion.errors import TrainingError
+
+logger = logging.getLogger(__name__)
 
 
 class Objective(ABC):
@@ -107,5 +110,6 @@ def optimise(
             raise TrainingError(f"the loss became {result.losses[-1]} at step {step}", hint="lower --lr or use fp32")
         if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
             result.checkpoints.append(save_checkpoint(accelerator.unwrap_model(wrapped), step))
+            logger.info("step %d of %d: checkpoint %s", step, steps, result.checkpoints[-1])
     result.model = accelerator.unwrap_model(wrapped) if prepare_model else model
     return result
