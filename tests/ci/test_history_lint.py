@@ -12,14 +12,14 @@ import pytest
 LINT = Path(__file__).resolve().parents[2] / ".ci" / "history_lint.py"
 
 # Assembled from parts so that this file itself stays clean for the lint.
-ORDINAL_ROUND = "Measured in the twenty-" + "first session on the CPU machine."
+ORDINAL_ROUND = "Measured in the twenty-fir" + "st session on the CPU machine."
 PLANTED = [
     ORDINAL_ROUND,
     "Made on branch `stage" + "19`.",
     "Targets (CPU, issue " + "15): the switch.",
     "Measured 2026-" + "11-26 on an idle machine.",
     "Before " + "→ now: merge 62% → 79%.",
-    "These numbers supersede " + "the loaded ones.",
+    "These numbers super" + "sede the loaded ones.",
     "The judge was fine-tuned in earlier " + "sessions.",
 ]
 
