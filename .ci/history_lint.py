@@ -1,9 +1,9 @@
 """History lint: the product speaks of what it is, never of how it was made.
 
 Fails on development rounds named by ordinal (the Nth session or round), branch stages ("stage" glued to a number),
-issue numbers, run dates (YYYY-MM-DD) and diary phrases (before/now arrows, superseded runs, "when last made") in the
-tracked text files: README, docs, code, comments, docstrings, CLI help and test names. History belongs in git and
-CHANGELOG.md, which the lint skips.
+issue numbers, run dates (YYYY-MM-DD) and diary phrases (before/now arrows, replaced runs kept, when a run was last
+made) in the tracked text files: README, docs, code, comments, docstrings, CLI help and test names. History belongs
+in git and CHANGELOG.md, which the lint skips.
 
 Usage: ``python .ci/history_lint.py`` checks every tracked text file of the repository (exit 1 on a hit);
 ``python .ci/history_lint.py FILE...`` checks those files only.
