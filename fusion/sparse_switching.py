@@ -9,9 +9,9 @@ and on CPU its cost is the memory traffic of the cache lines those positions fal
 measures it against diffusers' LoRA cycle and against the bare two-scatter floor). What keeps that traffic down:
 
 - a switch A→B works weight by weight — restore A's positions, read B's base values, write B's sums — so on a weight
-  that fits the cache the lines A and B share are fetched once, not three times (an earlier version also cut large
-  weights into chunks; on SD shapes the extra calls cost more than the shared lines saved, and a chunk big enough to
-  pay for its call does not fit the cache);
+  that fits the cache the lines A and B share are fetched once, not three times (large weights are not cut into
+  chunks: on SD shapes the extra calls cost more than the shared lines save, and a chunk big enough to pay for its
+  call does not fit the cache);
 - a fused state remembers its base values and its fused values (:class:`FusedSparse`); switching back to a set seen
   before (:class:`FusedSparseCache`) is a plain scatter, with no gather and no arithmetic;
 - when B has the same support as A (SHiRA masks that depend only on the base — WM, struct, or one random seed —
