@@ -452,7 +452,7 @@ class FusionEngine:
         if strategy is None:
             logger.debug("composition cleared: base weights restored")
         else:
-            logger.debug("composition set: %s over %s", strategy.name, ", ".join(strategy.weights))
+            logger.debug("composition set: %s over %s", type(strategy).__name__, list(strategy.weights))
 
     def reset_generation(self, *, cfg_halves: bool = False) -> None:
         """The next denoiser call starts a generation (the mixin calls this per pipeline call); puts the engine's
