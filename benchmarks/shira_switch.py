@@ -246,7 +246,8 @@ def against_hotswap(pipe: DiffusionPipeline, repeats: int) -> dict[str, Any]:
 
     Ours: two SHiRA files (independent random masks, r = 32) registered and switched through ``set_composition``
     (``ours_memory_ms``: fused states cached), and the from-file cycle (``ours_file_ms``: read, add, compose,
-    remove the old one). Peer: ``enable_lora_hotswap(target_rank=32)``, one rank-32 LoRA loaded, then every switch
+    remove the one read before). Peer: ``enable_lora_hotswap(target_rank=32)``, one rank-32 LoRA loaded, then every
+    switch
     ``load_lora_weights(next_file, adapter_name=..., hotswap=True)`` (PEFT's unfused layers, weights replaced in
     place, so a compiled model does not recompile). All three timed round-robin (CUDA synchronised), with each one's
     peak memory; the base is checked to be restored bit-exactly afterwards.
@@ -275,7 +276,7 @@ def against_hotswap(pipe: DiffusionPipeline, repeats: int) -> dict[str, Any]:
         peer.enable_lora_hotswap(target_rank=RANK)
         peer.load_lora_weights(str(lora_files[0]), adapter_name="hot")
         turn = {"memory": 0, "file": 0, "peer": 0}
-        current = [names[1]]
+        current: list[str] = []
 
         def memory_switch() -> None:
             turn["memory"] += 1
@@ -285,8 +286,9 @@ def against_hotswap(pipe: DiffusionPipeline, repeats: int) -> dict[str, Any]:
             turn["file"] += 1
             name = ours.add_adapter(read_adapter(shira_files[turn["file"] % 2]), name=f"file{turn['file']}")
             ours.set_composition({name: 1.0})
-            ours.remove_adapter(current[0])
-            current[0] = name
+            if current:
+                ours.remove_adapter(current.pop())
+            current.append(name)
 
         def hotswap() -> None:
             turn["peer"] += 1
