@@ -128,3 +128,13 @@ def test_junit_report_counts_failures_and_skip_reasons(tmp_path: Path) -> None:
     assert (parsed["passed"], parsed["failed"], parsed["skipped"]) == (1, 1, 1)
     assert parsed["failures"] == {"test_a::test_bad[fp16]": "ours 3e-2 from fp32"}
     assert parsed["skip_reasons"] == {"test_b::test_half[fp16]": "no fp16 conv2d on cpu"}
+
+
+def test_a_test_run_cut_off_keeps_the_outcomes_it_printed() -> None:
+    output = """tests/gpu/test_a.py::test_ok[bf16] PASSED          [ 10%]
+tests/gpu/test_a.py::test_bad[fp16] FAILED         [ 20%]
+tests/gpu/test_b.py::test_half[fp16] SKIPPED (no fp16)  [ 30%]
+tests/gpu/test_b.py::test_compile[fp16]"""
+    parsed = gpu_check._verbose_outcomes(output)
+    assert (parsed["passed"], parsed["failed"], parsed["skipped"]) == (1, 1, 1)
+    assert list(parsed["failures"]) == ["test_a.py::test_bad[fp16]"]
