@@ -1,8 +1,8 @@
 """Pipelines with the denoiser shapes of SD 1.5, SDXL and FLUX.1 and seeded random weights, built on the device.
 
 ``shaped_pipeline(family, device, dtype)`` builds a complete pipeline (so ``load_lora_weights`` and a generation
-work) whose denoiser has the real layer widths and attention layout, constructed directly on ``device`` in
-``dtype`` (no fp32 copy in host memory, seconds on a GPU):
+work) whose denoiser has the real layer widths and attention layout, constructed directly on ``device`` and cast to
+``dtype`` there (nothing in host memory, seconds on a GPU):
 
 - ``sd15``: the ``sd15-shapes`` UNet (860M parameters);
 - ``sdxl``: the SDXL base UNet (2.6B: widths 320/640/1280, 1/2/10 transformer layers, cross-attention 2048, text-time
@@ -97,16 +97,11 @@ def _tiny_vae(family: str) -> AutoencoderKL:
 
 
 @contextlib.contextmanager
-def _building_on(device: torch.device, dtype: torch.dtype, seed: int) -> Iterator[None]:
-    """Modules created inside are allocated on ``device`` in ``dtype`` and drawn from ``seed``."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-            torch.manual_seed(seed)
-            yield
-    finally:
-        torch.set_default_dtype(previous)
+def _building_on(device: torch.device, seed: int) -> Iterator[None]:
+    """Modules created inside are allocated on ``device`` (fp32) and drawn from ``seed``."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        yield
 
 
 def _models(family: str) -> dict[str, torch.nn.Module]:
@@ -148,10 +143,10 @@ def shaped_pipeline(family: str, device: torch.device, dtype: torch.dtype, seed:
     scheduler = {"sd15": DDIMScheduler, "sdxl": EulerDiscreteScheduler, "flux": FlowMatchEulerDiscreteScheduler}[
         family
     ](**tiny["scheduler"][1])
-    with _building_on(device, dtype, seed):
+    with _building_on(device, seed):
         models = _models(family)
     for model in models.values():
-        model.eval().requires_grad_(False)
+        model.to(dtype).eval().requires_grad_(False)
     if family == "sd15":
         pipe = StableDiffusionPipeline(
             **models,

@@ -664,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    diffusers.utils.logging.set_verbosity_error()  # per-load notices would bury the progress lines and the table
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
