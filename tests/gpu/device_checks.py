@@ -101,6 +101,19 @@ def generate(pipe: Any, steps: int = 2, **extra: Any) -> torch.Tensor:
         return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs, **extra).images
 
 
+def first_prediction(pipe: Any, **extra: Any) -> torch.Tensor:
+    """The denoiser's output at the first step of a seeded generation (same inputs in every run): the adapters'
+    effect before any half-precision noise compounds over steps."""
+    predictions: list[torch.Tensor] = []
+    denoiser = getattr(pipe, denoiser_name(pipe))
+    hook = denoiser.register_forward_hook(lambda _m, _a, out: predictions.append(out[0].detach().clone()))
+    try:
+        generate(pipe, 1, **extra)
+    finally:
+        hook.remove()
+    return predictions[0]
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max absolute difference over the max magnitude of ``b``, computed in fp32."""
     a, b = a.float(), b.float().to(a.device)

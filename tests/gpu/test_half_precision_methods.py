@@ -21,6 +21,7 @@ from device_checks import (
     adapters_for,
     assert_as_close_as_the_peer,
     assert_restored,
+    first_prediction,
     fresh_pipeline,
     generate,
     load_into_peer,
@@ -51,9 +52,17 @@ def dtype(request: pytest.FixtureRequest, gpu_device: torch.device) -> torch.dty
 class Peer:
     """diffusers' own LoRA path on a fresh copy of the preset: built in fp32 (the truth), then cast to ``dtype``."""
 
-    def __init__(self, request: pytest.FixtureRequest, fixture: str, device: torch.device, adapters: list) -> None:
+    def __init__(
+        self,
+        request: pytest.FixtureRequest,
+        fixture: str,
+        device: torch.device,
+        adapters: list,
+        observe: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
         self.pipe = fresh_pipeline(request, fixture, device, torch.float32)
         self.adapters = adapters
+        self.observe = observe or (lambda pipe: generate(pipe, STEPS))
         self.base = None
         self.loaded = False
 
@@ -61,7 +70,7 @@ class Peer:
         """``run(pipe)`` in fp32 then in ``dtype``: (truth, peer); the base output without adapters is kept too."""
         self.pipe.to(dtype=torch.float32)
         if not self.loaded:
-            self.base = generate(self.pipe, STEPS)
+            self.base = self.observe(self.pipe)
             load_into_peer(self.pipe, self.adapters)
             self.loaded = True
         truth = run(self.pipe)
@@ -85,22 +94,24 @@ def _denoiser(pipe: Any) -> nn.Module:
 def test_merge_fused_and_unfused_match_set_adapters(
     request: pytest.FixtureRequest, gpu_device: torch.device, dtype: torch.dtype, fixture: str
 ) -> None:
+    """The first step's prediction: over several steps tiny SDXL's random weights amplify half-precision noise
+    until diffusers' own bf16 error rivals the adapters' effect, and the comparison would then prove nothing."""
     pipe, adapters = _ours(request, fixture, gpu_device, dtype, 3)
     weights = {"a0": 0.8, "a1": -0.5, "a2": 1.2}
     pristine = snapshot(_denoiser(pipe))
     pipe.set_composition(weights, fuse=False)
-    unfused = generate(pipe, STEPS)
+    unfused = first_prediction(pipe)
     pipe.set_composition(weights)
     assert pipe._composer["engine"].fused
-    fused = generate(pipe, STEPS)
+    fused = first_prediction(pipe)
     pipe.clear_composition()
     assert_restored(_denoiser(pipe), pristine)
 
     def reference(peer: Any) -> torch.Tensor:
         peer.set_adapters(list(weights), list(weights.values()))
-        return generate(peer, STEPS)
+        return first_prediction(peer)
 
-    peer = Peer(request, fixture, gpu_device, adapters)
+    peer = Peer(request, fixture, gpu_device, adapters, observe=first_prediction)
     truth, half = peer.outputs(dtype, reference)
     assert_as_close_as_the_peer(unfused, half, truth, peer.base, dtype)
     assert_as_close_as_the_peer(fused, half, truth, peer.base, dtype)
