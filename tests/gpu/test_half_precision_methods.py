@@ -1,10 +1,11 @@
 """Every composition method in fp16 and bf16 on the test device against diffusers/PEFT in the same dtype.
 
 The yardstick: ours may stray from the fp32 result (diffusers in fp32 on the same device) no further than twice
-diffusers' own half-precision error, and clearing a composition restores every weight bit for bit. Merge, per-step
-weights, Switch and gated table mode are whole generations against diffusers' ``set_adapters`` (in a step-end
-callback where weights change); Composite and CMLoRA are denoiser predictions against their formulas built from
-diffusers' single-LoRA passes; SHiRA's fused weights are exactly one rounding of the fp32 sum.
+diffusers' own half-precision error, and clearing a composition restores every weight bit for bit. Merge (the first
+step's prediction, on SD, SDXL and FLUX), per-step weights, Switch and gated table mode (whole generations) are
+checked against diffusers' ``set_adapters`` (in a step-end callback where weights change); Composite and CMLoRA are
+denoiser predictions against their formulas built from diffusers' single-LoRA passes; SHiRA's fused weights are
+exactly one rounding of the fp32 sum.
 """
 
 from __future__ import annotations
