@@ -397,7 +397,7 @@ SECTIONS = ("tests", *FAMILY_SECTIONS)
 def run_section(name: str, ctx: Context, budget_s: float) -> dict[str, Any]:
     """One section under its budget: ``status`` done / partial / skipped / failed, the reason, per-family results."""
     start = time.perf_counter()
-    entry: dict[str, Any] = {"budget_s": round(budget_s, 1)}
+    entry: dict[str, Any] = {"budget_s": round(max(budget_s, 0.0), 1)}
     try:
         if budget_s < 1:
             entry["results"] = {}
@@ -430,7 +430,8 @@ def run_section(name: str, ctx: Context, budget_s: float) -> dict[str, Any]:
         entry["skipped"] = entry.get("skipped", {}) | left_out
     if not entry.get("skipped"):
         entry.pop("skipped", None)
-    _release(ctx.device)
+    if budget_s >= 1:
+        _release(ctx.device)
     entry["wall_s"] = round(time.perf_counter() - start, 2)
     return entry
 
@@ -529,7 +530,7 @@ def run(
             results["builds"] = build_models(ctx, min(scale * BUILD_BUDGET_S[1 if quick else 0], max(left, 0.0)))
         left = budget_s - (time.perf_counter() - start) - WRITE_RESERVE_S
         share = scale * SECTION_BUDGET_S[name][1 if quick else 0]
-        log.info("section %s (budget %.0f s, %.0f s left)", name, min(share, left), left)
+        log.info("section %s (budget %.0f s, %.0f s left)", name, max(min(share, left), 0), max(left, 0))
         results[name] = run_section(name, ctx, min(share, left))
     return {
         "benchmark": "gpu_check",
