@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export LORA_COMPOSER_CACHE ?= $(CURDIR)/.cache/lora-composer
 
-.PHONY: install demo app test test-gpu bench quality lint format clean
+.PHONY: install demo app test test-gpu gpu-check bench quality lint format clean
 
 install: $(STAMP)
 
@@ -46,6 +46,13 @@ test: install
 
 test-gpu: install
 	$(PY) -m pytest -m gpu -q
+
+# One prepared check on a GPU (<= 8 min on one H100, model builds included): the gpu tests, then ours vs diffusers on
+# SD-1.5-, SDXL- and FLUX-shaped models; writes out/gpu-check/gpu_check.{json,md}. CI runs it on the CPU with
+# GPU_CHECK_FLAGS="--device cpu --quick" (tiny presets, about a minute on 2 cores).
+GPU_CHECK_FLAGS ?=
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_FLAGS) > /dev/null
 
 bench: install
 	$(PY) -m benchmarks

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,12 +42,70 @@ def peft_state_dict(layers: dict[str, LowRank], prefix: str = "unet.") -> dict[s
     return state
 
 
-def interleaved_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
+def denoiser_prefix(pipe: Any) -> str:
+    """The pipeline's denoiser attribute (``transformer`` for Flux, else ``unet``): the prefix of its LoRA keys."""
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
+class PeakMemory:
+    """Peak memory of one call: ``torch.cuda.max_memory_allocated`` on CUDA; on Linux CPUs the process's peak
+    resident set (VmHWM, reset through ``/proc/self/clear_refs`` before the call), else the process's lifetime
+    maximum RSS. ``label`` says which was measured."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._proc = Path("/proc/self/status")
+        if device.type == "cuda":
+            self.label = "torch.cuda.max_memory_allocated"
+        elif sys.platform.startswith("linux") and self._proc.exists() and self._can_reset():
+            self.label = "process peak RSS (VmHWM, reset per call)"
+        else:
+            self.label = "process max RSS since start (ru_maxrss)"
+
+    def _can_reset(self) -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def reset(self) -> None:
+        """Start a new peak."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.label.startswith("process peak RSS"):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak_bytes(self) -> int:
+        """The peak since the last :meth:`reset`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.label.startswith("process peak RSS"):
+            for line in self._proc.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def interleaved_ms(
+    runs: dict[str, Callable[[], Any]],
+    repeats: int,
+    device: torch.device,
+    peaks: dict[str, int] | None = None,
+) -> dict[str, float]:
     """Median wall time in ms of each run, timed round-robin (one call of each per round, after a warm-up round) so
-    that load on the machine drifts over all of them alike; CUDA work is synchronised around each call."""
+    that load on the machine drifts over all of them alike; CUDA work is synchronised around each call.
+
+    With ``peaks``, each run's peak memory over its calls (:class:`PeakMemory`, bytes) is written into it.
+    """
     times: dict[str, list[float]] = {name: [] for name in runs}
+    memory = PeakMemory(device) if peaks is not None else None
     for round_index in range(repeats + 1):
         for name, run in runs.items():
+            if memory is not None:
+                memory.reset()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -53,6 +114,8 @@ def interleaved_ms(runs: dict[str, Callable[[], Any]], repeats: int, device: tor
                 torch.cuda.synchronize()
             if round_index:
                 times[name].append((time.perf_counter() - start) * 1000)
+            if memory is not None and peaks is not None:
+                peaks[name] = max(peaks.get(name, 0), memory.peak_bytes())
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks._common import random_lora
+from benchmarks._common import PeakMemory, denoiser_prefix, random_lora
 from composer.mixin import make_composable
-from composer.presets import load_preset
+from composer.presets import load_preset, preset_family
 from fusion.adapters import Adapter
 from fusion.feature_cache import UNetFeatureCache
 
@@ -40,9 +40,11 @@ REPEATS = 2
 PROMPT = "a corgi astronaut"
 
 
-def _generate(pipe: Any, size: int, steps: int) -> float:
+def _generate(pipe: Any, size: int, steps: int, extra_call: dict[str, Any] | None = None) -> float:
     """Seconds for one generation (denoising to latents)."""
-    device = pipe.unet.device
+    device = getattr(pipe, denoiser_prefix(pipe)).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         pipe(
@@ -52,6 +54,7 @@ def _generate(pipe: Any, size: int, steps: int) -> float:
             width=size,
             output_type="latent",
             generator=torch.Generator().manual_seed(0),
+            **(extra_call or {}),
         )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,6 +99,97 @@ def _fuse_flops(engine: Any) -> int:
     return total
 
 
+COMPOSITIONS = ("merge", "composite_sequential", "composite_batched", "cmlora_features", "cmlora_output")
+"""Every composition this benchmark can time, by label."""
+
+
+def measure(
+    pipe: Any,
+    ks: tuple[int, ...],
+    *,
+    size: int,
+    steps: int,
+    compositions: tuple[str, ...] = COMPOSITIONS,
+    count_flops: bool = True,
+    extra_call: dict[str, Any] | None = None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """(base seconds per image, one row per k) with k rank-16 LoRAs attached to ``pipe`` (made composable in
+    place): each composition's seconds per image (best of two after a warm-up), its ratio to Merge and its peak
+    memory; with ``count_flops`` (UNets only) the pass FLOPs and the savings against Composite."""
+    pipe = make_composable(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = getattr(pipe, denoiser_prefix(pipe))
+    memory = PeakMemory(denoiser.device)
+    for i in range(max(ks)):
+        pipe.add_adapter(Adapter(f"a{i}", preset_family(pipe), random_lora(denoiser, i, RANK)))
+    _generate(pipe, size, steps, extra_call)  # warm-up
+    base_s = _generate(pipe, size, steps, extra_call)
+    options_of = {
+        "merge": ("merge", {}),
+        "composite_sequential": ("composite", {"mode": "sequential"}),
+        "composite_batched": ("composite", {"mode": "batched"}),
+        "cmlora_features": ("cmlora", {"cache": "features"}),
+        "cmlora_output": ("cmlora", {"cache": "output"}),
+    }
+    results = []
+    for k in ks:
+        weights = {f"a{i}": 0.8 for i in range(k)}
+        delta_h = {f"a{i}": 0.1 * (k - i) - 0.15 for i in range(k)}  # a0…a(k-2) in H, the last in L
+        flops = _pass_flops(pipe, weights, size) if count_flops else None
+        row: dict[str, Any] = {"k": k} | ({"flops_per_pass": flops} if flops else {})
+        for label in compositions:
+            method, options = options_of[label]
+            if method == "cmlora":
+                options = {**options, "delta_h": delta_h}
+            pipe.set_composition(weights, method=method, **options)
+            _generate(pipe, size, steps, extra_call)  # warm-up of this composition
+            memory.reset()
+            seconds = min(_generate(pipe, size, steps, extra_call) for _ in range(REPEATS))
+            entry: dict[str, Any] = {"s_per_image": round(seconds, 3), "peak_bytes": memory.peak_bytes()}
+            if method == "cmlora":
+                strategy = pipe._composer["engine"].strategy
+                full, cached = sum(strategy.full_passes.values()), sum(strategy.cached_passes.values())
+                entry.update(
+                    full_passes=full,
+                    cached_passes=cached,
+                    full_passes_per_adapter=dict(strategy.full_passes),
+                    fuses=strategy.fuses,
+                    cache_hit_rate=round(cached / (full + cached), 3),
+                )
+                if flops:
+                    cached_cost = flops["cached_pass"] if options["cache"] == "features" else 0
+                    full_cost = flops["fused_pass"] if strategy.runs_fused else flops["unfused_pass"]
+                    total = full * full_cost + cached * cached_cost + strategy.fuses * flops["fuse"]
+                    entry["gflops"] = round(total / 1e9, 2)
+            elif method == "composite":
+                entry["full_passes"] = k * steps
+                if flops:
+                    entry["gflops"] = round(k * steps * flops["unfused_pass"] / 1e9, 2)
+            else:
+                entry["full_passes"] = steps
+                if flops:
+                    entry["gflops"] = round(steps * flops["fused_pass"] / 1e9, 2)
+            row[label] = entry
+        merge_s = row["merge"]["s_per_image"]
+        for label in compositions:
+            if label != "merge":
+                row[label]["over_merge"] = round(row[label]["s_per_image"] / merge_s, 2)
+        for label in ("cmlora_features", "cmlora_output"):
+            if label not in compositions:
+                continue
+            for versus in ("composite_sequential", "composite_batched"):
+                if versus in compositions:
+                    row[label][f"time_saved_vs_{versus}"] = round(
+                        1 - row[label]["s_per_image"] / row[versus]["s_per_image"], 3
+                    )
+            if flops and "composite_sequential" in compositions:
+                composite = row["composite_sequential"]
+                row[label]["flops_saved_vs_composite"] = round(1 - row[label]["gflops"] / composite["gflops"], 3)
+        results.append(row)
+    pipe.clear_composition()
+    return base_s, results
+
+
 def run(quick: bool, device: str | None, threads: int | None = 1) -> dict[str, Any]:
     """Time every composition for each k and return the JSON document (CPU: ``threads`` torch threads)."""
     if threads:
@@ -105,63 +199,8 @@ def run(quick: bool, device: str | None, threads: int | None = 1) -> dict[str, A
     ks = (2, 4) if quick else (2, 3, 4, 5)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if target.type == "cuda" else torch.float32
-    pipe = make_composable(load_preset(preset, torch_dtype=dtype, device=target))
-    pipe.set_progress_bar_config(disable=True)
-    for i in range(max(ks)):
-        pipe.add_adapter(Adapter(f"a{i}", "sd1", random_lora(pipe.unet, i, RANK)))
-    _generate(pipe, size, steps)  # warm-up
-    base_s = _generate(pipe, size, steps)
-    results = []
-    for k in ks:
-        weights = {f"a{i}": 0.8 for i in range(k)}
-        delta_h = {f"a{i}": 0.1 * (k - i) - 0.15 for i in range(k)}  # a0…a(k-2) in H, the last in L
-        flops = _pass_flops(pipe, weights, size)
-        row: dict[str, Any] = {"k": k, "flops_per_pass": flops}
-        for label, method, options in (
-            ("merge", "merge", {}),
-            ("composite_sequential", "composite", {"mode": "sequential"}),
-            ("composite_batched", "composite", {"mode": "batched"}),
-            ("cmlora_features", "cmlora", {"cache": "features", "delta_h": delta_h}),
-            ("cmlora_output", "cmlora", {"cache": "output", "delta_h": delta_h}),
-        ):
-            pipe.set_composition(weights, method=method, **options)
-            _generate(pipe, size, steps)  # warm-up of this composition
-            seconds = min(_generate(pipe, size, steps) for _ in range(REPEATS))
-            entry: dict[str, Any] = {"s_per_image": round(seconds, 3)}
-            if method == "cmlora":
-                strategy = pipe._composer["engine"].strategy
-                full, cached = sum(strategy.full_passes.values()), sum(strategy.cached_passes.values())
-                fuses = strategy.fuses
-                cached_cost = flops["cached_pass"] if options["cache"] == "features" else 0
-                full_cost = flops["fused_pass"] if strategy.runs_fused else flops["unfused_pass"]
-                total = full * full_cost + cached * cached_cost + fuses * flops["fuse"]
-                entry.update(
-                    full_passes=full,
-                    cached_passes=cached,
-                    full_passes_per_adapter=dict(strategy.full_passes),
-                    fuses=fuses,
-                    cache_hit_rate=round(cached / (full + cached), 3),
-                    gflops=round(total / 1e9, 2),
-                )
-            elif method == "composite":
-                entry.update(full_passes=k * steps, gflops=round(k * steps * flops["unfused_pass"] / 1e9, 2))
-            else:
-                entry.update(full_passes=steps, gflops=round(steps * flops["fused_pass"] / 1e9, 2))
-            row[label] = entry
-        merge_s = row["merge"]["s_per_image"]
-        composite = row["composite_sequential"]
-        for label in ("composite_sequential", "composite_batched", "cmlora_features", "cmlora_output"):
-            row[label]["over_merge"] = round(row[label]["s_per_image"] / merge_s, 2)
-        for label in ("cmlora_features", "cmlora_output"):
-            row[label]["flops_saved_vs_composite"] = round(1 - row[label]["gflops"] / composite["gflops"], 3)
-            row[label]["time_saved_vs_composite_sequential"] = round(
-                1 - row[label]["s_per_image"] / composite["s_per_image"], 3
-            )
-            row[label]["time_saved_vs_composite_batched"] = round(
-                1 - row[label]["s_per_image"] / row["composite_batched"]["s_per_image"], 3
-            )
-        results.append(row)
-    pipe.clear_composition()
+    pipe = load_preset(preset, torch_dtype=dtype, device=target)
+    base_s, results = measure(pipe, ks, size=size, steps=steps)
     at4 = next((r for r in results if r["k"] == 4), None)
     return {
         "benchmark": "cmlora_speed",
@@ -177,6 +216,7 @@ def run(quick: bool, device: str | None, threads: int | None = 1) -> dict[str, A
         "machine": platform.processor() or platform.machine(),
         "base_s_per_image": round(base_s, 3),
         "results": results,
+        "peak_memory": PeakMemory(target).label,
         "target": "cmlora at k=4 <= 1.4x merge (reference composite ~4x)",
         "k4_over_merge": None
         if at4 is None

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import random_lora
+from benchmarks._common import PeakMemory, denoiser_prefix, random_lora
 from composer.mixin import make_composable
-from composer.presets import load_preset
+from composer.presets import load_preset, preset_family
 from fusion.adapters import Adapter
 
 RANK = 16
@@ -63,19 +63,53 @@ class _StepTimer:
             hook.remove()
 
 
-def _step_ms(pipe: Any, size: int, steps: int) -> float:
+def _step_ms(pipe: Any, size: int, steps: int, extra_call: dict[str, Any] | None = None) -> float:
     """Median ms per denoiser call over one generation, after a warm-up generation."""
     kwargs = {"num_inference_steps": steps, "height": size, "width": size, "output_type": "latent"}
-    device = pipe.unet.device
+    kwargs |= extra_call or {}
+    denoiser = getattr(pipe, denoiser_prefix(pipe))
+    device = denoiser.device
     with torch.inference_mode():
         pipe("a corgi astronaut", generator=torch.Generator().manual_seed(0), **kwargs)
-        timer = _StepTimer(pipe.unet, device)
+        timer = _StepTimer(denoiser, device)
         try:
             pipe("a corgi astronaut", generator=torch.Generator().manual_seed(0), **kwargs)
         finally:
             timer.remove()
     times = sorted(timer.times)
     return 1000.0 * times[len(times) // 2]
+
+
+def measure(
+    pipe: Any, ks: tuple[int, ...], *, size: int, steps: int, extra_call: dict[str, Any] | None = None
+) -> tuple[float, list[dict[str, Any]]]:
+    """(base ms per step, one row per k: merge / sequential / batched ms per step, their ratios and each one's peak
+    memory) with k rank-16 LoRAs attached to ``pipe`` (made composable in place)."""
+    pipe = make_composable(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = getattr(pipe, denoiser_prefix(pipe))
+    memory = PeakMemory(denoiser.device)
+    for i in range(max(ks)):
+        pipe.add_adapter(Adapter(f"a{i}", preset_family(pipe), random_lora(denoiser, i, RANK)))
+    base_ms = _step_ms(pipe, size, steps, extra_call)
+    results = []
+    for k in ks:
+        weights = {f"a{i}": 0.8 for i in range(k)}
+        row: dict[str, Any] = {"k": k, "peak_bytes": {}}
+        for label, method, options in (
+            ("merge", "merge", {}),
+            ("sequential", "composite", {"mode": "sequential"}),
+            ("batched", "composite", {"mode": "batched"}),
+        ):
+            pipe.set_composition(weights, method=method, **options)
+            memory.reset()
+            row[f"{label}_ms"] = round(_step_ms(pipe, size, steps, extra_call), 2)
+            row["peak_bytes"][label] = memory.peak_bytes()
+        row["batched_over_merge"] = round(row["batched_ms"] / row["merge_ms"], 2)
+        row["sequential_over_batched"] = round(row["sequential_ms"] / row["batched_ms"], 2)
+        results.append(row)
+    pipe.clear_composition()
+    return base_ms, results
 
 
 def run(quick: bool, device: str | None) -> dict[str, Any]:
@@ -85,26 +119,7 @@ def run(quick: bool, device: str | None) -> dict[str, Any]:
     ks = (2, 4) if quick else (2, 3, 4, 5)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if target.type == "cuda" else torch.float32
-    pipe = make_composable(load_preset(preset, torch_dtype=dtype, device=target))
-    pipe.set_progress_bar_config(disable=True)
-    for i in range(max(ks)):
-        pipe.add_adapter(Adapter(f"a{i}", "sd1", random_lora(pipe.unet, i, RANK)))
-    base_ms = _step_ms(pipe, size, steps)
-    results = []
-    for k in ks:
-        weights = {f"a{i}": 0.8 for i in range(k)}
-        row: dict[str, Any] = {"k": k}
-        for label, method, options in (
-            ("merge", "merge", {}),
-            ("sequential", "composite", {"mode": "sequential"}),
-            ("batched", "composite", {"mode": "batched"}),
-        ):
-            pipe.set_composition(weights, method=method, **options)
-            row[f"{label}_ms"] = round(_step_ms(pipe, size, steps), 2)
-        row["batched_over_merge"] = round(row["batched_ms"] / row["merge_ms"], 2)
-        row["sequential_over_batched"] = round(row["sequential_ms"] / row["batched_ms"], 2)
-        results.append(row)
-    pipe.clear_composition()
+    base_ms, results = measure(load_preset(preset, torch_dtype=dtype, device=target), ks, size=size, steps=steps)
     return {
         "benchmark": "composite_batched",
         "preset": preset,
@@ -118,6 +133,7 @@ def run(quick: bool, device: str | None) -> dict[str, Any]:
         "machine": platform.processor() or platform.machine(),
         "base_ms": round(base_ms, 2),
         "results": results,
+        "peak_memory": PeakMemory(target).label,
         "target": "batched at k=4 <= 1.6x merge (GPU)",
     }
 

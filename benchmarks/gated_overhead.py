@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import ATTENTION_PROJECTIONS, device_benchmark_main, interleaved_ms, random_lora
+from benchmarks._common import (
+    ATTENTION_PROJECTIONS,
+    PeakMemory,
+    device_benchmark_main,
+    interleaved_ms,
+    random_lora,
+)
 from composer.presets import load_preset
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -37,12 +43,16 @@ RANK = 16
 K = 3
 
 
-def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | None) -> dict[str, Any]:
-    """Build the UNets, time every configuration, return the JSON document."""
-    repeats = repeats or (5 if quick else 15)
-    pipe = load_preset("small-sd")
-    base = pipe.unet.to(device, dtype)
-    adapters = [Adapter(f"a{i}", "sd1", random_lora(base, i, RANK)) for i in range(K)]
+def measure(
+    base: nn.Module,
+    family: str,
+    inputs: tuple[tuple, dict[str, Any]],
+    device: torch.device,
+    repeats: int,
+) -> tuple[dict[str, float], dict[str, int]]:
+    """(ms per denoiser call, peak memory bytes) of ``base`` and of each configuration on its own copy of it, the
+    denoiser called on ``inputs`` (positional and keyword arguments, as the pipeline passes them)."""
+    adapters = [Adapter(f"a{i}", family, random_lora(base, i, RANK)) for i in range(K)]
     weights = {adapter.name: 0.8 for adapter in adapters}
     configs = {
         "merge": ("merge", {}),
@@ -50,31 +60,41 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
         "gated": ("gated", {}),
         "gated_table": ("gated", {"mode": "table"}),
     }
-    unets: dict[str, nn.Module] = {"base": base}
+    denoisers: dict[str, nn.Module] = {"base": base}
     engines = []
     for name, (method, options) in configs.items():
-        unet = copy.deepcopy(base)
-        engine = FusionEngine(unet, family="sd1")
+        denoiser = copy.deepcopy(base)
+        engine = FusionEngine(denoiser, family=family)
         engine.add_adapters(adapters)
         if name == "gated":
             options = {"gates": initial_gates(engine)}
         engine.set_strategy(get_strategy(method)(weights, **options))
         engines.append(engine)
-        unets[name] = unet
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 16, 16, generator=g).to(device, dtype)
-    text = torch.randn(2, 77, base.config.cross_attention_dim, generator=g).to(device, dtype)
+        denoisers[name] = denoiser
+    args, kwargs = inputs
 
-    def forward(unet: nn.Module) -> Callable[[], Any]:
+    def forward(denoiser: nn.Module) -> Callable[[], Any]:
         def call() -> None:
             with torch.inference_mode():
-                unet(sample, torch.tensor(500, device=device), text)
+                denoiser(*args, **kwargs)
 
         return call
 
-    ms = interleaved_ms({name: forward(unet) for name, unet in unets.items()}, repeats, device)
+    peaks: dict[str, int] = {}
+    ms = interleaved_ms({name: forward(d) for name, d in denoisers.items()}, repeats, device, peaks)
     for engine in engines:
         engine.clear()
+    return ms, peaks
+
+
+def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | None) -> dict[str, Any]:
+    """Build the UNets, time every configuration, return the JSON document."""
+    repeats = repeats or (5 if quick else 15)
+    base = load_preset("small-sd").unet.to(device, dtype)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=g).to(device, dtype)
+    text = torch.randn(2, 77, base.config.cross_attention_dim, generator=g).to(device, dtype)
+    ms, peaks = measure(base, "sd1", ((sample, torch.tensor(500, device=device), text), {}), device, repeats)
     merge = ms["merge"]
     return {
         "benchmark": "gated_overhead",
@@ -87,6 +107,8 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
         "repeats": repeats,
         "ms_per_step": {name: round(value, 3) for name, value in ms.items()},
         "ratio_to_merge": {name: round(value / merge, 3) for name, value in ms.items()},
+        "peak_bytes": peaks,
+        "peak_memory": PeakMemory(device).label,
         "target": "gated <= 1.5x merge",
         "meets_target": ms["gated"] <= 1.5 * merge,
     }

@@ -27,13 +27,15 @@ import torch
 
 from benchmarks._common import (
     ATTENTION_PROJECTIONS,
+    PeakMemory,
+    denoiser_prefix,
     device_benchmark_main,
     interleaved_ms,
     peft_state_dict,
     random_lora,
 )
 from composer.mixin import make_composable
-from composer.presets import load_preset
+from composer.presets import load_preset, preset_family
 from fusion.adapters import Adapter
 
 RANK = 16
@@ -42,22 +44,45 @@ SIZE = 128
 RAMP = "0@0,1@1"
 
 
-def _ramp(step: int) -> float:
-    return step / (STEPS - 1)
+STATIC = 0.8
+"""Each adapter's weight in the static comparison."""
 
 
-def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | None) -> dict[str, Any]:
-    """Build the three pipelines, time them for every k, return the JSON document."""
-    ks = (1, 5) if quick else (1, 5, 10, 20)
-    repeats = repeats or (3 if quick else 5)
-    plain = load_preset("small-sd").to(device, dtype)
+def measure(
+    plain: Any,
+    ks: tuple[int, ...],
+    *,
+    size: int,
+    steps: int,
+    repeats: int,
+    static: bool = False,
+    extra_call: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of ms per generation (plain, ours, diffusers) for each k, on copies of ``plain``'s denoiser.
+
+    Per-step (``static=False``): every adapter ramped ``0@0,1@1``; ours through ``set_composition``, diffusers by
+    ``set_adapters`` in ``callback_on_step_end``. Static: every adapter at 0.8; ours fused by ``set_composition``,
+    diffusers by ``set_adapters`` + ``fuse_lora``. Each row has each run's peak memory (:class:`PeakMemory`) too.
+    """
+    prefix = denoiser_prefix(plain)
+    device = getattr(plain, prefix).device
+    family = preset_family(plain)
     plain.set_progress_bar_config(disable=True)
-    ours = make_composable(type(plain)(**{**plain.components, "unet": copy.deepcopy(plain.unet)}))
-    peer = type(plain)(**{**plain.components, "unet": copy.deepcopy(plain.unet)})
+
+    def copy_of(pipe: Any) -> Any:
+        return type(pipe)(**{**pipe.components, prefix: copy.deepcopy(getattr(pipe, prefix))})
+
+    ours = make_composable(copy_of(plain))
+    peer = copy_of(plain)
     for pipe in (ours, peer):
         pipe.set_progress_bar_config(disable=True)
-    adapters = [Adapter(f"a{i}", "sd1", random_lora(plain.unet, i, RANK, scale=0.05)) for i in range(max(ks))]
-    call = {"prompt": "a photo", "num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "output_type": "latent"}
+    denoiser = getattr(plain, prefix)
+    adapters = [Adapter(f"a{i}", family, random_lora(denoiser, i, RANK, scale=0.05)) for i in range(max(ks))]
+    call = {"prompt": "a photo", "num_inference_steps": steps, "height": size, "width": size, "output_type": "latent"}
+    call |= extra_call or {}
+
+    def ramp(step: int) -> float:
+        return step / (steps - 1)
 
     def generate(pipe: Any, **extra: Any) -> Callable[[], torch.Tensor]:
         def go() -> torch.Tensor:
@@ -73,25 +98,34 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
         for adapter in adapters[loaded:k]:
             ours.add_adapter(adapter)
             with torch.no_grad():
-                peer.load_lora_weights(peft_state_dict(adapter.layers), adapter_name=adapter.name)
+                peer.load_lora_weights(peft_state_dict(adapter.layers, f"{prefix}."), adapter_name=adapter.name)
         loaded = k
-        ours.set_composition(dict.fromkeys(names, RAMP))
+        if static:
+            ours.set_composition(dict.fromkeys(names, STATIC))
+            peer.set_adapters(names, [STATIC] * k)
+            peer.fuse_lora(adapter_names=names, lora_scale=1.0)
+            diffusers = generate(peer)
+        else:
+            ours.set_composition(dict.fromkeys(names, RAMP))
 
-        def step_end(pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any], names: list[str] = names) -> dict:
-            if step + 1 < STEPS:
-                pipe.set_adapters(names, [_ramp(step + 1)] * len(names))
-            return {}
+            def step_end(pipe: Any, step: int, _t: Any, kwargs: dict[str, Any], names: list[str] = names) -> dict:
+                if step + 1 < steps:
+                    pipe.set_adapters(names, [ramp(step + 1)] * len(names))
+                return kwargs
 
-        peer_call = generate(peer, callback_on_step_end=step_end)
+            peer_call = generate(peer, callback_on_step_end=step_end)
 
-        def diffusers(names: list[str] = names, peer_call: Callable[[], torch.Tensor] = peer_call) -> torch.Tensor:
-            peer.set_adapters(names, [_ramp(0)] * len(names))
-            return peer_call()
+            def diffusers(names: list[str] = names, peer_call: Callable[[], torch.Tensor] = peer_call) -> torch.Tensor:
+                peer.set_adapters(names, [ramp(0)] * len(names))
+                return peer_call()
 
         runs = {"plain": generate(plain), "ours": generate(ours), "diffusers": diffusers}
         difference = float((runs["ours"]().float() - diffusers().float()).abs().max())
-        ms = interleaved_ms(runs, repeats, device)
+        peaks: dict[str, int] = {}
+        ms = interleaved_ms(runs, repeats, device, peaks)
         ours.clear_composition()
+        if static:
+            peer.unfuse_lora()
         rows.append(
             {
                 "k": k,
@@ -100,8 +134,18 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
                 "diffusers_vs_plain": round(ms["diffusers"] / ms["plain"], 3),
                 "diffusers_vs_ours": round(ms["diffusers"] / ms["ours"], 3),
                 "max_abs_diff": difference,
+                "peak_bytes": peaks,
             }
         )
+    return rows
+
+
+def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | None) -> dict[str, Any]:
+    """Build the small-sd pipeline, time the three pipelines for every k, return the JSON document."""
+    ks = (1, 5) if quick else (1, 5, 10, 20)
+    repeats = repeats or (3 if quick else 5)
+    plain = load_preset("small-sd").to(device, dtype)
+    rows = measure(plain, ks, size=SIZE, steps=STEPS, repeats=repeats)
     return {
         "benchmark": "per_step_pipeline",
         "path": "public API: set_composition with per-step keyframes vs diffusers set_adapters in callback_on_step_end",
@@ -112,6 +156,7 @@ def run(quick: bool, device: torch.device, dtype: torch.dtype, repeats: int | No
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "repeats": repeats,
+        "peak_memory": PeakMemory(device).label,
         "target": "ours <= 1.15x plain at k=5",
         "rows": rows,
     }

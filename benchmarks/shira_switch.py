@@ -58,9 +58,9 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 from torch import nn
 
-from benchmarks._common import ATTENTION_PROJECTIONS, peft_state_dict, random_lora
+from benchmarks._common import ATTENTION_PROJECTIONS, denoiser_prefix, interleaved_ms, peft_state_dict, random_lora
 from composer.mixin import make_composable
-from composer.presets import build_denoiser, load_preset
+from composer.presets import build_denoiser, load_preset, preset_family
 from fusion.adapters import Adapter, Sparse
 from fusion.sparse import shira_budget
 from fusion.sparse_switching import FusedSparseCache
@@ -78,7 +78,7 @@ def _targets(unet: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def _shira(targets: dict[str, nn.Linear], seed: int, mask_seed: int) -> Adapter:
+def _shira(targets: dict[str, nn.Linear], seed: int, mask_seed: int, family: str = "sd1") -> Adapter:
     masks = torch.Generator().manual_seed(mask_seed)
     values = torch.Generator().manual_seed(seed)
     layers = {}
@@ -87,7 +87,7 @@ def _shira(targets: dict[str, nn.Linear], seed: int, mask_seed: int) -> Adapter:
         k = shira_budget(shape, RANK)
         index = torch.randperm(math.prod(shape), generator=masks)[:k].sort().values
         layers[key] = Sparse(index, torch.randn(k, generator=values) * 1e-3, shape)
-    return Adapter(f"shira{seed}", "sd1", layers)
+    return Adapter(f"shira{seed}", family, layers)
 
 
 def _median_ms(fn: Callable[[int], None], repeats: int) -> float:
@@ -238,6 +238,81 @@ class _PeerCycle:
         """Unfuse and unload: PEFT's wrappers out of the module tree again."""
         self.pipe.unfuse_lora()
         self.pipe.unload_lora_weights()
+
+
+@torch.no_grad()
+def against_hotswap(pipe: DiffusionPipeline, repeats: int) -> dict[str, Any]:
+    """SHiRA switches on ``pipe`` (made composable in place) against diffusers' hotswap on a copy of it.
+
+    Ours: two SHiRA files (independent random masks, r = 32) registered and switched through ``set_composition``
+    (``ours_memory_ms``: fused states cached), and the from-file cycle (``ours_file_ms``: read, add, compose,
+    remove the one read before). Peer: ``enable_lora_hotswap(target_rank=32)``, one rank-32 LoRA loaded, then every
+    switch
+    ``load_lora_weights(next_file, adapter_name=..., hotswap=True)`` (PEFT's unfused layers, weights replaced in
+    place, so a compiled model does not recompile). All three timed round-robin (CUDA synchronised), with each one's
+    peak memory; the base is checked to be restored bit-exactly afterwards.
+    """
+    prefix = denoiser_prefix(pipe)
+    denoiser = getattr(pipe, prefix)
+    device = denoiser.device
+    family = preset_family(pipe)
+    diffusers_logging.set_verbosity_error()
+    peer = type(pipe)(**{**pipe.components, prefix: copy.deepcopy(denoiser)})
+    ours = make_composable(pipe)
+    targets = _targets(denoiser)
+    pristine = {k: m.weight.detach().clone() for k, m in targets.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shira_files = [
+            save_shira(_shira(targets, seed, seed, family), folder / f"shira{seed}.safetensors", {"r": str(RANK)})
+            for seed in (0, 1)
+        ]
+        lora_files = [folder / f"lora{seed}.safetensors" for seed in (0, 1)]
+        for seed, path in enumerate(lora_files):
+            save_file(peft_state_dict(random_lora(denoiser, seed, RANK), f"{prefix}."), str(path))
+        names = [ours.add_adapter(read_adapter(path)) for path in shira_files]
+        ours.set_composition({names[0]: 1.0})
+        ours.set_composition({names[1]: 1.0})
+        peer.enable_lora_hotswap(target_rank=RANK)
+        peer.load_lora_weights(str(lora_files[0]), adapter_name="hot")
+        turn = {"memory": 0, "file": 0, "peer": 0}
+        current: list[str] = []
+
+        def memory_switch() -> None:
+            turn["memory"] += 1
+            ours.set_composition({names[turn["memory"] % 2]: 1.0})
+
+        def file_cycle() -> None:
+            turn["file"] += 1
+            name = ours.add_adapter(read_adapter(shira_files[turn["file"] % 2]), name=f"file{turn['file']}")
+            ours.set_composition({name: 1.0})
+            if current:
+                ours.remove_adapter(current.pop())
+            current.append(name)
+
+        def hotswap() -> None:
+            turn["peer"] += 1
+            peer.load_lora_weights(str(lora_files[turn["peer"] % 2]), adapter_name="hot", hotswap=True)
+
+        peaks: dict[str, int] = {}
+        ms = interleaved_ms(
+            {"ours_memory_ms": memory_switch, "ours_file_ms": file_cycle, "peer_hotswap_ms": hotswap},
+            repeats,
+            device,
+            peaks,
+        )
+        ours.clear_composition()
+        for name in list(ours.adapters):
+            ours.remove_adapter(name)
+    exact = all(torch.equal(m.weight, pristine[k]) for k, m in targets.items())
+    return {
+        **{name: round(value, 3) for name, value in ms.items()},
+        "peer_hotswap_vs_ours_memory": round(ms["peer_hotswap_ms"] / ms["ours_memory_ms"], 2),
+        "peer_hotswap_vs_ours_file": round(ms["peer_hotswap_ms"] / ms["ours_file_ms"], 2),
+        "peak_bytes": peaks,
+        "layers": len(targets),
+        "restored_bit_exact": exact,
+    }
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Shared test setup: offline hub, a per-session preset cache, tiny pipeline fixtures and the ``gpu`` skip hook.
 
+Tests marked ``gpu`` run on CUDA. Those that take their device from the ``gpu_device`` fixture follow
+``LORA_COMPOSER_TEST_DEVICE`` instead (default ``cuda``; ``cpu`` proves them on a machine without a GPU).
+
 Pipelines: ``tiny_sd`` / ``tiny_sdxl`` / ``tiny_flux`` / ``tiny_kontext`` return a FRESH pipeline loaded from the
 session cache in every test (tests may mutate them freely); ``tiny_sd_path`` etc. are the cached folders, built once
 per session. Kontext runs need ``composer.presets.kontext_call_kwargs(h, w)`` or they silently run at 1024².
@@ -32,14 +35,29 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ.get("LORA_COMPOSER_TEST_THREADS", "1")))
 
 
+TEST_DEVICE_ENV = "LORA_COMPOSER_TEST_DEVICE"
+"""Environment variable naming the device of the ``gpu`` tests that take the ``gpu_device`` fixture."""
+
+
+def _test_device() -> torch.device:
+    return torch.device(os.environ.get(TEST_DEVICE_ENV, "cuda"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``gpu`` when CUDA is unavailable."""
+    """Skip tests marked ``gpu`` when CUDA is unavailable, except those on ``gpu_device`` pointed off CUDA."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
+    elsewhere = _test_device().type != "cuda"
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not (elsewhere and "gpu_device" in getattr(item, "fixturenames", ())):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gpu_device() -> torch.device:
+    """The device of the ``gpu`` tests: ``$LORA_COMPOSER_TEST_DEVICE``, CUDA by default."""
+    return _test_device()
 
 
 @pytest.fixture(scope="session", autouse=True)
