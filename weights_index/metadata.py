@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion.errors import SidecarTooLargeError
+from fusion.weight_range import weight_problem
 from weights_index.families import family_from_text
 from weights_index.hashing import autov2
 from weights_index.text_safety import storable_json
@@ -142,7 +143,7 @@ def read_metadata(
     a1111 = _load_sidecar(path.with_name(A1111_SIDECAR.format(stem=path.stem)), warnings)
     header = dict(header_metadata)
     layers = [
-        ("a1111", _from_a1111(a1111)),
+        ("a1111", _from_a1111(a1111, warnings)),
         ("civitai", _from_civitai(civitai, warnings)),
         ("modelspec", _from_modelspec(header)),
         ("kohya", _from_kohya(header, warnings)),
@@ -353,12 +354,16 @@ def _civitai_primary_sha256(files: object) -> str | None:
     return None
 
 
-def _from_a1111(settings: Mapping[str, Any]) -> dict[str, Any]:
+def _from_a1111(settings: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
     if not settings:
         return {}
     out: dict[str, Any] = {}
     out["trigger_words"] = _split_words(_as_str(settings.get("activation text")))
     weight = _as_float(settings.get("preferred weight"))
+    problem = None if weight is None else weight_problem(weight)
+    if problem is not None:
+        warnings.append(f"preferred weight {weight!r} {problem}; ignored")
+        weight = None
     out["preferred_weight"] = weight if weight else None  # A1111 writes 0 for "use the default"
     for key, target in (("notes", "notes"), ("negative text", "negative_text"), ("description", "description")):
         text = _as_str(settings.get(key))
