@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from composer import commands
 from fusion.errors import ComposerError
+from weights_index.text_safety import is_valid_unicode
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -43,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     subcommands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     if args_list and args_list[0] not in subcommands and not args_list[0].startswith("-"):
         args_list.insert(0, "generate")
+    odd = next((arg for arg in args_list if not is_valid_unicode(arg)), None)
+    if odd is not None:
+        parser.error(f"argument {odd!a} is not valid UTF-8 text")
     args = parser.parse_args(args_list)
     if getattr(args, "handler", None) is None:
         parser.print_help()
@@ -51,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or EXIT_OK)
     except ComposerError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # the file system said no (disk full, a folder made read-only meanwhile): one line
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
