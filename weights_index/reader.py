@@ -135,8 +135,9 @@ def _read_layers(
     return read_lora(tensors, metadata, path, flux=family == "flux", layers_per_block=layers_per_block)
 
 
-INTEGER_TENSOR_SUFFIXES = ("index", "indices", "alpha")
-"""Tensor names that may hold integers: sparse positions, and alphas (a scalar read as a number)."""
+INTEGER_TENSOR_SUFFIXES = ("index", "indices", "shape", "alpha", "on_input")
+"""Tensor names that may hold integers: sparse positions and shapes, alphas (a scalar read as a number) and IA3's
+``on_input`` flag."""
 
 
 def _refuse_malformed_values(tensors: Mapping[str, Any], path: Path) -> None:
@@ -211,5 +212,6 @@ def read_adapter(
         meta={"format": layout.format, "safetensors_metadata": dict(metadata)},
         source=str(path),
     )
-    check_adapter_numbers(adapter)
+    if not allow_non_finite:
+        check_adapter_numbers(adapter)
     return adapter
