@@ -354,6 +354,10 @@ def cli_cases(count: int, seed: int, workdir: Path) -> list[tuple[str, list[str]
     library.mkdir(exist_ok=True)
     (library / "zorbex.safetensors").write_bytes(_serialise(_seed_tensors("peft", rng)))
     (library / "broken.safetensors").write_bytes(SECRET)
+    if not (library / "loop.safetensors").is_symlink():
+        os.symlink("loop.safetensors", library / "loop.safetensors")
+        os.mkfifo(library / "pipe.safetensors")
+    names = ["zorbex", "broken", "loop", "pipe", "/etc/passwd", "../x", "nope"]
     numbers = ["0", "-3", "1", "2", str(2**32), str(2**70), "1e3", "x", "", "\udcff", "-0", "3.5"]
     weights = ["0.5", "1e38", "1e20", "-1e5", "nan", "inf", "20", "21", "0@0,1@1", "0@0,25@1", "1e308", "x", "-2"]
     outs = [str(taken), "/dev/null", f"{taken}/sub", str(workdir / "fresh"), "/proc/nope", str(workdir)]
@@ -367,16 +371,17 @@ def cli_cases(count: int, seed: int, workdir: Path) -> list[tuple[str, list[str]
         elif form == "outs":
             argv = ["a cat", rng.choice(["--out", "--plot"]), rng.choice(outs)]
         elif form == "tags":
-            argv = [f"a cat <lora:zorbex:{rng.choice(weights)}:te={rng.choice(weights)}>", "--library", str(library)]
+            tag = f"<lora:{rng.choice(names)}:{rng.choice(weights)}:te={rng.choice(weights)}>"
+            argv = [f"a cat {tag}", "--library", str(library)]
         elif form == "lists":
-            argv = ["a cat", "--loras", f"zorbex:{rng.choice(weights)}", "--library", str(library)]
+            argv = ["a cat", "--loras", f"{rng.choice(names)}:{rng.choice(weights)}", "--library", str(library)]
         elif form == "odd":
             argv = [rng.choice(["a c\udcfft", "<lora:>", "<lora::>", "<lora:x:1:2:3>", "<lora:x:lbw=9>", "a" * 5000])]
         elif form == "index":
             argv = [rng.choice(["index", "search", "info"]), str(library)]
             argv = argv + (["--library", str(library)] if argv[0] == "search" else [])
             if argv[0] == "info":
-                argv = ["info", rng.choice(["broken", "zorbex", "nope", "\udcff"]), "--library", str(library)]
+                argv = ["info", rng.choice([*names, "\udcff"]), "--library", str(library)]
         elif form == "judge":
             image = workdir / f"judge{index}.png"
             image.write_bytes(rng.choice([SECRET, b"\x89PNG\r\n\x1a\n" + os.urandom(40), b""]))

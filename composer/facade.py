@@ -34,7 +34,7 @@ from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
 from fusion.adapter_cache import file_key
 from fusion.adapters import Adapter
 from fusion.cfg_branches import Branches, describe_branches
-from fusion.errors import CompositionError, UnsafePathError
+from fusion.errors import AdapterFormatError, CompositionError, UnsafePathError
 from fusion.layer_groups import BlockLayout
 from weights_index.reader import read_adapter
 
@@ -274,6 +274,12 @@ class Composer:
                 hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
             )
         entry = library.get(item.name)
+        if not entry.ok:
+            raise AdapterFormatError(
+                f"adapter {entry.name!r} could not be read when the library was indexed ({entry.error_type}: "
+                f"{entry.error})",
+                hint="fix or remove the file; `compose index DIR` lists every broken file",
+            )
         item.path = str(entry.path)
         item.hash = entry.metadata.hashes.get("AutoV2")
         item.trigger_words = item.trigger_words or list(entry.trigger_words)

@@ -11,6 +11,7 @@ a :class:`ComposerError` (re-exported here), so a front end needs no other packa
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import shutil
 import threading
@@ -348,7 +349,7 @@ class CompositionService:
         candidate = Path(path)
         if not candidate.is_absolute():
             candidate = root / candidate
-        real = candidate.resolve()
+        real = Path(os.path.realpath(candidate))  # never fails, even on a symlink loop
         if not (real.is_relative_to(root) and candidate.absolute().is_relative_to(root)) or not real.is_file():
             raise UnsafePathError(
                 "not a file inside the library", path=path, hint=f"only files under {root} are served"

@@ -617,7 +617,7 @@ class Library:
     def resolve(self, name: str | int) -> Path:
         """The real path of an adapter, checked (again, at use time) to lie inside the library."""
         entry = self.get(name)
-        real = entry.path.resolve()
+        real = Path(os.path.realpath(entry.path))  # never fails, even on a symlink loop
         if not _is_inside(real, self.root):
             raise UnsafePathError(
                 f"adapter {entry.name!r} resolves to {real}, outside the library",

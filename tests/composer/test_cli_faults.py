@@ -108,3 +108,22 @@ def test_judge_with_a_malformed_sidecar_exits_1(
     code, err = run(["judge", str(image)], capsys)
     assert code == 1
     assert err.startswith("error: ")
+
+
+def test_index_and_info_list_a_symlink_loop_and_a_fifo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    library = tmp_path / "lib"
+    library.mkdir()
+    os.symlink("loop.safetensors", library / "loop.safetensors")
+    os.mkfifo(library / "pipe.safetensors")
+    code, _ = run(["index", str(library)], capsys)
+    assert code == 0
+    code, err = run(["info", "loop", "--library", str(library)], capsys)
+    assert code == 0, err
+    code, err = run(
+        ["a cat", "--loras", "loop:0.5", "--library", str(library), "--model", "tiny-sd", "--out", str(tmp_path)],
+        capsys,
+    )
+    assert code == 1
+    assert "NonRegularFileError" in err or "not a regular file" in err or "cannot" in err
