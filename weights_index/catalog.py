@@ -510,8 +510,6 @@ class Library:
                 error = exc
                 header_metadata = header.metadata if header is not None else _header_metadata_or_empty(path)
                 header = None
-        if item.refusal is not None and not isinstance(item.refusal, UnsafePathError):
-            return _Record(item, None, None, AdapterMetadata(), {}, error)
         try:
             metadata = read_metadata(path, header_metadata, sha256=sha256, thumbnail_dir=self.thumbnail_dir)
         except SidecarTooLargeError as exc:
