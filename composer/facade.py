@@ -150,7 +150,10 @@ def _accepts(pipe: Any, argument: str) -> bool:
 
 
 class Composer:
-    """Retrieve, compose and generate: ``Composer(model="tiny-sd", library=DIR).run("a prompt", loras="auto")``."""
+    """Retrieve, compose and generate: ``Composer(model="tiny-sd", library=DIR).run("a prompt", loras="auto")``.
+
+    Adapters are named by catalog name or, unless ``library_only`` (set when serving requests from others), by file
+    path; with ``library_only`` anything shaped like a path is refused before the file system is consulted."""
 
     def __init__(
         self,
