@@ -598,7 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.files, args.cli, args.routes = 20, 20, 40
     start = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()) if args.quick else contextlib.nullcontext():
+    with contextlib.ExitStack() as quiet:
+        if args.quick:  # one JSON document on stdout: the app's and the libraries' chatter is dropped
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
         results = campaign(args.files, args.cli, args.routes, args.seed)
     bad = [r for r in results if r.outcome in BAD_OUTCOMES]
     if args.quick:
