@@ -1,9 +1,11 @@
 """Serving the app: bind 127.0.0.1 by default, and let Gradio serve only the library and the output folder.
 
 Gradio serves ``/gradio_api/file=PATH`` for files inside ``allowed_paths`` and inside its own upload/cache folders
-(resolving symlinks before the check, so ``..`` and links that leave a folder are refused with 403). By default its
-cache is the machine-wide ``$TMPDIR/gradio`` and ``./.gradio``; here both are moved inside the output folder, so the
-only folders reachable over HTTP are the library and the output folder.
+(resolving symlinks before the check, so ``..`` and links that leave a folder are refused with 403), except under
+``blocked_paths``, which win over both. By default its cache is the machine-wide ``$TMPDIR/gradio`` and
+``./.gradio``; here both are moved inside the output folder, so the only folders reachable over HTTP are the library
+and the output folder, and the catalog folder inside the library (``.lora-composer/``: the database and extracted
+thumbnails) is blocked.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ def served_folders(service: CompositionService) -> list[str]:
     return folders
 
 
+def blocked_folders(service: CompositionService) -> list[str]:
+    """Folders never served even inside a served one: the catalog's folder (database, thumbnails)."""
+    return [] if service.library_root is None else [str(service.catalog_folder)]
+
+
 def _private_gradio_cache(service: CompositionService) -> None:
     """Point Gradio's upload and example caches inside the output folder (read when the UI is built)."""
     cache = service.out / ".gradio"
@@ -60,7 +67,13 @@ def start(
     if port is not None:
         options["server_port"] = port
     try:
-        _, url, _ = blocks.launch(allowed_paths=served_folders(service), ssr_mode=False, mcp_server=False, **options)
+        _, url, _ = blocks.launch(
+            allowed_paths=served_folders(service),
+            blocked_paths=blocked_folders(service),
+            ssr_mode=False,
+            mcp_server=False,
+            **options,
+        )
     except OSError as exc:
         raise ComposerError(
             f"cannot serve on {host}:{port}: {exc}", hint="another program holds the port: pass --port N, or --port 0"

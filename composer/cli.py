@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from composer import commands
 from composer.verbosity import configure_logging
 from fusion.errors import ComposerError
+from weights_index.text_safety import is_valid_unicode
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -58,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((i for i, arg in enumerate(args_list) if arg not in VERBOSITY_FLAGS), len(args_list))
     if first < len(args_list) and args_list[first] not in subcommands and not args_list[first].startswith("-"):
         args_list.insert(first, "generate")
+    odd = next((arg for arg in args_list if not is_valid_unicode(arg)), None)
+    if odd is not None:
+        parser.error(f"argument {odd!a} is not valid UTF-8 text")
     args = parser.parse_args(args_list)
     configure_logging(args.verbose, args.quiet)
     if getattr(args, "handler", None) is None:
@@ -67,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or EXIT_OK)
     except ComposerError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # the file system said no (disk full, a folder made read-only meanwhile): one line
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -35,7 +35,7 @@ from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
 from fusion.adapter_cache import file_key
 from fusion.adapters import Adapter
 from fusion.cfg_branches import Branches, describe_branches
-from fusion.errors import CompositionError
+from fusion.errors import AdapterFormatError, CompositionError, UnsafePathError
 from fusion.layer_groups import BlockLayout
 from weights_index.reader import read_adapter
 
@@ -136,13 +136,27 @@ def _window(start: float | None, stop: float | None) -> Any:
     return weight
 
 
+def _refuse_paths(name: str) -> None:
+    """Where only library adapters may be named (``library_only``), refuse anything shaped like a file path (absolute,
+    ``..``, a drive or backslash) before any file is looked at: the answer is the same whether it exists or not."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "~")) or "\\" in name or ":" in name or ".." in parts:
+        raise UnsafePathError(
+            "adapters are named from the library here; file paths are not accepted",
+            hint="pick an adapter from the Library tab by its name",
+        )
+
+
 def _accepts(pipe: Any, argument: str) -> bool:
     """Whether the pipeline's ``__call__`` takes ``argument`` (img2img and InstructPix2Pix take no height/width)."""
     return argument in inspect.signature(type(pipe).__call__).parameters
 
 
 class Composer:
-    """Retrieve, compose and generate: ``Composer(model="tiny-sd", library=DIR).run("a prompt", loras="auto")``."""
+    """Retrieve, compose and generate: ``Composer(model="tiny-sd", library=DIR).run("a prompt", loras="auto")``.
+
+    Adapters are named by catalog name or, unless ``library_only`` (set when serving requests from others), by file
+    path; with ``library_only`` anything shaped like a path is refused before the file system is consulted."""
 
     def __init__(
         self,
@@ -151,9 +165,11 @@ class Composer:
         *,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
+        library_only: bool = False,
     ) -> None:
         self.model = model or default_model()
         self.library_dir = None if library is None else Path(library)
+        self.library_only = library_only
         self.device = device
         self.torch_dtype = torch_dtype
         self._pipe: Any = None
@@ -248,18 +264,28 @@ class Composer:
         shapes = self.pipe.model_shapes()
         shape_key = hash(frozenset(shapes.items()))
         path = Path(item.name)
-        if path.suffix and path.is_file():
+        if self.library_only:
+            _refuse_paths(item.name)
+        elif path.suffix and path.is_file():
             item.path = str(path)
             return ADAPTER_CACHE.get(
                 (file_key(path), family, shape_key), lambda: read_adapter(path, family, shapes=shapes)
             )
         library = self.library
+        if library is None and self.library_only:
+            raise CompositionError("no library is open, so no adapter can be named", hint="serve with a library")
         if library is None:
             raise CompositionError(
                 f"adapter {item.name!r} is not a file and no library is open",
                 hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
             )
         entry = library.get(item.name)
+        if not entry.ok:
+            raise AdapterFormatError(
+                f"adapter {entry.name!r} could not be read when the library was indexed ({entry.error_type}: "
+                f"{entry.error})",
+                hint="fix or remove the file; `compose index DIR` lists every broken file",
+            )
         item.path = str(entry.path)
         item.hash = entry.metadata.hashes.get("AutoV2")
         item.trigger_words = item.trigger_words or list(entry.trigger_words)

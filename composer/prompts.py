@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from fusion.errors import CompositionError
+from fusion.weight_range import checked_weight
 
 TAG_PATTERN = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -59,7 +60,9 @@ def adapter_request(
         )
     return LoraTag(
         name=name,
-        weight=keyframes or float(weight),
+        weight=_keyframes(keyframes, f"adapter {name!r}")
+        if keyframes
+        else checked_weight(weight, f"adapter {name!r}: weight"),
         block_weights=(block_weights or "").strip() or None,
         start=start,
         stop=stop,
@@ -72,11 +75,20 @@ def _number(text: str, tag: str) -> float:
     return float(text)
 
 
+def _keyframes(text: str, where: str) -> str:
+    """A keyframe list whose weights (before each ``@``) are checked against the weight range; returned as is."""
+    for item in re.split(r"[,;]", text):
+        weight = item.partition("@")[0].strip()
+        if weight and _NUMBER.match(weight):
+            checked_weight(float(weight), f"keyframe weight in {where}")
+    return text
+
+
 def _weight(text: str, tag: str) -> float | str:
     value = text.strip()
     if _KEYFRAMES.match(value) and "@" in value:
-        return value.replace(" ", "")
-    return _number(value, tag)
+        return _keyframes(value.replace(" ", ""), tag)
+    return checked_weight(_number(value, tag), f"weight in {tag}")
 
 
 def parse_tag(body: str) -> LoraTag:
@@ -110,7 +122,7 @@ def parse_tag(body: str) -> LoraTag:
     if len(positional) == 2:
         weight = _weight(positional[1], tag)
     if "te" in named:
-        text_encoder_weight = _number(named["te"], tag)
+        text_encoder_weight = checked_weight(_number(named["te"], tag), f"text-encoder weight in {tag}")
     if "unet" in named:
         weight = _weight(named["unet"], tag)
     if "step" in named:

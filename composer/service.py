@@ -11,7 +11,9 @@ a :class:`ComposerError` (re-exported here), so a front end needs no other packa
 from __future__ import annotations
 
 import itertools
+import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -94,6 +96,9 @@ class CompositionService:
     """Compose-and-generate for many concurrent callers over ``workers`` pipelines of ``model``, with ``library``.
 
     Each request's images go to their own folder under ``out`` (``<time>-<n>/<seed>-<i>.png`` plus sidecars).
+    Adapters are taken from the library by name only: a file path in a request (a prompt tag or the editor) is
+    refused before any file is looked at. Previews the catalog extracted into its own folder are offered as copies
+    under ``out/previews``, so nothing under the catalog folder ever needs serving.
     """
 
     def __init__(
@@ -114,7 +119,7 @@ class CompositionService:
         self._library_dir = None if library is None else Path(library)
         self._workers: queue.Queue[Composer] = queue.Queue()
         for _ in range(workers):
-            self._workers.put(Composer(model, library, device=device, torch_dtype=torch_dtype))
+            self._workers.put(Composer(model, library, device=device, torch_dtype=torch_dtype, library_only=True))
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._library: Any = None
@@ -300,6 +305,8 @@ class CompositionService:
     def _item(self, entry: Any) -> LibraryItem:
         candidates = [entry.preview, *entry.metadata.previews]
         preview = next((p for p in (self.inside_library(c) for c in candidates if c) if p is not None), None)
+        if preview is not None and preview.is_relative_to(self.catalog_folder):
+            preview = self._served_copy(preview)
         return LibraryItem(
             name=entry.name,
             title=entry.title,
@@ -312,6 +319,21 @@ class CompositionService:
             relpath=entry.relpath,
             error=entry.error,
         )
+
+    @property
+    def catalog_folder(self) -> Path:
+        """The folder holding the catalog database and its extracted thumbnails: never served."""
+        return self._require_library().db_path.parent
+
+    def _served_copy(self, preview: Path) -> Path:
+        """A copy of a catalog thumbnail under ``out/previews`` (names are content hashes: copied once)."""
+        target = self.out / "previews" / preview.name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            shutil.copyfile(preview, partial)
+            partial.replace(target)
+        return target
 
     def inside_library(self, path: str | Path) -> Path | None:
         """``path``'s real location when it is an existing file inside the library (symlinks resolved), else None."""
@@ -327,7 +349,7 @@ class CompositionService:
         candidate = Path(path)
         if not candidate.is_absolute():
             candidate = root / candidate
-        real = candidate.resolve()
+        real = Path(os.path.realpath(candidate))  # never fails, even on a symlink loop
         if not (real.is_relative_to(root) and candidate.absolute().is_relative_to(root)) or not real.is_file():
             raise UnsafePathError(
                 "not a file inside the library", path=path, hint=f"only files under {root} are served"

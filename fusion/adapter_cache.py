@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion.adapters import Adapter
+from fusion.errors import AdapterFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,12 @@ DEFAULT_BUDGET_BYTES = 4 * 1024**3
 
 def file_key(path: str | Path) -> tuple[str, int, int]:
     """(resolved path, size in bytes, mtime in ns) — changes whenever the file is replaced or edited."""
-    resolved = Path(path).resolve()
-    info = os.stat(resolved)
-    return str(resolved), info.st_size, info.st_mtime_ns
+    resolved = os.path.realpath(path)  # never fails, even on a symlink loop
+    try:
+        info = os.stat(resolved)
+    except OSError as exc:
+        raise AdapterFormatError(f"cannot read file ({exc.strerror or exc})", path=path) from exc
+    return resolved, info.st_size, info.st_mtime_ns
 
 
 @dataclass(frozen=True)

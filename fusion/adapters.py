@@ -59,6 +59,8 @@ class LowRank:
             raise ShapeMismatchError(
                 f"LoRA rank mismatch: down has rank {self.down.shape[0]}, up has rank {self.up.shape[1]}"
             )
+        if self.down.shape[0] == 0:
+            raise ShapeMismatchError("LoRA factors of rank 0 (empty): the update has no scale")
         if self.up.dim() == 4 and tuple(self.up.shape[2:]) != (1, 1):
             raise ShapeMismatchError(f"conv LoRA up factor must be 1×1, got {tuple(self.up.shape)}")
 

@@ -45,6 +45,7 @@ from fusion.denoiser_hook import attach, detach, reroute
 from fusion.errors import CompositionError, ShapeMismatchError, StepUnknownError, UnsupportedModelError
 from fusion.layer_groups import BlockLayout
 from fusion.layers import ComposedLayer, GateState, compose, is_composable
+from fusion.magnitude import check_composed_magnitude, delta_bound
 from fusion.relative import Relative
 from fusion.schedules import build_weight_table
 from fusion.sparse import check_base_fingerprint
@@ -106,6 +107,10 @@ def _normalise(kind: AdapterKind, module: nn.Module) -> AdapterKind:
     return kind
 
 
+MAGNITUDE_CHECK_STEPS = 16
+"""Steps a composition's schedules are sampled at when its largest weights are bounded."""
+
+
 class FusionEngine:
     """Adapters on a denoiser (UNet2DConditionModel or FluxTransformer2DModel) and its text encoders.
 
@@ -137,6 +142,7 @@ class FusionEngine:
                 self._targets[key] = _Target(parent, attr, module, self.layout.group_index(key))
         self.expected_shapes = {key: tuple(t.base.weight.shape) for key, t in self._targets.items()}
         self.adapters: dict[str, Adapter] = {}
+        self._bounds: dict[str, dict[str, float]] = {}
         self._layers: dict[str, ComposedLayer] = {}
         self._fused = False
         self.strategy: Strategy | None = None
@@ -281,6 +287,7 @@ class FusionEngine:
         prepared = [self._to_targets(adapter) for adapter in self.validate(adapters)]
         if not prepared:
             return
+        bounds = {adapter.name: {key: delta_bound(kind) for key, kind in adapter.all_layers()} for adapter in prepared}
         self._suspend()
         for adapter in prepared:
             for key, kind in adapter.all_layers():
@@ -289,6 +296,7 @@ class FusionEngine:
             logger.debug(
                 "attached adapter %r on %d layers", adapter.name, len(adapter.layers) + len(adapter.text_encoder_layers)
             )
+        self._bounds.update(bounds)
         self._reindex()
         self._resume()
 
@@ -303,6 +311,7 @@ class FusionEngine:
             )
         self._suspend()
         adapter = self.adapters.pop(name)
+        self._bounds.pop(name, None)
         for key, _ in adapter.all_layers():
             layer = self._layers[key]
             layer.remove(name)
@@ -442,6 +451,7 @@ class FusionEngine:
                     hint="create the engine with scheduler=pipe.scheduler (make_composable does), or use weights "
                     "that do not change over steps",
                 )
+            self._check_magnitude(strategy.weights)
         self._suspend()
         if strategy is None:
             self.unfuse()
@@ -453,6 +463,31 @@ class FusionEngine:
             logger.debug("composition cleared: base weights restored")
         else:
             logger.debug("composition set: %s over %s", type(strategy).__name__, list(strategy.weights))
+
+    def _check_magnitude(self, weights: Mapping[str, WeightSpec]) -> None:
+        """Refuse (before any weight is touched) a composition whose summed update could overflow a layer's dtype
+        (:func:`fusion.magnitude.check_composed_magnitude`), taking each adapter's largest |weight| per group."""
+        table = self.weight_table(weights, num_steps=MAGNITUDE_CHECK_STEPS).abs().amax(dim=2).cpu()
+        largest: dict[str, dict[str, float]] = {}
+        for row, name in enumerate(self.adapter_names):
+            per_layer = self._bounds.get(name, {})
+            largest[name] = {key: float(table[row, self._targets[key].group]) for key in per_layer}
+        dtypes = {key: target.base.weight.dtype for key, target in self._targets.items()}
+        check_composed_magnitude(self._bounds, largest, dtypes)
+
+    def _check_finite(self, output: Any, step: int) -> Any:
+        """Raise :class:`CompositionError` naming the active adapters (likeliest culprit first) when a composed
+        denoiser call returned NaN or Inf: the image would come out black or NaN."""
+        tensor = output_tensor(output)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            active = [name for name in self.adapter_names if name in (self.strategy.weights if self.strategy else {})]
+            active.sort(key=lambda name: -max(self._bounds.get(name, {}).values(), default=0.0))
+            raise CompositionError(
+                f"the denoiser's output at step {step} holds NaN or Inf with adapter(s) {active} composed; no image "
+                "is made",
+                hint=f"lower the weight of {active[0]!r} or leave it out" if active else None,
+            )
+        return output
 
     def reset_generation(self, *, cfg_halves: bool = False) -> None:
         """The next denoiser call starts a generation (the mixin calls this per pipeline call); puts the engine's
@@ -556,7 +591,9 @@ class FusionEngine:
         latent = args[0] if args else next((kwargs[k] for k in _LATENT_ARGUMENTS if k in kwargs), None)
         batch = int(latent.shape[0]) if isinstance(latent, torch.Tensor) else 1
         if self.branches == "conditional" and self._cfg_halves:
-            return self._route_conditional(forward, args, kwargs, batch, step, num_steps, timestep)
+            return self._check_finite(
+                self._route_conditional(forward, args, kwargs, batch, step, num_steps, timestep), step
+            )
         ctx = StepContext(
             engine=self,
             step=step,
@@ -567,7 +604,7 @@ class FusionEngine:
             kwargs=kwargs,
             forward=forward,
         )
-        return strategy.step(ctx)
+        return self._check_finite(strategy.step(ctx), step)
 
     def _route_conditional(
         self,

@@ -38,6 +38,14 @@ class NonFiniteTensorError(AdapterFormatError):
     """A tensor in the file holds NaN or Inf values."""
 
 
+class NonRegularFileError(AdapterFormatError):
+    """An adapter path is not a regular file (a FIFO, socket, device or symlink loop) and is never opened."""
+
+
+class SidecarTooLargeError(AdapterFormatError):
+    """A metadata sidecar (``.civitai.info``, ``.json``) is larger than the size cap and is not read."""
+
+
 class ShapeMismatchError(ComposerError):
     """An adapter layer's shape does not fit the module it targets (or the declared base family)."""
 

@@ -33,6 +33,7 @@ import torch
 
 from fusion.errors import CompositionError
 from fusion.layer_groups import BASE, MID, BlockLayout
+from fusion.weight_range import checked_weight
 
 StepFunction = Callable[[int, int], float]
 BlockSpec = Union[str, Sequence[float]]
@@ -99,9 +100,9 @@ def parse_keyframes(text: str) -> Keyframes:
                 hint="each item is weight@position; position ≤ 1 is a fraction of the steps, > 1 a step number",
             )
         weight, position = float(match.group(1)), float(match.group(2))
-        if not (math.isfinite(weight) and math.isfinite(position)) or position < 0:
-            raise CompositionError(f"keyframe {item.strip()!r} in {text!r} needs a finite weight and position ≥ 0")
-        points.append((weight, position))
+        if not math.isfinite(position) or position < 0:
+            raise CompositionError(f"keyframe {item.strip()!r} in {text!r} needs a finite position ≥ 0")
+        points.append((checked_weight(weight, f"keyframe weight in {text!r}"), position))
     return Keyframes(tuple(points))
 
 
@@ -115,9 +116,7 @@ def _parse_float(item: str, whole: str) -> float:
         value = float(item.strip())
     except ValueError:
         raise CompositionError(f"{item.strip()!r} in {whole!r} is not a number") from None
-    if not math.isfinite(value):
-        raise CompositionError(f"{item.strip()!r} in {whole!r} is not a finite number")
-    return value
+    return checked_weight(value, f"weight in {whole!r}")
 
 
 def preset_vector(name: str, layout: BlockLayout) -> tuple[float, ...]:
@@ -203,9 +202,7 @@ def is_step_dependent(spec: Any) -> bool:
 
 
 def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise CompositionError(f"weight {value!r} is not finite")
-    return value
+    return checked_weight(value, "weight")
 
 
 def block_weights(blocks: BlockSpec | None, layout: BlockLayout) -> torch.Tensor:
@@ -240,9 +237,9 @@ def step_weights(steps: StepSpec | None, num_steps: int) -> torch.Tensor:
         values = []
         for step in range(num_steps):
             value = steps(step, num_steps)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-                raise CompositionError(f"step schedule returned {value!r} at step {step}, not a finite number")
-            values.append(float(value))
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CompositionError(f"step schedule returned {value!r} at step {step}, not a number")
+            values.append(checked_weight(value, f"step schedule value at step {step}"))
         return torch.tensor(values, dtype=torch.float64)
     raise CompositionError(f"cannot read a step schedule from {type(steps).__name__} {steps!r}")
 

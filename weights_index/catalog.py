@@ -1,19 +1,24 @@
 """The library catalog: a folder of adapter files indexed in SQLite (with FTS5 search) and kept current by scans.
 
-A scan is incremental and atomic. Files whose (size, mtime_ns) and sidecar signature are unchanged are skipped
-without opening them; new or changed files are hashed (SHA-256), probed (safetensors header only, never tensor
-data) and their metadata merged from the header and sidecars. A file moved or renamed inside the library (same
-SHA-256, old path gone) keeps its row id, so anything keyed by id (vectors, scores) survives. Each scan is ONE
-SQLite transaction: a scan killed at any point leaves the previous catalog intact.
+A scan is incremental. Files whose (size, mtime_ns) and sidecar signature are unchanged are skipped without
+opening them; new or changed files are probed (safetensors header only, never tensor data), hashed (SHA-256) once
+their header is sound, and their metadata merged from the header and sidecars. A file moved or renamed inside the
+library (same SHA-256, old path gone) keeps its row id, so anything keyed by id (vectors, scores) survives.
+Files are read outside any lock and written in batches (:data:`SCAN_BATCH_FILES` files or
+:data:`SCAN_BATCH_SECONDS` of reading, whichever comes first), one SQLite transaction each, rows of deleted files
+last: a scan killed at any point leaves a consistent catalog that keeps every batch already written.
 
-Nothing a file contains can fail a scan: broken files, pickle checkpoints (refused, never opened) and symlinks
-that leave the library (refused, never followed) are recorded with their error and listed like any other entry.
+Each file passes a fault boundary: nothing a file contains (or how it vanishes mid-scan) can fail a scan. Broken
+files, pickle checkpoints (refused, never opened), non-regular files (FIFOs, sockets, symlink loops: never opened),
+names that are not UTF-8, oversized sidecars, and symlinks that leave the library (refused, never followed) are
+recorded with their typed error and listed like any other entry.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -25,12 +30,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fusion.errors import AdapterFormatError, ComposerError, UnknownAdapterError, UnsafePathError
+from fusion.errors import (
+    AdapterFormatError,
+    ComposerError,
+    NonRegularFileError,
+    SidecarTooLargeError,
+    UnknownAdapterError,
+    UnsafePathError,
+)
 from weights_index import reader
 from weights_index.families import ALL_FAMILIES
 from weights_index.hashing import file_sha256
 from weights_index.metadata import SIDECAR_SUFFIXES, AdapterMetadata, read_metadata
-from weights_index.safetensors_file import PICKLE_SUFFIXES, read_header, refuse_pickle
+from weights_index.safetensors_file import PICKLE_SUFFIXES, read_header, refuse_non_regular, refuse_pickle
+from weights_index.text_safety import is_valid_unicode, storable_text
 
 if TYPE_CHECKING:
     from fusion.adapters import Adapter
@@ -44,6 +57,12 @@ MAX_HEADER_VALUE_CHARS = 16_384
 """Longer header values (big tag-frequency tables, bucket info) are parsed into metadata but not stored raw."""
 LOCK_TIMEOUT_S = 120.0
 """How long a scan waits for another process's scan of the same catalog to finish."""
+SCAN_BATCH_FILES = 64
+"""New or changed files written per scan transaction."""
+SCAN_BATCH_SECONDS = 2.0
+"""Reading time after which the files read so far are written, even when fewer than a batch."""
+
+_log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalog_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -212,6 +231,16 @@ class _Record:
     error: BaseException | None
 
 
+@dataclass
+class _Tally:
+    """What a scan has done so far, batch by batch."""
+
+    unchanged: int = 0
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+
+
 class Library:
     """A folder of adapter files and its catalog (``<dir>/.lora-composer/catalog.sqlite`` unless ``db_path``).
 
@@ -274,70 +303,88 @@ class Library:
 
     # -------------------------------------------------------------------------------------------------- scan
     def scan(self) -> ScanReport:
-        """Bring the catalog up to date with the folder in one transaction; see the module docstring."""
+        """Bring the catalog up to date with the folder, in batches; see the module docstring."""
         start = time.perf_counter()
-        with self._connect() as db, _transaction(db):
-            report = self._scan_locked(db)
-        return replace(report, seconds=time.perf_counter() - start)
-
-    def _scan_locked(self, db: sqlite3.Connection) -> ScanReport:
-        known = {
-            row[0]: row[1:]
-            for row in db.execute("SELECT relpath, id, file_size, mtime_ns, sidecars, sha256 FROM adapters")
-        }
-        found = self._walk()
-        unchanged = 0
-        work: list[_Found] = []
-        for relpath, item in found.items():
-            row = known.get(relpath)
-            if row is not None and tuple(row[1:4]) == (item.size, item.mtime_ns, item.sidecars):
-                unchanged += 1
-            else:
-                work.append(item)
-        gone = {relpath: row for relpath, row in known.items() if relpath not in found}
-        gone_by_sha: dict[str, list[str]] = {}
-        for relpath, row in gone.items():
-            if row[4]:
-                gone_by_sha.setdefault(row[4], []).append(relpath)
-        added: list[str] = []
-        updated: list[str] = []
-        renamed: list[tuple[str, str]] = []
-        touched: set[int] = set()
-        for item in work:
-            record = self._inspect(item)
-            if item.relpath in known:
-                row_id, old_sha = known[item.relpath][0], known[item.relpath][4]
-                updated.append(item.relpath)
-            elif record.sha256 and gone_by_sha.get(record.sha256):
-                old_relpath = gone_by_sha[record.sha256].pop(0)
-                row_id, old_sha = gone.pop(old_relpath)[0], record.sha256
-                renamed.append((old_relpath, item.relpath))
-            else:
-                row_id, old_sha = None, None
-                added.append(item.relpath)
-            touched.add(self._write(db, record, row_id, keep_scores=old_sha == record.sha256))
-        for row in gone.values():
-            db.execute("DELETE FROM adapters WHERE id = ?", (row[0],))
-            db.execute("DELETE FROM adapters_fts WHERE rowid = ?", (row[0],))
-        if work or gone:
-            touched |= _assign_names(db)
-        for row_id in sorted(touched):
-            _index_text(db, row_id)
-        broken = db.execute("SELECT relpath, error FROM adapters WHERE error IS NOT NULL ORDER BY relpath").fetchall()
+        with self._connect() as db:
+            known = {
+                row[0]: row[1:] for row in db.execute("SELECT relpath, file_size, mtime_ns, sidecars FROM adapters")
+            }
+            found = self._walk()
+            work = [
+                item
+                for relpath, item in found.items()
+                if known.get(relpath) != (item.size, item.mtime_ns, item.sidecars)
+            ]
+            tally = _Tally(unchanged=len(found) - len(work))
+            batch: list[_Record] = []
+            batch_start = time.perf_counter()
+            for item in work:
+                record = self._inspect_safely(item)
+                if record is not None:
+                    batch.append(record)
+                if len(batch) >= SCAN_BATCH_FILES or time.perf_counter() - batch_start >= SCAN_BATCH_SECONDS:
+                    self._write_batch(db, batch, found, tally)
+                    batch, batch_start = [], time.perf_counter()
+            self._write_batch(db, batch, found, tally)
+            with _transaction(db):
+                gone = [row for row in db.execute("SELECT id, relpath FROM adapters") if row[1] not in found]
+                for row_id, _ in gone:
+                    db.execute("DELETE FROM adapters WHERE id = ?", (row_id,))
+                    db.execute("DELETE FROM adapters_fts WHERE rowid = ?", (row_id,))
+                if gone:
+                    for row_id in sorted(_assign_names(db)):
+                        _index_text(db, row_id)
+            broken = db.execute(
+                "SELECT relpath, error FROM adapters WHERE error IS NOT NULL ORDER BY relpath"
+            ).fetchall()
         return ScanReport(
-            added=tuple(added),
-            updated=tuple(updated),
-            unchanged=unchanged,
-            removed=tuple(sorted(gone)),
-            renamed=tuple(renamed),
+            added=tuple(tally.added),
+            updated=tuple(tally.updated),
+            unchanged=tally.unchanged,
+            removed=tuple(sorted(relpath for _, relpath in gone)),
+            renamed=tuple(tally.renamed),
             broken=tuple((p, e) for p, e in broken),
-            seconds=0.0,
+            seconds=time.perf_counter() - start,
         )
+
+    def _write_batch(
+        self, db: sqlite3.Connection, records: list[_Record], found: Mapping[str, _Found], tally: _Tally
+    ) -> None:
+        """Write one batch of inspected files in one transaction, re-checking each row under the write lock (a
+        concurrent scan may have written it meanwhile), then give the new rows their names and search text."""
+        if not records:
+            return
+        touched: set[int] = set()
+        with _transaction(db):
+            for record in records:
+                item = record.found
+                row = db.execute(
+                    "SELECT id, file_size, mtime_ns, sidecars, sha256 FROM adapters WHERE relpath = ?", (item.relpath,)
+                ).fetchone()
+                if row is not None and tuple(row[1:4]) == (item.size, item.mtime_ns, item.sidecars):
+                    tally.unchanged += 1
+                    continue
+                if row is not None:
+                    row_id, old_sha = row[0], row[4]
+                    tally.updated.append(item.relpath)
+                else:
+                    moved = _moved_from(db, record.sha256, found)
+                    if moved is not None:
+                        row_id, old_sha = moved[0], record.sha256
+                        tally.renamed.append((moved[1], item.relpath))
+                    else:
+                        row_id, old_sha = None, None
+                        tally.added.append(item.relpath)
+                touched.add(self._write(db, record, row_id, keep_scores=old_sha == record.sha256))
+            touched |= _assign_names(db)
+            for row_id in sorted(touched):
+                _index_text(db, row_id)
 
     def _walk(self) -> dict[str, _Found]:
         """Every candidate file under the root (hidden folders skipped, folder symlinks not followed); stat only.
 
-        Works on plain strings: this is the whole cost of a no-change rescan, so it stays lean.
+        Works on plain strings: this is the whole cost of a no-change rescan, so it stays lean. A file that
+        vanishes while it is looked at is left out.
         """
         found: dict[str, _Found] = {}
         prefix = str(self.root) + os.sep
@@ -353,31 +400,60 @@ class Library:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                        continue
+                except OSError:
                     continue
                 stem, suffix = os.path.splitext(entry.name)
                 suffix = suffix.lower()
                 if suffix in ADAPTER_SUFFIXES or suffix in PICKLE_SUFFIXES:
                     relpath = entry.path.removeprefix(prefix).replace(os.sep, "/")
-                    found[relpath] = self._found(entry, relpath, stem, suffix in PICKLE_SUFFIXES, by_name)
+                    try:
+                        item = self._found(entry, storable_text(relpath), stem, suffix in PICKLE_SUFFIXES, by_name)
+                    except FileNotFoundError:
+                        continue
+                    if not is_valid_unicode(relpath):
+                        item = replace(item, refusal=_not_unicode(entry.path))
+                    found[item.relpath] = item
         return found
 
     def _found(
         self, entry: os.DirEntry[str], relpath: str, stem: str, pickle: bool, siblings: Mapping[str, os.DirEntry[str]]
     ) -> _Found:
         refusal: ComposerError | None = None
+        own = entry.stat(follow_symlinks=False)
+        stat = own
         try:
-            if entry.is_symlink() and not _is_inside(Path(entry.path).resolve(), self.root):
-                refusal = UnsafePathError(
-                    f"symlink points outside the library (to {Path(entry.path).resolve()}); it is not followed",
-                    path=entry.path,
-                    hint="copy the file into the library, or link to a file inside it",
+            if entry.is_symlink():
+                target = Path(os.path.realpath(entry.path))
+                if not _is_inside(target, self.root):
+                    refusal = UnsafePathError(
+                        f"symlink points outside the library (to {target}); it is not followed",
+                        path=entry.path,
+                        hint="copy the file into the library, or link to a file inside it",
+                    )
+            if refusal is None:
+                stat = entry.stat(follow_symlinks=True)
+                refuse_non_regular(Path(entry.path), stat)
+        except FileNotFoundError as exc:
+            if entry.is_symlink():
+                refusal = AdapterFormatError(
+                    "broken symlink: its target does not exist", path=entry.path, hint="fix or remove the link"
                 )
-            stat = entry.stat(follow_symlinks=refusal is None)
+            else:
+                raise exc
         except OSError as exc:
-            refusal = AdapterFormatError(f"cannot read file: {exc}", path=entry.path, hint="fix or remove the link")
-            stat = entry.stat(follow_symlinks=False)
+            refusal = NonRegularFileError(
+                f"symlink cannot be followed ({exc.strerror or exc}); it is not opened",
+                path=entry.path,
+                hint="fix or remove the link",
+            )
+        except NonRegularFileError as exc:
+            refusal = exc
+        if refusal is not None:
+            stat = own
         if refusal is None and pickle:
             try:
                 refuse_pickle(Path(entry.path))
@@ -386,9 +462,12 @@ class Library:
         sidecars = []
         for suffix in SIDECAR_SUFFIXES:
             sibling = siblings.get(stem + suffix)
-            if sibling is not None and sibling.is_file(follow_symlinks=False):
-                info = sibling.stat(follow_symlinks=False)
-                sidecars.append(f"{sibling.name}:{info.st_size}:{info.st_mtime_ns}")
+            try:
+                if sibling is not None and sibling.is_file(follow_symlinks=False):
+                    info = sibling.stat(follow_symlinks=False)
+                    sidecars.append(f"{storable_text(sibling.name)}:{info.st_size}:{info.st_mtime_ns}")
+            except FileNotFoundError:
+                continue
         return _Found(
             relpath=relpath,
             path=entry.path,
@@ -398,24 +477,44 @@ class Library:
             refusal=refusal,
         )
 
+    def _inspect_safely(self, item: _Found) -> _Record | None:
+        """:meth:`_inspect` behind the per-file fault boundary: a file that vanished is left out (None); any
+        error no reader anticipated is logged and recorded on the file's row as an :class:`AdapterFormatError`."""
+        try:
+            return self._inspect(item)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # the fault boundary: one file never fails a scan
+            _log.exception("unexpected error while indexing %s", item.path)
+            error = AdapterFormatError(f"the file could not be read ({type(exc).__name__})", path=item.path)
+            return _Record(item, None, None, AdapterMetadata(), {}, error)
+
     def _inspect(self, item: _Found) -> _Record:
-        """Hash, probe (header only) and gather metadata for a new or changed file; errors are recorded."""
+        """Probe (header only), then hash, and gather metadata for a new or changed file; errors are recorded.
+
+        The header is checked first, so a large file that is not an adapter is never read whole.
+        """
         path = Path(item.path)
         sha256: str | None = None
         header: reader.AdapterHeader | None = None
         error: BaseException | None = item.refusal
         header_metadata: dict[str, str] = {}
         if error is None:
+            if not path.exists():
+                raise FileNotFoundError(item.path)
             try:
-                sha256 = file_sha256(path)
                 header = reader.probe(path)
                 header_metadata = header.metadata
-            except Exception as exc:  # a scan never fails on a file: every error is recorded on its row
+                sha256 = file_sha256(path)
+            except ComposerError as exc:  # a scan never fails on a file: every error is recorded on its row
                 error = exc
-                header_metadata = _header_metadata_or_empty(path)
+                header_metadata = header.metadata if header is not None else _header_metadata_or_empty(path)
+                header = None
         try:
             metadata = read_metadata(path, header_metadata, sha256=sha256, thumbnail_dir=self.thumbnail_dir)
-        except Exception as exc:  # e.g. the thumbnail folder is not writable
+        except SidecarTooLargeError as exc:
+            metadata, error = AdapterMetadata(), error or exc
+        except (OSError, ComposerError) as exc:  # e.g. the thumbnail folder is not writable
             metadata = AdapterMetadata(warnings=(f"metadata could not be read: {exc}",))
         return _Record(item, sha256, header, metadata, header_metadata, error)
 
@@ -445,6 +544,7 @@ class Library:
             "error_type": None if record.error is None else type(record.error).__name__,
             "scanned_at": time.time(),
         }
+        values = {column: storable_text(v) if isinstance(v, str) else v for column, v in values.items()}
         if row_id is None:
             values["name"] = f"//pending/{item.relpath}"
             columns = ", ".join(values)
@@ -515,7 +615,7 @@ class Library:
     def resolve(self, name: str | int) -> Path:
         """The real path of an adapter, checked (again, at use time) to lie inside the library."""
         entry = self.get(name)
-        real = entry.path.resolve()
+        real = Path(os.path.realpath(entry.path))  # never fails, even on a symlink loop
         if not _is_inside(real, self.root):
             raise UnsafePathError(
                 f"adapter {entry.name!r} resolves to {real}, outside the library",
@@ -660,6 +760,24 @@ def _index_text(db: sqlite3.Connection, row_id: int) -> None:
     db.execute(
         "INSERT INTO adapters_fts (rowid, name, title, trigger_words, tags, description) VALUES (?, ?, ?, ?, ?, ?)",
         (row_id, name, title, ", ".join(meta.trigger_words), ", ".join(tags), meta.description or ""),
+    )
+
+
+def _moved_from(db: sqlite3.Connection, sha256: str | None, found: Mapping[str, _Found]) -> tuple[int, str] | None:
+    """The (id, relpath) of a row with this content whose file is gone from the folder: the file moved here."""
+    if not sha256:
+        return None
+    for row_id, relpath in db.execute("SELECT id, relpath FROM adapters WHERE sha256 = ? ORDER BY relpath", (sha256,)):
+        if relpath not in found:
+            return row_id, relpath
+    return None
+
+
+def _not_unicode(path: str) -> UnsafePathError:
+    return UnsafePathError(
+        "the file name is not valid UTF-8; it is listed with the odd bytes replaced by '?' and never read",
+        path=storable_text(path),
+        hint="rename the file",
     )
 
 

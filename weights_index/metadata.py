@@ -13,7 +13,8 @@ Community adapters describe themselves in several places, none complete on its o
 - preview images next to the file (``NAME.preview.png``, ``NAME.png``, ``NAME.jpg``, …);
 - our own ``category`` header key, which wins over the category inferred from labels and titles.
 
-A malformed sidecar never fails a read: it is skipped and noted in ``warnings``.
+A malformed sidecar never fails a read: it is skipped and noted in ``warnings``. A sidecar over
+:data:`MAX_SIDECAR_BYTES` is refused (:class:`~fusion.errors.SidecarTooLargeError`) without being read.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import binascii
 import hashlib
 import html
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion.errors import SidecarTooLargeError
+from fusion.weight_range import weight_problem
 from weights_index.families import family_from_text
 from weights_index.hashing import autov2
+from weights_index.text_safety import storable_json
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
 """What an adapter mainly adds to an image; retrieval balances picks across these."""
@@ -43,6 +48,8 @@ PREVIEW_PATTERNS = tuple(f"{{stem}}.preview.{ext}" for ext in IMAGE_EXTENSIONS) 
 
 CIVITAI_SIDECAR = "{stem}.civitai.info"
 A1111_SIDECAR = "{stem}.json"
+MAX_SIDECAR_BYTES = 4 * 1024 * 1024
+"""The largest sidecar read; real Civitai and A1111 files are a few kB to a few hundred kB."""
 MAX_TAGS = 500
 """Caption tags kept per adapter (most frequent first); big datasets list thousands."""
 
@@ -136,7 +143,7 @@ def read_metadata(
     a1111 = _load_sidecar(path.with_name(A1111_SIDECAR.format(stem=path.stem)), warnings)
     header = dict(header_metadata)
     layers = [
-        ("a1111", _from_a1111(a1111)),
+        ("a1111", _from_a1111(a1111, warnings)),
         ("civitai", _from_civitai(civitai, warnings)),
         ("modelspec", _from_modelspec(header)),
         ("kohya", _from_kohya(header, warnings)),
@@ -246,7 +253,7 @@ def _tag_frequency(raw: str, warnings: list[str]) -> dict[str, int]:
     """Sum ``{dataset: {tag: count}}`` over datasets; most frequent first, ties by name."""
     try:
         datasets = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         warnings.append("ss_tag_frequency is not valid JSON; tags skipped")
         return {}
     if not isinstance(datasets, dict):
@@ -258,7 +265,7 @@ def _tag_frequency(raw: str, warnings: list[str]) -> dict[str, int]:
             continue
         for tag, count in tags.items():
             tag = str(tag).strip()
-            if tag and isinstance(count, (int, float)):
+            if tag and isinstance(count, (int, float)) and math.isfinite(count):
                 counts[tag] = counts.get(tag, 0) + int(count)
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return dict(ranked[:MAX_TAGS])
@@ -269,7 +276,7 @@ def _dataset_triggers(raw: str) -> tuple[str, ...]:
     tags (a regularisation folder such as ``5_reg`` names no caption tag and is skipped)."""
     try:
         datasets = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return ()
     found = []
     for folder, tags in datasets.items() if isinstance(datasets, dict) else ():
@@ -347,12 +354,16 @@ def _civitai_primary_sha256(files: object) -> str | None:
     return None
 
 
-def _from_a1111(settings: Mapping[str, Any]) -> dict[str, Any]:
+def _from_a1111(settings: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
     if not settings:
         return {}
     out: dict[str, Any] = {}
     out["trigger_words"] = _split_words(_as_str(settings.get("activation text")))
     weight = _as_float(settings.get("preferred weight"))
+    problem = None if weight is None else weight_problem(weight)
+    if problem is not None:
+        warnings.append(f"preferred weight {weight!r} {problem}; ignored")
+        weight = None
     out["preferred_weight"] = weight if weight else None  # A1111 writes 0 for "use the default"
     for key, target in (("notes", "notes"), ("negative text", "negative_text"), ("description", "description")):
         text = _as_str(settings.get(key))
@@ -369,9 +380,19 @@ def _load_sidecar(path: Path, warnings: list[str]) -> dict[str, Any]:
     if path.is_symlink() or not path.is_file():  # a symlinked sidecar could point anywhere: not followed
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_SIDECAR_BYTES:
+            raise SidecarTooLargeError(
+                f"sidecar {path.name} is {size} bytes, over the limit of {MAX_SIDECAR_BYTES}; it is not read",
+                path=path,
+                hint="shrink or remove the sidecar",
+            )
+        data = storable_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        warnings.append(f"{path.name} is unreadable ({exc}); skipped")
+        warnings.append(f"{path.name} is unreadable ({type(exc).__name__}); skipped")
+        return {}
+    except RecursionError:
+        warnings.append(f"{path.name} is nested too deeply; skipped")
         return {}
     if not isinstance(data, dict):
         warnings.append(f"{path.name} is not a JSON object; skipped")
@@ -447,12 +468,14 @@ def _as_str(value: object) -> str | None:
 def _as_int(value: object) -> int | None:
     try:
         return int(float(value)) if value not in (None, "", "None") else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
 def _as_float(value: object) -> float | None:
+    """A finite float, or None (NaN and infinities carry no usable setting)."""
     try:
-        return float(value) if value not in (None, "", "None") else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        number = float(value) if value not in (None, "", "None") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number is not None and math.isfinite(number) else None

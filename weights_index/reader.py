@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fusion.errors import FamilyMismatchError, ShapeMismatchError, UnknownLayoutError
+from fusion.errors import AdapterFormatError, ComposerError, FamilyMismatchError, ShapeMismatchError, UnknownLayoutError
 from weights_index.families import ALL_FAMILIES, FamilyEvidence, detect_family
 from weights_index.formats.layout import read_layout
 from weights_index.safetensors_file import load_tensors, read_header
@@ -135,6 +135,25 @@ def _read_layers(
     return read_lora(tensors, metadata, path, flux=family == "flux", layers_per_block=layers_per_block)
 
 
+INTEGER_TENSOR_SUFFIXES = ("index", "indices", "shape", "alpha", "on_input")
+"""Tensor names that may hold integers: sparse positions and shapes, alphas (a scalar read as a number) and IA3's
+``on_input`` flag."""
+
+
+def _refuse_malformed_values(tensors: Mapping[str, Any], path: Path) -> None:
+    """Every tensor must hold something, and adapter values must be floating point: an empty factor or alpha, or an
+    integer or bool factor, is a broken file (never cast, never divided by a rank of 0)."""
+    for key, tensor in tensors.items():
+        if tensor.numel() == 0:
+            raise AdapterFormatError(f"tensor {key!r} is empty", path=path, hint="the file is broken")
+        if not tensor.is_floating_point() and not key.rsplit(".", 1)[-1].endswith(INTEGER_TENSOR_SUFFIXES):
+            raise AdapterFormatError(
+                f"tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}; adapter values must be floating point",
+                path=path,
+                hint="the file is broken or not an adapter",
+            )
+
+
 def read_adapter(
     path: str | Path,
     family: str | None = None,
@@ -166,15 +185,24 @@ def read_adapter(
     detected = "flux" if layout.format.startswith("flux-") else evidence.family
     resolved = _resolve_family(evidence, detected, family, path)
     tensors = load_tensors(path, allow_non_finite=allow_non_finite, header=header)
-    layers, text_layers = _read_layers(
-        layout.format, resolved, tensors, header.metadata, path, layers_per_block, shapes
-    )
+    _refuse_malformed_values(tensors, path)
+    try:
+        layers, text_layers = _read_layers(
+            layout.format, resolved, tensors, header.metadata, path, layers_per_block, shapes
+        )
+    except ComposerError:
+        raise
+    except Exception as exc:  # a format reader met values it did not anticipate: still a typed error
+        raise AdapterFormatError(
+            f"the {layout.format} file could not be read ({type(exc).__name__})", path=path, hint="the file is broken"
+        ) from exc
     if not layers and not text_layers:
         raise UnknownLayoutError("no adapted module could be read from the file", path=path)
     metadata = header.metadata
     from fusion.adapters import Adapter
+    from fusion.magnitude import check_adapter_numbers
 
-    return Adapter(
+    adapter = Adapter(
         name=name or (given.name if given.is_dir() else path.stem),
         family=resolved,
         layers=layers,
@@ -184,3 +212,6 @@ def read_adapter(
         meta={"format": layout.format, "safetensors_metadata": dict(metadata)},
         source=str(path),
     )
+    if not allow_non_finite:
+        check_adapter_numbers(adapter)
+    return adapter

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
-from fusion.errors import AdapterFormatError, NonFiniteTensorError, UnsafeFormatError
+from fusion.errors import AdapterFormatError, NonFiniteTensorError, NonRegularFileError, UnsafeFormatError
+from weights_index.text_safety import storable_text
 
 if TYPE_CHECKING:
     import torch
@@ -88,12 +90,31 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
+def refuse_non_regular(path: Path, info: os.stat_result) -> None:
+    """Raise :class:`NonRegularFileError` unless ``info`` (a followed stat) is a regular file: opening a FIFO
+    blocks forever and a device or socket is never an adapter."""
+    if stat.S_ISREG(info.st_mode):
+        return
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(info.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(info.st_mode)
+        else "a folder"
+        if stat.S_ISDIR(info.st_mode)
+        else "a device or special file"
+    )
+    raise NonRegularFileError(f"not a regular file ({kind}); it is not opened", path=path, hint="remove it")
+
+
 def read_header(path: str | Path) -> SafetensorsHeader:
     """Read and validate only the header of ``path`` (no tensor data is touched)."""
     path = Path(path)
     refuse_pickle(path)
     try:
-        file_size = path.stat().st_size
+        info = path.stat()
+        refuse_non_regular(path, info)
+        file_size = info.st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -103,30 +124,39 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
                 raise AdapterFormatError(
-                    f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); the file is corrupt",
+                    f"header length is over the limit of {MAX_HEADER_BYTES} bytes; "
+                    "the file is corrupt or not safetensors",
                     path=path,
                     hint="re-download the file",
                 )
             if 8 + header_len > file_size:
                 raise AdapterFormatError(
-                    f"header claims {header_len} bytes but the file has only {file_size - 8} after the prefix; "
-                    "the file is truncated",
+                    f"header length is longer than the file ({file_size} bytes); the file is truncated or not "
+                    "safetensors",
                     path=path,
                     hint="re-download the file",
                 )
             raw = handle.read(header_len)
     except OSError as exc:
-        raise AdapterFormatError(f"cannot read file: {exc}", path=path) from exc
+        raise AdapterFormatError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
     try:
         parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"header is not valid JSON ({exc})", path=path, hint="re-download the file") from exc
+    except UnicodeDecodeError as exc:
+        raise AdapterFormatError("header is not UTF-8 text", path=path, hint="re-download the file") from exc
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(
+            f"header is not valid JSON ({exc.msg} at byte {exc.pos})", path=path, hint="re-download the file"
+        ) from exc
+    except RecursionError as exc:
+        raise AdapterFormatError("header JSON is nested too deeply", path=path, hint="re-download the file") from exc
     if not isinstance(parsed, dict):
         raise AdapterFormatError("header is not a JSON object", path=path)
     metadata_raw = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata_raw, dict):
         raise AdapterFormatError("__metadata__ is not a JSON object", path=path)
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata_raw.items()}
+    metadata = {
+        storable_text(k): storable_text(v) if isinstance(v, str) else json.dumps(v) for k, v in metadata_raw.items()
+    }
     data_size = file_size - 8 - header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in parsed.items():
@@ -138,12 +168,12 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise AdapterFormatError(f"tensor {name!r} has a malformed header entry", path=path)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BYTES:
-        raise AdapterFormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path=path)
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise AdapterFormatError(f"tensor {name!r} has a malformed shape {shape!r}", path=path)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise AdapterFormatError(f"tensor {name!r} has malformed data offsets {offsets!r}", path=path)
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise AdapterFormatError(f"tensor {name!r} has an unknown dtype", path=path)
+    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+        raise AdapterFormatError(f"tensor {name!r} has a malformed shape", path=path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise AdapterFormatError(f"tensor {name!r} has malformed data offsets", path=path)
     start, end = offsets
     if not 0 <= start <= end <= data_size:
         raise AdapterFormatError(

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from composer import cli_types
 from composer.model_default import default_model
 
 DEFAULT_HOST = "127.0.0.1"
@@ -38,9 +39,14 @@ def add_app_options(parser: argparse.ArgumentParser) -> None:
         "--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1: reachable from this machine only)"
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 7860; 0 picks a free one)")
-    parser.add_argument("--out", type=Path, default=Path("out") / "app", help="where generated images are saved")
     parser.add_argument(
-        "--workers", type=int, default=1, help="pipelines kept in memory; this many requests generate at once"
+        "--out", type=cli_types.output_dir, default=Path("out") / "app", help="where generated images are saved"
+    )
+    parser.add_argument(
+        "--workers",
+        type=cli_types.positive_int,
+        default=1,
+        help="pipelines kept in memory; this many requests generate at once",
     )
 
 

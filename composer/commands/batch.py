@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from composer import cli_types
 from composer.commands import generate
 from composer.prompts import extract_lora_tags
 from composer.reporting import emit_json, format_table
@@ -43,7 +44,7 @@ def _generate_parser() -> argparse.ArgumentParser:
 def _extra_parser() -> argparse.ArgumentParser:
     """Batch's own options when they come after PROMPTS.txt (among the generate options)."""
     parser = argparse.ArgumentParser(prog="compose batch", add_help=False)
-    parser.add_argument("--processes", type=int, default=None)
+    parser.add_argument("--processes", type=cli_types.positive_int, default=None)
     parser.add_argument("--worker", action="store_true")
     return parser
 
@@ -57,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "PROMPTS are those of `compose generate` (see compose generate -h) and apply to every prompt.",
     )
     parser.add_argument("prompts", type=Path, help="text file, one prompt per line")
-    parser.add_argument("--processes", type=int, default=None, help="processes to split the prompts across")
+    parser.add_argument(
+        "--processes", type=cli_types.positive_int, default=None, help="processes to split the prompts across"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("options", nargs=argparse.REMAINDER, help="`compose generate` options")
     parser.set_defaults(handler=run)

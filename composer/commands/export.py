@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from composer import cli_types
 from composer.model_default import default_model
 from composer.reporting import emit_json, format_table
 
@@ -15,7 +16,9 @@ def add_squeeze_options(parser: argparse.ArgumentParser) -> None:
     """--format, --rank / --energy (shared by `export` and `convert --to lora`)."""
     parser.add_argument("--format", choices=("kohya", "diffusers"), default="kohya", help="file layout (kohya)")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--rank", type=int, default=None, help="keep this many singular values per layer")
+    size.add_argument(
+        "--rank", type=cli_types.positive_int, default=None, help="keep this many singular values per layer"
+    )
     size.add_argument("--energy", type=float, default=None, help="keep this fraction of each layer's ‖ΔW‖²")
 
 
@@ -34,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("prompt", help="a prompt with <lora:name:weight> tags (or give --loras)")
     parser.add_argument("--loras", default=None, help="extra adapters: name:0.8,other (paths or library names)")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="the LoRA file to write")
+    parser.add_argument(
+        "--out", type=cli_types.output_file, required=True, metavar="FILE", help="the LoRA file to write"
+    )
     parser.add_argument(
         "--model",
         default=default_model(),

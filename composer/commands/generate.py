@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from composer import cli_types
 from composer.model_default import default_model
 from composer.reporting import emit_json, format_table
 from fusion.cfg_branches import BRANCHES
@@ -37,14 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
     )
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder (indexed incrementally)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 4 on tiny presets)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--steps", type=cli_types.positive_int, default=None, help="denoising steps (default: 4 on tiny presets)"
+    )
+    parser.add_argument("--seed", type=cli_types.seed, default=0)
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="image height and width")
-    parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
-    parser.add_argument("--tau", type=int, default=None, help="switch: steps per adapter")
+    parser.add_argument(
+        "--size", type=cli_types.positive_int, nargs=2, metavar=("H", "W"), default=None, help="image height and width"
+    )
+    parser.add_argument("--num-images", type=cli_types.positive_int, default=1)
+    parser.add_argument("--out", type=cli_types.output_dir, default=Path("out"), help="output folder (default ./out)")
+    parser.add_argument("--tau", type=cli_types.positive_int, default=None, help="switch: steps per adapter")
     parser.add_argument("--mode", choices=("batched", "sequential"), default=None, help="composite: execution mode")
     parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
     parser.add_argument(
@@ -65,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--plot",
-        type=Path,
+        type=cli_types.output_dir,
         default=None,
         metavar="DIR",
         help="write PNG plots to DIR: retrieval scores (--loras auto), weight table, gate heatmaps (--method gated)",

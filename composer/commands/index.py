@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def _short_error(entry: Any) -> str | None:
     if entry.error is None:
         return None
     text = entry.error
-    for prefix in (f"{entry.path}: ", f"{entry.path.resolve()}: "):
+    for prefix in (f"{entry.path}: ", f"{os.path.realpath(entry.path)}: "):  # realpath: never fails on a link loop
         text = text.removeprefix(prefix)
     text = f"{entry.error_type}: {text}"
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from composer import cli_types
 from composer.reporting import emit_json, format_table
 
 COLUMNS = ("rank", "name", "score", "family", "category", "signals", "pick")
@@ -26,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--library", required=True, type=Path, metavar="DIR", help="folder holding the adapters")
     parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
     parser.add_argument("--family", choices=("sd1", "sd2", "sdxl", "flux"), help="only adapters for this family")
-    parser.add_argument("-k", "--top", type=int, default=10, help="how many adapters to list (default 10)")
+    parser.add_argument(
+        "-k", "--top", type=cli_types.positive_int, default=10, help="how many adapters to list (default 10)"
+    )
     parser.add_argument(
         "--model", default=None, help="pipeline (preset, folder or hub id) whose text encoder enables zero-shot scoring"
     )

@@ -14,6 +14,9 @@ import torch
 
 from composer.toyworld.world import CONCEPTS
 
+MAX_SIDECAR_BYTES = 1024 * 1024
+"""The largest image sidecar read (compose writes a few kB)."""
+
 _WORDS: dict[str, dict[str, str]] = {
     "shape": {"circle": "circle", "square": "square", "triangle": "triangle"},
     "colour": {"red": "red", "blue": "blue", "green": "green", "yellow": "yellow"},
@@ -98,13 +101,46 @@ def judge_file(path: Path) -> Verdict:
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         raise ComposerError(f"{path} has no JSON sidecar, so what it should show is unknown", path=sidecar)
-    record = json.loads(sidecar.read_text())
-    image = Image.open(path).convert("RGB")
-    if image.size != (64, 64):
+    prompt, names = _read_record(sidecar)
+    try:
+        with Image.open(path) as opened:
+            if opened.size != (64, 64):  # read from the header: a decompression bomb is never decoded
+                raise ComposerError(
+                    f"the image is {opened.size[0]}×{opened.size[1]}; the judge reads toy-world images (64×64 from "
+                    "toy-sd)",
+                    path=path,
+                )
+            image = opened.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ComposerError(
-            f"{path} is {image.size[0]}×{image.size[1]}; the judge reads toy-world images (64×64 from toy-sd)",
-            path=path,
-        )
+            f"not a readable image ({type(exc).__name__})", path=path, hint="give a PNG written by compose"
+        ) from exc
     tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    names = [item["name"] for item in record.get("adapters", [])]
-    return judge_images(tensor, [record.get("prompt", "")], [names])[0]
+    return judge_images(tensor, [prompt], [names])[0]
+
+
+def _read_record(sidecar: Path) -> tuple[str, list[str]]:
+    """The prompt and adapter names of a compose image's JSON sidecar; :class:`ComposerError` when it is not one."""
+    from fusion.errors import ComposerError
+
+    def refuse(why: str) -> ComposerError:
+        return ComposerError(
+            f"the sidecar {why}", path=sidecar, hint="give the .json that compose wrote beside the PNG"
+        )
+
+    if sidecar.stat().st_size > MAX_SIDECAR_BYTES:
+        raise refuse(f"is over {MAX_SIDECAR_BYTES} bytes")
+    try:
+        record = json.loads(sidecar.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise refuse(f"is not JSON ({type(exc).__name__})") from exc
+    if not isinstance(record, dict):
+        raise refuse("is not a JSON object")
+    prompt, adapters = record.get("prompt", ""), record.get("adapters", [])
+    if not isinstance(prompt, str):
+        raise refuse("has a prompt that is not text")
+    if not isinstance(adapters, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("name"), str) for item in adapters
+    ):
+        raise refuse("has an adapter list that is not a list of named adapters")
+    return prompt, [item["name"] for item in adapters]

@@ -80,3 +80,12 @@ def test_busy_port_is_a_typed_error(running_app) -> None:
     port = urlparse(running_app.url).port
     with pytest.raises(ComposerError, match="--port"):
         start(running_app.service, port=port)
+
+
+def test_never_serves_the_catalog_folder(running_app, demo_library: Path) -> None:
+    catalog = demo_library / ".lora-composer" / "catalog.sqlite"
+    assert catalog.is_file()
+    for path in (str(catalog), str(catalog.parent), f"{demo_library}/character/../.lora-composer/catalog.sqlite"):
+        response = _get(running_app, path)
+        assert response.status_code == 403, path
+        assert b"SQLite" not in response.content

@@ -51,16 +51,25 @@ class ScaleConfig:
     use_rslora: bool = False
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> ScaleConfig | None:
-        """Build from a LoraConfig-like dict; None when it has no ``r``/``lora_alpha``."""
+    def from_mapping(cls, raw: object, source: str, path: Path) -> ScaleConfig | None:
+        """Build from a LoraConfig-like dict (``source`` names where it came from in errors); None when it has no
+        ``r``/``lora_alpha``. Ranks must be positive integers and alphas finite numbers."""
+        if not isinstance(raw, Mapping):
+            raise AdapterFormatError(f"{source} is not a JSON object", path=path)
         if "r" not in raw and "lora_alpha" not in raw:
             return None
-        r = int(raw.get("r", 8))
+        r = _positive_rank(raw.get("r", 8), f"{source}: r", path)
         return cls(
             r=r,
-            lora_alpha=float(raw.get("lora_alpha", r)),
-            rank_pattern=dict(raw.get("rank_pattern") or {}),
-            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            lora_alpha=_finite_alpha(raw.get("lora_alpha", r), f"{source}: lora_alpha", path),
+            rank_pattern={
+                str(k): _positive_rank(v, f"{source}: rank_pattern", path)
+                for k, v in _mapping(raw.get("rank_pattern"), f"{source}: rank_pattern", path).items()
+            },
+            alpha_pattern={
+                str(k): _finite_alpha(v, f"{source}: alpha_pattern", path)
+                for k, v in _mapping(raw.get("alpha_pattern"), f"{source}: alpha_pattern", path).items()
+            },
             use_rslora=bool(raw.get("use_rslora", False)),
         )
 
@@ -74,35 +83,83 @@ class ScaleConfig:
         return scale * rank
 
 
+def _mapping(value: object, what: str, path: Path) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise AdapterFormatError(f"{what} is not a JSON object", path=path)
+    return value
+
+
+def _positive_rank(value: object, what: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterFormatError(f"{what} must be a positive integer", path=path, hint="fix or remove the config")
+    return value
+
+
+def _finite_alpha(value: object, what: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterFormatError(f"{what} must be a finite number", path=path, hint="fix or remove the config")
+    return float(value)
+
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+"""A PEFT ``save_pretrained`` folder: its config scales its weights file, never other files beside it."""
+
+
 def scale_configs(metadata: Mapping[str, str], path: Path) -> dict[str, ScaleConfig]:
-    """Per-component scaling configs ("unet", "transformer", "text_encoder", …, or "" for a bare PEFT file)."""
+    """Per-component scaling configs ("unet", "transformer", "text_encoder", …, or "" for a bare PEFT file), from
+    the ``lora_adapter_metadata`` header key, or for a PEFT folder's :data:`PEFT_WEIGHTS` from its
+    :data:`PEFT_CONFIG`."""
     configs: dict[str, ScaleConfig] = {}
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if raw:
-        try:
-            packed = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise AdapterFormatError(f"{LORA_ADAPTER_METADATA_KEY} metadata is not JSON ({exc})", path=path) from exc
+        packed = _parse_json(raw, f"{LORA_ADAPTER_METADATA_KEY} metadata", path)
         components: dict[str, dict[str, Any]] = {}
-        for key, value in packed.items():
-            component, _, name = key.partition(".")
+        for key, value in _mapping(packed, f"{LORA_ADAPTER_METADATA_KEY} metadata", path).items():
+            component, _, name = str(key).partition(".")
             if name:
                 components.setdefault(component, {})[name] = value
             else:
                 components.setdefault("", {})[key] = value
         for component, values in components.items():
-            config = ScaleConfig.from_mapping(values)
+            config = ScaleConfig.from_mapping(values, f"{LORA_ADAPTER_METADATA_KEY} metadata", path)
             if config is not None:
                 configs[component] = config
-    sidecar = path.with_name("adapter_config.json")
-    if "" not in configs and sidecar.is_file():
-        try:
-            config = ScaleConfig.from_mapping(json.loads(sidecar.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AdapterFormatError(f"cannot read {sidecar.name} ({exc})", path=sidecar) from exc
+    folder_config = peft_folder_config(path) if "" not in configs else None
+    if folder_config is not None:
+        config = ScaleConfig.from_mapping(folder_config, PEFT_CONFIG, path.with_name(PEFT_CONFIG))
         if config is not None:
             configs[""] = config
     return configs
+
+
+def peft_folder_config(path: Path) -> Mapping[str, Any] | None:
+    """The parsed :data:`PEFT_CONFIG` of the PEFT folder whose weights file ``path`` is; None for any other file
+    (a loose file beside a PEFT folder's config is never scaled by it) or when the folder has none."""
+    sidecar = path.with_name(PEFT_CONFIG)
+    if path.name != PEFT_WEIGHTS or not sidecar.is_file():
+        return None
+    try:
+        text = sidecar.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise AdapterFormatError(f"cannot read {PEFT_CONFIG} ({exc.strerror or exc})", path=sidecar) from exc
+    except UnicodeDecodeError as exc:
+        raise AdapterFormatError(f"{PEFT_CONFIG} is not UTF-8 text", path=sidecar) from exc
+    parsed = _parse_json(text, PEFT_CONFIG, sidecar)
+    if not isinstance(parsed, Mapping):
+        raise AdapterFormatError(f"{PEFT_CONFIG} is not a JSON object", path=sidecar, hint="fix or remove the config")
+    return parsed
+
+
+def _parse_json(text: str, what: str, path: Path) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"{what} is not JSON ({exc.msg} at {exc.pos})", path=path) from exc
+    except RecursionError as exc:
+        raise AdapterFormatError(f"{what} is nested too deeply", path=path) from exc
 
 
 MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
@@ -139,7 +196,7 @@ def _with_magnitudes(
             raise ShapeMismatchError(f"module {key!r}: {exc.reason}", path=path) from exc
 
 
-def _alphas_by_tensor(tensors: Mapping[str, torch.Tensor]) -> dict[int, float]:
+def _alphas_by_tensor(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[int, float]:
     """Map id(down factor) → alpha for every ``<stem>.alpha`` with a down factor beside it."""
     found: dict[int, float] = {}
     for key, value in tensors.items():
@@ -149,6 +206,8 @@ def _alphas_by_tensor(tensors: Mapping[str, torch.Tensor]) -> dict[int, float]:
         for suffix in DOWN_ALPHA_SIBLINGS:
             down = tensors.get(stem + suffix)
             if down is not None:
+                if value.numel() != 1:
+                    raise AdapterFormatError(f"alpha {key!r} must hold one number", path=path)
                 found[id(down)] = float(value.float().reshape(-1)[0])
     return found
 
@@ -257,7 +316,7 @@ def read_lora(
     """
     tensors, magnitudes = _take_magnitudes(tensors)
     keys = list(tensors)
-    alphas = _alphas_by_tensor(tensors)
+    alphas = _alphas_by_tensor(tensors, path)
     kohya = any(k.endswith(".lora_down.weight") for k in keys)
     given = dict(tensors) if kohya else {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
     state_dict = _diffusers_state_dict(given, flux, layers_per_block, path)

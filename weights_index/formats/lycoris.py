@@ -25,7 +25,6 @@ alpha / r (with rank/alpha patterns) comes from the ``adapter_config.json`` besi
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 from fusion.adapters import AdapterKind, Dense, LowRank
 from fusion.errors import AdapterFormatError, ShapeMismatchError, UnknownLayoutError
-from weights_index.formats.lora import ScaleConfig, kohya_module_paths
+from weights_index.formats.lora import PEFT_CONFIG, ScaleConfig, kohya_module_paths, peft_folder_config
 from weights_index.formats.lycoris_algorithms import (
     alpha_of,
     full_update,
@@ -246,17 +245,13 @@ def _canonical_names(
 
 
 def _peft_scale_config(path: Path) -> ScaleConfig | None:
-    """The scaling of a PEFT LoHa/LoKr checkpoint (``adapter_config.json`` beside the file: r, alpha, patterns)."""
-    sidecar = path.with_name("adapter_config.json")
-    if not sidecar.is_file():
+    """The scaling of a PEFT LoHa/LoKr checkpoint (its folder's ``adapter_config.json``: r, alpha, patterns)."""
+    raw = peft_folder_config(path)
+    if raw is None or str(raw.get("peft_type", "")).upper() not in ("LOHA", "LOKR"):
         return None
-    try:
-        raw = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"cannot read {sidecar.name} ({exc})", path=sidecar) from exc
-    if str(raw.get("peft_type", "")).upper() not in ("LOHA", "LOKR"):
-        return None
-    return ScaleConfig.from_mapping({**raw, "lora_alpha": raw.get("alpha", raw.get("r", 8))})
+    return ScaleConfig.from_mapping(
+        {**raw, "lora_alpha": raw.get("alpha", raw.get("r", 8))}, PEFT_CONFIG, path.with_name(PEFT_CONFIG)
+    )
 
 
 def _to_conv(update: AdapterKind, shape: tuple[int, ...]) -> AdapterKind:
