@@ -367,16 +367,15 @@ def agreement(recipes: list[dict[str, Any]], labels: dict[int, dict[str, str]], 
             row = table.setdefault(labels[recipe["id"]][attr], {})
             row[s[attr]] = row.get(s[attr], 0) + 1
         result[f"{attr}_confusion"] = table
-    unasked = 0
+    unasked = doubted = 0
     for recipe, s in zip(recipes, seen):
         expected, _ = expected_attributes(recipe["prompt"], recipe["adapters"])
         eye = labels[recipe["id"]]
-        for attr in ("style", "object"):
-            value = s[attr]
-            if value not in ("none", UNSURE) and expected.get(attr) != value and eye[attr] != value:
-                unasked += 1
-                break
+        reported = [a for a in ("style", "object") if s[a] not in ("none", UNSURE) and expected.get(a) != s[a]]
+        unasked += any(eye[a] not in (s[a], UNSURE) for a in reported)
+        doubted += any(eye[a] == UNSURE for a in reported)
     result["unasked_reported"] = unasked
+    result["unasked_where_eye_unsure"] = doubted
     return result
 
 
@@ -405,8 +404,9 @@ def agreement_markdown(result: dict[str, Any], part: str) -> list[str]:
         recall = _share(row["true_present"], row["eye_present"])
         attributes = _share(row["attribute_agree"], row["attribute_labelled"])
         lines.append(f"| {kind} | {row['images']} | {attributes} | {precision} | {recall} |")
-    lines += ["", "Unasked style or object reported where the eye does not see it: "]
-    lines[-1] += _share(result["unasked_reported"], result["images"]) + " of images."
+    lines += ["", "Unasked style or object reported where the eye sees none or another: "]
+    lines[-1] += _share(result["unasked_reported"], result["images"]) + " of images; where the eye is unsure: "
+    lines[-1] += _share(result["unasked_where_eye_unsure"], result["images"]) + "."
     for attr in ("colour", "style"):
         columns = [*VOCABULARY[attr], "other", "unsure"]
         table = result[f"{attr}_confusion"]

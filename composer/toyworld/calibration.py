@@ -16,6 +16,7 @@ from composer.toyworld.reader import STYLE_GATES, UNSURE, Calibration, colour_na
 from composer.toyworld.world import ATTRIBUTES, VOCABULARY
 
 PENALTY = 9.0
+DOUBT = 0.0
 FLOORS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 BANDS = (0.0, 2.0, 4.0, 6.0, 8.0, 12.0)
 PURITIES = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -26,12 +27,15 @@ the midpoint first, so that where the labels do not decide, the boundary stays a
 QUANTILES = tuple(i / 40 for i in range(1, 40))
 
 
-def _score(readings: Sequence[str], labels: Sequence[str], penalty: float) -> float:
+def _score(readings: Sequence[str], labels: Sequence[str], penalty: float, doubt: float) -> float:
     total = 0.0
     for seen, label in zip(readings, labels):
-        if label == UNSURE or seen == UNSURE:
+        if seen == UNSURE:
             continue
-        total += 1.0 if seen == label else -penalty
+        if label == UNSURE:
+            total -= doubt
+        else:
+            total += 1.0 if seen == label else -penalty
     return total
 
 
@@ -46,8 +50,14 @@ def _best(options: Sequence[Any], score: Callable[[Any], float]) -> Any:
     return max(options, key=lambda option: (score(option), -options.index(option)))
 
 
-def fit(rows: Sequence[dict[str, Any]], labels: Sequence[dict[str, str]], penalty: float = PENALTY) -> Calibration:
-    """Thresholds for evidence ``rows`` (:meth:`Evidence.row`) against eye ``labels`` (attribute → value or unsure).
+def fit(
+    rows: Sequence[dict[str, Any]],
+    labels: Sequence[dict[str, str]],
+    penalty: float = PENALTY,
+    doubt: float = DOUBT,
+) -> Calibration:
+    """Thresholds for evidence ``rows`` (:meth:`Evidence.row`) against eye ``labels`` (attribute → value or unsure):
+    each maximises agreements − ``penalty`` × disagreements − ``doubt`` × answers where the eye is unsure.
     Deterministic; every choice is on the given images only."""
     from composer.toyworld.reader import Evidence, read_one
 
@@ -56,7 +66,7 @@ def fit(rows: Sequence[dict[str, Any]], labels: Sequence[dict[str, str]], penalt
 
     def agreement(attr: str) -> float:
         readings = [read_one(evidence, i, calibration)[attr] for i in range(len(rows))]
-        return _score(readings, [label[attr] for label in labels], penalty)
+        return _score(readings, [label[attr] for label in labels], penalty, doubt)
 
     names = colour_names()
     calibration.boundaries = {
@@ -64,12 +74,13 @@ def fit(rows: Sequence[dict[str, Any]], labels: Sequence[dict[str, str]], penalt
     }
     for _round in range(2):
         for attr in ATTRIBUTES:
+            for value in VOCABULARY[attr]:
 
-            def with_floor(floor: float, attr: str = attr) -> float:
-                calibration.floor[attr] = floor
-                return agreement(attr)
+                def with_floor(floor: float, attr: str = attr, value: str = value) -> float:
+                    calibration.floor[attr][value] = floor
+                    return agreement(attr)
 
-            calibration.floor[attr] = _best(FLOORS, with_floor)
+                calibration.floor[attr][value] = _best(FLOORS, with_floor)
         for pair in list(calibration.boundaries):
             low, high = (NAMED_HUES[name] for name in pair.split("|"))
             span = (high - low) % 360

@@ -116,7 +116,8 @@ def backdrop_brightness(images: torch.Tensor) -> torch.Tensor:
 
 def periodic_energy(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Share of each image's (luminance, mean removed) spectral energy at the styles' grids: ``stripes`` at the
-    diagonal period-8 frequency along x + y, ``dots`` at the period-8 frequencies along x and along y together."""
+    diagonal period-8 frequency along x + y; ``dots`` at the period-8 frequency along x and along y, the smaller of
+    the two (a lattice of dots has both; vertical or horizontal bands have one)."""
     grey = images.mean(1)
     grey = grey - grey.mean((1, 2), keepdim=True)
     power = torch.fft.fft2(grey).abs() ** 2
@@ -126,7 +127,5 @@ def periodic_energy(images: torch.Tensor) -> dict[str, torch.Tensor]:
     def at(*points: tuple[int, int]) -> torch.Tensor:
         return sum(power[:, v % IMAGE_SIZE, u % IMAGE_SIZE] for u, v in points) / total
 
-    return {
-        "stripes": at((f, f), (-f, -f)),
-        "dots": at((f, 0), (-f, 0), (0, f), (0, -f)),
-    }
+    along_x, along_y = at((f, 0), (-f, 0)), at((0, f), (0, -f))
+    return {"stripes": at((f, f), (-f, -f)), "dots": 2 * torch.minimum(along_x, along_y)}

@@ -4,7 +4,7 @@ explicit ``unsure`` where the evidence is weak — a concept counts as present o
 The network (:class:`composer.toyworld.judge.Judge`) is trained on the generator, whose images are cleaner than a
 model's; on muddled model outputs it answers with confidence where a person sees nothing clear. The reader keeps
 each answer only when the evidence for it passes thresholds fitted on images labelled by eye
-(:mod:`composer.toyworld.calibration`): a probability floor per attribute, the character's fill hue against the
+(:mod:`composer.toyworld.calibration`): a probability floor per value, the character's fill hue against the
 named colours with an unsure band between neighbours, and the styles' grids measured on the pixels.
 """
 
@@ -94,14 +94,14 @@ def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:
 class Calibration:
     """The thresholds a reading applies (fitted on labelled model outputs; see :mod:`composer.toyworld.calibration`).
 
-    ``floor[attr]``: the least network probability an answer needs. ``colour``: the hue (degrees) of each boundary
+    ``floor[attr][value]``: the least network probability an answer of that value needs. ``colour``: the hue (degrees) of each boundary
     between neighbouring named colours and the half-width of the unsure band around it, plus the least ``purity``
     and ``pixels`` a fill needs to be read at all; the network must agree with the hue. ``style``: for each style
     with a grid, the least measure that style needs to be reported (``pixel``: mosaic ratio, ``striped`` and
     ``dots``: spectral share), and below which a network's claim of that style is read as ``none``.
     """
 
-    floor: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ATTRIBUTES, 0.0))
+    floor: dict[str, dict[str, float]] = field(default_factory=lambda: {a: {} for a in ATTRIBUTES})
     boundaries: dict[str, float] = field(default_factory=dict)
     band: float = 0.0
     min_purity: float = 0.0
@@ -140,7 +140,7 @@ for a black outline a background bright enough to show it."""
 def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, str]:
     """Image ``i``'s reading: a value of each attribute's vocabulary, or :data:`UNSURE`.
 
-    Each attribute takes the network's most probable value if its probability reaches the attribute's floor. A
+    Each attribute takes the network's most probable value if its probability reaches that value's floor. A
     style whose measure falls short of what the calibration needs is ruled out first (its probability given to the
     others). The colour must also be the named colour of the measured fill hue (outside the unsure bands)."""
     reading: dict[str, str] = {}
@@ -153,7 +153,8 @@ def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, 
                     p[VOCABULARY["style"].index(style)] = 0.0
             p = p / p.sum().clamp_min(1e-12)
         best = int(p.argmax())
-        reading[attr] = VOCABULARY[attr][best] if float(p[best]) >= calibration.floor.get(attr, 0.0) else UNSURE
+        value = VOCABULARY[attr][best]
+        reading[attr] = value if float(p[best]) >= calibration.floor.get(attr, {}).get(value, 0.0) else UNSURE
     if calibration.boundaries:
         hue = float(evidence.hue[i])
         readable = (
