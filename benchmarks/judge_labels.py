@@ -291,21 +291,63 @@ def load_set(folder: Path = SET_FOLDER) -> tuple[list[dict[str, Any]], dict[int,
     return recipes, labels, images.permute(0, 3, 1, 2).float() / 255
 
 
-def calibrate(folder: Path, out: Path) -> int:
-    """Fit the reader's thresholds on the tuning part of the labelled set and write them to ``out``."""
-    from composer.toyworld.calibration import fit
-    from composer.toyworld.judge import JUDGE_FILE, Judge
+FOLDS = 2
+"""The tuning part is cut in this many folds: each fold's evidence comes from a network fine-tuned on the others."""
+
+
+def label_targets(labels: list[dict[str, str]]) -> torch.Tensor:
+    """Class indices (N, 6) of consensus labels, −1 where the eye is unsure or saw none of the named values."""
+    from composer.toyworld.world import ATTRIBUTES, VOCABULARY
+
+    return torch.tensor(
+        [[VOCABULARY[a].index(label[a]) if label[a] in VOCABULARY[a] else -1 for a in ATTRIBUTES] for label in labels]
+    )
+
+
+def cross_fitted(
+    images: torch.Tensor, labels: list[dict[str, str]], seed: int = SPLIT_SEED
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The shipped network fine-tuned on all ``images`` and, for fitting the thresholds, each image's evidence read
+    by a network fine-tuned without its fold (out-of-fold, so the thresholds see how the network does on images it
+    was not tuned on)."""
+    from composer.toyworld.judge import GENERATOR_JUDGE_FILE, Judge, fine_tune_on_labels
     from composer.toyworld.model import WEIGHTS_DIR
     from composer.toyworld.reader import gather_evidence
 
+    base = Judge.load(WEIGHTS_DIR.parent / GENERATOR_JUDGE_FILE)
+    targets = label_targets(labels)
+    order = list(range(images.shape[0]))
+    random.Random(seed).shuffle(order)
+    rows: list[dict[str, Any] | None] = [None] * len(order)
+    for fold in range(FOLDS):
+        held = order[fold::FOLDS]
+        kept = [i for i in order if i not in set(held)]
+        network = fine_tune_on_labels(base, images[kept], targets[kept], seed=seed + fold)
+        evidence = gather_evidence(network, images[held])
+        for j, i in enumerate(held):
+            rows[i] = evidence.row(j)
+    return fine_tune_on_labels(base, images, targets, seed=seed), [row for row in rows if row is not None]
+
+
+def calibrate(folder: Path, weights: Path) -> int:
+    """Fine-tune the network and fit the reader's thresholds on the tuning part of the labelled set; write both
+    into the folder ``weights`` (the judge's safetensors and its calibration JSON)."""
+    from composer.toyworld.calibration import fit
+    from composer.toyworld.judge import JUDGE_FILE
+    from composer.toyworld.reader import CALIBRATION_FILE, Evidence, read_one
+
     recipes, labels, images = load_set(folder)
-    network = Judge.load(WEIGHTS_DIR.parent / JUDGE_FILE)
-    evidence = gather_evidence(network, images)
-    tuning = [i for i, r in enumerate(recipes) if r["part"] == "tuning" and r["id"] in labels]
-    rows = [evidence.row(i) for i in tuning]
-    calibration = fit(rows, [labels[recipes[i]["id"]] for i in tuning])
-    calibration.save(out)
-    print(f"fitted on {len(tuning)} tuning images: {out}")
+    tuning = [i for i, r in enumerate(recipes) if r["part"] == "tuning"]
+    tuning_labels = [labels[recipes[i]["id"]] for i in tuning]
+    network, rows = cross_fitted(images[tuning], tuning_labels)
+    calibration = fit(rows, tuning_labels)
+    network.save(weights / JUDGE_FILE)
+    calibration.save(weights / CALIBRATION_FILE)
+    evidence = Evidence.from_rows(rows)
+    seen = [read_one(evidence, i, calibration) for i in range(len(rows))]
+    out_of_fold = agreement([recipes[i] for i in tuning], labels, seen)
+    print("\n".join(agreement_markdown(out_of_fold, "tuning (out-of-fold network, thresholds fitted on them)")))
+    print(f"fine-tuned and fitted on {len(tuning)} tuning images: {weights}")
     return 0
 
 
@@ -471,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", type=Path, default=Path("docs/images/judge_legend.png"))
     c = sub.add_parser("calibrate", help="fit the reader's thresholds on the tuning part")
     c.add_argument("--folder", type=Path, default=SET_FOLDER)
-    c.add_argument("--out", type=Path, default=None, help="default: the shipped judge_calibration.json")
+    c.add_argument("--weights", type=Path, default=None, help="folder to write into (default: the shipped weights)")
     e = sub.add_parser("evaluate", help="judge against eye on each part of the set")
     e.add_argument("--folder", type=Path, default=SET_FOLDER)
     e.add_argument("--docs", type=Path, default=None, help="write judge_agreement.md/.json here")
@@ -483,9 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         return collect(args.readings, args.folder)
     if args.command == "calibrate":
         from composer.toyworld.model import WEIGHTS_DIR
-        from composer.toyworld.reader import CALIBRATION_FILE
 
-        return calibrate(args.folder, args.out or WEIGHTS_DIR.parent / CALIBRATION_FILE)
+        return calibrate(args.folder, args.weights or WEIGHTS_DIR.parent)
     if args.command == "evaluate":
         return evaluate(args.folder, args.docs)
     if args.command == "draw":

@@ -18,6 +18,7 @@ from composer.toyworld.world import ATTRIBUTES, VOCABULARY
 PENALTY = 9.0
 DOUBT = 0.0
 FLOORS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+COLOUR_RULES = ("agree", "hue")
 BANDS = (0.0, 2.0, 4.0, 6.0, 8.0, 12.0)
 PURITIES = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8)
 PIXELS = (0.0, 30.0, 60.0, 100.0, 150.0)
@@ -91,7 +92,12 @@ def fit(
                 return agreement("colour")
 
             calibration.boundaries[pair] = _best(candidates, with_boundary)
-        for name, options in (("band", BANDS), ("min_purity", PURITIES), ("min_pixels", PIXELS)):
+        for name, options in (
+            ("colour_rule", COLOUR_RULES),
+            ("band", BANDS),
+            ("min_purity", PURITIES),
+            ("min_pixels", PIXELS),
+        ):
 
             def with_setting(value: float, name: str = name) -> float:
                 setattr(calibration, name, value)

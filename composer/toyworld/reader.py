@@ -94,11 +94,11 @@ def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:
 class Calibration:
     """The thresholds a reading applies (fitted on labelled model outputs; see :mod:`composer.toyworld.calibration`).
 
-    ``floor[attr][value]``: the least network probability an answer of that value needs. ``colour``: the hue (degrees) of each boundary
-    between neighbouring named colours and the half-width of the unsure band around it, plus the least ``purity``
-    and ``pixels`` a fill needs to be read at all; the network must agree with the hue. ``style``: for each style
-    with a grid, the least measure that style needs to be reported (``pixel``: mosaic ratio, ``striped`` and
-    ``dots``: spectral share), and below which a network's claim of that style is read as ``none``.
+    ``floor[attr][value]``: the least network probability an answer of that value needs. ``boundaries``: the hue
+    (degrees) of each boundary between neighbouring named colours; ``band``: the half-width of the unsure band around
+    each; ``min_purity`` and ``min_pixels``: what a fill needs to be read at all; ``colour_rule``: how hue and
+    network combine. ``style_needs``: for each style in :data:`STYLE_GATES`, the least measure it needs (``pixel``:
+    mosaic ratio, ``striped`` and ``dots``: spectral share, ``outlined``: backdrop brightness).
     """
 
     floor: dict[str, dict[str, float]] = field(default_factory=lambda: {a: {} for a in ATTRIBUTES})
@@ -107,6 +107,9 @@ class Calibration:
     min_purity: float = 0.0
     min_pixels: float = 0.0
     style_needs: dict[str, float] = field(default_factory=dict)
+    colour_rule: str = "agree"
+    """``agree``: the colour is read only when the network and the measured hue name the same colour; ``hue``: the
+    measured hue alone names it (the network is not asked), unsure where the hue cannot be read."""
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
@@ -142,7 +145,8 @@ def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, 
 
     Each attribute takes the network's most probable value if its probability reaches that value's floor. A
     style whose measure falls short of what the calibration needs is ruled out first (its probability given to the
-    others). The colour must also be the named colour of the measured fill hue (outside the unsure bands)."""
+    others). The colour must also be the named colour of the measured fill hue (outside the unsure bands), or
+    under the ``hue`` rule is that name alone."""
     reading: dict[str, str] = {}
     for attr in ATTRIBUTES:
         p = evidence.probabilities[attr][i].clone()
@@ -163,7 +167,9 @@ def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, 
             and float(evidence.pixels[i]) >= calibration.min_pixels
         )
         measured = _hue_name(hue, calibration) if readable else UNSURE
-        if measured != reading["colour"]:
+        if calibration.colour_rule == "hue":
+            reading["colour"] = measured
+        elif measured != reading["colour"]:
             reading["colour"] = UNSURE
     return reading
 

@@ -13,7 +13,7 @@ from composer.toyworld.calibration import fit
 from composer.toyworld.measures import NAMED_HUES, backdrop_brightness, block_mosaic, fill_hue, periodic_energy
 from composer.toyworld.reader import UNSURE, Calibration, Evidence, read_one
 from composer.toyworld.verdict import judge_images, shipped_judge
-from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, COLOURS, VOCABULARY, Scene, render, sample_layout
+from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, VOCABULARY, Scene, render, sample_layout
 
 
 def _render(scenes: list[Scene], fills: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,9 +103,12 @@ def test_fit_finds_the_floor_above_which_the_network_is_right() -> None:
     assert fit(rows, labels).floor == calibration.floor
 
 
+GREY = torch.tensor([[0.5, 0.5, 0.5]])
+"""A fill with no hue: no named colour, so the colour cannot be read."""
+
+
 def test_an_unsure_colour_leaves_the_character_unsure_not_found() -> None:
-    drift = torch.tensor([COLOURS["purple"]], dtype=torch.float32) * 0.5 + torch.tensor([COLOURS["blue"]]) * 0.5
-    image = _render([Scene("sky", "star", "purple")], fills=drift / 255)
+    image = _render([Scene("sky", "star", "purple")], fills=GREY)
     verdict = judge_images(image, ["zorbex under a blue sky"], [["zorbex"]])[0]
     assert verdict.seen["colour"] == UNSURE
     assert not verdict.concepts["zorbex"]
@@ -118,8 +121,7 @@ def test_compose_judge_prints_unsure(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     from composer.cli import main
 
-    drift = torch.tensor([COLOURS["purple"]], dtype=torch.float32) * 0.5 + torch.tensor([COLOURS["blue"]]) * 0.5
-    image = _render([Scene("sky", "star", "purple")], fills=drift / 255)[0]
+    image = _render([Scene("sky", "star", "purple")], fills=GREY)[0]
     path = tmp_path / "0-0.png"
     Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(path)
     record = {"prompt": "zorbex under a blue sky", "adapters": [{"name": "zorbex", "weight": 1.0}]}
