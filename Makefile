@@ -33,7 +33,9 @@ demo: install
 	$(PY) -m composer.toyworld.library $(DEMO_LIBRARY)
 	$(VENV)/bin/compose index $(DEMO_LIBRARY)
 	$(VENV)/bin/compose "$(DEMO_PROMPT)" --loras auto --library $(DEMO_LIBRARY) --model toy-sd --method merge --out out/demo
-	$(VENV)/bin/compose judge out/demo/0-0.png
+	@# The judge's verdict is the demo's last word: exit 3 (an asked attribute not found for sure, or unsure) is a
+	@# reading, not a failure of the demo; any other failure still stops make.
+	$(VENV)/bin/compose judge out/demo/0-0.png || test $$? -eq 3
 
 app: install
 	$(PY) -m composer.toyworld.library $(DEMO_LIBRARY)

@@ -22,7 +22,13 @@ UNDRAWING_FILES = frozenset(
     {
         "composer/toyworld/judge.py",
         "composer/toyworld/verdict.py",
+        "composer/toyworld/reader.py",
+        "composer/toyworld/measures.py",
+        "composer/toyworld/calibration.py",
+        "composer/toyworld/weights/judge_calibration.json",
+        "composer/commands/judge.py",
         "composer/toyworld/weights/judge.safetensors",
+        "composer/toyworld/weights/judge_generator.safetensors",
         "composer/toyworld/train.py",
     }
 )

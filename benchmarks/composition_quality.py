@@ -121,7 +121,8 @@ def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str |
     return {name: SHARES[name] for name in categories}
 
 
-def _pipeline(library: Path) -> tuple[Any, list[str]]:
+def toy_pipeline(library: Path) -> tuple[Any, list[str]]:
+    """toy-sd, composable, with every adapter of the toy library (built into ``library``) registered by file stem."""
     from composer import load_preset, make_composable
     from composer.toyworld.library import build_toy_library
 
@@ -155,7 +156,7 @@ def chosen_sets(every: list[tuple[str, ...]], count: int | None, picker: random.
     return picker.sample(every, count)
 
 
-def _sample(pipe: Any, prompts: str | list[str], seed: int, steps: int) -> torch.Tensor:
+def sample_images(pipe: Any, prompts: str | list[str], seed: int, steps: int) -> torch.Tensor:
     """Images (B, 3, 64, 64) in [0, 1] for the prompts, at CFG :data:`GUIDANCE`, from one seeded generator."""
     with torch.inference_mode():
         return pipe(
@@ -170,8 +171,8 @@ def _sample(pipe: Any, prompts: str | list[str], seed: int, steps: int) -> torch
 def _drawn(
     cache: ImageCache | None, pipe: Any, prompts: str | list[str], seed: int, steps: int, **choices: Any
 ) -> tuple[torch.Tensor, float]:
-    """:func:`_sample` through ``cache`` (none: drawn), its recipe the prompts, seed, steps and CFG plus ``choices``
-    (what else the pipeline was set to draw with): the images and the seconds drawing them took."""
+    """:func:`sample_images` through ``cache`` (none: drawn), its recipe the prompts, seed, steps and CFG plus
+    ``choices`` (what else the pipeline was set to draw with): the images and the seconds drawing them took."""
     recipe = {
         **choices,
         "prompt" if isinstance(prompts, str) else "prompts": prompts,
@@ -179,10 +180,11 @@ def _drawn(
         "steps": steps,
         "guidance": GUIDANCE,
     }
-    return (cache or ImageCache(None, "")).draw(recipe, partial(_sample, pipe, prompts, seed, steps))
+    return (cache or ImageCache(None, "")).draw(recipe, partial(sample_images, pipe, prompts, seed, steps))
 
 
-def _prompt(combo: tuple[str, ...], seed: int) -> str:
+def composition_prompt(combo: tuple[str, ...], seed: int) -> str:
+    """A world caption naming every concept of ``combo`` by its trigger phrase, on a scene drawn with ``seed``."""
     from composer.toyworld.world import CONCEPTS, caption, sample_scene
 
     rng = random.Random(seed)
@@ -231,7 +233,7 @@ def run_compositions(
             label = variant(method, branch)
             counts, successes, seconds = [], 0, 0.0
             for combo, seed in trials:
-                prompt = _prompt(combo, seed)
+                prompt = composition_prompt(combo, seed)
                 options = {"gates": bank} if method == "gated" else {}
                 choice = branch_choice(branch, combo)
                 pipe.set_composition(dict.fromkeys(combo, weight), method=method, branches=choice, **options)
@@ -533,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     from composer.toyworld.library import LIBRARY_GATES, PREFERRED_WEIGHT
 
     torch.set_num_threads(args.threads)
-    pipe, names = _pipeline(args.library)
+    pipe, names = toy_pipeline(args.library)
     fingerprint = "" if args.image_cache is None else drawing_fingerprint(REPOSITORY)
     cache = ImageCache(args.image_cache, fingerprint)
     gates = args.gates or LIBRARY_GATES

@@ -36,9 +36,15 @@ def judged_seeds(composer: Any, prompt: str, seeds: range, out: Path) -> dict[st
     rows = []
     chosen: list[str] = []
     for seed in seeds:
-        result = composer.run(prompt, loras="auto", method="merge", seed=seed, out=out)
-        chosen = [adapter.name for adapter in result.adapters]
-        verdict = judge_file(out / f"{seed}-0.png")
+        image = out / f"{seed}-0.png"
+        sidecar = image.with_suffix(".json")
+        kept = json.loads(sidecar.read_text()) if image.is_file() and sidecar.is_file() else {}
+        if kept.get("prompt") == prompt and kept.get("seed") == seed:
+            chosen = [adapter["name"] for adapter in kept.get("adapters", [])]
+        else:
+            result = composer.run(prompt, loras="auto", method="merge", seed=seed, out=out)
+            chosen = [adapter.name for adapter in result.adapters]
+        verdict = judge_file(image)
         captioned = dict.fromkeys(UNNAMED_MEANS_NONE, "none") | verdict.expected
         rows.append(
             {
@@ -66,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=16, help="default: past the seeds the prompt was chosen on")
     parser.add_argument("--quick", action="store_true", help="two seeds of the demo's prompt")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the images here; a later run re-reads a seed's image (same prompt and seed) instead of drawing it",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -80,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         library = Path(scratch) / "library"
         build_toy_library(library)
         composer = Composer(model="toy-sd", library=library)
+        outputs = args.keep or Path(scratch)
         prompts = {
-            prompt: judged_seeds(composer, prompt, seeds, Path(scratch) / f"out{index}")
+            prompt: judged_seeds(composer, prompt, seeds, outputs / f"out{index}")
             for index, prompt in enumerate(args.prompts)
         }
     result = {

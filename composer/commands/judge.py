@@ -15,13 +15,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read toy-sd images with the toy world's judge and check each composed concept",
         description=(
             "Read 64×64 images written by `compose --model toy-sd` with the toy world's judge: the background, "
-            "character shape and colour, clothing, style and object it sees, and for each toy concept composed "
-            "into the image (from the PNG's JSON sidecar) whether it is there. Exit code 3 when one is missing."
+            "character shape and colour, clothing, style and object it sees (or `unsure` where the evidence does not "
+            "settle it), and for each toy concept composed into the image (from the PNG's JSON sidecar) whether it "
+            "is found, unsure or not found. Exit code 3 when an expected attribute is not found for sure."
         ),
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG files with their JSON sidecars")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=run)
+
+
+def _mark(expected: str | None, seen: str) -> str:
+    """The ok column: blank when nothing was expected, yes, unsure, or NO."""
+    from composer.toyworld.reader import UNSURE
+
+    if expected is None:
+        return ""
+    return "yes" if seen == expected else ("unsure" if seen == UNSURE else "NO")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
                     "attribute": attr,
                     "seen": seen,
                     "expected": verdict.expected.get(attr, ""),
-                    "ok": "" if attr not in verdict.expected else ("yes" if verdict.expected[attr] == seen else "NO"),
+                    "ok": _mark(verdict.expected.get(attr), seen),
                 }
                 for attr, seen in verdict.seen.items()
             ]
             print(f"{path}:")
             print(format_table(rows, ["attribute", "seen", "expected", "ok"]))
-            for name, found in verdict.concepts.items():
-                print(f"  concept {name}: {'found' if found else 'NOT found'}")
+            for name in verdict.concepts:
+                state = verdict.concept_state(name)
+                print(f"  concept {name}: {'NOT found' if state == 'missing' else state}")
             print(f"  all expected attributes found: {'yes' if verdict.all_found else 'no'}")
     return 0 if all(v.all_found for v in verdicts.values()) else 3

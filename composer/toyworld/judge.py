@@ -23,6 +23,9 @@ from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, COLOURS, VOCABULAR
 from fusion.errors import TrainingError
 
 JUDGE_FILE = "judge.safetensors"
+"""The shipped network: trained on the generator, then fine-tuned on the labelled set's tuning part."""
+GENERATOR_JUDGE_FILE = "judge_generator.safetensors"
+"""The network as trained on the generator alone: where every fine-tune on labelled images starts from."""
 
 
 def sample_any_scene(rng: random.Random) -> Scene:
@@ -46,10 +49,14 @@ class Judge(nn.Module):
         )  # fmt: skip
         self.heads = nn.ModuleDict({attr: nn.Linear(8 * w, len(VOCABULARY[attr])) for attr in ATTRIBUTES})
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled trunk features (B, 8 × width) that every head reads, for images (B, 3, 64, 64) in [0, 1]."""
+        features = self.trunk(images * 2 - 1)
+        return torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per attribute for images (B, 3, 64, 64) in [0, 1]."""
-        features = self.trunk(images * 2 - 1)
-        pooled = torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1)
+        pooled = self.features(images)
         return {attr: head(pooled) for attr, head in self.heads.items()}
 
     @torch.no_grad()
@@ -214,3 +221,54 @@ def judge_accuracy(judge: Judge, count: int = 1000, seed: int = 12345) -> dict[s
     result = {attr: sum(s[attr] == getattr(sc, attr) for s, sc in zip(seen, scenes)) / count for attr in ATTRIBUTES}
     result["all"] = sum(all(s[a] == getattr(sc, a) for a in ATTRIBUTES) for s, sc in zip(seen, scenes)) / count
     return result
+
+
+def fine_tune_on_labels(
+    judge: Judge,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    copies: int = 4,
+    renders: int = 1024,
+    steps: int = 400,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Judge:
+    """A copy of ``judge`` whose heads are fine-tuned on model outputs labelled by eye: ``images`` (N, 3, 64, 64) in
+    [0, 1] with ``targets`` (N, 6) class indices in :data:`ATTRIBUTES` order, −1 where the eye was unsure (left out
+    of the loss). The trunk is kept: its features are read once for ``copies`` augmented (half of them mirrored)
+    copies of each image and for ``renders`` fresh generator images of the whole vocabulary with their exact labels,
+    which weigh as much as the labelled images, so the heads learn how a model's outputs depart from the generator
+    without forgetting the generator's world."""
+    if images.shape[0] != targets.shape[0] or targets.shape[1:] != (len(ATTRIBUTES),):
+        raise TrainingError(
+            f"{images.shape[0]} images and targets of shape {tuple(targets.shape)} do not match",
+            hint="one row of six class indices (−1 where unsure) per image",
+        )
+    rng = WorldRandom(seed)
+    tuned = Judge(judge.trunk[0][0].out_channels)
+    tuned.load_state_dict(judge.state_dict())
+    tuned.eval()
+    with torch.no_grad():
+        views = []
+        for copy in range(copies):
+            view = images.flip(3) if copy % 2 else images
+            views.append(tuned.features(augment(view, rng.layout) if copy else view))
+        labelled = torch.cat(views)
+        labelled_targets = targets.repeat(copies, 1)
+        scenes = [sample_any_scene(rng.content) for _ in range(renders)]
+        generated = tuned.features(augment(render(scenes, sample_layout(renders, rng.layout)), rng.layout))
+        generated_targets = torch.tensor([s.labels() for s in scenes])
+    tuned.heads.train()
+    optimizer = torch.optim.AdamW(tuned.heads.parameters(), lr=lr, weight_decay=1e-3)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = torch.zeros(())
+        for features, labels in ((labelled, labelled_targets), (generated, generated_targets)):
+            for i, head in enumerate(tuned.heads.values()):
+                if bool((labels[:, i] >= 0).any()):
+                    loss = loss + F.cross_entropy(head(features), labels[:, i], ignore_index=-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return tuned.eval()

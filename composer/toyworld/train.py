@@ -3,6 +3,9 @@
 This is the command that produced the shipped weights (see ``composer/toyworld/weights/README.md`` for the exact
 arguments, seed, step counts, hardware and checksums). Every stage writes into OUT and is skipped when its output
 is already there, and base training resumes from its checkpoint, so an interrupted run continues where it stopped.
+The judge stage writes the network trained on the generator (``judge_generator.safetensors``);
+``python -m benchmarks.judge_labels calibrate`` then fine-tunes it on images labelled by eye into the shipped
+``judge.safetensors`` and fits its calibration (docs/judge.md).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 
 from composer.toyworld.concepts import ConceptTraining, train_concept
-from composer.toyworld.judge import JUDGE_FILE, Judge, judge_accuracy, train_judge
+from composer.toyworld.judge import GENERATOR_JUDGE_FILE, Judge, judge_accuracy, train_judge
 from composer.toyworld.train_base import BaseTrainingConfig, train_base
 from composer.toyworld.world import CONCEPTS
 from composer.verbosity import configure_logging
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         train_base(args.out, config, args.device)
         log["base_seconds"] = round(time.monotonic() - began, 1)
     pipe = base_pipeline(args.out)
-    if "judge" in stages and not (args.out / JUDGE_FILE).is_file():
+    if "judge" in stages and not (args.out / GENERATOR_JUDGE_FILE).is_file():
         began = time.monotonic()
         judge = train_judge(
             steps=args.judge_steps,
@@ -140,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             colour_drift=args.judge_colour_drift,
             colour_drift_share=args.judge_colour_drift_share,
         )
-        judge.save(args.out / JUDGE_FILE)
+        judge.save(args.out / GENERATOR_JUDGE_FILE)
         log["judge_seconds"] = round(time.monotonic() - began, 1)
-        log["judge_accuracy"] = judge_accuracy(Judge.load(args.out / JUDGE_FILE))
+        log["judge_accuracy"] = judge_accuracy(Judge.load(args.out / GENERATOR_JUDGE_FILE))
     if "concepts" in stages:
         folder = args.out / "concepts"
         folder.mkdir(exist_ok=True)

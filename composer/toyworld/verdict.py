@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from composer.toyworld.reader import CALIBRATION_FILE, UNSURE, Calibration, Reader
 from composer.toyworld.world import CONCEPTS
 
 MAX_SIDECAR_BYTES = 1024 * 1024
@@ -37,20 +38,43 @@ _WORDS: dict[str, dict[str, str]] = {
 
 @dataclass
 class Verdict:
-    """The judge's reading of one image against what its prompt and adapters ask for."""
+    """The judge's reading of one image against what its prompt and adapters ask for. A reading of
+    :data:`~composer.toyworld.reader.UNSURE` never matches an expectation: an unsure concept is not found."""
 
     seen: dict[str, str]
     expected: dict[str, str]
     concepts: dict[str, bool] = field(default_factory=dict)
+    sets: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def all_found(self) -> bool:
         """Every expected attribute was seen."""
         return all(self.seen[attr] == value for attr, value in self.expected.items())
 
+    @property
+    def unsure(self) -> list[str]:
+        """The expected attributes the judge could not settle."""
+        return [attr for attr in self.expected if self.seen[attr] == UNSURE]
+
+    def concept_state(self, name: str) -> str:
+        """``found``, ``unsure`` (nothing it sets was seen otherwise, but something was unsure) or ``missing``."""
+        if self.concepts[name]:
+            return "found"
+        values = self.sets.get(name, {})
+        if any(self.seen[a] == UNSURE for a in values) and all(self.seen[a] in (v, UNSURE) for a, v in values.items()):
+            return "unsure"
+        return "missing"
+
     def as_dict(self) -> dict:
         """JSON-able form."""
-        return {"seen": self.seen, "expected": self.expected, "concepts": self.concepts, "all_found": self.all_found}
+        return {
+            "seen": self.seen,
+            "expected": self.expected,
+            "concepts": self.concepts,
+            "concept_states": {name: self.concept_state(name) for name in self.concepts},
+            "unsure": self.unsure,
+            "all_found": self.all_found,
+        }
 
 
 def expected_attributes(prompt: str, adapters: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
@@ -72,12 +96,13 @@ def expected_attributes(prompt: str, adapters: list[str]) -> tuple[dict[str, str
 
 
 @lru_cache(maxsize=1)
-def shipped_judge():
-    """The judge trained with the shipped model (weights in the package)."""
-    from composer.toyworld.judge import Judge
+def shipped_judge() -> Reader:
+    """The judge that ships with the model: its network, and the calibration fitted on images labelled by eye."""
+    from composer.toyworld.judge import JUDGE_FILE, Judge
     from composer.toyworld.model import WEIGHTS_DIR
 
-    return Judge.load(WEIGHTS_DIR.parent / "judge.safetensors")
+    folder = WEIGHTS_DIR.parent
+    return Reader(Judge.load(folder / JUDGE_FILE), Calibration.load(folder / CALIBRATION_FILE))
 
 
 def judge_images(images: torch.Tensor, prompts: list[str], adapters: list[list[str]]) -> list[Verdict]:
@@ -87,7 +112,7 @@ def judge_images(images: torch.Tensor, prompts: list[str], adapters: list[list[s
     for reading, prompt, names in zip(seen, prompts, adapters):
         expected, concepts = expected_attributes(prompt, names)
         found = {name: all(reading[a] == v for a, v in sets.items()) for name, sets in concepts.items()}
-        verdicts.append(Verdict(reading, expected, found))
+        verdicts.append(Verdict(reading, expected, found, concepts))
     return verdicts
 
 

@@ -1,0 +1,120 @@
+"""Fit the reader's thresholds (:class:`composer.toyworld.reader.Calibration`) to images labelled by eye.
+
+Each threshold is chosen on the tuning part of the labelled set alone, attribute by attribute, to maximise
+``agreements − penalty × disagreements`` over the images whose label is not ``unsure``: an ``unsure`` reading costs
+nothing and earns nothing, a wrong one costs ``penalty`` right ones. A penalty of 9 keeps an answer only where it is
+right at least nine times in ten at the margin, which is what "present only when a person would say so" asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from composer.toyworld.measures import NAMED_HUES
+from composer.toyworld.reader import STYLE_GATES, UNSURE, Calibration, colour_names
+from composer.toyworld.world import ATTRIBUTES, VOCABULARY
+
+PENALTY = 9.0
+DOUBT = 0.0
+FLOORS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+COLOUR_RULES = ("agree", "hue")
+BANDS = (0.0, 2.0, 4.0, 6.0, 8.0, 12.0)
+PURITIES = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8)
+PIXELS = (0.0, 30.0, 60.0, 100.0, 150.0)
+BOUNDARY_SHARES = (0.5, 0.45, 0.55, 0.4, 0.6, 0.35, 0.65, 0.3, 0.7, 0.2, 0.8)
+"""Where between two neighbouring named hues a boundary may sit, as the share of the way from the first; nearest
+the midpoint first, so that where the labels do not decide, the boundary stays at the midpoint."""
+QUANTILES = tuple(i / 40 for i in range(1, 40))
+
+
+def _score(readings: Sequence[str], labels: Sequence[str], penalty: float, doubt: float) -> float:
+    total = 0.0
+    for seen, label in zip(readings, labels):
+        if seen == UNSURE:
+            continue
+        if label == UNSURE:
+            total -= doubt
+        else:
+            total += 1.0 if seen == label else -penalty
+    return total
+
+
+def _argmax_value(row: dict[str, Any], attr: str) -> tuple[str, float]:
+    probabilities = row["probabilities"][attr]
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return VOCABULARY[attr][best], probabilities[best]
+
+
+def _best(options: Sequence[Any], score: Callable[[Any], float]) -> Any:
+    """The option with the highest score (the first among equals: options go from lenient to strict)."""
+    return max(options, key=lambda option: (score(option), -options.index(option)))
+
+
+def fit(
+    rows: Sequence[dict[str, Any]],
+    labels: Sequence[dict[str, str]],
+    penalty: float = PENALTY,
+    doubt: float = DOUBT,
+) -> Calibration:
+    """Thresholds for evidence ``rows`` (:meth:`Evidence.row`) against eye ``labels`` (attribute → value or unsure):
+    each maximises agreements − ``penalty`` × disagreements − ``doubt`` × answers where the eye is unsure.
+    Deterministic; every choice is on the given images only."""
+    from composer.toyworld.reader import Evidence, read_one
+
+    calibration = Calibration()
+    evidence = Evidence.from_rows(rows)
+
+    def agreement(attr: str) -> float:
+        readings = [read_one(evidence, i, calibration)[attr] for i in range(len(rows))]
+        return _score(readings, [label[attr] for label in labels], penalty, doubt)
+
+    names = colour_names()
+    calibration.boundaries = {
+        f"{a}|{b}": _midpoint(NAMED_HUES[a], NAMED_HUES[b]) for a, b in zip(names, names[1:] + names[:1])
+    }
+    for _round in range(2):
+        for attr in ATTRIBUTES:
+            for value in VOCABULARY[attr]:
+
+                def with_floor(floor: float, attr: str = attr, value: str = value) -> float:
+                    calibration.floor[attr][value] = floor
+                    return agreement(attr)
+
+                calibration.floor[attr][value] = _best(FLOORS, with_floor)
+        for pair in list(calibration.boundaries):
+            low, high = (NAMED_HUES[name] for name in pair.split("|"))
+            span = (high - low) % 360
+            candidates = tuple((low + span * share) % 360 for share in BOUNDARY_SHARES)
+
+            def with_boundary(value: float, pair: str = pair) -> float:
+                calibration.boundaries[pair] = value
+                return agreement("colour")
+
+            calibration.boundaries[pair] = _best(candidates, with_boundary)
+        for name, options in (
+            ("colour_rule", COLOUR_RULES),
+            ("band", BANDS),
+            ("min_purity", PURITIES),
+            ("min_pixels", PIXELS),
+        ):
+
+            def with_setting(value: float, name: str = name) -> float:
+                setattr(calibration, name, value)
+                return agreement("colour")
+
+            setattr(calibration, name, _best(options, with_setting))
+        for style, measure in STYLE_GATES.items():
+            values = sorted(row[measure] for row in rows)
+            candidates = (0.0, *(values[round(q * (len(values) - 1))] for q in QUANTILES))
+
+            def with_need(value: float, style: str = style) -> float:
+                calibration.style_needs[style] = value
+                return agreement("style")
+
+            calibration.style_needs[style] = _best(candidates, with_need)
+    return calibration
+
+
+def _midpoint(a: float, b: float) -> float:
+    return (a + ((b - a) % 360) / 2) % 360

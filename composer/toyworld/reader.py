@@ -1,0 +1,199 @@
+"""The judge as it reads: the network's class probabilities checked against exact measures of the image, with an
+explicit ``unsure`` where the evidence is weak — a concept counts as present only when a person would say so.
+
+The network (:class:`composer.toyworld.judge.Judge`) is trained on the generator, whose images are cleaner than a
+model's; on muddled model outputs it answers with confidence where a person sees nothing clear. The reader keeps
+each answer only when the evidence for it passes thresholds fitted on images labelled by eye
+(:mod:`composer.toyworld.calibration`): a probability floor per value, the character's fill hue against the
+named colours with an unsure band between neighbours, and the styles' grids measured on the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from composer.toyworld.judge import Judge
+from composer.toyworld.measures import backdrop_brightness, block_mosaic, fill_hue, periodic_energy
+from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, VOCABULARY
+
+UNSURE = "unsure"
+"""What the reader reports for an attribute whose evidence does not settle it; it never matches an expectation."""
+CALIBRATION_FILE = "judge_calibration.json"
+
+
+@dataclass
+class Evidence:
+    """Everything a reading rests on, per image: class probabilities per attribute and the exact measures."""
+
+    probabilities: dict[str, torch.Tensor]
+    hue: torch.Tensor
+    purity: torch.Tensor
+    pixels: torch.Tensor
+    mosaic: torch.Tensor
+    stripes: torch.Tensor
+    dots: torch.Tensor
+    backdrop: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> Evidence:
+        """Evidence from :meth:`row` dicts (the inverse of :meth:`row`, one row per image)."""
+
+        def column(key: str) -> torch.Tensor:
+            return torch.tensor([row[key] for row in rows], dtype=torch.float32)
+
+        return cls(
+            probabilities={a: torch.tensor([row["probabilities"][a] for row in rows]) for a in ATTRIBUTES},
+            hue=column("hue"),
+            purity=column("purity"),
+            pixels=column("pixels"),
+            mosaic=column("mosaic"),
+            stripes=column("stripes"),
+            dots=column("dots"),
+            backdrop=column("backdrop"),
+        )
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Image ``i``'s evidence as plain numbers (for fitting and for reports)."""
+        return {
+            "probabilities": {a: self.probabilities[a][i].tolist() for a in ATTRIBUTES},
+            "hue": float(self.hue[i]),
+            "purity": float(self.purity[i]),
+            "pixels": float(self.pixels[i]),
+            "mosaic": float(self.mosaic[i]),
+            "stripes": float(self.stripes[i]),
+            "dots": float(self.dots[i]),
+            "backdrop": float(self.backdrop[i]),
+        }
+
+
+def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:
+    """The network's probabilities and the measures for images (B, 3, 64, 64) in [0, 1]."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    with torch.no_grad():
+        logits = network(images)
+    fill = fill_hue(images)
+    periodic = periodic_energy(images)
+    return Evidence(
+        probabilities={a: logits[a].softmax(1) for a in ATTRIBUTES},
+        hue=fill["hue"],
+        purity=fill["purity"],
+        pixels=fill["pixels"],
+        mosaic=block_mosaic(images),
+        stripes=periodic["stripes"],
+        dots=periodic["dots"],
+        backdrop=backdrop_brightness(images),
+    )
+
+
+@dataclass
+class Calibration:
+    """The thresholds a reading applies (fitted on labelled model outputs; see :mod:`composer.toyworld.calibration`).
+
+    ``floor[attr][value]``: the least network probability an answer of that value needs. ``boundaries``: the hue
+    (degrees) of each boundary between neighbouring named colours; ``band``: the half-width of the unsure band around
+    each; ``min_purity`` and ``min_pixels``: what a fill needs to be read at all; ``colour_rule``: how hue and
+    network combine. ``style_needs``: for each style in :data:`STYLE_GATES`, the least measure it needs (``pixel``:
+    mosaic ratio, ``striped`` and ``dots``: spectral share, ``outlined``: backdrop brightness).
+    """
+
+    floor: dict[str, dict[str, float]] = field(default_factory=lambda: {a: {} for a in ATTRIBUTES})
+    boundaries: dict[str, float] = field(default_factory=dict)
+    band: float = 0.0
+    min_purity: float = 0.0
+    min_pixels: float = 0.0
+    style_needs: dict[str, float] = field(default_factory=dict)
+    colour_rule: str = "agree"
+    """``agree``: the colour is read only when the network and the measured hue name the same colour; ``hue``: the
+    measured hue alone names it (the network is not asked), unsure where the hue cannot be read."""
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        """Read a calibration written by :meth:`save`."""
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, path: Path) -> None:
+        """Write this calibration as JSON."""
+        path.write_text(json.dumps(self.__dict__, indent=1, sort_keys=True) + "\n")
+
+
+def _hue_name(hue: float, calibration: Calibration) -> str:
+    """The named colour whose hue range holds ``hue``, or :data:`UNSURE` inside a boundary's band. Ranges run
+    between the calibrated boundaries of neighbouring colours around the hue circle."""
+    order = sorted(calibration.boundaries.items(), key=lambda item: item[1])
+    for i, (pair, boundary) in enumerate(order):
+        if abs((hue - boundary + 180) % 360 - 180) <= calibration.band:
+            return UNSURE
+        start = boundary
+        end = order[(i + 1) % len(order)][1]
+        if (hue - start) % 360 < (end - start) % 360:
+            return pair.split("|")[1]
+    return UNSURE
+
+
+STYLE_GATES = {"pixel": "mosaic", "striped": "stripes", "dots": "dots", "outlined": "backdrop"}
+"""The measure each style needs: the pixel style's block mosaic, the stripes' and dots' grids in the spectrum, and
+for a black outline a background bright enough to show it."""
+
+
+def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, str]:
+    """Image ``i``'s reading: a value of each attribute's vocabulary, or :data:`UNSURE`.
+
+    Each attribute takes the network's most probable value if its probability reaches that value's floor. A
+    style whose measure falls short of what the calibration needs is ruled out first (its probability given to the
+    others). The colour must also be the named colour of the measured fill hue (outside the unsure bands), or
+    under the ``hue`` rule is that name alone."""
+    reading: dict[str, str] = {}
+    for attr in ATTRIBUTES:
+        p = evidence.probabilities[attr][i].clone()
+        if attr == "style":
+            for style, measure in STYLE_GATES.items():
+                need = calibration.style_needs.get(style)
+                if need is not None and float(getattr(evidence, measure)[i]) < need:
+                    p[VOCABULARY["style"].index(style)] = 0.0
+            p = p / p.sum().clamp_min(1e-12)
+        best = int(p.argmax())
+        value = VOCABULARY[attr][best]
+        reading[attr] = value if float(p[best]) >= calibration.floor.get(attr, {}).get(value, 0.0) else UNSURE
+    if calibration.boundaries:
+        hue = float(evidence.hue[i])
+        readable = (
+            hue == hue
+            and float(evidence.purity[i]) >= calibration.min_purity
+            and float(evidence.pixels[i]) >= calibration.min_pixels
+        )
+        measured = _hue_name(hue, calibration) if readable else UNSURE
+        if calibration.colour_rule == "hue":
+            reading["colour"] = measured
+        elif measured != reading["colour"]:
+            reading["colour"] = UNSURE
+    return reading
+
+
+class Reader:
+    """The shipped judge: network plus measures plus calibration. ``read`` returns per image a dict of attribute →
+    value or :data:`UNSURE`."""
+
+    def __init__(self, network: Judge, calibration: Calibration) -> None:
+        self.network = network
+        self.calibration = calibration
+
+    def evidence(self, images: torch.Tensor) -> Evidence:
+        """See :func:`gather_evidence`."""
+        return gather_evidence(self.network, images)
+
+    def read(self, images: torch.Tensor) -> list[dict[str, str]]:
+        """What the judge is sure it sees in each image (B, 3, 64, 64) in [0, 1]; :data:`UNSURE` elsewhere."""
+        evidence = self.evidence(images)
+        return [read_one(evidence, i, self.calibration) for i in range(images.shape[0])]
+
+
+def colour_names() -> tuple[str, ...]:
+    """The named colours in hue order (the order their boundaries run in)."""
+    from composer.toyworld.measures import NAMED_HUES
+
+    return tuple(sorted(COLOUR_NAMES, key=lambda name: NAMED_HUES[name]))
