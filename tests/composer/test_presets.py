@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -242,18 +241,12 @@ def test_known_models_table_names_each_family():
         ("tiny-flux-kontext", FluxKontextPipeline, "flux"),
     ],
 )
-def test_fixture_pipeline_class_family_and_fast_64px_image(name, cls, family, request):
+def test_fixture_pipeline_class_family_and_64px_image(name, cls, family, request):
     pipe = request.getfixturevalue(FIXTURES[name])
     assert type(pipe) is cls
     assert preset_family(pipe) == family == PRESETS[name].family
-    _generate(pipe, name)  # warm-up: first calls pay one-time dispatch costs
-    timings = []
-    for _ in range(3):  # best of three: the CI machines are shared, one slow run is noise
-        start = time.perf_counter()
-        image = _generate(pipe, name)
-        timings.append(time.perf_counter() - start)
-        assert image.size == (64, 64)
-    assert min(timings) < 1.0, f"{name}: {min(timings):.2f} s for a 2-step 64² image"
+    image = _generate(pipe, name)
+    assert image.size == (64, 64)
 
 
 def test_generation_is_seeded(tiny_sd):
@@ -301,8 +294,5 @@ def test_small_sd_runs_4_steps_at_128px(tmp_path):
     pipe = load_preset("small-sd", cache_dir=tmp_path)
     pipe.set_progress_bar_config(disable=True)
     assert preset_family(pipe) == "sd1"
-    pipe("a photo of a cat", num_inference_steps=4, height=128, width=128)  # warm-up
-    start = time.perf_counter()
     image = pipe("a photo of a cat", num_inference_steps=4, height=128, width=128).images[0]
     assert image.size == (128, 128)
-    assert time.perf_counter() - start < 3.0  # ~0.5 s on one core

