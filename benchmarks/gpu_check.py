@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,10 @@ TARGETS = {
     "gated": "≤ 1.5× merge",
     "shira": "ours ≤ hotswap",
 }
+
+
+BUDGET_SPENT = re.compile(r"budget of \d+ s spent")
+"""The message of a :class:`SectionTimeoutError`, as found inside another exception's message."""
 
 
 class SectionTimeoutError(Exception):
@@ -437,9 +442,10 @@ def run_section(name: str, ctx: Context, budget_s: float) -> dict[str, Any]:
 
 
 def _spent(exc: BaseException | None) -> bool:
-    """Whether ``exc`` is, or was raised while handling, a :class:`SectionTimeoutError` (libraries wrap it)."""
+    """Whether ``exc`` is, or was raised while handling, a :class:`SectionTimeoutError` (libraries wrap it; torch's
+    ``load_state_dict`` folds it into its own message without chaining it)."""
     while exc is not None:
-        if isinstance(exc, SectionTimeoutError):
+        if isinstance(exc, SectionTimeoutError) or BUDGET_SPENT.search(str(exc)):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

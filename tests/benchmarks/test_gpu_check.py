@@ -138,3 +138,15 @@ tests/gpu/test_b.py::test_compile[fp16]"""
     parsed = gpu_check._verbose_outcomes(output)
     assert (parsed["passed"], parsed["failed"], parsed["skipped"]) == (1, 1, 1)
     assert list(parsed["failures"]) == ["test_a.py::test_bad[fp16]"]
+
+
+def test_a_budget_spent_inside_load_state_dict_is_a_timeout_not_a_failure() -> None:
+    from benchmarks.gpu_check import SectionTimeoutError, _spent
+
+    # torch's load_state_dict folds an exception raised while copying a tensor into its own message, unchained
+    wrapped = RuntimeError(
+        'Error(s) in loading state_dict for FluxTransformer2DModel:\n\tWhile copying the parameter named "w", '
+        f"an exception occurred : ({str(SectionTimeoutError('budget of 6 s spent'))!r},)."
+    )
+    assert _spent(wrapped)
+    assert not _spent(RuntimeError("Error(s) in loading state_dict: size mismatch"))

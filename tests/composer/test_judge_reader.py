@@ -88,8 +88,8 @@ def test_a_style_whose_grid_is_not_measured_is_ruled_out() -> None:
 
 def test_fit_finds_the_floor_above_which_the_network_is_right() -> None:
     rows, labels = [], []
-    for i in range(40):
-        confidence = 0.5 + i / 80
+    for i in range(24):
+        confidence = 0.5 + i / 48
         probabilities = {a: [1.0] + [0.0] * (len(VOCABULARY[a]) - 1) for a in ATTRIBUTES}
         probabilities["shape"] = [confidence, 1 - confidence] + [0.0] * 4
         rows.append(
