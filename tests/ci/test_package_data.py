@@ -1,0 +1,20 @@
+"""Every file the toy world reads at run time ships in the wheel: each one under composer/toyworld/weights matches a
+package-data pattern of pyproject.toml (a file left out works from a clone and breaks after ``pip install``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import toml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_toy_world_weight_file_is_package_data() -> None:
+    config = toml.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["composer.toyworld"]
+    package = ROOT / "composer" / "toyworld"
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    files = {path for path in (package / "weights").rglob("*") if path.is_file()}
+    assert files, "the toy world's weights are missing from the checkout"
+    assert sorted(str(p.relative_to(package)) for p in files - shipped) == []
