@@ -47,10 +47,9 @@ PER_CELL = {2: 4, 3: 4, 4: 3, 5: 3}
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
-    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
 
-    array = (image.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(array).save(path)
+    VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(image[None].clamp(0, 1)))[0].save(path)
 
 
 def plan(names: list[str]) -> list[dict[str, Any]]:
