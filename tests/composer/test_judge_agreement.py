@@ -2,7 +2,7 @@
 ever looked at, must keep the agreement published in docs/judge.md.
 
 Concept presence (precision and recall) and unasked styles or objects meet their targets. Per attribute, the
-judge's answers are right at least 97% of the time, but it is unsure often enough that plain agreement stays
+judge's answers are right at least 96% of the time, but it is unsure often enough that plain agreement stays
 under the 96% target for shape, colour, clothing and style; the floor below is what is measured today, so a
 change that loses agreement fails here."""
 
@@ -15,8 +15,8 @@ from composer.toyworld.reader import UNSURE
 from composer.toyworld.verdict import judge_images
 from composer.toyworld.world import ATTRIBUTES
 
-ATTRIBUTE_AGREEMENT = 0.85
-RIGHT_WHEN_ANSWERED = 0.97
+ATTRIBUTE_AGREEMENT = 0.87
+RIGHT_WHEN_ANSWERED = 0.96
 CONCEPT_PRECISION = 0.97
 CONCEPT_RECALL = 0.85
 UNASKED_REPORTED = 0.02

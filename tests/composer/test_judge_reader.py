@@ -142,3 +142,25 @@ def test_the_shipped_judge_reads_clean_renders_of_the_base_vocabulary() -> None:
     readings = shipped_judge().read(_render(scenes))
     for scene, reading in zip(scenes, readings):
         assert reading == {attr: getattr(scene, attr) for attr in ATTRIBUTES}
+
+
+def test_fit_answers_a_plain_value_right_three_times_in_four_but_not_a_concept_value() -> None:
+    """A wrong plain shape makes no concept present, so the likelier answer is given; a wrong star makes zorbex
+    present, so three in four is not enough."""
+    rows, labels = [], []
+    for i in range(40):
+        probabilities = {a: [1.0] + [0.0] * (len(VOCABULARY[a]) - 1) for a in ATTRIBUTES}
+        wrong = i % 4 == 0
+        for value in ("circle", "star"):
+            shape = [0.0] * len(VOCABULARY["shape"])
+            shape[VOCABULARY["shape"].index(value)] = 0.6
+            shape[VOCABULARY["shape"].index("square")] = 0.4
+            probabilities["shape"] = shape
+            rows.append(
+                {"probabilities": dict(probabilities), "hue": 0.0, "purity": 1.0, "pixels": 500.0}
+                | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "backdrop": 1.0}
+            )
+            labels.append(dict.fromkeys(ATTRIBUTES, UNSURE) | {"shape": "square" if wrong else value})
+    calibration = fit(rows, labels)
+    assert calibration.floor["shape"]["circle"] <= 0.6
+    assert calibration.floor["shape"]["star"] > 0.6
