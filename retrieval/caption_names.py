@@ -4,7 +4,7 @@ Many files come straight from kohya sd-scripts with no trigger field at all: the
 only in ``ss_tag_frequency``, written into every caption by the trainer, and the dataset folder is often called
 ``10_img``. The rule:
 
-- A caption tag is a **caption name** of its adapter when it occurs in at least ``CAPTION_SHARE`` (90%) of the
+- A caption tag is a **caption name** of its adapter when it occurs in at least ``CAPTION_SHARE`` (80%) of the
   captions of one of the adapter's dataset folders, and that folder has at least ``MIN_CAPTIONS`` (5) captions
   (in a folder of two images every tag is in every caption).
 - A caption name names its adapter only when few adapters of the library carry the phrase at all: at most
@@ -25,7 +25,7 @@ from __future__ import annotations
 from weights_index.kohya_captions import CaptionPresence
 from weights_index.metadata import AdapterMetadata
 
-CAPTION_SHARE = 0.9
+CAPTION_SHARE = 0.8
 """Least share of a folder's captions holding a tag for the tag to be a caption name."""
 MIN_CAPTIONS = 5
 """Least number of captions in the folder."""
