@@ -17,6 +17,8 @@ MANUAL = "manual"
 EDITOR_HEADERS = ["adapter", "weight", "schedule", "block weights", "start", "stop"]
 WHY_HEADERS = ["adapter", "weight", "source", "score", "why"]
 DEFAULT_WEIGHT = 0.8
+DEFAULT_MAX_LORAS = 4
+"""The automatic pick's cap the slider starts at (the retriever's default)."""
 HISTORY = 24
 """Images kept in the result gallery (newest first)."""
 
@@ -59,11 +61,20 @@ def sync_editor(picked: list[str] | None, rows: list[list[Any]] | None) -> list[
 
 
 def why_rows(result: Any) -> list[list[Any]]:
-    """The "why these adapters" table of a composition result."""
-    return [
+    """The "why these adapters" table of a composition result: the adapters used, then those the prompt names that
+    the automatic pick left out (source "left out", with why)."""
+    rows = [
         [a.name, a.weight, a.source, None if a.score is None else round(a.score, 4), "; ".join(a.reasons)]
         for a in result.adapters
     ]
+    return rows + [[r.name, None, "left out", None, left_out_reason(r)] for r in result.rejected]
+
+
+def left_out_reason(rejected: Any) -> str:
+    """Why an adapter was left out, with how to include it when the cap was the reason."""
+    kept = f" (kept {rejected.lost_to})" if rejected.lost_to else ""
+    hint = "; raise 'Most adapters' to include it" if rejected.reason.startswith("limit of") else ""
+    return f"{rejected.reason}{kept}{hint}"
 
 
 def branch_choice(share: float) -> str | float:
@@ -123,6 +134,14 @@ def build(service: CompositionService) -> None:
                     "0: conditional branch only)",
                     elem_id="unconditional-share",
                 )
+                max_loras = gr.Slider(
+                    1,
+                    10,
+                    value=DEFAULT_MAX_LORAS,
+                    step=1,
+                    label="Most adapters (auto)",
+                    elem_id="max-loras",
+                )
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="gallery")
@@ -149,6 +168,7 @@ def build(service: CompositionService) -> None:
         seed_value: float,
         images: float,
         share: float,
+        most: float,
         past: list[tuple[str, str]],
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's documented idiom)
     ) -> tuple[list[tuple[str, str]], list[list[Any]], str, list[tuple[str, str]]]:
@@ -163,6 +183,7 @@ def build(service: CompositionService) -> None:
                 num_images=int(images),
                 progress=True,
                 branches=branch_choice(share),
+                max_loras=int(most or DEFAULT_MAX_LORAS),
             )
         except ComposerError as exc:
             raise gr.Error(str(exc)) from exc
@@ -175,13 +196,16 @@ def build(service: CompositionService) -> None:
             f"**Prompt used:** {result.prompt}\n\n**Adapters:** {used} · **method** {method_shown} · "
             f"{result.steps} steps · seed {result.seed} · {result.seconds:.2f} s"
         )
+        if result.rejected:
+            left = "; ".join(f"`{r.name}`: {left_out_reason(r)}" for r in result.rejected)
+            text_summary += f"\n\n**Left out:** {left}"
         return shown, why_rows(result), text_summary, shown
 
     mode.change(show_editor, mode, [picker, editor], api_visibility="private")
     picker.change(sync_editor, [picker, editor], editor, api_visibility="private")
     generate_button.click(
         generate,
-        [prompt, mode, editor, method, steps, seed, count, unconditional_share, history],
+        [prompt, mode, editor, method, steps, seed, count, unconditional_share, max_loras, history],
         [gallery, why, summary, history],
         api_name="generate",
     )

@@ -76,6 +76,19 @@ class ChosenAdapter:
         return {k: v for k, v in fields.items() if v not in (None, [], "")}
 
 
+@dataclass(frozen=True)
+class RejectedAdapter:
+    """An adapter ``loras="auto"`` found named in the prompt but left out, why, and the pick it lost to (if any)."""
+
+    name: str
+    reason: str
+    lost_to: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly view."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclass
 class CompositionResult:
     """What :meth:`Composer.run` produced: the images, the adapters used, and where the files went."""
@@ -93,6 +106,9 @@ class CompositionResult:
     branches: Branches = "both"
     """CFG branches the adapters acted on (``"conditional"``: the unconditional prediction came from the base; a
     mapping: per adapter, a branch or the share of its weight the unconditional half carried)."""
+    rejected: list[RejectedAdapter] = field(default_factory=list)
+    """Adapters ``loras="auto"`` found named in the prompt but left out (the cap, the same words as a pick, a
+    category already filled), each with why."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (``plots`` only when plots were written)."""
@@ -105,6 +121,8 @@ class CompositionResult:
             "adapters": [a.as_dict() for a in self.adapters],
             "images": [str(p) for p in self.paths],
         }
+        if self.rejected:
+            summary["rejected"] = [r.as_dict() for r in self.rejected]
         if self.branches != "both":
             summary["branches"] = self.branches
         if self.plots:
@@ -145,6 +163,18 @@ def _refuse_paths(name: str) -> None:
             "adapters are named from the library here; file paths are not accepted",
             hint="pick an adapter from the Library tab by its name",
         )
+
+
+def _cap(max_loras: object) -> int | None:
+    """``max_loras`` checked: None (the retriever's default) or a whole number ≥ 1."""
+    if max_loras is None:
+        return None
+    if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1:
+        raise CompositionError(
+            f"max_loras must be a whole number of at least 1, got {max_loras!r}",
+            hint="CLI: --max-loras N; the app: the 'Most adapters' slider",
+        )
+    return max_loras
 
 
 def _accepts(pipe: Any, argument: str) -> bool:
@@ -205,18 +235,24 @@ class Composer:
         return self._retriever
 
     def choose(
-        self, prompt: str, loras: str | Sequence[str | LoraTag] | Mapping[str, Any] | None
+        self,
+        prompt: str,
+        loras: str | Sequence[str | LoraTag] | Mapping[str, Any] | None,
+        *,
+        max_loras: int | None = None,
+        rejected: list[RejectedAdapter] | None = None,
     ) -> tuple[str, list[ChosenAdapter]]:
         """Resolve the adapters for ``prompt``: prompt tags first, then ``loras`` (auto, a list spec, a mapping, or
         names / :class:`~composer.prompts.LoraTag` items carrying block weights and schedules).
 
         Returns the prompt without ``<lora:…>`` tags (with trigger words added for automatically chosen adapters)
-        and the chosen adapters.
+        and the chosen adapters. With ``loras="auto"``, ``max_loras`` caps how many are picked (default: the
+        retriever's, 4) and ``rejected``, when given, receives the adapters found named but left out.
         """
         prompt, tags = extract_lora_tags(prompt)
         chosen = {tag.name: self._from_tag(tag, "prompt tag") for tag in tags}
         if isinstance(loras, str) and loras.strip().lower() == "auto":
-            prompt = self._auto(prompt, chosen)
+            prompt = self._auto(prompt, chosen, _cap(max_loras), rejected if rejected is not None else [])
         elif isinstance(loras, str):
             for tag in parse_lora_list(loras):
                 chosen.setdefault(tag.name, self._from_tag(tag, "explicit"))
@@ -239,10 +275,19 @@ class Composer:
             reasons=["named in a <lora:…> prompt tag" if source == "prompt tag" else "named by the caller"],
         )
 
-    def _auto(self, prompt: str, chosen: dict[str, ChosenAdapter]) -> str:
+    def _auto(
+        self, prompt: str, chosen: dict[str, ChosenAdapter], cap: int | None, rejected: list[RejectedAdapter]
+    ) -> str:
         if self.library is None:
             raise CompositionError("loras='auto' needs a library", hint="pass library=DIR (CLI: --library DIR)")
-        for pick in self.retriever.select(prompt, family=self.family):
+        picks = self.retriever.select(prompt, family=self.family, k=cap)
+        left_out = [
+            RejectedAdapter(r.name, r.reason, r.lost_to) for r in self.retriever.rejected if r.name not in chosen
+        ]
+        for item in left_out:
+            logger.info("left out %s: %s", item.name, item.reason)
+        rejected += left_out
+        for pick in picks:
             if pick.name in chosen:
                 continue
             chosen[pick.name] = ChosenAdapter(
@@ -360,6 +405,7 @@ class Composer:
         image: Image.Image | None = None,
         progress: bool = False,
         plot: str | Path | None = None,
+        max_loras: int | None = None,
         **options: Any,
     ) -> CompositionResult:
         """Generate ``num_images`` images for ``prompt`` with the chosen adapters composed by ``method``.
@@ -369,11 +415,14 @@ class Composer:
         (``"conditional"``: adapters on CFG's conditional branch only; or per adapter, ``{"name": "conditional"}``)
         pass through to ``set_composition``.
         ``plot`` is a folder for PNG plots (see :meth:`_write_plots`), listed in ``result.plots``.
+        ``max_loras`` caps how many adapters ``loras="auto"`` picks; those found named but left out are in
+        ``result.rejected`` with why.
         """
         started = time.perf_counter()
         if plot is not None and method == "gated":
             options.setdefault("record", True)
-        clean_prompt, chosen = self.choose(prompt, loras)
+        rejected: list[RejectedAdapter] = []
+        clean_prompt, chosen = self.choose(prompt, loras, max_loras=max_loras, rejected=rejected)
         pipe = self.pipe
         family = self.family
         steps = steps or (4 if self.model in PRESETS else DEFAULT_STEPS.get(family, 20))
@@ -417,6 +466,7 @@ class Composer:
             steps=steps,
             seconds=time.perf_counter() - started,
             branches=options.get("branches", "both") if chosen else "both",
+            rejected=rejected,
         )
         logger.info(
             "%s: %d image(s), %s over %s, %d steps, %.2f s",

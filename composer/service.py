@@ -159,10 +159,12 @@ class CompositionService:
         progress: bool = False,
         plot: bool = False,
         branches: Branches = "both",
+        max_loras: int | None = None,
     ) -> CompositionResult:
         """Compose ``adapters`` (``"auto"``, requests, or None for the base model) and generate; files are saved.
         ``plot`` also writes the composition's plots (``result.plots``: retrieval scores, weight table, gates);
-        ``branches="conditional"`` puts the adapters on CFG's conditional branch only (a mapping: per adapter)."""
+        ``branches="conditional"`` puts the adapters on CFG's conditional branch only (a mapping: per adapter);
+        ``max_loras`` caps the automatic pick (``result.rejected``: what the prompt names but was left out, why)."""
         if not prompt.strip():
             raise CompositionError("the prompt is empty", hint="type what the image should show")
         loras: Any = AUTO if adapters == AUTO else list(adapters or ())
@@ -181,6 +183,7 @@ class CompositionService:
                 branches=branches,
                 progress=progress,
                 plot=folder / "plots" if plot else None,
+                max_loras=max_loras,
             )
 
     def spectra(self, prompts: Sequence[str] | None = None, steps: int = 4) -> Any:

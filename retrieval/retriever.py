@@ -122,6 +122,8 @@ class Selection:
     trigger_words: list[str] = field(default_factory=list)
     explains: list[str] = field(default_factory=list)
     """The prompt words (as matched) that this pick accounts for."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Each explained phrase → where it came from (trigger field, caption counts, title, file name, …)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -454,6 +456,10 @@ class Retriever:
         explains = list(dict.fromkeys(e.words for e in choice.evidence))
         carried = ", ".join(f"{e.words!r} on {_adapters(e.carriers)}" for e in _by_words(choice.evidence))
         reasons.append(f"explains {', '.join(repr(w) for w in explains)} (specific: {carried})")
+        sources = {e.words: e.source for e in _by_words(reversed(choice.evidence)) if e.source}
+        sources = {words: sources[words] for words in explains if words in sources}
+        if sources:
+            reasons.append("found in: " + "; ".join(f"{words!r} from {where}" for words, where in sources.items()))
         if choice.support:
             support = ", ".join(f"{e.words!r} ({_adapters(e.carriers)})" for e in _by_words(choice.support))
             reasons.append(f"also fits tags in the prompt: {support}")
@@ -479,6 +485,7 @@ class Retriever:
             self._group_categories[choice.group],
             list(entry.trigger_words),
             explains,
+            sources,
         )
 
     def _best_trigger(self, group: int, present: set[tuple[str, ...]]) -> list[str]:

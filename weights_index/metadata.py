@@ -3,7 +3,9 @@
 Community adapters describe themselves in several places, none complete on its own:
 
 - kohya sd-scripts training metadata in the safetensors header (``ss_output_name``, ``ss_base_model_version``,
-  ``ss_network_module``/``_dim``/``_alpha``, ``ss_tag_frequency`` — caption tag counts per dataset folder);
+  ``ss_network_module``/``_dim``/``_alpha``, ``ss_tag_frequency`` — caption tag counts per dataset folder — and
+  ``ss_dataset_dirs`` — images per folder; :mod:`weights_index.kohya_captions` reads how consistently each tag
+  occurs in its folder's captions);
 - Stability's ModelSpec keys in the same header (``modelspec.title``, ``.trigger_phrase``, ``.architecture``,
   ``.description``, ``.tags``, ``.thumbnail`` as a ``data:`` URI);
 - ``NAME.civitai.info``: the Civitai model-version JSON saved by Civitai Helper and similar tools
@@ -35,6 +37,7 @@ from fusion.errors import SidecarTooLargeError
 from fusion.weight_range import weight_problem
 from weights_index.families import family_from_text
 from weights_index.hashing import autov2
+from weights_index.kohya_captions import CaptionPresence, caption_presence, folder_names
 from weights_index.text_safety import storable_json
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
@@ -81,6 +84,11 @@ class AdapterMetadata:
     dataset_triggers: tuple[str, ...] = ()
     """kohya dataset folders' identifiers (``10_ohwx`` → "ohwx") that also occur in that folder's captions: the
     token the LoRA was trained to answer to, when no other source states trigger words."""
+    dataset_folders: tuple[str, ...] = ()
+    """Names of the kohya dataset folders (``10_texas`` → "texas"), generic ones (``10_img``) left out."""
+    caption_presence: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    """Caption tag (lower case) → (captions holding it, captions, folder) in the folder where it is most consistent,
+    for tags in at least half of that folder's captions (:func:`weights_index.kohya_captions.caption_presence`)."""
     tags: dict[str, int] = field(default_factory=dict)
     labels: tuple[str, ...] = ()
     base_model: str | None = None
@@ -108,7 +116,17 @@ class AdapterMetadata:
         """Rebuild from :meth:`to_json` output; unknown keys (from newer versions) are ignored."""
         known = cls.__dataclass_fields__
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        presence = values.get("caption_presence")
+        if isinstance(presence, dict):
+            values["caption_presence"] = {
+                str(tag): tuple(item) for tag, item in presence.items() if isinstance(item, (list, tuple))
+            }
         return cls(**values)
+
+    def presence(self, tag: str) -> CaptionPresence | None:
+        """How consistently ``tag`` occurs in its dataset folder's captions (None: in fewer than half, or unknown)."""
+        found = self.caption_presence.get(tag.strip().lower())
+        return None if found is None else CaptionPresence(*found)
 
 
 SIDECAR_SUFFIXES = tuple(p.format(stem="") for p in (CIVITAI_SIDECAR, A1111_SIDECAR, *PREVIEW_PATTERNS))
@@ -183,6 +201,8 @@ def read_metadata(
         author=first("author", ("modelspec", "civitai")),
         trigger_words=triggers,
         dataset_triggers=first("dataset_triggers", ("kohya",)) or (),
+        dataset_folders=first("dataset_folders", ("kohya",)) or (),
+        caption_presence=dict(first("caption_presence", ("kohya",)) or {}),
         tags=tags,
         labels=labels,
         base_model=base_model,
@@ -243,10 +263,13 @@ def _from_kohya(meta: Mapping[str, str], warnings: list[str]) -> dict[str, Any]:
     if meta.get("ss_tag_frequency"):
         out["tags"] = _tag_frequency(meta["ss_tag_frequency"], warnings)
         out["dataset_triggers"] = _dataset_triggers(meta["ss_tag_frequency"])
+        out["dataset_folders"] = folder_names(meta["ss_tag_frequency"])
+        presence = caption_presence(meta["ss_tag_frequency"], meta.get("ss_dataset_dirs"))
+        out["caption_presence"] = {tag: (p.count, p.captions, p.folder) for tag, p in presence.items()}
     hashes = {k: meta[k] for k in ("sshs_model_hash", "sshs_legacy_hash") if meta.get(k)}
     if hashes:
         out["hashes"] = hashes
-    return {k: v for k, v in out.items() if v not in (None, {}, "")}
+    return {k: v for k, v in out.items() if v not in (None, {}, "", ())}
 
 
 def _tag_frequency(raw: str, warnings: list[str]) -> dict[str, int]:

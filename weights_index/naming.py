@@ -68,6 +68,10 @@ PACKAGING_WORDS = frozenset(
     }
 )
 """Words that say how or for which base an adapter was packaged, not what it is."""
+GLUED_PACKAGING = ("lora", "locon")
+"""Packaging words that Civitai page names and file names glue to the word before ("umbrellalora")."""
+MIN_GLUED_STEM = 4
+"""Least length of what stays of a word when a glued packaging word is cut off ("flora" stays "flora")."""
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _HAS_CAMEL = re.compile(r"[a-z][A-Z]|[A-Z][A-Z][a-z]")
@@ -147,15 +151,17 @@ def _prepared(name: str) -> str:
 def name_words(name: str, *, keep_parentheses: bool = True) -> tuple[str, ...]:
     """The words that identify an adapter named ``name`` (a title or a file stem), in order.
 
-    Case, punctuation, underscores, camelCase, version markers, duplicate-download marks, packaging words and
-    function words do not count; ``keep_parentheses=False`` also drops parenthesised parts ("Makima (Chainsaw Man)"
-    → ``("makima",)``). When nothing but packaging words is left, those are kept (a file called "lora" is "lora").
+    Case, punctuation, underscores, camelCase, version markers, duplicate-download marks, packaging words (also
+    glued to a word's end: "umbrellalora") and function words do not count; ``keep_parentheses=False`` also drops
+    parenthesised parts ("Makima (Chainsaw Man)" → ``("makima",)``). When nothing but packaging words is left, those
+    are kept (a file called "lora" is "lora").
     """
     text = _prepared(name)
     if not keep_parentheses:
         text = _PARENTHESES.sub(" ", text)
     tokens, _ = _split_versions(words(text))
     content = [t for t in tokens if t not in FUNCTION_WORDS]
+    content = [_unglued(t) for t in content]
     kept: list[str] = []
     after_packaging = False
     for token in content:
@@ -165,6 +171,14 @@ def name_words(name: str, *, keep_parentheses: bool = True) -> tuple[str, ...]:
         after_packaging = False
         kept.append(token)
     return tuple(kept or content)
+
+
+def _unglued(token: str) -> str:
+    """A word with a packaging word glued to its end ("umbrellalora", "johanssonlora") → the word alone."""
+    for suffix in GLUED_PACKAGING:
+        if token.endswith(suffix) and len(token) - len(suffix) >= MIN_GLUED_STEM:
+            return token[: -len(suffix)]
+    return token
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -31,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="'auto' (retrieve from --library) or a list like 'style:0.8,char:0@0,1@0.5,path/to/file.safetensors'",
     )
+    parser.add_argument(
+        "--max-loras",
+        type=cli_types.positive_int,
+        default=None,
+        metavar="N",
+        help="with --loras auto: pick at most N adapters (default 4); those named but left out are listed with why",
+    )
     parser.add_argument("--method", default="merge", choices=METHODS, help="composition method (default merge)")
     parser.add_argument(
         "--model",
@@ -134,8 +141,19 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "width": width,
         "num_images": args.num_images,
         "plot": args.plot,
+        "max_loras": args.max_loras,
         **extra,
     }
+
+
+def left_out_lines(rejected: list[Any]) -> list[str]:
+    """One line per adapter the prompt names that ``--loras auto`` left out, with why (and how to include it)."""
+    lines = []
+    for item in rejected:
+        hint = "; raise the cap with --max-loras" if item.reason.startswith("limit of") else ""
+        kept = f" (kept {item.lost_to})" if item.lost_to else ""
+        lines.append(f"left out {item.name}: {item.reason}{kept}{hint}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows, COLUMNS))
     else:
         print("no adapters: generating with the base model")
+    for line in left_out_lines(result.rejected):
+        print(line)
     print(f"\nprompt: {result.prompt}")
     print(f"method: {result.method}, {result.steps} steps, seed {result.seed}, {result.seconds:.2f} s")
     for path in [*result.paths, *result.plots.values()]:

@@ -31,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-k", "--top", type=cli_types.positive_int, default=10, help="how many adapters to list (default 10)"
     )
     parser.add_argument(
+        "--max-loras",
+        type=cli_types.positive_int,
+        default=None,
+        metavar="N",
+        help="pick at most N adapters, as `compose --loras auto --max-loras N` would (default 4)",
+    )
+    parser.add_argument(
         "--model", default=None, help="pipeline (preset, folder or hub id) whose text encoder enables zero-shot scoring"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
@@ -50,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     retriever = Retriever(Library(args.library, db_path=args.db), pipe=pipeline)
     family = args.family or retriever.zero_shot_family
     hits = retriever.rank(args.prompt, family=family, k=args.top)
-    picks = retriever.select(args.prompt, family=family)
+    picks = retriever.select(args.prompt, family=family, k=args.max_loras)
     if args.json:
         emit_json(
             {
@@ -78,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
             if not reason.startswith("not used:"):
                 print(f"  - {reason}")
     for item in retriever.rejected:
-        print(f"\nnot picked: {item.name}: {item.reason}" + (f" (kept {item.lost_to})" if item.lost_to else ""))
+        hint = "; raise the cap with --max-loras" if item.reason.startswith("limit of") else ""
+        print(f"\nnot picked: {item.name}: {item.reason}" + (f" (kept {item.lost_to})" if item.lost_to else "") + hint)
     for phrase in retriever.generic:
         print(f"generic: {phrase}")
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.compose_tab import adapter_requests, sync_editor
+from app.compose_tab import adapter_requests, sync_editor, why_rows
+from composer.facade import ChosenAdapter, CompositionResult, RejectedAdapter
 from composer.service import ComposerError, CompositionService, LoraTag, adapter_request
 
 
@@ -41,3 +42,27 @@ def test_service_rejects_empty_prompt_and_zero_workers(tmp_path) -> None:
     with pytest.raises(ComposerError, match="prompt is empty"):
         CompositionService(out=tmp_path).compose("  ", None)
     assert CompositionService(out=tmp_path).library_root is None
+
+
+def test_why_table_lists_what_the_automatic_pick_left_out() -> None:
+    used = ChosenAdapter(LoraTag("corgi", 0.8), source="auto", score=1.0, reasons=["trigger word in prompt"])
+    rejected = [RejectedAdapter("teapot", "limit of 1 adapters reached"), RejectedAdapter("pup", "same words", "corgi")]
+    result = CompositionResult([], "p", [used], "merge", 0, 1, 0.1, rejected=rejected)
+    rows = why_rows(result)
+    assert rows[0][:3] == ["corgi", 0.8, "auto"]
+    assert rows[1] == [
+        "teapot",
+        None,
+        "left out",
+        None,
+        "limit of 1 adapters reached; raise 'Most adapters' to include it",
+    ]
+    assert rows[2] == ["pup", None, "left out", None, "same words (kept corgi)"]
+    assert result.as_dict()["rejected"][1] == {"name": "pup", "reason": "same words", "lost_to": "corgi"}
+
+
+def test_a_cap_below_one_is_a_typed_error(tmp_path) -> None:
+    from composer.facade import Composer
+
+    with pytest.raises(ComposerError, match="max_loras must be a whole number"):
+        Composer(library=tmp_path).choose("a dog", "auto", max_loras=0)

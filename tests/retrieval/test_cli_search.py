@@ -45,6 +45,33 @@ def test_search_says_what_was_not_picked_and_why(tmp_path: Path, capsys: pytest.
     assert document["selection"][0]["explains"] == ["neoncity"]
 
 
+def test_search_takes_the_cap_and_says_how_to_raise_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_library(tmp_path / "lib")
+    prompt = "neoncity, mossyforest, cstlsea, gldteapot, crgastro"
+    assert main(["search", prompt, "--library", str(tmp_path / "lib")]) == 0
+    assert "; raise the cap with --max-loras" in capsys.readouterr().out
+    assert main(["search", prompt, "--library", str(tmp_path / "lib"), "--max-loras", "5", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert len(document["selection"]) == 5
+    assert document["rejected"] == []
+
+
+def test_compose_auto_lists_what_the_cap_left_out(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_sd) -> None:
+    make_library(tmp_path / "lib")
+    argv = ["crgastro in a redscarf by a gldteapot", "--loras", "auto", "--library", str(tmp_path / "lib")]
+    argv += ["--model", "tiny-sd", "--steps", "1", "--out", str(tmp_path / "out"), "--max-loras", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "left out teapot: limit of 2 adapters reached; raise the cap with --max-loras" in out
+    assert main([*argv, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [a["name"] for a in document["adapters"]] == ["corgi", "scarf"]
+    assert document["rejected"] == [{"name": "teapot", "reason": "limit of 2 adapters reached"}]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:-2], "--max-loras", "0"])
+    assert exit_info.value.code == 2
+
+
 def test_train_retriever_command_then_search_uses_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     library = make_library(tmp_path / "lib")
     argv = ["train-retriever", "--library", str(library.root), "--steps", "30", "--dim", "32", "--json"]

@@ -39,3 +39,10 @@ def test_parentheses_copies_and_prompts() -> None:
         [("fox", False), ("hat", True)],
         [("film", False), ("grain", False)],
     ]
+
+
+def test_a_packaging_word_glued_to_a_name_is_cut_off() -> None:
+    assert name_words("umbrellalora_v2") == ("umbrella",)
+    assert name_words("scarlett-johanssonlora") == ("scarlett", "johansson")
+    assert name_words("flora") == ("flora",)  # too little would stay: a word, not a glued name
+    assert name_words("lora") == ("lora",)
