@@ -211,9 +211,7 @@ def prefixed(tensors: Tensors, prefix: str) -> Tensors:
 
 def save(tensors: Tensors, path: Path, dtype: torch.dtype | None = None, metadata: dict | None = None) -> Path:
     """Write ``tensors`` (floating ones cast to ``dtype``) as one safetensors file."""
-    data = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in tensors.items()
-    }
+    data = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).clone() for k, v in tensors.items()}
     save_file(data, str(path), metadata=metadata or {})
     return path
 
