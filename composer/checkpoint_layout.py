@@ -20,7 +20,7 @@ from typing import Any
 
 from fusion.errors import PresetError
 from weights_index.families import checkpoint_family
-from weights_index.safetensors_file import PICKLE_SUFFIXES, SafetensorsHeader, read_header
+from weights_index.safetensors_file import PICKLE_SUFFIXES, SafetensorsHeader, read_header, refuse_pickle
 
 CHECKPOINT_SUFFIXES = (".safetensors",)
 """Suffixes read as single-file checkpoints (pickled ``.ckpt``/``.pt``/``.bin`` are refused with a convert hint)."""
@@ -106,6 +106,9 @@ def _prediction_type(family: str, path: Path, metadata: dict[str, str]) -> str:
 def describe_checkpoint(path: str | Path) -> CheckpointLayout:
     """Read ``path``'s header and say what it holds; a typed error for pickles, broken files and unknown layouts."""
     path = Path(path).expanduser()
+    refuse_pickle(path)
+    if not path.exists():
+        raise PresetError(f"no checkpoint file at {path}", path=path, hint="check the path given to --model")
     header = read_header(path)
     shapes = {name: info.shape for name, info in header.tensors.items()}
     evidence = checkpoint_family(shapes)

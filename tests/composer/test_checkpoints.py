@@ -257,6 +257,8 @@ def test_pickles_and_other_files_are_refused(written: dict[str, Any], tmp_path: 
     lora, _ = write_kohya(tmp_path / "lora.safetensors", {"down_blocks.0.attentions.0.proj_in": (64, 64)})
     with pytest.raises(PresetError, match="is not an SD 1"):
         load_preset(str(lora))
+    with pytest.raises(PresetError, match="no checkpoint file"):
+        load_preset(str(tmp_path / "missing.safetensors"))
     with pytest.raises(PresetError, match="single-file checkpoints"):
         load_preset("tiny-sd", vae=written["ae"])
 
