@@ -18,7 +18,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from app.server import serve
 
     try:
-        service = CompositionService(args.model, args.library, out=args.out, workers=args.workers)
+        service = CompositionService(
+            args.model,
+            args.library,
+            out=args.out,
+            workers=args.workers,
+            models_dir=args.models,
+            vae=args.vae,
+            text_encoders=args.text_encoders,
+        )
         serve(service, host=args.host, port=args.port or None)
     except ComposerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -103,6 +103,13 @@ def build(service: CompositionService) -> None:
     methods = available_methods()
     with gr.Row():
         with gr.Column(scale=3):
+            model = gr.Dropdown(
+                service.available_models(),
+                value=service.model,
+                label="Model (checkpoints in the --models folder)",
+                visible=service.models_dir is not None,
+                elem_id="model",
+            )
             prompt = gr.Textbox(
                 label="Prompt",
                 lines=2,
@@ -201,6 +208,13 @@ def build(service: CompositionService) -> None:
             text_summary += f"\n\n**Left out:** {left}"
         return shown, why_rows(result), text_summary, shown
 
+    def switch_model(name: str) -> str:
+        try:
+            return f"**Model:** `{service.use_model(name)}` (loaded on the next generation)"
+        except ComposerError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    model.change(switch_model, model, summary, api_name="model")
     mode.change(show_editor, mode, [picker, editor], api_visibility="private")
     picker.change(sync_editor, [picker, editor], editor, api_visibility="private")
     generate_button.click(

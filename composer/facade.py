@@ -196,8 +196,12 @@ class Composer:
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
         library_only: bool = False,
+        vae: str | Path | None = None,
+        text_encoders: str | Path | None = None,
     ) -> None:
         self.model = model or default_model()
+        self.vae = vae
+        self.text_encoders = text_encoders
         self.library_dir = None if library is None else Path(library)
         self.library_only = library_only
         self.device = device
@@ -210,7 +214,14 @@ class Composer:
     def pipe(self) -> Any:
         """The composable pipeline (loaded on first use)."""
         if self._pipe is None:
-            self._pipe = make_composable(load_preset(self.model, torch_dtype=self.torch_dtype, device=self.device))
+            pipe = load_preset(
+                self.model,
+                torch_dtype=self.torch_dtype,
+                device=self.device,
+                vae=self.vae,
+                text_encoders=self.text_encoders,
+            )
+            self._pipe = make_composable(pipe)
         return self._pipe
 
     @property

@@ -49,6 +49,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from composer.checkpoint_layout import is_checkpoint_path
 from composer.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer, t5_vocab
 from fusion.errors import PresetError
 from weights_index.families import pipeline_family
@@ -583,13 +584,28 @@ def load_preset(
     cache_dir: str | Path | None = None,
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    vae: str | Path | None = None,
+    text_encoders: str | Path | None = None,
 ) -> DiffusionPipeline:
-    """Load a pipeline by preset name, known alias, local diffusers folder or hub id.
+    """Load a pipeline by preset name, known alias, single-file checkpoint, local diffusers folder or hub id.
 
-    Built-in presets (``PRESETS``) are built once into the cache and loaded from disk, offline. Aliases in
-    ``KNOWN_MODELS`` and names shaped like ``owner/model`` go to the hub (or its local cache); a local folder never
+    Built-in presets (``PRESETS``) are built once into the cache and loaded from disk, offline. A ``.safetensors``
+    checkpoint (SD 1.x, SD 2.x, SDXL, FLUX.1) is read offline by :func:`composer.checkpoint.load_checkpoint`, with
+    ``vae`` overriding its autoencoder and ``text_encoders`` (a folder) supplying the text encoders it lacks. Aliases
+    in ``KNOWN_MODELS`` and names shaped like ``owner/model`` go to the hub (or its local cache); a local folder never
     touches the network. Failures raise PresetError with a hint.
     """
+    if is_checkpoint_path(name):
+        from composer.checkpoint import load_checkpoint
+
+        with _quiet_loading():
+            pipe = load_checkpoint(name, vae=vae, text_encoders=text_encoders, torch_dtype=torch_dtype)
+        return _finish(pipe, device)
+    if vae is not None or text_encoders is not None:
+        raise PresetError(
+            f"--vae and --text-encoders apply to single-file checkpoints; {name!r} is not one",
+            hint="name a .safetensors checkpoint with --model, or leave the options out",
+        )
     if name == TOY_PRESET:
         from composer.toyworld.model import load_toy_pipeline
 
@@ -619,8 +635,8 @@ def load_preset(
     if not _HUB_ID.match(hub_id):
         known = ", ".join([TOY_PRESET, *PRESETS, *KNOWN_MODELS])
         raise PresetError(
-            f"{name!r} is not a preset, a known model, an existing folder or a hub id",
-            hint=f"use one of {known}, a diffusers folder, or a hub id like owner/model",
+            f"{name!r} is not a preset, a known model, a checkpoint file, an existing folder or a hub id",
+            hint=f"use one of {known}, a .safetensors checkpoint, a diffusers folder, or a hub id like owner/model",
         )
     pipe = _from_pretrained(
         hub_id,

@@ -24,10 +24,12 @@ from typing import Any
 
 import torch
 
+from composer.checkpoint_layout import is_checkpoint_path
 from composer.facade import Composer, CompositionResult
 from composer.libraries import open_library
 from composer.mixin import make_composable
 from composer.model_default import default_model
+from composer.model_files import list_model_files
 from composer.prompts import LoraTag, adapter_request
 from composer.restore import Restorer, RestoreResult, editing_pipeline
 from fusion.cfg_branches import Branches
@@ -110,22 +112,58 @@ class CompositionService:
         workers: int = 1,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
+        models_dir: str | Path | None = None,
+        vae: str | Path | None = None,
+        text_encoders: str | Path | None = None,
     ) -> None:
         if workers < 1:
             raise ComposerError(f"workers must be at least 1, got {workers}")
         self.model = model or default_model()
         self.workers = workers
         self.out = Path(out).resolve()
+        self.models_dir = None if models_dir is None else Path(models_dir).expanduser()
         self._library_dir = None if library is None else Path(library)
+        self._options = {"device": device, "torch_dtype": torch_dtype, "vae": vae, "text_encoders": text_encoders}
         self._workers: queue.Queue[Composer] = queue.Queue()
         for _ in range(workers):
-            self._workers.put(Composer(model, library, device=device, torch_dtype=torch_dtype, library_only=True))
+            self._workers.put(self._worker(self.model))
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._library: Any = None
         self._restorers: dict[int, _WorkerRestorer] = {}
 
     # ---------------------------------------------------------------------------------------------- workers
+    def _worker(self, model: str) -> Composer:
+        """A worker on ``model``; ``--vae`` / ``--text-encoders`` go with checkpoint files only."""
+        options = dict(self._options)
+        if not is_checkpoint_path(model):
+            options |= {"vae": None, "text_encoders": None}
+        return Composer(model, self._library_dir, library_only=True, **options)
+
+    def available_models(self) -> list[str]:
+        """What the model picker offers: the model in use, then the checkpoint files in ``models_dir``."""
+        files = [] if self.models_dir is None else [str(p) for p in list_model_files(self.models_dir)]
+        return [self.model, *[f for f in files if f != self.model]]
+
+    def use_model(self, model: str) -> str:
+        """Switch every worker to ``model``, one of :meth:`available_models` (anything else is refused before a file
+        is looked at); waits for running requests to finish, and loads on the next request. Returns the model."""
+        if model == self.model:
+            return model
+        if model not in self.available_models():
+            raise UnsafePathError(
+                "models are picked from the list the app offers", hint="put the checkpoint in the --models folder"
+            )
+        held = [self._workers.get() for _ in range(self.workers)]
+        try:
+            self.model = model
+            self._restorers.clear()
+            held = [self._worker(model) for _ in held]
+        finally:
+            for composer in held:
+                self._workers.put(composer)
+        return model
+
     @contextmanager
     def _borrow(self) -> Iterator[Composer]:
         """Hold one worker (its pipeline) for the duration of a request."""

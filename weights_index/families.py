@@ -10,9 +10,9 @@ The two sources are checked against each other: metadata that names a family the
 because one of them is wrong and silently trusting either gives broken images.
 
 This module is the codebase's one family detector: :func:`family_from_text` reads any base-model string (headers,
-Civitai's ``baseModel``, A1111's ``sd version``), :func:`detect_family` an adapter file, and :func:`pipeline_family`
-a loaded diffusers pipeline (by its components' configs, without importing diffusers), so adapters and pipelines
-are matched by the same names.
+Civitai's ``baseModel``, A1111's ``sd version``), :func:`detect_family` an adapter file, :func:`checkpoint_family` a
+single-file base-model checkpoint, and :func:`pipeline_family` a loaded diffusers pipeline (by its components'
+configs, without importing diffusers), so adapters, checkpoints and pipelines are matched by the same names.
 """
 
 from __future__ import annotations
@@ -208,3 +208,39 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, 
     if candidates and candidates <= UNET_FAMILIES:
         return FamilyEvidence("sd1", candidates, named, f"{reason}; SD1 assumed")
     return FamilyEvidence("unknown", candidates, named, reason)
+
+
+_CHECKPOINT_UNET = "model.diffusion_model."
+_OPEN_CLIP_SD2 = "cond_stage_model.model."
+_SDXL_SECOND_TEXT = "conditioner.embedders.1."
+_CHECKPOINT_TEXT = ("cond_stage_model.", "conditioner.", "text_encoders.", "first_stage_model.", "vae.")
+
+
+def checkpoint_family(shapes: Mapping[str, tuple[int, ...]]) -> FamilyEvidence:
+    """The family of a base-model checkpoint in an original single-file layout, from its key names and shapes.
+
+    FLUX transformers have double/single blocks (BFL and ComfyUI names, bare or under ``model.diffusion_model.``);
+    an LDM UNet (``model.diffusion_model.input_blocks…``) is SDXL when it has the second text encoder, the
+    ``label_emb`` size conditioning or transformer depth above one, SD 2.x when its text encoder is OpenCLIP
+    (``cond_stage_model.model.``), its cross-attention reads 1024-wide states or its transformers project with linear
+    layers, and SD 1.x otherwise. ``family`` is "unknown" when the keys hold no denoiser.
+    """
+    denoiser = [k for k in shapes if not k.startswith(_CHECKPOINT_TEXT)]
+    if any(_FLUX_MARKERS.search(k) for k in denoiser):
+        return FamilyEvidence("flux", frozenset({"flux"}), None, "FLUX double/single-stream blocks")
+    unet = [k for k in denoiser if k.startswith(_CHECKPOINT_UNET)]
+    if not any(_UNET_MARKERS.search(k) for k in unet):
+        return FamilyEvidence(
+            "unknown", frozenset(), None, "no FLUX transformer and no LDM UNet (model.diffusion_model.)"
+        )
+    if (
+        any(k.startswith(_SDXL_SECOND_TEXT) for k in shapes)
+        or any(k.startswith(f"{_CHECKPOINT_UNET}label_emb.") for k in unet)
+        or any(_SDXL_MARKERS.search(k) for k in unet)
+    ):
+        return FamilyEvidence("sdxl", frozenset({"sdxl"}), None, "second text encoder / size conditioning (SDXL)")
+    widths = {shapes[k][1] for k in unet if _CROSS_KEY.search(k) and len(shapes[k]) == 2}
+    linear_proj = any(k.endswith(".proj_in.weight") and len(shapes[k]) == 2 for k in unet)
+    if any(k.startswith(_OPEN_CLIP_SD2) for k in shapes) or SD2_CROSS_ATTENTION_WIDTH in widths or linear_proj:
+        return FamilyEvidence("sd2", frozenset({"sd2"}), None, "OpenCLIP text encoder / linear projections (SD 2.x)")
+    return FamilyEvidence("sd1", frozenset({"sd1"}), None, "LDM UNet with a CLIP-L text encoder (SD 1.x)")

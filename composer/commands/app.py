@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from composer import cli_types
-from composer.model_default import default_model
+from composer.commands._model_options import add_model_options, model_argv
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -30,10 +30,14 @@ _PR_SET_PDEATHSIG = 1
 def add_app_options(parser: argparse.ArgumentParser) -> None:
     """The options of the app's entry points (`compose app` and `python -m app`)."""
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder to browse and compose from")
+    add_model_options(parser)
     parser.add_argument(
-        "--model",
-        default=default_model(),
-        help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
+        "--models",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of checkpoint files the app's model picker offers (A1111's models/Stable-diffusion, ComfyUI's "
+        "models/checkpoints, or either's parent)",
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1: reachable from this machine only)"
@@ -52,10 +56,12 @@ def add_app_options(parser: argparse.ArgumentParser) -> None:
 
 def app_argv(args: argparse.Namespace) -> list[str]:
     """The command-line arguments that reproduce ``args`` for ``python -m app``."""
-    argv = ["--model", args.model, "--host", args.host, "--port", str(args.port), "--out", str(args.out)]
+    argv = [*model_argv(args), "--host", args.host, "--port", str(args.port), "--out", str(args.out)]
     argv += ["--workers", str(args.workers)]
     if args.library is not None:
         argv += ["--library", str(args.library)]
+    if args.models is not None:
+        argv += ["--models", str(args.models)]
     return argv
 
 

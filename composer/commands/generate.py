@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from composer import cli_types
-from composer.model_default import default_model
+from composer.commands._model_options import add_model_options
 from composer.reporting import emit_json, format_table
 from fusion.cfg_branches import BRANCHES
 from fusion.strategies import BUILTIN
@@ -39,11 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --loras auto: pick at most N adapters (default 4); those named but left out are listed with why",
     )
     parser.add_argument("--method", default="merge", choices=METHODS, help="composition method (default merge)")
-    parser.add_argument(
-        "--model",
-        default=default_model(),
-        help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
-    )
+    add_model_options(parser)
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder (indexed incrementally)")
     parser.add_argument(
         "--steps", type=cli_types.positive_int, default=None, help="denoising steps (default: 4 on tiny presets)"
@@ -160,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one composition request and report the chosen adapters and written files."""
     from composer.facade import Composer
 
-    composer = Composer(model=args.model, library=args.library)
+    composer = Composer(model=args.model, library=args.library, vae=args.vae, text_encoders=args.text_encoders)
     result = composer.run(args.prompt, out=args.out, progress=not args.json, **run_options(args))
     if args.json:
         emit_json(result.as_dict())

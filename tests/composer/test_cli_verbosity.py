@@ -62,7 +62,7 @@ def test_a_bare_prompt_after_the_flags_runs_generate(monkeypatch: pytest.MonkeyP
     seen: dict[str, Any] = {}
 
     class Recorder:
-        def __init__(self, model: str, library: Path | None) -> None:
+        def __init__(self, model: str, library: Path | None, **options: Any) -> None:
             seen["model"] = model
 
         def run(self, prompt: str, **options: Any) -> Any:
