@@ -12,12 +12,13 @@ from typing import Any
 import gradio as gr
 
 from composer.service import AUTO, ComposerError, CompositionService, LoraTag, adapter_request, available_methods
+from retrieval.retriever import DEFAULT_MAX_ADAPTERS
 
 MANUAL = "manual"
 EDITOR_HEADERS = ["adapter", "weight", "schedule", "block weights", "start", "stop"]
 WHY_HEADERS = ["adapter", "weight", "source", "score", "why"]
 DEFAULT_WEIGHT = 0.8
-DEFAULT_MAX_LORAS = 4
+DEFAULT_MAX_LORAS = DEFAULT_MAX_ADAPTERS
 """The automatic pick's cap the slider starts at (the retriever's default)."""
 HISTORY = 24
 """Images kept in the result gallery (newest first)."""

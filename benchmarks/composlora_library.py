@@ -19,7 +19,7 @@ the popular tags; "toast", "bamboo", "wristband" in the tail).
 Two prompt kinds per composition: ``trigger`` (the testbed's own prompt) and ``title`` (plain language from the
 testbed's titles: "Kamado Nezuko wearing Zero Suit (Metroid), Hand-drawn Style, in Bamboolight Background, with
 Toast"). A pick is right when it is the named testbed file. Exact sets, precision and recall are reported with the
-cap lifted to five (what five-adapter compositions need) and at the default cap of four. Nothing here chose a rule
+default cap of five (what five-adapter compositions need) and at a cap of four. Nothing here chose a rule
 or a threshold.
 """
 

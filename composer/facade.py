@@ -258,7 +258,7 @@ class Composer:
 
         Returns the prompt without ``<lora:…>`` tags (with trigger words added for automatically chosen adapters)
         and the chosen adapters. With ``loras="auto"``, ``max_loras`` caps how many are picked (default: the
-        retriever's, 4) and ``rejected``, when given, receives the adapters found named but left out.
+        retriever's, 5) and ``rejected``, when given, receives the adapters found named but left out.
         """
         prompt, tags = extract_lora_tags(prompt)
         chosen = {tag.name: self._from_tag(tag, "prompt tag") for tag in tags}

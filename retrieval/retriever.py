@@ -55,6 +55,9 @@ WEIGHT_SIGNALS = ("learned", "zero_shot")
 """Signals computed from the weights (or learned from them); they alone can justify a pick without trigger words."""
 CATEGORIES = ("character", "clothing", "style", "background", "object")
 DEFAULT_WEIGHT = 0.8
+DEFAULT_MAX_ADAPTERS = 5
+"""Most adapters ``select`` picks by default: one per category of a composition (character, clothing, style,
+background, object), so a prompt naming one of each keeps them all; beyond it the rest are left out and listed."""
 RRF_K = 60
 MIN_CONFIDENCE = 3.5
 MIN_SCORED_FOR_CONFIDENCE = 5
@@ -221,7 +224,7 @@ class Retriever:
         scan: bool = True,
         rrf_k: int = RRF_K,
         min_confidence: float = MIN_CONFIDENCE,
-        max_adapters: int = 4,
+        max_adapters: int = DEFAULT_MAX_ADAPTERS,
         candidates: int = 100,
     ) -> None:
         self.library = library

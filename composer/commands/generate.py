@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=cli_types.positive_int,
         default=None,
         metavar="N",
-        help="with --loras auto: pick at most N adapters (default 4); those named but left out are listed with why",
+        help="with --loras auto: pick at most N adapters (default 5); those named but left out are listed with why",
     )
     parser.add_argument("--method", default="merge", choices=METHODS, help="composition method (default merge)")
     add_model_options(parser)

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=cli_types.positive_int,
         default=None,
         metavar="N",
-        help="pick at most N adapters, as `compose --loras auto --max-loras N` would (default 4)",
+        help="pick at most N adapters, as `compose --loras auto --max-loras N` would (default 5)",
     )
     parser.add_argument(
         "--model", default=None, help="pipeline (preset, folder or hub id) whose text encoder enables zero-shot scoring"

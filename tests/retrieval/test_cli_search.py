@@ -36,23 +36,23 @@ def test_search_prints_ranking_and_picks(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_search_says_what_was_not_picked_and_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_library(tmp_path / "lib")
-    prompt = "neoncity, mossyforest, cstlsea, gldteapot, crgastro"
+    prompt = "neoncity, mossyforest, cstlsea, gldteapot, crgastro, redscarf"
     assert main(["search", prompt, "--library", str(tmp_path / "lib")]) == 0
-    assert "not picked: corgi: limit of 4 adapters reached" in capsys.readouterr().out
+    assert "not picked: scarf: limit of 5 adapters reached" in capsys.readouterr().out
     assert main(["search", prompt, "--library", str(tmp_path / "lib"), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document["rejected"] == [{"name": "corgi", "reason": "limit of 4 adapters reached", "lost_to": None}]
+    assert document["rejected"] == [{"name": "scarf", "reason": "limit of 5 adapters reached", "lost_to": None}]
     assert document["selection"][0]["explains"] == ["neoncity"]
 
 
 def test_search_takes_the_cap_and_says_how_to_raise_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_library(tmp_path / "lib")
-    prompt = "neoncity, mossyforest, cstlsea, gldteapot, crgastro"
+    prompt = "neoncity, mossyforest, cstlsea, gldteapot, crgastro, redscarf"
     assert main(["search", prompt, "--library", str(tmp_path / "lib")]) == 0
     assert "; raise the cap with --max-loras" in capsys.readouterr().out
-    assert main(["search", prompt, "--library", str(tmp_path / "lib"), "--max-loras", "5", "--json"]) == 0
+    assert main(["search", prompt, "--library", str(tmp_path / "lib"), "--max-loras", "6", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert len(document["selection"]) == 5
+    assert len(document["selection"]) == 6
     assert document["rejected"] == []
 
 

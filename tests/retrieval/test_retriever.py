@@ -40,9 +40,9 @@ def test_a_prompt_naming_several_adapters_of_one_category_gets_them_up_to_max_ad
     # The prompt names three backgrounds by their own trigger words: "at most one per category" applies unless the
     # prompt names two or more of a category, so all three are picked.
     retriever = Retriever(make_library(tmp_path / "lib"))
-    picks = retriever.select("neoncity and mossyforest and cstlsea with a gldteapot and crgastro")
-    assert [p.name for p in picks] == ["neon", "forest", "castle", "teapot"]  # the first four named; max_adapters 4
-    assert [(r.name, r.reason) for r in retriever.rejected] == [("corgi", "limit of 4 adapters reached")]
+    picks = retriever.select("neoncity and mossyforest and cstlsea with a gldteapot and crgastro in a redscarf")
+    assert [p.name for p in picks] == ["neon", "forest", "castle", "teapot", "corgi"]  # the first five named
+    assert [(r.name, r.reason) for r in retriever.rejected] == [("scarf", "limit of 5 adapters reached")]
     assert len(retriever.select("neoncity gldteapot crgastro redscarf", k=2)) == 2
 
 
