@@ -29,7 +29,7 @@ same with the LoRA-alone columns of ``--alone-branches`` kept (no base-model or 
 left out) and re-reads it on a later run with the same recipe, so a rerun after a judge-only change judges without
 drawing (``make quality`` uses it); the docs then say how many images were re-read.
 
-``--quick`` (for ``make bench`` / CI) runs one set per k=2,3 with one seed at 8 steps. The full run samples
+``--quick`` (for ``make bench`` / CI) runs one set at k=2 with one seed at 8 steps. The full run samples
 ``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k`` (the
 protocol's own rule, affordable on a CPU for k=2), and writes docs/composition_quality.md and an image grid.
 """
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "mode": "quick",
             "compositions": run_compositions(
-                pipe, names, [2, 3], 1, [0], 8, methods, gates=gates, branches=branches, cache=cache
+                pipe, names, [2], 1, [0], 8, methods, gates=gates, branches=branches, cache=cache
             ),
         }
     else:

@@ -69,13 +69,13 @@ def fit(
     each maximises agreements − cost × disagreements − ``doubt`` × answers where the eye is unsure, the cost being
     ``penalty`` for a wrong reading that :func:`asserts_presence` and ``plain_penalty`` for any other.
     Deterministic; every choice is on the given images only."""
-    from composer.toyworld.reader import Evidence, read_one
+    from composer.toyworld.reader import Evidence, read_attribute
 
     calibration = Calibration()
     evidence = Evidence.from_rows(rows)
 
     def agreement(attr: str) -> float:
-        readings = [read_one(evidence, i, calibration)[attr] for i in range(len(rows))]
+        readings = [read_attribute(evidence, i, calibration, attr) for i in range(len(rows))]
 
         def cost(seen: str) -> float:
             return penalty if asserts_presence(attr, seen) else plain_penalty

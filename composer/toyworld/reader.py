@@ -141,37 +141,44 @@ for a black outline a background bright enough to show it."""
 
 
 def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, str]:
-    """Image ``i``'s reading: a value of each attribute's vocabulary, or :data:`UNSURE`.
+    """Image ``i``'s reading: a value of each attribute's vocabulary, or :data:`UNSURE` (see :func:`read_attribute`)."""
+    return {attr: read_attribute(evidence, i, calibration, attr) for attr in ATTRIBUTES}
 
-    Each attribute takes the network's most probable value if its probability reaches that value's floor. A
-    style whose measure falls short of what the calibration needs is ruled out first (its probability given to the
+
+def read_attribute(evidence: Evidence, i: int, calibration: Calibration, attr: str) -> str:
+    """Image ``i``'s reading of one attribute: a value of its vocabulary, or :data:`UNSURE`.
+
+    The attribute takes the network's most probable value if its probability reaches that value's floor. A style
+    whose measure falls short of what the calibration needs is ruled out first (its probability given to the
     others). The colour must also be the named colour of the measured fill hue (outside the unsure bands), or
     under the ``hue`` rule is that name alone."""
-    reading: dict[str, str] = {}
-    for attr in ATTRIBUTES:
-        p = evidence.probabilities[attr][i].clone()
-        if attr == "style":
-            for style, measure in STYLE_GATES.items():
-                need = calibration.style_needs.get(style)
-                if need is not None and float(getattr(evidence, measure)[i]) < need:
-                    p[VOCABULARY["style"].index(style)] = 0.0
-            p = p / p.sum().clamp_min(1e-12)
-        best = int(p.argmax())
-        value = VOCABULARY[attr][best]
-        reading[attr] = value if float(p[best]) >= calibration.floor.get(attr, {}).get(value, 0.0) else UNSURE
-    if calibration.boundaries:
-        hue = float(evidence.hue[i])
-        readable = (
-            hue == hue
-            and float(evidence.purity[i]) >= calibration.min_purity
-            and float(evidence.pixels[i]) >= calibration.min_pixels
-        )
-        measured = _hue_name(hue, calibration) if readable else UNSURE
-        if calibration.colour_rule == "hue":
-            reading["colour"] = measured
-        elif measured != reading["colour"]:
-            reading["colour"] = UNSURE
-    return reading
+    if attr == "colour" and calibration.boundaries and calibration.colour_rule == "hue":
+        return _measured_colour(evidence, i, calibration)
+    p = evidence.probabilities[attr][i].clone()
+    if attr == "style":
+        for style, measure in STYLE_GATES.items():
+            need = calibration.style_needs.get(style)
+            if need is not None and float(getattr(evidence, measure)[i]) < need:
+                p[VOCABULARY["style"].index(style)] = 0.0
+        p = p / p.sum().clamp_min(1e-12)
+    best = int(p.argmax())
+    value = VOCABULARY[attr][best]
+    if float(p[best]) < calibration.floor.get(attr, {}).get(value, 0.0):
+        return UNSURE
+    if attr == "colour" and calibration.boundaries and _measured_colour(evidence, i, calibration) != value:
+        return UNSURE
+    return value
+
+
+def _measured_colour(evidence: Evidence, i: int, calibration: Calibration) -> str:
+    """The named colour of image ``i``'s measured fill hue, or :data:`UNSURE` where the fill cannot be read."""
+    hue = float(evidence.hue[i])
+    readable = (
+        hue == hue
+        and float(evidence.purity[i]) >= calibration.min_purity
+        and float(evidence.pixels[i]) >= calibration.min_pixels
+    )
+    return _hue_name(hue, calibration) if readable else UNSURE
 
 
 class Reader:
