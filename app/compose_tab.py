@@ -211,11 +211,11 @@ def build(service: CompositionService) -> None:
 
     def switch_model(name: str) -> str:
         try:
-            return f"**Model:** `{service.use_model(name)}` (loaded on the next generation)"
+            return f"**Model:** `{service.use_model(name)}` (loaded)"
         except ComposerError as exc:
             raise gr.Error(str(exc)) from exc
 
-    model.change(switch_model, model, summary, api_name="model")
+    model.change(switch_model, model, summary, api_visibility="private")
     mode.change(show_editor, mode, [picker, editor], api_visibility="private")
     picker.change(sync_editor, [picker, editor], editor, api_visibility="private")
     generate_button.click(

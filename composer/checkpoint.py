@@ -241,7 +241,17 @@ def _baked_text(layout: CheckpointLayout, part: str, base: dict[str, Any], dtype
 
 def _folder_text(folder: Path, part: str, dtype: torch.dtype) -> Any:
     """A text encoder from a diffusers folder's ``text_encoder/`` or ``text_encoder_2/``."""
-    config = json.loads((folder / part / "config.json").read_text())
+    config_file = folder / part / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PresetError(
+            f"{config_file} is not a readable config.json: {exc}",
+            path=config_file,
+            hint=f"restore {part}/config.json in the --text-encoders folder",
+        ) from exc
+    if not isinstance(config, dict):
+        raise PresetError(f"{config_file} holds no config object", path=config_file)
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
     name = (config.get("architectures") or ["CLIPTextModel"])[0]
     cls = T5EncoderModel if config.get("model_type") == "t5" else classes.get(name, CLIPTextModel)
@@ -274,8 +284,43 @@ def _missing_parts(layout: CheckpointLayout, vae: Path | None, text_dir: Path | 
     return missing
 
 
+def _denoiser_latent_channels(layout: CheckpointLayout) -> int | None:
+    """How many latent channels the file's denoiser reads (FLUX packs 2×2 latent patches into ``img_in``)."""
+    if layout.family == "flux":
+        shape = layout.shapes.get(f"{layout.denoiser_prefix}img_in.weight")
+        return None if shape is None or len(shape) != 2 else shape[1] // 4
+    shape = layout.shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
+    return None if shape is None or len(shape) < 2 else shape[1]
+
+
+def _vae_file_latent_channels(path: Path) -> int | None:
+    """The latent channels of an LDM-layout VAE file, from its header (None when the header does not say)."""
+    for name, info in read_header(path).tensors.items():
+        if name.endswith("decoder.conv_in.weight") and len(info.shape) >= 2:
+            return info.shape[1]
+    return None
+
+
+def _refuse_other_latents(layout: CheckpointLayout, latents: int | None, source: str) -> None:
+    """A PresetError when the autoencoder from ``source`` has other latent channels than the denoiser reads."""
+    wanted = _denoiser_latent_channels(layout)
+    if latents is None or wanted is None or latents == wanted:
+        return
+    raise PresetError(
+        f"the autoencoder from {source} has {latents} latent channels, but the denoiser in {layout.path.name} reads"
+        f" {wanted}: it belongs to another model family",
+        path=layout.path,
+        hint=f"pass a {layout.family.upper()} VAE with --vae, or leave --vae out to use the checkpoint's own",
+    )
+
+
 def _refuse_missing(layout: CheckpointLayout, vae: Path | None, text_dir: Path | None) -> None:
-    """A PresetError naming every missing part and the option that supplies it, before anything is loaded."""
+    """A PresetError naming every missing part and the option that supplies it, before anything is loaded; also a
+    ``--vae`` that does not exist or whose latent channels differ from the denoiser's."""
+    if vae is not None and not vae.exists():
+        raise PresetError(f"no VAE file or folder at {vae}", path=vae, hint="check the path given to --vae")
+    if vae is not None and vae.is_file():
+        _refuse_other_latents(layout, _vae_file_latent_channels(vae), vae.name)
     missing = _missing_parts(layout, vae, text_dir)
     if not missing:
         return
@@ -295,12 +340,15 @@ def _refuse_missing(layout: CheckpointLayout, vae: Path | None, text_dir: Path |
 
 
 def _tokenizers(layout: CheckpointLayout, config: dict[str, Any], text_dir: Path | None) -> dict[str, Any]:
-    """CLIP tokenizers built offline (or the folder's own), FLUX's T5 tokenizer from the text-encoder folder."""
+    """CLIP tokenizers built offline, or the text-encoder folder's own for an encoder loaded from that folder; FLUX's
+    T5 tokenizer from the folder."""
     out: dict[str, Any] = {}
-    for part in ("tokenizer", "tokenizer_2"):
-        if part not in config and not (layout.family == "flux" and part == "tokenizer_2"):
+    for part, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        t5 = layout.family == "flux" and part == "tokenizer_2"  # never rebuilt: always the folder's
+        if part not in config and not t5:
             continue
-        if text_dir is not None and (text_dir / part).is_dir():
+        from_folder = t5 or encoder not in layout.text_prefixes  # the folder's tokenizer goes with its encoder
+        if from_folder and text_dir is not None and (text_dir / part).is_dir():
             out[part] = _from_pretrained(AutoTokenizer, text_dir / part, None, f"{part}/")
         elif part in config:
             out[part] = build_clip_tokenizer(**config[part])
@@ -358,6 +406,13 @@ def load_checkpoint(
     else:
         assert text_dir is not None
         parts["vae"] = _from_pretrained(AutoencoderKL, text_dir / "vae", dtype, "vae/")
+    if vae_path is not None:
+        source = vae_path.name
+    elif layout.vae_prefix is not None:
+        source = layout.path.name
+    else:
+        source = f"{text_dir}/vae"
+    _refuse_other_latents(layout, getattr(parts["vae"].config, "latent_channels", None), source)
     parts.update(_tokenizers(layout, config, text_dir))
     parts["scheduler"] = _scheduler(layout, config)
     cls = _PIPELINES[(layout.family, layout.variant)]

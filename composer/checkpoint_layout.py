@@ -103,6 +103,49 @@ def _prediction_type(family: str, path: Path, metadata: dict[str, str]) -> str:
     return "epsilon"
 
 
+SUPPORTED = "SD 1.x, SD 2.x, SDXL and FLUX.1 (dev, schnell, Kontext) text-to-image"
+"""What :func:`describe_checkpoint` accepts, as its errors say it."""
+
+_DENOISER_CHANNELS = {
+    "unet": ("input_blocks.0.0.weight", 1, "out.2.weight", 0),
+    "flux": ("img_in.weight", 1, "final_layer.linear.weight", 0),
+}
+"""Per denoiser: (input layer, its input-width axis, output layer, its output-width axis) in the original layout."""
+
+
+def _conditioned_variant(family: str, inputs: int, outputs: int) -> str:
+    """What a denoiser that reads more channels than it writes is (the extra channels carry an image or mask)."""
+    if family == "flux":
+        if inputs == 6 * outputs:
+            return "a FLUX.1 Fill (inpainting) transformer"
+        if inputs == 2 * outputs:
+            return "a FLUX.1 Depth or Canny (control-image) transformer"
+        return "a FLUX transformer conditioned on extra image channels"
+    if inputs == outputs + 5:
+        return "an inpainting model"
+    if inputs == 2 * outputs:
+        return "an instruct-pix2pix (image-editing) model"
+    return "a UNet conditioned on extra image channels"
+
+
+def _refuse_conditioned_variant(path: Path, family: str, shapes: dict[str, tuple[int, ...]], prefix: str) -> None:
+    """A PresetError for inpainting / pix2pix / FLUX Fill, Depth and Canny files: their denoiser reads the latents
+    plus image or mask channels, which text-to-image generation does not feed (read from the header only)."""
+    first, in_axis, last, out_axis = _DENOISER_CHANNELS["flux" if family == "flux" else "unet"]
+    first_shape, last_shape = shapes.get(prefix + first), shapes.get(prefix + last)
+    if first_shape is None or last_shape is None or len(first_shape) <= in_axis:
+        return  # an incomplete denoiser is reported when it is built
+    inputs, outputs = first_shape[in_axis], last_shape[out_axis]
+    if inputs == outputs:
+        return
+    raise PresetError(
+        f"{path.name} is {_conditioned_variant(family, inputs, outputs)}: its denoiser reads {inputs} input channels"
+        f" and writes {outputs}, and such variants are not supported",
+        path=path,
+        hint=f"use a {SUPPORTED} checkpoint",
+    )
+
+
 def describe_checkpoint(path: str | Path) -> CheckpointLayout:
     """Read ``path``'s header and say what it holds; a typed error for pickles, broken files and unknown layouts."""
     path = Path(path).expanduser()
@@ -112,6 +155,12 @@ def describe_checkpoint(path: str | Path) -> CheckpointLayout:
     header = read_header(path)
     shapes = {name: info.shape for name, info in header.tensors.items()}
     evidence = checkpoint_family(shapes)
+    if evidence.family == "unknown" and evidence.reason.startswith(("a ", "an ")):
+        raise PresetError(
+            f"{path.name} is {evidence.reason}",
+            path=path,
+            hint=f"supported are {SUPPORTED} checkpoints in their original single-file layouts",
+        )
     if evidence.family == "unknown":
         raise PresetError(
             f"{path.name} is not an SD 1.x, SD 2.x, SDXL or FLUX.1 checkpoint in an original layout"
@@ -125,6 +174,7 @@ def describe_checkpoint(path: str | Path) -> CheckpointLayout:
     vae_prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), None)
     text = {part: prefix for part, prefix in TEXT_PREFIXES[family].items() if any(k.startswith(prefix) for k in keys)}
     denoiser_prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX) for k in keys) else ""
+    _refuse_conditioned_variant(path, family, shapes, denoiser_prefix)
     variant = ""
     if family == "flux":
         named = " ".join([path.name, *header.metadata.values()]).lower()

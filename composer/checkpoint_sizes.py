@@ -74,7 +74,7 @@ def unet_config(base: dict[str, Any], shapes: Shapes, family: str, pooled_width:
     else:
         config["attention_head_dim"] = [max(1, c // HEAD_WIDTH) for c in channels]
     if "label_emb.0.0.weight" in shapes:
-        width = shapes["label_emb.0.0.weight"][1]
+        width = _need(shapes, "label_emb.0.0.weight", "UNet")[1]
         config["addition_embed_type"] = "text_time"
         config["projection_class_embeddings_input_dim"] = width
         if pooled_width is not None and (width - pooled_width) % 6 == 0:
@@ -108,12 +108,14 @@ def clip_config(base: dict[str, Any], shapes: Shapes) -> dict[str, Any]:
     config = dict(base)
     tokens = _need(shapes, "text_model.embeddings.token_embedding.weight", "CLIP text encoder")
     config["vocab_size"], config["hidden_size"] = tokens
-    config["max_position_embeddings"] = shapes["text_model.embeddings.position_embedding.weight"][0]
+    config["max_position_embeddings"] = _need(
+        shapes, "text_model.embeddings.position_embedding.weight", "CLIP text encoder"
+    )[0]
     config["num_hidden_layers"] = len(_indices(shapes, r"text_model\.encoder\.layers\.(\d+)\."))
-    config["intermediate_size"] = shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0]
+    config["intermediate_size"] = _need(shapes, "text_model.encoder.layers.0.mlp.fc1.weight", "CLIP text encoder")[0]
     config["num_attention_heads"] = max(1, tokens[1] // HEAD_WIDTH)
     if "text_projection.weight" in shapes:
-        config["projection_dim"] = shapes["text_projection.weight"][0]
+        config["projection_dim"] = _need(shapes, "text_projection.weight", "CLIP text encoder")[0]
     return config
 
 
@@ -123,24 +125,27 @@ def open_clip_config(base: dict[str, Any], shapes: Shapes, *, drop_last: bool) -
     config = dict(base)
     tokens = _need(shapes, "token_embedding.weight", "OpenCLIP text encoder")
     config["vocab_size"], config["hidden_size"] = tokens
-    config["max_position_embeddings"] = shapes["positional_embedding"][0]
+    config["max_position_embeddings"] = _need(shapes, "positional_embedding", "OpenCLIP text encoder")[0]
     config["num_hidden_layers"] = len(_indices(shapes, r"transformer\.resblocks\.(\d+)\.")) - int(drop_last)
-    config["intermediate_size"] = shapes["transformer.resblocks.0.mlp.c_fc.weight"][0]
+    config["intermediate_size"] = _need(shapes, "transformer.resblocks.0.mlp.c_fc.weight", "OpenCLIP text encoder")[0]
     config["num_attention_heads"] = max(1, tokens[1] // HEAD_WIDTH)
     if "text_projection" in shapes and not drop_last:
-        config["projection_dim"] = shapes["text_projection"][1]
+        config["projection_dim"] = _need(shapes, "text_projection", "OpenCLIP text encoder")[1]
     return config
+
+
+T5 = "T5 text encoder"
 
 
 def t5_config(base: dict[str, Any], shapes: Shapes) -> dict[str, Any]:
     """A T5Config (as a dict) from transformers-layout T5 encoder shapes (``encoder.block.N.layer.…``)."""
     config = dict(base)
-    config["vocab_size"], config["d_model"] = _need(shapes, "shared.weight", "T5 text encoder")
+    config["vocab_size"], config["d_model"] = _need(shapes, "shared.weight", T5)
     config["num_layers"] = len(_indices(shapes, r"encoder\.block\.(\d+)\."))
-    bias = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    bias = _need(shapes, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", T5)
     config["relative_attention_num_buckets"], config["num_heads"] = bias
-    config["d_kv"] = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // bias[1]
-    config["d_ff"] = shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
+    config["d_kv"] = _need(shapes, "encoder.block.0.layer.0.SelfAttention.q.weight", T5)[0] // bias[1]
+    config["d_ff"] = _need(shapes, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", T5)[0]
     return config
 
 

@@ -3,7 +3,9 @@
 A folder may be laid out as A1111 keeps it (``models/Stable-diffusion/``, sub-folders allowed), as ComfyUI does
 (``models/checkpoints/``, FLUX transformer files in ``models/unet/`` or ``models/diffusion_models/``), be one of those
 folders itself, or just hold checkpoints. Files directly in the folder and anywhere under the known layout folders
-are read by header; only SD 1.x / SD 2.x / SDXL / FLUX.1 checkpoints are listed (LoRAs, VAEs and broken files are not).
+are read by header; only SD 1.x / SD 2.x / SDXL / FLUX.1 text-to-image checkpoints are listed (LoRAs, VAEs, broken
+files, SD 3.x, transformers in diffusers' layout and inpainting / pix2pix / FLUX Fill, Depth and Canny variants are
+not).
 """
 
 from __future__ import annotations

@@ -578,6 +578,17 @@ def _quiet_loading() -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
 
 
+def refuse_checkpoint_options(name: str, vae: str | Path | None, text_encoders: str | Path | None) -> None:
+    """A PresetError when ``vae`` or ``text_encoders`` is given for a model that is no single-file checkpoint (a
+    preset, a diffusers folder, a hub id): they would have nothing to apply to."""
+    if is_checkpoint_path(name) or (vae is None and text_encoders is None):
+        return
+    raise PresetError(
+        f"--vae and --text-encoders apply to single-file checkpoints; {name!r} is not one",
+        hint="name a .safetensors checkpoint with --model, or leave the options out",
+    )
+
+
 def load_preset(
     name: str,
     *,
@@ -601,11 +612,7 @@ def load_preset(
         with _quiet_loading():
             pipe = load_checkpoint(name, vae=vae, text_encoders=text_encoders, torch_dtype=torch_dtype)
         return _finish(pipe, device)
-    if vae is not None or text_encoders is not None:
-        raise PresetError(
-            f"--vae and --text-encoders apply to single-file checkpoints; {name!r} is not one",
-            hint="name a .safetensors checkpoint with --model, or leave the options out",
-        )
+    refuse_checkpoint_options(name, vae, text_encoders)
     if name == TOY_PRESET:
         from composer.toyworld.model import load_toy_pipeline
 

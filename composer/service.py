@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from composer.checkpoint_layout import is_checkpoint_path
 from composer.facade import Composer, CompositionResult
 from composer.libraries import open_library
 from composer.mixin import make_composable
 from composer.model_default import default_model
 from composer.model_files import list_model_files
+from composer.presets import refuse_checkpoint_options
 from composer.prompts import LoraTag, adapter_request
 from composer.restore import Restorer, RestoreResult, editing_pipeline
 from fusion.cfg_branches import Branches
@@ -119,11 +119,16 @@ class CompositionService:
         if workers < 1:
             raise ComposerError(f"workers must be at least 1, got {workers}")
         self.model = model or default_model()
+        self.startup_model = self.model
+        """The model the service started on: always on offer in the picker, the only one ``vae`` and
+        ``text_encoders`` apply to."""
+        refuse_checkpoint_options(self.model, vae, text_encoders)
         self.workers = workers
         self.out = Path(out).resolve()
         self.models_dir = None if models_dir is None else Path(models_dir).expanduser()
         self._library_dir = None if library is None else Path(library)
-        self._options = {"device": device, "torch_dtype": torch_dtype, "vae": vae, "text_encoders": text_encoders}
+        self._options = {"device": device, "torch_dtype": torch_dtype}
+        self._startup_parts = {"vae": vae, "text_encoders": text_encoders}
         self._workers: queue.Queue[Composer] = queue.Queue()
         for _ in range(workers):
             self._workers.put(self._worker(self.model))
@@ -134,20 +139,21 @@ class CompositionService:
 
     # ---------------------------------------------------------------------------------------------- workers
     def _worker(self, model: str) -> Composer:
-        """A worker on ``model``; ``--vae`` / ``--text-encoders`` go with checkpoint files only."""
-        options = dict(self._options)
-        if not is_checkpoint_path(model):
-            options |= {"vae": None, "text_encoders": None}
+        """A worker on ``model``; ``--vae`` / ``--text-encoders`` go with the startup checkpoint only."""
+        options: dict[str, Any] = dict(self._options)
+        if model == self.startup_model:
+            options |= self._startup_parts
         return Composer(model, self._library_dir, library_only=True, **options)
 
     def available_models(self) -> list[str]:
-        """What the model picker offers: the model in use, then the checkpoint files in ``models_dir``."""
+        """What the model picker offers: the startup model, then the checkpoint files in ``models_dir``."""
         files = [] if self.models_dir is None else [str(p) for p in list_model_files(self.models_dir)]
-        return [self.model, *[f for f in files if f != self.model]]
+        return [self.startup_model, *[f for f in files if f != self.startup_model]]
 
     def use_model(self, model: str) -> str:
         """Switch every worker to ``model``, one of :meth:`available_models` (anything else is refused before a file
-        is looked at); waits for running requests to finish, and loads on the next request. Returns the model."""
+        is looked at); waits for running requests to finish and loads the new pipelines before switching, so a model
+        that fails to load raises and leaves the service on its current model. Returns the model."""
         if model == self.model:
             return model
         if model not in self.available_models():
@@ -156,9 +162,12 @@ class CompositionService:
             )
         held = [self._workers.get() for _ in range(self.workers)]
         try:
+            fresh = [self._worker(model) for _ in held]
+            for composer in fresh:
+                _ = composer.pipe
+            held = fresh
             self.model = model
             self._restorers.clear()
-            held = [self._worker(model) for _ in held]
         finally:
             for composer in held:
                 self._workers.put(composer)

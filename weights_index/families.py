@@ -216,18 +216,39 @@ _SDXL_SECOND_TEXT = "conditioner.embedders.1."
 _CHECKPOINT_TEXT = ("cond_stage_model.", "conditioner.", "text_encoders.", "first_stage_model.", "vae.")
 
 
+_BFL_BLOCKS = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
+_SD3_BLOCKS = re.compile(r"^joint_blocks\.\d+\.")
+_DIFFUSERS_TRANSFORMER = re.compile(
+    r"^(transformer_blocks|single_transformer_blocks)\.\d+\.|^(x_embedder|context_embedder)\."
+)
+
+
 def checkpoint_family(shapes: Mapping[str, tuple[int, ...]]) -> FamilyEvidence:
     """The family of a base-model checkpoint in an original single-file layout, from its key names and shapes.
 
-    FLUX transformers have double/single blocks (BFL and ComfyUI names, bare or under ``model.diffusion_model.``);
+    FLUX transformers have BFL's double/single blocks and ``img_in`` (bare or under ``model.diffusion_model.``);
     an LDM UNet (``model.diffusion_model.input_blocks…``) is SDXL when it has the second text encoder, the
     ``label_emb`` size conditioning or transformer depth above one, SD 2.x when its text encoder is OpenCLIP
     (``cond_stage_model.model.``), its cross-attention reads 1024-wide states or its transformers project with linear
-    layers, and SD 1.x otherwise. ``family`` is "unknown" when the keys hold no denoiser.
+    layers, and SD 1.x otherwise. ``family`` is "unknown" when the keys hold no denoiser of these; the reason then
+    says what the file holds when it is a known other model (an SD 3.x MMDiT, a transformer in diffusers' layout).
     """
     denoiser = [k for k in shapes if not k.startswith(_CHECKPOINT_TEXT)]
-    if any(_FLUX_MARKERS.search(k) for k in denoiser):
+    bare = [k.removeprefix(_CHECKPOINT_UNET) for k in denoiser]
+    if any(_BFL_BLOCKS.match(k) for k in bare) and "img_in.weight" in bare:
         return FamilyEvidence("flux", frozenset({"flux"}), None, "FLUX double/single-stream blocks")
+    if any(_SD3_BLOCKS.match(k) for k in bare):
+        return FamilyEvidence(
+            "unknown", frozenset(), None, "a Stable Diffusion 3 / 3.5 model (MMDiT joint_blocks), not supported"
+        )
+    if any(_DIFFUSERS_TRANSFORMER.match(k) for k in bare):
+        which = "a FLUX" if any(k.startswith("single_transformer_blocks.") for k in bare) else "an SD3"
+        return FamilyEvidence(
+            "unknown",
+            frozenset(),
+            None,
+            f"{which} transformer in diffusers' layout (transformer_blocks…), which needs its config.json",
+        )
     unet = [k for k in denoiser if k.startswith(_CHECKPOINT_UNET)]
     if not any(_UNET_MARKERS.search(k) for k in unet):
         return FamilyEvidence(

@@ -28,3 +28,11 @@ def test_generate_with_the_unconditional_share_slider(running_app, tmp_path: Pat
         with Image.open(shown["image"]) as image:
             images[share] = image.convert("RGB").tobytes()
     assert len(set(images.values())) == 3
+
+
+def test_model_switching_is_no_public_endpoint(running_app) -> None:
+    """The model picker is a UI control only: switching models is not offered on the public API."""
+    client = Client(running_app.url, verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert "/generate" in endpoints
+    assert "/model" not in endpoints

@@ -2,7 +2,7 @@
 layouts load offline, weight for weight, and compose like diffusers' own ``load_lora_weights`` on the same model.
 
 The files are written from tiny seeded diffusers models through the inverse of diffusers' key conversion
-(``checkpoint_writers``); the writers are checked against diffusers' forward converters first.
+(``benchmarks._checkpoint_writers``); the writers are checked against diffusers' forward converters first.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders import single_file_utils as sfu
 
-sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "weights_index"))
 
-import checkpoint_writers as cw
 from format_writers import attention_shapes, write_diffusers, write_kohya
 from producers import pipeline_latents, relative_error
 
+from benchmarks import _checkpoint_writers as cw
+from composer import checkpoint_sizes as sizes
 from composer.checkpoint_layout import describe_checkpoint
 from composer.cli import main
 from composer.mixin import make_composable
 from composer.model_files import list_model_files
 from composer.presets import load_preset
 from composer.service import CompositionService
-from composer.tokenizers import build_clip_tokenizer, build_t5_tokenizer, t5_vocab
+from composer.tokenizers import build_t5_tokenizer, t5_vocab
 from fusion.errors import PresetError, UnsafeFormatError, UnsafePathError
 
 TOL = 1e-5
@@ -288,9 +288,159 @@ def test_model_picker_lists_checkpoints_in_a1111_and_comfyui_layouts(written: di
     assert service.use_model(str(found[1])) == str(found[1]) == service.model
     with pytest.raises(UnsafePathError):
         service.use_model(str(written["sd2"][1]))
+    assert service.available_models() == ["tiny-sd", *map(str, found)]  # the startup model stays on offer
+    assert service.use_model("tiny-sd") == "tiny-sd" == service.model
+
+
+def test_a_failed_model_switch_changes_nothing(written: dict[str, Any], tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(written["bfl"], models / "flux1-dev.safetensors")  # listed, but lacks its text encoders and VAE
+    service = CompositionService("tiny-sd", models_dir=models, out=tmp_path / "out")
+    offered = service.available_models()
+    with pytest.raises(PresetError, match="T5-XXL text encoder"):
+        service.use_model(offered[1])
+    assert service.model == "tiny-sd"
+    assert service.available_models() == offered
+
+
+def test_service_refuses_checkpoint_options_for_other_models(written: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(PresetError, match="single-file checkpoints"):
+        CompositionService("tiny-sd", vae=written["ae"], out=tmp_path / "out")
+    with pytest.raises(PresetError, match="single-file checkpoints"):
+        CompositionService("tiny-sd", text_encoders=written["text_encoders"], out=tmp_path / "out")
+
+
+def test_vae_option_applies_to_the_startup_checkpoint_only(written: dict[str, Any], tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    sd1 = shutil.copy(written["sd1"][1], models / "sd1.safetensors")
+    xl = shutil.copy(written["sdxl"][1], models / "xl.safetensors")
+    other = cw.tiny_vae(seed=11)
+    vae_file = cw.save(cw.vae_to_ldm(other), tmp_path / "vae-ft.safetensors")
+    service = CompositionService(str(sd1), models_dir=models, vae=vae_file, out=tmp_path / "out")
+    service.warm()
+    with service._borrow() as composer:
+        assert _max_diff(composer.pipe.vae, other) == 0.0
+    service.use_model(str(xl))
+    with service._borrow() as composer:
+        assert _max_diff(composer.pipe.vae, written["sdxl"][0]["vae"]) == 0.0  # its own baked autoencoder
+
+
+@pytest.mark.parametrize(
+    ("keys", "said"),
+    [
+        (
+            {
+                "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (96, 32),
+                "model.diffusion_model.x_embedder.proj.weight": (32, 16, 2, 2),
+                "model.diffusion_model.context_embedder.weight": (32, 64),
+            },
+            "Stable Diffusion 3",
+        ),
+        (
+            {
+                "transformer_blocks.0.attn.to_q.weight": (32, 32),
+                "single_transformer_blocks.0.attn.to_q.weight": (32, 32),
+                "x_embedder.weight": (32, 64),
+                "context_embedder.weight": (32, 32),
+            },
+            "diffusers' layout",
+        ),
+    ],
+)
+def test_sd3_and_diffusers_layout_transformers_are_refused_and_not_listed(
+    keys: dict[str, tuple[int, ...]], said: str, tmp_path: Path
+) -> None:
+    path = cw.save({k: torch.zeros(shape) for k, shape in keys.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(PresetError, match=said) as caught:
+        describe_checkpoint(path)
+    assert "FLUX.1" in str(caught.value)  # what is supported
+    assert "SDXL" in str(caught.value)
+    assert list_model_files(tmp_path) == []
+
+
+def _with(path: Path, out: Path, **replaced: torch.Tensor) -> Path:
+    from safetensors.torch import load_file
+
+    return cw.save(load_file(str(path)) | replaced, out)
+
+
+@pytest.mark.parametrize(("channels", "variant"), [(9, "inpainting"), (8, "instruct-pix2pix")])
+def test_inpainting_and_pix2pix_unets_are_refused(
+    written: dict[str, Any], tmp_path: Path, channels: int, variant: str
+) -> None:
+    models, path = written["sd1"]
+    conv = models["unet"].conv_in.weight
+    wide = torch.zeros(conv.shape[0], channels, *conv.shape[2:])
+    odd = _with(path, tmp_path / "variant.safetensors", **{"model.diffusion_model.input_blocks.0.0.weight": wide})
+    with pytest.raises(PresetError, match=variant):
+        load_preset(str(odd))
+    assert list_model_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(("factor", "variant"), [(6, "Fill"), (2, "Depth")])
+def test_flux_fill_and_depth_transformers_are_refused(
+    written: dict[str, Any], tmp_path: Path, factor: int, variant: str
+) -> None:
+    models, path = written["flux"]
+    weight = models["transformer"].x_embedder.weight
+    wide = torch.zeros(weight.shape[0], weight.shape[1] * factor)
+    odd = _with(path, tmp_path / "variant.safetensors", **{"model.diffusion_model.img_in.weight": wide})
+    with pytest.raises(PresetError, match=variant):
+        describe_checkpoint(odd)
+    assert list_model_files(tmp_path) == []
+
+
+def test_sdxl_file_keeps_its_own_second_tokenizer_with_a_text_encoder_folder(written: dict[str, Any]) -> None:
+    pipe = load_preset(str(written["sdxl"][1]), text_encoders=written["text_encoders"])
+    assert pipe.tokenizer_2("a photo of a cat").input_ids[:3] == [49406, 320, 1125]  # CLIP's, not the folder's T5
+
+
+def test_vae_with_other_latent_channels_is_refused(written: dict[str, Any]) -> None:
+    with pytest.raises(PresetError, match="latent channels"):
+        load_preset(str(written["sd1"][1]), vae=written["ae"])  # FLUX's 16-channel autoencoder on an SD 1.x UNet
+
+
+def test_missing_vae_file_is_refused_before_loading(
+    written: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import composer.checkpoint as checkpoint
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("tensors were loaded")
+
+    monkeypatch.setattr(checkpoint, "load_tensors", no_loading)
+    with pytest.raises(PresetError, match="no VAE file"):
+        load_preset(str(written["sd1"][1]), vae=tmp_path / "missing-vae.safetensors")
+
+
+def test_broken_text_encoder_config_is_a_typed_error(written: dict[str, Any], tmp_path: Path) -> None:
+    folder = shutil.copytree(written["text_encoders"], tmp_path / "text")
+    (folder / "text_encoder" / "config.json").write_text("{not json")
+    with pytest.raises(PresetError, match=r"config\.json"):
+        load_preset(str(written["bfl"]), text_encoders=folder, vae=written["ae"])
+
+
+@pytest.mark.parametrize(
+    ("build", "shapes"),
+    [
+        (sizes.clip_config, {"text_model.embeddings.token_embedding.weight": (10, 64)}),
+        (lambda base, s: sizes.open_clip_config(base, s, drop_last=False), {"token_embedding.weight": (10, 64)}),
+        (sizes.t5_config, {"shared.weight": (10, 32), "encoder.block.0.layer.0.SelfAttention.q.weight": (32, 32)}),
+    ],
+)
+def test_truncated_text_encoder_weights_are_a_typed_error(build: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    with pytest.raises(PresetError, match="is missing"):
+        build({}, shapes)
 
 
 def test_tokenizer_is_built_offline_with_real_clip_ids(written: dict[str, Any]) -> None:
+    """The ids are OpenAI CLIP's: known ids for a fixed caption, and open_clip's own BPE tokenizer on harder text."""
+    from open_clip.tokenizer import SimpleTokenizer
+
     pipe = load_preset(str(written["sd1"][1]))
-    assert pipe.tokenizer("a red fox").input_ids == build_clip_tokenizer()("a red fox").input_ids
-    assert pipe.tokenizer("a red fox").input_ids[0] == 49406
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    text = "A red fox, jumping over 3 lazy dogs! (watercolor)"
+    reference = SimpleTokenizer()
+    assert pipe.tokenizer(text).input_ids == [reference.sot_token_id, *reference.encode(text), reference.eot_token_id]

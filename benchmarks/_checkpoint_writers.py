@@ -2,7 +2,8 @@
 conversion (LDM/SGM UNet and autoencoder, CLIP, OpenCLIP, T5, BFL FLUX), plus tiny seeded models to write.
 
 Each writer is checked against diffusers' own forward converters (``single_file_utils``): converting what is written
-must give back the model's state dict exactly, so the files are what diffusers reads as these layouts.
+must give back the model's state dict exactly, so the files are what diffusers reads as these layouts. Used by
+the checkpoint benchmark and the checkpoint tests.
 """
 
 from __future__ import annotations
