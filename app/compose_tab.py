@@ -11,15 +11,20 @@ from typing import Any
 
 import gradio as gr
 
-from composer.service import AUTO, ComposerError, CompositionService, LoraTag, adapter_request, available_methods
-from retrieval.retriever import DEFAULT_MAX_ADAPTERS
+from composer.service import (
+    AUTO,
+    DEFAULT_MAX_LORAS,
+    ComposerError,
+    CompositionService,
+    LoraTag,
+    adapter_request,
+    available_methods,
+)
 
 MANUAL = "manual"
 EDITOR_HEADERS = ["adapter", "weight", "schedule", "block weights", "start", "stop"]
 WHY_HEADERS = ["adapter", "weight", "source", "score", "why"]
 DEFAULT_WEIGHT = 0.8
-DEFAULT_MAX_LORAS = DEFAULT_MAX_ADAPTERS
-"""The automatic pick's cap the slider starts at (the retriever's default)."""
 HISTORY = 24
 """Images kept in the result gallery (newest first)."""
 
@@ -71,10 +76,16 @@ def why_rows(result: Any) -> list[list[Any]]:
     return rows + [[r.name, None, "left out", None, left_out_reason(r)] for r in result.rejected]
 
 
+def auto_cap(choice: str, most: Any) -> int | None:
+    """The 'Most adapters' slider as ``max_loras``: the cap of the automatic pick, None for hand-picked adapters
+    (a cap applies only to ``"auto"``)."""
+    return int(most or DEFAULT_MAX_LORAS) if choice == AUTO else None
+
+
 def left_out_reason(rejected: Any) -> str:
     """Why an adapter was left out, with how to include it when the cap was the reason."""
     kept = f" (kept {rejected.lost_to})" if rejected.lost_to else ""
-    hint = "; raise 'Most adapters' to include it" if rejected.reason.startswith("limit of") else ""
+    hint = "; raise 'Most adapters' to include it" if rejected.capped else ""
     return f"{rejected.reason}{kept}{hint}"
 
 
@@ -191,7 +202,7 @@ def build(service: CompositionService) -> None:
                 num_images=int(images),
                 progress=True,
                 branches=branch_choice(share),
-                max_loras=int(most or DEFAULT_MAX_LORAS),
+                max_loras=auto_cap(choice, most),
             )
         except ComposerError as exc:
             raise gr.Error(str(exc)) from exc

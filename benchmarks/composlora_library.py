@@ -19,8 +19,12 @@ the popular tags; "toast", "bamboo", "wristband" in the tail).
 Two prompt kinds per composition: ``trigger`` (the testbed's own prompt) and ``title`` (plain language from the
 testbed's titles: "Kamado Nezuko wearing Zero Suit (Metroid), Hand-drawn Style, in Bamboolight Background, with
 Toast"). A pick is right when it is the named testbed file. Exact sets, precision and recall are reported with the
-default cap of five (what five-adapter compositions need) and at a cap of four. Nothing here chose a rule
-or a threshold.
+default cap of five and at a cap of four.
+
+Three choices were made with this library in view: the default cap of five (the testbed's five-adapter compositions
+need five), cutting a packaging word glued to a name ("umbrellalora" is "umbrella"), and keeping the testbed's object
+titles that are no trigger words ("umbrella", "bubble gum") out of the distractors' generic tags (with "umbrella" a
+popular tag, "with Umbrella" names nothing for a kohya-only file). It set no threshold of the selector.
 """
 
 from __future__ import annotations

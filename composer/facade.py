@@ -37,9 +37,13 @@ from fusion.adapters import Adapter
 from fusion.cfg_branches import Branches, describe_branches
 from fusion.errors import AdapterFormatError, CompositionError, UnsafePathError
 from fusion.layer_groups import BlockLayout
+from retrieval.retriever import DEFAULT_MAX_ADAPTERS
 from weights_index.reader import read_adapter
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LORAS = DEFAULT_MAX_ADAPTERS
+"""Most adapters ``loras="auto"`` picks when ``max_loras`` is not given (one per composition category)."""
 
 DEFAULT_STEPS = {"sd1": 20, "sd2": 20, "sdxl": 25, "flux": 28}
 TINY_SIZE = 64
@@ -78,11 +82,13 @@ class ChosenAdapter:
 
 @dataclass(frozen=True)
 class RejectedAdapter:
-    """An adapter ``loras="auto"`` found named in the prompt but left out, why, and the pick it lost to (if any)."""
+    """An adapter ``loras="auto"`` found named in the prompt but left out, why, the pick it lost to (if any), and
+    whether the cap (``max_loras``) was the reason."""
 
     name: str
     reason: str
     lost_to: str | None = None
+    capped: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly view."""
@@ -258,11 +264,18 @@ class Composer:
 
         Returns the prompt without ``<lora:…>`` tags (with trigger words added for automatically chosen adapters)
         and the chosen adapters. With ``loras="auto"``, ``max_loras`` caps how many are picked (default: the
-        retriever's, 5) and ``rejected``, when given, receives the adapters found named but left out.
+        retriever's, :data:`DEFAULT_MAX_LORAS`) and ``rejected``, when given, receives the adapters found named but
+        left out. ``max_loras`` with any other ``loras`` is a :class:`~fusion.errors.CompositionError`.
         """
+        auto = isinstance(loras, str) and loras.strip().lower() == "auto"
+        if max_loras is not None and not auto:
+            raise CompositionError(
+                f"max_loras={max_loras!r}: --max-loras only applies with --loras auto (it caps the automatic pick)",
+                hint="add --loras auto (the app: the 'auto' mode), or leave the cap out",
+            )
         prompt, tags = extract_lora_tags(prompt)
         chosen = {tag.name: self._from_tag(tag, "prompt tag") for tag in tags}
-        if isinstance(loras, str) and loras.strip().lower() == "auto":
+        if auto:
             prompt = self._auto(prompt, chosen, _cap(max_loras), rejected if rejected is not None else [])
         elif isinstance(loras, str):
             for tag in parse_lora_list(loras):
@@ -293,7 +306,9 @@ class Composer:
             raise CompositionError("loras='auto' needs a library", hint="pass library=DIR (CLI: --library DIR)")
         picks = self.retriever.select(prompt, family=self.family, k=cap)
         left_out = [
-            RejectedAdapter(r.name, r.reason, r.lost_to) for r in self.retriever.rejected if r.name not in chosen
+            RejectedAdapter(r.name, r.reason, r.lost_to, r.capped)
+            for r in self.retriever.rejected
+            if r.name not in chosen
         ]
         for item in left_out:
             logger.info("left out %s: %s", item.name, item.reason)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from composer.facade import Composer, CompositionResult
+from composer.facade import DEFAULT_MAX_LORAS, Composer, CompositionResult
 from composer.libraries import open_library
 from composer.mixin import make_composable
 from composer.model_default import default_model
@@ -40,6 +40,7 @@ AUTO = "auto"
 
 __all__ = [
     "AUTO",
+    "DEFAULT_MAX_LORAS",
     "ComposerError",
     "CompositionService",
     "LibraryItem",

@@ -1,17 +1,17 @@
 """What the words of a prompt say about which adapters it names, weighed by how specific each phrase is.
 
-Every adapter (one per :class:`~weights_index.versions.VersionGroup`: versions and copies count once) is described
-by phrases of several kinds. Identity kinds name the adapter: its trigger words, its title (whole, and without
-parenthesised parts), its file name, other names its metadata gives (``ss_output_name``, ``modelspec.title``) and
-its kohya dataset triggers (:attr:`~weights_index.metadata.AdapterMetadata.dataset_triggers`), its kohya dataset
-folders' names unless generic (``10_img``), and its caption names: caption tags in (nearly) every caption of their
-folder and carried by few adapters (:mod:`retrieval.caption_names` states that rule and its thresholds). Tag kinds
-describe it: curated labels and caption tags. Names (title, file name, aliases) are indexed whole and as short
-names: without their parenthesised parts, and by their leading words (two or more: file names lose the parentheses
-that set a series name apart). A short or one-word name that some adapter also uses as a tag is a description, not a
-name, and is not an identity; so is any phrase that more than ``DESCRIPTION_RATIO`` times as many adapters use as a
-tag as are named by it, and a trigger word that other adapters use as a tag when the adapter has another trigger
-word that no other adapter uses as a tag.
+Every adapter (one per :class:`~weights_index.versions.VersionGroup`: versions and copies count once) is described by
+phrases of several kinds. Identity kinds name the adapter: its trigger words, its title (whole, and without
+parenthesised parts), its file name, other names its metadata gives (``ss_output_name``, ``modelspec.title``) and its
+kohya dataset triggers (:attr:`~weights_index.metadata.AdapterMetadata.dataset_triggers`), its kohya dataset folders'
+names unless generic (``10_img``) or a common word (``10_woman``), and its caption names: caption tags in (nearly) every
+caption of their folder, no common word and carried by few adapters (:mod:`retrieval.caption_names` states that rule and
+its thresholds). Tag kinds describe it: curated labels and caption tags. Names (title, file name, aliases) are indexed
+whole and as short names: without their parenthesised parts, and by their leading words (two or more: file names lose
+the parentheses that set a series name apart). A short or one-word name that some adapter also uses as a tag is a
+description, not a name, and is not an identity; so is any phrase that more than ``DESCRIPTION_RATIO`` times as many
+adapters use as a tag as are named by it, and a trigger word (or dataset trigger, or caption name) that other adapters
+use as a tag when the adapter has another one that no other adapter uses as a tag.
 
 Phrases and prompts are compared as bags of words (:mod:`weights_index.naming`): case, punctuation, underscores,
 function words, word order, version markers and packaging words do not count. A phrase matches a run of
@@ -165,11 +165,12 @@ def entry_phrases(entry: CatalogEntry) -> list[Phrase]:
     found += [
         Phrase("dataset trigger", t, tuple(content_words(t)), "kohya dataset folder name, in its captions")
         for t in meta.dataset_triggers
+        if not caption_names.is_common(t)
     ]
     found += [
         Phrase("dataset folder", name, name_words(name), "kohya dataset folder name")
         for name in meta.dataset_folders
-        if name.lower() not in triggers
+        if name.lower() not in triggers and not caption_names.is_common(name)
     ]
     for tag, presence in caption_names.caption_names(meta):
         source = f"caption counts: in {presence.describe()}"

@@ -135,15 +135,17 @@ class Selection:
 
 @dataclass(frozen=True)
 class Rejected:
-    """An adapter that matched the prompt but was not picked, why, and the pick it lost to (if any)."""
+    """An adapter that matched the prompt but was not picked, why, the pick it lost to (if any), and whether the cap
+    (``max_adapters``) was the reason."""
 
     name: str
     reason: str
     lost_to: str | None = None
+    capped: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dict(self.__dict__)
+        """A JSON-ready dict (``lost_to`` only when there is one)."""
+        return {key: value for key, value in self.__dict__.items() if value is not None}
 
 
 def _category(entry: CatalogEntry) -> str | None:
@@ -427,7 +429,9 @@ class Retriever:
         trigger_counts = [len(keys) for keys in self._evidence.trigger_keys]
         choices, rejections = choose(found, self._group_categories, trigger_counts, limit)
         self.generic = [f"{g.words!r} is on {_adapters(g.carriers)}: too generic to pick any" for g in found.generic]
-        self.rejected = [Rejected(self._groups[r.group].preferred.name, r.reason, self._lost_to(r)) for r in rejections]
+        self.rejected = [
+            Rejected(self._groups[r.group].preferred.name, r.reason, self._lost_to(r), r.capped) for r in rejections
+        ]
         picks = [self._selection(choice, rejections) for choice in choices]
         if self._has_weight_signals and len(picks) < limit:
             taken = {choice.group for choice in choices}

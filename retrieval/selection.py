@@ -42,11 +42,13 @@ class Choice:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A candidate that was not chosen, why, and the chosen group it lost to (None: no pick involved)."""
+    """A candidate that was not chosen, why, the chosen group it lost to (None: no pick involved), and whether the
+    cap on the number of adapters was the reason."""
 
     group: int
     reason: str
     lost_to: int | None = None
+    capped: bool = False
 
 
 def _coverage(items: Sequence[Evidence]) -> dict[int, float]:
@@ -100,7 +102,7 @@ def choose(
             rejected.append(Rejection(group, reason, filled[category]))
             continue
         if len(picks) >= limit:
-            rejected.append(Rejection(group, f"limit of {limit} adapters reached"))
+            rejected.append(Rejection(group, f"limit of {limit} adapters reached", capped=True))
             continue
         picks.append(Choice(group, tuple(specific), tuple(support), score))
         for item in specific:

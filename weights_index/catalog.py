@@ -52,7 +52,7 @@ CATALOG_DIRNAME = ".lora-composer"
 """Folder inside the library holding the catalog database and extracted thumbnails (skipped by scans)."""
 
 ADAPTER_SUFFIXES = (".safetensors",)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_HEADER_VALUE_CHARS = 16_384
 """Longer header values (big tag-frequency tables, bucket info) are parsed into metadata but not stored raw."""
 LOCK_TIMEOUT_S = 120.0

@@ -6,6 +6,10 @@ wrote into every caption: usually the token the LoRA was trained to answer to, s
 shares. Whether it names the adapter depends on how many other adapters carry it, which only the library knows
 (:mod:`retrieval.caption_names` decides); this module only reads the counts.
 
+kohya lists the regularization folders (class images such as ``1_woman``, captioned with the class word alone) in
+``ss_reg_dataset_dirs``; they show what the base model already draws, not what was trained, so their captions and
+names are left out here (:func:`reg_folders`).
+
 A folder's caption count is its ``img_count`` from ``ss_dataset_dirs`` when given (never less than its most frequent
 tag's count), else the count of its most frequent tag. Folder names are kohya's ``<repeats>_<name>``; the name is
 kept unless it is a word trainers use for any dataset (``img``, ``data``, ``train``, …).
@@ -84,14 +88,22 @@ def _count(value: object) -> int | None:
     return int(value)
 
 
-def caption_presence(tag_frequency: str | None, dataset_dirs: str | None = None) -> dict[str, CaptionPresence]:
+def reg_folders(reg_dataset_dirs: str | None) -> frozenset[str]:
+    """Names of the regularization folders ``ss_reg_dataset_dirs`` lists (``{folder: {"n_repeats": …, …}}``)."""
+    return frozenset(str(folder) for folder in _load(reg_dataset_dirs))
+
+
+def caption_presence(
+    tag_frequency: str | None, dataset_dirs: str | None = None, skip: frozenset[str] = frozenset()
+) -> dict[str, CaptionPresence]:
     """Tag → its presence in the folder where it is most consistent (ties: the bigger folder), for tags in at least
-    :data:`KEEP_SHARE` of that folder's captions; at most :data:`MAX_KEPT`, highest share first."""
+    :data:`KEEP_SHARE` of that folder's captions; at most :data:`MAX_KEPT`, highest share first. Folders in ``skip``
+    (the regularization folders) are left out."""
     folders = _load(tag_frequency)
     sizes = _load(dataset_dirs)
     best: dict[str, CaptionPresence] = {}
     for folder, tags in folders.items():
-        if not isinstance(tags, dict):
+        if not isinstance(tags, dict) or str(folder) in skip:
             continue
         counts = {str(tag).strip(): c for tag, raw in tags.items() if (c := _count(raw)) is not None}
         counts = {tag: c for tag, c in counts.items() if tag}
@@ -113,11 +125,12 @@ def caption_presence(tag_frequency: str | None, dataset_dirs: str | None = None)
     return dict(ranked[:MAX_KEPT])
 
 
-def folder_names(tag_frequency: str | None) -> tuple[str, ...]:
-    """Names of the ``<repeats>_<name>`` dataset folders, generic ones (:data:`GENERIC_FOLDER_NAMES`) left out."""
+def folder_names(tag_frequency: str | None, skip: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """Names of the ``<repeats>_<name>`` dataset folders, generic ones (:data:`GENERIC_FOLDER_NAMES`) and those in
+    ``skip`` (the regularization folders) left out."""
     names: list[str] = []
     for folder in _load(tag_frequency):
-        match = _FOLDER.match(str(folder))
+        match = None if str(folder) in skip else _FOLDER.match(str(folder))
         if not match:
             continue
         name = match.group(1).strip()

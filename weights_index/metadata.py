@@ -5,7 +5,7 @@ Community adapters describe themselves in several places, none complete on its o
 - kohya sd-scripts training metadata in the safetensors header (``ss_output_name``, ``ss_base_model_version``,
   ``ss_network_module``/``_dim``/``_alpha``, ``ss_tag_frequency`` — caption tag counts per dataset folder — and
   ``ss_dataset_dirs`` — images per folder; :mod:`weights_index.kohya_captions` reads how consistently each tag
-  occurs in its folder's captions);
+  occurs in its folder's captions; the regularization folders ``ss_reg_dataset_dirs`` lists name nothing);
 - Stability's ModelSpec keys in the same header (``modelspec.title``, ``.trigger_phrase``, ``.architecture``,
   ``.description``, ``.tags``, ``.thumbnail`` as a ``data:`` URI);
 - ``NAME.civitai.info``: the Civitai model-version JSON saved by Civitai Helper and similar tools
@@ -37,7 +37,7 @@ from fusion.errors import SidecarTooLargeError
 from fusion.weight_range import weight_problem
 from weights_index.families import family_from_text
 from weights_index.hashing import autov2
-from weights_index.kohya_captions import CaptionPresence, caption_presence, folder_names
+from weights_index.kohya_captions import CaptionPresence, caption_presence, folder_names, reg_folders
 from weights_index.text_safety import storable_json
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
@@ -262,9 +262,10 @@ def _from_kohya(meta: Mapping[str, str], warnings: list[str]) -> dict[str, Any]:
     out["network_alpha"] = _as_float(meta.get("ss_network_alpha"))
     if meta.get("ss_tag_frequency"):
         out["tags"] = _tag_frequency(meta["ss_tag_frequency"], warnings)
-        out["dataset_triggers"] = _dataset_triggers(meta["ss_tag_frequency"])
-        out["dataset_folders"] = folder_names(meta["ss_tag_frequency"])
-        presence = caption_presence(meta["ss_tag_frequency"], meta.get("ss_dataset_dirs"))
+        regularization = reg_folders(meta.get("ss_reg_dataset_dirs"))
+        out["dataset_triggers"] = _dataset_triggers(meta["ss_tag_frequency"], regularization)
+        out["dataset_folders"] = folder_names(meta["ss_tag_frequency"], regularization)
+        presence = caption_presence(meta["ss_tag_frequency"], meta.get("ss_dataset_dirs"), regularization)
         out["caption_presence"] = {tag: (p.count, p.captions, p.folder) for tag, p in presence.items()}
     hashes = {k: meta[k] for k in ("sshs_model_hash", "sshs_legacy_hash") if meta.get(k)}
     if hashes:
@@ -294,16 +295,16 @@ def _tag_frequency(raw: str, warnings: list[str]) -> dict[str, int]:
     return dict(ranked[:MAX_TAGS])
 
 
-def _dataset_triggers(raw: str) -> tuple[str, ...]:
+def _dataset_triggers(raw: str, skip: frozenset[str] = frozenset()) -> tuple[str, ...]:
     """Identifiers of DreamBooth-style dataset folders (``<repeats>_<identifier>``) found among their own captions'
-    tags (a regularisation folder such as ``5_reg`` names no caption tag and is skipped)."""
+    tags; the regularization folders in ``skip`` (``1_woman``, captioned "woman") are left out."""
     try:
         datasets = json.loads(raw)
     except (json.JSONDecodeError, RecursionError):
         return ()
     found = []
     for folder, tags in datasets.items() if isinstance(datasets, dict) else ():
-        match = _DATASET_FOLDER.match(str(folder))
+        match = None if str(folder) in skip else _DATASET_FOLDER.match(str(folder))
         if match and isinstance(tags, dict):
             identifier = match.group(1).strip()
             if identifier.lower() in {str(tag).strip().lower() for tag in tags}:

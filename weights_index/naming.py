@@ -95,7 +95,7 @@ def prompt_runs(text: str) -> list[list[tuple[str, bool]]]:
     for part in _PROMPT_PARTS.split(text):
         run: list[tuple[str, bool]] = []
         gap = False
-        for word in words(split_camel(part)):
+        for word in map(_unglued, words(split_camel(part))):
             if word in FUNCTION_WORDS:
                 gap = bool(run)
                 continue
@@ -108,8 +108,9 @@ def prompt_runs(text: str) -> list[list[tuple[str, bool]]]:
 
 def content_words(text: str) -> list[str]:
     """:func:`words` without :data:`FUNCTION_WORDS` (how prompts and tags are compared); camelCase is split, so a
-    file name pasted into a prompt ("brightHoodie") reads as its words."""
-    return [w for w in words(split_camel(text)) if w not in FUNCTION_WORDS]
+    file name pasted into a prompt ("brightHoodie") reads as its words, and a glued packaging word is cut off as in
+    :func:`name_words`, so a prompt writing a name as it is spelt ("angelora") reads as that name does."""
+    return [w for w in map(_unglued, words(split_camel(text))) if w not in FUNCTION_WORDS]
 
 
 def _split_versions(tokens: list[str]) -> tuple[list[str], tuple[int, ...] | None]:
@@ -174,7 +175,9 @@ def name_words(name: str, *, keep_parentheses: bool = True) -> tuple[str, ...]:
 
 
 def _unglued(token: str) -> str:
-    """A word with a packaging word glued to its end ("umbrellalora", "johanssonlora") → the word alone."""
+    """A word with a packaging word glued to its end ("umbrellalora", "johanssonlora") → the word alone. Names,
+    prompts and tags all go through it, so a word that merely ends like one ("Angelora" → "ange") still compares
+    equal to itself."""
     for suffix in GLUED_PACKAGING:
         if token.endswith(suffix) and len(token) - len(suffix) >= MIN_GLUED_STEM:
             return token[: -len(suffix)]

@@ -146,7 +146,7 @@ def left_out_lines(rejected: list[Any]) -> list[str]:
     """One line per adapter the prompt names that ``--loras auto`` left out, with why (and how to include it)."""
     lines = []
     for item in rejected:
-        hint = "; raise the cap with --max-loras" if item.reason.startswith("limit of") else ""
+        hint = "; raise the cap with --max-loras" if item.capped else ""
         kept = f" (kept {item.lost_to})" if item.lost_to else ""
         lines.append(f"left out {item.name}: {item.reason}{kept}{hint}")
     return lines

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             if not reason.startswith("not used:"):
                 print(f"  - {reason}")
     for item in retriever.rejected:
-        hint = "; raise the cap with --max-loras" if item.reason.startswith("limit of") else ""
+        hint = "; raise the cap with --max-loras" if item.capped else ""
         print(f"\nnot picked: {item.name}: {item.reason}" + (f" (kept {item.lost_to})" if item.lost_to else "") + hint)
     for phrase in retriever.generic:
         print(f"generic: {phrase}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.compose_tab import adapter_requests, sync_editor, why_rows
+from app.compose_tab import adapter_requests, left_out_reason, sync_editor, why_rows
 from composer.facade import ChosenAdapter, CompositionResult, RejectedAdapter
 from composer.service import ComposerError, CompositionService, LoraTag, adapter_request
 
@@ -46,7 +46,10 @@ def test_service_rejects_empty_prompt_and_zero_workers(tmp_path) -> None:
 
 def test_why_table_lists_what_the_automatic_pick_left_out() -> None:
     used = ChosenAdapter(LoraTag("corgi", 0.8), source="auto", score=1.0, reasons=["trigger word in prompt"])
-    rejected = [RejectedAdapter("teapot", "limit of 1 adapters reached"), RejectedAdapter("pup", "same words", "corgi")]
+    rejected = [
+        RejectedAdapter("teapot", "limit of 1 adapters reached", capped=True),
+        RejectedAdapter("pup", "same words", "corgi"),
+    ]
     result = CompositionResult([], "p", [used], "merge", 0, 1, 0.1, rejected=rejected)
     rows = why_rows(result)
     assert rows[0][:3] == ["corgi", 0.8, "auto"]
@@ -58,7 +61,37 @@ def test_why_table_lists_what_the_automatic_pick_left_out() -> None:
         "limit of 1 adapters reached; raise 'Most adapters' to include it",
     ]
     assert rows[2] == ["pup", None, "left out", None, "same words (kept corgi)"]
-    assert result.as_dict()["rejected"][1] == {"name": "pup", "reason": "same words", "lost_to": "corgi"}
+    assert result.as_dict()["rejected"] == [
+        {"name": "teapot", "reason": "limit of 1 adapters reached", "capped": True},
+        {"name": "pup", "reason": "same words", "lost_to": "corgi", "capped": False},
+    ]
+
+
+def test_the_cap_hint_follows_the_capped_field_not_the_wording() -> None:
+    assert left_out_reason(RejectedAdapter("a", "too many", capped=True)) == (
+        "too many; raise 'Most adapters' to include it"
+    )
+    assert left_out_reason(RejectedAdapter("b", "limit of words", "c")) == "limit of words (kept c)"
+
+
+def test_the_slider_default_is_the_composers_and_caps_only_the_automatic_pick() -> None:
+    from app import compose_tab
+    from composer.service import AUTO, DEFAULT_MAX_LORAS
+
+    assert compose_tab.DEFAULT_MAX_LORAS == DEFAULT_MAX_LORAS == 5
+    assert compose_tab.auto_cap(AUTO, 3) == 3
+    assert compose_tab.auto_cap(AUTO, None) == DEFAULT_MAX_LORAS
+    assert compose_tab.auto_cap("manual", 3) is None
+
+
+def test_a_cap_without_auto_is_a_typed_error(tmp_path) -> None:
+    from composer.facade import Composer
+    from fusion.errors import CompositionError
+
+    for loras in ("corgi", None, ["corgi"], {"corgi": 0.5}):
+        with pytest.raises(CompositionError, match="only applies with --loras auto"):
+            Composer(library=tmp_path).choose("a dog", loras, max_loras=2)
+    assert Composer(library=tmp_path).choose("a dog", "corgi")[1][0].request.name == "corgi"
 
 
 def test_a_cap_below_one_is_a_typed_error(tmp_path) -> None:

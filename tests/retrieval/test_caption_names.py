@@ -97,3 +97,71 @@ def test_each_pick_says_where_each_explained_word_came_from(tmp_path: Path) -> N
     }
     picks = Retriever(library).select("scarlett portrait", family="sd1")
     assert picks[0].sources == {"scarlett portrait": "title"}
+
+
+def _others(root: Path, count: int) -> None:
+    """``count`` adapters with their own distinct trigger token and no word of the tests' prompts."""
+    for i in range(count):
+        _write(root, f"other_{i}", 500 + i, _kohya(f"other_{i}", "10_img", {f"oth{i}zq": 20, "outdoors": 9}, 20))
+
+
+def test_a_common_word_in_every_caption_beside_a_token_names_nothing(tmp_path: Path) -> None:
+    _others(tmp_path, 6)
+    _write(tmp_path, "person_lora", 1, _kohya("person_lora", "10_img", {"ohwx": 20, "woman": 20}, 20))
+    library = Library(tmp_path)
+    library.scan()
+    retriever = Retriever(library)
+    assert retriever.select("a woman walking in a park", family="sd1") == []
+    assert [p.name for p in retriever.select("ohwx, walking in a park", family="sd1")] == ["person_lora"]
+
+
+def test_a_common_word_in_every_caption_of_a_small_library_names_nothing(tmp_path: Path) -> None:
+    _others(tmp_path, 2)
+    _write(tmp_path, "plain_lora", 1, _kohya("plain_lora", "10_img", {"woman": 20, "smiling": 20}, 20))
+    library = Library(tmp_path)
+    library.scan()
+    assert Retriever(library).select("a woman walking in a park", family="sd1") == []
+
+
+def test_a_phrase_other_adapters_use_as_a_tag_beside_a_token_of_its_own_folder_is_a_tag(tmp_path: Path) -> None:
+    _others(tmp_path, 6)
+    _write(tmp_path, "dress_tagged", 2, _kohya("dress_tagged", "10_img", {"qrst": 20, "red gown": 6}, 20))
+    _write(tmp_path, "person_lora", 1, _kohya("person_lora", "10_img", {"ohwx": 20, "red gown": 20}, 20))
+    library = Library(tmp_path)
+    library.scan()
+    retriever = Retriever(library)
+    assert retriever.select("red gown, walking in a park", family="sd1") == []
+    picks = retriever.select("ohwx, red gown", family="sd1")
+    assert [p.name for p in picks] == ["person_lora"]
+    assert picks[0].explains == ["ohwx"]
+
+
+def test_a_regularization_folder_names_nothing(tmp_path: Path) -> None:
+    _others(tmp_path, 6)
+    header = {
+        "ss_output_name": "person_lora",
+        "ss_tag_frequency": json.dumps({"10_ohwx": {"ohwx": 20, "smiling": 5}, "1_librarian": {"librarian": 200}}),
+        "ss_dataset_dirs": json.dumps({"10_ohwx": {"n_repeats": 10, "img_count": 20}}),
+        "ss_reg_dataset_dirs": json.dumps({"1_librarian": {"n_repeats": 1, "img_count": 200}}),
+    }
+    _write(tmp_path, "person_lora", 1, header)
+    library = Library(tmp_path)
+    library.scan()
+    retriever = Retriever(library)
+    assert retriever.select("a librarian walking in a park", family="sd1") == []
+    entry = next(e for e in library.entries() if e.name == "person_lora")
+    assert entry.metadata.dataset_triggers == ("ohwx",)
+    assert entry.metadata.dataset_folders == ("ohwx",)
+    assert "librarian" not in entry.metadata.caption_presence
+    assert [p.name for p in retriever.select("ohwx in a park", family="sd1")] == ["person_lora"]
+
+
+def test_a_title_ending_like_a_packaging_word_is_found_as_written(tmp_path: Path) -> None:
+    _others(tmp_path, 3)
+    _write(tmp_path, "angelora_v1", 1, _kohya("Angelora", "10_img", {"1girl": 20}, 20))
+    _write(tmp_path, "umbrellalora", 2, _kohya("umbrellalora", "10_img", {"rain": 20}, 20))
+    library = Library(tmp_path)
+    library.scan()
+    retriever = Retriever(library)
+    assert [p.name for p in retriever.select("angelora, on a beach", family="sd1")] == ["angelora_v1"]
+    assert [p.name for p in retriever.select("an umbrella in the rain", family="sd1")] == ["umbrellalora"]

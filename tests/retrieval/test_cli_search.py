@@ -41,7 +41,7 @@ def test_search_says_what_was_not_picked_and_why(tmp_path: Path, capsys: pytest.
     assert "not picked: scarf: limit of 5 adapters reached" in capsys.readouterr().out
     assert main(["search", prompt, "--library", str(tmp_path / "lib"), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document["rejected"] == [{"name": "scarf", "reason": "limit of 5 adapters reached", "lost_to": None}]
+    assert document["rejected"] == [{"name": "scarf", "reason": "limit of 5 adapters reached", "capped": True}]
     assert document["selection"][0]["explains"] == ["neoncity"]
 
 
@@ -66,10 +66,18 @@ def test_compose_auto_lists_what_the_cap_left_out(tmp_path: Path, capsys: pytest
     assert main([*argv, "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert [a["name"] for a in document["adapters"]] == ["corgi", "scarf"]
-    assert document["rejected"] == [{"name": "teapot", "reason": "limit of 2 adapters reached"}]
+    assert document["rejected"] == [{"name": "teapot", "reason": "limit of 2 adapters reached", "capped": True}]
     with pytest.raises(SystemExit) as exit_info:
         main([*argv[:-2], "--max-loras", "0"])
     assert exit_info.value.code == 2
+
+
+def test_a_cap_without_auto_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_library(tmp_path / "lib")
+    argv = ["a crgastro", "--loras", "corgi", "--library", str(tmp_path / "lib"), "--max-loras", "2"]
+    assert main([*argv, "--model", "tiny-sd", "--out", str(tmp_path / "out")]) == 1
+    assert "--max-loras only applies with --loras auto" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_retriever_command_then_search_uses_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -112,7 +112,9 @@ def test_reasons_say_what_each_pick_explains_and_what_was_rejected(library: Libr
     assert [p.name for p in picks] == ["girl_1", "girl_2"]
     assert picks[0].explains == ["zrv1x"]
     assert "explains 'zrv1x' (specific: 'zrv1x' on 1 adapter)" in picks[0].reasons
-    assert [(r.name, r.reason) for r in retriever.rejected] == [("cyber_jacket", "limit of 2 adapters reached")]
+    assert [(r.name, r.reason, r.capped) for r in retriever.rejected] == [
+        ("cyber_jacket", "limit of 2 adapters reached", True)
+    ]
     picks = retriever.select("mkmcsm, makima", family="sd1")
     assert len(picks) == 1
     assert retriever.rejected == []  # versions and copies are one candidate, not rivals

@@ -46,3 +46,9 @@ def test_a_packaging_word_glued_to_a_name_is_cut_off() -> None:
     assert name_words("scarlett-johanssonlora") == ("scarlett", "johansson")
     assert name_words("flora") == ("flora",)  # too little would stay: a word, not a glued name
     assert name_words("lora") == ("lora",)
+
+
+def test_a_name_ending_like_a_packaging_word_still_matches_a_prompt_writing_it() -> None:
+    assert content_words("an umbrellalora, in the rain") == ["umbrella", "rain"]
+    assert content_words("angelora") == list(name_words("Angelora"))
+    assert [word for word, _ in prompt_runs("angelora, on a beach")[0]] == list(name_words("Angelora"))
