@@ -128,7 +128,7 @@ def test_library_has_every_format_and_reads(toy_library: list[Path]) -> None:
 def test_a_concept_lora_changes_the_attribute_it_was_trained_for(toy_pipe, toy_library: list[Path]) -> None:
     path = next(p for p in toy_library if p.stem == "zorbex")
     prompts = ["zorbex in the snow", "zorbex on the grass", "zorbex at night", "zorbex under a blue sky"]
-    call = {"num_inference_steps": 12, "guidance_scale": 3.0, "output_type": "pt"}
+    call = {"num_inference_steps": 8, "guidance_scale": 3.0, "output_type": "pt"}
     with torch.inference_mode():
         base = toy_pipe(prompts, generator=torch.Generator().manual_seed(0), **call).images
     with torch.no_grad():
@@ -142,7 +142,8 @@ def test_a_concept_lora_changes_the_attribute_it_was_trained_for(toy_pipe, toy_l
     before = judge_images(base, prompts, [["zorbex"]] * 4)
     after = judge_images(adapted, prompts, [["zorbex"]] * 4)
     assert sum(v.concepts["zorbex"] for v in before) == 0
-    assert sum(v.concepts["zorbex"] for v in after) >= 3
+    found = sum(v.concepts["zorbex"] for v in after)
+    assert found >= 3, found
 
 
 def test_compose_then_judge_from_the_cli(toy_library: list[Path], tmp_path: Path, capsys) -> None:
