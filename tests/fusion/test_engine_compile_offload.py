@@ -54,8 +54,8 @@ def test_regional_compile_does_not_recompile_across_reweightings(tiny_sd: Any, f
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0, "the blocks were compiled"
     outputs = []
-    for i in range(10):
-        pipe.set_composition({"a": 0.1 * i, "b": second}, fuse=fuse)
+    for i in range(4):
+        pipe.set_composition({"a": 0.3 * i, "b": second}, fuse=fuse)
         outputs.append(_run(pipe))
     assert counters["stats"]["unique_graphs"] == graphs, "re-weighting recompiled"
     assert not torch.equal(outputs[0], outputs[-1]), "the weights took effect"
