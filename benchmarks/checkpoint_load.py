@@ -33,54 +33,36 @@ from diffusers import StableDiffusionPipeline
 
 from benchmarks import _checkpoint_writers as cw
 from benchmarks._common import cpu_hardware
-from composer.presets import load_preset, preset_cache_root
+from composer.cli_types import positive_int
+from composer.presets import PRESETS, load_preset, preset_cache_root
 
-SD15_UNET = {
-    "sample_size": 64,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
+QUICK_SIZES = {
+    "unet": {
+        "block_out_channels": [64, 128, 256],
+        "down_block_types": ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2,
+    },
+    "vae": {"block_out_channels": [32, 32, 64, 64]},
+    "text_encoder": {"num_hidden_layers": 2},
 }
-SMALL_UNET = SD15_UNET | {
-    "block_out_channels": [64, 128, 256],
-    "down_block_types": ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2,
-}
+"""What ``--quick`` changes in the ``sd15-shapes`` preset's component configs (a small SD-shaped file)."""
 
 
 def _write(path: Path, quick: bool) -> None:
-    """Build the components (default init) and write them as one fp16 LDM checkpoint."""
+    """Build the ``sd15-shapes`` preset's components (default init; smaller with ``quick``) and write them as one
+    fp16 LDM checkpoint."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    configs = {name: config for name, (_, config) in PRESETS["sd15-shapes"].components().items()}
+    if quick:
+        configs = {name: config | QUICK_SIZES.get(name, {}) for name, config in configs.items()}
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(SMALL_UNET if quick else SD15_UNET))
+    unet = UNet2DConditionModel(**configs["unet"])
     tensors = cw.prefixed(cw.unet_to_ldm(unet), "model.diffusion_model.")
     del unet
-    vae_channels = [32, 32, 64, 64] if quick else [128, 256, 512, 512]
-    vae = AutoencoderKL(
-        block_out_channels=vae_channels,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=2,
-        latent_channels=4,
-    )
-    tensors |= cw.prefixed(cw.vae_to_ldm(vae), "first_stage_model.")
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=2 if quick else 12,
-            num_attention_heads=12,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    tensors |= cw.prefixed(cw.vae_to_ldm(AutoencoderKL(**configs["vae"])), "first_stage_model.")
+    text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     tensors |= cw.prefixed(cw.clip_to_ldm(text), "cond_stage_model.transformer.")
     partial = path.with_suffix(".partial")
     cw.save(tensors, partial, dtype=torch.float16)
@@ -104,19 +86,11 @@ def _timed(load: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, pipe
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Write the checkpoint if needed, time both loaders alternately and print one JSON document."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small SD-shaped checkpoint (seconds)")
-    parser.add_argument("--repeats", type=_at_least_one, default=3, help="timed runs per loader (at least 1)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per loader (at least 1)")
     args = parser.parse_args(argv)
     folder = preset_cache_root().parent / "bench" / "checkpoint_load"
     folder.mkdir(parents=True, exist_ok=True)
