@@ -20,7 +20,7 @@ from typing import Any
 
 from composer.toyworld.measures import NAMED_HUES
 from composer.toyworld.reader import STYLE_GATES, UNSURE, Calibration, colour_names
-from composer.toyworld.world import ATTRIBUTES, VOCABULARY
+from composer.toyworld.world import ATTRIBUTES, CONCEPTS, VOCABULARY
 
 PENALTY = 9.0
 """What a wrong strict reading (:func:`is_strict`) costs, in right readings."""
@@ -136,13 +136,15 @@ def _midpoint(a: float, b: float) -> float:
     return (a + ((b - a) % 360) / 2) % 360
 
 
+_CONCEPT_VALUES = frozenset(item for concept in CONCEPTS.values() for item in concept.sets.items())
+"""Every (attribute, value) some concept sets."""
+
+
 def is_strict(attr: str, value: str) -> bool:
     """Whether a wrong reading of ``value`` costs :data:`PENALTY`: it says something is there (a value a concept
     sets, or any clothing, style or object other than ``none``) or that the head is bare (clothing ``none``)."""
-    from composer.toyworld.world import CONCEPTS
-
     if attr == "clothing":
         return True
     if attr in ("style", "object"):
         return value != "none"
-    return any(concept.sets.get(attr) == value for concept in CONCEPTS.values())
+    return (attr, value) in _CONCEPT_VALUES
