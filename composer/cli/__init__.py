@@ -1,6 +1,6 @@
 """The `compose` command line: `compose "prompt" [options]` or `compose SUBCOMMAND ...`.
 
-Subcommands live one per file in :mod:`composer.commands`; each module exposes ``register(subparsers)``
+Subcommands live one per file in :mod:`composer.cli.commands`; each module exposes ``register(subparsers)``
 which adds its parser and sets ``handler`` to a function ``(args) -> exit code``. Exit codes: 0 success,
 1 a :class:`~fusion.errors.ComposerError` (message printed, no traceback), 2 bad usage.
 """
@@ -13,8 +13,8 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from composer import commands
-from composer.verbosity import configure_logging
+from composer.cli import commands
+from composer.cli.verbosity import configure_logging
 from fusion.errors import ComposerError
 from weights_index.text_safety import is_valid_unicode
 
@@ -27,7 +27,12 @@ VERBOSITY_FLAGS = frozenset({"-v", "-vv", "-vvv", "--verbose", "-q", "-qq", "--q
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser with every subcommand found in :mod:`composer.commands`."""
+    """The full parser with every subcommand found in :mod:`composer.cli.commands`."""
+    return _parser_and_subcommands()[0]
+
+
+def _parser_and_subcommands() -> tuple[argparse.ArgumentParser, frozenset[str]]:
+    """The full parser and the names of its subcommands."""
     parser = argparse.ArgumentParser(
         prog="compose",
         description="Retrieve and compose LoRA adapters in diffusers pipelines.",
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(subparsers)
     for subparser in subparsers.choices.values():
         add_verbosity(subparser, default=argparse.SUPPRESS)  # before or after the subcommand alike
-    return parser
+    return parser, frozenset(subparsers.choices)
 
 
 def add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
@@ -54,8 +59,7 @@ def add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `compose` console script; returns the process exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    subcommands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    parser, subcommands = _parser_and_subcommands()
     first = next((i for i, arg in enumerate(args_list) if arg not in VERBOSITY_FLAGS), len(args_list))
     if first < len(args_list) and args_list[first] not in subcommands and not args_list[first].startswith("-"):
         args_list.insert(first, "generate")
@@ -78,7 +82,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

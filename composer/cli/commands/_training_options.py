@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from composer import cli_types
+from composer.cli import arg_types
 
 
 def add_training_options(
@@ -22,15 +22,15 @@ def add_training_options(
     ``examples`` names what a batch holds ("images", "pairs"); ``seeded`` what the seed controls.
     """
     parser.add_argument(
-        "--steps", type=cli_types.positive_int, default=steps, help=f"optimizer steps (default {steps})"
+        "--steps", type=arg_types.positive_int, default=steps, help=f"optimizer steps (default {steps})"
     )
     parser.add_argument("--lr", type=float, default=learning_rate, help=f"learning rate (default {learning_rate:g})")
-    parser.add_argument("--batch-size", type=cli_types.positive_int, default=1, help=f"{examples} per step (default 1)")
-    parser.add_argument("--resolution", type=cli_types.positive_int, default=None, help=resolution_help)
+    parser.add_argument("--batch-size", type=arg_types.positive_int, default=1, help=f"{examples} per step (default 1)")
+    parser.add_argument("--resolution", type=arg_types.positive_int, default=None, help=resolution_help)
     if checkpoints:
         parser.add_argument(
             "--checkpoint-every", type=int, default=0, metavar="N", help="save a checkpoint every N steps"
         )
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate setting")
-    parser.add_argument("--seed", type=cli_types.seed, default=0, help=f"seed for {seeded}")
+    parser.add_argument("--seed", type=arg_types.seed, default=0, help=f"seed for {seeded}")
     parser.add_argument("--json", action="store_true", help="print one JSON document")

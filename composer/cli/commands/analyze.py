@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer import cli_types
+from composer.cli import arg_types
+from composer.cli.reporting import emit_json, format_table
 from composer.model_default import default_model
-from composer.reporting import emit_json, format_table
 
 COLUMNS = ("name", "delta_h", "band", "hf_with", "hf_without", "error")
 TINY_SIZE = 64
@@ -31,15 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--prompts", nargs="+", default=None, help="prompts to generate (default: three built-in)")
     parser.add_argument(
-        "--steps", type=cli_types.positive_int, default=None, help="denoising steps (default: 4 on presets, else 20)"
+        "--steps", type=arg_types.positive_int, default=None, help="denoising steps (default: 4 on presets, else 20)"
     )
-    parser.add_argument("--seed", type=cli_types.seed, default=0)
+    parser.add_argument("--seed", type=arg_types.seed, default=0)
     parser.add_argument(
-        "--size", type=cli_types.positive_int, default=None, help="image side in pixels (default: 64 on tiny presets)"
+        "--size", type=arg_types.positive_int, default=None, help="image side in pixels (default: 64 on tiny presets)"
     )
     parser.add_argument("--weight", type=float, default=0.8, help="adapter weight while generating (default 0.8)")
     parser.add_argument(
-        "--plot", type=cli_types.output_dir, default=None, metavar="DIR", help="write radial-profile PNGs here"
+        "--plot", type=arg_types.output_dir, default=None, metavar="DIR", help="write radial-profile PNGs here"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.set_defaults(handler=run)

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from composer import cli_types
-from composer.commands._model_options import add_model_options, model_argv
+from composer.cli import arg_types
+from composer.cli.commands._model_options import add_model_options, model_argv
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -44,11 +44,11 @@ def add_app_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default 7860; 0 picks a free one)")
     parser.add_argument(
-        "--out", type=cli_types.output_dir, default=Path("out") / "app", help="where generated images are saved"
+        "--out", type=arg_types.output_dir, default=Path("out") / "app", help="where generated images are saved"
     )
     parser.add_argument(
         "--workers",
-        type=cli_types.positive_int,
+        type=arg_types.positive_int,
         default=1,
         help="pipelines kept in memory; this many requests generate at once",
     )

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from composer import cli_types
-from composer.commands import generate
+from composer.cli import arg_types
+from composer.cli.commands import generate
+from composer.cli.reporting import emit_json, format_table
 from composer.prompts import extract_lora_tags
-from composer.reporting import emit_json, format_table
 from fusion.errors import ComposerError
 
 PARTS_DIRNAME = ".batch"
@@ -44,7 +44,7 @@ def _generate_parser() -> argparse.ArgumentParser:
 def _extra_parser() -> argparse.ArgumentParser:
     """Batch's own options when they come after PROMPTS.txt (among the generate options)."""
     parser = argparse.ArgumentParser(prog="compose batch", add_help=False)
-    parser.add_argument("--processes", type=cli_types.positive_int, default=None)
+    parser.add_argument("--processes", type=arg_types.positive_int, default=None)
     parser.add_argument("--worker", action="store_true")
     return parser
 
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("prompts", type=Path, help="text file, one prompt per line")
     parser.add_argument(
-        "--processes", type=cli_types.positive_int, default=None, help="processes to split the prompts across"
+        "--processes", type=arg_types.positive_int, default=None, help="processes to split the prompts across"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("options", nargs=argparse.REMAINDER, help="`compose generate` options")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer import cli_types
-from composer.commands.export import add_squeeze_options, report
-from composer.reporting import emit_json, format_table
+from composer.cli import arg_types
+from composer.cli.commands.export import add_squeeze_options, report
+from composer.cli.reporting import emit_json, format_table
 
 COLUMNS = ("layer", "kept", "of", "density", "retained")
 
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--density", type=float, default=0.02, help="fraction of each weight to keep (default 0.02)")
     parser.add_argument(
         "--out",
-        type=cli_types.output_file,
+        type=arg_types.output_file,
         default=None,
         metavar="FILE",
         help="output (default LORA-shira.safetensors or LORA-lora.safetensors)",

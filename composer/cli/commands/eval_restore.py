@@ -6,7 +6,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from composer.reporting import emit_json, format_table
+from composer.cli.reporting import emit_json, format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

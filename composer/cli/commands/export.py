@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer import cli_types
+from composer.cli import arg_types
+from composer.cli.reporting import emit_json, format_table
 from composer.model_default import default_model
-from composer.reporting import emit_json, format_table
 
 COLUMNS = ("layer", "rank_in", "rank", "retained")
 
@@ -17,7 +17,7 @@ def add_squeeze_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("kohya", "diffusers"), default="kohya", help="file layout (kohya)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
-        "--rank", type=cli_types.positive_int, default=None, help="keep this many singular values per layer"
+        "--rank", type=arg_types.positive_int, default=None, help="keep this many singular values per layer"
     )
     size.add_argument("--energy", type=float, default=None, help="keep this fraction of each layer's ‖ΔW‖²")
 
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("prompt", help="a prompt with <lora:name:weight> tags (or give --loras)")
     parser.add_argument("--loras", default=None, help="extra adapters: name:0.8,other (paths or library names)")
     parser.add_argument(
-        "--out", type=cli_types.output_file, required=True, metavar="FILE", help="the LoRA file to write"
+        "--out", type=arg_types.output_file, required=True, metavar="FILE", help="the LoRA file to write"
     )
     parser.add_argument(
         "--model",

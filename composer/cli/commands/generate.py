@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from composer import cli_types
-from composer.commands._model_options import add_model_options
-from composer.reporting import emit_json, format_table
+from composer.cli import arg_types
+from composer.cli.commands._model_options import add_model_options
+from composer.cli.reporting import emit_json, format_table
 from fusion.cfg_branches import BRANCHES
 from fusion.strategies import BUILTIN
 
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-loras",
-        type=cli_types.positive_int,
+        type=arg_types.positive_int,
         default=None,
         metavar="N",
         help="with --loras auto: pick at most N adapters (default 5); those named but left out are listed with why",
@@ -42,17 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder (indexed incrementally)")
     parser.add_argument(
-        "--steps", type=cli_types.positive_int, default=None, help="denoising steps (default: 4 on tiny presets)"
+        "--steps", type=arg_types.positive_int, default=None, help="denoising steps (default: 4 on tiny presets)"
     )
-    parser.add_argument("--seed", type=cli_types.seed, default=0)
+    parser.add_argument("--seed", type=arg_types.seed, default=0)
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument(
-        "--size", type=cli_types.positive_int, nargs=2, metavar=("H", "W"), default=None, help="image height and width"
+        "--size", type=arg_types.positive_int, nargs=2, metavar=("H", "W"), default=None, help="image height and width"
     )
-    parser.add_argument("--num-images", type=cli_types.positive_int, default=1)
-    parser.add_argument("--out", type=cli_types.output_dir, default=Path("out"), help="output folder (default ./out)")
-    parser.add_argument("--tau", type=cli_types.positive_int, default=None, help="switch: steps per adapter")
+    parser.add_argument("--num-images", type=arg_types.positive_int, default=1)
+    parser.add_argument("--out", type=arg_types.output_dir, default=Path("out"), help="output folder (default ./out)")
+    parser.add_argument("--tau", type=arg_types.positive_int, default=None, help="switch: steps per adapter")
     parser.add_argument("--mode", choices=("batched", "sequential"), default=None, help="composite: execution mode")
     parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
     parser.add_argument(
@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--plot",
-        type=cli_types.output_dir,
+        type=arg_types.output_dir,
         default=None,
         metavar="DIR",
         help="write PNG plots to DIR: retrieval scores (--loras auto), weight table, gate heatmaps (--method gated)",

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from composer.reporting import emit_json, format_table
+from composer.cli.reporting import emit_json, format_table
 
 COLUMNS = ("name", "family", "format", "rank", "triggers", "error")
 MAX_TRIGGERS_SHOWN = 3

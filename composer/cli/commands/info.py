@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from composer.reporting import emit_json
+from composer.cli.reporting import emit_json
 
 MAX_TAGS_SHOWN = 15
 

@@ -1,23 +1,25 @@
-"""`compose judge IMAGE...`: what the toy world's judge sees in images made with ``toy-sd``, against their prompt."""
+"""`compose judge IMAGE...` (toy world only): what the toy world's judge sees in images made with ``toy-sd``, against
+their prompt. It reads nothing but the toy world's 64×64 pictures; it is no judge of real models' images."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from composer.reporting import emit_json, format_table
+from composer.cli.reporting import emit_json, format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `judge` subcommand."""
     parser = subparsers.add_parser(
         "judge",
-        help="read toy-sd images with the toy world's judge and check each composed concept",
+        help="toy world only: read toy-sd images with the toy world's judge and check each composed concept",
         description=(
-            "Read 64×64 images written by `compose --model toy-sd` with the toy world's judge: the background, "
-            "character shape and colour, clothing, style and object it sees (or `unsure` where the evidence does not "
-            "settle it), and for each toy concept composed into the image (from the PNG's JSON sidecar) whether it "
-            "is found, unsure or not found. Exit code 3 when an expected attribute is not found for sure."
+            "Toy world only: it reads images of --model toy-sd and cannot judge other models' images. Read 64×64 "
+            "images written by `compose --model toy-sd` with the toy world's judge: the background, character shape "
+            "and colour, clothing, style and object it sees (or `unsure` where the evidence does not settle it), and "
+            "for each toy concept composed into the image (from the PNG's JSON sidecar) whether it is found, unsure "
+            "or not found. Exit code 3 when an expected attribute is not found for sure."
         ),
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG files with their JSON sidecars")

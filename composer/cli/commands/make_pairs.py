@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer import cli_types
-from composer.reporting import emit_json
+from composer.cli import arg_types
+from composer.cli.reporting import emit_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--density", type=float, default=0.02, help="rain drop density in [0, 1] (default 0.02)")
     parser.add_argument("--gamma", type=float, default=2.0, help="low-light gamma (default 2.0)")
     parser.add_argument("--scale", type=float, default=0.3, help="low-light exposure scale (default 0.3)")
-    parser.add_argument("--seed", type=cli_types.seed, default=0, help="seed of the first image (image i uses seed+i)")
-    parser.add_argument("--out", type=cli_types.output_dir, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--seed", type=arg_types.seed, default=0, help="seed of the first image (image i uses seed+i)")
+    parser.add_argument("--out", type=arg_types.output_dir, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=run)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer import cli_types
-from composer.reporting import emit_json, format_table
+from composer.cli import arg_types
+from composer.cli.reporting import emit_json, format_table
 
 METHODS = ("merge", "switch", "composite")
 COLUMNS = ("name", "weight", "source")
@@ -37,11 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="tiny-flux-kontext", help="preset, diffusers folder or hub id")
     parser.add_argument("--task", default=None, help="task prompt (default: from the adapters' metadata)")
     parser.add_argument(
-        "--steps", type=cli_types.positive_int, default=None, help="denoising steps (default 28 for Kontext; 4 on tiny)"
+        "--steps", type=arg_types.positive_int, default=None, help="denoising steps (default 28 for Kontext; 4 on tiny)"
     )
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default 2.5 for Kontext)")
     parser.add_argument("--strength", type=float, default=None, help="img2img strength (SD img2img only)")
-    parser.add_argument("--seed", type=cli_types.seed, default=0)
+    parser.add_argument("--seed", type=arg_types.seed, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"), help="output .png path or folder (default ./out)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(handler=run)

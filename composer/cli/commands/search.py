@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from composer import cli_types
-from composer.reporting import emit_json, format_table
+from composer.cli import arg_types
+from composer.cli.reporting import emit_json, format_table
 
 COLUMNS = ("rank", "name", "score", "family", "category", "signals", "pick")
 SIGNAL_LABELS = {"trigger": "trigger", "metadata": "fts", "learned": "learned", "zero_shot": "zero-shot"}
@@ -28,11 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
     parser.add_argument("--family", choices=("sd1", "sd2", "sdxl", "flux"), help="only adapters for this family")
     parser.add_argument(
-        "-k", "--top", type=cli_types.positive_int, default=10, help="how many adapters to list (default 10)"
+        "-k", "--top", type=arg_types.positive_int, default=10, help="how many adapters to list (default 10)"
     )
     parser.add_argument(
         "--max-loras",
-        type=cli_types.positive_int,
+        type=arg_types.positive_int,
         default=None,
         metavar="N",
         help="pick at most N adapters, as `compose --loras auto --max-loras N` would (default 5)",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer.commands._training_options import add_training_options
+from composer.cli.commands._training_options import add_training_options
+from composer.cli.reporting import emit_json
 from composer.model_default import default_model
-from composer.reporting import emit_json
 
 
 def _paths(text: str) -> list[Path]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer import cli_types
-from composer.commands._training_options import add_training_options
-from composer.reporting import emit_json
+from composer.cli import arg_types
+from composer.cli.commands._training_options import add_training_options
+from composer.cli.reporting import emit_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--task", action="append", required=True, metavar="PROMPT", help="task prompt of the matching --pairs"
     )
     parser.add_argument("--model", default="tiny-flux-kontext", help="Kontext preset, diffusers folder or hub id")
-    parser.add_argument("--rank", type=cli_types.positive_int, default=64, help="LoRA rank (default 64)")
+    parser.add_argument("--rank", type=arg_types.positive_int, default=64, help="LoRA rank (default 64)")
     parser.add_argument("--alpha", type=float, default=4.0, help="LoRA alpha (default 4: scale alpha/rank)")
     add_training_options(
         parser,
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--guidance", type=float, default=2.5, help="guidance embedding value (default 2.5)")
     parser.add_argument(
-        "--max-sequence-length", type=cli_types.positive_int, default=512, help="T5 prompt tokens (default 512)"
+        "--max-sequence-length", type=arg_types.positive_int, default=512, help="T5 prompt tokens (default 512)"
     )
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
     parser.set_defaults(handler=run)

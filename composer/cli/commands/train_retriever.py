@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer import cli_types
-from composer.reporting import emit_json
+from composer.cli import arg_types
+from composer.cli.reporting import emit_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,10 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--library", required=True, type=Path, metavar="DIR", help="folder holding the adapters")
     parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
     parser.add_argument("--family", choices=("sd1", "sd2", "sdxl", "flux"), help="default: the most common one")
-    parser.add_argument("--steps", type=cli_types.positive_int, help="optimisation steps (default 400)")
-    parser.add_argument("--batch-size", type=cli_types.positive_int, help="adapters per step (default 64)")
+    parser.add_argument("--steps", type=arg_types.positive_int, help="optimisation steps (default 400)")
+    parser.add_argument("--batch-size", type=arg_types.positive_int, help="adapters per step (default 64)")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
-    parser.add_argument("--dim", type=cli_types.positive_int, help="encoder width (default 128)")
+    parser.add_argument("--dim", type=arg_types.positive_int, help="encoder width (default 128)")
     parser.add_argument(
         "--text-model",
         help="open_clip architecture (default ViT-B-32), or pipeline:NAME for a pipeline's text encoder "
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--text-pooling", choices=("eos", "mean"), default="eos", help="with pipeline:NAME: end-of-text state or mean"
     )
     parser.add_argument("--text-weights", help="local open_clip weights file (default: random weights, offline)")
-    parser.add_argument("--seed", type=cli_types.seed, help="random seed (default 0)")
+    parser.add_argument("--seed", type=arg_types.seed, help="random seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON document (no progress bar)")
     parser.set_defaults(handler=run)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer import cli_types
-from composer.commands._training_options import add_training_options
+from composer.cli import arg_types
+from composer.cli.commands._training_options import add_training_options
+from composer.cli.reporting import emit_json
 from composer.model_default import default_model
-from composer.reporting import emit_json
 from fusion.mask_types import MASK_TYPES
 
 
@@ -31,11 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True, help="instance prompt for images without a .txt caption")
     parser.add_argument("--mask", choices=MASK_TYPES, default="snip", help="SHiRA mask type (default snip)")
     parser.add_argument(
-        "--r", type=cli_types.positive_int, default=32, help="budget: K = r·(out+in) entries per layer (default 32)"
+        "--r", type=arg_types.positive_int, default=32, help="budget: K = r·(out+in) entries per layer (default 32)"
     )
     add_training_options(parser, steps=500, learning_rate=1e-4, examples="images", seeded="masks, noise and batches")
     parser.add_argument(
-        "--calibration-batches", type=cli_types.positive_int, default=8, help="batches for grad/snip masks (default 8)"
+        "--calibration-batches", type=arg_types.positive_int, default=8, help="batches for grad/snip masks (default 8)"
     )
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
     parser.set_defaults(handler=run)
