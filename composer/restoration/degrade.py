@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from composer.degrade_names import DEGRADATIONS
+from composer.restoration.degrade_names import DEGRADATIONS
 from composer.training.data import DatasetError, list_images
 from fusion.errors import ComposerError
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from composer.degrade import load_rgb
+from composer.restoration.degrade import load_rgb
 from composer.training.data import DatasetError, list_images
 from fusion.errors import ComposerError
 from fusion.warning_categories import MeaninglessScoreWarning

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute the metrics and print a table (or JSON)."""
-    from composer.restore_metrics import ClipIQA, evaluate_folders, summarise
+    from composer.restoration.metrics import ClipIQA, evaluate_folders, summarise
     from fusion.warning_categories import MeaninglessScoreWarning
 
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ from composer.cli.reporting import emit_json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `make-pairs` subcommand."""
-    from composer.degrade_names import DEGRADATIONS
+    from composer.restoration.degrade_names import DEGRADATIONS
 
     parser = subparsers.add_parser(
         "make-pairs",
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the pairs and report how many."""
-    from composer.degrade import DegradeOptions, make_pairs
+    from composer.restoration.degrade import DegradeOptions, make_pairs
 
     options = DegradeOptions(
         sigma=args.sigma,

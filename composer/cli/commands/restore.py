@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Restore the image and report what was composed."""
-    from composer.restore import Restorer
+    from composer.restoration.restore import Restorer
 
     options = {}
     if args.guidance is not None:
