@@ -49,7 +49,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from composer.checkpoint_layout import is_checkpoint_path
+from composer.checkpoints.layout import is_checkpoint_path
 from composer.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer, t5_vocab
 from fusion.errors import PresetError
 from weights_index.families import pipeline_family
@@ -601,13 +601,13 @@ def load_preset(
     """Load a pipeline by preset name, known alias, single-file checkpoint, local diffusers folder or hub id.
 
     Built-in presets (``PRESETS``) are built once into the cache and loaded from disk, offline. A ``.safetensors``
-    checkpoint (SD 1.x, SD 2.x, SDXL, FLUX.1) is read offline by :func:`composer.checkpoint.load_checkpoint`, with
+    checkpoint (SD 1.x, SD 2.x, SDXL, FLUX.1) is read offline by :func:`composer.checkpoints.load.load_checkpoint`, with
     ``vae`` overriding its autoencoder and ``text_encoders`` (a folder) supplying the text encoders it lacks. Aliases
     in ``KNOWN_MODELS`` and names shaped like ``owner/model`` go to the hub (or its local cache); a local folder never
     touches the network. Failures raise PresetError with a hint.
     """
     if is_checkpoint_path(name):
-        from composer.checkpoint import load_checkpoint
+        from composer.checkpoints.load import load_checkpoint
 
         with _quiet_loading():
             pipe = load_checkpoint(name, vae=vae, text_encoders=text_encoders, torch_dtype=torch_dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from composer.checkpoint_layout import CHECKPOINT_SUFFIXES, describe_checkpoint
+from composer.checkpoints.layout import CHECKPOINT_SUFFIXES, describe_checkpoint
 from fusion.errors import ComposerError
 
 logger = logging.getLogger(__name__)

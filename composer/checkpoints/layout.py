@@ -44,9 +44,9 @@ _NOT_FLUX_TRANSFORMER = ("text_encoders.", "vae.", "first_stage_model.", "cond_s
 
 @cache
 def architecture_config(family: str) -> dict[str, Any]:
-    """The shipped architecture configs of ``family`` (``composer/checkpoint_configs/<family>.json``), a fresh copy
+    """The shipped architecture configs of ``family`` (``composer/checkpoints/configs/<family>.json``), a fresh copy
     is returned by :func:`family_config`."""
-    text = resources.files("composer").joinpath("checkpoint_configs", f"{family}.json").read_text()
+    text = resources.files("composer.checkpoints").joinpath("configs", f"{family}.json").read_text()
     return json.loads(text)
 
 

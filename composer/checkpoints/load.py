@@ -4,7 +4,7 @@ diffusers' own converters (``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_ch
 ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``, ``convert_sd3_t5_checkpoint_to_diffusers``,
 ``convert_flux_transformer_checkpoint_to_diffusers``) turn the original key layouts into diffusers' names; what
 ``from_single_file`` would fetch from the hub comes from the package instead: the architecture configs in
-``composer/checkpoint_configs`` (sizes read from the file, :mod:`composer.checkpoint_sizes`) and CLIP tokenizers
+``composer/checkpoints/configs`` (sizes read from the file, :mod:`composer.checkpoints.sizes`) and CLIP tokenizers
 rebuilt from open_clip's BPE vocabulary. Each component is built without initialising weights and takes the file's
 tensors, cast to the compute dtype (fp16, bf16 and fp8-stored files alike), so every weight equals the file's.
 
@@ -45,8 +45,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-from composer import checkpoint_sizes as sizes
-from composer.checkpoint_layout import UNET_PREFIX, CheckpointLayout, describe_checkpoint, family_config
+from composer.checkpoints import sizes
+from composer.checkpoints.layout import UNET_PREFIX, CheckpointLayout, describe_checkpoint, family_config
 from composer.tokenizers import build_clip_tokenizer
 from fusion.errors import PresetError
 from weights_index.safetensors_file import load_tensors, read_header
