@@ -47,7 +47,7 @@ from transformers import (
 
 from composer.checkpoints import sizes
 from composer.checkpoints.layout import UNET_PREFIX, CheckpointLayout, describe_checkpoint, family_config
-from composer.tokenizers import build_clip_tokenizer
+from composer.smoke_presets.tokenizers import build_clip_tokenizer
 from fusion.errors import PresetError
 from weights_index.safetensors_file import load_tensors, read_header
 

@@ -1,4 +1,4 @@
-"""Offline tokenizers for the tiny presets: a real-id CLIP tokenizer and a small deterministic T5 tokenizer.
+"""Offline tokenizers for the smoke-test presets: a real-id CLIP tokenizer and a small deterministic T5 tokenizer.
 
 Nothing here touches a network. The CLIP tokenizer is rebuilt from the OpenAI BPE merges that open_clip ships inside
 its package, so its ids equal the ids of every real CLIP text encoder (SD 1.x, SDXL, Flux). The T5 tokenizer is a
@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from transformers import CLIPTokenizer, T5Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fusion.errors import PresetError
 
@@ -25,17 +26,6 @@ _CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 T5_WORD_COUNT = 1000
 """How many whole words the tiny T5 vocabulary holds (besides specials and single characters)."""
-
-
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for raw bytes, in CLIP's vocabulary order.
-
-    Printable Latin-1 bytes stand for themselves and come first, in byte order; every other byte n-th in byte order
-    is shifted to code point 256 + n and follows, so no symbol is whitespace or a control character.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    others = [byte for byte in range(256) if byte not in set(printable)]
-    return [chr(byte) for byte in printable] + [chr(256 + n) for n in range(len(others))]
 
 
 def clip_bpe_path() -> Path:
@@ -62,7 +52,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]
     merges = tuple(tuple(line.split()) for line in lines[1 : 1 + _CLIP_MERGE_COUNT])
     if len(merges) != _CLIP_MERGE_COUNT or any(len(pair) != 2 for pair in merges):
         raise PresetError("open_clip's BPE file has an unexpected layout", path=clip_bpe_path())
-    bytes_ = _byte_symbols()
+    bytes_ = list(bytes_to_unicode().values())  # byte-level BPE's stand-ins for raw bytes, in CLIP's order
     tokens = bytes_ + [symbol + "</w>" for symbol in bytes_] + ["".join(pair) for pair in merges] + [CLIP_BOS, CLIP_EOS]
     return {token: index for index, token in enumerate(tokens)}, merges  # type: ignore[return-value]
 

@@ -29,7 +29,8 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 from torch import nn
 
-from composer.presets import CACHE_ENV, preset_family
+from composer.cache_dir import cache_root
+from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder
 from composer.training.loop import Objective, optimise
 from composer.training.shira import DenoisingObjective
@@ -57,9 +58,7 @@ def gates_dir() -> Path:
     explicit = os.environ.get(GATES_ENV)
     if explicit:
         return Path(explicit).expanduser()
-    cache = os.environ.get(CACHE_ENV)
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "lora-composer"
-    return base / "gates"
+    return cache_root() / "gates"
 
 
 def gate_path(name_or_path: str | Path) -> Path:

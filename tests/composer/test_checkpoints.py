@@ -31,7 +31,7 @@ from composer.cli import main
 from composer.mixin import make_composable
 from composer.presets import load_preset
 from composer.service import CompositionService
-from composer.tokenizers import build_t5_tokenizer, t5_vocab
+from composer.smoke_presets.tokenizers import build_t5_tokenizer, t5_vocab
 from fusion.errors import PresetError, UnsafeFormatError, UnsafePathError
 
 TOL = 1e-5
