@@ -1,15 +1,21 @@
-"""The optimisation flags every `compose train-*` command shares, so they are spelled and defaulted alike."""
+"""What every `compose train-*` command shares: the base-model and optimisation flags, spelled and defaulted alike,
+the pipeline they load, the training settings they hand the trainer, and how they report the result."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 from composer.cli import arg_types
+from composer.cli.reporting import emit_json
 
 
 def add_training_options(
     parser: argparse.ArgumentParser,
     *,
+    model: str,
+    model_help: str,
     steps: int,
     learning_rate: float,
     examples: str,
@@ -17,10 +23,13 @@ def add_training_options(
     resolution_help: str = "training size (default: the model's native)",
     checkpoints: bool = True,
 ) -> None:
-    """Add --steps, --lr, --batch-size, --resolution, [--checkpoint-every], --mixed-precision, --seed and --json.
+    """Add --model, --steps, --lr, --batch-size, --resolution, [--checkpoint-every], --mixed-precision, --seed and
+    --json.
 
-    ``examples`` names what a batch holds ("images", "pairs"); ``seeded`` what the seed controls.
+    ``model`` is the default base model; ``examples`` names what a batch holds ("images", "pairs"); ``seeded`` what
+    the seed controls.
     """
+    parser.add_argument("--model", default=model, help=model_help)
     parser.add_argument(
         "--steps", type=arg_types.positive_int, default=steps, help=f"optimizer steps (default {steps})"
     )
@@ -34,3 +43,41 @@ def add_training_options(
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate setting")
     parser.add_argument("--seed", type=arg_types.seed, default=0, help=f"seed for {seeded}")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def load_training_pipeline(args: argparse.Namespace) -> Any:
+    """The ``--model`` pipeline, its denoising progress bar off (training shows its own)."""
+    from composer.presets import load_preset
+
+    pipe = load_preset(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer config fields the shared flags set: steps, learning rate, batch size, resolution, checkpoint
+    interval (where the command has one), seed, mixed precision and the progress bar (off with --json)."""
+    settings = {
+        "steps": args.steps,
+        "learning_rate": args.lr,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "seed": args.seed,
+        "mixed_precision": args.mixed_precision,
+        "progress": not args.json,
+    }
+    if hasattr(args, "checkpoint_every"):
+        settings["checkpoint_every"] = args.checkpoint_every
+    return settings
+
+
+def report_training(args: argparse.Namespace, summary: Mapping[str, Any], line: str) -> int:
+    """Print ``summary`` as one JSON document with --json, else ``line`` and one line per checkpoint it lists
+    (``summary["checkpoints"]``); returns the exit code 0."""
+    if args.json:
+        emit_json(summary)
+        return 0
+    print(line)
+    for path in summary.get("checkpoints", ()):
+        print(f"checkpoint {path}")
+    return 0

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer.cli.commands._training_options import add_training_options
-from composer.cli.reporting import emit_json
+from composer.cli.commands._training_options import (
+    add_training_options,
+    load_training_pipeline,
+    report_training,
+    training_settings,
+)
 from composer.model_default import default_model
 
 
@@ -51,11 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--model",
-        default=default_model(),
-        help="preset, local diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
-    )
-    parser.add_argument(
         "--adapters", type=_paths, required=True, help="adapter files or folders of them, comma-separated"
     )
     parser.add_argument(
@@ -64,7 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="images of the composed concepts")
     parser.add_argument("--prompt", default="", help="caption for images without a .txt file")
     add_training_options(
-        parser, steps=500, learning_rate=1e-3, examples="images", seeded="gate init, noise and batches"
+        parser,
+        model=default_model(),
+        model_help="preset, local diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
+        steps=500,
+        learning_rate=1e-3,
+        examples="images",
+        seeded="gate init, noise and batches",
     )
     parser.add_argument("--out", required=True, metavar="FILE|NAME", help="output .safetensors path, or a gate name")
     parser.set_defaults(handler=run)
@@ -72,27 +77,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, train the gates, save them, and report the loss before/after."""
-    from composer.presets import load_preset
     from composer.training.gates import GateTrainConfig, train_gates
 
-    pipe = load_preset(args.model)
-    pipe.set_progress_bar_config(disable=True)
     config = GateTrainConfig(
         adapters=args.adapters,
         data=args.data,
         out=args.out,
         weights=args.weights,
         prompt=args.prompt,
-        steps=args.steps,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        resolution=args.resolution,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
-        progress=not args.json,
+        **training_settings(args),
     )
-    result = train_gates(pipe, config)
+    result = train_gates(load_training_pipeline(args), config)
     summary = {
         "out": str(result.path),
         "adapters": [str(p) for p in args.adapters],
@@ -103,13 +98,9 @@ def run(args: argparse.Namespace) -> int:
         "final_loss": result.final_loss,
         "checkpoints": [str(p) for p in result.checkpoints],
     }
-    if args.json:
-        emit_json(summary)
-        return 0
-    print(
+    return report_training(
+        args,
+        summary,
         f"saved {result.path}: gates for {summary['layers']} layers ({summary['params']:,} parameters); "
-        f"eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}"
+        f"eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}",
     )
-    for path in result.checkpoints:
-        print(f"checkpoint {path}")
-    return 0

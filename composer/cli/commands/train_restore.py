@@ -6,8 +6,12 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
-from composer.cli.commands._training_options import add_training_options
-from composer.cli.reporting import emit_json
+from composer.cli.commands._training_options import (
+    add_training_options,
+    load_training_pipeline,
+    report_training,
+    training_settings,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,11 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--task", action="append", required=True, metavar="PROMPT", help="task prompt of the matching --pairs"
     )
-    parser.add_argument("--model", default="tiny-flux-kontext", help="Kontext preset, diffusers folder or hub id")
     parser.add_argument("--rank", type=arg_types.positive_int, default=64, help="LoRA rank (default 64)")
     parser.add_argument("--alpha", type=float, default=4.0, help="LoRA alpha (default 4: scale alpha/rank)")
     add_training_options(
         parser,
+        model="tiny-flux-kontext",
+        model_help="Kontext preset, diffusers folder or hub id",
         steps=1000,
         learning_rate=1e-4,
         examples="pairs",
@@ -49,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, train, save, report the loss before/after."""
-    from composer.presets import load_preset
     from composer.training.restore import RestoreTrainConfig, TaskPairs, train_restore
     from fusion.errors import TrainingError
 
@@ -58,25 +62,16 @@ def run(args: argparse.Namespace) -> int:
             f"{len(args.pairs)} --pairs folders but {len(args.task)} --task prompts",
             hint="give one --task after each --pairs",
         )
-    resolution = args.resolution or (64 if args.model.startswith("tiny") else 512)
-    pipe = load_preset(args.model)
-    pipe.set_progress_bar_config(disable=True)
     config = RestoreTrainConfig(
         tasks=[TaskPairs(folder, prompt) for folder, prompt in zip(args.pairs, args.task)],
         out=args.out,
         rank=args.rank,
         alpha=args.alpha,
-        steps=args.steps,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        resolution=resolution,
         guidance_scale=args.guidance,
         max_sequence_length=args.max_sequence_length,
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
-        progress=not args.json,
+        **{**training_settings(args), "resolution": args.resolution or (64 if args.model.startswith("tiny") else 512)},
     )
-    result = train_restore(pipe, config)
+    result = train_restore(load_training_pipeline(args), config)
     summary = {
         "out": str(result.path),
         "tasks": [task.prompt for task in config.tasks],
@@ -89,12 +84,10 @@ def run(args: argparse.Namespace) -> int:
         "initial_loss": result.initial_loss,
         "final_loss": result.final_loss,
     }
-    if args.json:
-        emit_json(summary)
-        return 0
-    print(
+    return report_training(
+        args,
+        summary,
         f"saved {result.path}: {summary['layers']} layers, {summary['params']:,} LoRA parameters "
         f"(rank {args.rank}, alpha {args.alpha:g}) on {result.pairs} pairs; "
-        f"eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}"
+        f"eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}",
     )
-    return 0

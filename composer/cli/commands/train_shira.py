@@ -6,8 +6,12 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
-from composer.cli.commands._training_options import add_training_options
-from composer.cli.reporting import emit_json
+from composer.cli.commands._training_options import (
+    add_training_options,
+    load_training_pipeline,
+    report_training,
+    training_settings,
+)
 from composer.model_default import default_model
 from fusion.mask_types import MASK_TYPES
 
@@ -22,18 +26,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Saves our SHiRA safetensors layout with the base family, mask type, r and a base-weights fingerprint."
         ),
     )
-    parser.add_argument(
-        "--model",
-        default=default_model(),
-        help="preset, local diffusers folder or hub id (SD 1.x/2.x/XL) (default toy-sd or $LORA_COMPOSER_MODEL)",
-    )
     parser.add_argument("--images", type=Path, required=True, metavar="DIR", help="training images (+ optional .txt)")
     parser.add_argument("--prompt", required=True, help="instance prompt for images without a .txt caption")
     parser.add_argument("--mask", choices=MASK_TYPES, default="snip", help="SHiRA mask type (default snip)")
     parser.add_argument(
         "--r", type=arg_types.positive_int, default=32, help="budget: K = r·(out+in) entries per layer (default 32)"
     )
-    add_training_options(parser, steps=500, learning_rate=1e-4, examples="images", seeded="masks, noise and batches")
+    add_training_options(
+        parser,
+        model=default_model(),
+        model_help="preset, local diffusers folder or hub id (SD 1.x/2.x/XL) (default toy-sd or $LORA_COMPOSER_MODEL)",
+        steps=500,
+        learning_rate=1e-4,
+        examples="images",
+        seeded="masks, noise and batches",
+    )
     parser.add_argument(
         "--calibration-batches", type=arg_types.positive_int, default=8, help="batches for grad/snip masks (default 8)"
     )
@@ -43,28 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, train, save, and report the loss before/after."""
-    from composer.presets import load_preset
     from composer.training.shira import ShiraTrainConfig, train_shira
 
-    pipe = load_preset(args.model)
-    pipe.set_progress_bar_config(disable=True)
     config = ShiraTrainConfig(
         images=args.images,
         prompt=args.prompt,
         out=args.out,
         mask=args.mask,
         r=args.r,
-        steps=args.steps,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        resolution=args.resolution,
         calibration_batches=args.calibration_batches,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
-        progress=not args.json,
+        **training_settings(args),
     )
-    result = train_shira(pipe, config)
+    result = train_shira(load_training_pipeline(args), config)
     adapter = result.adapter
     summary = {
         "out": str(result.path),
@@ -78,13 +75,9 @@ def run(args: argparse.Namespace) -> int:
         "final_loss": result.final_loss,
         "checkpoints": [str(p) for p in result.checkpoints],
     }
-    if args.json:
-        emit_json(summary)
-        return 0
-    print(
+    return report_training(
+        args,
+        summary,
         f"saved {result.path}: {summary['layers']} layers, {summary['params']:,} sparse values "
-        f"({args.mask} mask, r={args.r}); eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}"
+        f"({args.mask} mask, r={args.r}); eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}",
     )
-    for path in result.checkpoints:
-        print(f"checkpoint {path}")
-    return 0
