@@ -4,7 +4,6 @@ the pipeline they load, the training settings they hand the trainer, and how the
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from typing import Any
 
 from composer.cli import arg_types
@@ -71,13 +70,17 @@ def training_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def report_training(args: argparse.Namespace, summary: Mapping[str, Any], line: str) -> int:
-    """Print ``summary`` as one JSON document with --json, else ``line`` and one line per checkpoint it lists
-    (``summary["checkpoints"]``); returns the exit code 0."""
+def report_training(args: argparse.Namespace, result: Any, what: str, **fields: Any) -> int:
+    """Report a finished run: with --json one document (the saved file, ``fields``, steps, the loss before and after,
+    and the checkpoints where the trainer writes them), else ``saved FILE: what; eval loss A -> B`` and one line per
+    checkpoint. Returns the exit code 0."""
+    checkpoints = [str(path) for path in getattr(result, "checkpoints", ())]
     if args.json:
-        emit_json(summary)
+        summary = {"out": str(result.path), **fields, "steps": args.steps}
+        summary |= {"initial_loss": result.initial_loss, "final_loss": result.final_loss}
+        emit_json(summary | ({"checkpoints": checkpoints} if hasattr(result, "checkpoints") else {}))
         return 0
-    print(line)
-    for path in summary.get("checkpoints", ()):
+    print(f"saved {result.path}: {what}; eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}")
+    for path in checkpoints:
         print(f"checkpoint {path}")
     return 0

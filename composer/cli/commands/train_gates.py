@@ -88,19 +88,13 @@ def run(args: argparse.Namespace) -> int:
         **training_settings(args),
     )
     result = train_gates(load_training_pipeline(args), config)
-    summary = {
-        "out": str(result.path),
-        "adapters": [str(p) for p in args.adapters],
-        "layers": len(result.gates.keys),
-        "params": sum(p.numel() for p in result.gates.parameters()),
-        "steps": args.steps,
-        "initial_loss": result.initial_loss,
-        "final_loss": result.final_loss,
-        "checkpoints": [str(p) for p in result.checkpoints],
-    }
+    layers = len(result.gates.keys)
+    params = sum(p.numel() for p in result.gates.parameters())
     return report_training(
         args,
-        summary,
-        f"saved {result.path}: gates for {summary['layers']} layers ({summary['params']:,} parameters); "
-        f"eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}",
+        result,
+        f"gates for {layers} layers ({params:,} parameters)",
+        adapters=[str(p) for p in args.adapters],
+        layers=layers,
+        params=params,
     )

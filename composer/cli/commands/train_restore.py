@@ -72,22 +72,16 @@ def run(args: argparse.Namespace) -> int:
         **{**training_settings(args), "resolution": args.resolution or (64 if args.model.startswith("tiny") else 512)},
     )
     result = train_restore(load_training_pipeline(args), config)
-    summary = {
-        "out": str(result.path),
-        "tasks": [task.prompt for task in config.tasks],
-        "pairs": result.pairs,
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "steps": args.steps,
-        "layers": len(result.adapter.layers),
-        "params": result.adapter.num_params,
-        "initial_loss": result.initial_loss,
-        "final_loss": result.final_loss,
-    }
+    adapter = result.adapter
     return report_training(
         args,
-        summary,
-        f"saved {result.path}: {summary['layers']} layers, {summary['params']:,} LoRA parameters "
-        f"(rank {args.rank}, alpha {args.alpha:g}) on {result.pairs} pairs; "
-        f"eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}",
+        result,
+        f"{len(adapter.layers)} layers, {adapter.num_params:,} LoRA parameters "
+        f"(rank {args.rank}, alpha {args.alpha:g}) on {result.pairs} pairs",
+        tasks=[task.prompt for task in config.tasks],
+        pairs=result.pairs,
+        rank=args.rank,
+        alpha=args.alpha,
+        layers=len(adapter.layers),
+        params=adapter.num_params,
     )

@@ -63,21 +63,13 @@ def run(args: argparse.Namespace) -> int:
     )
     result = train_shira(load_training_pipeline(args), config)
     adapter = result.adapter
-    summary = {
-        "out": str(result.path),
-        "family": adapter.family,
-        "mask": args.mask,
-        "r": args.r,
-        "steps": args.steps,
-        "layers": len(adapter.layers),
-        "params": adapter.num_params,
-        "initial_loss": result.initial_loss,
-        "final_loss": result.final_loss,
-        "checkpoints": [str(p) for p in result.checkpoints],
-    }
     return report_training(
         args,
-        summary,
-        f"saved {result.path}: {summary['layers']} layers, {summary['params']:,} sparse values "
-        f"({args.mask} mask, r={args.r}); eval loss {result.initial_loss:.4f} -> {result.final_loss:.4f}",
+        result,
+        f"{len(adapter.layers)} layers, {adapter.num_params:,} sparse values ({args.mask} mask, r={args.r})",
+        family=adapter.family,
+        mask=args.mask,
+        r=args.r,
+        layers=len(adapter.layers),
+        params=adapter.num_params,
     )
