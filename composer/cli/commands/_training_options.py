@@ -10,7 +10,7 @@ from composer.cli import arg_types
 from composer.cli.reporting import emit_json
 
 
-def add_training_options(
+def add_options(
     parser: argparse.ArgumentParser,
     *,
     model: str,
@@ -44,7 +44,7 @@ def add_training_options(
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-def load_training_pipeline(args: argparse.Namespace) -> Any:
+def load_pipeline(args: argparse.Namespace) -> Any:
     """The ``--model`` pipeline, its denoising progress bar off (training shows its own)."""
     from composer.presets import load_preset
 
@@ -53,7 +53,7 @@ def load_training_pipeline(args: argparse.Namespace) -> Any:
     return pipe
 
 
-def training_settings(args: argparse.Namespace) -> dict[str, Any]:
+def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The trainer config fields the shared flags set: steps, learning rate, batch size, resolution, checkpoint
     interval (where the command has one), seed, mixed precision and the progress bar (off with --json)."""
     settings = {
@@ -70,7 +70,7 @@ def training_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def report_training(args: argparse.Namespace, result: Any, what: str, **fields: Any) -> int:
+def report(args: argparse.Namespace, result: Any, what: str, **fields: Any) -> int:
     """Report a finished run: with --json one document (the saved file, ``fields``, steps, the loss before and after,
     and the checkpoints where the trainer writes them), else ``saved FILE: what; eval loss A -> B`` and one line per
     checkpoint. Returns the exit code 0."""

@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer.cli.commands._training_options import (
-    add_training_options,
-    load_training_pipeline,
-    report_training,
-    training_settings,
-)
+from composer.cli.commands import _training_options as training
 from composer.model_default import default_model
 
 
@@ -62,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", type=Path, required=True, metavar="DIR", help="images of the composed concepts")
     parser.add_argument("--prompt", default="", help="caption for images without a .txt file")
-    add_training_options(
+    training.add_options(
         parser,
         model=default_model(),
         model_help="preset, local diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
@@ -85,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         weights=args.weights,
         prompt=args.prompt,
-        **training_settings(args),
+        **training.settings(args),
     )
-    result = train_gates(load_training_pipeline(args), config)
+    result = train_gates(training.load_pipeline(args), config)
     layers = len(result.gates.keys)
     params = sum(p.numel() for p in result.gates.parameters())
-    return report_training(
+    return training.report(
         args,
         result,
         f"gates for {layers} layers ({params:,} parameters)",

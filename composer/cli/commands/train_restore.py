@@ -6,12 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
-from composer.cli.commands._training_options import (
-    add_training_options,
-    load_training_pipeline,
-    report_training,
-    training_settings,
-)
+from composer.cli.commands import _training_options as training
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--rank", type=arg_types.positive_int, default=64, help="LoRA rank (default 64)")
     parser.add_argument("--alpha", type=float, default=4.0, help="LoRA alpha (default 4: scale alpha/rank)")
-    add_training_options(
+    training.add_options(
         parser,
         model="tiny-flux-kontext",
         model_help="Kontext preset, diffusers folder or hub id",
@@ -69,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         guidance_scale=args.guidance,
         max_sequence_length=args.max_sequence_length,
-        **{**training_settings(args), "resolution": args.resolution or (64 if args.model.startswith("tiny") else 512)},
+        **{**training.settings(args), "resolution": args.resolution or (64 if args.model.startswith("tiny") else 512)},
     )
-    result = train_restore(load_training_pipeline(args), config)
+    result = train_restore(training.load_pipeline(args), config)
     adapter = result.adapter
-    return report_training(
+    return training.report(
         args,
         result,
         f"{len(adapter.layers)} layers, {adapter.num_params:,} LoRA parameters "

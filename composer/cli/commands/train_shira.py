@@ -6,12 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
-from composer.cli.commands._training_options import (
-    add_training_options,
-    load_training_pipeline,
-    report_training,
-    training_settings,
-)
+from composer.cli.commands import _training_options as training
 from composer.model_default import default_model
 from fusion.mask_types import MASK_TYPES
 
@@ -32,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--r", type=arg_types.positive_int, default=32, help="budget: K = r·(out+in) entries per layer (default 32)"
     )
-    add_training_options(
+    training.add_options(
         parser,
         model=default_model(),
         model_help="preset, local diffusers folder or hub id (SD 1.x/2.x/XL) (default toy-sd or $LORA_COMPOSER_MODEL)",
@@ -59,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
         mask=args.mask,
         r=args.r,
         calibration_batches=args.calibration_batches,
-        **training_settings(args),
+        **training.settings(args),
     )
-    result = train_shira(load_training_pipeline(args), config)
+    result = train_shira(training.load_pipeline(args), config)
     adapter = result.adapter
-    return report_training(
+    return training.report(
         args,
         result,
         f"{len(adapter.layers)} layers, {adapter.num_params:,} sparse values ({args.mask} mask, r={args.r})",
