@@ -196,6 +196,15 @@ def test_unknown_name_raises_preset_error_with_hint():
     assert info.value.hint
 
 
+def test_every_preset_name_is_known_to_load_preset():
+    smoke = {"tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-flux-kontext", "small-sd", "sd15-shapes"}
+    assert set(PRESETS) == smoke
+    with pytest.raises(PresetError) as info:
+        load_preset("no such model!")
+    named = {name.strip() for name in info.value.hint.split("use one of ")[1].split(", a .safetensors")[0].split(",")}
+    assert named >= smoke | {"toy-sd"} | set(KNOWN_MODELS)
+
+
 def test_hub_id_offline_raises_preset_error():
     with pytest.raises(PresetError, match="HF_HUB_OFFLINE"):
         load_preset("lora-composer-tests/does-not-exist")
