@@ -258,11 +258,6 @@ class ComposedLayer(nn.Module, ABC):
     # ----- attaching -------------------------------------------------------------------------------------------
 
     @property
-    def weight_param(self) -> torch.Tensor:
-        """The base module's weight parameter (what fused mode writes)."""
-        return self.base.weight
-
-    @property
     def rank(self) -> int:
         """Total number of concatenated low-rank columns R."""
         return 0 if self.down_cat is None else int(self.down_cat.shape[0])
