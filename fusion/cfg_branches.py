@@ -94,7 +94,7 @@ class BranchRouting:
     def __init__(self) -> None:
         self.mode = "both"
         self.shares: dict[str, float] = {}
-        self.cfg_halves = False
+        self.cfg_batches = False
 
     def choose(self, branches: Branches, adapters: Iterable[str]) -> None:
         """Resolve ``branches`` for a composition of ``adapters`` (a :class:`CompositionError` leaves it unchanged)."""
@@ -102,12 +102,12 @@ class BranchRouting:
 
     def start_generation(self, cfg_halves: bool) -> None:
         """A generation starts; ``cfg_halves`` says whether its batches are CFG halves."""
-        self.cfg_halves = cfg_halves
+        self.cfg_batches = cfg_halves
 
     @property
     def splits_batch(self) -> bool:
         """Whether each denoiser call is run half by half (adapters on the conditional branch, CFG halves)."""
-        return self.mode == "conditional" and self.cfg_halves
+        return self.mode == "conditional" and self.cfg_batches
 
     def run_halves(
         self,
