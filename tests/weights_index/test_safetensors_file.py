@@ -105,3 +105,57 @@ def test_all_finite_finds_any_nan_or_inf_and_survives_overflowing_sums(dtype: to
         assert not all_finite(broken)
     huge = torch.full((64,), torch.finfo(dtype).max, dtype=torch.float64).to(dtype)
     assert all_finite(huge)
+
+
+def _raw(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def _entry(dtype: object = "F32", shape: object = (4,), offsets: object = (0, 16)) -> dict[str, object]:
+    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape, "data_offsets": offsets}
+
+
+MALFORMED_HEADERS = {
+    "not UTF-8": (b'{"\xff": 1}', b""),
+    "not an object": (b"[]", b""),
+    "nested too deeply": (b"[" * 100_000 + b"]" * 100_000, b""),
+    "metadata a list": (json.dumps({"__metadata__": [1]}).encode(), b""),
+    "unknown dtype": (json.dumps({"x": _entry(dtype="F33")}).encode(), b"\0" * 16),
+    "negative dimension": (json.dumps({"x": _entry(shape=[-4])}).encode(), b"\0" * 16),
+    "entry not an object": (json.dumps({"x": 7}).encode(), b""),
+    "no offsets": (json.dumps({"x": {"dtype": "F32", "shape": [4]}}).encode(), b"\0" * 16),
+    "byte length not the shape's": (json.dumps({"x": _entry(shape=[5])}).encode(), b"\0" * 16),
+    "offsets reversed": (json.dumps({"x": _entry(offsets=[16, 0])}).encode(), b"\0" * 16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_HEADERS))
+def test_malformed_headers_raise_the_typed_error_naming_the_file(tmp_path: Path, case: str) -> None:
+    header, data = MALFORMED_HEADERS[case]
+    path = _raw(tmp_path / "m.safetensors", header, data)
+    for call in (read_header, probe, read_adapter):
+        with pytest.raises(AdapterFormatError, match=r"m\.safetensors"):
+            call(path)
+
+
+def test_a_header_names_every_tensor_with_its_dtype_and_shape_and_the_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "h.safetensors"
+    save_file(
+        {"a": torch.zeros(2, 3, dtype=torch.float16), "b": torch.zeros(5, dtype=torch.int64)},
+        str(path),
+        metadata={"title": "héllo"},
+    )
+    header = read_header(path)
+    assert {name: (info.dtype, info.shape) for name, info in header.tensors.items()} == {
+        "a": ("F16", (2, 3)),
+        "b": ("I64", (5,)),
+    }
+    assert header.metadata == {"title": "héllo"}
+    assert header.file_size == path.stat().st_size
+    assert header.shape("a") == (2, 3)
+
+
+def test_a_missing_file_is_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(AdapterFormatError, match="cannot read"):
+        read_header(tmp_path / "gone.safetensors")
