@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,27 @@ def test_a_header_names_every_tensor_with_its_dtype_and_shape_and_the_metadata(t
 def test_a_missing_file_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(AdapterFormatError, match="cannot read"):
         read_header(tmp_path / "gone.safetensors")
+
+
+def test_bytes_no_tensor_covers_are_refused(tmp_path: Path) -> None:
+    good = _good(tmp_path / "g.safetensors").read_bytes()
+    (tmp_path / "tail.safetensors").write_bytes(good + b"\0" * 8)
+    with pytest.raises(AdapterFormatError, match=r"tail\.safetensors.*truncated or corrupt"):
+        probe(tmp_path / "tail.safetensors")
+    gap = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}).encode()
+    with pytest.raises(AdapterFormatError, match=r"gap\.safetensors"):
+        read_header(_raw(tmp_path / "gap.safetensors", gap, b"\0" * 32))
+
+
+def test_probing_a_file_imports_no_torch(tmp_path: Path) -> None:
+    path = _good(tmp_path / "p.safetensors")
+    code = "import sys; from weights_index.reader import probe; probe(sys.argv[1]); print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == "False"
