@@ -38,8 +38,8 @@ from retrieval.checkpoints import checkpoint_path
 from retrieval.evidence import Evidence, EvidenceIndex
 from retrieval.selection import IDENTITY_THRESHOLD, Choice, Rejection, choose
 from weights_index.catalog import CatalogEntry, Library
+from weights_index.categories import CATEGORIES, infer_category
 from weights_index.families import pipeline_family
-from weights_index.metadata import infer_category
 from weights_index.naming import content_words
 from weights_index.versions import version_groups
 
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 SIGNALS = ("trigger", "metadata", "learned", "zero_shot")
 WEIGHT_SIGNALS = ("learned", "zero_shot")
 """Signals computed from the weights (or learned from them); they alone can justify a pick without trigger words."""
-CATEGORIES = ("character", "clothing", "style", "background", "object")
 DEFAULT_WEIGHT = 0.8
 DEFAULT_MAX_ADAPTERS = 5
 """Most adapters ``select`` picks by default: one per category of a composition (character, clothing, style,

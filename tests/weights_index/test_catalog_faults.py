@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from weights_index import library_walk
-from weights_index import metadata as metadata_module
+from weights_index import library_walk, sidecars
 from weights_index import scan as scan_module
 from weights_index.catalog import Library
 
@@ -141,7 +140,7 @@ def test_an_oversized_sidecar_is_refused_with_a_typed_error_without_reading_it(
     write_good(root / "fine.safetensors", seed=1)
     (root / "big.json").write_text(json.dumps({"notes": "n" * 5000}))
     (root / "fine.json").write_text(json.dumps({"notes": "short"}))
-    monkeypatch.setattr(metadata_module, "MAX_SIDECAR_BYTES", 4096)
+    monkeypatch.setattr(sidecars, "MAX_SIDECAR_BYTES", 4096)
     library = Library(root)
     library.scan()
     big = library.get("big")
