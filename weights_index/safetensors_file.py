@@ -38,7 +38,7 @@ _HEADER_REFUSALS = (
     ("invalid header length", "header length is longer than the file ({size} bytes); the file is truncated"),
     ("not fully covered", "the tensors do not cover the file's {size} bytes exactly; the file is truncated or corrupt"),
     ("invalid utf-8", "header is not UTF-8 text"),
-    ("invalid json", "header is not valid safetensors JSON ({reason})"),
+    ("invalid json", "header is not valid JSON ({detail})"),
 )
 """The safetensors reader's refusal (a phrase of its message, lower case) → what we say about the file."""
 
@@ -123,7 +123,10 @@ def _header_refusal(path: Path, size: int, error: SafetensorError) -> AdapterFor
     message = next(
         (said for phrase, said in _HEADER_REFUSALS if phrase in lowered), "not a valid safetensors file ({reason})"
     )
-    return AdapterFormatError(message.format(size=size, reason=reason), path=path, hint="re-download the file")
+    detail = reason.split(": ", 1)[-1]
+    return AdapterFormatError(
+        message.format(size=size, reason=reason, detail=detail), path=path, hint="re-download the file"
+    )
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
