@@ -166,3 +166,8 @@ def test_the_facade_composes_a_tag_as_the_mixin_does(tmp_path: Path) -> None:
     base = pipe(prompt="a corgi", generator=torch.Generator(device="cpu").manual_seed(3), **call).images[0]
     assert ran.images[0].tobytes() == direct.tobytes()
     assert direct.tobytes() != base.tobytes()
+
+
+def test_the_facade_generates_at_the_size_asked_for() -> None:
+    result = Composer(model="tiny-sd").run("a corgi", steps=1, height=32, width=48)
+    assert result.images[0].size == (48, 32)
