@@ -136,13 +136,12 @@ class Restorer(Composer):
         """A restorer on ``composer``'s model and library (``library_only`` too) whose editing pipeline is built
         from ``composer``'s pipeline (``from_pipe``: the weights are shared, not copied). Use one only while the
         composer is not running: the two pipelines share their modules."""
-        restorer = cls(
-            composer.model,
-            composer.library_dir,
-            device=composer.device,
-            torch_dtype=composer.torch_dtype,
-            library_only=composer.library_only,
-        )
+        options = {
+            "device": composer.device,
+            "torch_dtype": composer.torch_dtype,
+            "library_only": composer.library_only,
+        }
+        restorer = cls(composer.model, composer.library_dir, **options)
         restorer._base = composer
         return restorer
 

@@ -48,13 +48,7 @@ class ChosenAdapter:
 
     def record(self) -> dict[str, Any]:
         """What an image's record keeps of it: name, weight, file hash, where it came from and why."""
-        return {
-            "name": self.name,
-            "weight": self.weight,
-            "hash": self.hash,
-            "source": self.source,
-            "reasons": self.reasons,
-        }
+        return {key: getattr(self, key) for key in ("name", "weight", "hash", "source", "reasons")}
 
 
 @dataclass(frozen=True)
