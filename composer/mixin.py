@@ -45,7 +45,10 @@ ADAPTER_CACHE = AdapterCache()
 
 class ComposableMixin:
     """Adds ``add_adapter``, ``add_adapter_file``, ``set_composition``, ``clear_composition``, ``remove_adapter``
-    and ``composition`` to a diffusers pipeline; every pipeline call starts a new generation."""
+    and ``composition`` to a diffusers pipeline; every pipeline call starts a new generation. Reading adapters
+    without registering them (``read_adapter_file``, ``read_catalog_adapter``), resolving requests
+    (``weight_specs``) and inspecting the active composition (``composition_weights``, ``composition_strategy``,
+    ``composition_engine``, ``merged_updates``) are public too: the facade composes through nothing else."""
 
     @property
     def _composer(self) -> dict[str, Any]:
@@ -68,7 +71,8 @@ class ComposableMixin:
 
     @property
     def composition(self) -> dict[str, Any] | None:
-        """The active composition (``weights``, ``method``, ``fuse``, ``options``), or None."""
+        """The active composition (``weights``: the resolved weight specs, ``method``, ``fuse``, ``branches``,
+        ``options``), or None."""
         current = self._composer["composition"]
         return None if current is None else {**current, "weights": dict(current["weights"])}
 
