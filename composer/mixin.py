@@ -16,7 +16,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from fusion.squeeze import combine
 from fusion.strategies import get_strategy
 from fusion.strategies.base import Strategy, WeightSpec
 from weights_index.reader import adapter_file, read_adapter
+
+if TYPE_CHECKING:
+    from weights_index.catalog import CatalogEntry, Library
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -153,7 +156,7 @@ class ComposableMixin:
         family = None if self.family == "unknown" else self.family
         return self._cached(adapter_file(path), lambda shapes: read_adapter(path, family, shapes=shapes), family)
 
-    def read_catalog_adapter(self, library: Any, entry: Any) -> Adapter:
+    def read_catalog_adapter(self, library: Library, entry: CatalogEntry) -> Adapter:
         """The adapter of a :class:`weights_index.catalog.Library` entry, read for this pipeline's layer shapes
         (with the catalog's weight scores and category), from :data:`ADAPTER_CACHE` while its file and catalog
         record are unchanged; not registered."""
