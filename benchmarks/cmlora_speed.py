@@ -85,7 +85,7 @@ def _pass_flops(pipe: Any, weights: dict[str, float], size: int) -> dict[str, in
     with torch.inference_mode():
         _, feature = cache.full(lambda: unet(*args, **kwargs))
     counts["cached_pass"] = _flops(lambda: cache.shallow(lambda: unet(*args, **kwargs), feature))
-    counts["fuse"] = _fuse_flops(pipe._composer["engine"])
+    counts["fuse"] = _fuse_flops(pipe.composition_engine)
     return counts
 
 
@@ -147,7 +147,7 @@ def measure(
             seconds = min(_generate(pipe, size, steps, extra_call) for _ in range(REPEATS))
             entry: dict[str, Any] = {"s_per_image": round(seconds, 3), "peak_bytes": memory.peak_bytes()}
             if method == "cmlora":
-                strategy = pipe._composer["engine"].strategy
+                strategy = pipe.composition_strategy
                 full, cached = sum(strategy.full_passes.values()), sum(strategy.cached_passes.values())
                 entry.update(
                     full_passes=full,

@@ -66,7 +66,7 @@ def run(quick: bool) -> dict[str, Any]:
         # a schedule that changes every step for every adapter: the worst case for re-weighting
         specs = {name: f"{0.2 + 0.1 * (i % 5)}@0,1@1" for i, name in enumerate(names)}
         ours_pipe.set_composition(specs, method="merge", fuse=False)
-        engine = ours_pipe._composer["engine"]
+        engine = ours_pipe.composition_engine
         table = engine.weight_table(specs, steps)
         layers = list(engine.layers.values())
 

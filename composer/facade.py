@@ -13,7 +13,6 @@ is read again. The library catalog is opened once per process (:func:`composer.l
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import time
@@ -21,24 +20,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
 from composer.images import GenerationRecord, save_image
 from composer.libraries import open_library
-from composer.mixin import ADAPTER_CACHE, make_composable
+from composer.mixin import ComposableMixin, make_composable
 from composer.model_default import default_model
 from composer.presets import KNOWN_MODELS, PRESETS, TOY_PRESET, kontext_call_kwargs, load_preset, preset_family
 from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
-from fusion.adapter_cache import file_key
+from composer.results import ChosenAdapter, CompositionResult, RejectedAdapter
 from fusion.adapters import Adapter
-from fusion.cfg_branches import Branches, describe_branches
 from fusion.errors import AdapterFormatError, CompositionError, UnsafePathError
-from fusion.layer_groups import BlockLayout
 from retrieval.retriever import DEFAULT_MAX_ADAPTERS
-from weights_index.reader import read_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -46,94 +42,11 @@ DEFAULT_MAX_LORAS = DEFAULT_MAX_ADAPTERS
 """Most adapters ``loras="auto"`` picks when ``max_loras`` is not given (one per composition category)."""
 
 DEFAULT_STEPS = {"sd1": 20, "sd2": 20, "sdxl": 25, "flux": 28}
+PRESET_STEPS = 4
+"""Steps the offline presets run by default."""
 TINY_SIZE = 64
 TOY_GUIDANCE = 3.0
 """CFG scale toy-sd is evaluated and used at by default (not the pipeline default, 7.5, it was never tuned for)."""
-
-
-@dataclass
-class ChosenAdapter:
-    """One adapter of a composition: the request itself (a :class:`~composer.prompts.LoraTag`, whether it came
-    from a prompt tag, the CLI, the app or the API), where it came from, and why it was chosen."""
-
-    request: LoraTag
-    source: str = "explicit"
-    score: float | None = None
-    reasons: list[str] = field(default_factory=list)
-    trigger_words: list[str] = field(default_factory=list)
-    hash: str | None = None
-    path: str | None = None
-
-    @property
-    def name(self) -> str:
-        """The adapter's name (catalog name or file path)."""
-        return self.request.name
-
-    @property
-    def weight(self) -> float | str:
-        """Its weight: a number or a keyframe schedule."""
-        return self.request.weight
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly view (what sidecars, ``--json`` and the app show): the request's fields, then the rest."""
-        fields = {**dataclasses.asdict(self.request), **{k: v for k, v in self.__dict__.items() if k != "request"}}
-        return {k: v for k, v in fields.items() if v not in (None, [], "")}
-
-
-@dataclass(frozen=True)
-class RejectedAdapter:
-    """An adapter ``loras="auto"`` found named in the prompt but left out, why, the pick it lost to (if any), and
-    whether the cap (``max_loras``) was the reason."""
-
-    name: str
-    reason: str
-    lost_to: str | None = None
-    capped: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly view."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-@dataclass
-class CompositionResult:
-    """What :meth:`Composer.run` produced: the images, the adapters used, and where the files went."""
-
-    images: list[Image.Image]
-    prompt: str
-    adapters: list[ChosenAdapter]
-    method: str
-    seed: int
-    steps: int
-    seconds: float
-    paths: list[Path] = field(default_factory=list)
-    plots: dict[str, Path] = field(default_factory=dict)
-    """Plot kind (``scores``, ``gates``, ``weights``) → PNG, when plots were asked for."""
-    branches: Branches = "both"
-    """CFG branches the adapters acted on (``"conditional"``: the unconditional prediction came from the base; a
-    mapping: per adapter, a branch or the share of its weight the unconditional half carried)."""
-    rejected: list[RejectedAdapter] = field(default_factory=list)
-    """Adapters ``loras="auto"`` found named in the prompt but left out (the cap, the same words as a pick, a
-    category already filled), each with why."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly summary (``plots`` only when plots were written)."""
-        summary = {
-            "prompt": self.prompt,
-            "method": self.method,
-            "seed": self.seed,
-            "steps": self.steps,
-            "seconds": round(self.seconds, 3),
-            "adapters": [a.as_dict() for a in self.adapters],
-            "images": [str(p) for p in self.paths],
-        }
-        if self.rejected:
-            summary["rejected"] = [r.as_dict() for r in self.rejected]
-        if self.branches != "both":
-            summary["branches"] = self.branches
-        if self.plots:
-            summary["plots"] = {kind: str(path) for kind, path in self.plots.items()}
-        return summary
 
 
 @dataclass
@@ -144,20 +57,6 @@ class _PlotData:
     adapters: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     recorder: Any = None
-
-
-def _window(start: float | None, stop: float | None) -> Any:
-    """A step function that is 1 inside [start, stop) (fractions ≤ 1 or step numbers) and 0 outside."""
-
-    def weight(step: int, num_steps: int) -> float:
-        def position(value: float) -> float:
-            return value * num_steps if value <= 1.0 else value
-
-        lower = 0.0 if start is None else position(start)
-        upper = float(num_steps) if stop is None else position(stop)
-        return 1.0 if lower <= step < upper else 0.0
-
-    return weight
 
 
 def _refuse_paths(name: str) -> None:
@@ -184,8 +83,9 @@ def _cap(max_loras: object) -> int | None:
 
 
 def _accepts(pipe: Any, argument: str) -> bool:
-    """Whether the pipeline's ``__call__`` takes ``argument`` (img2img and InstructPix2Pix take no height/width)."""
-    return argument in inspect.signature(type(pipe).__call__).parameters
+    """Whether the pipeline's own ``__call__`` (the one the mixin's wraps) takes ``argument`` (img2img and
+    InstructPix2Pix take no height/width)."""
+    return argument in inspect.signature(super(ComposableMixin, pipe).__call__).parameters
 
 
 class Composer:
@@ -193,6 +93,11 @@ class Composer:
 
     Adapters are named by catalog name or, unless ``library_only`` (set when serving requests from others), by file
     path; with ``library_only`` anything shaped like a path is refused before the file system is consulted."""
+
+    step_defaults: ClassVar[Mapping[str, int]] = DEFAULT_STEPS
+    """Steps per model family when a run does not say (the offline presets run :data:`PRESET_STEPS`)."""
+    fallback_steps: ClassVar[int] = 20
+    """Steps for a family :attr:`step_defaults` does not list."""
 
     def __init__(
         self,
@@ -329,19 +234,14 @@ class Composer:
         return prompt
 
     def _load(self, item: ChosenAdapter) -> Adapter:
-        """The adapter ``item`` names (a file path or a catalog name), read for this pipeline's family and weight
-        shapes, from the adapter cache when its file is unchanged; fills in the item's path, hash and trigger words."""
-        family = None if self.family == "unknown" else self.family
-        shapes = self.pipe.model_shapes()
-        shape_key = hash(frozenset(shapes.items()))
+        """The adapter ``item`` names (a file path or a catalog name), read for this pipeline (from the adapter
+        cache while its file is unchanged); fills in the item's path, hash and trigger words."""
         path = Path(item.name)
         if self.library_only:
             _refuse_paths(item.name)
         elif path.suffix and path.is_file():
             item.path = str(path)
-            return ADAPTER_CACHE.get(
-                (file_key(path), family, shape_key), lambda: read_adapter(path, family, shapes=shapes)
-            )
+            return self.pipe.read_adapter_file(path)
         library = self.library
         if library is None and self.library_only:
             raise CompositionError("no library is open, so no adapter can be named", hint="serve with a library")
@@ -360,8 +260,7 @@ class Composer:
         item.path = str(entry.path)
         item.hash = entry.metadata.hashes.get("AutoV2")
         item.trigger_words = item.trigger_words or list(entry.trigger_words)
-        key = ("catalog", file_key(entry.path), entry.name, entry.metadata.category, repr(sorted(entry.scores.items())))
-        return ADAPTER_CACHE.get((*key, shape_key), lambda: library.read(entry.name, shapes=shapes))
+        return self.pipe.read_catalog_adapter(library, entry)
 
     @contextmanager
     def composing(self, chosen: Sequence[ChosenAdapter]) -> Iterator[Any]:
@@ -381,38 +280,26 @@ class Composer:
                 pipe.remove_adapter(name)
 
     def spec(self, item: ChosenAdapter) -> Any:
-        """The request as the engine's weight spec (constant, keyframes, window, block weights, text-encoder weight)."""
-        request = item.request
-        weight = request.weight
-        blocks: Any = request.block_weights
-        steps: Any = None
-        if isinstance(weight, str):
-            steps, weight = weight, 1.0
-        if request.start is not None or request.stop is not None:
-            if steps is not None:
-                raise CompositionError(
-                    f"adapter {request.name!r}: use either a keyframe schedule or start/stop, not both"
-                )
-            steps = _window(request.start, request.stop)
-        if request.text_encoder_weight is not None and request.text_encoder_weight != weight:
-            blocks = self._with_text_encoder_weight(blocks, float(weight), request.text_encoder_weight)
-            if weight == 0.0:
-                weight = 1.0
-        if blocks is None and steps is None:
-            return float(weight)
-        return {"weight": float(weight), "blocks": blocks, "steps": steps}
+        """The request as the engine's weight spec (what :meth:`composer.mixin.ComposableMixin.set_composition`
+        composes it as; see :mod:`composer.weight_specs`)."""
+        return self.pipe.weight_specs({item.name: item.request})[item.name]
 
-    def _with_text_encoder_weight(self, blocks: Any, weight: float, text_encoder_weight: float) -> list[float]:
-        from fusion.schedules import block_weights
+    def rank(self, prompt: str, k: int = 10) -> list[dict[str, Any]]:
+        """Every retrieval signal's score for the ``k`` best library adapters for ``prompt``, best first (JSON)."""
+        if self.library is None:
+            raise CompositionError("ranking adapters needs a library", hint="pass library=DIR (CLI: --library DIR)")
+        return [hit.to_json() for hit in self.retriever.rank(prompt, family=self.family, k=k)]
 
-        layout = BlockLayout.from_denoiser(self.family, self.pipe._denoiser())
-        per_group = block_weights(blocks, layout)
-        vector = [float(per_group[layout.groups.index(group[0])]) for group in layout.short.targets]
-        base = text_encoder_weight if weight == 0.0 else text_encoder_weight / weight
-        vector[0] = vector[0] * base if blocks is not None else base
-        if weight == 0.0:
-            vector[1:] = [0.0] * (len(vector) - 1)
-        return vector
+    def _steps(self, steps: int | None) -> int:
+        """``steps`` if given, else the step count for this model (few for the offline presets)."""
+        if steps:
+            return steps
+        return PRESET_STEPS if self.model in PRESETS else self.step_defaults.get(self.family, self.fallback_steps)
+
+    @property
+    def _tiny(self) -> bool:
+        """True for the random-weight ``tiny-*`` smoke-test presets (run at :data:`TINY_SIZE`)."""
+        return self.model in PRESETS and self.model.startswith("tiny")
 
     def run(
         self,
@@ -450,11 +337,9 @@ class Composer:
         rejected: list[RejectedAdapter] = []
         clean_prompt, chosen = self.choose(prompt, loras, max_loras=max_loras, rejected=rejected)
         pipe = self.pipe
-        family = self.family
-        steps = steps or (4 if self.model in PRESETS else DEFAULT_STEPS.get(family, 20))
-        size = TINY_SIZE if self.model in PRESETS and self.model.startswith("tiny") else None
+        steps = self._steps(steps)
+        size = TINY_SIZE if self._tiny else None
         height, width = height or size, width or size
-        pipe.set_progress_bar_config(disable=not progress)
         call: dict[str, Any] = {
             "prompt": clean_prompt,
             "num_inference_steps": steps,
@@ -464,7 +349,7 @@ class Composer:
             guidance_scale = TOY_GUIDANCE
         if guidance_scale is not None:
             call["guidance_scale"] = guidance_scale
-        if negative_prompt and family != "flux":
+        if negative_prompt and self.family != "flux":
             call["negative_prompt"] = negative_prompt
         if height and width and _accepts(pipe, "height"):
             call.update(height=height, width=width)
@@ -472,19 +357,17 @@ class Composer:
             call["image"] = image
             if type(pipe).__name__.startswith("FluxKontext"):
                 call.update(kontext_call_kwargs(height or image.height, width or image.width))
-        fuse = options.pop("fuse", None)
-        captured = _PlotData()
-        with self.composing(chosen):
-            if chosen:
-                specs = {item.name: self.spec(item) for item in chosen}
-                pipe.set_composition(specs, method=method, fuse=fuse, **options)
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            with torch.inference_mode():
-                images = pipe(generator=generator, **call).images
-            if plot is not None and chosen:
-                captured = self._plot_data(steps)
+        images, captured = self._generate(
+            chosen,
+            call,
+            method=method,
+            seed=seed,
+            progress=progress,
+            plot_steps=None if plot is None else steps,
+            **options,
+        )
         result = CompositionResult(
-            images=list(images),
+            images=images,
             prompt=clean_prompt,
             adapters=chosen,
             method=method if chosen else "none",
@@ -504,22 +387,42 @@ class Composer:
             result.seconds,
         )
         if out is not None:
-            self._save(result, Path(out), guidance_scale, negative_prompt)
+            stems = [Path(out) / f"{seed}-{index}" for index in range(len(images))]
+            self._save(result, stems, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
         if plot is not None:
             ranked = isinstance(loras, str) and loras.strip().lower() == "auto"
             self._write_plots(result, Path(plot), captured, extract_lora_tags(prompt)[0] if ranked else None)
         return result
 
-    def _plot_data(self, steps: int) -> _PlotData:
-        """The active composition's weight table weight[adapter, group, step] and gate recorder (if any)."""
-        engine = self.pipe._engine()
-        strategy = self.pipe.composition_strategy
-        return _PlotData(
-            table=engine.weight_table(strategy.weights, steps).cpu(),
-            adapters=list(engine.adapter_names),
-            groups=list(engine.group_names),
-            recorder=getattr(strategy, "recorder", None),
-        )
+    def _generate(
+        self,
+        chosen: Sequence[ChosenAdapter],
+        call: Mapping[str, Any],
+        *,
+        method: str,
+        seed: int,
+        progress: bool = False,
+        plot_steps: int | None = None,
+        **options: Any,
+    ) -> tuple[list[Image.Image], _PlotData]:
+        """Compose ``chosen`` by ``method`` (``options`` and ``fuse`` go to ``set_composition``) and call the
+        pipeline once with ``call`` under ``seed``; returns the images and, with ``plot_steps``, what the plots of a
+        ``plot_steps``-step run show. The pipeline is left as it was found."""
+        fuse = options.pop("fuse", None)
+        captured = _PlotData()
+        with self.composing(chosen) as pipe:
+            pipe.set_progress_bar_config(disable=not progress)
+            if chosen:
+                requests = {item.name: item.request for item in chosen}
+                pipe.set_composition(requests, method=method, fuse=fuse, **options)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            with torch.inference_mode():
+                images = pipe(generator=generator, **call).images
+            if plot_steps is not None and chosen:
+                table = pipe.composition_weights(plot_steps)
+                recorder = getattr(pipe.composition_strategy, "recorder", None)
+                captured = _PlotData(table.weights, list(table.adapters), list(table.groups), recorder)
+        return list(images), captured
 
     def _write_plots(self, result: CompositionResult, folder: Path, data: _PlotData, ranked: str | None) -> None:
         """``<seed>-scores.png`` (retrieval scores per adapter and signal, when ``ranked`` holds the prompt the
@@ -528,8 +431,7 @@ class Composer:
 
         stem = folder / str(result.seed)
         if ranked is not None:
-            hits = [hit.to_json() for hit in self.retriever.rank(ranked, family=self.family, k=plots.SCORE_TOP_K)]
-            names, scores, fused = plots.hit_scores(hits)
+            names, scores, fused = plots.hit_scores(self.rank(ranked, k=plots.SCORE_TOP_K))
             result.plots["scores"] = plots.write_score_chart(
                 names, scores, fused, f"{stem}-scores.png", title=f"retrieval: {ranked}"
             )
@@ -542,12 +444,21 @@ class Composer:
 
             result.plots["gates"] = write_gate_heatmap(data.recorder, f"{stem}-gates.png")
 
-    def _save(self, result: CompositionResult, out: Path, guidance_scale: float | None, negative: str) -> None:
+    def _save(
+        self,
+        result: CompositionResult,
+        stems: Sequence[Path],
+        *,
+        guidance_scale: float | None = None,
+        negative_prompt: str = "",
+    ) -> None:
+        """Save each of ``result.images`` at its stem (``.png`` with the A1111 ``parameters`` chunk, ``.json``
+        sidecar) and list the PNGs in ``result.paths``."""
         model = KNOWN_MODELS[self.model].hub_id if self.model in KNOWN_MODELS else self.model
-        for index, image in enumerate(result.images):
+        for image, stem in zip(result.images, stems):
             record = GenerationRecord(
                 prompt=result.prompt,
-                negative_prompt=negative,
+                negative_prompt=negative_prompt,
                 steps=result.steps,
                 guidance_scale=guidance_scale,
                 seed=result.seed,
@@ -556,10 +467,8 @@ class Composer:
                 model=model,
                 sampler=type(self.pipe.scheduler).__name__,
                 method=result.method,
-                extra={"Composition branches": describe_branches(result.branches)} if result.branches != "both" else {},
-                adapters=[
-                    {"name": a.name, "weight": a.weight, "hash": a.hash, "reasons": a.reasons} for a in result.adapters
-                ],
+                extra=result.record_extra(),
+                adapters=[a.record() for a in result.adapters],
             )
-            png, _ = save_image(image, out / f"{result.seed}-{index}", record)
+            png, _ = save_image(image, stem, record)
             result.paths.append(png)

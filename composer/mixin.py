@@ -14,23 +14,29 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from composer.presets import preset_family
+from composer.weight_specs import Composition, engine_specs
 from fusion.adapter_cache import AdapterCache, file_key
 from fusion.adapters import Adapter, Dense, LowRank, Sparse
 from fusion.cfg_branches import Branches, resolve_branches
 from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
+from fusion.layer_groups import BlockLayout
 from fusion.layer_index import LayerIndex
+from fusion.schedules import WeightTable
 from fusion.squeeze import combine
 from fusion.strategies import get_strategy
 from fusion.strategies.base import Strategy, WeightSpec
 from weights_index.reader import adapter_file, read_adapter
+
+if TYPE_CHECKING:
+    from weights_index.catalog import CatalogEntry, Library
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -43,7 +49,10 @@ ADAPTER_CACHE = AdapterCache()
 
 class ComposableMixin:
     """Adds ``add_adapter``, ``add_adapter_file``, ``set_composition``, ``clear_composition``, ``remove_adapter``
-    and ``composition`` to a diffusers pipeline; every pipeline call starts a new generation."""
+    and ``composition`` to a diffusers pipeline; every pipeline call starts a new generation. Reading adapters
+    without registering them (``read_adapter_file``, ``read_catalog_adapter``), resolving requests
+    (``weight_specs``) and inspecting the active composition (``composition_weights``, ``composition_strategy``,
+    ``composition_engine``, ``merged_updates``) are public too: the facade composes through nothing else."""
 
     @property
     def _composer(self) -> dict[str, Any]:
@@ -66,7 +75,8 @@ class ComposableMixin:
 
     @property
     def composition(self) -> dict[str, Any] | None:
-        """The active composition (``weights``, ``method``, ``fuse``, ``options``), or None."""
+        """The active composition (``weights``: the resolved weight specs, ``method``, ``fuse``, ``branches``,
+        ``options``), or None."""
         current = self._composer["composition"]
         return None if current is None else {**current, "weights": dict(current["weights"])}
 
@@ -136,16 +146,31 @@ class ComposableMixin:
         """Read an adapter file or a PEFT / diffusers checkpoint folder (any supported format) for this pipeline's
         family and shapes and register it; returns the name (the file's stem unless ``name`` is given). Files are
         read once per model and kept in :data:`ADAPTER_CACHE`."""
+        return self.add_adapter(self.read_adapter_file(path), name=name)
+
+    def read_adapter_file(self, path: str | Path) -> Adapter:
+        """The adapter in a file or a PEFT / diffusers checkpoint folder, read for this pipeline's family and layer
+        shapes, from :data:`ADAPTER_CACHE` while the file is unchanged; not registered."""
         family = None if self.family == "unknown" else self.family
-        file = adapter_file(path)
+        return self._cached(adapter_file(path), lambda shapes: read_adapter(path, family, shapes=shapes), family)
+
+    def read_catalog_adapter(self, library: Library, entry: CatalogEntry) -> Adapter:
+        """The adapter of a :class:`weights_index.catalog.Library` entry, read for this pipeline's layer shapes
+        (with the catalog's weight scores and category), from :data:`ADAPTER_CACHE` while its file and catalog
+        record are unchanged; not registered."""
+        record = ("catalog", entry.name, entry.metadata.category, repr(sorted(entry.scores.items())))
+        return self._cached(entry.path, lambda shapes: library.read(entry.name, shapes=shapes), *record)
+
+    def _cached(self, file: Path, read: Callable[[dict[str, tuple[int, ...]]], Adapter], *record: Hashable) -> Adapter:
+        """``read(shapes)`` through :data:`ADAPTER_CACHE`, keyed by the file's identity (path, size, mtime),
+        ``record`` (what else the read depends on) and this model's layer shapes."""
         shapes = self.model_shapes()
-        key = (file_key(file), family, hash(frozenset(shapes.items())))
-        adapter = ADAPTER_CACHE.get(key, lambda: read_adapter(path, family, shapes=shapes))
-        return self.add_adapter(adapter, name=name)
+        key = (file_key(file), *record, hash(frozenset(shapes.items())))
+        return ADAPTER_CACHE.get(key, lambda: read(shapes))
 
     def set_composition(
         self,
-        weights: Mapping[str, WeightSpec],
+        weights: Composition,
         method: str = "merge",
         fuse: bool | None = None,
         branches: Branches = "both",
@@ -154,7 +179,11 @@ class ComposableMixin:
         """Compose the named registered adapters with ``method`` (merge, switch, composite, ...).
 
         ``weights`` maps adapter names to a float, a keyframe string, a block-weight vector or a callable (see
-        :mod:`fusion.schedules`). ``fuse=None`` fuses when the method allows and the weights are static;
+        :mod:`fusion.schedules`), or to a :class:`~composer.prompts.LoraTag` request: everything a ``<lora:…>``
+        tag says (a text-encoder weight of its own, block weights, a schedule, a ``start=``/``stop=`` window) is
+        resolved by :func:`composer.weight_specs.engine_spec`. A list of requests works too:
+        ``set_composition(extract_lora_tags(prompt)[1])``. :attr:`composition` records the resolved specs.
+        ``fuse=None`` fuses when the method allows and the weights are static;
         ``fuse=False`` forces unfused. Replaces any previous composition. ``method="gated"`` accepts
         ``gates="name"`` (or a path): a checkpoint written by ``compose train-gates``.
 
@@ -172,6 +201,7 @@ class ComposableMixin:
         nothing, and going from one fused SHiRA composition to another switches the weights in place (restoring
         the old positions and writing the new ones in one pass, or re-writing a cached fused state).
         """
+        weights = self.weight_specs(weights)
         registered = self._composer["adapters"]
         unknown = [name for name in weights if name not in registered]
         if unknown:
@@ -217,6 +247,16 @@ class ComposableMixin:
             "options": options,
         }
 
+    def weight_specs(self, composition: Composition) -> dict[str, WeightSpec]:
+        """Adapter name → the weight spec the engine reads for ``composition`` (what :meth:`set_composition` takes):
+        requests resolved against this denoiser's block layout, other specs as they are. Changes nothing."""
+        return engine_specs(composition, self._block_layout)
+
+    def _block_layout(self) -> BlockLayout:
+        """The denoiser's block-weight layout (the engine's while one is attached)."""
+        engine = self._composer["engine"]
+        return engine.layout if engine is not None else BlockLayout.from_denoiser(self.family, self._denoiser())
+
     def _restore(self, composition: Mapping[str, Any], weights: Mapping[str, WeightSpec] | None = None) -> None:
         """Set ``composition`` (as :attr:`composition` records it) again, optionally with other weights."""
         self.set_composition(
@@ -249,24 +289,39 @@ class ComposableMixin:
         against the pristine weights, block weights applied per layer group): concatenated factors where every
         update of a layer is low-rank, else dense. Keys are the engine's (denoiser paths, ``text_encoder*.`` keys).
         Raises :class:`CompositionError` without a composition or when its weights change across steps."""
-        engine = self._composer["engine"]
-        current = self._composer["composition"]
-        if engine is None or current is None:
-            raise CompositionError("no composition is set", hint="call set_composition(...) first")
-        table = engine.weight_table(current["weights"], num_steps=STATIC_CHECK_STEPS)
-        if not bool((table == table[..., :1]).all()):
+        table = self.composition_weights(STATIC_CHECK_STEPS)
+        if not table.is_static:
             raise CompositionError(
                 "the composition's weights change across steps; only a static composition is one set of weights",
                 hint="drop keyframe schedules and start/stop windows",
             )
-        weights = table[..., 0]
-        index = {name: i for i, name in enumerate(engine.adapter_names)}
+        weights = table.weights[..., 0]
+        index = {name: i for i, name in enumerate(table.adapters)}
         merged: dict[str, LowRank | Dense] = {}
-        for key, layer in engine.layers.items():
+        for key, layer in self._composer["engine"].layers.items():
             items = [(slot.kind, float(weights[index[slot.name], layer.group])) for slot in layer.slots]
             if any(w != 0.0 for _, w in items):
                 merged[key] = combine(items)
         return merged
+
+    def composition_weights(self, num_steps: int) -> WeightTable:
+        """The active composition's ``weight[adapter, group, step]`` over a run of ``num_steps`` steps, rows in
+        the engine's adapter order (attached adapters the composition leaves out at 0), columns its layer groups.
+        Raises :class:`CompositionError` without a composition."""
+        engine = self._composer["engine"]
+        current = self._composer["composition"]
+        if engine is None or current is None:
+            raise CompositionError("no composition is set", hint="call set_composition(...) first")
+        table = engine.weight_table(current["weights"], num_steps=num_steps).cpu()
+        adapters, groups = tuple(engine.adapter_names), tuple(engine.group_names)
+        return WeightTable(adapters, groups, table, table.permute(2, 0, 1).contiguous())
+
+    @property
+    def composition_engine(self) -> FusionEngine | None:
+        """The :class:`~fusion.engine.FusionEngine` holding the active composition (its composed layers, weight
+        tables and strategy, for analysis and benchmarks), or None without one. Compose through the mixin's
+        methods: changing the engine directly bypasses what :attr:`composition` records."""
+        return self._composer["engine"]
 
     @property
     def composition_strategy(self) -> Strategy | None:

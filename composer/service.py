@@ -27,11 +27,10 @@ import torch
 from composer.checkpoints.files import list_model_files
 from composer.facade import DEFAULT_MAX_LORAS, Composer, CompositionResult
 from composer.libraries import open_library
-from composer.mixin import make_composable
 from composer.model_default import default_model
 from composer.presets import refuse_checkpoint_options
 from composer.prompts import LoraTag, adapter_request
-from composer.restoration.restore import Restorer, RestoreResult, editing_pipeline
+from composer.restoration.restore import Restorer, RestoreResult
 from fusion.cfg_branches import Branches
 from fusion.errors import ComposerError, CompositionError, UnsafePathError
 from fusion.strategies import BUILTIN, get_strategy
@@ -79,22 +78,6 @@ def available_methods() -> list[str]:
     return names
 
 
-class _WorkerRestorer(Restorer):
-    """A :class:`Restorer` whose editing pipeline is built from one worker's pipeline (``from_pipe``: the weights
-    are shared, not copied). It is only used while that worker is borrowed, so the two never run at once."""
-
-    def __init__(self, worker: Composer) -> None:
-        super().__init__(worker.model, worker.library_dir, device=worker.device, torch_dtype=worker.torch_dtype)
-        self._worker = worker
-
-    @property
-    def pipe(self) -> Any:
-        """The worker's pipeline as a composable editing pipeline (built on first use)."""
-        if self._pipe is None:
-            self._pipe = make_composable(editing_pipeline(self._worker.pipe))
-        return self._pipe
-
-
 class CompositionService:
     """Compose-and-generate for many concurrent callers over ``workers`` pipelines of ``model``, with ``library``.
 
@@ -136,7 +119,7 @@ class CompositionService:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._library: Any = None
-        self._restorers: dict[int, _WorkerRestorer] = {}
+        self._restorers: dict[int, Restorer] = {}
 
     # ---------------------------------------------------------------------------------------------- workers
     def _worker(self, model: str) -> Composer:
@@ -276,7 +259,7 @@ class CompositionService:
         with self._borrow() as composer:
             restorer = self._restorers.get(id(composer))
             if restorer is None:
-                restorer = self._restorers.setdefault(id(composer), _WorkerRestorer(composer))
+                restorer = self._restorers.setdefault(id(composer), Restorer.sharing(composer))
             return restorer.restore(
                 image,
                 list(restoration),
@@ -305,13 +288,9 @@ class CompositionService:
 
     def rank(self, prompt: str, k: int = 10) -> list[dict[str, Any]]:
         """Every signal's score for the ``k`` best adapters for ``prompt`` (needs a library), best first."""
-        library = self._require_library()
-        from retrieval.retriever import Retriever
-
+        self._require_library()
         with self._borrow() as composer:
-            retriever = Retriever(library, pipe=composer.pipe)
-            hits = retriever.rank(prompt, family=composer.family, k=k)
-        return [hit.to_json() for hit in hits]
+            return composer.rank(prompt, k=k)
 
     # ---------------------------------------------------------------------------------------------- library
     @property

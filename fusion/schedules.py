@@ -9,7 +9,8 @@ Accepted per-adapter specs (:func:`parse_spec`):
 - a number — a plain weight (``0.8``);
 - a block-weight vector — a list of floats, a string ``"1,0,0.5,..."``, or an A1111 preset name (``NONE``,
   ``ALL``, ``INS``, ``IND``, ``INALL``, ``MIDD``, ``OUTD``, ``OUTS``, ``OUTALL``); lengths and block order are
-  the denoiser's (:mod:`fusion.layer_groups`): 17 or 26 on SD 1.x, 12 or 20 on SDXL;
+  the denoiser's (:mod:`fusion.layer_groups`): 17 or 26 on SD 1.x, 12 or 20 on SDXL; as ``blocks`` of a mapping
+  spec also a mapping of layer-group name → weight (groups it leaves out keep 1);
 - timestep keyframes in loractl syntax — ``"0@0,1@0.5"``: ``weight@position`` items, a position ≤ 1 is a
   fraction of the run (step *t* of *N* sits at t/(N−1)), a position > 1 is a 0-based step number; linear
   interpolation between keyframes, constant before the first and after the last; at equal positions the later
@@ -36,7 +37,7 @@ from fusion.layer_groups import BASE, MID, BlockLayout
 from fusion.weight_range import checked_weight
 
 StepFunction = Callable[[int, int], float]
-BlockSpec = Union[str, Sequence[float]]
+BlockSpec = Union[str, Sequence[float], Mapping[str, float]]
 StepSpec = Union[str, "Keyframes", StepFunction]
 
 PRESET_NAMES = ("NONE", "ALL", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL")
@@ -206,9 +207,15 @@ def _finite(value: float) -> float:
 
 
 def block_weights(blocks: BlockSpec | None, layout: BlockLayout) -> torch.Tensor:
-    """Per-group weights (float64, ordered like ``layout.groups``) for a vector, vector string or preset name."""
+    """Per-group weights (float64, ordered like ``layout.groups``) for a vector, vector string or preset name, or
+    a mapping of group name → weight (groups it leaves out keep 1)."""
     if blocks is None:
         return torch.ones(len(layout.groups), dtype=torch.float64)
+    if isinstance(blocks, Mapping):
+        unknown = sorted(set(blocks) - set(layout.groups))
+        if unknown:
+            raise CompositionError(f"block weights name groups {unknown} this denoiser does not have")
+        return torch.tensor([_finite(float(blocks.get(g, 1.0))) for g in layout.groups], dtype=torch.float64)
     if isinstance(blocks, str):
         text = blocks.strip()
         if text.upper() in PRESET_NAMES:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import (
     FluxKontextPipeline,
     StableDiffusionImg2ImgPipeline,
@@ -32,9 +31,8 @@ from diffusers import (
 from PIL import Image
 
 from composer.facade import TINY_SIZE, ChosenAdapter, Composer, CompositionResult
-from composer.images import GenerationRecord, save_image
 from composer.mixin import make_composable
-from composer.presets import PRESETS, kontext_call_kwargs, load_preset, preset_family
+from composer.presets import kontext_call_kwargs, load_preset, preset_family
 from composer.prompts import LoraTag, parse_lora_list
 from fusion.errors import CompositionError
 
@@ -115,18 +113,46 @@ class RestoreResult(CompositionResult):
         """JSON-friendly summary."""
         return {**super().as_dict(), "pipeline": self.pipeline, "input": self.source}
 
+    def record_extra(self) -> dict[str, Any]:
+        """The editing pipeline and the input file's name, beside what every composition records."""
+        source = {"Input": Path(self.source).name} if self.source else {}
+        return {**super().record_extra(), "Pipeline": self.pipeline, **source}
+
 
 class Restorer(Composer):
     """Restore images with restoration adapters, optionally composed with style adapters.
 
     ``Restorer(model="tiny-flux-kontext", library=DIR).restore(image, adapters=["derain"], loras="style:0.6")``.
+    It is a :class:`~composer.facade.Composer` on the model's editing pipeline: it chooses, composes, generates and
+    records as the facade does, with its own call arguments and step defaults.
     """
+
+    step_defaults = DEFAULT_STEPS
+    fallback_steps = 30
+    _base: Composer | None = None
+
+    @classmethod
+    def sharing(cls, composer: Composer) -> Restorer:
+        """A restorer on ``composer``'s model and library (``library_only`` too) whose editing pipeline is built
+        from ``composer``'s pipeline (``from_pipe``: the weights are shared, not copied). Use one only while the
+        composer is not running: the two pipelines share their modules."""
+        options = {
+            "device": composer.device,
+            "torch_dtype": composer.torch_dtype,
+            "library_only": composer.library_only,
+        }
+        restorer = cls(composer.model, composer.library_dir, **options)
+        restorer._base = composer
+        return restorer
 
     @property
     def pipe(self) -> Any:
-        """The composable editing pipeline (loaded on first use)."""
+        """The composable editing pipeline (loaded, or built from the shared composer's, on first use)."""
         if self._pipe is None:
-            base = load_preset(self.model, torch_dtype=self.torch_dtype, device=self.device)
+            if self._base is not None:
+                base = self._base.pipe
+            else:
+                base = load_preset(self.model, torch_dtype=self.torch_dtype, device=self.device)
             self._pipe = make_composable(editing_pipeline(base))
         return self._pipe
 
@@ -189,25 +215,26 @@ class Restorer(Composer):
         names = {item.name for item in restoration}
         chosen: list[ChosenAdapter] = restoration + [item for item in style if item.name not in names]
         pipe = self.pipe
-        family = self.family
-        tiny = self.model in PRESETS and self.model.startswith("tiny")
-        steps = steps or (4 if self.model in PRESETS else DEFAULT_STEPS.get(family, 30))
-        max_area = TINY_SIZE * TINY_SIZE if tiny else MAX_AREA.get(family, 512 * 512)
+        steps = self._steps(steps)
+        max_area = TINY_SIZE * TINY_SIZE if self._tiny else MAX_AREA.get(self.family, 512 * 512)
         size = working_size(image.width, image.height, max_area=max_area, multiple=pipe.vae_scale_factor * 2)
-        fuse = options.pop("fuse", None)
         call = self._call_kwargs(image, size, options)
         if "strength" in call and int(steps * call["strength"]) < 1:
             raise CompositionError(
                 f"img2img with strength {call['strength']} and {steps} steps runs no denoising step",
                 hint=f"use at least {math.ceil(1 / call['strength'])} steps or a higher strength",
             )
-        pipe.set_progress_bar_config(disable=not progress)
-        with self.composing(chosen):
-            prompt = task_prompt([pipe.adapters[item.name] for item in restoration], task)
-            pipe.set_composition({item.name: self.spec(item) for item in chosen}, method=method, fuse=fuse, **options)
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            with torch.inference_mode():
-                output = pipe(prompt=prompt, num_inference_steps=steps, generator=generator, **call).images[0]
+        registered = pipe.adapters
+        prompt = task_prompt([registered.get(item.name) or self._load(item) for item in restoration], task)
+        images, _ = self._generate(
+            chosen,
+            {"prompt": prompt, "num_inference_steps": steps, **call},
+            method=method,
+            seed=seed,
+            progress=progress,
+            **options,
+        )
+        output = images[0]
         if output.size != image.size:
             output = output.resize(image.size, Image.Resampling.LANCZOS)
         result = RestoreResult(
@@ -222,29 +249,8 @@ class Restorer(Composer):
             source=source,
         )
         if out is not None:
-            result.paths.append(self._write(result, Path(out), call.get("guidance_scale")))
+            out = Path(out)
+            if out.suffix.lower() != ".png":
+                out = out / f"{Path(source).stem if source else 'image'}-restored.png"
+            self._save(result, [out], guidance_scale=call.get("guidance_scale"))
         return result
-
-    def _write(self, result: RestoreResult, out: Path, guidance_scale: float | None) -> Path:
-        """Save the restored image with its ``parameters`` chunk and sidecar; returns the PNG path."""
-        if out.suffix.lower() != ".png":
-            stem = Path(result.source).stem if result.source else "image"
-            out = out / f"{stem}-restored.png"
-        image = result.images[0]
-        record = GenerationRecord(
-            prompt=result.prompt,
-            steps=result.steps,
-            guidance_scale=guidance_scale,
-            seed=result.seed,
-            width=image.width,
-            height=image.height,
-            model=self.model,
-            sampler=type(self.pipe.scheduler).__name__,
-            method=result.method,
-            adapters=[
-                {"name": a.name, "weight": a.weight, "hash": a.hash, "source": a.source} for a in result.adapters
-            ],
-            extra={"Pipeline": result.pipeline, **({"Input": Path(result.source).name} if result.source else {})},
-        )
-        png, _ = save_image(image, out, record)
-        return png

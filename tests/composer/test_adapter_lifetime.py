@@ -44,7 +44,6 @@ def small_cache(monkeypatch: pytest.MonkeyPatch) -> AdapterCache:
     one = 4 * WIDTH * 2 * 4  # bytes of one adapter's factors (fp32)
     cache = AdapterCache(budget_bytes=5 * one)
     monkeypatch.setattr(mixin, "ADAPTER_CACHE", cache)
-    monkeypatch.setattr("composer.facade.ADAPTER_CACHE", cache)
     return cache
 
 
