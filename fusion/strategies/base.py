@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import torch
 
+from fusion.errors import CompositionError
 from fusion.schedules import is_step_dependent
 
 if TYPE_CHECKING:
@@ -96,6 +97,24 @@ def with_output_tensor(output: Any, tensor: torch.Tensor) -> Any:
     if isinstance(output, tuple):
         return (tensor, *output[1:])
     return type(output)(sample=tensor)
+
+
+def check_composition(method: str, weights: Mapping[str, Any], options: Mapping[str, Any], known: str) -> None:
+    """The checks a method's constructor starts with: no option it does not know (``known`` names its own, for the
+    hint) and at least one adapter."""
+    if options:
+        raise CompositionError(f"{method} got unknown options {sorted(options)}", hint=f"use {known}")
+    if not weights:
+        raise CompositionError(f"{method} needs at least one adapter")
+
+
+def require_fused(method: str, fuse: bool | None, reason: str) -> None:
+    """Refuse ``fuse=False`` for a method that can only write its result into the weights (``reason`` says why)."""
+    if fuse is False:
+        raise CompositionError(
+            f"{method} runs fused only: {reason}",
+            hint="leave fuse unset, and compose on both CFG branches (branches='both')",
+        )
 
 
 @dataclass

@@ -71,7 +71,7 @@ from fusion.feature_cache import UNetFeatureCache, is_unet
 from fusion.frequency import CUTOFF, latent_high_frequency_score
 from fusion.schedules import parse_spec
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy, output_tensor, with_output_tensor
+from fusion.strategies.base import StepContext, Strategy, check_composition, output_tensor, with_output_tensor
 
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
@@ -187,14 +187,13 @@ class CMLoRA(Strategy):
         shallow_levels: int = 1,
         **options: Any,
     ) -> None:
-        if options:
-            raise CompositionError(
-                f"cmlora got unknown options {sorted(options)}",
-                hint="use delta_h, categories, split, stage, fraction, g_f, stage2, c1, c2, c3, bounds, recompute, "
-                "cache, shallow_levels",
-            )
-        if not weights:
-            raise CompositionError("cmlora needs at least one adapter")
+        check_composition(
+            "cmlora",
+            weights,
+            options,
+            "delta_h, categories, split, stage, fraction, g_f, stage2, c1, c2, c3, bounds, recompute, cache, "
+            "shallow_levels",
+        )
         for label, allowed, value in (
             ("stage", STAGE_RULES, stage),
             ("stage2", STAGE2_RULES, stage2),

@@ -40,7 +40,7 @@ import torch
 
 from fusion.errors import CompositionError
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy
+from fusion.strategies.base import StepContext, Strategy, check_composition, require_fused
 from fusion.strategies.layer_updates import adapter_deltas, enter_fused, is_text_encoder_layer, one_hot
 
 if TYPE_CHECKING:
@@ -91,17 +91,8 @@ class KLoRA(Strategy):
         styles: Sequence[str] | None = None,
         **options: Any,
     ) -> None:
-        if options:
-            raise CompositionError(
-                f"klora got unknown options {sorted(options)}", hint="use top_k, alpha, beta, styles"
-            )
-        if not weights:
-            raise CompositionError("klora needs at least one adapter")
-        if fuse is False:
-            raise CompositionError(
-                "klora runs fused only: it keeps one adapter per layer, finer than the engine's per-group weights",
-                hint="leave fuse unset, and compose on both CFG branches (branches='both')",
-            )
+        check_composition("klora", weights, options, "top_k, alpha, beta, styles")
+        require_fused("klora", fuse, "it keeps one adapter per layer, finer than the engine's per-group weights")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise CompositionError(f"klora top_k must be a whole number ≥ 1, got {top_k!r}")
         for label, value in (("alpha", alpha), ("beta", beta)):

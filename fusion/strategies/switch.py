@@ -28,7 +28,7 @@ import torch
 from fusion.errors import CompositionError
 from fusion.schedules import parse_spec
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy
+from fusion.strategies.base import StepContext, Strategy, check_composition
 
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
@@ -69,12 +69,7 @@ class Switch(Strategy):
         switch_offset: str = "reference",
         **options: Any,
     ) -> None:
-        if options:
-            raise CompositionError(
-                f"switch got unknown options {sorted(options)}", hint="use tau, order, switch_offset"
-            )
-        if not weights:
-            raise CompositionError("switch needs at least one adapter")
+        check_composition("switch", weights, options, "tau, order, switch_offset")
         if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
             raise CompositionError(f"switch tau must be a whole number of steps ≥ 1, got {tau!r}")
         if switch_offset not in SWITCH_OFFSETS:

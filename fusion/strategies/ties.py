@@ -32,7 +32,7 @@ import torch
 from fusion.errors import CompositionError
 from fusion.schedules import parse_spec
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy
+from fusion.strategies.base import StepContext, Strategy, check_composition, require_fused
 from fusion.strategies.layer_updates import adapter_deltas, enter_fused, fuse_layer_delta, updates_bias
 
 if TYPE_CHECKING:
@@ -76,15 +76,8 @@ class Ties(Strategy):
         density: float = DENSITY,
         **options: Any,
     ) -> None:
-        if options:
-            raise CompositionError(f"ties got unknown options {sorted(options)}", hint="use density")
-        if not weights:
-            raise CompositionError("ties needs at least one adapter")
-        if fuse is False:
-            raise CompositionError(
-                "ties runs fused only: the merged update is not a weighted sum of the adapters' factors",
-                hint="leave fuse unset, and compose on both CFG branches (branches='both')",
-            )
+        check_composition("ties", weights, options, "density")
+        require_fused("ties", fuse, "the merged update is not a weighted sum of the adapters' factors")
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
             raise CompositionError(f"ties density must be a fraction in (0, 1], got {density!r}")
         for name, spec in weights.items():
