@@ -20,7 +20,7 @@ Stages. Stage 1 is steps t < ``fraction``·T (``stage="fraction"``, default 0.55
 step 120 of its 220). ``stage="online"``: stage 2 starts at the first step whose latent's own high-frequency score
 is below ``g_f`` (0.68); when the latent is too small for the radius cut (or its spectrum cannot be normalised) the
 score is not used and the fraction rule decides that step. Which adapters stage 2 draws the dominant one from
-(``stage2``):
+(``second_stage``):
 
 - ``"reference"`` (default, the published code): one counter c counts the refresh steps; in stage 1 the dominant
   adapter is H[(c − 1) mod |H|], in stage 2 it is W[(c − 1) mod |H|] over the window W = (H + L)[1 : |H| + 1] (H
@@ -46,7 +46,7 @@ Caching (``cache``):
 - ``"auto"`` — ``"features"`` on UNets, ``"output"`` otherwise.
 
 Passes with caching on. ``recompute="every"`` (default, as the paper states it): the dominant adapter runs a full
-pass at every step. ``recompute="refresh"``: only at refresh steps (and, with ``stage2="reference"``, where the
+pass at every step. ``recompute="refresh"``: only at refresh steps (and, with ``second_stage="reference"``, where the
 dominant adapter changes at the boundary); in between it too reuses its cache. An adapter with nothing cached (the
 first step, a new batch shape) always runs a full pass; every full pass refreshes that adapter's cache. (The
 published code's stage-2 cache clear writes into a copy of its cache list and so clears nothing; it never runs
@@ -81,7 +81,7 @@ LOW_CATEGORIES = ("background",)
 
 CACHE_MODES = ("off", "auto", "features", "output")
 STAGE_RULES = ("fraction", "online")
-STAGE2_RULES = ("reference", "paper")
+SECOND_STAGE_RULES = ("reference", "paper")
 RECOMPUTE = ("every", "refresh")
 
 
@@ -121,13 +121,13 @@ def frequency_sets(
     return [item[-1] for item in sorted(high)], [item[-1] for item in sorted(low)]
 
 
-def first_stage2_step(num_steps: int, fraction: float) -> int:
+def second_stage_start(num_steps: int, fraction: float) -> int:
     """The first step of stage 2 under the fraction rule: the smallest t with t ≥ ``fraction``·T (the product
     rounded to 9 decimals first, so 0.55·220 is 121, not 121.00000000000001)."""
     return math.ceil(round(fraction * num_steps, 9))
 
 
-def stage2_window(high: Sequence[str], low: Sequence[str]) -> list[str]:
+def second_stage_window(high: Sequence[str], low: Sequence[str]) -> list[str]:
     """The published code's stage-2 pool: (H + L)[1 : |H| + 1] — H without its first adapter, then L's first
     (H itself when either set is empty)."""
     if not high or not low:
@@ -161,7 +161,7 @@ def spatial_latent(ctx: StepContext) -> torch.Tensor | None:
 @register("cmlora")
 class CMLoRA(Strategy):
     """CMLoRA. Options: ``delta_h`` (name → ΔH), ``categories`` (name → category), ``split`` (ΔH threshold for H),
-    ``stage`` (``"fraction"``/``"online"``), ``fraction`` (0.55), ``g_f`` (0.68), ``stage2`` (``"reference"``/
+    ``stage`` (``"fraction"``/``"online"``), ``fraction`` (0.55), ``g_f`` (0.68), ``second_stage`` (``"reference"``/
     ``"paper"``), ``c1``/``c2``/``c3`` (2/3/2), ``bounds`` ((0.375, 0.875)), ``recompute`` (``"every"``/
     ``"refresh"``), ``cache`` (``"off"``/``"auto"``/``"features"``/``"output"``), ``shallow_levels`` (UNet levels
     rerun by a feature-cached pass, 1). The defaults are the published code's non-uniform mode."""
@@ -177,7 +177,7 @@ class CMLoRA(Strategy):
         stage: str = "fraction",
         fraction: float = 0.55,
         g_f: float = 0.68,
-        stage2: str = "reference",
+        second_stage: str = "reference",
         c1: int = 2,
         c2: int = 3,
         c3: int = 2,
@@ -191,12 +191,12 @@ class CMLoRA(Strategy):
             "cmlora",
             weights,
             options,
-            "delta_h, categories, split, stage, fraction, g_f, stage2, c1, c2, c3, bounds, recompute, cache, "
+            "delta_h, categories, split, stage, fraction, g_f, second_stage, c1, c2, c3, bounds, recompute, cache, "
             "shallow_levels",
         )
         for label, allowed, value in (
             ("stage", STAGE_RULES, stage),
-            ("stage2", STAGE2_RULES, stage2),
+            ("second_stage", SECOND_STAGE_RULES, second_stage),
             ("recompute", RECOMPUTE, recompute),
             ("cache", CACHE_MODES, cache),
         ):
@@ -226,7 +226,7 @@ class CMLoRA(Strategy):
         self.stage_rule = stage
         self.fraction = float(fraction)
         self.g_f = float(g_f)
-        self.stage2 = stage2
+        self.second_stage = second_stage
         self.intervals = (c1, c2, c3)
         self.bounds = (bounds[0], bounds[1])
         self.recompute = recompute
@@ -319,12 +319,12 @@ class CMLoRA(Strategy):
         """The pool stage ``stage`` draws its dominant adapter from."""
         if stage == 1:
             return self.high or self.low
-        if self.stage2 == "reference":
-            return stage2_window(self.high, self.low)
+        if self.second_stage == "reference":
+            return second_stage_window(self.high, self.low)
         return self.low or self.high
 
     def _fraction_stage(self, step: int) -> int:
-        return 1 if step < first_stage2_step(self.num_steps, self.fraction) else 2
+        return 1 if step < second_stage_start(self.num_steps, self.fraction) else 2
 
     def _next_stage(self, ctx: StepContext) -> int:
         """Stage of this step: the fraction rule, or (online) the latent's score with the fraction rule as guard."""
@@ -349,7 +349,7 @@ class CMLoRA(Strategy):
             self._stage = stage
         refresh = ctx.step in self._refresh or self._dominant is None
         members = self._members(stage)
-        if self.stage2 == "reference":
+        if self.second_stage == "reference":
             self._counter += int(refresh)
             dominant = self.names.index(members[(self._counter - 1) % len(members)])
             self._refreshing = refresh or dominant != self._dominant

@@ -21,22 +21,22 @@ from fusion.strategies.base import StepContext
 from fusion.strategies.cmlora import (
     CMLoRA,
     cmlora_weights,
-    first_stage2_step,
     frequency_sets,
     refresh_steps,
+    second_stage_start,
+    second_stage_window,
     spatial_latent,
-    stage2_window,
 )
 
 GUIDANCE = 6.0
 WEIGHTS = {"l0": 0.8, "l1": 1.1, "l2": 0.5}
 SCORES = {"l0": 0.1, "l1": 0.05, "l2": -0.1}  # H = [l0, l1], L = [l2]
 DOMINANTS_8 = ["l0", "l0", "l1", "l0", "l0", "l2", "l2", "l2"]
-"""T = 8, stage2="paper": refresh steps 0, 2, 3, 6, 7 plus the stage switch at step 5 (5 < 0.55·8 is false)."""
+"""T = 8, second_stage="paper": refresh steps 0, 2, 3, 6, 7 plus the stage switch at step 5 (5 < 0.55·8 is false)."""
 REFERENCE_8 = ["l0", "l0", "l1", "l0", "l0", "l1", "l2", "l1"]
 """T = 8, the published stage 2: refresh counter c = 1, 1, 2, 3, 3, 3, 4, 5; stage 1 picks H[(c−1) mod 2], stage 2
 W[(c−1) mod 2] over W = [l1, l2] (H without its first adapter, then L's first)."""
-PAPER = {"stage2": "paper"}
+PAPER = {"second_stage": "paper"}
 
 
 def _lora(denoiser: nn.Module, rank: int, seed: int, every: int) -> dict[str, LowRank]:
@@ -131,7 +131,7 @@ def test_unscored_adapters_keep_the_combination_order() -> None:
 
 @pytest.mark.parametrize(("steps", "first"), [(20, 11), (50, 28), (220, 121), (8, 5)])
 def test_stage_two_starts_where_the_published_code_puts_it(steps: int, first: int) -> None:
-    assert first_stage2_step(steps, 0.55) == first  # 220 steps: stage 1 is steps 0…120, as in the published code
+    assert second_stage_start(steps, 0.55) == first  # 220 steps: stage 1 is steps 0…120, as in the published code
     strategy = CMLoRA(WEIGHTS)
     strategy._reset_generation(steps)
     assert [strategy._fraction_stage(t) for t in (first - 1, first)] == [1, 2]
@@ -139,7 +139,7 @@ def test_stage_two_starts_where_the_published_code_puts_it(steps: int, first: in
 
 def test_default_dominant_schedule_is_the_published_one() -> None:
     strategy = CMLoRA({"char": 1.0, "ink": 1.0, "bg": 1.0})
-    assert (strategy.cache_option, strategy.stage2, strategy.fraction) == ("off", "reference", 0.55)
+    assert (strategy.cache_option, strategy.second_stage, strategy.fraction) == ("off", "reference", 0.55)
     strategy.high, strategy.low = ["char", "ink"], ["bg"]
     strategy._reset_generation(20)
     for step in range(20):
@@ -147,8 +147,8 @@ def test_default_dominant_schedule_is_the_published_one() -> None:
     # refresh steps 0 2 4 6 7 10 | 13 16 17 19 advance one counter; from step 11 the pool is [ink, bg]
     c, i, b = "char", "ink", "bg"
     assert strategy.dominants == [c, c, i, i, c, c, i, c, c, c, i, b, b, i, i, i, b, i, i, b]
-    assert stage2_window(["a", "b", "c"], ["d", "e"]) == ["b", "c", "d"]
-    assert stage2_window([], ["d", "e"]) == ["d", "e"]
+    assert second_stage_window(["a", "b", "c"], ["d", "e"]) == ["b", "c", "d"]
+    assert second_stage_window([], ["d", "e"]) == ["d", "e"]
 
 
 def test_spatial_latent_unpacks_flux_tokens() -> None:
