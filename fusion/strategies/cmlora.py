@@ -1,7 +1,8 @@
 """CMLoRA — Cached Multi-LoRA (Zou et al., ICLR 2025; docs/methods.md#cmlora).
 
-Every step every adapter contributes, Composite-style, but only one — the dominant adapter — gets a full denoiser
-pass; the others reuse a cache. The combined prediction (CFG applied once by the pipeline, CFG being linear) is
+Every step every adapter contributes, Composite-style, one of them — the dominant adapter — weighted up; with caching
+on (an option) only the dominant adapter gets a full denoiser pass and the others reuse a cache. The combined
+prediction (CFG applied once by the pipeline, CFG being linear) is
 
     ẽ = w_dom · e_dom + w_other · Σ_{i ≠ dom} ẽ_i,   w_dom = (N − 0.5)/(2N − 1.5),   w_other = 1/(2N − 1.5)
 
