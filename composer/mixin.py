@@ -26,6 +26,7 @@ from fusion.adapters import Adapter, Dense, LowRank, Sparse
 from fusion.cfg_branches import Branches, resolve_branches
 from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError
+from fusion.layer_index import LayerIndex
 from fusion.squeeze import combine
 from fusion.strategies import get_strategy
 from fusion.strategies.base import Strategy, WeightSpec
@@ -89,6 +90,14 @@ class ComposableMixin:
             self._composer["engine"] = engine
         return engine
 
+    def _layer_index(self) -> LayerIndex:
+        """The composable layers of this pipeline's denoiser and text encoders, indexed without changing anything."""
+        return LayerIndex(
+            self._denoiser(),
+            text_encoders={name: getattr(self, name, None) for name in _TEXT_ENCODERS},
+            family=self.family,
+        )
+
     def add_adapter(self, adapter: Adapter, name: str | None = None) -> str:
         """Register ``adapter`` (renamed to ``name`` if given) after validating it against this model; returns the
         name. Raises :class:`FamilyMismatchError` / :class:`ShapeMismatchError` and changes nothing if it does not
@@ -112,12 +121,7 @@ class ComposableMixin:
         if engine is not None:
             engine.validate([adapter])
         else:
-            probe = self._engine()
-            try:
-                probe.validate([adapter])
-            finally:
-                probe.clear()
-                self._composer["engine"] = None
+            self._layer_index().validate([adapter])
         self._composer["adapters"][adapter.name] = adapter
         return adapter.name
 
@@ -125,14 +129,8 @@ class ComposableMixin:
         """Weight shape of every composable layer (denoiser paths and ``text_encoder*.`` keys), as readers take
         them: they give flattened conv updates their conv shape and weight-relative kinds (IA3, OFT) their shape."""
         engine = self._composer["engine"]
-        if engine is not None:
-            return dict(engine.expected_shapes)
-        probe = self._engine()
-        try:
-            return dict(probe.expected_shapes)
-        finally:
-            probe.clear()
-            self._composer["engine"] = None
+        index = engine.index if engine is not None else self._layer_index()
+        return dict(index.shapes)
 
     def add_adapter_file(self, path: str | Path, name: str | None = None) -> str:
         """Read an adapter file or a PEFT / diffusers checkpoint folder (any supported format) for this pipeline's

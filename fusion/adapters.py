@@ -7,29 +7,27 @@ the ground truth every fast path is tested against:
 - :class:`Sparse` — SHiRA-style sorted flat indices + values into the weight;
 - :class:`Dense` — a full ΔW (LoKr, full fine-tune diffs, anything without a cheaper exact form).
 
-A fourth family, :class:`fusion.relative.Relative` (IA3, OFT/BOFT, DoRA, GLoRA), is a function of the base weight; it
-has no ΔW of its own until the engine resolves it against the pristine weight it adapts (see that module).
+A fourth family, :class:`Relative` (IA3, OFT/BOFT, DoRA, GLoRA: the kinds in :mod:`fusion.relative`), is a function
+of the base weight; it has no ΔW of its own until the engine resolves it against the pristine weight it adapts.
 
 An :class:`Adapter` groups them by module path: ``layers`` for the denoiser (UNet or DiT), and
 ``text_encoder_layers`` keyed ``"text_encoder.<path>"`` / ``"text_encoder_2.<path>"``.
 
-The exact helpers (QR-core SVD, rank squeeze, concatenation, LoRA→sparse) never form ΔW for low-rank
+The exact helpers (QR-core SVD, concatenation, LoRA→sparse) never form ΔW for low-rank
 inputs except where the result is inherently dense.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import torch
 
-from fusion.errors import ShapeMismatchError
-
-if TYPE_CHECKING:
-    from fusion.relative import Relative
+from fusion.errors import CompositionError, ShapeMismatchError
 
 FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 """Base-model families an adapter can be made for. FLUX.1 Kontext shares the ``flux`` family."""
@@ -226,7 +224,42 @@ class Dense:
         return replace(self, weight=self.weight.to(device=device, dtype=dtype), bias=bias)
 
 
-AdapterKind = Union[LowRank, Sparse, Dense, "Relative"]
+class Relative(ABC):
+    """An update defined as a function of the base weight it adapts; :meth:`resolve` gives the dense ΔW (the kinds
+    are in :mod:`fusion.relative`)."""
+
+    shape: tuple[int, ...]
+
+    @abstractmethod
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """f(W): the adapted weight, computed in fp32 from the base weight ``weight``."""
+
+    @abstractmethod
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors this update owns."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Relative:
+        """A copy on ``device`` / in ``dtype``."""
+
+    def resolve(self, weight: torch.Tensor) -> Dense:
+        """ΔW = f(W) − W against the (pristine) base weight, as a :class:`Dense` in fp32."""
+        if tuple(weight.shape) != tuple(self.shape):
+            raise ShapeMismatchError(
+                f"{type(self).__name__} update of shape {self.shape} given a weight {weight.shape}"
+            )
+        base = weight.detach().float()
+        return Dense(weight=self.apply(base) - base)
+
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Not defined without the base weight: always raises :class:`CompositionError` saying what to do."""
+        raise CompositionError(
+            f"a {type(self).__name__} update is a function of the base weight and has no ΔW of its own",
+            hint="attach the adapter to a model (the engine resolves it), or call resolve(base_weight)",
+        )
+
+
+AdapterKind = Union[LowRank, Sparse, Dense, Relative]
 
 
 @dataclass(eq=False)
@@ -306,32 +339,6 @@ def qr_core_svd(update: LowRank) -> Spectrum:
     core = (r_up @ r_down.T) * update.scale
     u_core, singular, vh_core = torch.linalg.svd(core, full_matrices=False)
     return Spectrum(U=q_up @ u_core, S=singular, Vh=vh_core @ q_down.T)
-
-
-def squeeze_rank(update: LowRank, rank: int | None = None, energy: float | None = None) -> LowRank:
-    """Best rank-k approximation of ``update`` (exact when k ≥ its true rank), as new factors with alpha = k.
-
-    Give ``rank`` for a fixed k, or ``energy`` in (0, 1] to keep the fewest singular values whose squared sum
-    reaches that fraction of ‖ΔW‖².
-    """
-    if (rank is None) == (energy is None):
-        raise ValueError("give exactly one of rank or energy")
-    spectrum = qr_core_svd(update)
-    if rank is None:
-        assert energy is not None
-        if not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1], got {energy}")
-        cumulative = torch.cumsum(spectrum.S**2, 0)
-        total = cumulative[-1] if cumulative.numel() else torch.tensor(0.0, dtype=torch.float64)
-        rank = int(torch.searchsorted(cumulative, energy * total - 1e-12 * total).item()) + 1
-    rank = max(1, min(int(rank), spectrum.S.numel()))
-    root = spectrum.S[:rank].sqrt()
-    up = spectrum.U[:, :rank] * root
-    down = root[:, None] * spectrum.Vh[:rank]
-    dtype = update.up.dtype
-    up = up.reshape(update.shape[0], rank, *([1, 1] if update.is_conv else [])).to(dtype)
-    down = down.reshape(rank, *update.shape[1:]).to(dtype)
-    return LowRank(down=down, up=up, alpha=float(rank))
 
 
 def concat_low_rank(weighted: Iterable[tuple[LowRank, float]]) -> LowRank:

@@ -21,18 +21,26 @@ predictions alike by ``Δ``, the guided prediction moves by ``(g − (g − 1)·
 strength between the unamplified ``Δ`` of both branches and the ``g·Δ`` of the conditional one; a share of 1 for
 every adapter is the method on the whole batch. A number instead of a mapping is that share for every adapter.
 
-Functions here check a branch choice and slice a CFG batch's denoiser arguments into its two halves; the engine runs
-the unconditional half on the base model (no adapter kept there) or through the strategy with every adapter's
-weights times its share, and the conditional half through the strategy.
+Here: what a branch choice means (:func:`resolve_branches`), the choice in force for a composition and how a CFG call
+runs by halves (:class:`BranchRouting`): the unconditional half on the base model (no adapter kept there) or through
+the strategy with every adapter's weights times its share (the engine's
+:meth:`fusion.engine.FusionEngine.unconditional`), the conditional half through the strategy, the denoiser arguments
+sliced into the two halves (:func:`cfg_halves`). Nothing here imports torch at module level: the CLI reads
+:data:`BRANCHES`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any, Union
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Union
 
 from fusion.errors import CompositionError
+
+if TYPE_CHECKING:
+    from fusion.strategies.base import StepContext, Strategy
 
 BRANCHES = ("both", "conditional")
 """``"both"``: adapters on the whole CFG batch (what pipelines do); ``"conditional"``: on the conditional half only."""
@@ -76,6 +84,64 @@ def resolve_branches(branches: Branches, adapters: Iterable[str]) -> tuple[str, 
     if all(share == 1.0 for share in shares.values()):
         return "both", {}
     return "conditional", {name: share for name, share in shares.items() if share > 0.0}
+
+
+class BranchRouting:
+    """The branch choice in force for the active composition (``mode`` and the unconditional half's ``shares``, from
+    :func:`resolve_branches`), and whether the current generation's denoiser batches are ``[unconditional;
+    conditional]`` CFG halves."""
+
+    def __init__(self) -> None:
+        self.mode = "both"
+        self.shares: dict[str, float] = {}
+        self.cfg_batches = False
+
+    def choose(self, branches: Branches, adapters: Iterable[str]) -> None:
+        """Resolve ``branches`` for a composition of ``adapters`` (a :class:`CompositionError` leaves it unchanged)."""
+        self.mode, self.shares = resolve_branches(branches, adapters)
+
+    def start_generation(self, cfg_halves: bool) -> None:
+        """A generation starts; ``cfg_halves`` says whether its batches are CFG halves."""
+        self.cfg_batches = cfg_halves
+
+    @property
+    def splits_batch(self) -> bool:
+        """Whether each denoiser call is run half by half (adapters on the conditional branch, CFG halves)."""
+        return self.mode == "conditional" and self.cfg_batches
+
+    def run_halves(
+        self,
+        ctx: StepContext,
+        strategy: Strategy,
+        unconditional: Callable[[], AbstractContextManager[None]],
+        keep: frozenset[str],
+    ) -> tuple[Any, Any, StepContext]:
+        """One CFG call half by half: the unconditional half under ``unconditional()`` (through the strategy where
+        some adapter keeps a share there, the denoiser alone otherwise), the conditional half through the strategy;
+        keyword arguments named in ``keep`` go to both whole. Returns both outputs and the conditional half's context
+        (to wrap their predictions stacked in the batch's order). The strategy sees two calls at one step, as under
+        true-CFG pipelines, so per-call state (CMLoRA's caches) stays apart."""
+        batch, half = ctx.batch_size, ctx.batch_size // 2
+        contexts = [
+            dataclasses.replace(
+                ctx,
+                timestep=batch_slice(ctx.timestep, start, start + half, batch),
+                batch_size=half,
+                args=half_args,
+                kwargs=half_kwargs,
+            )
+            for start, (half_args, half_kwargs) in zip((0, half), cfg_halves(ctx.args, ctx.kwargs, batch, keep))
+        ]
+        with unconditional():
+            unconditional_output = strategy.step(contexts[0]) if self.shares else contexts[0].run()
+        return unconditional_output, strategy.step(contexts[1]), contexts[1]
+
+    def unconditional_scale(self, adapter_names: Iterable[str]) -> list[float] | None:
+        """The share of each adapter's weight (in ``adapter_names`` order) the unconditional half carries, or None
+        where no adapter is kept there (the base model computes that half)."""
+        if not self.shares:
+            return None
+        return [self.shares.get(name, 0.0) for name in adapter_names]
 
 
 def _is_number(value: Any) -> bool:

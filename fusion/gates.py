@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from fusion.errors import CompositionError, ShapeMismatchError
@@ -30,16 +31,18 @@ from fusion.errors import CompositionError, ShapeMismatchError
 TIME_DIM = 32
 """Width of the sinusoidal timestep embedding fed to every gate's τ projection."""
 
+TIME_SCALE = 1000.0
+"""Timestep fractions are scaled to the scheduler's 0–1000 range before they are embedded."""
+
 _SEPARATOR = ":"
 """Joins a layer path and a parameter name in flat tensor dicts (layer paths never contain it)."""
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = TIME_DIM) -> torch.Tensor:
-    """Sinusoidal embedding (N, dim) of timesteps ``t`` (N,) given as fractions in [0, 1] (0 = clean)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    """Sinusoidal embedding (N, dim) of timesteps ``t`` (N,) given as fractions in [0, 1] (0 = clean): diffusers'
+    embedding of ``1000·t`` with the sines first and frequencies 10000^(−i/(dim/2)) (the layout the shipped gates
+    were trained with)."""
+    return get_timestep_embedding(TIME_SCALE * t.float(), dim, flip_sin_to_cos=False, downscale_freq_shift=0)
 
 
 class LayerGate(nn.Module):

@@ -13,10 +13,8 @@ gate over the R rank columns (adapter weight × alpha/rank), so the unfused forw
 whatever the number of adapters. A per-sample gate matrix (N×R) lets each sample of a batch see its own adapters
 (LoRA Composite in one batched pass).
 
-Gates cost O(1) Python per weight change: every composed layer of an engine registers its columns (owning adapter,
-group, scale) with the engine's :class:`GateState`, which keeps ONE flat gate buffer per (device, dtype) for all
-layers; installing new (G, A) weights fills it with a single gather + multiply, and each layer reads its columns
-through a view. Nothing per layer runs when weights change.
+The gates live in one buffer per (device, dtype) shared by every composed layer of an engine
+(:class:`fusion.gate_state.GateState`): a weight change costs O(1) Python, nothing per layer.
 
 Where the factors are at least as large as the weight itself (R·(in+out) ≥ in·out), one matmul with an effective
 weight W + Σ wᵢΔWᵢ is cheaper than three; such a layer caches that weight once the same weights served two
@@ -29,17 +27,13 @@ Per-adapter outputs: with a ``mixer`` set (gated fusion, :mod:`fusion.gates`), t
 and every low-rank adapter's own output lₖ = wₖ·ΔWₖ·x as one (K, …, out) stack — one down matmul over
 rank-padded factors and one batched up matmul — and returns ``mixer(layer, b, l)``.
 
-Fused mode writes Σ wᵢΔWᵢ into the base weight and keeps a pristine copy of that weight; unfusing copies it back
-(bit-exact, never subtract-to-undo). When every update with a non-zero weight is Sparse (SHiRA), fusing instead
-scatters the values at their sorted indices and saves only the original entries there; unfusing writes them back,
-and re-fusing a weight set seen before reuses its fused values (:mod:`fusion.sparse_switching`).
+Fused mode writes Σ wᵢΔWᵢ into the base weight and restores it bit-exactly (:mod:`fusion.fused_weights`).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -49,139 +43,12 @@ from torch import nn
 
 from fusion.adapters import AdapterKind, Dense, LowRank, Sparse
 from fusion.errors import CompositionError
-from fusion.sparse_switching import FusedSparse, FusedSparseCache, fuse_sparse, restore_sparse
+from fusion.fused_weights import FusedWeights, Slot
+from fusion.gate_state import Columns, GateState
+from fusion.sparse_switching import FusedSparse, FusedSparseCache
 
 Mixer = Callable[["ComposedLayer", torch.Tensor, torch.Tensor], torch.Tensor]
 """``mixer(layer, b, l) -> y``: combines the base output ``b`` (…, out) with per-adapter outputs ``l`` (K, …, out)."""
-
-
-class _Columns:
-    """One layer's low-rank columns as registered with a :class:`GateState`: for each column its group, owning
-    adapter index and alpha/rank scale; ``start``/``stop`` locate them in the bank's flat gate buffer."""
-
-    __slots__ = ("bank", "group", "owner", "scale", "start", "stop")
-
-    def __init__(self, group: int, owner: torch.Tensor, scale: torch.Tensor, bank: tuple[torch.device, torch.dtype]):
-        self.group = group
-        self.owner = owner
-        self.scale = scale
-        self.bank = bank
-        self.start = 0
-        self.stop = 0
-
-
-class _Bank:
-    """Every registered column of one (device, dtype): a flat gather index into the (G, A) weights, the scales,
-    and the gate buffer all layers read (``generation`` changes whenever the buffer is reallocated)."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, columns: list[_Columns], num_adapters: int) -> None:
-        self.device = device
-        self.dtype = dtype
-        self.num_adapters = num_adapters
-        stop = 0
-        for col in columns:
-            col.start, stop = stop, stop + int(col.owner.numel())
-            col.stop = stop
-        if columns:
-            self.index = torch.cat([c.group * num_adapters + c.owner for c in columns]).to(device)
-            self.scale = torch.cat([c.scale for c in columns]).to(device)
-        else:
-            self.index = torch.zeros(0, dtype=torch.long, device=device)
-            self.scale = torch.zeros(0, device=device)
-        self.gate = torch.zeros(stop, dtype=dtype, device=device)
-        self.sample_gate: torch.Tensor | None = None
-
-    def fill(self, weights: torch.Tensor, sample_weights: torch.Tensor | None) -> None:
-        """gate[c] = weight[group(c), owner(c)] · scale(c) for every column c, in one gather (and per sample)."""
-        flat = weights.reshape(-1).to(self.device)
-        self.gate.copy_(flat.index_select(0, self.index) * self.scale)
-        if sample_weights is None:
-            self.sample_gate = None
-        else:
-            per_sample = sample_weights.reshape(sample_weights.shape[0], -1).to(self.device)
-            self.sample_gate = (per_sample.index_select(1, self.index) * self.scale).to(self.dtype)
-
-
-class GateState:
-    """Adapter weights every composed layer of one engine reads: ``weights`` (G, A), optional ``sample_weights``
-    (N, G, A), a ``version`` bumped on every change, and the flat per-column gate buffers computed from them.
-    ``installed`` holds the two as a strategy set them; while a per-adapter ``scale`` (A,) is set (the unconditional
-    half of a branch-share composition) ``weights`` and ``sample_weights`` are those times the scale, so a strategy
-    runs unchanged on the unconditional half at a share of its weights. While ``muted`` every unfused composed layer
-    computes its base output alone."""
-
-    def __init__(self, num_groups: int, device: torch.device) -> None:
-        self.device = device
-        self.weights = torch.zeros(num_groups, 0, device=device)
-        self.sample_weights: torch.Tensor | None = None
-        self.installed: tuple[torch.Tensor, torch.Tensor | None] = (self.weights, None)
-        self.scale: torch.Tensor | None = None
-        self.muted = False
-        self.version = 0
-        self.generation = 0
-        self._columns: dict[int, _Columns] = {}
-        self._banks: dict[tuple[torch.device, torch.dtype], _Bank] = {}
-        self._dirty = False
-
-    def set(self, weights: torch.Tensor, sample_weights: torch.Tensor | None) -> None:
-        """Install new (G, A) weights and (N, G, A) per-sample weights (or None): one gather per bank."""
-        self.installed = (weights, sample_weights)
-        if self.scale is not None:
-            weights = weights * self.scale
-            sample_weights = None if sample_weights is None else sample_weights * self.scale
-        self.weights = weights
-        self.sample_weights = sample_weights
-        self.version += 1
-        if self._dirty or any(b.num_adapters != weights.shape[1] for b in self._banks.values()):
-            self._rebuild()
-        else:
-            for bank in self._banks.values():
-                bank.fill(weights, sample_weights)
-
-    def set_scale(self, scale: torch.Tensor | None) -> None:
-        """Multiply every adapter's installed weights by ``scale`` (A,) from now on (None: by 1 again)."""
-        self.scale = scale
-        self.set(*self.installed)
-
-    def register(self, layer: nn.Module, columns: _Columns | None) -> None:
-        """(Re)register ``layer``'s columns (None unregisters); the buffers are rebuilt at the next use."""
-        if columns is None:
-            self._columns.pop(id(layer), None)
-        else:
-            self._columns[id(layer)] = columns
-        self._dirty = True
-
-    def ensure(self) -> None:
-        """Rebuild the buffers if layers registered since the last weight install."""
-        if self._dirty:
-            self._rebuild()
-
-    def bank(self, columns: _Columns) -> _Bank:
-        """The bank holding ``columns`` (buffers up to date)."""
-        if self._dirty:
-            self._rebuild()
-        return self._banks[columns.bank]
-
-    def _rebuild(self) -> None:
-        grouped: dict[tuple[torch.device, torch.dtype], list[_Columns]] = {}
-        for columns in self._columns.values():
-            grouped.setdefault(columns.bank, []).append(columns)
-        num_adapters = int(self.weights.shape[1])
-        self._banks = {key: _Bank(key[0], key[1], cols, num_adapters) for key, cols in grouped.items()}
-        for bank in self._banks.values():
-            bank.fill(self.weights, self.sample_weights)
-        self.generation += 1
-        self._dirty = False
-
-
-@dataclass
-class _Slot:
-    """One adapter's update inside a composed layer; low-rank slots own columns [start, stop) of the concatenation."""
-
-    name: str
-    kind: AdapterKind
-    start: int = 0
-    stop: int = 0
 
 
 @lru_cache(maxsize=4096)
@@ -210,7 +77,7 @@ def _restore_base_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: 
             state_dict[f"{prefix}base.{name}"] = state_dict.pop(prefix + name)
 
 
-class ComposedLayer(nn.Module, ABC):
+class ComposedLayer(FusedWeights, nn.Module):
     """Shared machinery of :class:`ComposedLinear` and :class:`ComposedConv2d` (see the module docstring)."""
 
     def __init__(self, base: nn.Module, key: str, group: int, state: GateState) -> None:
@@ -219,7 +86,7 @@ class ComposedLayer(nn.Module, ABC):
         self.key = key
         self.group = group
         self.state = state
-        self.slots: list[_Slot] = []
+        self.slots: list[Slot] = []
         self.down_cat: torch.Tensor | None = None
         self.up_cat: torch.Tensor | None = None
         self.pristine: torch.Tensor | None = None
@@ -227,7 +94,7 @@ class ComposedLayer(nn.Module, ABC):
         self.mixer: Mixer | None = None
         self._saved: FusedSparse | None = None
         self._sparse_cache = FusedSparseCache()
-        self._columns: _Columns | None = None
+        self._columns: Columns | None = None
         self._slot_index: list[int] = []
         self._output_owners = torch.zeros(0, dtype=torch.long, device=base.weight.device)
         self._col_scale = torch.zeros(0, device=base.weight.device)
@@ -258,24 +125,9 @@ class ComposedLayer(nn.Module, ABC):
     # ----- attaching -------------------------------------------------------------------------------------------
 
     @property
-    def weight_param(self) -> torch.Tensor:
-        """The base module's weight parameter (what fused mode writes)."""
-        return self.base.weight
-
-    @property
-    def rank(self) -> int:
-        """Total number of concatenated low-rank columns R."""
-        return 0 if self.down_cat is None else int(self.down_cat.shape[0])
-
-    @property
     def names(self) -> list[str]:
         """Names of the adapters attached to this layer, in attach order."""
         return [slot.name for slot in self.slots]
-
-    @property
-    def fused(self) -> bool:
-        """True while Σ wᵢΔWᵢ is written into the base weight (dense copy or sparse scatter)."""
-        return self.pristine is not None or self._saved is not None or self.pristine_bias is not None
 
     @property
     def output_owners(self) -> torch.Tensor:
@@ -284,7 +136,7 @@ class ComposedLayer(nn.Module, ABC):
 
     def add(self, name: str, kind: AdapterKind) -> None:
         """Attach one adapter's update (already on the base weight's device and dtype)."""
-        slot = _Slot(name, kind)
+        slot = Slot(name, kind)
         if isinstance(kind, LowRank):
             slot.start = self.rank
             slot.stop = slot.start + kind.rank
@@ -341,7 +193,7 @@ class ComposedLayer(nn.Module, ABC):
             _needs_effective=bool(extra),
             _prefers_effective=self.rank * (weight[0].numel() + weight.shape[0]) >= weight.numel(),
             _transient_rows=self._transient_threshold(),
-            _columns=_Columns(self.group, owners, scales, (device, weight.dtype)) if owner else None,
+            _columns=Columns(self.group, owners, scales, (device, weight.dtype)) if owner else None,
         )
         self.state.register(self, self._columns)
         self._forget()
@@ -359,38 +211,6 @@ class ComposedLayer(nn.Module, ABC):
         )
 
     # ----- gates -----------------------------------------------------------------------------------------------
-
-    def _extra_kinds(self) -> list[AdapterKind]:
-        return [slot.kind for slot in self.slots if not isinstance(slot.kind, LowRank)]
-
-    def _combined_extra(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Σ wᵢΔWᵢ over the sparse/dense updates for adapter weights ``weights`` (A,), or None if there are none."""
-        kinds = self._extra_kinds()
-        if not kinds:
-            return None
-        w = weights[self._extra_owner]
-        total = torch.zeros(self.base.weight.shape, dtype=torch.float32, device=self.base.weight.device)
-        for i, kind in enumerate(kinds):
-            total += w[i] * kind.delta(torch.float32)
-        return total.to(dtype)
-
-    def _combined_bias(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Σ wᵢΔbᵢ over the dense updates that carry a bias update, or None if none does."""
-        kinds = self._extra_kinds()
-        if not any(isinstance(kind, Dense) and kind.bias is not None for kind in kinds):
-            return None
-        w = weights[self._extra_owner]
-        total = torch.zeros(self.base.weight.shape[0], dtype=torch.float32, device=self.base.weight.device)
-        for i, kind in enumerate(kinds):
-            if isinstance(kind, Dense) and kind.bias is not None:
-                total += w[i] * kind.bias_delta(torch.float32)
-        return total.to(dtype)
-
-    def _merged_bias(self, weights: torch.Tensor) -> torch.Tensor | None:
-        """The base bias plus Σ wᵢΔbᵢ (the base bias itself when no update touches it)."""
-        bias = self.base.bias
-        extra = None if bias is None else self._combined_bias(weights, torch.float32)
-        return bias if extra is None else (bias.detach().float() + extra).to(bias.dtype)
 
     def _gate(self) -> torch.Tensor:
         """This layer's (R,) column gates: a view into the shared buffer (re-sliced only when it is reallocated)."""
@@ -442,132 +262,6 @@ class ComposedLayer(nn.Module, ABC):
             assert bank_gate is not None
             gate = bank_gate[:, self._columns.start : self._columns.stop]
         return gate, sample[:, self.group][:, self._extra_owner].to(dtype)
-
-    # ----- fused mode ------------------------------------------------------------------------------------------
-
-    def delta(self, weights: torch.Tensor) -> torch.Tensor:
-        """Σ wᵢΔWᵢ for adapter weights ``weights`` (A,), in fp32, shaped like the base weight."""
-        weight = self.base.weight
-        total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        self.add_into(total, weights)
-        return total
-
-    @torch.no_grad()
-    def add_into(self, target: torch.Tensor, weights: torch.Tensor) -> None:
-        """target += Σ wᵢΔWᵢ in place (``target`` shaped like the base weight).
-
-        Low-rank updates go in as one in-place GEMM over the concatenated factors (gate folded into the up factor),
-        in the target's dtype where that is exact enough and fast (fp32 anywhere, half precision on accelerators);
-        half precision on CPU is summed in fp32 and rounded once.
-        """
-        direct = target.dtype == torch.float32 or target.device.type != "cpu"
-        work = target if direct else target.float()
-        flat = work.view(work.shape[0], -1)
-        if self.rank:
-            assert self.down_cat is not None
-            assert self.up_cat is not None
-            gate = (weights[self._owner] * self._col_scale).to(work.dtype)
-            flat.addmm_(self.up_cat.flatten(1).to(work.dtype) * gate, self.down_cat.flatten(1).to(work.dtype))
-        extra = self._combined_extra(weights, work.dtype)
-        if extra is not None:
-            flat += extra.reshape(flat.shape)
-        if not direct:
-            target.copy_(work)
-
-    def merged(self, weight: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """A new tensor ``weight`` + Σ wᵢΔWᵢ (``weight`` itself is left as it is)."""
-        out = weight.detach().clone()
-        self.add_into(out, weights)
-        return out
-
-    def pristine_weight(self) -> torch.Tensor:
-        """The base weight as it was before any fusing (the weight itself when not fused, else a copy)."""
-        if self.pristine is not None:
-            return self.pristine
-        weight = self.base.weight.detach()
-        if self._saved is None:
-            return weight
-        copy = weight.clone()
-        restore_sparse(copy, self._saved)
-        return copy
-
-    def _sparse_updates(self, weights: torch.Tensor) -> list[tuple[Sparse, float]] | None:
-        """(update, weight) for every non-zero-weight slot if all of them are Sparse, else None."""
-        values = weights.tolist()
-        active = [(slot.kind, values[i]) for slot, i in zip(self.slots, self._slot_index) if values[i] != 0.0]
-        if all(isinstance(kind, Sparse) for kind, _ in active):
-            return [(kind, w) for kind, w in active if isinstance(kind, Sparse)]
-        return None
-
-    def fuse(self, weights: torch.Tensor) -> None:
-        """Write pristine W + Σ wᵢΔWᵢ into the base weight (``weights``: (A,) for this layer's group).
-
-        Sparse-only updates are scattered in place with the original entries saved (no full pristine copy);
-        anything else writes the dense sum, keeping a pristine copy of the weight. Runs without autograd (entered
-        here only when the caller has not: the engine fuses every layer under one ``no_grad``).
-        """
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                return self.fuse(weights)
-        param = self.base.weight.detach()
-        self._forget()
-        sparse = self._sparse_updates(weights)
-        if sparse is None:
-            self._fuse_bias(weights)
-            self._restore_sparse()
-            if self.pristine is None:
-                self.pristine = param.clone()
-            else:
-                param.copy_(self.pristine)
-            self.add_into(param, weights)
-            return
-        self._restore_bias()  # no update with a non-zero weight carries a bias
-        if self.pristine is not None:
-            param.copy_(self.pristine)
-            self.pristine = None
-        prepared = self._sparse_cache.lookup(param, sparse) if sparse else None
-        saved = fuse_sparse(param, sparse, self._saved, prepared)
-        self._sparse_cache.store(param, sparse, saved)
-        if saved is None:
-            empty = torch.zeros(0, dtype=torch.long, device=param.device)
-            saved = FusedSparse(empty, param.new_zeros(0), param.new_zeros(0))
-        vars(self)["_saved"] = saved  # a plain attribute, set without nn.Module's checks (per layer, per switch)
-
-    def _fuse_bias(self, weights: torch.Tensor) -> None:
-        """Write pristine b + Σ wᵢΔbᵢ into the base bias (keeping a pristine copy), or put the pristine one back
-        (called under ``fuse``'s no_grad)."""
-        bias = self.base.bias
-        extra = None if bias is None else self._combined_bias(weights, torch.float32)
-        if extra is None:
-            self._restore_bias()
-            return
-        if self.pristine_bias is None:
-            self.pristine_bias = bias.detach().clone()
-        bias.copy_((self.pristine_bias.float() + extra).to(bias.dtype))
-
-    def _restore_bias(self) -> None:
-        if self.pristine_bias is not None:
-            self.base.bias.copy_(self.pristine_bias)
-            self.pristine_bias = None
-
-    def _restore_sparse(self) -> None:
-        if self._saved is not None:
-            param = self.base.weight.detach()
-            restore_sparse(param, self._saved)
-            self._sparse_cache.store(param, [], None)
-            self._saved = None
-
-    @torch.no_grad()
-    def unfuse(self) -> None:
-        """Put the pristine weight (and bias) back (bit-exact) and leave fused mode."""
-        self._restore_bias()
-        if self._saved is not None:
-            self._restore_sparse()
-            self._forget()
-        if self.pristine is not None:
-            self.base.weight.copy_(self.pristine)
-            self.pristine = None
-            self._forget()
 
     # ----- per-adapter outputs ---------------------------------------------------------------------------------
 

@@ -6,9 +6,10 @@ additively, so each is turned into a dense update **relative to the pristine bas
 
     ΔW = f(W₀) − W₀
 
-(:meth:`Relative.resolve`, called by :class:`fusion.engine.FusionEngine` before anything is touched). With that
-definition a single adapter at weight 1 reproduces its producer exactly, and every composition method (merge, switch,
-composite, CMLoRA, gated; fused or unfused) treats it like any other ΔW: the adapter weight w scales ΔW linearly.
+(:meth:`fusion.adapters.Relative.resolve`, called before anything is touched when the engine attaches the adapter).
+With that definition a single adapter at weight 1 reproduces its producer exactly, and every composition method
+(merge, switch, composite, CMLoRA, gated; fused or unfused) treats it like any other ΔW: the adapter weight w scales
+ΔW linearly.
 
 Consequences worth knowing:
 
@@ -22,47 +23,12 @@ Consequences worth knowing:
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 
 import torch
 
-from fusion.adapters import Dense, LowRank
-from fusion.errors import CompositionError, ShapeMismatchError
-
-
-class Relative(ABC):
-    """An update defined as a function of the base weight it adapts; :meth:`resolve` gives the dense ΔW."""
-
-    shape: tuple[int, ...]
-
-    @abstractmethod
-    def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        """f(W): the adapted weight, computed in fp32 from the base weight ``weight``."""
-
-    @abstractmethod
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The tensors this update owns."""
-
-    @abstractmethod
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Relative:
-        """A copy on ``device`` / in ``dtype``."""
-
-    def resolve(self, weight: torch.Tensor) -> Dense:
-        """ΔW = f(W) − W against the (pristine) base weight, as a :class:`Dense` in fp32."""
-        if tuple(weight.shape) != tuple(self.shape):
-            raise ShapeMismatchError(
-                f"{type(self).__name__} update of shape {self.shape} given a weight {weight.shape}"
-            )
-        base = weight.detach().float()
-        return Dense(weight=self.apply(base) - base)
-
-    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Not defined without the base weight: always raises :class:`CompositionError` saying what to do."""
-        raise CompositionError(
-            f"a {type(self).__name__} update is a function of the base weight and has no ΔW of its own",
-            hint="attach the adapter to a model (the engine resolves it), or call resolve(base_weight)",
-        )
+from fusion.adapters import Dense, LowRank, Relative
+from fusion.errors import ShapeMismatchError
 
 
 def _channel_view(vector: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:

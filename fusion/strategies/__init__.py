@@ -16,7 +16,7 @@ from fusion.errors import CompositionError
 if TYPE_CHECKING:
     from fusion.strategies.base import Strategy
 
-_BASE_EXPORTS = ("StepContext", "Strategy", "WeightSpec")
+_BASE_EXPORTS = ("Engine", "StepContext", "Strategy", "WeightSpec")
 
 BUILTIN: dict[str, str] = {
     "merge": "fusion.strategies.merge",
@@ -64,4 +64,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'fusion.strategies' has no attribute {name!r}")
 
 
-__all__ = ["BUILTIN", "StepContext", "Strategy", "WeightSpec", "get_strategy", "register"]
+__all__ = ["BUILTIN", "Engine", "StepContext", "Strategy", "WeightSpec", "get_strategy", "register"]

@@ -1,9 +1,9 @@
 """The strategy interface: what a composition method sees of each denoiser call, and what it may do with it.
 
-A :class:`~fusion.engine.FusionEngine` hooks the denoiser (UNet or DiT) through diffusers' HookRegistry. Every call
-the pipeline makes goes to the active :class:`Strategy`'s :meth:`Strategy.step` with a :class:`StepContext`; the
-strategy returns what the pipeline expects from the denoiser (whatever :meth:`StepContext.run` returned, or a
-combination of such).
+A :class:`~fusion.engine.FusionEngine` (what a strategy sees of it: :class:`Engine`) hooks the denoiser (UNet or DiT)
+through diffusers' HookRegistry. Every call the pipeline makes goes to the active :class:`Strategy`'s
+:meth:`Strategy.step` with a :class:`StepContext`; the strategy returns what the pipeline expects from the denoiser
+(whatever :meth:`StepContext.run` returned, or a combination of such).
 
 (a) Per-step gates / weights. Adapters are indexed ``a = 0..A-1`` in ``engine.adapter_names`` order; layers are grouped
     into ``G = len(engine.group_names)`` groups, the A1111 block-weight blocks of ``engine.layout``
@@ -46,17 +46,19 @@ combination of such).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import Any, ClassVar, Protocol, Union
 
 import torch
+from torch import nn
 
+from fusion.adapters import Adapter
 from fusion.errors import CompositionError
+from fusion.gate_state import GateState
+from fusion.layer_groups import BlockLayout
+from fusion.layers import ComposedLayer
 from fusion.schedules import is_step_dependent
-
-if TYPE_CHECKING:
-    from fusion.engine import FusionEngine
 
 WeightSpec = Union[float, str, list, Callable[..., Any]]
 """One adapter's weight in a composition: a constant, a keyframe string (``"0@0,1@0.5"``), a block-weight list, or a
@@ -66,6 +68,47 @@ NON_BATCH_ARGUMENTS = frozenset(
     {"img_ids", "txt_ids", "return_dict", "joint_attention_kwargs", "cross_attention_kwargs"}
 )
 """Denoiser keyword arguments never tiled along the batch, even when their first dimension happens to equal it."""
+
+
+class Engine(Protocol):
+    """What a strategy may use of the engine it runs in (sections (a) and (d) of the module docstring);
+    :class:`fusion.engine.FusionEngine` is the one the pipelines use."""
+
+    denoiser: nn.Module
+    adapters: dict[str, Adapter]
+    group_names: list[str]
+    layout: BlockLayout
+    state: GateState
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Attached adapters in index order (the A axis of every weight tensor)."""
+
+    @property
+    def layers(self) -> Mapping[str, ComposedLayer]:
+        """The composed layers, by key."""
+
+    @property
+    def fused(self) -> bool:
+        """True while adapter deltas are written into the base weights."""
+
+    def set_weights(self, weights: torch.Tensor | Sequence[float]) -> None:
+        """Unfused adapter weights, (A,) or (A, G)."""
+
+    def zero_weights(self) -> None:
+        """Every unfused adapter weight to zero, per-sample weights off."""
+
+    def set_sample_weights(self, weights: torch.Tensor | None) -> None:
+        """Per-sample adapter weights (N, A) or (N, A, G), or None to switch them off."""
+
+    def fuse(self, weights: torch.Tensor | Sequence[float]) -> None:
+        """Write pristine W + Σ wᵢΔWᵢ into the composed layers' weights."""
+
+    def unfuse(self) -> None:
+        """Restore every fused weight from its pristine copy."""
+
+    def weight_table(self, weights: Mapping[str, WeightSpec], num_steps: int) -> torch.Tensor:
+        """weight[adapter, group, step] (A, G, S) for a composition's weight specs."""
 
 
 def _tile(value: Any, k: int, batch: int) -> Any:
@@ -125,7 +168,7 @@ class StepContext:
     latent input; ``timestep`` the raw timestep argument.
     """
 
-    engine: FusionEngine
+    engine: Engine
     step: int
     num_steps: int
     timestep: Any
@@ -169,6 +212,14 @@ class StepContext:
         return Transformer2DModelOutput(sample=prediction)
 
 
+def check_in_composition(option: str, names: Iterable[str], weights: Mapping[str, WeightSpec]) -> None:
+    """Raise :class:`CompositionError` when a strategy ``option`` (``"composite mix"``) names adapters that are not
+    among the composition's ``weights``."""
+    outside = [name for name in names if name not in weights]
+    if outside:
+        raise CompositionError(f"{option} given for adapters outside the composition: {outside}")
+
+
 class Strategy(ABC):
     """A composition method: decides, for every denoiser call, which adapters count and how much.
 
@@ -191,19 +242,19 @@ class Strategy(ABC):
         here, when some adapter's weight spec changes over steps; step-rotating methods say so too."""
         return any(is_step_dependent(spec) for spec in self.weights.values())
 
-    def activate(self, engine: FusionEngine) -> None:  # noqa: B027 - optional hook
+    def activate(self, engine: Engine) -> None:  # noqa: B027 - optional hook
         """Called once when this strategy becomes the engine's active one (adapters are attached). Install weights
         here (``engine.fuse`` or ``engine.set_weights``): the previous composition's fused weights may still be in
         place, so that fusing again is an in-place switch."""
 
-    def start_generation(self, engine: FusionEngine, num_steps: int) -> None:  # noqa: B027 - optional hook
+    def start_generation(self, engine: Engine, num_steps: int) -> None:  # noqa: B027 - optional hook
         """Called at the first denoiser call of a generation, once ``num_steps`` is known."""
 
     @abstractmethod
     def step(self, ctx: StepContext) -> Any:
         """Compute this denoiser call: set weights, call ``ctx.run()`` (once or more), return the output."""
 
-    def deactivate(self, engine: FusionEngine) -> None:
+    def deactivate(self, engine: Engine) -> None:
         """Undo what this strategy did: zero every adapter weight and drop per-sample ones. Fused weights are left
         for the engine (the next strategy switches them in place, or they are restored)."""
         engine.zero_weights()

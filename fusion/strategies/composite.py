@@ -32,7 +32,7 @@ import torch
 
 from fusion.errors import CompositionError
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy, output_tensor
+from fusion.strategies.base import StepContext, Strategy, check_in_composition, output_tensor
 
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
@@ -69,9 +69,7 @@ class Composite(Strategy):
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
             raise CompositionError(f"composite max_batch must be a whole number ≥ 1, got {max_batch!r}")
         mix = dict(mix or {})
-        unknown = [name for name in mix if name not in weights]
-        if unknown:
-            raise CompositionError(f"composite mix names adapters outside the composition: {unknown}")
+        check_in_composition("composite mix", mix, weights)
         super().__init__(weights, fuse=False)
         self.mode = mode
         self.max_batch = max_batch

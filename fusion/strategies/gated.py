@@ -30,7 +30,7 @@ from fusion.errors import CompositionError, ShapeMismatchError
 from fusion.gates import TIME_DIM, GateBank, GateRecorder
 from fusion.layers import ComposedLayer, ComposedLinear
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy
+from fusion.strategies.base import StepContext, Strategy, check_in_composition
 
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
@@ -106,9 +106,7 @@ class Gated(Strategy):
                 "or use the training-free mode='table'",
             )
         scores = dict(scores or {})
-        unknown = [name for name in scores if name not in weights]
-        if unknown:
-            raise CompositionError(f"gated scores name adapters outside the composition: {unknown}")
+        check_in_composition("gated scores", scores, weights)
         super().__init__(weights, fuse=False)
         self.mode = mode
         self.gates = gates

@@ -34,18 +34,15 @@ with it the conditional-branch mode.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fusion.errors import CompositionError
+from fusion.layers import ComposedLayer
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy, check_composition, require_fused
+from fusion.strategies.base import Engine, StepContext, Strategy, check_composition, require_fused
 from fusion.strategies.layer_updates import adapter_deltas, enter_fused, is_text_encoder_layer, one_hot
-
-if TYPE_CHECKING:
-    from fusion.engine import FusionEngine
-    from fusion.layers import ComposedLayer
 
 TOP_K = 64
 ALPHA = 1.5
@@ -129,7 +126,7 @@ class KLoRA(Strategy):
         """With several adapters the choice can change from step to step (the style factor grows)."""
         return len(self.weights) > 1 or super().needs_steps
 
-    def activate(self, engine: FusionEngine) -> None:
+    def activate(self, engine: Engine) -> None:
         """Score every layer's adapters once, then fuse the choice of step 0."""
         if self.styles_option is not None:
             self.styles = list(self.styles_option)
@@ -156,7 +153,7 @@ class KLoRA(Strategy):
         self._plan(engine, 1)
         self._install(engine, 0)
 
-    def start_generation(self, engine: FusionEngine, num_steps: int) -> None:
+    def start_generation(self, engine: Engine, num_steps: int) -> None:
         """The choice of every layer at every step of this generation."""
         self._plan(engine, num_steps)
         self._installed_step = -1
@@ -173,7 +170,7 @@ class KLoRA(Strategy):
         best = scores.argmax(dim=2)
         return torch.where(torch.isinf(scores.amax(dim=2)), torch.full_like(best, -1), best)
 
-    def _plan(self, engine: FusionEngine, num_steps: int) -> None:
+    def _plan(self, engine: Engine, num_steps: int) -> None:
         table = engine.weight_table(self.weights, num_steps)
         rows = [engine.adapter_names.index(name) for name in self.names]
         groups = [layer.group for _, layer in self._layers]
@@ -184,7 +181,7 @@ class KLoRA(Strategy):
         self._table = table.cpu()
         self._rows = rows
 
-    def _install(self, engine: FusionEngine, step: int) -> None:
+    def _install(self, engine: Engine, step: int) -> None:
         """Fuse, layer by layer, the adapter each layer keeps at ``step`` where it differs from what is in place."""
         assert self._table is not None
         step = min(step, self._chosen.shape[0] - 1)
@@ -206,7 +203,7 @@ class KLoRA(Strategy):
             self._installed_step = ctx.step
         return ctx.run()
 
-    def deactivate(self, engine: FusionEngine) -> None:
+    def deactivate(self, engine: Engine) -> None:
         """Forget the scores and choices; the engine restores pristine weights."""
         super().deactivate(engine)
         self._layers = []

@@ -14,15 +14,12 @@ pristine copy kept), so that :meth:`fusion.engine.FusionEngine.unfuse` — and a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from fusion.adapters import Dense
 from fusion.layers import ComposedLayer
-
-if TYPE_CHECKING:
-    from fusion.engine import FusionEngine
+from fusion.strategies.base import Engine
 
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
 """Key prefixes of composed layers inside the text encoders (they run before the first denoiser call)."""
@@ -33,14 +30,14 @@ def is_text_encoder_layer(key: str) -> bool:
     return key.startswith(TEXT_ENCODER_PREFIXES)
 
 
-def one_hot(engine: FusionEngine, name: str, weight: float = 1.0) -> torch.Tensor:
+def one_hot(engine: Engine, name: str, weight: float = 1.0) -> torch.Tensor:
     """(A,) engine weights with ``weight`` for adapter ``name`` and 0 for every other attached adapter."""
     row = torch.zeros(len(engine.adapter_names), device=engine.state.device)
     row[engine.adapter_names.index(name)] = weight
     return row
 
 
-def adapter_deltas(engine: FusionEngine, layer: ComposedLayer, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def adapter_deltas(engine: Engine, layer: ComposedLayer, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """ΔWᵢ of ``layer`` (fp32, shaped like its weight) for each adapter of ``names`` that updates it."""
     return {name: layer.delta(one_hot(engine, name)) for name in names if name in layer.names}
 
@@ -52,7 +49,7 @@ def updates_bias(layer: ComposedLayer, name: str) -> bool:
     )
 
 
-def enter_fused(engine: FusionEngine) -> None:
+def enter_fused(engine: Engine) -> None:
     """Put every composed layer in fused mode at its pristine weights, unless the engine is fused already."""
     if not engine.fused:
         engine.fuse(torch.zeros(len(engine.adapter_names), device=engine.state.device))
@@ -63,6 +60,6 @@ def fuse_layer_delta(layer: ComposedLayer, delta: torch.Tensor) -> None:
     """Write pristine W + ``delta`` into ``layer``'s weight (its bias stays the pristine one), keeping the pristine
     copy so that unfusing — or fusing any other weights — restores it bit-exactly."""
     layer.unfuse()
-    param = layer.weight_param.detach()
+    param = layer.base.weight.detach()
     layer.pristine = param.clone()
     param.copy_((param.float() + delta.to(param.device)).to(param.dtype))

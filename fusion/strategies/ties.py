@@ -25,18 +25,15 @@ that change over steps (keyframes, callables), and adapters that update biases (
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fusion.errors import CompositionError
 from fusion.schedules import parse_spec
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy, check_composition, require_fused
+from fusion.strategies.base import Engine, StepContext, Strategy, check_composition, require_fused
 from fusion.strategies.layer_updates import adapter_deltas, enter_fused, fuse_layer_delta, updates_bias
-
-if TYPE_CHECKING:
-    from fusion.engine import FusionEngine
 
 DENSITY = 0.2
 """The paper's default: keep the top 20% of each update's entries by magnitude."""
@@ -93,7 +90,7 @@ class Ties(Strategy):
         super().__init__(weights, fuse=True)
         self.density = float(density)
 
-    def activate(self, engine: FusionEngine) -> None:
+    def activate(self, engine: Engine) -> None:
         """Merge every composed layer's updates and fuse the result into its weight."""
         names = list(self.weights)
         table = engine.weight_table(self.weights, 1)[:, :, 0].cpu()  # (A, G)

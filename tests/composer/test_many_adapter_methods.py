@@ -34,6 +34,6 @@ def test_toy_sd_composes_three_adapters(toy: Composer, method: str, tmp_path: Pa
 
 
 def test_cli_lists_the_new_methods() -> None:
-    from composer.commands.generate import METHODS
+    from composer.cli.commands.generate import METHODS
 
     assert {"klora", "ties"} <= set(METHODS)

@@ -15,6 +15,7 @@ from torch import nn
 from composer.mixin import ComposableMixin, make_composable
 from composer.presets import kontext_call_kwargs
 from fusion.adapters import Adapter, LowRank
+from fusion.engine import FusionEngine
 from fusion.errors import CompositionError, FamilyMismatchError, ShapeMismatchError
 
 
@@ -113,6 +114,31 @@ def test_refusals_leave_the_pipeline_unchanged(tiny_sd: Any) -> None:
     assert _same(pipe.unet, before)
     assert list(pipe.adapters) == ["good"]
     assert pipe.composition["weights"] == {"good": 1.0}
+
+
+def test_reading_shapes_and_checking_adapters_install_nothing(tiny_sd: Any) -> None:
+    """model_shapes() and add_adapter() only read the model: they work while another engine holds the denoiser's
+    hook, and leave its hook and module tree as they were."""
+    pipe = make_composable(tiny_sd)
+    other = FusionEngine(pipe.unet)
+    try:
+        modules = dict(pipe.unet.named_modules())
+        shapes = pipe.model_shapes()
+        style = _lora(pipe.unet, "sd1", "style", 0)
+        assert pipe.add_adapter(style) == "style"
+        wrong = _lora(pipe.unet, "sd1", "wrong", 1)
+        wrong.layers[next(iter(wrong.layers))] = LowRank(torch.zeros(2, 3), torch.zeros(5, 2))
+        with pytest.raises(ShapeMismatchError, match="wrong"):
+            pipe.add_adapter(wrong)
+        assert dict(pipe.unet.named_modules()) == modules
+        assert pipe.composition is None
+    finally:
+        other.clear()
+    assert not hasattr(pipe.unet, "_diffusers_hook")
+    key = next(iter(style.layers))
+    assert shapes[key] == tuple(pipe.unet.get_submodule(key).weight.shape)
+    assert any(name.startswith("text_encoder.") for name in shapes)
+    assert list(pipe.adapters) == ["style"]
 
 
 def test_img2img_variant_sees_the_suffix_of_the_schedule(tiny_sd: Any) -> None:

@@ -12,7 +12,6 @@ from fusion.adapters import (
     Sparse,
     concat_low_rank,
     qr_core_svd,
-    squeeze_rank,
     to_sparse,
     validate_shapes,
 )
@@ -119,27 +118,6 @@ def test_qr_core_svd_matches_dense_svd(gen: torch.Generator) -> None:
     assert torch.allclose(spectrum.S, dense, rtol=1e-5)
     rebuilt = spectrum.U @ torch.diag(spectrum.S) @ spectrum.Vh
     assert _rel(rebuilt, update.delta().double()) < 1e-6
-
-
-def test_squeeze_rank_is_exact_at_full_rank_and_optimal_below(gen: torch.Generator) -> None:
-    update = LowRank(down=torch.randn(8, 20, generator=gen), up=torch.randn(16, 8, generator=gen), alpha=4.0)
-    full = squeeze_rank(update, rank=8)
-    assert _rel(full.delta(), update.delta()) < 1e-5
-    three = squeeze_rank(update, rank=3)
-    u, s, vh = torch.linalg.svd(update.delta().double())
-    best = (u[:, :3] * s[:3]) @ vh[:3]
-    assert three.rank == 3
-    assert _rel(three.delta(), best) < 1e-5
-    by_energy = squeeze_rank(update, energy=1.0)
-    assert by_energy.rank == 8
-
-
-def test_squeeze_rank_conv_keeps_conv_shapes(gen: torch.Generator) -> None:
-    update = LowRank(down=torch.randn(4, 3, 3, 3, generator=gen), up=torch.randn(5, 4, 1, 1, generator=gen))
-    squeezed = squeeze_rank(update, rank=4)
-    assert squeezed.up.shape == (5, 4, 1, 1)
-    assert squeezed.down.shape == (4, 3, 3, 3)
-    assert _rel(squeezed.delta(), update.delta()) < 1e-5
 
 
 def test_concat_low_rank_is_exact_weighted_sum(gen: torch.Generator) -> None:

@@ -3,14 +3,21 @@ input, per-adapter outputs."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from safetensors import safe_open
 from torch import nn
 
 from fusion.adapters import LowRank
 from fusion.errors import CompositionError, ShapeMismatchError
 from fusion.gates import GateBank, GateRecorder, LayerGate, timestep_embedding
 from fusion.layers import ComposedLinear, GateState
+
+SHIPPED_GATES = Path(__file__).parents[2] / "composer" / "toyworld" / "weights" / "gates.safetensors"
 
 
 def _reference_gate(gate: LayerGate, b: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
@@ -35,6 +42,23 @@ def test_fresh_gate_equals_the_reference_and_ignores_time_until_trained() -> Non
     y_early, _ = gate(b, lora, timestep_embedding(torch.tensor([0.1])))
     y_late, _ = gate(b, lora, timestep_embedding(torch.tensor([0.9])))
     assert not torch.allclose(y_early, y_late), "a trained timestep projection makes the gate depend on t"
+
+
+def test_timestep_embedding_is_diffusers_sines_first_at_the_scheduler_scale() -> None:
+    """The layout the shipped gates were trained with: diffusers' embedding of 1000·t, sines first, frequencies
+    10000^(−i/16) for the 32 wide embedding the shipped checkpoint records."""
+    with safe_open(str(SHIPPED_GATES), "pt") as checkpoint:
+        assert '"time_dim": 32' in checkpoint.metadata()["gates"]
+    t = torch.cat([torch.linspace(0, 1, 101), torch.rand(64, generator=torch.Generator().manual_seed(0))])
+    embedding = timestep_embedding(t)
+    expected = get_timestep_embedding(1000 * t, 32, flip_sin_to_cos=False, downscale_freq_shift=0)
+    assert torch.equal(embedding, expected)
+    assert torch.equal(timestep_embedding(torch.zeros(1)), torch.cat([torch.zeros(1, 16), torch.ones(1, 16)], 1))
+    for i in (0, 7, 15):
+        angle = 1000 * 0.37 * 10000 ** (-i / 16)
+        value = timestep_embedding(torch.tensor([0.37]))[0]
+        assert math.isclose(value[i], math.sin(angle), abs_tol=1e-4)
+        assert math.isclose(value[16 + i], math.cos(angle), abs_tol=1e-4)
 
 
 def test_gate_rejects_a_timestep_batch_that_does_not_fit() -> None:

@@ -72,7 +72,7 @@ def _gamma(adapters: list[Adapter], reference: str, shapes: dict[str, torch.Size
 def _check_every_step(pipe: Any, adapters: list[Adapter], weights: dict[str, float], styles: set[str]) -> int:
     engine = pipe._composer["engine"]
     pristine = {key: layer.pristine.clone() for key, layer in engine.layers.items()}
-    shapes = {key: layer.weight_param.shape for key, layer in engine.layers.items()}
+    shapes = {key: layer.base.weight.shape for key, layer in engine.layers.items()}
     reference = next((a.name for a in adapters if a.name in styles), adapters[0].name)
     gamma = _gamma(adapters, reference, shapes)
     deltas = {key: {a.name: _delta(a.layers[key], shapes[key]) for a in adapters if key in a.layers} for key in shapes}
@@ -85,7 +85,7 @@ def _check_every_step(pipe: Any, adapters: list[Adapter], weights: dict[str, flo
         for key, layer in engine.layers.items():
             name = _expected_choice(scores[key], styles, step)
             expected = pristine[key] + weights[name] * deltas[key][name]
-            torch.testing.assert_close(layer.weight_param.detach(), expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(layer.base.weight.detach(), expected, rtol=0, atol=1e-6)
             flips += key in previous and previous[key] != name
             previous[key] = name
     return flips

@@ -86,15 +86,15 @@ def test_every_layer_holds_the_merged_update_and_clearing_restores_it(tiny_sd: A
     checked = 0
     for key, layer in engine.layers.items():
         updates = [(a.layers[key], WEIGHTS[a.name]) for a in adapters if key in a.layers]
-        deltas = [(u.up.flatten(1) @ u.down.flatten(1) * u.scale).reshape(layer.weight_param.shape) for u, _ in updates]
+        deltas = [(u.up.flatten(1) @ u.down.flatten(1) * u.scale).reshape(layer.base.weight.shape) for u, _ in updates]
         expected = pristine[f"{key}.weight"] + _reference(deltas, [w for _, w in updates], 0.2)
-        torch.testing.assert_close(layer.weight_param.detach(), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.base.weight.detach(), expected, rtol=0, atol=1e-6)
         checked += len(updates) > 1
     assert checked > 0  # some layers merge several adapters
     tiny_sd.set_composition(WEIGHTS, method="merge")
-    merged = {key: layer.weight_param.detach().clone() for key, layer in engine.layers.items()}
+    merged = {key: layer.base.weight.detach().clone() for key, layer in engine.layers.items()}
     tiny_sd.set_composition(WEIGHTS, method="ties", density=1.0)
-    assert any(not torch.equal(layer.weight_param, merged[key]) for key, layer in engine.layers.items())
+    assert any(not torch.equal(layer.base.weight, merged[key]) for key, layer in engine.layers.items())
     tiny_sd.clear_composition()
     assert all(torch.equal(v, pristine[k]) for k, v in tiny_sd.unet.state_dict().items())
 
