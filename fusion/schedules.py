@@ -272,13 +272,6 @@ class WeightTable:
         """(adapters, groups) weights at ``step`` — a view, clamped to the last step for extra calls."""
         return self.by_step[min(max(step, 0), self.num_steps - 1)]
 
-    def adapter_index(self, name: str) -> int:
-        """Row of adapter ``name``."""
-        try:
-            return self.adapters.index(name)
-        except ValueError:
-            raise CompositionError(f"adapter {name!r} is not in this weight table ({list(self.adapters)})") from None
-
     def regroup(self, keys: Sequence[str], layout: BlockLayout) -> WeightTable:
         """The same table with one column per layer key (or group-prefix key) in ``keys``, via ``layout.group_of``.
 

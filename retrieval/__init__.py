@@ -10,10 +10,10 @@ from typing import Any
 
 _EXPORTS = {
     "Retriever": "retrieval.retriever",
-    "RankedHit": "retrieval.retriever",
-    "Selection": "retrieval.retriever",
-    "insert_triggers": "retrieval.retriever",
-    "reciprocal_rank_fusion": "retrieval.retriever",
+    "RankedHit": "retrieval.ranking",
+    "Selection": "retrieval.picks",
+    "insert_triggers": "retrieval.picks",
+    "reciprocal_rank_fusion": "retrieval.ranking",
     "train_retriever": "retrieval.training",
     "TrainingConfig": "retrieval.training",
     "fit_encoder": "retrieval.training",

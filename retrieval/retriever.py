@@ -28,20 +28,32 @@ from __future__ import annotations
 
 import logging
 import re
-import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fusion.errors import ComposerError
 from retrieval.checkpoints import checkpoint_path
 from retrieval.evidence import Evidence, EvidenceIndex
+from retrieval.picks import DEFAULT_WEIGHT, Rejected, Selection, insert_triggers
+from retrieval.ranking import RRF_K, RankedHit, SignalScore, reciprocal_rank_fusion, robust_z, signal_ranks
 from retrieval.selection import IDENTITY_THRESHOLD, Choice, Rejection, choose
 from weights_index.catalog import CatalogEntry, Library
+from weights_index.categories import CATEGORIES, infer_category
 from weights_index.families import pipeline_family
-from weights_index.metadata import infer_category
 from weights_index.naming import content_words
 from weights_index.versions import version_groups
+
+__all__ = [
+    "DEFAULT_MAX_ADAPTERS",
+    "DEFAULT_WEIGHT",
+    "RankedHit",
+    "Rejected",
+    "Retriever",
+    "Selection",
+    "insert_triggers",
+    "reciprocal_rank_fusion",
+    "robust_z",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,102 +62,12 @@ if TYPE_CHECKING:
     from retrieval.text import TextTower
     from retrieval.zero_shot import TokenEncoder, ZeroShotScorer
 
-SIGNALS = ("trigger", "metadata", "learned", "zero_shot")
-WEIGHT_SIGNALS = ("learned", "zero_shot")
-"""Signals computed from the weights (or learned from them); they alone can justify a pick without trigger words."""
-CATEGORIES = ("character", "clothing", "style", "background", "object")
-DEFAULT_WEIGHT = 0.8
 DEFAULT_MAX_ADAPTERS = 5
 """Most adapters ``select`` picks by default: one per category of a composition (character, clothing, style,
 background, object), so a prompt naming one of each keeps them all; beyond it the rest are left out and listed."""
-RRF_K = 60
 MIN_CONFIDENCE = 3.5
-MIN_SCORED_FOR_CONFIDENCE = 5
 LEARNED_POOL = 2000
 """How many nearest adapters the learned signal ranks (and measures confidence against) per query."""
-
-
-@dataclass(frozen=True)
-class SignalScore:
-    """One signal's verdict on one adapter: its rank among the adapters that signal scored, and the raw score."""
-
-    rank: int
-    score: float
-    confidence: float | None = None
-    """Robust z-score of ``score`` among every adapter the signal scored (weight signals only)."""
-
-
-@dataclass
-class RankedHit:
-    """One adapter in a ranking: fused score, per-signal ranks/scores, and why it is there."""
-
-    name: str
-    id: int
-    family: str
-    score: float
-    signals: dict[str, SignalScore]
-    reasons: list[str]
-    trigger_words: tuple[str, ...]
-    triggers_in_prompt: list[str]
-    category: str | None
-    preferred_weight: float | None
-
-    @property
-    def confidence(self) -> float:
-        """The strongest weight-signal z-score (0 when no weight signal scored it)."""
-        values = [s.confidence for name, s in self.signals.items() if name in WEIGHT_SIGNALS and s.confidence]
-        return max(values, default=0.0)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "name": self.name,
-            "id": self.id,
-            "family": self.family,
-            "score": self.score,
-            "signals": {k: v.__dict__ for k, v in self.signals.items()},
-            "reasons": self.reasons,
-            "trigger_words": list(self.trigger_words),
-            "triggers_in_prompt": self.triggers_in_prompt,
-            "category": self.category,
-            "preferred_weight": self.preferred_weight,
-        }
-
-
-@dataclass
-class Selection:
-    """An adapter chosen for a prompt: the weight to use, its score, why, and trigger words to add to the prompt."""
-
-    name: str
-    weight: float
-    score: float
-    reasons: list[str]
-    missing_triggers: list[str] = field(default_factory=list)
-    category: str | None = None
-    trigger_words: list[str] = field(default_factory=list)
-    explains: list[str] = field(default_factory=list)
-    """The prompt words (as matched) that this pick accounts for."""
-    sources: dict[str, str] = field(default_factory=dict)
-    """Each explained phrase → where it came from (trigger field, caption counts, title, file name, …)."""
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An adapter that matched the prompt but was not picked, why, the pick it lost to (if any), and whether the cap
-    (``max_adapters``) was the reason."""
-
-    name: str
-    reason: str
-    lost_to: str | None = None
-    capped: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (``lost_to`` only when there is one)."""
-        return {key: value for key, value in self.__dict__.items() if value is not None}
 
 
 def _category(entry: CatalogEntry) -> str | None:
@@ -174,36 +96,6 @@ def _trigger_pattern(trigger: str) -> re.Pattern[str] | None:
     if not words:
         return None
     return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)", re.IGNORECASE)
-
-
-def robust_z(scores: dict[Any, float]) -> dict[Any, float]:
-    """(score − median) / (1.4826 · MAD) for each key; zeros when fewer than a handful were scored."""
-    if len(scores) < MIN_SCORED_FOR_CONFIDENCE:
-        return dict.fromkeys(scores, 0.0)
-    values = list(scores.values())
-    median = statistics.median(values)
-    spread = 1.4826 * statistics.median(abs(v - median) for v in values)
-    spread = spread if spread > 1e-12 else (statistics.pstdev(values) or 1.0)
-    return {key: (value - median) / spread for key, value in scores.items()}
-
-
-def reciprocal_rank_fusion(rankings: Iterable[dict[Any, float]], k: int = RRF_K) -> dict[Any, float]:
-    """Σ 1/(k + rank) over the rankings that rank each key; each ranking maps key → score (higher is better)."""
-    fused: dict[Any, float] = {}
-    for scores in rankings:
-        for rank, (key, _) in enumerate(sorted(scores.items(), key=lambda kv: -kv[1]), start=1):
-            fused[key] = fused.get(key, 0.0) + 1.0 / (k + rank)
-    return fused
-
-
-def _ranks(scores: dict[int, float], confidence: bool, cap: bool = False) -> dict[int, SignalScore]:
-    """Rank by score; with ``confidence``, attach each score's robust z in the library (``cap``: at most the score
-    itself, for scores that are already z-scores against a baseline)."""
-    z = robust_z(scores) if confidence else {}
-    if cap:
-        z = {key: min(value, scores[key]) for key, value in z.items()}
-    ordered = sorted(scores.items(), key=lambda kv: -kv[1])
-    return {key: SignalScore(rank, value, z.get(key)) for rank, (key, value) in enumerate(ordered, start=1)}
 
 
 class Retriever:
@@ -367,10 +259,10 @@ class Retriever:
         """The top-``k`` adapters for ``prompt`` (only ``family`` ones when given), best first."""
         triggers, matched = self._trigger_signal(prompt, family)
         per_signal = {
-            "trigger": _ranks(triggers, confidence=False),
-            "metadata": _ranks(self._metadata_signal(prompt, family), confidence=False),
-            "learned": _ranks(self._learned_signal(prompt, family), confidence=True),
-            "zero_shot": _ranks(self._zero_shot_signal(prompt, family), confidence=True, cap=True),
+            "trigger": signal_ranks(triggers, confidence=False),
+            "metadata": signal_ranks(self._metadata_signal(prompt, family), confidence=False),
+            "learned": signal_ranks(self._learned_signal(prompt, family), confidence=True),
+            "zero_shot": signal_ranks(self._zero_shot_signal(prompt, family), confidence=True, cap=True),
         }
         rankings = [{i: -float(v.rank) for i, v in ranks.items()} for ranks in per_signal.values()]
         fused = reciprocal_rank_fusion(rankings, self.rrf_k)
@@ -528,9 +420,3 @@ class Retriever:
                 Selection(hit.name, weight, hit.score, reasons, missing, hit.category, list(hit.trigger_words))
             )
         return extra
-
-
-def insert_triggers(prompt: str, picks: Iterable[Selection]) -> str:
-    """``prompt`` with each pick's missing trigger words appended (comma-separated)."""
-    extra = [t for pick in picks for t in pick.missing_triggers]
-    return ", ".join([prompt, *extra]) if extra else prompt

@@ -9,9 +9,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AdapterHeader": "weights_index.probe",
+    "AdapterHeader": "weights_index.reader",
     "Library": "weights_index.catalog",
-    "probe": "weights_index.probe",
+    "probe": "weights_index.reader",
     "read_adapter": "weights_index.reader",
     "save_shira": "weights_index.formats.shira",
 }

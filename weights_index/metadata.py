@@ -21,51 +21,35 @@ A malformed sidecar never fails a read: it is skipped and noted in ``warnings``.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import html
-import json
-import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion.errors import SidecarTooLargeError
-from fusion.weight_range import weight_problem
-from weights_index.families import family_from_text
+from weights_index.categories import CATEGORIES, explicit_category, infer_category
 from weights_index.hashing import autov2
-from weights_index.kohya_captions import CaptionPresence, caption_presence, folder_names, reg_folders
-from weights_index.text_safety import storable_json
-
-CATEGORIES = ("character", "clothing", "style", "background", "object")
-"""What an adapter mainly adds to an image; retrieval balances picks across these."""
-
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif")
-PREVIEW_PATTERNS = tuple(f"{{stem}}.preview.{ext}" for ext in IMAGE_EXTENSIONS) + tuple(
-    f"{{stem}}.{ext}" for ext in IMAGE_EXTENSIONS
+from weights_index.kohya_captions import CaptionPresence
+from weights_index.metadata_sources import from_a1111, from_civitai, from_kohya, from_modelspec, unique
+from weights_index.sidecars import (
+    A1111_SIDECAR,
+    CIVITAI_SIDECAR,
+    MAX_SIDECAR_BYTES,
+    SIDECAR_SUFFIXES,
+    load_sidecar,
+    preview_files,
+    sidecar_names,
+    write_thumbnail,
 )
-"""Preview file names A1111, Forge and Civitai Helper look for, best first."""
 
-CIVITAI_SIDECAR = "{stem}.civitai.info"
-A1111_SIDECAR = "{stem}.json"
-MAX_SIDECAR_BYTES = 4 * 1024 * 1024
-"""The largest sidecar read; real Civitai and A1111 files are a few kB to a few hundred kB."""
-MAX_TAGS = 500
-"""Caption tags kept per adapter (most frequent first); big datasets list thousands."""
-
-_DATASET_FOLDER = re.compile(r"^\d+_(.+)$")
-_KOHYA_DEFAULT_TITLE = re.compile(r"^(LoRA|TextualInversion|Checkpoint)@[\d.]+$")
-_CATEGORY_WORDS = {
-    "character": ("character", "characters", "celebrity", "person", "people", "oc", "original character"),
-    "clothing": ("clothing", "clothes", "outfit", "outfits", "costume", "costumes", "dress", "fashion", "uniform"),
-    "style": ("style", "styles", "art style", "artstyle", "artist style", "aesthetic", "painting style"),
-    "background": ("background", "backgrounds", "scenery", "landscape", "environment", "buildings", "cityscape"),
-    "object": ("object", "objects", "item", "items", "prop", "props", "vehicle", "vehicles", "weapon", "weapons"),
-}
-_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"))
+__all__ = [
+    "CATEGORIES",
+    "MAX_SIDECAR_BYTES",
+    "SIDECAR_SUFFIXES",
+    "AdapterMetadata",
+    "infer_category",
+    "read_metadata",
+    "sidecar_names",
+]
 
 
 @dataclass(frozen=True)
@@ -129,15 +113,6 @@ class AdapterMetadata:
         return None if found is None else CaptionPresence(*found)
 
 
-SIDECAR_SUFFIXES = tuple(p.format(stem="") for p in (CIVITAI_SIDECAR, A1111_SIDECAR, *PREVIEW_PATTERNS))
-"""What follows the adapter's stem in the names of its sidecars and previews."""
-
-
-def sidecar_names(stem: str) -> tuple[str, ...]:
-    """File names next to an adapter whose changes change its metadata (sidecars and previews)."""
-    return tuple(stem + suffix for suffix in SIDECAR_SUFFIXES)
-
-
 def read_metadata(
     path: str | Path,
     header_metadata: Mapping[str, str],
@@ -157,14 +132,14 @@ def read_metadata(
     """
     path = Path(path)
     warnings: list[str] = []
-    civitai = _load_sidecar(path.with_name(CIVITAI_SIDECAR.format(stem=path.stem)), warnings)
-    a1111 = _load_sidecar(path.with_name(A1111_SIDECAR.format(stem=path.stem)), warnings)
+    civitai = load_sidecar(path.with_name(CIVITAI_SIDECAR.format(stem=path.stem)), warnings)
+    a1111 = load_sidecar(path.with_name(A1111_SIDECAR.format(stem=path.stem)), warnings)
     header = dict(header_metadata)
     layers = [
-        ("a1111", _from_a1111(a1111, warnings)),
-        ("civitai", _from_civitai(civitai, warnings)),
-        ("modelspec", _from_modelspec(header)),
-        ("kohya", _from_kohya(header, warnings)),
+        ("a1111", from_a1111(a1111, warnings)),
+        ("civitai", from_civitai(civitai, warnings)),
+        ("modelspec", from_modelspec(header)),
+        ("kohya", from_kohya(header, warnings)),
     ]
     found = dict(layers)
     sources = tuple(name for name, fields in layers if fields)
@@ -178,8 +153,8 @@ def read_metadata(
 
     title = first("title", ("modelspec", "civitai", "kohya"))
     description = first("description", ("modelspec", "civitai", "a1111"))
-    labels = _unique(v for _, fields in layers for v in fields.get("labels", ()))
-    triggers = _unique(v for _, fields in layers for v in fields.get("trigger_words", ()))
+    labels = unique(v for _, fields in layers for v in fields.get("labels", ()))
+    triggers = unique(v for _, fields in layers for v in fields.get("trigger_words", ()))
     base_model = first("base_model", ("civitai", "kohya", "modelspec", "a1111"))
     family_hint = first("family_hint", ("modelspec", "kohya", "civitai", "a1111"))
     hashes = {**found["modelspec"].get("hashes", {}), **found["kohya"].get("hashes", {})}
@@ -188,10 +163,10 @@ def read_metadata(
         declared = found["civitai"].get("file_sha256")
         if declared and declared.lower() != sha256:
             warnings.append(f"{CIVITAI_SIDECAR.format(stem=path.stem)} describes a different file (sha256 differs)")
-    previews = _previews(path)
+    previews = preview_files(path)
     thumbnail = header.get("modelspec.thumbnail")
     if thumbnail and thumbnail_dir is not None:
-        written = _write_thumbnail(thumbnail, Path(thumbnail_dir), warnings)
+        written = write_thumbnail(thumbnail, Path(thumbnail_dir), warnings)
         if written is not None:
             previews = (*previews, str(written))
     tags = dict(first("tags", ("kohya",)) or {})
@@ -214,292 +189,10 @@ def read_metadata(
         preferred_weight=first("preferred_weight", ("a1111",)),
         negative_text=first("negative_text", ("a1111",)),
         notes=first("notes", ("a1111",)),
-        category=_explicit_category(header) or infer_category(labels, title or path.stem, description),
+        category=explicit_category(header) or infer_category(labels, title or path.stem, description),
         previews=previews,
         hashes=hashes,
         source_url=first("source_url", ("civitai",)),
         sources=sources,
         warnings=tuple(warnings),
     )
-
-
-def infer_category(labels: Iterable[str], title: str | None, description: str | None = None) -> str | None:
-    """The adapter's category: a curated label naming one wins, then category words in the title/description."""
-    synonyms = {word: category for category, words in _CATEGORY_WORDS.items() for word in words}
-    for label in labels:
-        category = synonyms.get(label.strip().lower())
-        if category:
-            return category
-    for text in (title, description):
-        words = re.findall(r"[a-z]+", (text or "").lower())
-        for word in words:
-            if word in synonyms:
-                return synonyms[word]
-    return None
-
-
-def _explicit_category(meta: Mapping[str, str]) -> str | None:
-    """Our own ``category`` header key (written by our tools), when it names a known category."""
-    value = meta.get("category", "").strip().lower()
-    return value if value in CATEGORIES else None
-
-
-def _from_kohya(meta: Mapping[str, str], warnings: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if meta.get("ss_output_name"):
-        out["title"] = meta["ss_output_name"]
-    version = meta.get("ss_base_model_version")
-    if version:
-        out["base_model"] = version
-        out["family_hint"] = family_from_text(version)
-    elif meta.get("ss_v2", "").lower() == "true":
-        out["family_hint"] = "sd2"
-    elif meta.get("ss_sd_model_name"):
-        out["base_model"] = meta["ss_sd_model_name"]
-    if meta.get("ss_network_module"):
-        out["network_module"] = meta["ss_network_module"]
-    out["network_dim"] = _as_int(meta.get("ss_network_dim"))
-    out["network_alpha"] = _as_float(meta.get("ss_network_alpha"))
-    if meta.get("ss_tag_frequency"):
-        out["tags"] = _tag_frequency(meta["ss_tag_frequency"], warnings)
-        regularization = reg_folders(meta.get("ss_reg_dataset_dirs"))
-        out["dataset_triggers"] = _dataset_triggers(meta["ss_tag_frequency"], regularization)
-        out["dataset_folders"] = folder_names(meta["ss_tag_frequency"], regularization)
-        presence = caption_presence(meta["ss_tag_frequency"], meta.get("ss_dataset_dirs"), regularization)
-        out["caption_presence"] = {tag: (p.count, p.captions, p.folder) for tag, p in presence.items()}
-    hashes = {k: meta[k] for k in ("sshs_model_hash", "sshs_legacy_hash") if meta.get(k)}
-    if hashes:
-        out["hashes"] = hashes
-    return {k: v for k, v in out.items() if v not in (None, {}, "", ())}
-
-
-def _tag_frequency(raw: str, warnings: list[str]) -> dict[str, int]:
-    """Sum ``{dataset: {tag: count}}`` over datasets; most frequent first, ties by name."""
-    try:
-        datasets = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        warnings.append("ss_tag_frequency is not valid JSON; tags skipped")
-        return {}
-    if not isinstance(datasets, dict):
-        warnings.append("ss_tag_frequency is not a JSON object; tags skipped")
-        return {}
-    counts: dict[str, int] = {}
-    for tags in datasets.values():
-        if not isinstance(tags, dict):
-            continue
-        for tag, count in tags.items():
-            tag = str(tag).strip()
-            if tag and isinstance(count, (int, float)) and math.isfinite(count):
-                counts[tag] = counts.get(tag, 0) + int(count)
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return dict(ranked[:MAX_TAGS])
-
-
-def _dataset_triggers(raw: str, skip: frozenset[str] = frozenset()) -> tuple[str, ...]:
-    """Identifiers of DreamBooth-style dataset folders (``<repeats>_<identifier>``) found among their own captions'
-    tags; the regularization folders in ``skip`` (``1_woman``, captioned "woman") are left out."""
-    try:
-        datasets = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        return ()
-    found = []
-    for folder, tags in datasets.items() if isinstance(datasets, dict) else ():
-        match = None if str(folder) in skip else _DATASET_FOLDER.match(str(folder))
-        if match and isinstance(tags, dict):
-            identifier = match.group(1).strip()
-            if identifier.lower() in {str(tag).strip().lower() for tag in tags}:
-                found.append(identifier)
-    return _unique(found)
-
-
-def _from_modelspec(meta: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    title = meta.get("modelspec.title", "").strip()
-    if title and not _KOHYA_DEFAULT_TITLE.match(title):
-        out["title"] = title
-    for key in ("description", "author"):
-        if meta.get(f"modelspec.{key}", "").strip():
-            out[key] = meta[f"modelspec.{key}"].strip()
-    architecture = meta.get("modelspec.architecture")
-    if architecture:
-        out["base_model"] = architecture
-        out["family_hint"] = family_from_text(architecture)
-    out["trigger_words"] = _split_words(meta.get("modelspec.trigger_phrase"))
-    out["labels"] = _split_words(meta.get("modelspec.tags"))
-    if meta.get("modelspec.hash_sha256"):
-        out["hashes"] = {"modelspec.hash_sha256": meta["modelspec.hash_sha256"]}
-    return {k: v for k, v in out.items() if v not in (None, (), "")}
-
-
-def _from_civitai(info: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
-    if not info:
-        return {}
-    model = info.get("model") if isinstance(info.get("model"), dict) else {}
-    out: dict[str, Any] = {}
-    if isinstance(model.get("name"), str):
-        out["title"] = model["name"].strip()
-    if isinstance(model.get("type"), str):
-        out["model_type"] = model["type"]
-    description = info.get("description") or model.get("description")
-    if isinstance(description, str):
-        out["description"] = _strip_html(description)
-    creator = info.get("creator") or model.get("creator")
-    if isinstance(creator, dict) and isinstance(creator.get("username"), str):
-        out["author"] = creator["username"]
-    if isinstance(info.get("baseModel"), str):
-        out["base_model"] = info["baseModel"]
-        out["family_hint"] = family_from_text(info["baseModel"])
-    words = info.get("trainedWords")
-    if isinstance(words, list):
-        out["trigger_words"] = tuple(w for item in words if isinstance(item, str) for w in _split_words(item))
-    tags = model.get("tags", info.get("tags"))
-    if isinstance(tags, list):
-        names = (t.get("name") if isinstance(t, dict) else t for t in tags)
-        out["labels"] = tuple(n.strip() for n in names if isinstance(n, str) and n.strip())
-    model_id, version_id = info.get("modelId"), info.get("id")
-    if isinstance(model_id, int):
-        suffix = f"?modelVersionId={version_id}" if isinstance(version_id, int) else ""
-        out["source_url"] = f"https://civitai.com/models/{model_id}{suffix}"
-    out["file_sha256"] = _civitai_primary_sha256(info.get("files"))
-    if not any(v for v in out.values()):
-        warnings.append("civitai sidecar has none of the expected fields")
-    return {k: v for k, v in out.items() if v not in (None, (), "")}
-
-
-def _civitai_primary_sha256(files: object) -> str | None:
-    if not isinstance(files, list):
-        return None
-    candidates = [f for f in files if isinstance(f, dict)]
-    candidates.sort(key=lambda f: not f.get("primary"))
-    for entry in candidates:
-        hashes = entry.get("hashes")
-        if isinstance(hashes, dict) and isinstance(hashes.get("SHA256"), str):
-            return hashes["SHA256"]
-    return None
-
-
-def _from_a1111(settings: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
-    if not settings:
-        return {}
-    out: dict[str, Any] = {}
-    out["trigger_words"] = _split_words(_as_str(settings.get("activation text")))
-    weight = _as_float(settings.get("preferred weight"))
-    problem = None if weight is None else weight_problem(weight)
-    if problem is not None:
-        warnings.append(f"preferred weight {weight!r} {problem}; ignored")
-        weight = None
-    out["preferred_weight"] = weight if weight else None  # A1111 writes 0 for "use the default"
-    for key, target in (("notes", "notes"), ("negative text", "negative_text"), ("description", "description")):
-        text = _as_str(settings.get(key))
-        if text and text.strip():
-            out[target] = text.strip()
-    version = _as_str(settings.get("sd version"))
-    if version and version.lower() != "unknown":
-        out["base_model"] = version
-        out["family_hint"] = family_from_text(version)
-    return {k: v for k, v in out.items() if v not in (None, (), "")}
-
-
-def _load_sidecar(path: Path, warnings: list[str]) -> dict[str, Any]:
-    if path.is_symlink() or not path.is_file():  # a symlinked sidecar could point anywhere: not followed
-        return {}
-    try:
-        size = path.stat().st_size
-        if size > MAX_SIDECAR_BYTES:
-            raise SidecarTooLargeError(
-                f"sidecar {path.name} is {size} bytes, over the limit of {MAX_SIDECAR_BYTES}; it is not read",
-                path=path,
-                hint="shrink or remove the sidecar",
-            )
-        data = storable_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        warnings.append(f"{path.name} is unreadable ({type(exc).__name__}); skipped")
-        return {}
-    except RecursionError:
-        warnings.append(f"{path.name} is nested too deeply; skipped")
-        return {}
-    if not isinstance(data, dict):
-        warnings.append(f"{path.name} is not a JSON object; skipped")
-        return {}
-    return data
-
-
-def _previews(path: Path) -> tuple[str, ...]:
-    candidates = (path.with_name(p.format(stem=path.stem)) for p in PREVIEW_PATTERNS)
-    return tuple(str(c) for c in candidates if c.is_file() and not c.is_symlink())
-
-
-def _write_thumbnail(uri: str, directory: Path, warnings: list[str]) -> Path | None:
-    """Decode a ``data:image/...;base64,`` thumbnail and store it under its content hash."""
-    head, _, payload = uri.partition(",")
-    if not head.startswith("data:") or ";base64" not in head:
-        warnings.append("modelspec.thumbnail is not a base64 data URI; skipped")
-        return None
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        warnings.append("modelspec.thumbnail holds invalid base64; skipped")
-        return None
-    ext = _image_extension(data)
-    if ext is None:
-        warnings.append("modelspec.thumbnail is not a PNG, JPEG, GIF or WebP image; skipped")
-        return None
-    target = directory / f"{hashlib.sha256(data).hexdigest()[:24]}.{ext}"
-    if not target.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(data)
-        partial.replace(target)
-    return target
-
-
-def _image_extension(data: bytes) -> str | None:
-    for magic, ext in _IMAGE_MAGIC:
-        if data.startswith(magic):
-            return ext
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-def _split_words(text: str | None) -> tuple[str, ...]:
-    """Comma-separated phrases → stripped, non-empty phrases."""
-    if not text:
-        return ()
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-def _unique(values: Iterable[str]) -> tuple[str, ...]:
-    seen: set[str] = set()
-    out = []
-    for value in values:
-        if value.lower() not in seen:
-            seen.add(value.lower())
-            out.append(value)
-    return tuple(out)
-
-
-def _strip_html(text: str) -> str:
-    text = re.sub(r"<br\s*/?>|</p>", "\n", text, flags=re.IGNORECASE)
-    text = html.unescape(re.sub(r"<[^>]+>", "", text))
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def _as_str(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _as_int(value: object) -> int | None:
-    try:
-        return int(float(value)) if value not in (None, "", "None") else None  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def _as_float(value: object) -> float | None:
-    """A finite float, or None (NaN and infinities carry no usable setting)."""
-    try:
-        number = float(value) if value not in (None, "", "None") else None  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return number if number is not None and math.isfinite(number) else None

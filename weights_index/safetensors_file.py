@@ -2,58 +2,45 @@
 
 Everything in the library reads files through here, so every malformed case (truncated file, header
 longer than the file, absurd header size, bad JSON, offsets out of range, NaN/Inf tensors, pickle files)
-raises one typed error that names the file and the fix, before any tensor is handed out. Header reading is pure
-Python; torch is imported only when tensors are checked or loaded.
+raises one typed error that names the file and the fix, before any tensor is handed out. Headers are parsed and
+bounds-checked by the safetensors library's own reader (``safe_open``, numpy framework: no torch); torch is imported
+only when tensors are checked or loaded.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import stat
-import struct
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from fusion.errors import AdapterFormatError, NonFiniteTensorError, NonRegularFileError, UnsafeFormatError
-from weights_index.text_safety import storable_text
 
 if TYPE_CHECKING:
     import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-"""The safetensors reference rejects headers above 100 MB; so do we."""
-
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-}
 
 CONVERT_HINT = (
     "convert it to safetensors on a machine you trust, e.g. "
     'python -c "import torch, safetensors.torch as s; '
     "s.save_file({k: v.contiguous() for k, v in torch.load('IN', weights_only=True).items()}, 'OUT.safetensors')\""
 )
+
+_HEADER_REFUSALS = (
+    ("header too small", "the file is {size} bytes, too short to be safetensors"),
+    ("header too large", "header length is over the safetensors limit; the file is corrupt or not safetensors"),
+    ("invalid header length", "header length is longer than the file ({size} bytes); the file is truncated"),
+    ("not fully covered", "the tensors do not cover the file's {size} bytes exactly; the file is truncated or corrupt"),
+    ("invalid utf-8", "header is not UTF-8 text"),
+    ("invalid json", "header is not valid JSON ({detail})"),
+)
+"""The safetensors reader's refusal (a phrase of its message, lower case) → what we say about the file."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +49,6 @@ class TensorInfo:
 
     dtype: str
     shape: tuple[int, ...]
-    start: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -108,82 +93,40 @@ def refuse_non_regular(path: Path, info: os.stat_result) -> None:
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:
-    """Read and validate only the header of ``path`` (no tensor data is touched)."""
+    """Read and validate only the header of ``path`` (no tensor data is touched).
+
+    The safetensors library checks the header's size, JSON, dtypes and every tensor's byte range against the file;
+    whatever it refuses becomes an :class:`AdapterFormatError` that names the file.
+    """
     path = Path(path)
     refuse_pickle(path)
     try:
         info = path.stat()
         refuse_non_regular(path, info)
-        file_size = info.st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise AdapterFormatError(
-                    f"file is {file_size} bytes, too short to be safetensors", path=path, hint="re-download the file"
-                )
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise AdapterFormatError(
-                    f"header length is over the limit of {MAX_HEADER_BYTES} bytes; "
-                    "the file is corrupt or not safetensors",
-                    path=path,
-                    hint="re-download the file",
-                )
-            if 8 + header_len > file_size:
-                raise AdapterFormatError(
-                    f"header length is longer than the file ({file_size} bytes); the file is truncated or not "
-                    "safetensors",
-                    path=path,
-                    hint="re-download the file",
-                )
-            raw = handle.read(header_len)
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {}
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                view = handle.get_slice(name)
+                tensors[name] = TensorInfo(dtype=view.get_dtype(), shape=tuple(view.get_shape()))
     except OSError as exc:
         raise AdapterFormatError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
-    try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise AdapterFormatError("header is not UTF-8 text", path=path, hint="re-download the file") from exc
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(
-            f"header is not valid JSON ({exc.msg} at byte {exc.pos})", path=path, hint="re-download the file"
-        ) from exc
-    except RecursionError as exc:
-        raise AdapterFormatError("header JSON is nested too deeply", path=path, hint="re-download the file") from exc
-    if not isinstance(parsed, dict):
-        raise AdapterFormatError("header is not a JSON object", path=path)
-    metadata_raw = parsed.pop("__metadata__", None) or {}
-    if not isinstance(metadata_raw, dict):
-        raise AdapterFormatError("__metadata__ is not a JSON object", path=path)
-    metadata = {
-        storable_text(k): storable_text(v) if isinstance(v, str) else json.dumps(v) for k, v in metadata_raw.items()
-    }
-    data_size = file_size - 8 - header_len
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in parsed.items():
-        tensors[name] = _tensor_info(path, name, entry, data_size)
-    return SafetensorsHeader(path=path, file_size=file_size, metadata=metadata, tensors=tensors)
+    except SafetensorError as exc:
+        raise _header_refusal(path, info.st_size, exc) from exc
+    return SafetensorsHeader(path=path, file_size=info.st_size, metadata=dict(metadata), tensors=tensors)
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise AdapterFormatError(f"tensor {name!r} has a malformed header entry", path=path)
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-        raise AdapterFormatError(f"tensor {name!r} has an unknown dtype", path=path)
-    if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
-        raise AdapterFormatError(f"tensor {name!r} has a malformed shape", path=path)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise AdapterFormatError(f"tensor {name!r} has malformed data offsets", path=path)
-    start, end = offsets
-    if not 0 <= start <= end <= data_size:
-        raise AdapterFormatError(
-            f"tensor {name!r} lies at bytes {start}..{end} but the data section has {data_size}; the file is truncated",
-            path=path,
-            hint="re-download the file",
-        )
-    if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
-        raise AdapterFormatError(f"tensor {name!r} byte length does not match its shape and dtype", path=path)
-    return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
+def _header_refusal(path: Path, size: int, error: SafetensorError) -> AdapterFormatError:
+    """The safetensors reader's refusal of a header, said about the file."""
+    reason = str(error).removeprefix("Error while deserializing header: ")
+    lowered = reason.lower()
+    message = next(
+        (said for phrase, said in _HEADER_REFUSALS if phrase in lowered), "not a valid safetensors file ({reason})"
+    )
+    detail = reason.split(": ", 1)[-1]
+    return AdapterFormatError(
+        message.format(size=size, reason=reason, detail=detail), path=path, hint="re-download the file"
+    )
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

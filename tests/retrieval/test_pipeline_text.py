@@ -94,4 +94,4 @@ def test_training_against_a_pipeline_text_tower_and_querying_with_that_pipeline(
 
     retriever = Retriever(library, scan=False)
     assert any("trained against 'tiny'" in note and "left out" in note for note in retriever.notes)
-    assert not retriever._learned_signal("anything", None)
+    assert not any("learned" in hit.signals for hit in retriever.rank("anything", k=50))

@@ -7,13 +7,14 @@ import os
 import struct
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from weights_index import catalog as catalog_module
-from weights_index import metadata as metadata_module
+from weights_index import library_walk, sidecars
+from weights_index import scan as scan_module
 from weights_index.catalog import Library
 
 KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -43,7 +44,7 @@ def surrogate_json(value: object) -> bytes:
     return json.dumps(value).encode()
 
 
-def scan_in_thread(library: Library, seconds: float = 60.0) -> catalog_module.ScanReport:
+def scan_in_thread(library: Library, seconds: float = 60.0) -> scan_module.ScanReport:
     """Scan, failing the test (instead of hanging it) when the scan does not finish in time."""
     result: dict[str, object] = {}
 
@@ -99,8 +100,10 @@ def test_every_bad_file_becomes_a_typed_row_and_the_good_ones_survive(bad_librar
     assert len(odd) == 1
     assert odd[0].error_type == "UnsafePathError"
     assert "UTF-8" in (odd[0].error or "")
-    assert by_relpath["surrogate_meta.safetensors"].error_type is not None  # no tensors: an unknown layout
-    assert by_relpath["surrogate_meta.safetensors"].title == "a?b"
+    surrogate = by_relpath["surrogate_meta.safetensors"]  # safetensors' reader refuses a lone surrogate escape
+    assert surrogate.error_type == "AdapterFormatError"
+    assert "JSON" in (surrogate.error or "")
+    assert surrogate.title == "surrogate_meta"
     side = by_relpath["side_surrogate.safetensors"]
     assert side.ok
     assert side.trigger_words == ("x?y",)
@@ -121,8 +124,8 @@ def test_a_header_is_checked_before_the_file_is_hashed(tmp_path: Path, monkeypat
     root.mkdir()
     write_raw(root / "huge_bad.safetensors", b"not json at all", b"\0" * 1024)
     hashed: list[str] = []
-    real = catalog_module.file_sha256
-    monkeypatch.setattr(catalog_module, "file_sha256", lambda path: hashed.append(str(path)) or real(path))
+    real = scan_module.file_sha256
+    monkeypatch.setattr(scan_module, "file_sha256", lambda path: hashed.append(str(path)) or real(path))
     library = Library(root)
     library.scan()
     assert hashed == []
@@ -137,7 +140,7 @@ def test_an_oversized_sidecar_is_refused_with_a_typed_error_without_reading_it(
     write_good(root / "fine.safetensors", seed=1)
     (root / "big.json").write_text(json.dumps({"notes": "n" * 5000}))
     (root / "fine.json").write_text(json.dumps({"notes": "short"}))
-    monkeypatch.setattr(metadata_module, "MAX_SIDECAR_BYTES", 4096)
+    monkeypatch.setattr(sidecars, "MAX_SIDECAR_BYTES", 4096)
     library = Library(root)
     library.scan()
     big = library.get("big")
@@ -154,20 +157,20 @@ def test_a_file_deleted_mid_scan_is_dropped_or_recorded_never_raised(
     root = tmp_path / "lib"
     for name in ("a", "b", "c", "d"):
         write_good(root / f"{name}.safetensors", seed=ord(name))
-    real_found, real_inspect = Library._found, Library._inspect
+    real_found, real_inspect = library_walk.found_file, scan_module.Scan.inspect
 
-    def found_after_deleting_b(self: Library, entry: os.DirEntry[str], *args: object) -> object:
+    def found_after_deleting_b(entry: os.DirEntry[str], *args: Any) -> library_walk.FoundFile:
         if entry.name == "b.safetensors":
             os.unlink(entry.path)
-        return real_found(self, entry, *args)
+        return real_found(entry, *args)
 
-    def inspect_after_deleting_d(self: Library, item: object) -> object:
-        if item.relpath == "d.safetensors":  # type: ignore[attr-defined]
+    def inspect_after_deleting_d(self: scan_module.Scan, item: library_walk.FoundFile) -> scan_module.ScannedFile:
+        if item.relpath == "d.safetensors":
             os.unlink(root / "d.safetensors")
         return real_inspect(self, item)
 
-    monkeypatch.setattr(Library, "_found", found_after_deleting_b)
-    monkeypatch.setattr(Library, "_inspect", inspect_after_deleting_d)
+    monkeypatch.setattr(library_walk, "found_file", found_after_deleting_b)
+    monkeypatch.setattr(scan_module.Scan, "inspect", inspect_after_deleting_d)
     library = Library(root)
     library.scan()
     monkeypatch.undo()
@@ -184,16 +187,16 @@ def test_a_scan_commits_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     root = tmp_path / "lib"
     for i in range(7):
         write_good(root / f"f{i}.safetensors", seed=i)
-    monkeypatch.setattr(catalog_module, "SCAN_BATCH_FILES", 3)
+    monkeypatch.setattr(scan_module, "SCAN_BATCH_FILES", 3)
     library = Library(root)
-    real_inspect = Library._inspect
+    real_inspect = scan_module.Scan.inspect
     seen: list[int] = []
 
-    def inspect_and_look(self: Library, item: object) -> object:
+    def inspect_and_look(self: scan_module.Scan, item: library_walk.FoundFile) -> scan_module.ScannedFile:
         seen.append(len(Library(root).entries()))  # what another process would see right now
         return real_inspect(self, item)
 
-    monkeypatch.setattr(Library, "_inspect", inspect_and_look)
+    monkeypatch.setattr(scan_module.Scan, "inspect", inspect_and_look)
     library.scan()
     assert seen == [0, 0, 0, 3, 3, 3, 6]
     assert {entry.name for entry in library.entries()} == {f"f{i}" for i in range(7)}

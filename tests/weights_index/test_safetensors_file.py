@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,81 @@ def test_all_finite_finds_any_nan_or_inf_and_survives_overflowing_sums(dtype: to
         assert not all_finite(broken)
     huge = torch.full((64,), torch.finfo(dtype).max, dtype=torch.float64).to(dtype)
     assert all_finite(huge)
+
+
+def _raw(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def _entry(dtype: object = "F32", shape: object = (4,), offsets: object = (0, 16)) -> dict[str, object]:
+    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape, "data_offsets": offsets}
+
+
+MALFORMED_HEADERS = {
+    "not UTF-8": (b'{"\xff": 1}', b""),
+    "not an object": (b"[]", b""),
+    "nested too deeply": (b"[" * 100_000 + b"]" * 100_000, b""),
+    "metadata a list": (json.dumps({"__metadata__": [1]}).encode(), b""),
+    "unknown dtype": (json.dumps({"x": _entry(dtype="F33")}).encode(), b"\0" * 16),
+    "negative dimension": (json.dumps({"x": _entry(shape=[-4])}).encode(), b"\0" * 16),
+    "entry not an object": (json.dumps({"x": 7}).encode(), b""),
+    "no offsets": (json.dumps({"x": {"dtype": "F32", "shape": [4]}}).encode(), b"\0" * 16),
+    "byte length not the shape's": (json.dumps({"x": _entry(shape=[5])}).encode(), b"\0" * 16),
+    "offsets reversed": (json.dumps({"x": _entry(offsets=[16, 0])}).encode(), b"\0" * 16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_HEADERS))
+def test_malformed_headers_raise_the_typed_error_naming_the_file(tmp_path: Path, case: str) -> None:
+    header, data = MALFORMED_HEADERS[case]
+    path = _raw(tmp_path / "m.safetensors", header, data)
+    for call in (read_header, probe, read_adapter):
+        with pytest.raises(AdapterFormatError, match=r"m\.safetensors"):
+            call(path)
+
+
+def test_a_header_names_every_tensor_with_its_dtype_and_shape_and_the_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "h.safetensors"
+    save_file(
+        {"a": torch.zeros(2, 3, dtype=torch.float16), "b": torch.zeros(5, dtype=torch.int64)},
+        str(path),
+        metadata={"title": "héllo"},
+    )
+    header = read_header(path)
+    assert {name: (info.dtype, info.shape) for name, info in header.tensors.items()} == {
+        "a": ("F16", (2, 3)),
+        "b": ("I64", (5,)),
+    }
+    assert header.metadata == {"title": "héllo"}
+    assert header.file_size == path.stat().st_size
+    assert header.shape("a") == (2, 3)
+
+
+def test_a_missing_file_is_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(AdapterFormatError, match="cannot read"):
+        read_header(tmp_path / "gone.safetensors")
+
+
+def test_bytes_no_tensor_covers_are_refused(tmp_path: Path) -> None:
+    good = _good(tmp_path / "g.safetensors").read_bytes()
+    (tmp_path / "tail.safetensors").write_bytes(good + b"\0" * 8)
+    with pytest.raises(AdapterFormatError, match=r"tail\.safetensors.*truncated or corrupt"):
+        probe(tmp_path / "tail.safetensors")
+    gap = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}).encode()
+    with pytest.raises(AdapterFormatError, match=r"gap\.safetensors"):
+        read_header(_raw(tmp_path / "gap.safetensors", gap, b"\0" * 32))
+
+
+def test_probing_a_file_imports_no_torch(tmp_path: Path) -> None:
+    path = _good(tmp_path / "p.safetensors")
+    code = "import sys; from weights_index.reader import probe; probe(sys.argv[1]); print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == "False"

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from fusion.adapters import AdapterKind, LowRank
-from fusion.errors import AdapterFormatError, ShapeMismatchError, UnknownLayoutError
+from fusion.errors import AdapterFormatError, UnknownLayoutError
 from fusion.relative import WeightDecomposed
+from weights_index.formats.module_errors import naming_module
 
 DOWN_ALPHA_SIBLINGS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
 DENOISER_PREFIXES = ("unet.", "transformer.")
@@ -190,10 +191,8 @@ def _with_magnitudes(
         update = target.get(key)
         if not isinstance(update, LowRank):
             raise AdapterFormatError(f"DoRA magnitude for {key!r} has no LoRA factors beside it", path=path)
-        try:
+        with naming_module(key, path):
             target[key] = WeightDecomposed(update=update, magnitude=magnitude.reshape(-1), on_output=True)
-        except ShapeMismatchError as exc:
-            raise ShapeMismatchError(f"module {key!r}: {exc.reason}", path=path) from exc
 
 
 def _alphas_by_tensor(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[int, float]:
@@ -294,10 +293,8 @@ def _build_layers(
         alpha = alphas.get(id(downs[module]))
         if alpha is None and config is not None:
             alpha = config.alpha_for(module, int(down.shape[0]))
-        try:
+        with naming_module(module, path):
             layers[module] = LowRank(down=down, up=up, alpha=alpha)
-        except ShapeMismatchError as exc:
-            raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
     return layers
 
 

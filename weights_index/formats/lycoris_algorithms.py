@@ -29,6 +29,7 @@ import torch
 from fusion.adapters import AdapterKind, Dense, LowRank
 from fusion.errors import AdapterFormatError, ShapeMismatchError, UnknownLayoutError
 from fusion.relative import ChannelScale, Orthogonal, WeightDecomposed, WeightProduct
+from weights_index.formats.module_errors import naming_module
 
 LYCORIS_FIX = "convert it to LoRA with LyCORIS's extract/merge tools, or retrain the adapter without that option"
 
@@ -75,19 +76,15 @@ def locon_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> 
         up = up.float()
     if up.dim() == 2 and down.dim() == 4:
         up = up[:, :, None, None]
-    try:
+    with naming_module(module, path):
         return LowRank(down=down, up=up, alpha=alpha_of(parts))
-    except ShapeMismatchError as exc:
-        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
 
 
 def full_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> Dense:
     """A full-weight difference ``diff`` and, if stored, the bias difference ``diff_b``."""
     bias = parts.get("diff_b")
-    try:
+    with naming_module(module, path):
         return Dense(weight=parts["diff"].float(), bias=None if bias is None else bias.float().reshape(-1))
-    except ShapeMismatchError as exc:
-        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
 
 
 def ia3_update(
@@ -96,10 +93,8 @@ def ia3_update(
     """IA3: a per-channel scale of the output (or, with ``on_input`` set, the input) channels."""
     shape = _need_shape(target, "IA3", module, path)
     on_input = bool(int(parts["on_input"].reshape(-1)[0])) if "on_input" in parts else False
-    try:
+    with naming_module(module, path):
         return ChannelScale(vector=parts["weight"].reshape(-1), shape=shape, on_input=on_input)
-    except ShapeMismatchError as exc:
-        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
 
 
 def oft_update(
@@ -109,10 +104,8 @@ def oft_update(
     shape = _need_shape(target, "OFT", module, path)
     alpha = alpha_of(parts) or 0.0
     rescale = parts.get("rescale")
-    try:
+    with naming_module(module, path):
         return Orthogonal(blocks=parts["oft_blocks"], shape=shape, constraint=alpha * shape[0], rescale=rescale)
-    except ShapeMismatchError as exc:
-        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
 
 
 def glora_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> WeightProduct:
@@ -129,11 +122,9 @@ def glora_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> 
     alpha = alpha_of(parts)
     if b1.dim() == 4 and b2.dim() == 2:
         b2 = b2[:, :, None, None]
-    try:
+    with naming_module(module, path):
         additive = LowRank(down=b2, up=b1)
         return WeightProduct(a1=a1, a2=a2, additive=additive, scale=1.0 if alpha is None else alpha / rank)
-    except ShapeMismatchError as exc:
-        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
 
 
 def with_dora(update: AdapterKind, magnitude: torch.Tensor, module: str, path: Path, eps: float) -> WeightDecomposed:
@@ -142,17 +133,13 @@ def with_dora(update: AdapterKind, magnitude: torch.Tensor, module: str, path: P
         raise UnknownLayoutError(f"module {module!r}: DoRA on a {type(update).__name__} update", path=path)
     shape = tuple(update.shape)
     on_output = magnitude.dim() <= 1 or (magnitude.shape[0] == shape[0] and magnitude.numel() == shape[0])
-    try:
+    with naming_module(module, path):
         return WeightDecomposed(update=update, magnitude=magnitude.reshape(-1), on_output=on_output, eps=eps)
-    except ShapeMismatchError as exc:
-        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc
 
 
 def norm_update(parts: Mapping[str, torch.Tensor], module: str, path: Path) -> Dense:
     """Norm-layer training: additive updates ``w_norm`` / ``b_norm`` of a LayerNorm/GroupNorm's weight and bias."""
     require(parts, ("w_norm",), module, path)
     bias = parts.get("b_norm")
-    try:
+    with naming_module(module, path):
         return Dense(weight=parts["w_norm"].float(), bias=None if bias is None else bias.float().reshape(-1))
-    except ShapeMismatchError as exc:
-        raise ShapeMismatchError(f"module {module!r}: {exc.reason}", path=path) from exc

@@ -31,6 +31,7 @@ import torch
 
 from fusion.adapters import Adapter, AdapterKind, Sparse
 from fusion.errors import AdapterFormatError, ShapeMismatchError
+from weights_index.formats.module_errors import naming_module
 from weights_index.safetensors_file import save_atomic
 
 SHIRA_FORMAT_VERSION = "1"
@@ -105,10 +106,8 @@ def _read_ours(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, Spa
         index, values, shape = parts["shira_index"], parts["shira_values"], parts["shira_shape"]
         if index.is_floating_point() or shape.is_floating_point():
             raise AdapterFormatError(f"SHiRA module {stem!r} has non-integer indices or shape", path=path)
-        try:
+        with naming_module(stem, path, "SHiRA module"):
             out[stem] = Sparse(index=index, values=values, shape=tuple(int(s) for s in shape.tolist()))
-        except ShapeMismatchError as exc:
-            raise ShapeMismatchError(f"SHiRA module {stem!r}: {exc.reason}", path=path) from exc
     return out
 
 
