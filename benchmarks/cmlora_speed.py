@@ -6,7 +6,7 @@ attaches k rank-16 LoRAs on every attention projection, and for k = 2…5 genera
 
 - ``merge``: Merge, fused — the floor;
 - ``composite_sequential`` / ``composite_batched``: Composite as published (k passes per step) and as one batched pass;
-- ``cmlora_features``: CMLoRA with DeepCache-style feature caching (the default on UNets);
+- ``cmlora_features``: CMLoRA with DeepCache-style feature caching (``cache="features"``);
 - ``cmlora_output``: CMLoRA with output-level caching (the DiT path; full passes fused).
 
 For CMLoRA it reports full and cached passes, the cache hit rate (cached / all adapter passes), and the FLOPs and time

@@ -24,6 +24,8 @@ BUILTIN: dict[str, str] = {
     "composite": "fusion.strategies.composite",
     "cmlora": "fusion.strategies.cmlora",
     "gated": "fusion.strategies.gated",
+    "klora": "fusion.strategies.klora",
+    "ties": "fusion.strategies.ties",
 }
 """Method name → module that defines (and registers) it."""
 

@@ -142,6 +142,24 @@ def with_output_tensor(output: Any, tensor: torch.Tensor) -> Any:
     return type(output)(sample=tensor)
 
 
+def check_composition(method: str, weights: Mapping[str, Any], options: Mapping[str, Any], known: str) -> None:
+    """The checks a method's constructor starts with: no option it does not know (``known`` names its own, for the
+    hint) and at least one adapter."""
+    if options:
+        raise CompositionError(f"{method} got unknown options {sorted(options)}", hint=f"use {known}")
+    if not weights:
+        raise CompositionError(f"{method} needs at least one adapter")
+
+
+def require_fused(method: str, fuse: bool | None, reason: str) -> None:
+    """Refuse ``fuse=False`` for a method that can only write its result into the weights (``reason`` says why)."""
+    if fuse is False:
+        raise CompositionError(
+            f"{method} runs fused only: {reason}",
+            hint="leave fuse unset, and compose on both CFG branches (branches='both')",
+        )
+
+
 @dataclass
 class StepContext:
     """One denoiser call as the engine hands it to a strategy.

@@ -1,7 +1,8 @@
 """CMLoRA — Cached Multi-LoRA (Zou et al., ICLR 2025; docs/methods.md#cmlora).
 
-Every step every adapter contributes, Composite-style, but only one — the dominant adapter — gets a full denoiser
-pass; the others reuse a cache. The combined prediction (CFG applied once by the pipeline, CFG being linear) is
+Every step every adapter contributes, Composite-style, one of them — the dominant adapter — weighted up; with caching
+on (an option) only the dominant adapter gets a full denoiser pass and the others reuse a cache. The combined
+prediction (CFG applied once by the pipeline, CFG being linear) is
 
     ẽ = w_dom · e_dom + w_other · Σ_{i ≠ dom} ẽ_i,   w_dom = (N − 0.5)/(2N − 1.5),   w_other = 1/(2N − 1.5)
 
@@ -12,32 +13,45 @@ Composite.
 Order. Adapters are split into a high-frequency set H and a low-frequency set L by their ΔH
 (:mod:`fusion.frequency`; option ``delta_h``, else ``Adapter.meta["delta_h"]`` or ``meta["scores"]["delta_h"]``):
 ΔH > ``split`` (default 0) → H. Adapters without a score fall back to their category (option ``categories``, else
-``meta["category"]``): style, character, clothing, object and unknown → H, background → L. Within a set, scored
-adapters come first by decreasing ΔH, then the others by category (style, character, clothing, object, unknown).
+``meta["category"]``): background → L, anything else → H. Within a set, scored adapters come first by decreasing
+ΔH, then the others in the composition's order (the published code's category check is a membership test, not a
+ranking).
 
-Stages. Stage 1 draws the dominant adapter from H, stage 2 from L (a stage whose set is empty uses the other set).
-``stage="fraction"`` (default): stage 1 is steps t < ``fraction``·T (0.6). ``stage="online"``: stage 2 starts at the
-first step whose latent's own high-frequency score is below ``g_f`` (0.68); when the latent is too small for the
-radius cut (or its spectrum cannot be normalised) the score is not used and the fraction rule decides that step.
+Stages. Stage 1 is steps t < ``fraction``·T (``stage="fraction"``, default 0.55: the published code's boundary,
+step 120 of its 220). ``stage="online"``: stage 2 starts at the first step whose latent's own high-frequency score
+is below ``g_f`` (0.68); when the latent is too small for the radius cut (or its spectrum cannot be normalised) the
+score is not used and the fraction rule decides that step. Which adapters stage 2 draws the dominant one from
+(``second_stage``):
+
+- ``"reference"`` (default, the published code): one counter c counts the refresh steps; in stage 1 the dominant
+  adapter is H[(c − 1) mod |H|], in stage 2 it is W[(c − 1) mod |H|] over the window W = (H + L)[1 : |H| + 1] (H
+  without its first adapter, then L's first), the counter carrying on — so the dominant adapter can change at the
+  boundary step itself;
+- ``"paper"``: stage 2 draws from L with its own round robin, and the boundary step is a refresh step when L differs
+  from H.
+
+A stage whose set is empty uses the other set (no window then).
 
 Refresh. Refresh steps are non-uniform: every ``c1`` = 2 steps over [0, 0.375T), every ``c2`` = 3 over
-[0.375T, 0.875T), every ``c3`` = 2 over [0.875T, T) (``bounds`` moves 0.375 / 0.875), plus the first step of stage 2
-when its set differs from stage 1's. At a refresh step the dominant pointer advances to the next adapter of the
-current stage (round robin per set) and that adapter's cache is rebuilt.
-
-Passes. ``recompute="every"`` (default, as the paper states it): the dominant adapter runs a full pass at every step.
-``recompute="refresh"`` (the published code): only at refresh steps; in between it too reuses its cache. An adapter
-with nothing cached (the first step, a new batch shape) always runs a full pass; every full pass refreshes that
-adapter's cache.
+[0.375T, 0.875T), every ``c3`` = 2 over [0.875T, T) (``bounds`` moves 0.375 / 0.875). At a refresh step the
+dominant pointer advances and the new dominant adapter's cache is rebuilt.
 
 Caching (``cache``):
 
+- ``"off"`` (default) — every adapter runs a full pass at every step, as the published non-uniform mode does (it
+  caches only with a uniform interval > 1); this equals Composite with mix weights N·w;
 - ``"features"`` — DeepCache-style on UNets (:class:`fusion.feature_cache.UNetFeatureCache`): a cached pass reruns
   only the shallowest down/up level with the adapter's weights, on the deep feature of its last full pass;
 - ``"output"`` — any denoiser (DiTs): a cached adapter contributes its last full prediction unchanged; the full
   passes run fused (one fuse per change of the running adapter) unless ``fuse=False`` or weights are scheduled;
-- ``"off"`` — every adapter runs a full pass at every step (equals Composite with mix weights N·w);
-- ``"auto"`` (default) — ``"features"`` on UNets, ``"output"`` otherwise.
+- ``"auto"`` — ``"features"`` on UNets, ``"output"`` otherwise.
+
+Passes with caching on. ``recompute="every"`` (default, as the paper states it): the dominant adapter runs a full
+pass at every step. ``recompute="refresh"``: only at refresh steps (and, with ``second_stage="reference"``, where the
+dominant adapter changes at the boundary); in between it too reuses its cache. An adapter with nothing cached (the
+first step, a new batch shape) always runs a full pass; every full pass refreshes that adapter's cache. (The
+published code's stage-2 cache clear writes into a copy of its cache list and so clears nothing; it never runs
+with a cache in its default mode, so that slip is not reproduced.)
 
 Counts (reset per generation): ``full_passes`` / ``cached_passes`` per adapter name, ``fuses``, ``dominants`` (the
 dominant adapter of every step), ``refreshes`` (the refresh steps seen), ``stage_switch_step`` and ``latent_scores``.
@@ -47,6 +61,7 @@ Composite.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,17 +72,17 @@ from fusion.feature_cache import UNetFeatureCache, is_unet
 from fusion.frequency import CUTOFF, latent_high_frequency_score
 from fusion.schedules import parse_spec
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy, output_tensor, with_output_tensor
+from fusion.strategies.base import StepContext, Strategy, check_composition, output_tensor, with_output_tensor
 
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
 
-HIGH_CATEGORIES = ("style", "character", "clothing", "object")
-"""Categories the paper found in the high-frequency set H (in this order); ``background`` forms L."""
-
 LOW_CATEGORIES = ("background",)
-CACHE_MODES = ("auto", "features", "output", "off")
+"""Categories of the low-frequency set L; unscored adapters of any other category (or none) form H."""
+
+CACHE_MODES = ("off", "auto", "features", "output")
 STAGE_RULES = ("fraction", "online")
+SECOND_STAGE_RULES = ("reference", "paper")
 RECOMPUTE = ("every", "refresh")
 
 
@@ -93,9 +108,8 @@ def frequency_sets(
     categories: Mapping[str, str | None],
     split: float = 0.0,
 ) -> tuple[list[str], list[str]]:
-    """(H, L): adapters with ΔH > ``split`` (or, unscored, a high/unknown category) in H, the rest in L; each set
-    ordered scored-first by decreasing ΔH, then unscored by category rank, composition order breaking ties."""
-    rank = {category: i for i, category in enumerate(HIGH_CATEGORIES)}
+    """(H, L): adapters with ΔH > ``split`` (or, unscored, any category but background) in H, the rest in L; each
+    set ordered scored-first by decreasing ΔH, then the unscored ones in composition order."""
     high: list[tuple[int, float, int, str]] = []
     low: list[tuple[int, float, int, str]] = []
     for position, name in enumerate(names):
@@ -104,9 +118,22 @@ def frequency_sets(
         if score is not None:
             (high if score > split else low).append((0, -float(score), position, name))
         else:
-            key = (1, float(rank.get(category, len(rank))), position, name)
-            (low if category in LOW_CATEGORIES else high).append(key)
+            (low if category in LOW_CATEGORIES else high).append((1, 0.0, position, name))
     return [item[-1] for item in sorted(high)], [item[-1] for item in sorted(low)]
+
+
+def second_stage_start(num_steps: int, fraction: float) -> int:
+    """The first step of stage 2 under the fraction rule: the smallest t with t ≥ ``fraction``·T (the product
+    rounded to 9 decimals first, so 0.55·220 is 121, not 121.00000000000001)."""
+    return math.ceil(round(fraction * num_steps, 9))
+
+
+def second_stage_window(high: Sequence[str], low: Sequence[str]) -> list[str]:
+    """The published code's stage-2 pool: (H + L)[1 : |H| + 1] — H without its first adapter, then L's first
+    (H itself when either set is empty)."""
+    if not high or not low:
+        return list(high or low)
+    return [*high, *low][1 : len(high) + 1]
 
 
 def spatial_latent(ctx: StepContext) -> torch.Tensor | None:
@@ -135,9 +162,10 @@ def spatial_latent(ctx: StepContext) -> torch.Tensor | None:
 @register("cmlora")
 class CMLoRA(Strategy):
     """CMLoRA. Options: ``delta_h`` (name → ΔH), ``categories`` (name → category), ``split`` (ΔH threshold for H),
-    ``stage`` (``"fraction"``/``"online"``), ``fraction`` (0.6), ``g_f`` (0.68), ``c1``/``c2``/``c3`` (2/3/2),
-    ``bounds`` ((0.375, 0.875)), ``recompute`` (``"every"``/``"refresh"``), ``cache`` (``"auto"``/``"features"``/
-    ``"output"``/``"off"``), ``shallow_levels`` (UNet levels rerun by a feature-cached pass, 1)."""
+    ``stage`` (``"fraction"``/``"online"``), ``fraction`` (0.55), ``g_f`` (0.68), ``second_stage`` (``"reference"``/
+    ``"paper"``), ``c1``/``c2``/``c3`` (2/3/2), ``bounds`` ((0.375, 0.875)), ``recompute`` (``"every"``/
+    ``"refresh"``), ``cache`` (``"off"``/``"auto"``/``"features"``/``"output"``), ``shallow_levels`` (UNet levels
+    rerun by a feature-cached pass, 1). The defaults are the published code's non-uniform mode."""
 
     def __init__(
         self,
@@ -148,27 +176,28 @@ class CMLoRA(Strategy):
         categories: Mapping[str, str] | None = None,
         split: float = 0.0,
         stage: str = "fraction",
-        fraction: float = 0.6,
+        fraction: float = 0.55,
         g_f: float = 0.68,
+        second_stage: str = "reference",
         c1: int = 2,
         c2: int = 3,
         c3: int = 2,
         bounds: Sequence[float] = (0.375, 0.875),
         recompute: str = "every",
-        cache: str = "auto",
+        cache: str = "off",
         shallow_levels: int = 1,
         **options: Any,
     ) -> None:
-        if options:
-            raise CompositionError(
-                f"cmlora got unknown options {sorted(options)}",
-                hint="use delta_h, categories, split, stage, fraction, g_f, c1, c2, c3, bounds, recompute, cache, "
-                "shallow_levels",
-            )
-        if not weights:
-            raise CompositionError("cmlora needs at least one adapter")
+        check_composition(
+            "cmlora",
+            weights,
+            options,
+            "delta_h, categories, split, stage, fraction, g_f, second_stage, c1, c2, c3, bounds, recompute, cache, "
+            "shallow_levels",
+        )
         for label, allowed, value in (
             ("stage", STAGE_RULES, stage),
+            ("second_stage", SECOND_STAGE_RULES, second_stage),
             ("recompute", RECOMPUTE, recompute),
             ("cache", CACHE_MODES, cache),
         ):
@@ -198,6 +227,7 @@ class CMLoRA(Strategy):
         self.stage_rule = stage
         self.fraction = float(fraction)
         self.g_f = float(g_f)
+        self.second_stage = second_stage
         self.intervals = (c1, c2, c3)
         self.bounds = (bounds[0], bounds[1])
         self.recompute = recompute
@@ -265,6 +295,7 @@ class CMLoRA(Strategy):
         self._refresh = set(refresh_steps(num_steps, *self.intervals, bounds=self.bounds))
         self._stage = 1
         self._pointers: dict[tuple[str, ...], int] = {}
+        self._counter = 0
         self._dominant: int | None = None
         self._refreshing = False
         self._plan_step = -1
@@ -286,11 +317,15 @@ class CMLoRA(Strategy):
     # ----- the schedule ----------------------------------------------------------------------------------------
 
     def _members(self, stage: int) -> list[str]:
-        first, second = (self.high, self.low) if stage == 1 else (self.low, self.high)
-        return first or second
+        """The pool stage ``stage`` draws its dominant adapter from."""
+        if stage == 1:
+            return self.high or self.low
+        if self.second_stage == "reference":
+            return second_stage_window(self.high, self.low)
+        return self.low or self.high
 
     def _fraction_stage(self, step: int) -> int:
-        return 1 if step < self.fraction * self.num_steps else 2
+        return 1 if step < second_stage_start(self.num_steps, self.fraction) else 2
 
     def _next_stage(self, ctx: StepContext) -> int:
         """Stage of this step: the fraction rule, or (online) the latent's score with the fraction rule as guard."""
@@ -313,13 +348,21 @@ class CMLoRA(Strategy):
         if stage != self._stage:
             self.stage_switch_step = ctx.step
             self._stage = stage
-        self._refreshing = ctx.step in self._refresh or switched or self._dominant is None
+        refresh = ctx.step in self._refresh or self._dominant is None
+        members = self._members(stage)
+        if self.second_stage == "reference":
+            self._counter += int(refresh)
+            dominant = self.names.index(members[(self._counter - 1) % len(members)])
+            self._refreshing = refresh or dominant != self._dominant
+            self._dominant = dominant
+        else:
+            self._refreshing = refresh or switched
+            if self._refreshing:
+                pool = tuple(members)
+                turn = self._pointers.get(pool, 0)
+                self._pointers[pool] = turn + 1
+                self._dominant = self.names.index(members[turn % len(members)])
         if self._refreshing:
-            members = self._members(stage)
-            pool = tuple(members)
-            turn = self._pointers.get(pool, 0)
-            self._pointers[pool] = turn + 1
-            self._dominant = self.names.index(members[turn % len(members)])
             self.refreshes.append(ctx.step)
         assert self._dominant is not None
         self.dominants.append(self.names[self._dominant])

@@ -1,10 +1,11 @@
 """LoRA Switch (Zhong et al. 2024; docs/methods.md#lora-switch): one adapter active per step, rotating every τ steps.
 
-At step t (0-based) the active adapter is ``order[(t // τ) mod k]`` — every adapter runs exactly τ steps per turn.
+The schedule (option ``switch_offset``):
 
-``switch_offset="reference"`` reproduces the published code instead: it switches inside a step-end callback when
-``t > 0 and t % τ == 0``, so the switch after step t takes effect at step t+1 and the first adapter runs τ+1 steps
-(steps 0…τ), every later turn τ steps: active = ``order[(max(t−1, 0) // τ) mod k]``.
+- ``"reference"`` (default) — the published code's: it switches inside a step-end callback when ``t > 0 and
+  t % τ == 0``, so the switch after step t takes effect at step t+1 and the first adapter runs τ+1 steps (steps
+  0…τ), every later turn τ steps: active at 0-based step t = ``order[(max(t−1, 0) // τ) mod k]``;
+- ``"uniform"`` — every turn exactly τ steps: active = ``order[(t // τ) mod k]``.
 
 The default order puts known categories first, in the order the paper found best — character, clothing, style,
 background, object (from ``Adapter.meta["category"]``) — and keeps the composition's order among the rest.
@@ -27,7 +28,7 @@ import torch
 from fusion.errors import CompositionError
 from fusion.schedules import parse_spec
 from fusion.strategies import register
-from fusion.strategies.base import StepContext, Strategy
+from fusion.strategies.base import StepContext, Strategy, check_composition
 
 if TYPE_CHECKING:
     from fusion.engine import FusionEngine
@@ -35,10 +36,11 @@ if TYPE_CHECKING:
 CATEGORY_ORDER = ("character", "clothing", "style", "background", "object")
 """Default switching order by adapter category (character first is best, style first worst, in the paper)."""
 
-SWITCH_OFFSETS = ("uniform", "reference")
+SWITCH_OFFSETS = ("reference", "uniform")
+"""The switching schedules: the published code's (default) and τ steps for every turn."""
 
 
-def active_index(step: int, tau: int, k: int, switch_offset: str = "uniform") -> int:
+def active_index(step: int, tau: int, k: int, switch_offset: str = "reference") -> int:
     """Index (into the switching order) of the adapter active at 0-based ``step``."""
     turn = step // tau if switch_offset == "uniform" else max(step - 1, 0) // tau
     return turn % k
@@ -54,8 +56,8 @@ def category_order(names: Sequence[str], categories: Sequence[str | None]) -> li
 @register("switch")
 class Switch(Strategy):
     """LoRA Switch. Options: ``tau`` (steps per turn, default 5), ``order`` (``"category"`` (default),
-    ``"given"`` or a list of the composition's adapter names), ``switch_offset`` (``"uniform"`` or
-    ``"reference"``)."""
+    ``"given"`` or a list of the composition's adapter names), ``switch_offset`` (``"reference"``, the published
+    schedule where the first adapter runs τ+1 steps (default), or ``"uniform"``, τ steps every turn)."""
 
     def __init__(
         self,
@@ -64,15 +66,10 @@ class Switch(Strategy):
         fuse: bool | None = None,
         tau: int = 5,
         order: str | Sequence[str] = "category",
-        switch_offset: str = "uniform",
+        switch_offset: str = "reference",
         **options: Any,
     ) -> None:
-        if options:
-            raise CompositionError(
-                f"switch got unknown options {sorted(options)}", hint="use tau, order, switch_offset"
-            )
-        if not weights:
-            raise CompositionError("switch needs at least one adapter")
+        check_composition("switch", weights, options, "tau, order, switch_offset")
         if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
             raise CompositionError(f"switch tau must be a whole number of steps ≥ 1, got {tau!r}")
         if switch_offset not in SWITCH_OFFSETS:

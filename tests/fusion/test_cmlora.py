@@ -5,6 +5,7 @@ guard), on tiny-sd (feature and output caching) and tiny-flux (output caching)."
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,13 +18,25 @@ from fusion.adapters import Adapter, LowRank
 from fusion.errors import CompositionError
 from fusion.feature_cache import UNetFeatureCache
 from fusion.strategies.base import StepContext
-from fusion.strategies.cmlora import CMLoRA, cmlora_weights, frequency_sets, refresh_steps, spatial_latent
+from fusion.strategies.cmlora import (
+    CMLoRA,
+    cmlora_weights,
+    frequency_sets,
+    refresh_steps,
+    second_stage_start,
+    second_stage_window,
+    spatial_latent,
+)
 
 GUIDANCE = 6.0
 WEIGHTS = {"l0": 0.8, "l1": 1.1, "l2": 0.5}
 SCORES = {"l0": 0.1, "l1": 0.05, "l2": -0.1}  # H = [l0, l1], L = [l2]
 DOMINANTS_8 = ["l0", "l0", "l1", "l0", "l0", "l2", "l2", "l2"]
-"""T = 8, fraction 0.6: refresh steps 0, 2, 3, 6, 7 plus the stage switch at step 5 (5 < 4.8 is false)."""
+"""T = 8, second_stage="paper": refresh steps 0, 2, 3, 6, 7 plus the stage switch at step 5 (5 < 0.55·8 is false)."""
+REFERENCE_8 = ["l0", "l0", "l1", "l0", "l0", "l1", "l2", "l1"]
+"""T = 8, the published stage 2: refresh counter c = 1, 1, 2, 3, 3, 3, 4, 5; stage 1 picks H[(c−1) mod 2], stage 2
+W[(c−1) mod 2] over W = [l1, l2] (H without its first adapter, then L's first)."""
+PAPER = {"second_stage": "paper"}
 
 
 def _lora(denoiser: nn.Module, rank: int, seed: int, every: int) -> dict[str, LowRank]:
@@ -110,6 +123,34 @@ def test_frequency_sets_use_scores_then_categories() -> None:
     assert (high, low) == (["b", "c"], ["a"])
 
 
+def test_unscored_adapters_keep_the_combination_order() -> None:
+    names = ["hat", "bg", "hero", "ink", "tree"]
+    categories = {"hat": "clothing", "bg": "background", "hero": "character", "ink": "style", "tree": "object"}
+    assert frequency_sets(names, {}, categories) == (["hat", "hero", "ink", "tree"], ["bg"])
+
+
+@pytest.mark.parametrize(("steps", "first"), [(20, 11), (50, 28), (220, 121), (8, 5)])
+def test_stage_two_starts_where_the_published_code_puts_it(steps: int, first: int) -> None:
+    assert second_stage_start(steps, 0.55) == first  # 220 steps: stage 1 is steps 0…120, as in the published code
+    strategy = CMLoRA(WEIGHTS)
+    strategy._reset_generation(steps)
+    assert [strategy._fraction_stage(t) for t in (first - 1, first)] == [1, 2]
+
+
+def test_default_dominant_schedule_is_the_published_one() -> None:
+    strategy = CMLoRA({"char": 1.0, "ink": 1.0, "bg": 1.0})
+    assert (strategy.cache_option, strategy.second_stage, strategy.fraction) == ("off", "reference", 0.55)
+    strategy.high, strategy.low = ["char", "ink"], ["bg"]
+    strategy._reset_generation(20)
+    for step in range(20):
+        strategy._plan(SimpleNamespace(step=step))  # type: ignore[arg-type]
+    # refresh steps 0 2 4 6 7 10 | 13 16 17 19 advance one counter; from step 11 the pool is [ink, bg]
+    c, i, b = "char", "ink", "bg"
+    assert strategy.dominants == [c, c, i, i, c, c, i, c, c, c, i, b, b, i, i, i, b, i, i, b]
+    assert second_stage_window(["a", "b", "c"], ["d", "e"]) == ["b", "c", "d"]
+    assert second_stage_window([], ["d", "e"]) == ["d", "e"]
+
+
 def test_spatial_latent_unpacks_flux_tokens() -> None:
     from diffusers import FluxPipeline
 
@@ -167,9 +208,10 @@ def test_shallow_pass_on_its_own_feature_reproduces_the_full_pass(tiny_sd: Any) 
 
 
 @pytest.mark.slow
-def test_caching_off_equals_the_weighted_formula_from_single_lora_runs(tiny_sd: Any, tiny_sd_path: Path) -> None:
+def test_defaults_equal_the_weighted_formula_from_single_lora_runs(tiny_sd: Any, tiny_sd_path: Path) -> None:
+    """The defaults (no caching, the published stage 2) against diffusers' own LoRA path, call by call."""
     adapters = _setup(tiny_sd)
-    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="off", delta_h=SCORES)
+    tiny_sd.set_composition(WEIGHTS, method="cmlora", delta_h=SCORES)
     calls: list[tuple[tuple, dict, torch.Tensor]] = []
     hook = tiny_sd.unet.register_forward_hook(
         lambda _m, args, kwargs, out: calls.append((args, dict(kwargs), out[0].clone())), with_kwargs=True
@@ -177,7 +219,7 @@ def test_caching_off_equals_the_weighted_formula_from_single_lora_runs(tiny_sd: 
     _run(tiny_sd)
     hook.remove()
     strategy = _strategy(tiny_sd)
-    assert strategy.dominants == DOMINANTS_8
+    assert strategy.dominants == REFERENCE_8
     assert strategy.full_passes == {"l0": 8, "l1": 8, "l2": 8}
 
     reference = load_preset("tiny-sd", cache_dir=tiny_sd_path.parent)  # diffusers' own LoRA path, no engine
@@ -195,7 +237,7 @@ def test_caching_off_equals_the_weighted_formula_from_single_lora_runs(tiny_sd: 
             reference.set_adapters([name], [weight])
             with torch.inference_mode():
                 single = reference.unet(*args, **{**kwargs, "return_dict": False})[0]
-            formula += (dominant if name == DOMINANTS_8[step] else other) * single
+            formula += (dominant if name == REFERENCE_8[step] else other) * single
         assert _relative(ours, formula) <= 1e-5
 
 
@@ -243,7 +285,7 @@ def test_caching_off_equals_weighted_composite_on_tiny_flux(tiny_flux: Any) -> N
 )
 def test_full_passes_match_the_refresh_schedule(tiny_sd: Any, cache: str, recompute: str, full: dict) -> None:
     _setup(tiny_sd)
-    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache=cache, recompute=recompute, delta_h=SCORES)
+    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache=cache, recompute=recompute, delta_h=SCORES, **PAPER)
     deep_runs: list[int] = []
     hook = tiny_sd.unet.up_blocks[0].resnets[0].register_forward_hook(lambda *_: deep_runs.append(1))
     latents = _run(tiny_sd)
@@ -294,7 +336,7 @@ def test_output_caching_on_flux_with_true_cfg_caches_each_call(tiny_flux: Any) -
     _setup(tiny_flux, "flux")
     with pytest.raises(CompositionError, match="UNet"):
         tiny_flux.set_composition(WEIGHTS, method="cmlora", cache="features")
-    tiny_flux.set_composition(WEIGHTS, method="cmlora", delta_h=SCORES)
+    tiny_flux.set_composition(WEIGHTS, method="cmlora", cache="auto", delta_h=SCORES, **PAPER)
     assert _strategy(tiny_flux).cache_mode == "output"
     runs: list[int] = []
     hook = tiny_flux.transformer.x_embedder.register_forward_hook(lambda *_: runs.append(1))
@@ -312,20 +354,20 @@ def test_output_caching_on_flux_with_true_cfg_caches_each_call(tiny_flux: Any) -
 
 def test_fraction_stage_switch(tiny_sd: Any) -> None:
     _setup(tiny_sd)
-    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", delta_h=SCORES, fraction=0.25)
+    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", delta_h=SCORES, fraction=0.25, **PAPER)
     _run(tiny_sd)
     strategy = _strategy(tiny_sd)
     assert strategy.stage_switch_step == 2
     assert strategy.dominants == ["l0", "l0", "l2", "l2", "l2", "l2", "l2", "l2"]
     assert strategy.refreshes == [0, 2, 3, 6, 7]  # the switch falls on a refresh step
-    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", categories={"l2": "background"})
+    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", categories={"l2": "background"}, **PAPER)
     _run(tiny_sd)
     assert _strategy(tiny_sd).dominants == DOMINANTS_8  # no scores: categories decide (l0, l1 unknown → H)
 
 
 def test_online_stage_switch_follows_the_latent_score(tiny_sd: Any) -> None:
     _setup(tiny_sd)
-    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", delta_h=SCORES, stage="online", g_f=-1.0)
+    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", delta_h=SCORES, stage="online", g_f=-1.0, **PAPER)
     _run(tiny_sd)
     never = _strategy(tiny_sd)
     scores = list(never.latent_scores)
@@ -335,7 +377,9 @@ def test_online_stage_switch_follows_the_latent_score(tiny_sd: Any) -> None:
     assert set(never.dominants) == {"l0", "l1"}
     threshold = sorted(scores)[4]
     expected = next(step for step, score in enumerate(scores) if score < threshold)
-    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", delta_h=SCORES, stage="online", g_f=threshold)
+    tiny_sd.set_composition(
+        WEIGHTS, method="cmlora", cache="output", delta_h=SCORES, stage="online", g_f=threshold, **PAPER
+    )
     _run(tiny_sd)
     online = _strategy(tiny_sd)
     assert online.stage_switch_step == expected
@@ -345,7 +389,7 @@ def test_online_stage_switch_follows_the_latent_score(tiny_sd: Any) -> None:
 
 def test_online_stage_guard_falls_back_to_the_fraction_rule(tiny_sd: Any) -> None:
     _setup(tiny_sd)
-    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", delta_h=SCORES, stage="online", g_f=2.0)
+    tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", delta_h=SCORES, stage="online", g_f=2.0, **PAPER)
     _run(tiny_sd, size=32)  # a 4×4 latent: too small for the radius cut
     strategy = _strategy(tiny_sd)
     assert strategy.latent_scores == [None] * 6  # steps 0…5: scored (guarded) until stage 2

@@ -97,10 +97,25 @@ def test_switch_matches_set_adapters_in_a_callback(
 
 
 def test_active_index_offsets() -> None:
-    uniform = [active_index(t, 3, 2) for t in range(10)]
+    uniform = [active_index(t, 3, 2, "uniform") for t in range(10)]
     assert uniform == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1]
     reference = [active_index(t, 3, 2, "reference") for t in range(10)]
     assert reference == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]  # first adapter runs τ+1 steps
+
+
+@pytest.mark.parametrize(
+    ("tau", "k", "steps", "expected"),
+    [
+        # the published callback switches after step t when t > 0 and t % τ == 0: the switch lands at t + 1
+        (5, 3, 20, [0] * 6 + [1] * 5 + [2] * 5 + [0] * 4),
+        (2, 2, 7, [0, 0, 0, 1, 1, 0, 0]),
+        (1, 3, 6, [0, 0, 1, 2, 0, 1]),
+        (4, 1, 9, [0] * 9),
+    ],
+)
+def test_default_schedule_is_the_published_one(tau: int, k: int, steps: int, expected: list[int]) -> None:
+    assert [active_index(t, tau, k) for t in range(steps)] == expected
+    assert Switch({"a": 1.0}).switch_offset == "reference"
 
 
 def test_category_order_keeps_unknowns_last_in_order() -> None:

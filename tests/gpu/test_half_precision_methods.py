@@ -150,11 +150,11 @@ def test_per_step_weights_match_set_adapters_in_a_step_callback(
 def test_switch_matches_set_adapters_in_a_step_callback(
     request: pytest.FixtureRequest, gpu_device: torch.device, dtype: torch.dtype
 ) -> None:
-    """LoRA Switch with τ = 1, fused: one adapter per step in the given order, as the published loop does it."""
+    """LoRA Switch with τ = 1, fused, the uniform schedule: one adapter per step in the given order."""
     pipe, adapters = _ours(request, "tiny_sd", gpu_device, dtype, 3)
     weights = {"a0": 0.8, "a1": 1.2, "a2": 0.6}
     pristine = snapshot(pipe.unet)
-    pipe.set_composition(weights, method="switch", tau=1, order="given")
+    pipe.set_composition(weights, method="switch", tau=1, order="given", switch_offset="uniform")
     ours = generate(pipe, STEPS)
     pipe.clear_composition()
     assert_restored(pipe.unet, pristine)

@@ -38,7 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="with --loras auto: pick at most N adapters (default 5); those named but left out are listed with why",
     )
-    parser.add_argument("--method", default="merge", choices=METHODS, help="composition method (default merge)")
+    parser.add_argument(
+        "--method",
+        default="merge",
+        choices=METHODS,
+        help="composition method (default merge); switch and cmlora run their authors' published schedules, "
+        "klora and ties run fused only (docs/methods.md)",
+    )
     add_model_options(parser)
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder (indexed incrementally)")
     parser.add_argument(
@@ -52,7 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--num-images", type=arg_types.positive_int, default=1)
     parser.add_argument("--out", type=arg_types.output_dir, default=Path("out"), help="output folder (default ./out)")
-    parser.add_argument("--tau", type=arg_types.positive_int, default=None, help="switch: steps per adapter")
+    parser.add_argument(
+        "--tau",
+        type=arg_types.positive_int,
+        default=None,
+        help="switch: steps per turn (the first adapter runs τ+1, as the published code does)",
+    )
     parser.add_argument("--mode", choices=("batched", "sequential"), default=None, help="composite: execution mode")
     parser.add_argument("--unfused", action="store_true", help="never fuse weights (merge)")
     parser.add_argument(
