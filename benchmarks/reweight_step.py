@@ -76,7 +76,7 @@ def run(quick: bool) -> dict[str, Any]:
         def install_and_refresh(step: int, layers: list = layers) -> None:
             install(step)
             for layer in layers:
-                layer._refresh()
+                layer.effective_weight()
 
         per_step = [[float(table[a, 0, s]) for a in range(k)] for s in range(steps)]
 

@@ -165,11 +165,11 @@ def _ours(
     floors = _floors(weights, adapters[1])
     cached = _round_robin({"ours_memory_ms": switch, **floors}, repeats)
     for layer in composable.composition_engine.layers.values():
-        layer._sparse_cache = FusedSparseCache(capacity=0)
+        layer.sparse_cache = FusedSparseCache(capacity=0)
     bare = _bare_switch(weights, adapters)
     uncached = _round_robin({"ours_memory_uncached_ms": switch, "bare_switch_kernels_ms": bare, **floors}, repeats)
     for layer in composable.composition_engine.layers.values():
-        layer._sparse_cache = FusedSparseCache()  # the default again: a file's adapter is new to it in any case
+        layer.sparse_cache = FusedSparseCache()  # the default again: a file's adapter is new to it in any case
     current = names[(repeats - 1) % 2]
 
     def from_file(i: int) -> None:

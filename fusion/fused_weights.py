@@ -38,7 +38,7 @@ class FusedWeights(ABC):
     pristine: torch.Tensor | None
     pristine_bias: torch.Tensor | None
     _saved: FusedSparse | None
-    _sparse_cache: FusedSparseCache
+    sparse_cache: FusedSparseCache
     _slot_index: list[int]
     _owner: torch.Tensor
     _col_scale: torch.Tensor
@@ -174,9 +174,9 @@ class FusedWeights(ABC):
         if self.pristine is not None:
             param.copy_(self.pristine)
             self.pristine = None
-        prepared = self._sparse_cache.lookup(param, sparse) if sparse else None
+        prepared = self.sparse_cache.lookup(param, sparse) if sparse else None
         saved = fuse_sparse(param, sparse, self._saved, prepared)
-        self._sparse_cache.store(param, sparse, saved)
+        self.sparse_cache.store(param, sparse, saved)
         if saved is None:
             empty = torch.zeros(0, dtype=torch.long, device=param.device)
             saved = FusedSparse(empty, param.new_zeros(0), param.new_zeros(0))
@@ -203,7 +203,7 @@ class FusedWeights(ABC):
         if self._saved is not None:
             param = self.base.weight.detach()
             restore_sparse(param, self._saved)
-            self._sparse_cache.store(param, [], None)
+            self.sparse_cache.store(param, [], None)
             self._saved = None
 
     @torch.no_grad()

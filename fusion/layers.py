@@ -93,7 +93,9 @@ class ComposedLayer(FusedWeights, nn.Module):
         self.pristine_bias: torch.Tensor | None = None
         self.mixer: Mixer | None = None
         self._saved: FusedSparse | None = None
-        self._sparse_cache = FusedSparseCache()
+        self.sparse_cache = FusedSparseCache()
+        """Fused sparse states this layer can switch back to without recomputing them (replace it with
+        ``FusedSparseCache(capacity=0)`` to measure uncached switching)."""
         self._columns: Columns | None = None
         self._slot_index: list[int] = []
         self._output_owners = torch.zeros(0, dtype=torch.long, device=base.weight.device)
@@ -151,7 +153,7 @@ class ComposedLayer(FusedWeights, nn.Module):
         self.slots.remove(slot)
         self._padded = None
         if isinstance(slot.kind, Sparse):
-            self._sparse_cache.discard(slot.kind)
+            self.sparse_cache.discard(slot.kind)
         if isinstance(slot.kind, LowRank):
             width = slot.stop - slot.start
             keep = [s for s in self.slots if isinstance(s.kind, LowRank)]
@@ -223,7 +225,7 @@ class ComposedLayer(FusedWeights, nn.Module):
             self._gate_generation = state.generation
         return self._gate_view
 
-    def _refresh(self) -> torch.Tensor | None:
+    def effective_weight(self) -> torch.Tensor | None:
         """The effective weight W + Σ wᵢΔWᵢ this forward should use, or None for the factor path.
 
         Layers with sparse/dense updates rebuild it whenever the weights changed. Layers whose factors outgrow the
@@ -354,7 +356,7 @@ class ComposedLayer(FusedWeights, nn.Module):
         if per_sample is None:
             if self.mixer is not None:
                 return self._mixed(x, self.mixer)
-            effective = self._refresh()
+            effective = self.effective_weight()
             if effective is not None:
                 return self._with_weight(x, effective, self._effective_bias)
             assert self.up_cat is not None

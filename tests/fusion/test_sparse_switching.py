@@ -137,7 +137,7 @@ def test_composed_layers_random_switches_restore_exactly(capacity: int) -> None:
     layers = {k: ComposedLinear(base, k, 0, state) for k, base in bases.items()}
     index = {f"s{i}": i for i in range(6)}
     for key, layer in layers.items():
-        layer._sparse_cache = FusedSparseCache(capacity=capacity)
+        layer.sparse_cache = FusedSparseCache(capacity=capacity)
         for i, updates in enumerate(adapters):
             if key in updates:
                 layer.add(f"s{i}", updates[key])
@@ -152,7 +152,7 @@ def test_composed_layers_random_switches_restore_exactly(capacity: int) -> None:
             layer.fuse(vector)
             updates = [(adapters[i][key], w) for i, w in zip(chosen, scales) if key in adapters[i]]
             assert torch.allclose(weights[key], _expected(pristine[key], updates), atol=1e-6)
-    assert any(len(layer._sparse_cache) for layer in layers.values()) == bool(capacity)
+    assert any(len(layer.sparse_cache) for layer in layers.values()) == bool(capacity)
     for layer in layers.values():
         layer.unfuse()
         assert not layer.fused
