@@ -9,8 +9,7 @@ for importing diffusers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fusion.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "load_preset": "composer.presets",
@@ -23,8 +22,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'composer' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

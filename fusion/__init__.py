@@ -6,8 +6,7 @@ Public names are imported lazily so that light entry points (``compose --help``,
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fusion.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "FAMILIES": "fusion.adapters",
@@ -21,8 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fusion' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ Public names are imported lazily: open_clip and the encoder load only when a cal
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fusion.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "Retriever": "retrieval.retriever",
@@ -29,8 +28,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ Public names are imported lazily: scanning a catalog reads headers only and impo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fusion.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "AdapterHeader": "weights_index.reader",
@@ -18,8 +17,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'weights_index' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
