@@ -9,17 +9,13 @@ for importing diffusers.
 
 from __future__ import annotations
 
-from fusion.lazy_exports import lazy_getattr
+from fusion.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "load_preset": "composer.presets",
-    "preset_family": "composer.presets",
-    "KNOWN_MODELS": "composer.presets",
-    "ComposableMixin": "composer.mixin",
-    "make_composable": "composer.mixin",
-    "Composer": "composer.facade",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        ".presets": ("load_preset", "preset_family", "KNOWN_MODELS"),
+        ".mixin": ("ComposableMixin", "make_composable"),
+        ".facade": ("Composer",),
+    },
+)

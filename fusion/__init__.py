@@ -6,18 +6,12 @@ Public names are imported lazily so that light entry points (``compose --help``,
 
 from __future__ import annotations
 
-from fusion.lazy_exports import lazy_getattr
+from fusion.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "FAMILIES": "fusion.adapters",
-    "Adapter": "fusion.adapters",
-    "AdapterKind": "fusion.adapters",
-    "Dense": "fusion.adapters",
-    "LowRank": "fusion.adapters",
-    "Sparse": "fusion.adapters",
-    "ComposerError": "fusion.errors",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        ".adapters": ("FAMILIES", "Adapter", "AdapterKind", "Dense", "LowRank", "Sparse"),
+        ".errors": ("ComposerError",),
+    },
+)

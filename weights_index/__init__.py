@@ -5,16 +5,13 @@ Public names are imported lazily: scanning a catalog reads headers only and impo
 
 from __future__ import annotations
 
-from fusion.lazy_exports import lazy_getattr
+from fusion.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "AdapterHeader": "weights_index.reader",
-    "Library": "weights_index.catalog",
-    "probe": "weights_index.reader",
-    "read_adapter": "weights_index.reader",
-    "save_shira": "weights_index.formats.shira",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        ".reader": ("AdapterHeader", "probe", "read_adapter"),
+        ".catalog": ("Library",),
+        ".formats.shira": ("save_shira",),
+    },
+)
