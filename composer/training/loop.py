@@ -160,16 +160,5 @@ def optimise_with(
 ) -> LoopResult:
     """:func:`optimise` with steps, learning rate, batch size, seed and progress taken from ``settings``;
     ``options`` are :func:`optimise`'s remaining keywords."""
-    return optimise(
-        accelerator,
-        model,
-        params,
-        objective,
-        steps=settings.steps,
-        learning_rate=settings.learning_rate,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
-        desc=desc,
-        progress=settings.progress,
-        **options,
-    )
+    loop = {name: getattr(settings, name) for name in LoopSettings.__annotations__}
+    return optimise(accelerator, model, params, objective, desc=desc, **loop, **options)
