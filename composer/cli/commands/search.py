@@ -7,6 +7,7 @@ from typing import Any
 
 from composer.cli import arg_types
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
+from composer.cli.commands._selection_options import add_max_loras_option
 from composer.cli.reporting import emit_json, format_table
 
 COLUMNS = ("rank", "name", "score", "family", "category", "signals", "pick")
@@ -29,12 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-k", "--top", type=arg_types.positive_int, default=10, help="how many adapters to list (default 10)"
     )
-    parser.add_argument(
-        "--max-loras",
-        type=arg_types.positive_int,
-        default=None,
-        metavar="N",
-        help="pick at most N adapters, as `compose --loras auto --max-loras N` would (default 5)",
+    add_max_loras_option(
+        parser, help_text="pick at most N adapters, as `compose --loras auto --max-loras N` would (default 5)"
     )
     parser.add_argument(
         "--model", default=None, help="pipeline (preset, folder or hub id) whose text encoder enables zero-shot scoring"
