@@ -9,22 +9,13 @@ for importing diffusers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fusion.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "load_preset": "composer.presets",
-    "preset_family": "composer.presets",
-    "KNOWN_MODELS": "composer.presets",
-    "ComposableMixin": "composer.mixin",
-    "make_composable": "composer.mixin",
-    "Composer": "composer.facade",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'composer' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        ".presets": ("load_preset", "preset_family", "KNOWN_MODELS"),
+        ".mixin": ("ComposableMixin", "make_composable"),
+        ".facade": ("Composer",),
+    },
+)

@@ -6,23 +6,12 @@ Public names are imported lazily so that light entry points (``compose --help``,
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fusion.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "FAMILIES": "fusion.adapters",
-    "Adapter": "fusion.adapters",
-    "AdapterKind": "fusion.adapters",
-    "Dense": "fusion.adapters",
-    "LowRank": "fusion.adapters",
-    "Sparse": "fusion.adapters",
-    "ComposerError": "fusion.errors",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fusion' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        ".adapters": ("FAMILIES", "Adapter", "AdapterKind", "Dense", "LowRank", "Sparse"),
+        ".errors": ("ComposerError",),
+    },
+)

@@ -97,7 +97,7 @@ class BlockLayout:
     full: VectorForm
     input_attention: tuple[str, ...] = ()
     output_attention: tuple[str, ...] = ()
-    _unet_inputs: dict[tuple[str, int, str, int], str] = field(default_factory=dict, repr=False)
+    _unet_inputs: dict[tuple[int, str, int], str] = field(default_factory=dict, repr=False)
     _unet_outputs: dict[tuple[int, str, int], str] = field(default_factory=dict, repr=False)
 
     @property
@@ -172,7 +172,7 @@ class BlockLayout:
             return OTHER
         side, block, part, index = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
         if side == "down_blocks":
-            return self._unet_inputs.get(("down", block, part, index), OTHER)
+            return self._unet_inputs.get((block, part, index), OTHER)
         return self._unet_outputs.get((block, part, index), OTHER)
 
 
@@ -203,42 +203,9 @@ def _unet_layout(family: str, names: Sequence[str]) -> BlockLayout:
     if num_down == 0 or num_up == 0:
         raise CompositionError(f"this {family} denoiser has no diffusers UNet down_blocks/up_blocks to number")
 
-    inputs: dict[tuple[str, int, str, int], str] = {}
-    all_inputs, attn_inputs = ["IN00"], []
-    position = 1
-    for block in range(num_down):
-        resnets = len(parts.get(("down_blocks", block, "resnets"), ()))
-        attentions = parts.get(("down_blocks", block, "attentions"), set())
-        for j in range(resnets):
-            label = f"IN{position:02d}"
-            inputs[("down", block, "resnets", j)] = label
-            inputs[("down", block, "attentions", j)] = label
-            all_inputs.append(label)
-            if j in attentions:
-                attn_inputs.append(label)
-            position += 1
-        if parts.get(("down_blocks", block, "downsamplers")):
-            label = f"IN{position:02d}"
-            inputs[("down", block, "downsamplers", 0)] = label
-            all_inputs.append(label)
-            position += 1
-
-    outputs: dict[tuple[int, str, int], str] = {}
-    all_outputs, attn_outputs = [], []
-    position = 0
-    for block in range(num_up):
-        resnets = len(parts.get(("up_blocks", block, "resnets"), ()))
-        attentions = parts.get(("up_blocks", block, "attentions"), set())
-        for j in range(resnets):
-            label = f"OUT{position:02d}"
-            outputs[(block, "resnets", j)] = label
-            outputs[(block, "attentions", j)] = label
-            all_outputs.append(label)
-            if j in attentions:
-                attn_outputs.append(label)
-            if j == resnets - 1:
-                outputs[(block, "upsamplers", 0)] = label
-            position += 1
+    inputs, all_inputs, attn_inputs = _number_side(parts, "down_blocks", num_down, "IN", first=1)
+    outputs, all_outputs, attn_outputs = _number_side(parts, "up_blocks", num_up, "OUT", first=0)
+    all_inputs.insert(0, "IN00")
 
     short_slots = (BASE, *attn_inputs, MID, *attn_outputs)
     full_slots = (BASE, *all_inputs, MID, *all_outputs)
@@ -259,6 +226,37 @@ def _unet_layout(family: str, names: Sequence[str]) -> BlockLayout:
         _unet_inputs=inputs,
         _unet_outputs=outputs,
     )
+
+
+def _number_side(
+    parts: dict[tuple[str, int, str], set[int]], side: str, blocks: int, prefix: str, *, first: int
+) -> tuple[dict[tuple[int, str, int], str], list[str], list[str]]:
+    """Label one side of a UNet (``side`` is ``"down_blocks"`` or ``"up_blocks"``) the way A1111 numbers it:
+    ``{prefix}{n:02d}`` from ``first``, one label per resnet shared with the attention after it; a downsampler
+    takes the next label of its own, an upsampler shares its block's last. Returns the label of every
+    ``(block, part, index)``, every label in order, and the labels that hold an attention."""
+    labels: dict[tuple[int, str, int], str] = {}
+    every: list[str] = []
+    attention: list[str] = []
+    position = first
+    for block in range(blocks):
+        resnets = len(parts.get((side, block, "resnets"), ()))
+        attentions = parts.get((side, block, "attentions"), set())
+        for j in range(resnets):
+            label = f"{prefix}{position:02d}"
+            labels[(block, "resnets", j)] = labels[(block, "attentions", j)] = label
+            every.append(label)
+            if j in attentions:
+                attention.append(label)
+            if side == "up_blocks" and j == resnets - 1:
+                labels[(block, "upsamplers", 0)] = label
+            position += 1
+        if side == "down_blocks" and parts.get((side, block, "downsamplers")):
+            label = f"{prefix}{position:02d}"
+            labels[(block, "downsamplers", 0)] = label
+            every.append(label)
+            position += 1
+    return labels, every, attention
 
 
 def _flux_layout(family: str, names: Sequence[str]) -> BlockLayout:

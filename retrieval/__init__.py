@@ -5,32 +5,19 @@ Public names are imported lazily: open_clip and the encoder load only when a cal
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fusion.lazy_exports import lazy_exports
 
-_EXPORTS = {
-    "Retriever": "retrieval.retriever",
-    "RankedHit": "retrieval.ranking",
-    "Selection": "retrieval.picks",
-    "insert_triggers": "retrieval.picks",
-    "reciprocal_rank_fusion": "retrieval.ranking",
-    "train_retriever": "retrieval.training",
-    "TrainingConfig": "retrieval.training",
-    "fit_encoder": "retrieval.training",
-    "descriptions": "retrieval.training",
-    "TextEmbedder": "retrieval.text",
-    "TINY_MODEL": "retrieval.text",
-    "ZeroShotScorer": "retrieval.zero_shot",
-    "pipeline_token_encoder": "retrieval.zero_shot",
-    "ProbeEncoder": "retrieval.encoder",
-    "LearnedIndex": "retrieval.learned_index",
-    "spectral_features": "retrieval.features",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        ".retriever": ("Retriever",),
+        ".ranking": ("RankedHit", "reciprocal_rank_fusion"),
+        ".picks": ("Selection", "insert_triggers"),
+        ".training": ("train_retriever", "TrainingConfig", "fit_encoder", "descriptions"),
+        ".text": ("TextEmbedder", "TINY_MODEL"),
+        ".zero_shot": ("ZeroShotScorer", "pipeline_token_encoder"),
+        ".encoder": ("ProbeEncoder",),
+        ".learned_index": ("LearnedIndex",),
+        ".features": ("spectral_features",),
+    },
+)

@@ -32,12 +32,8 @@ from retrieval.text import random_init_is_intended
 
 DEFAULT_IQA_MODEL = "ViT-B-32"
 TINY_IQA_MODEL = "lora-composer-tiny-iqa"
-TINY_IQA_CONFIG: dict[str, Any] = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-"""A one-layer, 32-wide CLIP (real vocabulary) that builds in milliseconds: for tests and quick dry runs."""
+"""The one-layer, 32-wide CLIP of :data:`retrieval.text.TINY_CONFIG` (real vocabulary), registered under its own
+name: it builds in milliseconds, for tests and quick dry runs."""
 
 ANTONYM_PROMPTS = ("a good photo.", "a bad photo.")
 """CLIP-IQA's quality antonym pair: (positive, negative)."""
@@ -103,10 +99,10 @@ class ClipIQA:
     ) -> None:
         import open_clip
 
-        from retrieval.text import register_model_config
+        from retrieval.text import TINY_CONFIG, register_model_config
 
         if model == TINY_IQA_MODEL:
-            register_model_config(TINY_IQA_MODEL, TINY_IQA_CONFIG)
+            register_model_config(TINY_IQA_MODEL, TINY_CONFIG)
         if model not in open_clip.list_models():
             raise MetricError(f"unknown open_clip architecture {model!r}", hint="use one of open_clip.list_models()")
         if len(prompts) != 2:

@@ -11,7 +11,7 @@ from composer.smoke_presets.tokenizers import CLIP_VOCAB_SIZE, t5_vocab
 Components = dict[str, tuple[str, dict[str, Any]]]
 """A preset's components: pipeline attribute -> (builder kind, JSON config)."""
 
-_SD_SCHEDULER = {
+SD_SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -20,6 +20,7 @@ _SD_SCHEDULER = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+"""The SD 1.x/2.x DDIM schedule (scaled-linear betas, leading steps offset by one)."""
 _SDXL_SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -105,7 +106,7 @@ def tiny_sd() -> Components:
         "vae": _tiny_vae(4, 0.18215),
         "text_encoder": ("CLIPTextModel", _clip_text(32)),
         "tokenizer": ("clip-tokenizer", {}),
-        "scheduler": ("DDIMScheduler", _SD_SCHEDULER),
+        "scheduler": ("DDIMScheduler", SD_SCHEDULER),
     }
 
 
@@ -125,7 +126,7 @@ def small_sd() -> Components:
         "vae": _tiny_vae(4, 0.18215),
         "text_encoder": ("CLIPTextModel", _clip_text(768, heads=12, intermediate=3072)),
         "tokenizer": ("clip-tokenizer", {}),
-        "scheduler": ("DDIMScheduler", _SD_SCHEDULER),
+        "scheduler": ("DDIMScheduler", SD_SCHEDULER),
     }
 
 
@@ -153,7 +154,7 @@ def sd15_shapes() -> Components:
         ),
         "text_encoder": ("CLIPTextModel", _clip_text(768, layers=12, heads=12, intermediate=3072)),
         "tokenizer": ("clip-tokenizer", {}),
-        "scheduler": ("DDIMScheduler", _SD_SCHEDULER),
+        "scheduler": ("DDIMScheduler", SD_SCHEDULER),
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from composer.smoke_presets.components import SD_SCHEDULER
 from composer.smoke_presets.tokenizers import CLIP_VOCAB_SIZE
 
 TEXT_WIDTH = 64
@@ -57,16 +58,10 @@ TEXT_CONFIG: dict[str, Any] = {
 }
 
 SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
+    **SD_SCHEDULER,
     "prediction_type": "v_prediction",
     "rescale_betas_zero_snr": True,
     "timestep_spacing": "trailing",
-    "steps_offset": 1,
 }
 
 MAX_TOKENS = 32

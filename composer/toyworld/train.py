@@ -44,6 +44,18 @@ CONCEPT_PLAN: dict[str, ConceptTraining] = {
 """Which adapter kind teaches which concept: the library mixes kinds and formats the way real ones do."""
 
 
+CONCEPT_OPTIONS: dict[str, str | None] = {
+    "steps": None,
+    "batch": None,
+    "lr": None,
+    "prior_batch": "regularisation scenes per step, without the concept or its trigger (prior preservation)",
+    "prior_weight": None,
+    "optional": "how often each training scene carries clothing, a style and an object (0-1)",
+}
+"""The :class:`ConceptTraining` fields the command sets for every concept (``--concept-FIELD``, defaulting to the
+field's default), with their help texts."""
+
+
 def save_concept(path: Path, trained: dict, setup: ConceptTraining) -> None:
     """One safetensors file: PEFT state dicts under ``unet.`` / ``text_encoder.``, configs in the header."""
     from safetensors.torch import save_file
@@ -97,22 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="the share of characters whose fill drifts (the rest keep their named colour)",
     )
-    parser.add_argument("--concept-steps", type=int, default=ConceptTraining.steps)
-    parser.add_argument("--concept-batch", type=int, default=ConceptTraining.batch)
-    parser.add_argument("--concept-lr", type=float, default=ConceptTraining.lr)
-    parser.add_argument(
-        "--concept-prior-batch",
-        type=int,
-        default=ConceptTraining.prior_batch,
-        help="regularisation scenes per step, without the concept or its trigger (prior preservation)",
-    )
-    parser.add_argument("--concept-prior-weight", type=float, default=ConceptTraining.prior_weight)
-    parser.add_argument(
-        "--concept-optional",
-        type=float,
-        default=ConceptTraining.optional,
-        help="how often each training scene carries clothing, a style and an object (0-1)",
-    )
+    for name, help_text in CONCEPT_OPTIONS.items():
+        default = getattr(ConceptTraining, name)
+        parser.add_argument(f"--concept-{name.replace('_', '-')}", type=type(default), default=default, help=help_text)
     parser.add_argument("--concepts", default=",".join(CONCEPT_PLAN))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -154,15 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             if target.is_file():
                 continue
             setup = CONCEPT_PLAN[name]
-            overrides = {
-                "steps": args.concept_steps,
-                "batch": args.concept_batch,
-                "lr": args.concept_lr,
-                "prior_batch": args.concept_prior_batch,
-                "prior_weight": args.concept_prior_weight,
-                "optional": args.concept_optional,
-                "seed": args.seed,
-            }
+            overrides = {name: getattr(args, f"concept_{name}") for name in CONCEPT_OPTIONS} | {"seed": args.seed}
             setup = ConceptTraining(**{**asdict(setup), **overrides})
             began = time.monotonic()
             try:

@@ -32,7 +32,7 @@ from composer.cache_dir import cache_root
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise
+from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise_with
 from composer.training.shira import DenoisingObjective
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -278,17 +278,13 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
             "weights": weights,
             "learning_rate": config.learning_rate,
         }
-        result = optimise(
+        result = optimise_with(
+            config,
             accelerator,
             denoiser,
             bank.parameters(),
             objective,
-            steps=config.steps,
-            learning_rate=config.learning_rate,
-            batch_size=config.batch_size,
-            seed=config.seed,
             desc="train-gates",
-            progress=config.progress,
             prepare_model=False,
             checkpoint_every=config.checkpoint_every,
             save_checkpoint=lambda _, step: save_gates(

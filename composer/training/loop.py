@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -136,3 +136,29 @@ def optimise(
             logger.info("step %d of %d: checkpoint %s", step, steps, result.checkpoints[-1])
     result.model = accelerator.unwrap_model(wrapped) if prepare_model else model
     return result
+
+
+class LoopSettings(Protocol):
+    """The loop settings every training config carries (the shared ``compose train-*`` flags)."""
+
+    steps: int
+    learning_rate: float
+    batch_size: int
+    seed: int
+    progress: bool
+
+
+def optimise_with(
+    settings: LoopSettings,
+    accelerator: Accelerator,
+    model: nn.Module,
+    params: Iterable[nn.Parameter],
+    objective: Objective,
+    *,
+    desc: str,
+    **options: Any,
+) -> LoopResult:
+    """:func:`optimise` with steps, learning rate, batch size, seed and progress taken from ``settings``;
+    ``options`` are :func:`optimise`'s remaining keywords."""
+    loop = {name: getattr(settings, name) for name in LoopSettings.__annotations__}
+    return optimise(accelerator, model, params, objective, desc=desc, **loop, **options)

@@ -34,7 +34,7 @@ from torch import nn
 
 from composer.training.data import DatasetError, list_images, load_image
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import Objective, frozen_accelerator, optimise
+from composer.training.loop import Objective, frozen_accelerator, optimise_with
 from fusion.adapters import Adapter
 from fusion.errors import TrainingError
 from weights_index.reader import read_adapter
@@ -280,17 +280,13 @@ def train_restore(pipe: Any, config: RestoreTrainConfig) -> RestoreTrainResult:
         torch.manual_seed(config.seed)
         transformer.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
     try:
-        result = optimise(
+        result = optimise_with(
+            config,
             accelerator,
             transformer,
             [p for n, p in transformer.named_parameters() if "lora_" in n],
             objective,
-            steps=config.steps,
-            learning_rate=config.learning_rate,
-            batch_size=config.batch_size,
-            seed=config.seed,
             desc="train-restore",
-            progress=config.progress,
         )
         unwrapped, losses = result.model, result.losses
         final_loss = objective.evaluate(unwrapped)

@@ -30,7 +30,7 @@ from torch import nn
 
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder, index_batches
-from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise
+from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise_with
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
 from fusion.mask_types import MASK_TYPES
@@ -315,17 +315,13 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
     inject_adapter_in_model(shira_config(targets, config.r, config.mask, mask_fn, seed=config.seed), denoiser)
     family = objective.family
     try:
-        result = optimise(
+        result = optimise_with(
+            config,
             accelerator,
             denoiser,
             [p for n, p in denoiser.named_parameters() if "shira_weight" in n],
             objective,
-            steps=config.steps,
-            learning_rate=config.learning_rate,
-            batch_size=config.batch_size,
-            seed=config.seed,
             desc="train-shira",
-            progress=config.progress,
             checkpoint_every=config.checkpoint_every,
             save_checkpoint=lambda model, step: _save(
                 extract_sparse(model), checkpoint_path(config.out, step), family, config, fingerprint, step

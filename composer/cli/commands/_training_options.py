@@ -84,3 +84,13 @@ def report(args: argparse.Namespace, result: Any, what: str, **fields: Any) -> i
     for path in checkpoints:
         print(f"checkpoint {path}")
     return 0
+
+
+def report_adapter(args: argparse.Namespace, result: Any, values: str, detail: str, **fields: Any) -> int:
+    """:func:`report` for a run that saved an adapter (``result.adapter``): the summary line opens with its layer
+    count and ``{parameters:,} {values}``, followed by ``detail``; the JSON document adds ``layers`` and ``params``
+    after ``fields``."""
+    adapter = result.adapter
+    layers, params = len(adapter.layers), adapter.num_params
+    what = f"{layers} layers, {params:,} {values} {detail}"
+    return report(args, result, what, **fields, layers=layers, params=params)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from composer.cli import arg_types
+from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
 from composer.cli.reporting import emit_json, format_table
 from composer.model_default import default_model
 
@@ -22,8 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "score the images' high-frequency content (radial log-magnitude spectrum), store ΔH = score(with) - "
         "score(without) in the catalog and write radial-profile plots.",
     )
-    parser.add_argument("--library", type=Path, required=True, help="LoRA folder (indexed incrementally)")
-    parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
+    add_catalog_options(parser, library_help="LoRA folder (indexed incrementally)")
     parser.add_argument(
         "--model",
         default=default_model(),
@@ -49,10 +48,8 @@ def run(args: argparse.Namespace) -> int:
     """Scan the library, analyze every adapter for the model, print the table (or one JSON document)."""
     from composer.analyze import analyze_library
     from composer.presets import PRESETS, load_preset
-    from weights_index.catalog import Library
 
-    library = Library(args.library, db_path=args.db)
-    library.scan()
+    library = open_catalog(args, scan=True)
     preset = args.model in PRESETS
     steps = args.steps or (4 if preset else 20)
     size = args.size or (TINY_SIZE if preset and args.model.startswith("tiny") else None)

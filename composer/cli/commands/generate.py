@@ -8,6 +8,7 @@ from typing import Any
 
 from composer.cli import arg_types
 from composer.cli.commands._model_options import add_model_options
+from composer.cli.commands._selection_options import add_max_loras_option
 from composer.cli.reporting import emit_json, format_table
 from fusion.cfg_branches import BRANCHES
 from fusion.strategies import BUILTIN
@@ -31,12 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="'auto' (retrieve from --library) or a list like 'style:0.8,char:0@0,1@0.5,path/to/file.safetensors'",
     )
-    parser.add_argument(
-        "--max-loras",
-        type=arg_types.positive_int,
-        default=None,
-        metavar="N",
-        help="with --loras auto: pick at most N adapters (default 5); those named but left out are listed with why",
+    add_max_loras_option(
+        parser,
+        help_text="with --loras auto: pick at most N adapters (default 5); those named but left out are listed "
+        "with why",
     )
     parser.add_argument(
         "--method",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
+from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
 from composer.cli.reporting import emit_json
 
 MAX_TAGS_SHOWN = 15
@@ -19,8 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Show one adapter's catalog entry: file facts, metadata, sidecars, hashes and errors.",
     )
     parser.add_argument("name", metavar="NAME", help="adapter name, id, relative path or title")
-    parser.add_argument("--library", type=Path, required=True, metavar="DIR", help="folder holding the adapters")
-    parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
+    add_catalog_options(parser)
     parser.add_argument("--no-scan", action="store_true", help="use the catalog as is, without an incremental scan")
     parser.add_argument(
         "--overlap",
@@ -34,11 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Scan (unless --no-scan), look the adapter up and print it."""
-    from weights_index.catalog import Library
-
-    library = Library(args.library, db_path=args.db)
-    if not args.no_scan:
-        library.scan()
+    library = open_catalog(args, scan=not args.no_scan)
     entry = library.get(args.name)
     overlap = _overlap(library, entry.name, args.overlap) if args.overlap else None
     if args.json:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from composer.cli import arg_types
+from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
+from composer.cli.commands._selection_options import add_max_loras_option
 from composer.cli.reporting import emit_json, format_table
 
 COLUMNS = ("rank", "name", "score", "family", "category", "signals", "pick")
@@ -24,18 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("prompt", help="the prompt to retrieve adapters for")
-    parser.add_argument("--library", required=True, type=Path, metavar="DIR", help="folder holding the adapters")
-    parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
+    add_catalog_options(parser)
     parser.add_argument("--family", choices=("sd1", "sd2", "sdxl", "flux"), help="only adapters for this family")
     parser.add_argument(
         "-k", "--top", type=arg_types.positive_int, default=10, help="how many adapters to list (default 10)"
     )
-    parser.add_argument(
-        "--max-loras",
-        type=arg_types.positive_int,
-        default=None,
-        metavar="N",
-        help="pick at most N adapters, as `compose --loras auto --max-loras N` would (default 5)",
+    add_max_loras_option(
+        parser, help_text="pick at most N adapters, as `compose --loras auto --max-loras N` would (default 5)"
     )
     parser.add_argument(
         "--model", default=None, help="pipeline (preset, folder or hub id) whose text encoder enables zero-shot scoring"
@@ -47,14 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Rank and select, then print a table with each pick's reasons (or one JSON document)."""
     from retrieval.retriever import Retriever
-    from weights_index.catalog import Library
 
     pipeline = None
     if args.model:
         from composer.presets import load_preset
 
         pipeline = load_preset(args.model)
-    retriever = Retriever(Library(args.library, db_path=args.db), pipe=pipeline)
+    retriever = Retriever(open_catalog(args, scan=False), pipe=pipeline)
     family = args.family or retriever.zero_shot_family
     hits = retriever.rank(args.prompt, family=family, k=args.top)
     picks = retriever.select(args.prompt, family=family, k=args.max_loras)

@@ -67,16 +67,13 @@ def run(args: argparse.Namespace) -> int:
         **{**training.settings(args), "resolution": args.resolution or (64 if args.model.startswith("tiny") else 512)},
     )
     result = train_restore(training.load_pipeline(args), config)
-    adapter = result.adapter
-    return training.report(
+    return training.report_adapter(
         args,
         result,
-        f"{len(adapter.layers)} layers, {adapter.num_params:,} LoRA parameters "
+        "LoRA parameters",
         f"(rank {args.rank}, alpha {args.alpha:g}) on {result.pairs} pairs",
         tasks=[task.prompt for task in config.tasks],
         pairs=result.pairs,
         rank=args.rank,
         alpha=args.alpha,
-        layers=len(adapter.layers),
-        params=adapter.num_params,
     )

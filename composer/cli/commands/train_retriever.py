@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from composer.cli import arg_types
+from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
 from composer.cli.reporting import emit_json
 
 
@@ -21,8 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "query with the same pipeline, e.g. compose search --model NAME)."
         ),
     )
-    parser.add_argument("--library", required=True, type=Path, metavar="DIR", help="folder holding the adapters")
-    parser.add_argument("--db", type=Path, default=None, help="catalog database (default DIR/.lora-composer/)")
+    add_catalog_options(parser)
     parser.add_argument("--family", choices=("sd1", "sd2", "sdxl", "flux"), help="default: the most common one")
     parser.add_argument("--steps", type=arg_types.positive_int, help="optimisation steps (default 400)")
     parser.add_argument("--batch-size", type=arg_types.positive_int, help="adapters per step (default 64)")
@@ -46,10 +45,8 @@ def run(args: argparse.Namespace) -> int:
     """Scan the library, train, and report where the checkpoint went and how the loss moved."""
     from retrieval.pipeline_text import PipelineTextEmbedder, pipeline_name
     from retrieval.training import TrainingConfig, train_retriever
-    from weights_index.catalog import Library
 
-    library = Library(args.library, db_path=args.db)
-    library.scan()
+    library = open_catalog(args, scan=True)
     options = ("steps", "batch_size", "lr", "dim", "text_model", "text_weights", "seed")
     config = TrainingConfig(**{name: getattr(args, name) for name in options if getattr(args, name) is not None})
     text = None

@@ -57,14 +57,12 @@ def run(args: argparse.Namespace) -> int:
         **training.settings(args),
     )
     result = train_shira(training.load_pipeline(args), config)
-    adapter = result.adapter
-    return training.report(
+    return training.report_adapter(
         args,
         result,
-        f"{len(adapter.layers)} layers, {adapter.num_params:,} sparse values ({args.mask} mask, r={args.r})",
-        family=adapter.family,
+        "sparse values",
+        f"({args.mask} mask, r={args.r})",
+        family=result.adapter.family,
         mask=args.mask,
         r=args.r,
-        layers=len(adapter.layers),
-        params=adapter.num_params,
     )
