@@ -1,7 +1,7 @@
 """The Analyze tab: how every retrieval signal scores the library's adapters for a prompt (table and bar chart), and
 what a composition did: its weight table weight[adapter, group, step] and, for gated fusion, its gate heatmap.
 
-Each analysis is one section built by its own function; the pictures come from :mod:`composer.plots`.
+Each analysis is one section built by its own function; the pictures come from :mod:`composer.analysis.plots`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from composer import plots
+from composer.analysis import plots
 from composer.service import AUTO, ComposerError, CompositionService, adapter_request, available_methods
 
 SIGNALS = ("trigger", "metadata", "learned", "zero_shot")

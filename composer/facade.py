@@ -427,7 +427,7 @@ class Composer:
     def _write_plots(self, result: CompositionResult, folder: Path, data: _PlotData, ranked: str | None) -> None:
         """``<seed>-scores.png`` (retrieval scores per adapter and signal, when ``ranked`` holds the prompt the
         adapters were retrieved for), ``<seed>-weights.png`` (the weight table) and ``<seed>-gates.png`` (gated)."""
-        from composer import plots
+        from composer.analysis import plots
 
         stem = folder / str(result.seed)
         if ranked is not None:

@@ -219,8 +219,9 @@ class CompositionService:
 
     def spectra(self, prompts: Sequence[str] | None = None, steps: int = 4) -> Any:
         """CMLoRA frequency analysis of the library on a worker's pipeline: ΔH per adapter stored in the catalog,
-        radial-profile plots written under the output folder (an :class:`composer.analyze.AnalysisReport`)."""
-        from composer.analyze import analyze_library
+        radial-profile plots written under the output folder
+        (an :class:`composer.analysis.frequency.AnalysisReport`)."""
+        from composer.analysis.frequency import analyze_library
 
         library = self._require_library()
         folder = self._folder() / "spectra"

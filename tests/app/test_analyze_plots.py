@@ -1,5 +1,5 @@
 """The Analyze tab over HTTP: the retrieval score chart beside the score table, and a composition's weight table,
-gate heatmap and retrieval chart drawn by `composer.plots`."""
+gate heatmap and retrieval chart drawn by `composer.analysis.plots`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from gradio_client import Client
 from PIL import Image
 
 from app.analyze_tab import score_chart
-from composer import plots
+from composer.analysis import plots
 
 
 def _size(path: str | Path) -> tuple[int, int]:

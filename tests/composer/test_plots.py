@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from composer import plots
+from composer.analysis import plots
 from composer.cli import main
 from fusion.errors import CompositionError
 

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Scan the library, analyze every adapter for the model, print the table (or one JSON document)."""
-    from composer.analyze import analyze_library
+    from composer.analysis.frequency import analyze_library
     from composer.presets import PRESETS, load_preset
 
     library = open_catalog(args, scan=True)
