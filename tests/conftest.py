@@ -8,6 +8,11 @@ Pipelines: ``tiny_sd`` / ``tiny_sdxl`` / ``tiny_flux`` / ``tiny_kontext`` return
 deep copy of the modules and scheduler (tokenizers, which no test mutates, are shared); ``tiny_sd_path`` etc. are
 the cached folders, built once per session. Kontext runs need ``composer.presets.kontext_call_kwargs(h, w)`` or
 they silently run at 1024².
+
+Libraries: ``example_library`` is a private copy (per test module) of the demo library that
+``examples/make_library.py`` writes for tiny-sd; the script runs once per session, as a user runs it.
+Shared helper modules live next to this file (``example_scripts``, ``producers``, ``format_writers``): pytest
+puts this folder on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["LORA_COMPOSER_MODEL"] = "tiny-sd"  # the machinery tests use the tiny random presets; toy tests name toy-sd
 
 import copy
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from example_scripts import run_example
 
 from composer.presets import CACHE_ENV, ensure_preset, load_preset, preset_cache_root
 
@@ -142,3 +149,20 @@ def tiny_kontext_path(preset_cache: Path) -> Path:
 def tiny_kontext(tiny_kontext_path: Path) -> DiffusionPipeline:
     """A fresh tiny FluxKontextPipeline; call it with ``**kontext_call_kwargs(h, w)`` to keep the size."""
     return _fresh("tiny-flux-kontext", tiny_kontext_path)
+
+
+@pytest.fixture(scope="session")
+def example_library_build(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path) -> Path:
+    """The demo library as ``examples/make_library.py`` writes it for tiny-sd, built once per session (read-only:
+    tests take a copy through ``example_library``)."""
+    out = tmp_path_factory.mktemp("example-library") / "library"
+    run_example("make_library.py", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def example_library(example_library_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This test module's own copy of the demo library (tests in a module share its catalog)."""
+    own = tmp_path_factory.mktemp("library") / "library"
+    shutil.copytree(example_library_build, own)
+    return own
