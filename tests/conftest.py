@@ -10,7 +10,7 @@ the cached folders, built once per session. Kontext runs need ``composer.presets
 they silently run at 1024².
 
 Libraries: ``example_library`` is a private copy (per test module) of the demo library that
-``examples/make_library.py`` writes for tiny-sd; the script runs once per session, as a user runs it.
+``examples/make_library.py`` writes for tiny-sd, built once per run.
 Shared helper modules live next to this file (``example_scripts``, ``producers``, ``format_writers``): pytest
 puts this folder on ``sys.path``.
 """
@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from example_scripts import run_example
+from example_scripts import build_example_library
+from filelock import FileLock
 
 from composer.presets import CACHE_ENV, ensure_preset, load_preset, preset_cache_root
 
@@ -151,12 +152,50 @@ def tiny_kontext(tiny_kontext_path: Path) -> DiffusionPipeline:
     return _fresh("tiny-flux-kontext", tiny_kontext_path)
 
 
+@pytest.fixture
+def toy_sd(preset_cache: Path) -> DiffusionPipeline:
+    """A fresh toy-sd pipeline (the trained toy-world model shipped with the package), copied from the one this
+    worker loaded."""
+    return _fresh("toy-sd", preset_cache / "toy-sd")
+
+
 @pytest.fixture(scope="session")
-def example_library_build(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path) -> Path:
-    """The demo library as ``examples/make_library.py`` writes it for tiny-sd, built once per session (read-only:
-    tests take a copy through ``example_library``)."""
-    out = tmp_path_factory.mktemp("example-library") / "library"
-    run_example("make_library.py", str(out))
+def toy_library_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The toy world's LoRA library (``composer.toyworld.library.build_toy_library``), built once per worker."""
+    from composer.toyworld.library import build_toy_library
+
+    return build_toy_library(tmp_path_factory.mktemp("toy") / "library")
+
+
+@pytest.fixture
+def toy_quality_pipeline(
+    toy_sd: DiffusionPipeline, toy_library_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> DiffusionPipeline:
+    """A composable toy-sd copy with every toy library adapter registered, which
+    ``benchmarks.composition_quality`` runs on instead of loading toy-sd and building the library again."""
+    from benchmarks import composition_quality
+    from composer.mixin import make_composable
+
+    pipe = make_composable(toy_sd)
+    with torch.no_grad():
+        for path in toy_library_files:
+            pipe.add_adapter_file(path, name=path.stem)
+    names = [path.stem for path in toy_library_files]
+    monkeypatch.setattr(composition_quality, "toy_pipeline", lambda _library: (pipe, names))
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def example_library_build(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path, worker_id: str) -> Path:
+    """The demo library as ``examples/make_library.py`` writes it for tiny-sd, built once per run and shared by the
+    xdist workers (read-only: tests take a copy through ``example_library``)."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # the workers' temp folders share a parent that lives as long as this run
+        shared = shared.parent
+    out = shared / "example-library"
+    with FileLock(shared / "example-library.lock"):
+        if not (out / ".complete").is_file():
+            build_example_library(out)
     return out
 
 

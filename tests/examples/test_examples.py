@@ -1,7 +1,8 @@
 """The examples run offline, as scripts, and their images show the composition they describe.
 
-Each script runs in its own interpreter, as a user runs it; what it prints about itself is not taken as proof: the
-checks compare its outputs with the plain model's (bit-exact restoring is proved in tests/composer/test_mixin.py).
+Each script runs as ``__main__`` with its own folder on ``sys.path``, as ``python examples/SCRIPT.py`` runs it; what
+it prints about itself is not taken as proof: the checks compare its outputs with the plain model's (bit-exact
+restoring is proved in tests/composer/test_mixin.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_mixin_example_composes_two_adapters(example_library: Path, tmp_path: Path, tiny_sd) -> None:
-    out = run_example("mixin_sd.py", "--library", str(example_library), "--out", str(tmp_path)).stdout
+def test_mixin_example_composes_two_adapters(
+    example_library: Path, tmp_path: Path, tiny_sd, monkeypatch, capsys
+) -> None:
+    run_example("mixin_sd.py", ["--library", str(example_library), "--out", str(tmp_path)], monkeypatch)
+    out = capsys.readouterr().out
     assert "adapters: ['corgi', 'watercolor']" in out
     composed = _pixels(tmp_path / "mixin_sd.png")
     assert composed.shape == (64, 64, 3)
@@ -35,9 +39,12 @@ def test_mixin_example_composes_two_adapters(example_library: Path, tmp_path: Pa
     assert difference.max() > 0, "the example's image is the plain model's: nothing was composed"
 
 
-def test_auto_compose_example_picks_by_trigger_words(example_library: Path, tmp_path: Path) -> None:
+def test_auto_compose_example_picks_by_trigger_words(
+    example_library: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     prompt = "crgastro walking through a neon city"
-    out = run_example("auto_compose.py", prompt, "--library", str(example_library), "--out", str(tmp_path)).stdout
+    run_example("auto_compose.py", [prompt, "--library", str(example_library), "--out", str(tmp_path)], monkeypatch)
+    out = capsys.readouterr().out
     # corgi_astronaut's trigger is "crgastro", neon_city's "neon city"; both files recommend weight 0.8.
     assert "- corgi_astronaut @ 0.8" in out
     assert "- neon_city @ 0.8" in out
