@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from composer.commands.app import add_app_options
+from composer.cli.commands.app import add_app_options
 from composer.service import ComposerError, CompositionService
 
 

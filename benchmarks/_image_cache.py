@@ -26,7 +26,7 @@ UNDRAWING_FILES = frozenset(
         "composer/toyworld/measures.py",
         "composer/toyworld/calibration.py",
         "composer/toyworld/weights/judge_calibration.json",
-        "composer/commands/judge.py",
+        "composer/cli/commands/judge.py",
         "composer/toyworld/weights/judge.safetensors",
         "composer/toyworld/weights/judge_generator.safetensors",
         "composer/toyworld/train.py",

@@ -37,7 +37,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from composer.presets import PRESETS, load_preset
-from composer.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer, t5_vocab
+from composer.smoke_presets.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer, t5_vocab
 from fusion.errors import PresetError
 
 FAMILIES = ("sd15", "sdxl", "flux")

@@ -33,7 +33,7 @@ from diffusers import StableDiffusionPipeline
 
 from benchmarks import _checkpoint_writers as cw
 from benchmarks._common import cpu_hardware
-from composer.cli_types import positive_int
+from composer.cli.arg_types import positive_int
 from composer.presets import PRESETS, load_preset, preset_cache_root
 
 QUICK_SIZES = {

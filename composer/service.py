@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
+from composer.checkpoints.files import list_model_files
 from composer.facade import DEFAULT_MAX_LORAS, Composer, CompositionResult
 from composer.libraries import open_library
 from composer.mixin import make_composable
 from composer.model_default import default_model
-from composer.model_files import list_model_files
 from composer.presets import refuse_checkpoint_options
 from composer.prompts import LoraTag, adapter_request
-from composer.restore import Restorer, RestoreResult, editing_pipeline
+from composer.restoration.restore import Restorer, RestoreResult, editing_pipeline
 from fusion.cfg_branches import Branches
 from fusion.errors import ComposerError, CompositionError, UnsafePathError
 from fusion.strategies import BUILTIN, get_strategy

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from composer.degrade import load_rgb, make_pairs, to_pil, to_tensor
 from composer.presets import load_preset
-from composer.restore import Restorer
-from composer.restore_metrics import psnr, ssim
+from composer.restoration.degrade import load_rgb, make_pairs, to_pil, to_tensor
+from composer.restoration.metrics import psnr, ssim
+from composer.restoration.restore import Restorer
 from composer.training.restore import TASK_PROMPTS, RestoreTrainConfig, TaskPairs, train_restore
 
 STYLE_MODULES = (

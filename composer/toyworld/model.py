@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from composer.tokenizers import CLIP_VOCAB_SIZE
+from composer.smoke_presets.tokenizers import CLIP_VOCAB_SIZE
 
 TEXT_WIDTH = 64
 
@@ -84,7 +84,7 @@ def build_components() -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from composer.tokenizers import build_clip_tokenizer
+    from composer.smoke_presets.tokenizers import build_clip_tokenizer
 
     return {
         "vae": AutoencoderKL(**VAE_CONFIG),
@@ -114,7 +114,7 @@ def load_toy_pipeline(torch_dtype: Any = None, device: Any = None, folder: Path 
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from composer.tokenizers import build_clip_tokenizer
+    from composer.smoke_presets.tokenizers import build_clip_tokenizer
     from fusion.errors import PresetError
 
     if not (Path(folder) / "model_index.json").is_file():

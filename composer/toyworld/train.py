@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from composer.cli.verbosity import configure_logging
 from composer.toyworld.concepts import ConceptTraining, train_concept
 from composer.toyworld.judge import GENERATOR_JUDGE_FILE, Judge, judge_accuracy, train_judge
 from composer.toyworld.train_base import BaseTrainingConfig, train_base
 from composer.toyworld.world import CONCEPTS
-from composer.verbosity import configure_logging
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,2 @@
-"""Training entry points (accelerate + PEFT): SHiRA adapters now; restoration and gate training reuse :mod:`.data`."""
+"""Training (accelerate + PEFT): SHiRA adapters, restoration LoRAs and gated-fusion gates, all through the loop of
+:mod:`.loop` on images read by :mod:`.data`."""

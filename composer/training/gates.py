@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 from torch import nn
 
-from composer.presets import CACHE_ENV, preset_family
+from composer.cache_dir import cache_root
+from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder
-from composer.training.loop import Objective, optimise
+from composer.training.flux import encode_flux_prompts, flux_velocity
+from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise
 from composer.training.shira import DenoisingObjective
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -57,9 +58,7 @@ def gates_dir() -> Path:
     explicit = os.environ.get(GATES_ENV)
     if explicit:
         return Path(explicit).expanduser()
-    cache = os.environ.get(CACHE_ENV)
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "lora-composer"
-    return base / "gates"
+    return cache_root() / "gates"
 
 
 def gate_path(name_or_path: str | Path) -> Path:
@@ -168,16 +167,7 @@ class FlowMatchingObjective(Objective):
             channels, height, width = mean.shape[1:]
             self.shape = (int(channels), int(height), int(width))
             self.img_ids = FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, torch.float32)
-            embeds, pooled, text_ids = [], [], None
-            for caption in dataset.captions:
-                prompt_embeds, pooled_embeds, text_ids = pipe.encode_prompt(
-                    prompt=caption, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=64
-                )
-                embeds.append(prompt_embeds.float())
-                pooled.append(pooled_embeds.float())
-            self.prompt_embeds = torch.cat(embeds)
-            self.pooled = torch.cat(pooled)
-            self.text_ids = text_ids
+        self.prompts = encode_flux_prompts(pipe, dataset.captions, device=device, max_sequence_length=64)
 
     def __len__(self) -> int:
         return int(self.latent_mean.shape[0])
@@ -192,18 +182,9 @@ class FlowMatchingObjective(Objective):
         noise = torch.randn(clean.shape, generator=generator).to(clean.device)
         sigma = torch.sigmoid(torch.randn(batch, generator=generator)).to(clean.device)
         noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * noise
-        dtype = next(transformer.parameters()).dtype
-        guidance = None if self.guidance is None else torch.full((batch,), self.guidance, device=clean.device)
-        prediction = transformer(
-            hidden_states=noisy.to(dtype),
-            timestep=sigma.to(dtype),
-            guidance=guidance,
-            pooled_projections=self.pooled[indices].to(dtype),
-            encoder_hidden_states=self.prompt_embeds[indices].to(dtype),
-            txt_ids=self.text_ids,
-            img_ids=self.img_ids,
-            return_dict=False,
-        )[0]
+        prediction = flux_velocity(
+            transformer, noisy, sigma, guidance=self.guidance, prompts=self.prompts, rows=indices, img_ids=self.img_ids
+        )
         return torch.nn.functional.mse_loss(prediction.float(), (noise - clean).float())
 
 
@@ -242,11 +223,6 @@ class GateTrainResult:
     checkpoints: list[Path] = field(default_factory=list)
 
 
-def _checkpoint_target(out: str | Path, step: int) -> Path:
-    final = gate_path(out)
-    return final.with_name(f"{final.stem}-step{step:06d}{final.suffix or '.safetensors'}")
-
-
 def _read_adapters(paths: Sequence[Path], family: str, shapes: Mapping[str, tuple[int, ...]]) -> list[Adapter]:
     """Read the files as the mixin does: with the model's shapes (LyCORIS conv factors are stored flattened)."""
     adapters = [read_adapter(path, None if family == "unknown" else family, shapes=shapes) for path in paths]
@@ -273,12 +249,8 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
     family = preset_family(pipe)
     flux = isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
     denoiser: nn.Module = pipe.transformer if flux else pipe.unet
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = frozen_accelerator(pipe, config.mixed_precision)
     torch.manual_seed(config.seed)
-    for component in ("vae", *_TEXT_ENCODERS, "unet", "transformer"):
-        module = getattr(pipe, component, None)
-        if module is not None:
-            module.to(accelerator.device).requires_grad_(False)
     engine = FusionEngine(
         denoiser, text_encoders={name: getattr(pipe, name, None) for name in _TEXT_ENCODERS}, family=family
     )
@@ -320,7 +292,7 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
             prepare_model=False,
             checkpoint_every=config.checkpoint_every,
             save_checkpoint=lambda _, step: save_gates(
-                bank, _checkpoint_target(config.out, step), {**meta, "steps": step}
+                bank, checkpoint_path(gate_path(config.out), step), {**meta, "steps": step}
             ),
         )
         final_loss = objective.evaluate(denoiser)

@@ -1,9 +1,12 @@
-"""The optimisation loop every trainer shares (SHiRA, restoration LoRAs, gates): accelerate + AdamW + tqdm.
+"""The optimisation loop of the trainers in :mod:`composer.training` (SHiRA, restoration LoRAs, gates) and the
+``compose train-*`` commands that run them: accelerate + AdamW + tqdm.
 
 A trainer decides what is trainable and what the loss is (an objective with ``len()`` and
-``loss(model, indices, generator)``); this loop owns the rest — fp32 trainable parameters, shuffled index batches,
-autocast/backward/step, the progress bar, periodic checkpoints and the non-finite-loss check — so the three
-trainers cannot drift apart.
+``loss(model, indices, generator)``); this module owns the rest — the accelerator with the pipeline's models frozen on
+its device, fp32 trainable parameters, shuffled index batches, autocast/backward/step, the progress bar, periodic
+checkpoints and their file names, and the non-finite-loss check — so the three trainers cannot drift apart. (The toy
+world's own trainers, which made its shipped weights, keep their plain loops; the retriever trains in
+:mod:`retrieval.training`, a floor below.)
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -24,6 +28,25 @@ from composer.training.data import index_batches
 from fusion.errors import TrainingError
 
 logger = logging.getLogger(__name__)
+
+PIPELINE_MODELS = ("vae", "text_encoder", "text_encoder_2", "unet", "transformer")
+"""The pipeline attributes that hold models; :func:`frozen_accelerator` freezes those a pipeline has."""
+
+
+def frozen_accelerator(pipe: Any, mixed_precision: str) -> Accelerator:
+    """An accelerator on the GPU when there is one (else the CPU), with every model of ``pipe`` moved to its device
+    and frozen: a trainer then makes trainable only what it trains."""
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    for component in PIPELINE_MODELS:
+        module = getattr(pipe, component, None)
+        if module is not None:
+            module.to(accelerator.device).requires_grad_(False)
+    return accelerator
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    """The checkpoint of ``step`` beside the final file ``out``: ``<stem>-step000100.safetensors``."""
+    return out.with_name(f"{out.stem}-step{step:06d}{out.suffix or '.safetensors'}")
 
 
 class Objective(ABC):

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from peft import LoraConfig, get_peft_model_state_dict
@@ -34,7 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from composer.training.data import DatasetError, list_images, load_image
-from composer.training.loop import Objective, optimise
+from composer.training.flux import encode_flux_prompts, flux_velocity
+from composer.training.loop import Objective, frozen_accelerator, optimise
 from fusion.adapters import Adapter
 from fusion.errors import TrainingError
 from weights_index.reader import read_adapter
@@ -140,20 +140,9 @@ class KontextRestoreObjective(Objective):
             image_ids = FluxKontextPipeline._prepare_latent_image_ids(1, side, side, self.device, self.clean.dtype)
             image_ids[..., 0] = 1
             self.img_ids = torch.cat([latent_ids, image_ids], dim=0)
-            embeds, pooled, text_ids = [], [], None
-            for prompt in self.prompts:
-                prompt_embeds, pooled_embeds, text_ids = pipe.encode_prompt(
-                    prompt=prompt,
-                    prompt_2=None,
-                    device=self.device,
-                    num_images_per_prompt=1,
-                    max_sequence_length=max_sequence_length,
-                )
-                embeds.append(prompt_embeds.float())
-                pooled.append(pooled_embeds.float())
-            self.prompt_embeds = torch.cat(embeds)
-            self.pooled_embeds = torch.cat(pooled)
-            self.text_ids = text_ids
+        self.encoded = encode_flux_prompts(
+            pipe, self.prompts, device=self.device, max_sequence_length=max_sequence_length
+        )
 
     def _encode(self, pipe: Any, paths: Sequence[Path]) -> torch.Tensor:
         """Packed latents (N, tokens, 4·C) of the images, as Kontext encodes its conditioning image."""
@@ -181,18 +170,15 @@ class KontextRestoreObjective(Objective):
         ).to(clean.device)
         noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * noise
         target = noise - clean
-        dtype = next(transformer.parameters()).dtype
-        guidance = None if self.guidance is None else torch.full((batch,), self.guidance, device=clean.device)
-        prediction = transformer(
-            hidden_states=torch.cat([noisy, condition], dim=1).to(dtype),
-            timestep=sigma.to(dtype),
-            guidance=guidance,
-            pooled_projections=self.pooled_embeds[tasks].to(dtype),
-            encoder_hidden_states=self.prompt_embeds[tasks].to(dtype),
-            txt_ids=self.text_ids,
+        prediction = flux_velocity(
+            transformer,
+            torch.cat([noisy, condition], dim=1),
+            sigma,
+            guidance=self.guidance,
+            prompts=self.encoded,
+            rows=tasks,
             img_ids=self.img_ids,
-            return_dict=False,
-        )[0]
+        )
         prediction = prediction[:, : clean.shape[1]]
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
@@ -274,11 +260,7 @@ def train_restore(pipe: Any, config: RestoreTrainConfig) -> RestoreTrainResult:
     ``config.out`` and return it read back through :func:`read_adapter`. The pipeline is left as it was."""
     if config.steps < 1 or config.rank < 1 or config.batch_size < 1 or config.alpha <= 0:
         raise TrainingError("steps, rank, alpha and batch size must be positive")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    for component in ("vae", "text_encoder", "text_encoder_2", "transformer"):
-        module = getattr(pipe, component, None)
-        if module is not None:
-            module.to(accelerator.device).requires_grad_(False)
+    accelerator = frozen_accelerator(pipe, config.mixed_precision)
     objective = KontextRestoreObjective(
         pipe,
         config.tasks,

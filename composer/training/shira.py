@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import ShiraConfig, inject_adapter_in_model
 from peft.tuners.shira.layer import ShiraLayer
@@ -31,7 +30,7 @@ from torch import nn
 
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder, index_batches
-from composer.training.loop import Objective, optimise
+from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
 from fusion.mask_types import MASK_TYPES
@@ -281,10 +280,6 @@ def _save(
     return save_shira(adapter, path, metadata)
 
 
-def _checkpoint_path(out: Path, step: int) -> Path:
-    return out.with_name(f"{out.stem}-step{step:06d}{out.suffix or '.safetensors'}")
-
-
 def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
     """Train a SHiRA adapter on ``pipe``'s denoiser (see the module docstring) and save it to ``config.out``.
 
@@ -292,13 +287,9 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
     """
     if config.steps < 1 or config.r < 1 or config.batch_size < 1:
         raise TrainingError("steps, r and batch size must be positive")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = frozen_accelerator(pipe, config.mixed_precision)
     torch.manual_seed(config.seed)
     denoiser: nn.Module = pipe.unet
-    for component in ("vae", "text_encoder", "text_encoder_2", "unet"):
-        module = getattr(pipe, component, None)
-        if module is not None:
-            module.to(accelerator.device).requires_grad_(False)
     size = config.resolution or int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
     dataset = ImageCaptionFolder(config.images, prompt=config.prompt, size=size, seed=config.seed)
     objective = DenoisingObjective(pipe, dataset, device=accelerator.device)
@@ -337,7 +328,7 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
             progress=config.progress,
             checkpoint_every=config.checkpoint_every,
             save_checkpoint=lambda model, step: _save(
-                extract_sparse(model), _checkpoint_path(config.out, step), family, config, fingerprint, step
+                extract_sparse(model), checkpoint_path(config.out, step), family, config, fingerprint, step
             ),
         )
         layers = extract_sparse(result.model)

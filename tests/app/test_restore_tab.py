@@ -1,5 +1,5 @@
 """The Restore tab over HTTP: restoration adapters are found by their metadata, and a /restore request returns the
-image (and task prompt) the same restoration gives when run directly through `composer.restore.Restorer`."""
+image (and task prompt) the same restoration gives when run directly through `composer.restoration.restore.Restorer`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from app.restore_tab import STYLE_HEADERS, style_rows
 from composer.presets import load_preset
-from composer.restore import Restorer
+from composer.restoration.restore import Restorer
 from composer.service import CompositionService
 
 DEHAZE = "remove the haze from the image"

@@ -23,9 +23,9 @@ def test_every_toy_world_weight_file_is_package_data() -> None:
 def test_every_checkpoint_architecture_config_is_package_data() -> None:
     """The configs `--model FILE.safetensors` builds models from ship in the wheel (nothing is fetched for them)."""
     config = toml.loads((ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["composer"]
-    package = ROOT / "composer"
+    patterns = config["tool"]["setuptools"]["package-data"]["composer.checkpoints"]
+    package = ROOT / "composer" / "checkpoints"
     shipped = {path for pattern in patterns for path in package.glob(pattern)}
-    files = set((package / "checkpoint_configs").glob("*.json"))
+    files = set((package / "configs").glob("*.json"))
     assert {"sd1.json", "sd2.json", "sdxl.json", "flux.json"} <= {p.name for p in files}
     assert sorted(str(p.relative_to(package)) for p in files - shipped) == []

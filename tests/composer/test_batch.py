@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from composer.cli import EXIT_ERROR, EXIT_USAGE, main
-from composer.commands.batch import read_prompts, slug
+from composer.cli.commands.batch import read_prompts, slug
 from fusion.errors import ComposerError
 
 PROMPTS = """# demo prompts

@@ -20,14 +20,14 @@ from format_writers import attention_shapes, write_diffusers, write_kohya
 from producers import pipeline_latents, relative_error
 
 from benchmarks import _checkpoint_writers as cw
-from composer import checkpoint_sizes as sizes
-from composer.checkpoint_layout import describe_checkpoint
+from composer.checkpoints import sizes
+from composer.checkpoints.files import list_model_files
+from composer.checkpoints.layout import describe_checkpoint
 from composer.cli import main
 from composer.mixin import make_composable
-from composer.model_files import list_model_files
 from composer.presets import load_preset
 from composer.service import CompositionService
-from composer.tokenizers import build_t5_tokenizer, t5_vocab
+from composer.smoke_presets.tokenizers import build_t5_tokenizer, t5_vocab
 from fusion.errors import PresetError, UnsafeFormatError, UnsafePathError
 
 TOL = 1e-5
@@ -401,7 +401,7 @@ def test_vae_with_other_latent_channels_is_refused(written: dict[str, Any]) -> N
 def test_missing_vae_file_is_refused_before_loading(
     written: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import composer.checkpoint as checkpoint
+    import composer.checkpoints.load as checkpoint
 
     def no_loading(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("tensors were loaded")

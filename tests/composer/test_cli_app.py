@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 SLEEPER = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
-PARENT = "import sys; from composer.commands.app import run_child; sys.exit(run_child(sys.argv[1:]))"
+PARENT = "import sys; from composer.cli.commands.app import run_child; sys.exit(run_child(sys.argv[1:]))"
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from composer.cli import main
-from composer.verbosity import PACKAGES, level_for
+from composer.cli.verbosity import PACKAGES, level_for
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from composer.cli import main
-from composer.degrade import (
+from composer.restoration.degrade import (
     DEGRADATIONS,
     DegradationError,
     DegradeOptions,
@@ -26,7 +26,7 @@ from composer.degrade import (
     to_pil,
     to_tensor,
 )
-from composer.restore_metrics import expected_noise_psnr, psnr
+from composer.restoration.metrics import expected_noise_psnr, psnr
 
 
 def _smooth(size: int = 64, seed: int = 0) -> torch.Tensor:

@@ -16,7 +16,6 @@ from diffusers import (
 )
 from PIL import Image
 
-from composer import presets
 from composer.presets import (
     KNOWN_MODELS,
     MARKER_FILE,
@@ -28,7 +27,8 @@ from composer.presets import (
     load_preset,
     preset_family,
 )
-from composer.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
+from composer.smoke_presets import registry
+from composer.smoke_presets.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
 from fusion.errors import PresetError
 
 TINY = ["tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-flux-kontext"]
@@ -140,7 +140,7 @@ def test_second_ensure_reuses_cache_without_building(tmp_path, monkeypatch):
     def fail(name):
         raise AssertionError("rebuilt a current cache")
 
-    monkeypatch.setattr(presets, "build_preset", fail)
+    monkeypatch.setattr(registry, "build_preset", fail)
     assert ensure_preset("tiny-sd", tmp_path) == folder
     assert (folder / MARKER_FILE).read_text() == marker
     assert isinstance(load_preset("tiny-sd", cache_dir=tmp_path), StableDiffusionPipeline)
@@ -169,7 +169,7 @@ def test_leftover_partial_build_is_ignored(tmp_path):
 
 
 def test_killed_build_leaves_no_cache(tmp_path, monkeypatch):
-    real_build = presets.build_preset
+    real_build = registry.build_preset
 
     def dies_while_saving(name):
         pipe = real_build(name)
@@ -181,7 +181,7 @@ def test_killed_build_leaves_no_cache(tmp_path, monkeypatch):
         pipe.save_pretrained = save_pretrained
         return pipe
 
-    monkeypatch.setattr(presets, "build_preset", dies_while_saving)
+    monkeypatch.setattr(registry, "build_preset", dies_while_saving)
     with pytest.raises(KeyboardInterrupt):
         ensure_preset("tiny-sd", tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -194,6 +194,15 @@ def test_unknown_name_raises_preset_error_with_hint():
     with pytest.raises(PresetError, match="tiny-sd") as info:
         load_preset("no such model!")
     assert info.value.hint
+
+
+def test_every_preset_name_is_known_to_load_preset():
+    smoke = {"tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-flux-kontext", "small-sd", "sd15-shapes"}
+    assert set(PRESETS) == smoke
+    with pytest.raises(PresetError) as info:
+        load_preset("no such model!")
+    named = {name.strip() for name in info.value.hint.split("use one of ")[1].split(", a .safetensors")[0].split(",")}
+    assert named >= smoke | {"toy-sd"} | set(KNOWN_MODELS)
 
 
 def test_hub_id_offline_raises_preset_error():

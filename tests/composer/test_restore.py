@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from composer.cli import main
-from composer.degrade import make_pairs, to_pil
 from composer.presets import load_preset
-from composer.restore import Restorer, editing_pipeline, is_instruct_pix2pix, task_prompt, working_size
+from composer.restoration.degrade import make_pairs, to_pil
+from composer.restoration.restore import Restorer, editing_pipeline, is_instruct_pix2pix, task_prompt, working_size
 from composer.training.restore import RestoreTrainConfig, TaskPairs, train_restore
 from fusion.adapters import Adapter, LowRank
 from fusion.errors import CompositionError

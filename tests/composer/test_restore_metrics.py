@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from composer.cli import main
-from composer.degrade import gaussian_noise, to_pil
-from composer.restore_metrics import (
+from composer.restoration.degrade import gaussian_noise, to_pil
+from composer.restoration.metrics import (
     TINY_IQA_MODEL,
     ClipIQA,
     MetricError,

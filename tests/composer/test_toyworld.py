@@ -337,7 +337,7 @@ def test_quality_docs_of_a_compositions_only_run_have_no_alone_table(tmp_path: P
 
 def test_the_training_command_reads_captions_with_the_clip_tokenizer_the_preset_uses(tmp_path: Path) -> None:
     """The shipped model folder carries no tokenizer; concept and judge stages must still tokenise as inference does."""
-    from composer.tokenizers import build_clip_tokenizer
+    from composer.smoke_presets.tokenizers import build_clip_tokenizer
     from composer.toyworld.model import MAX_TOKENS, WEIGHTS_DIR
     from composer.toyworld.train import base_pipeline
 

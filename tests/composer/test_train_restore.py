@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from composer.cli import main
-from composer.degrade import make_pairs, to_pil
+from composer.restoration.degrade import make_pairs, to_pil
 from composer.training.data import DatasetError
 from composer.training.restore import (
     EDIT2RESTORE_TARGETS,

@@ -10,7 +10,7 @@ import torch
 from retrieval_helpers import CONCEPTS, make_library
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from composer.tokenizers import build_clip_tokenizer
+from composer.smoke_presets.tokenizers import build_clip_tokenizer
 from retrieval.learned_index import LearnedIndex
 from retrieval.pipeline_text import PipelineTextEmbedder, pipeline_name
 from retrieval.retriever import Retriever

@@ -1,0 +1,7 @@
+"""``python -m composer.cli ARGS``: the `compose` command."""
+
+import sys
+
+from composer.cli import main
+
+sys.exit(main())

@@ -1,4 +1,0 @@
-"""The degradation names of :mod:`composer.degrade`, importable without torch (``compose make-pairs`` choices)."""
-
-DEGRADATIONS = ("noise", "rain", "haze", "jpeg", "lowlight")
-"""Names accepted by :func:`composer.degrade.degrade` and ``compose make-pairs --degrade``."""

@@ -1,0 +1,172 @@
+"""The smoke-test presets by name, and how one is built: every component from its config, the models' weights drawn
+from a seed derived from the preset name, so the same name gives bit-identical weights on every run (for a given
+torch version)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from composer.smoke_presets import components
+from composer.smoke_presets.components import Components
+from composer.smoke_presets.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from fusion.errors import PresetError
+
+PRESET_FORMAT_VERSION = 1
+"""Bumped when the way presets are built or saved changes; part of every cache fingerprint."""
+
+_MODEL_BUILDERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
+    "UNet2DConditionModel": lambda cfg: UNet2DConditionModel(**cfg),
+    "FluxTransformer2DModel": lambda cfg: FluxTransformer2DModel(**cfg),
+    "AutoencoderKL": lambda cfg: AutoencoderKL(**cfg),
+    "CLIPTextModel": lambda cfg: CLIPTextModel(CLIPTextConfig(**cfg)),
+    "CLIPTextModelWithProjection": lambda cfg: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)),
+    "T5EncoderModel": lambda cfg: T5EncoderModel(T5Config(**cfg)),
+}
+_OTHER_BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "clip-tokenizer": lambda cfg: build_clip_tokenizer(**cfg),
+    "t5-tokenizer": lambda cfg: build_t5_tokenizer(**cfg),
+    "DDIMScheduler": lambda cfg: DDIMScheduler(**cfg),
+    "EulerDiscreteScheduler": lambda cfg: EulerDiscreteScheduler(**cfg),
+    "FlowMatchEulerDiscreteScheduler": lambda cfg: FlowMatchEulerDiscreteScheduler(**cfg),
+}
+
+_SD_EXTRAS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _minor(version: str) -> str:
+    """``major.minor`` of a version string: releases that may change default initialisation invalidate caches."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    """One built-in preset: its pipeline class, component configs, family and what it is for.
+
+    ``seed_key`` names the weight stream: presets sharing it (Flux and Flux Kontext) share weights.
+    """
+
+    name: str
+    family: str
+    pipeline_class: type[DiffusionPipeline]
+    components: Callable[[], Components]
+    description: str
+    seed_key: str
+    extras: dict[str, Any]
+
+    @property
+    def denoiser_name(self) -> str:
+        """The pipeline attribute holding the denoiser: ``unet`` or ``transformer``."""
+        return "transformer" if "transformer" in self.components() else "unet"
+
+    def fingerprint(self) -> str:
+        """A hash of everything the built weights depend on; a cached copy with another fingerprint is stale."""
+        payload = {
+            "format": PRESET_FORMAT_VERSION,
+            "pipeline": self.pipeline_class.__name__,
+            "seed_key": self.seed_key,
+            "components": self.components(),
+            "versions": [_minor(torch.__version__), _minor(diffusers.__version__), _minor(transformers.__version__)],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _spec(name: str, family: str, cls: type, parts: Callable, description: str, **kw: Any) -> PresetSpec:
+    """Shorthand for a ``PresetSpec`` whose seed stream is its own name unless ``seed_key`` says otherwise."""
+    return PresetSpec(name, family, cls, parts, description, kw.pop("seed_key", name), kw)
+
+
+PRESETS: dict[str, PresetSpec] = {
+    spec.name: spec
+    for spec in (
+        _spec("tiny-sd", "sd1", StableDiffusionPipeline, components.tiny_sd, "tiny SD 1.x for tests", **_SD_EXTRAS),
+        _spec("tiny-sdxl", "sdxl", StableDiffusionXLPipeline, components.tiny_sdxl, "tiny SDXL for tests"),
+        _spec("tiny-flux", "flux", FluxPipeline, components.tiny_flux, "tiny FLUX.1 for tests"),
+        _spec(
+            "tiny-flux-kontext",
+            "flux",
+            FluxKontextPipeline,
+            components.tiny_flux,
+            "tiny FLUX.1 Kontext for tests (same weights as tiny-flux)",
+            seed_key="tiny-flux",
+        ),
+        _spec(
+            "small-sd",
+            "sd1",
+            StableDiffusionPipeline,
+            components.small_sd,
+            "small SD 1.x for CPU benchmarks",
+            **_SD_EXTRAS,
+        ),
+        _spec(
+            "sd15-shapes",
+            "sd1",
+            StableDiffusionPipeline,
+            components.sd15_shapes,
+            "real SD 1.5 shapes, random weights (5 GB; benchmarks only, see build_denoiser)",
+            **_SD_EXTRAS,
+        ),
+    )
+}
+"""Built-in offline presets by name."""
+
+
+def preset_spec(name: str) -> PresetSpec:
+    """The built-in preset called ``name``, or a PresetError listing the names that exist."""
+    if name not in PRESETS:
+        raise PresetError(f"unknown preset {name!r}", hint=f"use one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _seed(seed_key: str, component: str) -> int:
+    """A stable 63-bit seed for one component of one preset (independent of Python's hash randomisation)."""
+    digest = hashlib.sha256(f"lora-composer/{seed_key}/{component}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _build_component(spec: PresetSpec, component: str, kind: str, config: dict[str, Any]) -> Any:
+    """Build one component; models get weights from their own seed, leaving the global RNG untouched."""
+    if kind in _OTHER_BUILDERS:
+        return _OTHER_BUILDERS[kind](config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed(spec.seed_key, component))
+        model = _MODEL_BUILDERS[kind](config)
+    return model.eval()
+
+
+def build_preset(name: str) -> DiffusionPipeline:
+    """Build a built-in preset in memory (no cache) on CPU with seeded weights, bit-identical on every call."""
+    spec = preset_spec(name)
+    parts = {part: _build_component(spec, part, kind, cfg) for part, (kind, cfg) in spec.components().items()}
+    return spec.pipeline_class(**parts, **spec.extras)
+
+
+def build_denoiser(name: str) -> torch.nn.Module:
+    """Build only the denoiser (UNet or Flux transformer) of a built-in preset, with the same weights as the pipeline.
+
+    This is the cheap way to get real SD 1.5 shapes for benchmarks: ``build_denoiser("sd15-shapes")``.
+    """
+    spec = preset_spec(name)
+    kind, config = spec.components()[spec.denoiser_name]
+    return _build_component(spec, spec.denoiser_name, kind, config)
