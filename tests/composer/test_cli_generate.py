@@ -121,7 +121,7 @@ def test_console_script_exit_code_and_stderr(library: Path, tmp_path: Path) -> N
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "composer.cli", "a dog", "--loras", "nosuch", "--library", str(library)]
     completed = subprocess.run(
-        [*command, "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120, check=False
+        [*command, "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600, check=False
     )
     assert completed.returncode == EXIT_ERROR
     assert completed.stdout == ""
