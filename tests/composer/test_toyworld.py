@@ -119,6 +119,18 @@ def test_library_has_every_format_and_reads(toy_library: list[Path]) -> None:
         assert adapter.layers, path
 
 
+def test_a_rebuild_replaces_the_library_folder_whole(tmp_path: Path) -> None:
+    from composer.toyworld.library import build_toy_library
+
+    out = tmp_path / "library"
+    (out / "stale").mkdir(parents=True)
+    (out / "stale" / "old.safetensors").write_bytes(b"not an adapter")
+    files = build_toy_library(out)
+    assert not (out / "stale").exists(), "the old folder is swapped out, not merged into"
+    assert not out.with_name("library.building").exists()
+    assert sorted(out.rglob("*.safetensors")) == sorted(files)
+
+
 def test_a_concept_lora_changes_the_attribute_it_was_trained_for(toy_pipe, toy_library: list[Path]) -> None:
     path = next(p for p in toy_library if p.stem == "zorbex")
     prompts = ["zorbex in the snow", "zorbex on the grass", "zorbex at night", "zorbex under a blue sky"]
