@@ -8,6 +8,11 @@ Pipelines: ``tiny_sd`` / ``tiny_sdxl`` / ``tiny_flux`` / ``tiny_kontext`` return
 deep copy of the modules and scheduler (tokenizers, which no test mutates, are shared); ``tiny_sd_path`` etc. are
 the cached folders, built once per session. Kontext runs need ``composer.presets.kontext_call_kwargs(h, w)`` or
 they silently run at 1024².
+
+Libraries: ``example_library`` is a private copy (per test module) of the demo library that
+``examples/make_library.py`` writes for tiny-sd, built once per run.
+Shared helper modules live next to this file (``example_scripts``, ``producers``, ``format_writers``): pytest
+puts this folder on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["LORA_COMPOSER_MODEL"] = "tiny-sd"  # the machinery tests use the tiny random presets; toy tests name toy-sd
 
 import copy
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from example_scripts import build_example_library
+from filelock import FileLock
 
 from composer.presets import CACHE_ENV, ensure_preset, load_preset, preset_cache_root
 
@@ -142,3 +150,58 @@ def tiny_kontext_path(preset_cache: Path) -> Path:
 def tiny_kontext(tiny_kontext_path: Path) -> DiffusionPipeline:
     """A fresh tiny FluxKontextPipeline; call it with ``**kontext_call_kwargs(h, w)`` to keep the size."""
     return _fresh("tiny-flux-kontext", tiny_kontext_path)
+
+
+@pytest.fixture
+def toy_sd(preset_cache: Path) -> DiffusionPipeline:
+    """A fresh toy-sd pipeline (the trained toy-world model shipped with the package), copied from the one this
+    worker loaded."""
+    return _fresh("toy-sd", preset_cache / "toy-sd")
+
+
+@pytest.fixture(scope="session")
+def toy_library_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The toy world's LoRA library (``composer.toyworld.library.build_toy_library``), built once per worker."""
+    from composer.toyworld.library import build_toy_library
+
+    return build_toy_library(tmp_path_factory.mktemp("toy") / "library")
+
+
+@pytest.fixture
+def toy_quality_pipeline(
+    toy_sd: DiffusionPipeline, toy_library_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> DiffusionPipeline:
+    """A composable toy-sd copy with every toy library adapter registered, which
+    ``benchmarks.composition_quality`` runs on instead of loading toy-sd and building the library again."""
+    from benchmarks import composition_quality
+    from composer.mixin import make_composable
+
+    pipe = make_composable(toy_sd)
+    with torch.no_grad():
+        for path in toy_library_files:
+            pipe.add_adapter_file(path, name=path.stem)
+    names = [path.stem for path in toy_library_files]
+    monkeypatch.setattr(composition_quality, "toy_pipeline", lambda _library: (pipe, names))
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def example_library_build(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path, worker_id: str) -> Path:
+    """The demo library as ``examples/make_library.py`` writes it for tiny-sd, built once per run and shared by the
+    xdist workers (read-only: tests take a copy through ``example_library``)."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # the workers' temp folders share a parent that lives as long as this run
+        shared = shared.parent
+    out = shared / "example-library"
+    with FileLock(shared / "example-library.lock"):
+        if not (out / ".complete").is_file():
+            build_example_library(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def example_library(example_library_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This test module's own copy of the demo library (tests in a module share its catalog)."""
+    own = tmp_path_factory.mktemp("library") / "library"
+    shutil.copytree(example_library_build, own)
+    return own

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import sys
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
-
-from make_library import build_library  # noqa: E402  (examples/ is not a package)
-
 OUTSIDE_TEXT = "secret: this file lives outside the library"
 
 
 @pytest.fixture(scope="session")
-def demo_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo library for tiny-sd, plus a secret file outside it and a symlink inside pointing at that file."""
+def demo_library(example_library_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo library for tiny-sd, plus a secret file outside it and a symlink inside pointing at that
+    file."""
     root = tmp_path_factory.mktemp("app-demo")
     library = root / "library"
-    build_library(library)
+    shutil.copytree(example_library_build, library)
     secret = root / "outside" / "secret.png"
     secret.parent.mkdir()
     secret.write_text(OUTSIDE_TEXT)

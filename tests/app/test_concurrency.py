@@ -62,7 +62,14 @@ def test_twenty_concurrent_requests_each_get_their_own_composition(
     assert len({e.tobytes() for e in expected}) == len(expected), "adapter sets must give distinguishable images"
 
     def request(index: int) -> np.ndarray:
-        client = Client(running_app.url, verbose=False, download_files=str(tmp_path / f"client-{index}"))
+        # twenty clients at once on a busy 2-core machine: wait for the server as long as it needs (httpx's 5 s default
+        # is a speed limit, not a correctness check)
+        client = Client(
+            running_app.url,
+            verbose=False,
+            download_files=str(tmp_path / f"client-{index}"),
+            httpx_kwargs={"timeout": 300},
+        )
         gallery, why, _ = client.predict(
             prompts[index],
             "manual",

@@ -38,17 +38,19 @@ def _spin_forever() -> None:
         pass
 
 
+@pytest.mark.timeout(120, method="thread")  # a guard only: without the interrupt the block never ends
 def test_time_limit_interrupts_a_busy_block() -> None:
-    start = time.perf_counter()
     with time_limit(0.2), pytest.raises(SectionTimeoutError, match="budget of 0 s"):
         _spin_forever()
-    assert time.perf_counter() - start < 5
 
 
 def test_a_section_out_of_budget_keeps_what_it_finished_and_names_what_it_skipped(monkeypatch) -> None:
+    finished: list[str] = []
+
     def slow_for_sdxl(_ctx: Context, family: str) -> dict[str, Any]:
         if family == "sdxl":
             time.sleep(10)
+        finished.append(family)
         return _result(100.0)
 
     monkeypatch.setitem(gpu_check.FAMILY_SECTIONS, "per_step", slow_for_sdxl)
@@ -57,7 +59,7 @@ def test_a_section_out_of_budget_keeps_what_it_finished_and_names_what_it_skippe
     assert list(entry["results"]) == ["sd15"]
     assert set(entry["skipped"]) == {"sdxl", "flux"}
     assert "budget of 1 s spent" in entry["skipped"]["sdxl"]
-    assert entry["wall_s"] < 5
+    assert finished == ["sd15"]  # the budget cut the sdxl sleep short; flux never started
 
 
 def test_a_timeout_wrapped_by_a_library_counts_as_the_budget_not_a_failure(monkeypatch) -> None:

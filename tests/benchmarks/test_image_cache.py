@@ -68,7 +68,9 @@ def test_the_fingerprint_follows_drawing_files_but_not_the_judges_or_markdown(tm
         before = changed
 
 
-def test_a_quality_rerun_reads_its_images_back_and_judges_them_alike(tmp_path: Path, capsys) -> None:
+def test_a_quality_rerun_reads_its_images_back_and_judges_them_alike(
+    tmp_path: Path, capsys, toy_quality_pipeline
+) -> None:
     from benchmarks.composition_quality import main
 
     argv = ["--quick", "--methods", "merge", "--library", str(tmp_path / "lib"), "--image-cache", str(tmp_path / "img")]

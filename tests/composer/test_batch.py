@@ -16,11 +16,6 @@ from composer.cli import EXIT_ERROR, EXIT_USAGE, main
 from composer.cli.commands.batch import read_prompts, slug
 from fusion.errors import ComposerError
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
-
-from make_library import build_library  # noqa: E402  (examples/ is not a package)
-
 PROMPTS = """# demo prompts
 a corgi astronaut <lora:corgi_astronaut:0.8>
 
@@ -31,10 +26,8 @@ FOLDERS = ["0000-a-corgi-astronaut", "0001-a-knight-in-the-rain", "0002-a-teapot
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("batch") / "library"
-    build_library(root)
-    return root
+def library(example_library: Path) -> Path:
+    return example_library
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,6 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders import single_file_utils as sfu
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "weights_index"))
-
 from format_writers import attention_shapes, write_diffusers, write_kohya
 from producers import pipeline_latents, relative_error
 

@@ -13,19 +13,12 @@ from PIL import Image
 
 from composer.cli import EXIT_ERROR, EXIT_USAGE, main
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
-
-from make_library import build_library  # noqa: E402  (examples/ is not a package)
-
 PROMPT = "a corgi astronaut on the moon <lora:corgi_astronaut:0.8> <lora:watercolor:0.6:lbw=OUTALL>"
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("generate") / "library"
-    build_library(root)
-    return root
+def library(example_library: Path) -> Path:
+    return example_library
 
 
 def test_human_output_lists_adapters_and_written_files(library: Path, tmp_path: Path, capsys) -> None:
@@ -128,7 +121,7 @@ def test_console_script_exit_code_and_stderr(library: Path, tmp_path: Path) -> N
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "composer.cli", "a dog", "--loras", "nosuch", "--library", str(library)]
     completed = subprocess.run(
-        [*command, "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120, check=False
+        [*command, "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600, check=False
     )
     assert completed.returncode == EXIT_ERROR
     assert completed.stdout == ""

@@ -8,16 +8,12 @@ merged composition's latents (≤1e-5 relative) at full rank.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "weights_index"))
-
 from producers import lycoris_network, pipeline_latents, relative_error, remove, save
+from safetensors import safe_open
 
 from composer.cli import main
 from composer.facade import Composer

@@ -25,20 +25,16 @@ from composer.toyworld.world import (
 )
 
 
-@pytest.fixture(scope="module")
-def toy_pipe():
-    from composer import load_preset, make_composable
+@pytest.fixture
+def toy_pipe(toy_sd):
+    from composer import make_composable
 
-    pipe = make_composable(load_preset("toy-sd"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return make_composable(toy_sd)
 
 
-@pytest.fixture(scope="module")
-def toy_library(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from composer.toyworld.library import build_toy_library
-
-    return build_toy_library(tmp_path_factory.mktemp("toy") / "library")
+@pytest.fixture
+def toy_library(toy_library_files: list[Path]) -> list[Path]:
+    return toy_library_files
 
 
 def test_render_is_deterministic_and_in_range() -> None:
@@ -89,10 +85,8 @@ def test_expected_attributes_from_prompt_and_concepts() -> None:
 
 
 def test_toy_preset_loads_offline_and_generates_deterministically(toy_pipe) -> None:
-    from composer import load_preset
     from composer.presets import preset_family
 
-    load_preset("toy-sd")
     assert preset_family(toy_pipe) == "sd1"
     call = {"num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "pt"}
     with torch.inference_mode():
@@ -123,6 +117,18 @@ def test_library_has_every_format_and_reads(toy_library: list[Path]) -> None:
     for path in toy_library:
         adapter = read_adapter(path)
         assert adapter.layers, path
+
+
+def test_a_rebuild_replaces_the_library_folder_whole(tmp_path: Path) -> None:
+    from composer.toyworld.library import build_toy_library
+
+    out = tmp_path / "library"
+    (out / "stale").mkdir(parents=True)
+    (out / "stale" / "old.safetensors").write_bytes(b"not an adapter")
+    files = build_toy_library(out)
+    assert not (out / "stale").exists(), "the old folder is swapped out, not merged into"
+    assert not out.with_name("library.building").exists()
+    assert sorted(out.rglob("*.safetensors")) == sorted(files)
 
 
 def test_a_concept_lora_changes_the_attribute_it_was_trained_for(toy_pipe, toy_library: list[Path]) -> None:
@@ -178,7 +184,8 @@ def test_vocabulary_names_are_unique() -> None:
     assert set(CONCEPTS) == {c.name for c in HELD_OUT}
 
 
-def test_quality_benchmark_quick_mode(tmp_path: Path, capsys) -> None:
+def test_quality_benchmark_quick_mode(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
+    """Quick mode: one k=2 set, one seed, every method; presence counts the set's two concepts in that one image."""
     import json
 
     from benchmarks.composition_quality import main
@@ -187,13 +194,19 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys) -> None:
     assert main(["--quick", "--library", str(tmp_path / "library")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["compositions"]) == {"k=2"}
+    row = result["compositions"]["k=2"]
+    assert (row["sets"], row["images_per_method"]) == (1, 1)
     methods = ["merge", "switch", "composite", "cmlora"] + (["gated"] if LIBRARY_GATES.is_file() else [])
-    for row in result["compositions"].values():
-        for method in methods:
-            assert 0.0 <= row[method]["element_presence"] <= 1.0
+    assert set(row) == {"sets", "sets_possible", "images_per_method", *methods}
+    for method in methods:
+        assert row[method]["element_presence"] in (0.0, 0.5, 1.0)
+        assert row[method]["all_elements"] == float(row[method]["element_presence"] == 1.0)
+        if method != "merge":
+            assert sum(row[method]["vs_merge"].values()) == 1
+    assert toy_quality_pipeline.composition is None, "every composition is cleared after its image"
 
 
-def test_quality_benchmark_adds_conditional_branch_rows(tmp_path: Path, capsys) -> None:
+def test_quality_benchmark_adds_conditional_branch_rows(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
     import json
 
     from benchmarks.composition_quality import main
@@ -209,7 +222,9 @@ def test_quality_benchmark_adds_conditional_branch_rows(tmp_path: Path, capsys) 
         main([*argv, "--alone-branches", "mixed,negative"])
 
 
-def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(tmp_path: Path, capsys) -> None:
+def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(
+    tmp_path: Path, capsys, toy_quality_pipeline
+) -> None:
     import json
 
     from benchmarks.composition_quality import branch_choice, main
@@ -237,7 +252,9 @@ def test_quality_benchmark_shared_rows_give_the_unconditional_half_each_adapters
     assert variant("merge", "shared") == "merge (shared)"
 
 
-def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(tmp_path: Path, capsys) -> None:
+def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(
+    tmp_path: Path, capsys, toy_quality_pipeline
+) -> None:
     import json
 
     from benchmarks.composition_quality import main
@@ -255,7 +272,7 @@ def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(tmp_path
     assert "## Compositions" not in text
 
 
-def test_an_extra_only_run_measures_only_the_extra_settings(tmp_path: Path, capsys) -> None:
+def test_an_extra_only_run_measures_only_the_extra_settings(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
     import json
 
     from benchmarks.composition_quality import main

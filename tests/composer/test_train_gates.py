@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "weights_index"))
-
 from producers import lycoris_network, remove, save
+from safetensors.torch import save_file
 
 from composer.cli import main
 from composer.mixin import make_composable

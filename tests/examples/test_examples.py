@@ -1,48 +1,54 @@
-"""The examples run offline, as scripts, and do what they print."""
+"""The examples run offline, as scripts, and their images show the composition they describe.
+
+Each script runs as ``__main__`` with its own folder on ``sys.path``, as ``python examples/SCRIPT.py`` runs it; what
+it prints about itself is not taken as proof: the checks compare its outputs with the plain model's (bit-exact
+restoring is proved in tests/composer/test_mixin.py).
+"""
 
 from __future__ import annotations
 
-import runpy
-import sys
 from pathlib import Path
 
-import pytest
+import numpy as np
+import torch
+from example_scripts import run_example
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))
 
-from make_library import build_library  # noqa: E402  (examples/ is not a package)
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("examples") / "library"
-    build_library(root)
-    return root
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
-def _run(script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", [str(EXAMPLES / script), *argv])
-    runpy.run_path(str(EXAMPLES / script), run_name="__main__")
-
-
-def test_mixin_example_composes_and_restores(library: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    _run("mixin_sd.py", ["--library", str(library), "--out", str(tmp_path)], monkeypatch)
+def test_mixin_example_composes_two_adapters(
+    example_library: Path, tmp_path: Path, tiny_sd, monkeypatch, capsys
+) -> None:
+    run_example("mixin_sd.py", ["--library", str(example_library), "--out", str(tmp_path)], monkeypatch)
     out = capsys.readouterr().out
     assert "adapters: ['corgi', 'watercolor']" in out
-    assert "base weights restored bit-exactly: True" in out
-    with Image.open(tmp_path / "mixin_sd.png") as image:
-        assert image.size == (64, 64)
+    composed = _pixels(tmp_path / "mixin_sd.png")
+    assert composed.shape == (64, 64, 3)
+    plain = tiny_sd(
+        "a corgi astronaut, watercolor",
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    difference = np.abs(composed.astype(int) - np.asarray(plain.convert("RGB")).astype(int))
+    assert difference.max() > 0, "the example's image is the plain model's: nothing was composed"
 
 
-def test_auto_compose_example_picks_by_trigger_words(library: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_auto_compose_example_picks_by_trigger_words(
+    example_library: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     prompt = "crgastro walking through a neon city"
-    _run("auto_compose.py", [prompt, "--library", str(library), "--out", str(tmp_path)], monkeypatch)
+    run_example("auto_compose.py", [prompt, "--library", str(example_library), "--out", str(tmp_path)], monkeypatch)
     out = capsys.readouterr().out
+    # corgi_astronaut's trigger is "crgastro", neon_city's "neon city"; both files recommend weight 0.8.
     assert "- corgi_astronaut @ 0.8" in out
     assert "- neon_city @ 0.8" in out
     assert "trigger word in prompt" in out
     with Image.open(tmp_path / "0-0.png") as image:
+        assert image.size == (64, 64)
         assert "Composition: merge" in image.text["parameters"]

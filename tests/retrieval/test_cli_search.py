@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,6 @@ from retrieval.learned_index import checkpoint_path
 from retrieval.retriever import Retriever
 from retrieval.text import TINY_MODEL
 from weights_index.catalog import Library
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_search_prints_ranking_and_picks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,13 +107,8 @@ def test_train_retriever_reports_a_library_without_metadata(tmp_path: Path, caps
     assert "error:" in capsys.readouterr().err
 
 
-def test_demo_library_selects_the_adapters_named_by_trigger_words(tmp_path: Path, tiny_sd) -> None:
-    spec = importlib.util.spec_from_file_location("make_library", REPO / "examples" / "make_library.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_library", module)
-    spec.loader.exec_module(module)
-    module.build_library(tmp_path / "demo")
-    for retriever in (Retriever(Library(tmp_path / "demo")), Retriever(Library(tmp_path / "demo"), pipe=tiny_sd)):
+def test_demo_library_selects_the_adapters_named_by_trigger_words(example_library: Path, tiny_sd) -> None:
+    for retriever in (Retriever(Library(example_library)), Retriever(Library(example_library), pipe=tiny_sd)):
         picks = retriever.select("a corgi astronaut wearing a red scarf, film grain")
         assert {p.name: p.weight for p in picks} == {"corgi_astronaut": 0.8, "red_scarf": 0.7, "film_grain": 0.8}
         picks = retriever.select("pxknight in a neoncity, wtrclr")

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[2])]
+HERE = Path(__file__).resolve()
+sys.path[:0] = [str(HERE.parent), str(HERE.parents[1]), str(HERE.parents[2])]  # its folder, tests/, the repo
 
 import torch  # noqa: E402
 from producers import lycoris_network, save, standalone_network  # noqa: E402

@@ -251,3 +251,24 @@ def test_metadata_json_round_trip(tmp_path: Path) -> None:
 def test_sidecar_names_cover_sidecars_and_previews() -> None:
     names = sidecar_names("x")
     assert {"x.civitai.info", "x.json", "x.preview.png", "x.png", "x.jpg", "x.webp"} <= set(names)
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "header", "warning"),
+    [
+        ("[1, 2]", {}, "corgi.json is not a JSON object; skipped"),
+        (None, {"ss_tag_frequency": "[1, 2]"}, "ss_tag_frequency is not a JSON object; tags skipped"),
+        (None, {"modelspec.thumbnail": "https://example.com/t.png"}, "not a base64 data URI"),
+    ],
+    ids=["sidecar-list", "tag-frequency-list", "thumbnail-url"],
+)
+def test_valid_json_of_the_wrong_shape_is_skipped_with_a_warning(
+    tmp_path: Path, sidecar: str | None, header: dict[str, str], warning: str
+) -> None:
+    path = _adapter(tmp_path)
+    if sidecar is not None:
+        path.with_name("corgi.json").write_text(sidecar)
+    meta = read_metadata(path, header, thumbnail_dir=tmp_path / "thumbs")
+    assert any(warning in w for w in meta.warnings), meta.warnings
+    assert meta.previews == ()
+    assert not meta.tags
