@@ -84,7 +84,7 @@ def test_analyze_stores_scores_and_writes_plots(library: Path, tmp_path: Path, c
         adapter = lib.read(name)
         pipe.add_adapter(dataclasses.replace(adapter, meta={**adapter.meta, "scores": stored[name]}))
     pipe.set_composition({"strong": 0.8, "mild": 0.8, "null": 0.8}, method="cmlora")
-    strategy = pipe._composer["engine"].strategy
+    strategy = pipe.composition_engine.strategy
     expected_high = sorted((n for n in stored if stored[n].get("delta_h", 0) > 0), key=lambda n: -stored[n]["delta_h"])
     assert strategy.high == expected_high
     assert "null" in strategy.low

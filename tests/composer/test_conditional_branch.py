@@ -251,7 +251,7 @@ def test_every_method_runs_with_a_per_adapter_choice_and_keeps_its_own_weights(t
     for method, options in [("merge", {}), ("switch", switch), ("composite", {"mode": "batched"}), ("gated", {})]:
         pipe.set_composition(weights, method=method, branches="conditional", **options)
         conditional = _generate(pipe)
-        engine = pipe._composer["engine"]
+        engine = pipe.composition_engine
         installed = engine.state.weights.clone()
         pipe.set_composition(weights, method=method, branches={"style": "conditional"}, **options)
         per_adapter = _generate(pipe)
@@ -283,7 +283,7 @@ def test_every_method_runs_on_the_unconditional_half_at_the_shares(tiny_sd: Any)
     weights: each half of the prediction is that half of the method composed on both branches at those weights."""
     pipe = _two_adapters(tiny_sd)
     pipe.set_composition(WEIGHTS, fuse=False)
-    options = {**dict(METHODS), "gated": {"gates": initial_gates(pipe._composer["engine"])}}
+    options = {**dict(METHODS), "gated": {"gates": initial_gates(pipe.composition_engine)}}
     shared = {"style": 0.8 * 0.25, "scene": 0.6}
     for method, extra in options.items():
         pipe.set_composition(shared, method=method, **extra)
@@ -302,7 +302,7 @@ def test_a_share_next_to_one_is_the_method_on_both_branches(tiny_sd: Any) -> Non
     steps, Switch's turns and CMLoRA's cached passes included (each half keeps its own caches)."""
     pipe = _two_adapters(tiny_sd)
     pipe.set_composition(WEIGHTS, fuse=False)
-    options = {**dict(METHODS), "switch": {"tau": 2}, "gated": {"gates": initial_gates(pipe._composer["engine"])}}
+    options = {**dict(METHODS), "switch": {"tau": 2}, "gated": {"gates": initial_gates(pipe.composition_engine)}}
     for method, extra in options.items():
         pipe.set_composition(WEIGHTS, method=method, fuse=False, **extra)
         both = _generate(pipe, num_inference_steps=6)

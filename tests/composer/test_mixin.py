@@ -146,7 +146,7 @@ def test_img2img_variant_sees_the_suffix_of_the_schedule(tiny_sd: Any) -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe.add_adapter(_lora(pipe.unet, "sd1", "style", 0))
     pipe.set_composition({"style": 0.8}, fuse=False)
-    engine = pipe._composer["engine"]
+    engine = pipe.composition_engine
     seen: list[int] = []
     original = engine.strategy.step
     engine.strategy.step = lambda ctx: (seen.append(ctx.step), original(ctx))[1]

@@ -82,7 +82,7 @@ def _run(pipe: Any, steps: int = 8, size: int = 64, **extra: Any) -> torch.Tenso
 
 
 def _strategy(pipe: Any) -> CMLoRA:
-    return pipe._composer["engine"].strategy
+    return pipe.composition_engine.strategy
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -304,7 +304,7 @@ def test_output_caching_runs_fused_and_leaves_text_encoder_weights(tiny_sd: Any)
     _setup(tiny_sd)
     pristine = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
     tiny_sd.set_composition(WEIGHTS, method="cmlora", cache="output", delta_h=SCORES)
-    engine = tiny_sd._composer["engine"]
+    engine = tiny_sd.composition_engine
     fused_during: list[bool] = []
     hook = tiny_sd.unet.conv_in.register_forward_hook(lambda *_: fused_during.append(engine.fused))
     first = _run(tiny_sd)

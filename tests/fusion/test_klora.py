@@ -70,7 +70,7 @@ def _gamma(adapters: list[Adapter], reference: str, shapes: dict[str, torch.Size
 
 
 def _check_every_step(pipe: Any, adapters: list[Adapter], weights: dict[str, float], styles: set[str]) -> int:
-    engine = pipe._composer["engine"]
+    engine = pipe.composition_engine
     pristine = {key: layer.pristine.clone() for key, layer in engine.layers.items()}
     shapes = {key: layer.base.weight.shape for key, layer in engine.layers.items()}
     reference = next((a.name for a in adapters if a.name in styles), adapters[0].name)
@@ -112,7 +112,7 @@ def test_clearing_restores_the_base_weights(tiny_sd: Any) -> None:
     _setup(tiny_sd, {"hero": "character", "ink": "style"})
     pristine = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
     tiny_sd.set_composition({"hero": 1.0, "ink": 1.0}, method="klora")
-    engine = tiny_sd._composer["engine"]
+    engine = tiny_sd.composition_engine
     _drive(engine, STEPS - 1)
     tiny_sd.clear_composition()
     assert all(torch.equal(v, pristine[k]) for k, v in tiny_sd.unet.state_dict().items())

@@ -115,7 +115,7 @@ def test_merge_matches_diffusers_set_adapters(preset: str, k: int, request: pyte
     pipe.set_composition(weights, fuse=False)
     ours_unfused = _generate(pipe)
     pipe.set_composition(weights)
-    assert pipe._composer["engine"].fused
+    assert pipe.composition_engine.fused
     ours_fused = _generate(pipe)
     pipe.clear_composition()
 

@@ -81,7 +81,7 @@ def test_every_layer_holds_the_merged_update_and_clearing_restores_it(tiny_sd: A
     adapters = _setup(tiny_sd)
     pristine = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
     tiny_sd.set_composition(WEIGHTS, method="ties")
-    engine = tiny_sd._composer["engine"]
+    engine = tiny_sd.composition_engine
     assert engine.fused
     checked = 0
     for key, layer in engine.layers.items():

@@ -103,7 +103,7 @@ def test_merge_fused_and_unfused_match_set_adapters(
     pipe.set_composition(weights, fuse=False)
     unfused = first_prediction(pipe)
     pipe.set_composition(weights)
-    assert pipe._composer["engine"].fused
+    assert pipe.composition_engine.fused
     fused = first_prediction(pipe)
     pipe.clear_composition()
     assert_restored(_denoiser(pipe), pristine)
@@ -261,7 +261,7 @@ def test_cmlora_without_caching_matches_the_weighted_formula(
     calls, hook = _capture_calls(pipe)
     generate(pipe, STEPS)
     hook.remove()
-    dominants = list(pipe._composer["engine"].strategy.dominants)
+    dominants = list(pipe.composition_engine.strategy.dominants)
     pipe.clear_composition()
     assert_restored(pipe.unet, pristine)
     dominant, other = cmlora_weights(len(weights))
