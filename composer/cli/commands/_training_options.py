@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from composer.cli import arg_types
-from composer.cli.reporting import emit_json
+from composer.cli.reporting import add_json_option, emit_json
 
 
 def add_options(
@@ -41,7 +41,7 @@ def add_options(
         )
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate setting")
     parser.add_argument("--seed", type=arg_types.seed, default=0, help=f"seed for {seeded}")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
 
 
 def load_pipeline(args: argparse.Namespace) -> Any:
