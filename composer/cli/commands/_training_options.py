@@ -4,6 +4,7 @@ the pipeline they load, the training settings they hand the trainer, and how the
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from composer.cli import arg_types
@@ -42,6 +43,11 @@ def add_options(
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate setting")
     parser.add_argument("--seed", type=arg_types.seed, default=0, help=f"seed for {seeded}")
     add_json_option(parser)
+
+
+def add_adapter_output(parser: argparse.ArgumentParser) -> None:
+    """Add the required ``--out FILE``: the .safetensors file a command that trains an adapter writes."""
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
 
 
 def load_pipeline(args: argparse.Namespace) -> Any:
