@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,3 +34,9 @@ def emit_json(document: Any, stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     json.dump(document, out, indent=2, default=str, ensure_ascii=False)
     out.write("\n")
+
+
+def add_json_option(parser: argparse.ArgumentParser, *, detail: str = "") -> None:
+    """Add ``--json``, which prints one JSON document (see :func:`emit_json`); ``detail`` ends its help (e.g.
+    "instead of a table")."""
+    parser.add_argument("--json", action="store_true", help=f"print one JSON document {detail}".rstrip())

@@ -4,10 +4,11 @@ the pipeline they load, the training settings they hand the trainer, and how the
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from composer.cli import arg_types
-from composer.cli.reporting import emit_json
+from composer.cli.reporting import add_json_option, emit_json
 
 
 def add_options(
@@ -41,7 +42,12 @@ def add_options(
         )
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate setting")
     parser.add_argument("--seed", type=arg_types.seed, default=0, help=f"seed for {seeded}")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
+
+
+def add_adapter_output(parser: argparse.ArgumentParser) -> None:
+    """Add the required ``--out FILE``: the .safetensors file a command that trains an adapter writes."""
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
 
 
 def load_pipeline(args: argparse.Namespace) -> Any:

@@ -6,7 +6,7 @@ import argparse
 
 from composer.cli import arg_types
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.reporting import add_json_option, emit_json, format_table
 from composer.model_default import default_model
 
 COLUMNS = ("name", "delta_h", "band", "hf_with", "hf_without", "error")
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--plot", type=arg_types.output_dir, default=None, metavar="DIR", help="write radial-profile PNGs here"
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    add_json_option(parser, detail="instead of a table")
     parser.set_defaults(handler=run)
 
 

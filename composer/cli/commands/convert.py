@@ -8,7 +8,7 @@ from pathlib import Path
 
 from composer.cli import arg_types
 from composer.cli.commands.export import add_squeeze_options, report
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.reporting import add_json_option, emit_json, format_table
 
 COLUMNS = ("layer", "kept", "of", "density", "retained")
 
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", default=None, help="--to lora: the base model (needed for LyCORIS files); preset, folder or hub id"
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

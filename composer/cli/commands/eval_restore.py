@@ -6,7 +6,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.reporting import add_json_option, emit_json, format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture for CLIP-IQA")
     parser.add_argument("--clip-weights", type=Path, default=None, metavar="FILE", help="local open_clip checkpoint")
     parser.add_argument("--no-iqa", action="store_true", help="skip the CLIP-IQA score")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.reporting import add_json_option, emit_json, format_table
 from composer.model_default import default_model
 
 COLUMNS = ("layer", "rank_in", "rank", "retained")
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder the tags' names refer to")
     add_squeeze_options(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from composer.cli import arg_types
 from composer.cli.commands._model_options import add_model_options
 from composer.cli.commands._selection_options import add_max_loras_option
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.reporting import add_json_option, emit_json, format_table
 from fusion.cfg_branches import BRANCHES
 from fusion.strategies import BUILTIN
 
@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="write PNG plots to DIR: retrieval scores (--loras auto), weight table, gate heatmaps (--method gated)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    add_json_option(parser, detail="instead of tables")
     parser.set_defaults(handler=run)
 
 

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from composer.cli.commands._catalog_options import DB_HELP
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.commands._catalog_options import add_db_option
+from composer.cli.reporting import add_json_option, emit_json, format_table
 
 COLUMNS = ("name", "family", "format", "rank", "triggers", "error")
 MAX_TRIGGERS_SHOWN = 3
@@ -23,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Scan DIR (incrementally: unchanged files are not reopened) and print the catalog.",
     )
     parser.add_argument("directory", metavar="DIR", type=Path, help="folder holding the adapter files")
-    parser.add_argument("--db", type=Path, default=None, help=DB_HELP)
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    add_db_option(parser)
+    add_json_option(parser, detail="instead of a table")
     parser.set_defaults(handler=run)
 
 

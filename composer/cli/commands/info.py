@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
-from composer.cli.reporting import emit_json
+from composer.cli.reporting import add_json_option, emit_json
 
 MAX_TAGS_SHOWN = 15
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="also report SHiRA support overlap (AWOM/AWOR) between NAME and OTHER (both sparse adapters)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.reporting import add_json_option, emit_json, format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG files with their JSON sidecars")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

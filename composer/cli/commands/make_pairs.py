@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
-from composer.cli.reporting import emit_json
+from composer.cli.reporting import add_json_option, emit_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scale", type=float, default=0.3, help="low-light exposure scale (default 0.3)")
     parser.add_argument("--seed", type=arg_types.seed, default=0, help="seed of the first image (image i uses seed+i)")
     parser.add_argument("--out", type=arg_types.output_dir, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

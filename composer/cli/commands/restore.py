@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.reporting import add_json_option, emit_json, format_table
 
 METHODS = ("merge", "switch", "composite")
 COLUMNS = ("name", "weight", "source")
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strength", type=float, default=None, help="img2img strength (SD img2img only)")
     parser.add_argument("--seed", type=arg_types.seed, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"), help="output .png path or folder (default ./out)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

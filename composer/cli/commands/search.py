@@ -8,7 +8,7 @@ from typing import Any
 from composer.cli import arg_types
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
 from composer.cli.commands._selection_options import add_max_loras_option
-from composer.cli.reporting import emit_json, format_table
+from composer.cli.reporting import add_json_option, emit_json, format_table
 
 COLUMNS = ("rank", "name", "score", "family", "category", "signals", "pick")
 SIGNAL_LABELS = {"trigger": "trigger", "metadata": "fts", "learned": "learned", "zero_shot": "zero-shot"}
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", default=None, help="pipeline (preset, folder or hub id) whose text encoder enables zero-shot scoring"
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    add_json_option(parser, detail="instead of a table")
     parser.set_defaults(handler=run)
 
 

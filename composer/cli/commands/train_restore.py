@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-sequence-length", type=arg_types.positive_int, default=512, help="T5 prompt tokens (default 512)"
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
+    training.add_adapter_output(parser)
     parser.set_defaults(handler=run)
 
 

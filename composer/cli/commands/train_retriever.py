@@ -6,7 +6,7 @@ import argparse
 
 from composer.cli import arg_types
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
-from composer.cli.reporting import emit_json
+from composer.cli.reporting import add_json_option, emit_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--text-weights", help="local open_clip weights file (default: random weights, offline)")
     parser.add_argument("--seed", type=arg_types.seed, help="random seed (default 0)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document (no progress bar)")
+    add_json_option(parser, detail="(no progress bar)")
     parser.set_defaults(handler=run)
 
 

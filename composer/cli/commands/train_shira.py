@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--calibration-batches", type=arg_types.positive_int, default=8, help="batches for grad/snip masks (default 8)"
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
+    training.add_adapter_output(parser)
     parser.set_defaults(handler=run)
 
 
