@@ -47,6 +47,8 @@ from fusion.strategies.layer_updates import adapter_deltas, enter_fused, is_text
 TOP_K = 64
 ALPHA = 1.5
 BETA = 0.5
+NOTHING_INSTALLED = -2
+"""The installed choice of a layer nothing has been fused into yet (−1 is a layer no adapter updates at a step)."""
 
 
 def top_k_sum(delta: torch.Tensor, k: int) -> float:
@@ -116,9 +118,9 @@ class KLoRA(Strategy):
         self._layers: list[tuple[str, ComposedLayer]] = []
         self._scores = torch.zeros(0, len(self.names))
         self._chosen = torch.zeros(0, 0, dtype=torch.long)
-        self._table: torch.Tensor | None = None
-        self._rows: list[int] = []
-        self._installed: dict[str, tuple[int, float]] = {}
+        self._weights = torch.zeros(0, 0)
+        self._installed_choice = torch.zeros(0, dtype=torch.long)
+        self._installed_weight = torch.zeros(0)
         self._installed_step = -1
 
     @property
@@ -148,7 +150,8 @@ class KLoRA(Strategy):
                     gamma = self.gamma[name]
                     scores[row, column] = peaks[key][name] / gamma if gamma > 0 else 0.0
         self._scores = scores
-        self._installed = {}
+        self._installed_choice = torch.full((len(self._layers),), NOTHING_INSTALLED, dtype=torch.long)
+        self._installed_weight = torch.zeros(len(self._layers))
         enter_fused(engine)
         self._plan(engine, 1)
         self._install(engine, 0)
@@ -171,30 +174,33 @@ class KLoRA(Strategy):
         return torch.where(torch.isinf(scores.amax(dim=2)), torch.full_like(best, -1), best)
 
     def _plan(self, engine: Engine, num_steps: int) -> None:
-        table = engine.weight_table(self.weights, num_steps)
-        rows = [engine.adapter_names.index(name) for name in self.names]
-        groups = [layer.group for _, layer in self._layers]
-        chosen = self._choices(num_steps, table, groups, rows)
-        text = torch.tensor([is_text_encoder_layer(key) for key, _ in self._layers])
+        """Each layer's choice and the weight it enters with, at every step of a run of ``num_steps``."""
+        table = engine.weight_table(self.weights, num_steps).cpu()
+        rows = torch.tensor([engine.adapter_names.index(name) for name in self.names])
+        groups = torch.tensor([layer.group for _, layer in self._layers], dtype=torch.long)
+        chosen = self._choices(num_steps, table, groups.tolist(), rows.tolist())
+        text = torch.tensor([is_text_encoder_layer(key) for key, _ in self._layers], dtype=torch.bool)
         chosen[:, text] = chosen[0, text]
+        steps = torch.arange(num_steps)[:, None].expand_as(chosen)
+        columns = torch.where(text[None, :], torch.zeros_like(steps), steps)
+        weights = table[rows[chosen.clamp(min=0)], groups[None, :].expand_as(chosen), columns]
         self._chosen = chosen
-        self._table = table.cpu()
-        self._rows = rows
+        self._weights = torch.where(chosen < 0, torch.zeros_like(weights), weights)
 
     def _install(self, engine: Engine, step: int) -> None:
-        """Fuse, layer by layer, the adapter each layer keeps at ``step`` where it differs from what is in place."""
-        assert self._table is not None
+        """Fuse the adapter each layer keeps at ``step``, only in the layers where it (or its weight) differs from
+        what is in place."""
         step = min(step, self._chosen.shape[0] - 1)
-        for (key, layer), choice in zip(self._layers, self._chosen[step].tolist()):
-            text = is_text_encoder_layer(key)
-            weight = 0.0 if choice < 0 else float(self._table[self._rows[choice], layer.group, 0 if text else step])
-            if self._installed.get(key) == (choice, weight):
-                continue
+        choices, weights = self._chosen[step], self._weights[step]
+        changed = (choices != self._installed_choice) | (weights != self._installed_weight)
+        for index in changed.nonzero().flatten().tolist():
+            layer, choice = self._layers[index][1], int(choices[index])
             if choice < 0:
                 layer.fuse(torch.zeros(len(engine.adapter_names), device=engine.state.device))
             else:
-                layer.fuse(one_hot(engine, self.names[choice], weight))
-            self._installed[key] = (choice, weight)
+                layer.fuse(one_hot(engine, self.names[choice], float(weights[index])))
+        self._installed_choice = choices.clone()
+        self._installed_weight = weights.clone()
 
     def step(self, ctx: StepContext) -> Any:
         """Fuse this step's per-layer choice (only the layers that changed) and run the denoiser once."""
@@ -207,5 +213,5 @@ class KLoRA(Strategy):
         """Forget the scores and choices; the engine restores pristine weights."""
         super().deactivate(engine)
         self._layers = []
-        self._installed = {}
-        self._table = None
+        self._installed_choice = torch.zeros(0, dtype=torch.long)
+        self._installed_weight = torch.zeros(0)
