@@ -52,14 +52,15 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(image[None].clamp(0, 1)))[0].save(path)
 
 
-def plan(names: list[str]) -> list[dict[str, Any]]:
+def plan(names: list[str], first_seed: int = FIRST_SEED) -> list[dict[str, Any]]:
     """Every batch to draw, in order: base, each LoRA alone, compositions per k, method and branch setting, and
-    merges at the library cards' weight 1.0 (what ``--loras auto`` uses). Deterministic."""
+    merges at the library cards' weight 1.0 (what ``--loras auto`` uses). Deterministic; scene and generation
+    seeds count up from ``first_seed`` (a fresh set takes another start)."""
     from composer.toyworld.world import CONCEPTS, caption, sample_scene
 
     names = [name for name in CONCEPTS if name in names]
-    picker = random.Random(SPLIT_SEED)
-    seed = FIRST_SEED
+    picker = random.Random(SPLIT_SEED + first_seed - FIRST_SEED)
+    seed = first_seed
     batches: list[dict[str, Any]] = []
     scene_rng = random.Random(seed)
     scenes = [sample_scene(scene_rng) for _ in range(48)]
@@ -100,20 +101,20 @@ def plan(names: list[str]) -> list[dict[str, Any]]:
     return batches
 
 
-def split(recipes: list[dict[str, Any]]) -> None:
-    """Mark a seeded :data:`HELD_OUT_SHARE` of each kind ``held_out`` (in place); the rest is ``tuning``."""
+def split(recipes: list[dict[str, Any]], held_out_share: float = HELD_OUT_SHARE) -> None:
+    """Mark a seeded ``held_out_share`` of each kind ``held_out`` (in place); the rest is ``tuning``."""
     rng = random.Random(SPLIT_SEED)
     kinds = sorted({r["kind"] for r in recipes})
     for kind in kinds:
         ids = [r["id"] for r in recipes if r["kind"] == kind]
         rng.shuffle(ids)
-        held = set(ids[: round(len(ids) * HELD_OUT_SHARE)])
+        held = set(ids[: round(len(ids) * held_out_share)])
         for recipe in recipes:
             if recipe["kind"] == kind:
                 recipe["part"] = "held_out" if recipe["id"] in held else "tuning"
 
 
-def draw(folder: Path, library: Path, threads: int, shard: int, shards: int) -> int:
+def draw(folder: Path, library: Path, threads: int, shard: int, shards: int, first_seed: int = FIRST_SEED) -> int:
     """Draw every planned batch whose index ≡ ``shard`` (mod ``shards``) that is not on disk yet (resumable);
     the recipes of the drawn images go to ``recipes-<shard>.json``."""
     from composer.toyworld.library import LIBRARY_GATES
@@ -128,7 +129,7 @@ def draw(folder: Path, library: Path, threads: int, shard: int, shards: int) -> 
     done: list[dict[str, Any]] = json.loads(out.read_text()) if out.is_file() else []
     drawn = {r["batch"] for r in done}
     first_id = 0
-    for index, batch in enumerate(plan(names)):
+    for index, batch in enumerate(plan(names, first_seed)):
         ids = range(first_id, first_id + len(batch["prompts"]))
         first_id += len(batch["prompts"])
         if index % shards != shard or index in drawn:
@@ -479,12 +480,13 @@ def evaluate(folder: Path, docs: Path | None) -> int:
     return 0
 
 
-def merge_shards(folder: Path) -> int:
+def merge_shards(folder: Path, first_seed: int = FIRST_SEED, held_out_share: float = HELD_OUT_SHARE) -> int:
     """Join every shard's recipes into ``recipes.json`` with the split marked."""
     recipes = [r for path in sorted(folder.glob("recipes-*.json")) for r in json.loads(path.read_text())]
     recipes.sort(key=lambda r: r["id"])
-    split(recipes)
-    meta = {"steps": STEPS, "guidance": GUIDANCE, "held_out_share": HELD_OUT_SHARE, "split_seed": SPLIT_SEED}
+    split(recipes, held_out_share)
+    meta = {"steps": STEPS, "guidance": GUIDANCE, "held_out_share": held_out_share, "split_seed": SPLIT_SEED}
+    meta["first_seed"] = first_seed
     (folder / "recipes.json").write_text(json.dumps({"drawing": meta, "images": recipes}, indent=1))
     for path in folder.glob("recipes-*.json"):
         path.unlink()
@@ -502,8 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--threads", type=int, default=1)
     d.add_argument("--shard", type=int, default=0)
     d.add_argument("--shards", type=int, default=1)
+    d.add_argument("--first-seed", type=int, default=FIRST_SEED, help="start of the scene and generation seeds")
     m = sub.add_parser("merge", help="join the shards' recipes and mark the split")
     m.add_argument("--folder", type=Path, default=SET_FOLDER)
+    m.add_argument("--first-seed", type=int, default=FIRST_SEED)
+    m.add_argument("--held-out-share", type=float, default=HELD_OUT_SHARE)
     s = sub.add_parser("sheets", help="numbered 4x contact sheets for labelling (recipes hidden)")
     s.add_argument("--folder", type=Path, default=SET_FOLDER)
     s.add_argument("--out", type=Path, required=True)
@@ -529,12 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         return evaluate(args.folder, args.docs)
     if args.command == "draw":
-        return draw(args.folder, args.library, args.threads, args.shard, args.shards)
+        return draw(args.folder, args.library, args.threads, args.shard, args.shards, args.first_seed)
     if args.command == "sheets":
         return sheets(args.folder, args.out, args.exclude)
     if args.command == "legend":
         return legend(args.out)
-    return merge_shards(args.folder)
+    return merge_shards(args.folder, args.first_seed, args.held_out_share)
 
 
 if __name__ == "__main__":
