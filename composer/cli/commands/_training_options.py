@@ -4,10 +4,12 @@ the pipeline they load, the training settings they hand the trainer, and how the
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from composer.cli import arg_types
+from composer.cli.option_values import option_values
 from composer.cli.reporting import add_json_option, emit_json
 
 
@@ -50,13 +52,18 @@ def add_adapter_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
 
 
-def load_pipeline(args: argparse.Namespace) -> Any:
-    """The ``--model`` pipeline, its denoising progress bar off (training shows its own)."""
+def train(
+    args: argparse.Namespace, trainer: Callable[[Any, Any], Any], config_type: type, own: Iterable[str], **given: Any
+) -> Any:
+    """Run ``trainer(pipeline, config)`` on the ``--model`` pipeline (its denoising progress bar off: training shows
+    its own) and return its result. ``config_type`` is built from the shared settings (:func:`settings`), the
+    command's own options named in ``own`` (each spelt as its config field) and ``given``, which wins over both."""
     from composer.presets import load_preset
 
+    config = config_type(**{**settings(args), **option_values(args, own), **given})
     pipe = load_preset(args.model)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return trainer(pipe, config)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -74,15 +74,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, train the gates, save them, and report the loss before/after."""
     from composer.training.gates import GateTrainConfig, train_gates
 
-    config = GateTrainConfig(
-        adapters=args.adapters,
-        data=args.data,
-        out=args.out,
-        weights=args.weights,
-        prompt=args.prompt,
-        **training.settings(args),
-    )
-    result = train_gates(training.load_pipeline(args), config)
+    result = training.train(args, train_gates, GateTrainConfig, ("adapters", "data", "out", "weights", "prompt"))
     layers = len(result.gates.keys)
     params = sum(p.numel() for p in result.gates.parameters())
     return training.report(

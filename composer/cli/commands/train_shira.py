@@ -47,16 +47,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, train, save, and report the loss before/after."""
     from composer.training.shira import ShiraTrainConfig, train_shira
 
-    config = ShiraTrainConfig(
-        images=args.images,
-        prompt=args.prompt,
-        out=args.out,
-        mask=args.mask,
-        r=args.r,
-        calibration_batches=args.calibration_batches,
-        **training.settings(args),
-    )
-    result = train_shira(training.load_pipeline(args), config)
+    own = ("images", "prompt", "out", "mask", "r", "calibration_batches")
+    result = training.train(args, train_shira, ShiraTrainConfig, own)
     return training.report_adapter(
         args,
         result,
