@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from composer.cli import arg_types
+from composer.cli.commands._model_options import add_model_option
 from composer.cli.option_values import option_values
 from composer.cli.reporting import add_json_option, emit_json
 
@@ -16,7 +17,6 @@ from composer.cli.reporting import add_json_option, emit_json
 def add_options(
     parser: argparse.ArgumentParser,
     *,
-    model: str,
     model_help: str,
     steps: int,
     learning_rate: float,
@@ -24,14 +24,19 @@ def add_options(
     seeded: str,
     resolution_help: str = "training size (default: the model's native)",
     checkpoints: bool = True,
+    model: str | None = None,
 ) -> None:
     """Add --model, --steps, --lr, --batch-size, --resolution, [--checkpoint-every], --mixed-precision, --seed and
     --json.
 
-    ``model`` is the default base model; ``examples`` names what a batch holds ("images", "pairs"); ``seeded`` what
-    the seed controls.
+    ``model_help`` says what ``--model`` accepts; ``model`` is its default, by default the one every command uses
+    (:func:`~composer.cli.commands._model_options.add_model_option`). ``examples`` names what a batch holds
+    ("images", "pairs"); ``seeded`` what the seed controls.
     """
-    parser.add_argument("--model", default=model, help=model_help)
+    if model is None:
+        add_model_option(parser, forms=model_help)
+    else:
+        parser.add_argument("--model", default=model, help=model_help)
     parser.add_argument(
         "--steps", type=arg_types.positive_int, default=steps, help=f"optimizer steps (default {steps})"
     )

@@ -6,7 +6,7 @@ import argparse
 
 from composer.cli import arg_types
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
-from composer.cli.commands._model_options import add_pipeline_model_option
+from composer.cli.commands._model_options import add_model_option
 from composer.cli.reporting import add_json_option, emit_json, format_table
 
 COLUMNS = ("name", "delta_h", "band", "hf_with", "hf_without", "error")
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "score(without) in the catalog and write radial-profile plots.",
     )
     add_catalog_options(parser, library_help="LoRA folder (indexed incrementally)")
-    add_pipeline_model_option(parser)
+    add_model_option(parser)
     parser.add_argument("--prompts", nargs="+", default=None, help="prompts to generate (default: three built-in)")
     parser.add_argument(
         "--steps", type=arg_types.positive_int, default=None, help="denoising steps (default: 4 on presets, else 20)"

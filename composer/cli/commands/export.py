@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
-from composer.cli.commands._model_options import add_pipeline_model_option
+from composer.cli.commands._model_options import add_model_option
 from composer.cli.reporting import add_json_option, emit_json, format_table
 
 COLUMNS = ("layer", "rank_in", "rank", "retained")
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=arg_types.output_file, required=True, metavar="FILE", help="the LoRA file to write"
     )
-    add_pipeline_model_option(parser)
+    add_model_option(parser)
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder the tags' names refer to")
     add_squeeze_options(parser)
     add_json_option(parser)

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from composer.cli.commands import _training_options as training
-from composer.model_default import default_model
 
 
 def _paths(text: str) -> list[Path]:
@@ -59,8 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", default="", help="caption for images without a .txt file")
     training.add_options(
         parser,
-        model=default_model(),
-        model_help="preset, local diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
+        model_help="preset, local diffusers folder or hub id",
         steps=500,
         learning_rate=1e-3,
         examples="images",
