@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from composer.cli.commands.app import add_app_options
+from composer.cli.commands.app import add_app_options, service_options
 from composer.service import ComposerError, CompositionService
 
 
@@ -18,15 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from app.server import serve
 
     try:
-        service = CompositionService(
-            args.model,
-            args.library,
-            out=args.out,
-            workers=args.workers,
-            models_dir=args.models,
-            vae=args.vae,
-            text_encoders=args.text_encoders,
-        )
+        service = CompositionService(**service_options(args))
         serve(service, host=args.host, port=args.port or None)
     except ComposerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,22 +1,30 @@
-"""The options that name the base model, shared by `compose generate` and `compose app`: ``--model`` (a preset,
-single-file checkpoint, diffusers folder or hub id) and, for checkpoints, ``--vae`` and ``--text-encoders``."""
+"""The options that name the base model: ``--model`` (a preset, single-file checkpoint, diffusers folder or hub id)
+and, for checkpoints, ``--vae`` and ``--text-encoders``, shared by `compose generate` and `compose app`; and ``--model``
+alone, for the other commands that load a pipeline."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from composer.model_default import default_model
+from composer.model_default import BUILT_IN_DEFAULT, MODEL_ENV, default_model
 
-MODEL_HELP = (
-    "preset name, .safetensors checkpoint (SD 1.x/2.x, SDXL, FLUX.1), diffusers folder or hub id "
-    "(default toy-sd or $LORA_COMPOSER_MODEL)"
-)
+DEFAULT_NOTE = f"(default {BUILT_IN_DEFAULT} or ${MODEL_ENV})"
+"""How a ``--model`` help names its default, :func:`composer.model_default.default_model`."""
+
+CHECKPOINT_FORMS = "preset name, .safetensors checkpoint (SD 1.x/2.x, SDXL, FLUX.1), diffusers folder or hub id"
+PIPELINE_FORMS = "preset name, diffusers folder or hub id"
+
+
+def add_model_option(parser: argparse.ArgumentParser, *, forms: str = PIPELINE_FORMS) -> None:
+    """Add ``--model``, defaulting to :func:`~composer.model_default.default_model`; ``forms`` starts its help with
+    what the option accepts, :data:`DEFAULT_NOTE` ends it."""
+    parser.add_argument("--model", default=default_model(), help=f"{forms} {DEFAULT_NOTE}")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Add ``--model``, ``--vae`` and ``--text-encoders`` to ``parser``."""
-    parser.add_argument("--model", default=default_model(), help=MODEL_HELP)
+    """Add ``--model`` (any of :data:`CHECKPOINT_FORMS`), ``--vae`` and ``--text-encoders`` to ``parser``."""
+    add_model_option(parser, forms=CHECKPOINT_FORMS)
     parser.add_argument(
         "--vae",
         type=Path,

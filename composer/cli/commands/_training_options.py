@@ -4,17 +4,19 @@ the pipeline they load, the training settings they hand the trainer, and how the
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from composer.cli import arg_types
+from composer.cli.commands._model_options import add_model_option
+from composer.cli.option_values import option_values
 from composer.cli.reporting import add_json_option, emit_json
 
 
 def add_options(
     parser: argparse.ArgumentParser,
     *,
-    model: str,
     model_help: str,
     steps: int,
     learning_rate: float,
@@ -22,14 +24,19 @@ def add_options(
     seeded: str,
     resolution_help: str = "training size (default: the model's native)",
     checkpoints: bool = True,
+    model: str | None = None,
 ) -> None:
     """Add --model, --steps, --lr, --batch-size, --resolution, [--checkpoint-every], --mixed-precision, --seed and
     --json.
 
-    ``model`` is the default base model; ``examples`` names what a batch holds ("images", "pairs"); ``seeded`` what
-    the seed controls.
+    ``model_help`` says what ``--model`` accepts; ``model`` is its default, by default the one every command uses
+    (:func:`~composer.cli.commands._model_options.add_model_option`). ``examples`` names what a batch holds
+    ("images", "pairs"); ``seeded`` what the seed controls.
     """
-    parser.add_argument("--model", default=model, help=model_help)
+    if model is None:
+        add_model_option(parser, forms=model_help)
+    else:
+        parser.add_argument("--model", default=model, help=model_help)
     parser.add_argument(
         "--steps", type=arg_types.positive_int, default=steps, help=f"optimizer steps (default {steps})"
     )
@@ -50,13 +57,18 @@ def add_adapter_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .safetensors file")
 
 
-def load_pipeline(args: argparse.Namespace) -> Any:
-    """The ``--model`` pipeline, its denoising progress bar off (training shows its own)."""
+def train(
+    args: argparse.Namespace, trainer: Callable[[Any, Any], Any], config_type: type, own: Iterable[str], **given: Any
+) -> Any:
+    """Run ``trainer(pipeline, config)`` on the ``--model`` pipeline (its denoising progress bar off: training shows
+    its own) and return its result. ``config_type`` is built from the shared settings (:func:`settings`), the
+    command's own options named in ``own`` (each spelt as its config field) and ``given``, which wins over both."""
     from composer.presets import load_preset
 
+    config = config_type(**{**settings(args), **option_values(args, own), **given})
     pipe = load_preset(args.model)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return trainer(pipe, config)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,8 +6,8 @@ import argparse
 
 from composer.cli import arg_types
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
+from composer.cli.commands._model_options import add_model_option
 from composer.cli.reporting import add_json_option, emit_json, format_table
-from composer.model_default import default_model
 
 COLUMNS = ("name", "delta_h", "band", "hf_with", "hf_without", "error")
 TINY_SIZE = 64
@@ -23,11 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "score(without) in the catalog and write radial-profile plots.",
     )
     add_catalog_options(parser, library_help="LoRA folder (indexed incrementally)")
-    parser.add_argument(
-        "--model",
-        default=default_model(),
-        help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
-    )
+    add_model_option(parser)
     parser.add_argument("--prompts", nargs="+", default=None, help="prompts to generate (default: three built-in)")
     parser.add_argument(
         "--steps", type=arg_types.positive_int, default=None, help="denoising steps (default: 4 on presets, else 20)"

@@ -1,7 +1,8 @@
 """`compose app`: start the Gradio app (Compose, Library and Analyze tabs) on 127.0.0.1.
 
 The app lives one floor above this package, so the command hands over to ``python -m app`` in a child process
-instead of importing it; ``add_app_options`` is the one definition of the options both entry points accept.
+instead of importing it; ``add_app_options`` is the one definition of the options both entry points accept, and
+``service_options`` what they ask of the app's service.
 The child runs in its own session: SIGTERM, SIGINT and SIGHUP sent to `compose app` are forwarded to it once, and
 `compose app` exits with the child's status (128 + signal number when a signal ended it). On Linux the child also
 gets SIGTERM if `compose app` itself dies without forwarding (``PR_SET_PDEATHSIG``).
@@ -17,9 +18,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from composer.cli import arg_types
 from composer.cli.commands._model_options import add_model_options, model_argv
+from composer.cli.option_values import option_values
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -63,6 +66,13 @@ def app_argv(args: argparse.Namespace) -> list[str]:
     if args.models is not None:
         argv += ["--models", str(args.models)]
     return argv
+
+
+def service_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`composer.service.CompositionService` keyword arguments that the app options in ``args`` set
+    (``--models`` is its ``models_dir``)."""
+    named = ("model", "library", "out", "workers", "vae", "text_encoders")
+    return {**option_values(args, named), "models_dir": args.models}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -41,11 +41,18 @@ def _generate_parser() -> argparse.ArgumentParser:
     return holder.choices["generate"]
 
 
+def _add_own_options(parser: argparse.ArgumentParser) -> None:
+    """Batch's own options: ``--processes N`` and the ``--worker`` flag of the processes it launches."""
+    parser.add_argument(
+        "--processes", type=arg_types.positive_int, default=None, help="processes to split the prompts across"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
 def _extra_parser() -> argparse.ArgumentParser:
     """Batch's own options when they come after PROMPTS.txt (among the generate options)."""
     parser = argparse.ArgumentParser(prog="compose batch", add_help=False)
-    parser.add_argument("--processes", type=arg_types.positive_int, default=None)
-    parser.add_argument("--worker", action="store_true")
+    _add_own_options(parser)
     return parser
 
 
@@ -58,10 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "PROMPTS are those of `compose generate` (see compose generate -h) and apply to every prompt.",
     )
     parser.add_argument("prompts", type=Path, help="text file, one prompt per line")
-    parser.add_argument(
-        "--processes", type=arg_types.positive_int, default=None, help="processes to split the prompts across"
-    )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    _add_own_options(parser)
     parser.add_argument("options", nargs=argparse.REMAINDER, help="`compose generate` options")
     parser.set_defaults(handler=run)
 

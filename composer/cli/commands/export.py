@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
+from composer.cli.commands._model_options import add_model_option
 from composer.cli.reporting import add_json_option, emit_json, format_table
-from composer.model_default import default_model
 
 COLUMNS = ("layer", "rank_in", "rank", "retained")
 
@@ -40,11 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=arg_types.output_file, required=True, metavar="FILE", help="the LoRA file to write"
     )
-    parser.add_argument(
-        "--model",
-        default=default_model(),
-        help="preset name, diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
-    )
+    add_model_option(parser)
     parser.add_argument("--library", type=Path, default=None, help="LoRA folder the tags' names refer to")
     add_squeeze_options(parser)
     add_json_option(parser)

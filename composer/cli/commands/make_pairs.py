@@ -6,7 +6,11 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
+from composer.cli.option_values import option_values
 from composer.cli.reporting import add_json_option, emit_json
+
+DEGRADE_OPTIONS = ("sigma", "quality", "beta", "airlight", "density", "gamma", "scale")
+"""The options that set the degradation's parameters (:class:`composer.restoration.degrade.DegradeOptions`)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,15 +44,7 @@ def run(args: argparse.Namespace) -> int:
     """Write the pairs and report how many."""
     from composer.restoration.degrade import DegradeOptions, make_pairs
 
-    options = DegradeOptions(
-        sigma=args.sigma,
-        quality=args.quality,
-        beta=args.beta,
-        airlight=args.airlight,
-        density=args.density,
-        gamma=args.gamma,
-        scale=args.scale,
-    )
+    options = DegradeOptions(**option_values(args, DEGRADE_OPTIONS))
     pairs = make_pairs(args.clean_dir, args.out, args.degrade, options, seed=args.seed)
     summary = {
         "degradation": args.degrade,

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from composer.cli import arg_types
+from composer.cli.option_values import option_values
 from composer.cli.reporting import add_json_option, emit_json, format_table
 
 METHODS = ("merge", "switch", "composite")
@@ -51,24 +52,12 @@ def run(args: argparse.Namespace) -> int:
     """Restore the image and report what was composed."""
     from composer.restoration.restore import Restorer
 
-    options = {}
+    options = option_values(args, ("loras", "method", "task", "steps", "seed", "out"))
+    options |= option_values(args, ("strength",), given_only=True)
     if args.guidance is not None:
         options["guidance_scale"] = args.guidance
-    if args.strength is not None:
-        options["strength"] = args.strength
     restorer = Restorer(model=args.model, library=args.library)
-    result = restorer.restore(
-        args.image,
-        adapters=args.adapter,
-        loras=args.loras,
-        method=args.method,
-        task=args.task,
-        steps=args.steps,
-        seed=args.seed,
-        out=args.out,
-        progress=not args.json,
-        **options,
-    )
+    result = restorer.restore(args.image, adapters=args.adapter, progress=not args.json, **options)
     if args.json:
         emit_json(result.as_dict())
         return 0

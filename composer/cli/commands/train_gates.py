@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from composer.cli.commands import _training_options as training
-from composer.model_default import default_model
 
 
 def _paths(text: str) -> list[Path]:
@@ -59,8 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", default="", help="caption for images without a .txt file")
     training.add_options(
         parser,
-        model=default_model(),
-        model_help="preset, local diffusers folder or hub id (default toy-sd or $LORA_COMPOSER_MODEL)",
+        model_help="preset, local diffusers folder or hub id",
         steps=500,
         learning_rate=1e-3,
         examples="images",
@@ -74,15 +72,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, train the gates, save them, and report the loss before/after."""
     from composer.training.gates import GateTrainConfig, train_gates
 
-    config = GateTrainConfig(
-        adapters=args.adapters,
-        data=args.data,
-        out=args.out,
-        weights=args.weights,
-        prompt=args.prompt,
-        **training.settings(args),
-    )
-    result = train_gates(training.load_pipeline(args), config)
+    result = training.train(args, train_gates, GateTrainConfig, ("adapters", "data", "out", "weights", "prompt"))
     layers = len(result.gates.keys)
     params = sum(p.numel() for p in result.gates.parameters())
     return training.report(

@@ -57,22 +57,22 @@ def run(args: argparse.Namespace) -> int:
             f"{len(args.pairs)} --pairs folders but {len(args.task)} --task prompts",
             hint="give one --task after each --pairs",
         )
-    config = RestoreTrainConfig(
-        tasks=[TaskPairs(folder, prompt) for folder, prompt in zip(args.pairs, args.task)],
-        out=args.out,
-        rank=args.rank,
-        alpha=args.alpha,
+    tasks = [TaskPairs(folder, prompt) for folder, prompt in zip(args.pairs, args.task)]
+    result = training.train(
+        args,
+        train_restore,
+        RestoreTrainConfig,
+        ("out", "rank", "alpha", "max_sequence_length"),
+        tasks=tasks,
         guidance_scale=args.guidance,
-        max_sequence_length=args.max_sequence_length,
-        **{**training.settings(args), "resolution": args.resolution or (64 if args.model.startswith("tiny") else 512)},
+        resolution=args.resolution or (64 if args.model.startswith("tiny") else 512),
     )
-    result = train_restore(training.load_pipeline(args), config)
     return training.report_adapter(
         args,
         result,
         "LoRA parameters",
         f"(rank {args.rank}, alpha {args.alpha:g}) on {result.pairs} pairs",
-        tasks=[task.prompt for task in config.tasks],
+        tasks=[task.prompt for task in tasks],
         pairs=result.pairs,
         rank=args.rank,
         alpha=args.alpha,

@@ -6,6 +6,7 @@ import argparse
 
 from composer.cli import arg_types
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
+from composer.cli.option_values import option_values
 from composer.cli.reporting import add_json_option, emit_json
 
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     library = open_catalog(args, scan=True)
     options = ("steps", "batch_size", "lr", "dim", "text_model", "text_weights", "seed")
-    config = TrainingConfig(**{name: getattr(args, name) for name in options if getattr(args, name) is not None})
+    config = TrainingConfig(**option_values(args, options, given_only=True))
     text = None
     name = pipeline_name(args.text_model)
     if name is not None:

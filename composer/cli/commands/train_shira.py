@@ -7,7 +7,6 @@ from pathlib import Path
 
 from composer.cli import arg_types
 from composer.cli.commands import _training_options as training
-from composer.model_default import default_model
 from fusion.mask_types import MASK_TYPES
 
 
@@ -29,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     training.add_options(
         parser,
-        model=default_model(),
-        model_help="preset, local diffusers folder or hub id (SD 1.x/2.x/XL) (default toy-sd or $LORA_COMPOSER_MODEL)",
+        model_help="preset, local diffusers folder or hub id (SD 1.x/2.x/XL)",
         steps=500,
         learning_rate=1e-4,
         examples="images",
@@ -47,16 +45,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, train, save, and report the loss before/after."""
     from composer.training.shira import ShiraTrainConfig, train_shira
 
-    config = ShiraTrainConfig(
-        images=args.images,
-        prompt=args.prompt,
-        out=args.out,
-        mask=args.mask,
-        r=args.r,
-        calibration_batches=args.calibration_batches,
-        **training.settings(args),
-    )
-    result = train_shira(training.load_pipeline(args), config)
+    own = ("images", "prompt", "out", "mask", "r", "calibration_batches")
+    result = training.train(args, train_shira, ShiraTrainConfig, own)
     return training.report_adapter(
         args,
         result,
