@@ -8,7 +8,7 @@ image with its A1111 ``parameters`` chunk and JSON sidecar. The CLI and the app 
 Adapters live in the process-wide :data:`composer.mixin.ADAPTER_CACHE` (LRU under its byte budget, keyed by file
 identity: resolved path, size, mtime), never on the pipeline between requests: a request registers what it uses and
 unregisters it when done, so host memory stays bounded however many distinct adapters are used, and an edited file
-is read again. The library catalog is opened once per process (:func:`composer.libraries.open_library`).
+is read again. The library catalog is opened once per process (:func:`weights_index.open_library`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ import torch
 from PIL import Image
 
 from composer.images import GenerationRecord, save_image
-from composer.libraries import open_library
 from composer.mixin import ComposableMixin, make_composable
-from composer.model_default import default_model
 from composer.presets import KNOWN_MODELS, PRESETS, TOY_PRESET, kontext_call_kwargs, load_preset, preset_family
 from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
 from composer.results import ChosenAdapter, CompositionResult, RejectedAdapter
+from composer.settings import default_model
 from fusion.adapters import Adapter
 from fusion.errors import AdapterFormatError, CompositionError, UnsafePathError
 from retrieval.retriever import DEFAULT_MAX_ADAPTERS
+from weights_index.catalog_pool import open_library
 
 logger = logging.getLogger(__name__)
 

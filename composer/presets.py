@@ -22,8 +22,8 @@ import torch
 import transformers
 from diffusers import DiffusionPipeline
 
-from composer.cache_dir import CACHE_ENV
 from composer.checkpoints.layout import is_checkpoint_path
+from composer.settings import CACHE_ENV
 from composer.smoke_presets.cache import MARKER_FILE, ensure_preset, preset_cache_root
 from composer.smoke_presets.registry import PRESETS, PresetSpec, build_denoiser, build_preset
 from fusion.errors import PresetError

@@ -26,14 +26,14 @@ import torch
 
 from composer.checkpoints.files import list_model_files
 from composer.facade import DEFAULT_MAX_LORAS, Composer, CompositionResult
-from composer.libraries import open_library
-from composer.model_default import default_model
 from composer.presets import refuse_checkpoint_options
 from composer.prompts import LoraTag, adapter_request
 from composer.restoration.restore import Restorer, RestoreResult
+from composer.settings import default_model
 from fusion.cfg_branches import Branches
 from fusion.errors import ComposerError, CompositionError, UnsafePathError
 from fusion.strategies import BUILTIN, get_strategy
+from weights_index.catalog_pool import open_library
 
 AUTO = "auto"
 

@@ -12,6 +12,7 @@ __all__, __getattr__ = lazy_exports(
     {
         ".reader": ("AdapterHeader", "probe", "read_adapter"),
         ".catalog": ("Library",),
+        ".catalog_pool": ("open_library",),
         ".formats.shira": ("save_shira",),
     },
 )

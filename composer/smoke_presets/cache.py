@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from composer.cache_dir import CACHE_ENV, cache_root
+from composer.settings import CACHE_ENV, cache_root
 from composer.smoke_presets import registry
 from composer.smoke_presets.registry import PresetSpec, preset_spec
 from fusion.errors import PresetError

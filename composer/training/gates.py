@@ -28,8 +28,8 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 from torch import nn
 
-from composer.cache_dir import cache_root
 from composer.presets import preset_family
+from composer.settings import cache_root
 from composer.training.data import ImageCaptionFolder
 from composer.training.flux import encode_flux_prompts, flux_velocity
 from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise_with

@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from composer import libraries, mixin
+from composer import mixin
 from composer.service import CompositionService, adapter_request
 from fusion.adapter_cache import AdapterCache
+from weights_index import catalog_pool
 
 KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 COUNT = 50
@@ -76,14 +77,14 @@ def test_an_edited_file_is_read_again(library: Path, small_cache: AdapterCache, 
 
 def test_the_library_is_opened_once_per_process(library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     opened: list[Path] = []
-    real = libraries.Library
+    real = catalog_pool.Library
 
     def counting(directory: Path, db_path: Path | None = None) -> Any:
         opened.append(Path(directory))
         return real(directory, db_path=db_path)
 
-    monkeypatch.setattr(libraries, "Library", counting)
-    monkeypatch.setattr(libraries, "_OPEN", {})
+    monkeypatch.setattr(catalog_pool, "Library", counting)
+    monkeypatch.setattr(catalog_pool, "_OPEN", {})
     service = CompositionService("tiny-sd", library, out=tmp_path / "out", workers=2)
     service.entries()
     held = [service._workers.get() for _ in range(2)]

@@ -7,17 +7,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from composer.model_default import BUILT_IN_DEFAULT, MODEL_ENV, default_model
+from composer.settings import BUILT_IN_DEFAULT, MODEL_ENV, default_model
 
 DEFAULT_NOTE = f"(default {BUILT_IN_DEFAULT} or ${MODEL_ENV})"
-"""How a ``--model`` help names its default, :func:`composer.model_default.default_model`."""
+"""How a ``--model`` help names its default, :func:`composer.settings.default_model`."""
 
 CHECKPOINT_FORMS = "preset name, .safetensors checkpoint (SD 1.x/2.x, SDXL, FLUX.1), diffusers folder or hub id"
 PIPELINE_FORMS = "preset name, diffusers folder or hub id"
 
 
 def add_model_option(parser: argparse.ArgumentParser, *, forms: str = PIPELINE_FORMS) -> None:
-    """Add ``--model``, defaulting to :func:`~composer.model_default.default_model`; ``forms`` starts its help with
+    """Add ``--model``, defaulting to :func:`~composer.settings.default_model`; ``forms`` starts its help with
     what the option accepts, :data:`DEFAULT_NOTE` ends it."""
     parser.add_argument("--model", default=default_model(), help=f"{forms} {DEFAULT_NOTE}")
 
