@@ -32,7 +32,7 @@ from composer.cache_dir import cache_root
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise_with
+from composer.training.loop import LoopSettings, Objective, checkpoint_path, frozen_accelerator, optimise_with
 from composer.training.shira import DenoisingObjective
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -192,7 +192,7 @@ class FlowMatchingObjective(Objective):
 
 
 @dataclass
-class GateTrainConfig:
+class GateTrainConfig(LoopSettings):
     """Options of one gate training run (the ``compose train-gates`` flags)."""
 
     adapters: Sequence[Path]
@@ -200,15 +200,11 @@ class GateTrainConfig:
     out: str | Path
     weights: Sequence[float] | None = None
     prompt: str = ""
-    steps: int = 500
-    learning_rate: float = 1e-3
-    batch_size: int = 1
     resolution: int | None = None
     checkpoint_every: int = 0
-    seed: int = 0
     time_dim: int = TIME_DIM
-    mixed_precision: str = "no"
-    progress: bool = True
+    steps: int = field(default=500, kw_only=True)
+    learning_rate: float = field(default=1e-3, kw_only=True)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -138,14 +138,22 @@ def optimise(
     return result
 
 
-class LoopSettings(Protocol):
-    """The loop settings every training config carries (the shared ``compose train-*`` flags)."""
+@dataclass(kw_only=True)
+class LoopSettings:
+    """The settings every trainer's config carries (the shared ``compose train-*`` flags): what :func:`optimise_with`
+    and :func:`frozen_accelerator` read. A trainer's config subclasses it, adds its own fields and gives ``steps``
+    and ``learning_rate`` its own defaults (keyword-only, like these)."""
 
     steps: int
     learning_rate: float
-    batch_size: int
-    seed: int
-    progress: bool
+    batch_size: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"
+    progress: bool = True
+
+
+_LOOP_KEYWORDS = ("steps", "learning_rate", "batch_size", "seed", "progress")
+"""The :class:`LoopSettings` that are :func:`optimise`'s keywords (mixed precision is the accelerator's)."""
 
 
 def optimise_with(
@@ -160,5 +168,5 @@ def optimise_with(
 ) -> LoopResult:
     """:func:`optimise` with steps, learning rate, batch size, seed and progress taken from ``settings``;
     ``options`` are :func:`optimise`'s remaining keywords."""
-    loop = {name: getattr(settings, name) for name in LoopSettings.__annotations__}
+    loop = {name: getattr(settings, name) for name in _LOOP_KEYWORDS}
     return optimise(accelerator, model, params, objective, desc=desc, **loop, **options)

@@ -34,7 +34,7 @@ from torch import nn
 
 from composer.training.data import DatasetError, list_images, load_image
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import Objective, frozen_accelerator, optimise_with
+from composer.training.loop import LoopSettings, Objective, frozen_accelerator, optimise_with
 from fusion.adapters import Adapter
 from fusion.errors import TrainingError
 from weights_index.reader import read_adapter
@@ -184,22 +184,18 @@ class KontextRestoreObjective(Objective):
 
 
 @dataclass
-class RestoreTrainConfig:
+class RestoreTrainConfig(LoopSettings):
     """Options of one restoration training run (the ``compose train-restore`` flags)."""
 
     tasks: list[TaskPairs]
     out: Path
     rank: int = 64
     alpha: float = 4.0
-    steps: int = 1000
-    learning_rate: float = 1e-4
-    batch_size: int = 1
     resolution: int = 512
     guidance_scale: float = 2.5
     max_sequence_length: int = 512
-    seed: int = 0
-    mixed_precision: str = "no"
-    progress: bool = True
+    steps: int = field(default=1000, kw_only=True)
+    learning_rate: float = field(default=1e-4, kw_only=True)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import nn
 
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder, index_batches
-from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise_with
+from composer.training.loop import LoopSettings, Objective, checkpoint_path, frozen_accelerator, optimise_with
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
 from fusion.mask_types import MASK_TYPES
@@ -206,7 +206,7 @@ def calibrate_gradients(
 
 
 @dataclass
-class ShiraTrainConfig:
+class ShiraTrainConfig(LoopSettings):
     """Options of one SHiRA training run (the ``compose train-shira`` flags)."""
 
     images: Path
@@ -214,15 +214,11 @@ class ShiraTrainConfig:
     out: Path
     mask: str = "snip"
     r: int = 32
-    steps: int = 500
-    learning_rate: float = 1e-4
-    batch_size: int = 1
     resolution: int | None = None
     calibration_batches: int = 8
     checkpoint_every: int = 0
-    seed: int = 0
-    mixed_precision: str = "no"
-    progress: bool = True
+    steps: int = field(default=500, kw_only=True)
+    learning_rate: float = field(default=1e-4, kw_only=True)
 
 
 @dataclass
