@@ -32,7 +32,14 @@ from composer.cache_dir import cache_root
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import LoopSettings, Objective, checkpoint_path, frozen_accelerator, optimise_with
+from composer.training.loop import (
+    LoopSettings,
+    Objective,
+    TrainResult,
+    checkpoint_path,
+    frozen_accelerator,
+    optimise_with,
+)
 from composer.training.shira import DenoisingObjective
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -208,14 +215,10 @@ class GateTrainConfig(LoopSettings):
 
 
 @dataclass
-class GateTrainResult:
+class GateTrainResult(TrainResult):
     """What a run produced: the trained gates, where they were saved, the losses and the checkpoints written."""
 
     gates: GateBank
-    path: Path
-    losses: list[float]
-    initial_loss: float
-    final_loss: float
     checkpoints: list[Path] = field(default_factory=list)
 
 
@@ -292,4 +295,6 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
         engine.clear()
     bank.requires_grad_(False)
     path = save_gates(bank, config.out, {**meta, "steps": config.steps, "final_loss": final_loss})
-    return GateTrainResult(bank, path, result.losses, initial_loss, final_loss, result.checkpoints)
+    return GateTrainResult(
+        bank, result.checkpoints, path=path, losses=result.losses, initial_loss=initial_loss, final_loss=final_loss
+    )

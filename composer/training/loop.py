@@ -152,6 +152,17 @@ class LoopSettings:
     progress: bool = True
 
 
+@dataclass(kw_only=True)
+class TrainResult:
+    """What every trainer's run reports (the ``compose train-*`` summary): the file it saved, the loss per step, and
+    the evaluation loss before and after training. A trainer's result subclasses it with what it trained."""
+
+    path: Path
+    losses: list[float]
+    initial_loss: float
+    final_loss: float
+
+
 _LOOP_KEYWORDS = ("steps", "learning_rate", "batch_size", "seed", "progress")
 """The :class:`LoopSettings` that are :func:`optimise`'s keywords (mixed precision is the accelerator's)."""
 

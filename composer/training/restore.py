@@ -34,7 +34,7 @@ from torch import nn
 
 from composer.training.data import DatasetError, list_images, load_image
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import LoopSettings, Objective, frozen_accelerator, optimise_with
+from composer.training.loop import LoopSettings, Objective, TrainResult, frozen_accelerator, optimise_with
 from fusion.adapters import Adapter
 from fusion.errors import TrainingError
 from weights_index.reader import read_adapter
@@ -199,14 +199,10 @@ class RestoreTrainConfig(LoopSettings):
 
 
 @dataclass
-class RestoreTrainResult:
+class RestoreTrainResult(TrainResult):
     """What a run produced: the adapter read back from its file, the path, and the losses."""
 
     adapter: Adapter
-    path: Path
-    losses: list[float]
-    initial_loss: float
-    final_loss: float
     pairs: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -304,4 +300,6 @@ def train_restore(pipe: Any, config: RestoreTrainConfig) -> RestoreTrainResult:
     }
     path = save_restoration_lora(state, config.out, peft_config, metadata)
     adapter = read_adapter(path, "flux")
-    return RestoreTrainResult(adapter, path, losses, initial_loss, final_loss, len(objective), metadata)
+    return RestoreTrainResult(
+        adapter, len(objective), metadata, path=path, losses=losses, initial_loss=initial_loss, final_loss=final_loss
+    )

@@ -30,7 +30,14 @@ from torch import nn
 
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder, index_batches
-from composer.training.loop import LoopSettings, Objective, checkpoint_path, frozen_accelerator, optimise_with
+from composer.training.loop import (
+    LoopSettings,
+    Objective,
+    TrainResult,
+    checkpoint_path,
+    frozen_accelerator,
+    optimise_with,
+)
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
 from fusion.mask_types import MASK_TYPES
@@ -222,14 +229,10 @@ class ShiraTrainConfig(LoopSettings):
 
 
 @dataclass
-class ShiraTrainResult:
+class ShiraTrainResult(TrainResult):
     """What a run produced: the adapter, where it was saved, the losses and the checkpoints written."""
 
     adapter: Adapter
-    path: Path
-    losses: list[float]
-    initial_loss: float
-    final_loss: float
     checkpoints: list[Path] = field(default_factory=list)
 
 
@@ -329,4 +332,6 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
         remove_shira_layers(pipe.unet, previous_config)
     path = _save(layers, config.out, family, config, fingerprint, config.steps)
     adapter = Adapter(name=path.stem, family=family, layers=layers, source=str(path))
-    return ShiraTrainResult(adapter, path, result.losses, initial_loss, final_loss, result.checkpoints)
+    return ShiraTrainResult(
+        adapter, result.checkpoints, path=path, losses=result.losses, initial_loss=initial_loss, final_loss=final_loss
+    )
