@@ -4,8 +4,9 @@
 A trainer decides what is trainable and what the loss is (an objective with ``len()`` and
 ``loss(model, indices, generator)``); this module owns the rest — the accelerator with the pipeline's models frozen on
 its device, fp32 trainable parameters, shuffled index batches, autocast/backward/step, the progress bar, periodic
-checkpoints and their file names, and the non-finite-loss check — so the three trainers cannot drift apart. (The toy
-world's own trainers, which made its shipped weights, keep their plain loops; the retriever trains in
+checkpoints and their file names, the non-finite-loss check, the settings every trainer's config carries
+(:class:`LoopSettings`) and what every run reports (:class:`TrainResult`) — so the three trainers cannot drift apart.
+(The toy world's own trainers, which made its shipped weights, keep their plain loops; the retriever trains in
 :mod:`retrieval.training`, a floor below.)
 """
 
