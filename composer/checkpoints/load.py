@@ -28,11 +28,7 @@ from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
-    FluxKontextPipeline,
-    FluxPipeline,
     FluxTransformer2DModel,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as sfu
@@ -47,6 +43,7 @@ from transformers import (
 
 from composer.checkpoints import sizes
 from composer.checkpoints.layout import UNET_PREFIX, CheckpointLayout, describe_checkpoint, family_config
+from composer.checkpoints.pipelines import PIPELINES, assemble_pipeline
 from composer.smoke_presets.tokenizers import build_clip_tokenizer
 from fusion.errors import PresetError
 from weights_index.safetensors_file import load_tensors, read_header
@@ -57,15 +54,6 @@ Tensors = dict[str, torch.Tensor]
 
 _FLUX_WIDTH = 3072
 """The transformer width diffusers' FLUX converter assumes (every FLUX.1 release has it)."""
-
-_PIPELINES: dict[tuple[str, str], type[DiffusionPipeline]] = {
-    ("sd1", ""): StableDiffusionPipeline,
-    ("sd2", ""): StableDiffusionPipeline,
-    ("sdxl", ""): StableDiffusionXLPipeline,
-    ("flux", "dev"): FluxPipeline,
-    ("flux", "schnell"): FluxPipeline,
-    ("flux", "kontext"): FluxKontextPipeline,
-}
 
 
 def _strip(tensors: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -415,7 +403,4 @@ def load_checkpoint(
     _refuse_other_latents(layout, getattr(parts["vae"].config, "latent_channels", None), source)
     parts.update(_tokenizers(layout, config, text_dir))
     parts["scheduler"] = _scheduler(layout, config)
-    cls = _PIPELINES[(layout.family, layout.variant)]
-    if cls is StableDiffusionPipeline:
-        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    return cls(**parts)
+    return assemble_pipeline(PIPELINES[(layout.family, layout.variant)], parts)

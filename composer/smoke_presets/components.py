@@ -83,25 +83,24 @@ def _unet(block_out_channels: list[int], down: list[str], up: list[str], **confi
     return "UNet2DConditionModel", {"layers_per_block": 2, **levels, **config}
 
 
-_TINY_UNET = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "attention_head_dim": [2, 4],
-    "norm_num_groups": 32,
-}
-"""What the tiny SD and SDXL UNets share: 8² latents, 4 channels, two levels with 2 and 4 attention heads."""
+def _tiny_unet(down: list[str], up: list[str], **config: Any) -> tuple[str, dict[str, Any]]:
+    """A UNet as the tiny SD and SDXL presets have it: 8² latents, 4 channels, two levels of 32 and 64 channels with 2
+    and 4 attention heads; ``down``/``up`` block types and ``config`` give the rest."""
+    shared = {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "attention_head_dim": [2, 4],
+        "norm_num_groups": 32,
+    }
+    return _unet([32, 64], down, up, **config, **shared)
 
 
 def tiny_sd() -> Components:
     """Tiny SD 1.x: two UNet levels (attention at the high-resolution level, like SD 1.5), CLIP text width 32."""
     return {
-        "unet": _unet(
-            [32, 64],
-            ["CrossAttnDownBlock2D", "DownBlock2D"],
-            ["UpBlock2D", "CrossAttnUpBlock2D"],
-            cross_attention_dim=32,
-            **_TINY_UNET,
+        "unet": _tiny_unet(
+            ["CrossAttnDownBlock2D", "DownBlock2D"], ["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32
         ),
         "vae": _tiny_vae(4, 0.18215),
         "text_encoder": ("CLIPTextModel", _clip_text(32)),
@@ -161,8 +160,7 @@ def sd15_shapes() -> Components:
 def tiny_sdxl() -> Components:
     """Tiny SDXL: two CLIP encoders (the second with a projection) and text-time addition embeddings."""
     return {
-        "unet": _unet(
-            [32, 64],
+        "unet": _tiny_unet(
             ["DownBlock2D", "CrossAttnDownBlock2D"],
             ["CrossAttnUpBlock2D", "UpBlock2D"],
             transformer_layers_per_block=[1, 2],
@@ -171,7 +169,6 @@ def tiny_sdxl() -> Components:
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32,
             cross_attention_dim=64,
-            **_TINY_UNET,
         ),
         "vae": _tiny_vae(4, 0.13025),
         "text_encoder": ("CLIPTextModel", _clip_text(32)),

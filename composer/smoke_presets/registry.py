@@ -19,15 +19,12 @@ from diffusers import (
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
-    FluxKontextPipeline,
-    FluxPipeline,
     FluxTransformer2DModel,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from composer.checkpoints.pipelines import PIPELINES, assemble_pipeline
 from composer.smoke_presets import components
 from composer.smoke_presets.components import Components
 from composer.smoke_presets.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -52,8 +49,6 @@ _OTHER_BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "FlowMatchEulerDiscreteScheduler": lambda cfg: FlowMatchEulerDiscreteScheduler(**cfg),
 }
 
-_SD_EXTRAS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-
 
 def _minor(version: str) -> str:
     """``major.minor`` of a version string: releases that may change default initialisation invalidate caches."""
@@ -73,7 +68,6 @@ class PresetSpec:
     components: Callable[[], Components]
     description: str
     seed_key: str
-    extras: dict[str, Any]
 
     @property
     def denoiser_name(self) -> str:
@@ -92,40 +86,36 @@ class PresetSpec:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _spec(name: str, family: str, cls: type, parts: Callable, description: str, **kw: Any) -> PresetSpec:
-    """Shorthand for a ``PresetSpec`` whose seed stream is its own name unless ``seed_key`` says otherwise."""
-    return PresetSpec(name, family, cls, parts, description, kw.pop("seed_key", name), kw)
+def _spec(
+    name: str, family: str, variant: str, parts: Callable, description: str, seed_key: str | None = None
+) -> PresetSpec:
+    """Shorthand for a ``PresetSpec`` run by the pipeline class of ``family`` and ``variant``
+    (:data:`composer.checkpoints.pipelines.PIPELINES`), whose seed stream is its own name unless ``seed_key`` says
+    otherwise."""
+    return PresetSpec(name, family, PIPELINES[(family, variant)], parts, description, seed_key or name)
 
 
 PRESETS: dict[str, PresetSpec] = {
     spec.name: spec
     for spec in (
-        _spec("tiny-sd", "sd1", StableDiffusionPipeline, components.tiny_sd, "tiny SD 1.x for tests", **_SD_EXTRAS),
-        _spec("tiny-sdxl", "sdxl", StableDiffusionXLPipeline, components.tiny_sdxl, "tiny SDXL for tests"),
-        _spec("tiny-flux", "flux", FluxPipeline, components.tiny_flux, "tiny FLUX.1 for tests"),
+        _spec("tiny-sd", "sd1", "", components.tiny_sd, "tiny SD 1.x for tests"),
+        _spec("tiny-sdxl", "sdxl", "", components.tiny_sdxl, "tiny SDXL for tests"),
+        _spec("tiny-flux", "flux", "dev", components.tiny_flux, "tiny FLUX.1 for tests"),
         _spec(
             "tiny-flux-kontext",
             "flux",
-            FluxKontextPipeline,
+            "kontext",
             components.tiny_flux,
             "tiny FLUX.1 Kontext for tests (same weights as tiny-flux)",
             seed_key="tiny-flux",
         ),
-        _spec(
-            "small-sd",
-            "sd1",
-            StableDiffusionPipeline,
-            components.small_sd,
-            "small SD 1.x for CPU benchmarks",
-            **_SD_EXTRAS,
-        ),
+        _spec("small-sd", "sd1", "", components.small_sd, "small SD 1.x for CPU benchmarks"),
         _spec(
             "sd15-shapes",
             "sd1",
-            StableDiffusionPipeline,
+            "",
             components.sd15_shapes,
             "real SD 1.5 shapes, random weights (5 GB; benchmarks only, see build_denoiser)",
-            **_SD_EXTRAS,
         ),
     )
 }
@@ -159,7 +149,7 @@ def build_preset(name: str) -> DiffusionPipeline:
     """Build a built-in preset in memory (no cache) on CPU with seeded weights, bit-identical on every call."""
     spec = preset_spec(name)
     parts = {part: _build_component(spec, part, kind, cfg) for part, (kind, cfg) in spec.components().items()}
-    return spec.pipeline_class(**parts, **spec.extras)
+    return assemble_pipeline(spec.pipeline_class, parts)
 
 
 def build_denoiser(name: str) -> torch.nn.Module:

@@ -32,7 +32,14 @@ from composer.presets import preset_family
 from composer.settings import cache_root
 from composer.training.data import ImageCaptionFolder
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise_with
+from composer.training.loop import (
+    LoopSettings,
+    Objective,
+    TrainResult,
+    checkpoint_path,
+    frozen_accelerator,
+    optimise_with,
+)
 from composer.training.shira import DenoisingObjective
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -192,7 +199,7 @@ class FlowMatchingObjective(Objective):
 
 
 @dataclass
-class GateTrainConfig:
+class GateTrainConfig(LoopSettings):
     """Options of one gate training run (the ``compose train-gates`` flags)."""
 
     adapters: Sequence[Path]
@@ -200,26 +207,18 @@ class GateTrainConfig:
     out: str | Path
     weights: Sequence[float] | None = None
     prompt: str = ""
-    steps: int = 500
-    learning_rate: float = 1e-3
-    batch_size: int = 1
     resolution: int | None = None
     checkpoint_every: int = 0
-    seed: int = 0
     time_dim: int = TIME_DIM
-    mixed_precision: str = "no"
-    progress: bool = True
+    steps: int = field(default=500, kw_only=True)
+    learning_rate: float = field(default=1e-3, kw_only=True)
 
 
 @dataclass
-class GateTrainResult:
+class GateTrainResult(TrainResult):
     """What a run produced: the trained gates, where they were saved, the losses and the checkpoints written."""
 
     gates: GateBank
-    path: Path
-    losses: list[float]
-    initial_loss: float
-    final_loss: float
     checkpoints: list[Path] = field(default_factory=list)
 
 
@@ -296,4 +295,6 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
         engine.clear()
     bank.requires_grad_(False)
     path = save_gates(bank, config.out, {**meta, "steps": config.steps, "final_loss": final_loss})
-    return GateTrainResult(bank, path, result.losses, initial_loss, final_loss, result.checkpoints)
+    return GateTrainResult(
+        bank, result.checkpoints, path=path, losses=result.losses, initial_loss=initial_loss, final_loss=final_loss
+    )

@@ -4,8 +4,9 @@
 A trainer decides what is trainable and what the loss is (an objective with ``len()`` and
 ``loss(model, indices, generator)``); this module owns the rest — the accelerator with the pipeline's models frozen on
 its device, fp32 trainable parameters, shuffled index batches, autocast/backward/step, the progress bar, periodic
-checkpoints and their file names, and the non-finite-loss check — so the three trainers cannot drift apart. (The toy
-world's own trainers, which made its shipped weights, keep their plain loops; the retriever trains in
+checkpoints and their file names, the non-finite-loss check, the settings every trainer's config carries
+(:class:`LoopSettings`) and what every run reports (:class:`TrainResult`) — so the three trainers cannot drift apart.
+(The toy world's own trainers, which made its shipped weights, keep their plain loops; the retriever trains in
 :mod:`retrieval.training`, a floor below.)
 """
 
@@ -17,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -138,14 +139,33 @@ def optimise(
     return result
 
 
-class LoopSettings(Protocol):
-    """The loop settings every training config carries (the shared ``compose train-*`` flags)."""
+@dataclass(kw_only=True)
+class LoopSettings:
+    """The settings every trainer's config carries (the shared ``compose train-*`` flags): what :func:`optimise_with`
+    and :func:`frozen_accelerator` read. A trainer's config subclasses it, adds its own fields and gives ``steps``
+    and ``learning_rate`` its own defaults (keyword-only, like these)."""
 
     steps: int
     learning_rate: float
-    batch_size: int
-    seed: int
-    progress: bool
+    batch_size: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    """What every trainer's run reports (the ``compose train-*`` summary): the file it saved, the loss per step, and
+    the evaluation loss before and after training. A trainer's result subclasses it with what it trained."""
+
+    path: Path
+    losses: list[float]
+    initial_loss: float
+    final_loss: float
+
+
+_LOOP_KEYWORDS = ("steps", "learning_rate", "batch_size", "seed", "progress")
+"""The :class:`LoopSettings` that are :func:`optimise`'s keywords (mixed precision is the accelerator's)."""
 
 
 def optimise_with(
@@ -160,5 +180,5 @@ def optimise_with(
 ) -> LoopResult:
     """:func:`optimise` with steps, learning rate, batch size, seed and progress taken from ``settings``;
     ``options`` are :func:`optimise`'s remaining keywords."""
-    loop = {name: getattr(settings, name) for name in LoopSettings.__annotations__}
+    loop = {name: getattr(settings, name) for name in _LOOP_KEYWORDS}
     return optimise(accelerator, model, params, objective, desc=desc, **loop, **options)

@@ -34,7 +34,7 @@ from torch import nn
 
 from composer.training.data import DatasetError, list_images, load_image
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import Objective, frozen_accelerator, optimise_with
+from composer.training.loop import LoopSettings, Objective, TrainResult, frozen_accelerator, optimise_with
 from fusion.adapters import Adapter
 from fusion.errors import TrainingError
 from weights_index.reader import read_adapter
@@ -184,33 +184,25 @@ class KontextRestoreObjective(Objective):
 
 
 @dataclass
-class RestoreTrainConfig:
+class RestoreTrainConfig(LoopSettings):
     """Options of one restoration training run (the ``compose train-restore`` flags)."""
 
     tasks: list[TaskPairs]
     out: Path
     rank: int = 64
     alpha: float = 4.0
-    steps: int = 1000
-    learning_rate: float = 1e-4
-    batch_size: int = 1
     resolution: int = 512
     guidance_scale: float = 2.5
     max_sequence_length: int = 512
-    seed: int = 0
-    mixed_precision: str = "no"
-    progress: bool = True
+    steps: int = field(default=1000, kw_only=True)
+    learning_rate: float = field(default=1e-4, kw_only=True)
 
 
 @dataclass
-class RestoreTrainResult:
+class RestoreTrainResult(TrainResult):
     """What a run produced: the adapter read back from its file, the path, and the losses."""
 
     adapter: Adapter
-    path: Path
-    losses: list[float]
-    initial_loss: float
-    final_loss: float
     pairs: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -308,4 +300,6 @@ def train_restore(pipe: Any, config: RestoreTrainConfig) -> RestoreTrainResult:
     }
     path = save_restoration_lora(state, config.out, peft_config, metadata)
     adapter = read_adapter(path, "flux")
-    return RestoreTrainResult(adapter, path, losses, initial_loss, final_loss, len(objective), metadata)
+    return RestoreTrainResult(
+        adapter, len(objective), metadata, path=path, losses=losses, initial_loss=initial_loss, final_loss=final_loss
+    )

@@ -30,7 +30,14 @@ from torch import nn
 
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder, index_batches
-from composer.training.loop import Objective, checkpoint_path, frozen_accelerator, optimise_with
+from composer.training.loop import (
+    LoopSettings,
+    Objective,
+    TrainResult,
+    checkpoint_path,
+    frozen_accelerator,
+    optimise_with,
+)
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
 from fusion.mask_types import MASK_TYPES
@@ -206,7 +213,7 @@ def calibrate_gradients(
 
 
 @dataclass
-class ShiraTrainConfig:
+class ShiraTrainConfig(LoopSettings):
     """Options of one SHiRA training run (the ``compose train-shira`` flags)."""
 
     images: Path
@@ -214,26 +221,18 @@ class ShiraTrainConfig:
     out: Path
     mask: str = "snip"
     r: int = 32
-    steps: int = 500
-    learning_rate: float = 1e-4
-    batch_size: int = 1
     resolution: int | None = None
     calibration_batches: int = 8
     checkpoint_every: int = 0
-    seed: int = 0
-    mixed_precision: str = "no"
-    progress: bool = True
+    steps: int = field(default=500, kw_only=True)
+    learning_rate: float = field(default=1e-4, kw_only=True)
 
 
 @dataclass
-class ShiraTrainResult:
+class ShiraTrainResult(TrainResult):
     """What a run produced: the adapter, where it was saved, the losses and the checkpoints written."""
 
     adapter: Adapter
-    path: Path
-    losses: list[float]
-    initial_loss: float
-    final_loss: float
     checkpoints: list[Path] = field(default_factory=list)
 
 
@@ -333,4 +332,6 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
         remove_shira_layers(pipe.unet, previous_config)
     path = _save(layers, config.out, family, config, fingerprint, config.steps)
     adapter = Adapter(name=path.stem, family=family, layers=layers, source=str(path))
-    return ShiraTrainResult(adapter, path, result.losses, initial_loss, final_loss, result.checkpoints)
+    return ShiraTrainResult(
+        adapter, result.checkpoints, path=path, losses=result.losses, initial_loss=initial_loss, final_loss=final_loss
+    )

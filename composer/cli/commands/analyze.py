@@ -10,7 +10,6 @@ from composer.cli.commands._model_options import add_model_option
 from composer.cli.reporting import add_json_option, emit_json, format_table
 
 COLUMNS = ("name", "delta_h", "band", "hf_with", "hf_without", "error")
-TINY_SIZE = 64
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,11 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Scan the library, analyze every adapter for the model, print the table (or one JSON document)."""
     from composer.analysis.frequency import analyze_library
+    from composer.facade import PRESET_STEPS, TINY_SIZE
     from composer.presets import PRESETS, load_preset
 
     library = open_catalog(args, scan=True)
     preset = args.model in PRESETS
-    steps = args.steps or (4 if preset else 20)
+    steps = args.steps or (PRESET_STEPS if preset else 20)
     size = args.size or (TINY_SIZE if preset and args.model.startswith("tiny") else None)
     pipe = load_preset(args.model)
     report = analyze_library(
