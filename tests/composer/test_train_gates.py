@@ -56,6 +56,7 @@ def _lora_files(pipe: Any, folder: Path) -> list[Path]:
     return files
 
 
+@pytest.mark.slow
 def test_twenty_steps_lower_the_loss_and_the_gates_load_by_name(
     tiny_sd: Any, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
