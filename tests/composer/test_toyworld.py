@@ -208,25 +208,9 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys, toy_quality_pipeli
     assert toy_quality_pipeline.composition is None, "every composition is cleared after its image"
 
 
-def test_quality_benchmark_adds_conditional_branch_rows(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
-    import json
-
-    from benchmarks.composition_quality import main
-
-    argv = ["--quick", "--methods", "merge", "--branches", "both,conditional", "--library", str(tmp_path / "lib")]
-    assert main(argv) == 0
-    row = json.loads(capsys.readouterr().out)["compositions"]["k=2"]
-    assert set(row) >= {"merge", "merge (cond)"}
-    assert "vs_merge" in row["merge (cond)"], "the conditional rows are scored against plain merge"
-    with pytest.raises(SystemExit):
-        main([*argv, "--branches", "negative"])
-    with pytest.raises(SystemExit):
-        main([*argv, "--alone-branches", "mixed,negative"])
-
-
-def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(
-    tmp_path: Path, capsys, toy_quality_pipeline
-) -> None:
+def test_quality_benchmark_adds_conditional_and_mixed_branch_rows(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
+    """One quick run asks for the conditional and the mixed rows beside plain merge; mixed keeps backgrounds on both
+    branches."""
     import json
 
     from benchmarks.composition_quality import branch_choice, main
@@ -234,9 +218,15 @@ def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(
     assert branch_choice("mixed", ("zorbex", "forest")) == {"zorbex": "conditional"}
     assert branch_choice("mixed", ("kiboko", "crown", "sunset")) == {"kiboko": "conditional", "crown": "conditional"}
     assert branch_choice("conditional", ("zorbex", "forest")) == "conditional"
-    argv = ["--quick", "--methods", "merge", "--branches", "mixed", "--library", str(tmp_path / "lib")]
-    assert main(argv) == 0
-    assert "merge (mixed)" in json.loads(capsys.readouterr().out)["compositions"]["k=2"]
+    argv = ["--quick", "--methods", "merge", "--library", str(tmp_path / "lib")]
+    assert main([*argv, "--branches", "both,conditional,mixed"]) == 0
+    row = json.loads(capsys.readouterr().out)["compositions"]["k=2"]
+    assert set(row) >= {"merge", "merge (cond)", "merge (mixed)"}
+    assert "vs_merge" in row["merge (cond)"], "the conditional rows are scored against plain merge"
+    with pytest.raises(SystemExit):
+        main([*argv, "--branches", "negative"])
+    with pytest.raises(SystemExit):
+        main([*argv, "--branches", "both", "--alone-branches", "mixed,negative"])
 
 
 def test_quality_benchmark_shared_rows_give_the_unconditional_half_each_adapters_share() -> None:
