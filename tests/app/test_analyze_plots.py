@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from gradio_client import Client
 from PIL import Image
 
@@ -41,6 +42,7 @@ def test_plots_endpoint_draws_gates_weights_and_scores(running_app, tmp_path: Pa
     assert widths[0] < widths[1], "one weight-table panel per composed adapter"
 
 
+@pytest.mark.slow
 def test_spectra_endpoint_scores_the_library_and_draws_profiles(running_app, tmp_path: Path) -> None:
     client = Client(running_app.url, verbose=False, download_files=str(tmp_path))
     table, summary, profiles = client.predict("a quiet room", 2, api_name="/spectra")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import OUTSIDE_TEXT
 
 from benchmarks import fuzz
 
 
+@pytest.mark.slow
 def test_route_variants_never_read_outside(running_app, demo_library: Path) -> None:
     secret = demo_library.parent / "outside" / "secret.png"
     catalog = (demo_library / ".lora-composer" / "catalog.sqlite").read_bytes()[:100]

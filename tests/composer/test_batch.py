@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -37,6 +39,20 @@ def prompts_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def single_process_run(library: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """``compose batch PROMPTS --steps 2 --json`` in this process, once for the module: the prompts file, the output
+    folder and the printed document (the accelerate test compares its images against these)."""
+    root = tmp_path_factory.mktemp("single")
+    prompts, out = root / "prompts.txt", root / "out"
+    prompts.write_text(PROMPTS)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["batch", str(prompts), "--library", str(library), "--out", str(out), "--steps", "2", "--json"])
+    assert code == 0
+    return prompts, out, json.loads(printed.getvalue())
+
+
 def _pixels(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
@@ -63,13 +79,8 @@ def test_slug_drops_tags_and_punctuation() -> None:
     assert len(slug("word " * 40)) <= 40
 
 
-def test_single_process_batch_writes_one_folder_per_line(
-    library: Path, prompts_file: Path, tmp_path: Path, capsys
-) -> None:
-    out = tmp_path / "out"
-    argv = ["batch", str(prompts_file), "--library", str(library), "--out", str(out), "--steps", "2", "--json"]
-    assert main(argv) == 0
-    document = json.loads(capsys.readouterr().out)
+def test_single_process_batch_writes_one_folder_per_line(single_process_run: tuple[Path, Path, dict]) -> None:
+    _, out, document = single_process_run
     assert document["prompts"] == 3
     assert document["processes"] == 1
     assert [item["index"] for item in document["items"]] == [0, 1, 2]
@@ -115,12 +126,11 @@ def test_bad_generate_options_exit_2(prompts_file: Path, extra: list[str]) -> No
 
 @pytest.mark.slow
 def test_two_accelerate_processes_give_the_single_process_images(
-    library: Path, prompts_file: Path, tmp_path: Path, capsys
+    library: Path, single_process_run: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
-    single, double = tmp_path / "single", tmp_path / "double"
+    prompts_file, single, _ = single_process_run
+    double = tmp_path / "double"
     options = ["--library", str(library), "--steps", "2", "--json"]
-    assert main(["batch", str(prompts_file), "--out", str(single), *options]) == 0
-    capsys.readouterr()
     command = [sys.executable, "-m", "composer.cli", "batch", str(prompts_file), "--processes", "2"]
     completed = subprocess.run(
         [*command, "--out", str(double), *options],

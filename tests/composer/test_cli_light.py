@@ -46,9 +46,10 @@ def _run(argv: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def library(tmp_path: Path) -> Path:
-    root = tmp_path / "loras"
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-adapter library, indexed once for the module by a cold scan that imports no torch."""
+    root = tmp_path_factory.mktemp("light") / "loras"
     root.mkdir()
     tensors = {
         f"{CROSS_K}.lora_down.weight": torch.randn(4, 768),
@@ -56,6 +57,9 @@ def library(tmp_path: Path) -> Path:
         f"{CROSS_K}.alpha": torch.tensor(4.0),
     }
     save_file(tensors, str(root / "corgi.safetensors"), metadata={"modelspec.trigger_phrase": "crgstr"})
+    cold = _run(["index", str(root)])  # headers only, through safetensors' numpy reader
+    assert cold["code"] == 0
+    assert not {"torch", "diffusers", "transformers"} & set(cold["heavy"]), cold
     return root
 
 
@@ -74,5 +78,4 @@ def test_help_imports_nothing_heavy() -> None:
     ids=["index", "info", "search", "search-json"],
 )
 def test_catalog_commands_import_no_torch(library: Path, argv: list[str]) -> None:
-    _run(["index", str(library)])  # a cold scan reads headers only, too
     assert _run([part.format(lib=library) for part in argv]) == {"code": 0, "heavy": []}

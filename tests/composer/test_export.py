@@ -101,6 +101,7 @@ def test_export_refuses_scheduled_weights(two_files, tmp_path: Path) -> None:
     assert main(["export", f"<lora:{first}:0@0,1@0.5>", "--out", str(tmp_path / "x.safetensors")]) == 1
 
 
+@pytest.mark.slow
 def test_convert_to_lora_squeezes_a_lycoris_file(two_files, tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
     first, _ = two_files
     out = tmp_path / "squeezed.safetensors"

@@ -161,6 +161,7 @@ def test_sd_family_restores_through_img2img(tmp_path: Path) -> None:
     assert restorer.pipe.composition is None
 
 
+@pytest.mark.slow
 def test_restore_and_style_example_runs(tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
     script = Path(__file__).resolve().parents[2] / "examples" / "restore_and_style.py"
     monkeypatch.setattr("sys.argv", [str(script), "--out", str(tmp_path), "--steps", "3"])

@@ -131,6 +131,7 @@ def test_a_rebuild_replaces_the_library_folder_whole(tmp_path: Path) -> None:
     assert sorted(out.rglob("*.safetensors")) == sorted(files)
 
 
+@pytest.mark.slow
 def test_a_concept_lora_changes_the_attribute_it_was_trained_for(toy_pipe, toy_library: list[Path]) -> None:
     path = next(p for p in toy_library if p.stem == "zorbex")
     prompts = ["zorbex in the snow", "zorbex on the grass", "zorbex at night", "zorbex under a blue sky"]
@@ -184,6 +185,7 @@ def test_vocabulary_names_are_unique() -> None:
     assert set(CONCEPTS) == {c.name for c in HELD_OUT}
 
 
+@pytest.mark.slow
 def test_quality_benchmark_quick_mode(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
     """Quick mode: one k=2 set, one seed, every method; presence counts the set's two concepts in that one image."""
     import json
@@ -206,25 +208,9 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys, toy_quality_pipeli
     assert toy_quality_pipeline.composition is None, "every composition is cleared after its image"
 
 
-def test_quality_benchmark_adds_conditional_branch_rows(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
-    import json
-
-    from benchmarks.composition_quality import main
-
-    argv = ["--quick", "--methods", "merge", "--branches", "both,conditional", "--library", str(tmp_path / "lib")]
-    assert main(argv) == 0
-    row = json.loads(capsys.readouterr().out)["compositions"]["k=2"]
-    assert set(row) >= {"merge", "merge (cond)"}
-    assert "vs_merge" in row["merge (cond)"], "the conditional rows are scored against plain merge"
-    with pytest.raises(SystemExit):
-        main([*argv, "--branches", "negative"])
-    with pytest.raises(SystemExit):
-        main([*argv, "--alone-branches", "mixed,negative"])
-
-
-def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(
-    tmp_path: Path, capsys, toy_quality_pipeline
-) -> None:
+def test_quality_benchmark_adds_conditional_and_mixed_branch_rows(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
+    """One quick run asks for the conditional and the mixed rows beside plain merge; mixed keeps backgrounds on both
+    branches."""
     import json
 
     from benchmarks.composition_quality import branch_choice, main
@@ -232,9 +218,15 @@ def test_quality_benchmark_mixed_rows_keep_backgrounds_on_both_branches(
     assert branch_choice("mixed", ("zorbex", "forest")) == {"zorbex": "conditional"}
     assert branch_choice("mixed", ("kiboko", "crown", "sunset")) == {"kiboko": "conditional", "crown": "conditional"}
     assert branch_choice("conditional", ("zorbex", "forest")) == "conditional"
-    argv = ["--quick", "--methods", "merge", "--branches", "mixed", "--library", str(tmp_path / "lib")]
-    assert main(argv) == 0
-    assert "merge (mixed)" in json.loads(capsys.readouterr().out)["compositions"]["k=2"]
+    argv = ["--quick", "--methods", "merge", "--library", str(tmp_path / "lib")]
+    assert main([*argv, "--branches", "both,conditional,mixed"]) == 0
+    row = json.loads(capsys.readouterr().out)["compositions"]["k=2"]
+    assert set(row) >= {"merge", "merge (cond)", "merge (mixed)"}
+    assert "vs_merge" in row["merge (cond)"], "the conditional rows are scored against plain merge"
+    with pytest.raises(SystemExit):
+        main([*argv, "--branches", "negative"])
+    with pytest.raises(SystemExit):
+        main([*argv, "--branches", "both", "--alone-branches", "mixed,negative"])
 
 
 def test_quality_benchmark_shared_rows_give_the_unconditional_half_each_adapters_share() -> None:
@@ -272,6 +264,7 @@ def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(
     assert "## Compositions" not in text
 
 
+@pytest.mark.slow
 def test_an_extra_only_run_measures_only_the_extra_settings(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
     import json
 
@@ -478,6 +471,7 @@ def test_prior_preservation_refuses_a_negative_batch_or_weight() -> None:
             train_concept(None, CONCEPTS["pixel_art"], setup, "cpu")
 
 
+@pytest.mark.slow
 def test_every_pair_of_objects_stays_apart_in_every_style_on_every_background() -> None:
     """Pixelation keeps colour, not detail: two objects that share their colours, or an object coloured like a
     background, would render as the same blocks (a pixel-art ball and a red mushroom on snow did)."""
@@ -504,6 +498,7 @@ def test_a_judge_fine_tunes_from_the_weights_it_is_given() -> None:
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), start.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_the_demo_seeds_benchmark_runs_the_makefiles_demo_prompt(capsys) -> None:
     import re
 

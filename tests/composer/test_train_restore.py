@@ -51,6 +51,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"rain": root / "rain", "noise": root / "noise"}
 
 
+@pytest.mark.slow
 def test_fifty_steps_on_sixteen_pairs_lower_the_loss_and_round_trip(tiny_kontext, pairs, tmp_path: Path) -> None:
     base = {k: v.clone() for k, v in tiny_kontext.transformer.state_dict().items()}
     config = RestoreTrainConfig(

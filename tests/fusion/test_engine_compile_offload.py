@@ -40,6 +40,7 @@ def _run(pipe: Any) -> torch.Tensor:
         return pipe("x", generator=torch.Generator().manual_seed(0), **ARGS).images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse", [None, False], ids=["static-fused", "per-step-unfused"])
 def test_regional_compile_does_not_recompile_across_reweightings(tiny_sd: Any, fuse: bool | None) -> None:
     torch._dynamo.reset()
