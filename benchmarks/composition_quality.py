@@ -29,9 +29,9 @@ same with the LoRA-alone columns of ``--alone-branches`` kept (no base-model or 
 left out) and re-reads it on a later run with the same recipe, so a rerun after a judge-only change judges without
 drawing (``make quality`` uses it); the docs then say how many images were re-read.
 
-``--quick`` (for ``make bench`` / CI) runs one set at k=2 with one seed at 8 steps. The full run samples
-``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k`` (the
-protocol's own rule, affordable on a CPU for k=2), and writes docs/composition_quality.md and an image grid.
+``--quick`` (for ``make bench`` / CI) runs one set at k=2 with one seed at 8 steps (``--steps`` overrides). The full
+run samples ``--sets`` combinations per k (seeded), composes every combination for the k listed in ``--every-set-k``
+(the protocol's own rule, affordable on a CPU for k=2), and writes docs/composition_quality.md and an image grid.
 """
 
 from __future__ import annotations
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         "--every-set-k", default="", help="comma-separated k composed on every combination instead of --sets"
     )
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; 8 with --quick)")
     parser.add_argument("--alone-images", type=int, default=32, help="scenes per adapter in the LoRA-alone rows")
     parser.add_argument("--base-images", type=int, default=48)
     parser.add_argument("--library", type=Path, default=Path(".cache/bench/toy_library"))
@@ -541,11 +541,13 @@ def main(argv: list[str] | None = None) -> int:
     gates = args.gates or LIBRARY_GATES
     methods = tuple(m for m in args.methods.split(",") if m != "gated" or gates.is_file())
     started = time.perf_counter()
+    if args.steps is None:
+        args.steps = 8 if args.quick else 20
     if args.quick:
         result = {
             "mode": "quick",
             "compositions": run_compositions(
-                pipe, names, [2], 1, [0], 8, methods, gates=gates, branches=branches, cache=cache
+                pipe, names, [2], 1, [0], args.steps, methods, gates=gates, branches=branches, cache=cache
             ),
         }
     else:

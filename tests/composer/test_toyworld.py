@@ -193,7 +193,7 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys, toy_quality_pipeli
     from benchmarks.composition_quality import main
     from composer.toyworld.library import LIBRARY_GATES
 
-    assert main(["--quick", "--library", str(tmp_path / "library")]) == 0
+    assert main(["--quick", "--steps", "2", "--library", str(tmp_path / "library")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["compositions"]) == {"k=2"}
     row = result["compositions"]["k=2"]
@@ -218,7 +218,7 @@ def test_quality_benchmark_adds_conditional_and_mixed_branch_rows(tmp_path: Path
     assert branch_choice("mixed", ("zorbex", "forest")) == {"zorbex": "conditional"}
     assert branch_choice("mixed", ("kiboko", "crown", "sunset")) == {"kiboko": "conditional", "crown": "conditional"}
     assert branch_choice("conditional", ("zorbex", "forest")) == "conditional"
-    argv = ["--quick", "--methods", "merge", "--library", str(tmp_path / "lib")]
+    argv = ["--quick", "--steps", "2", "--methods", "merge", "--library", str(tmp_path / "lib")]
     assert main([*argv, "--branches", "both,conditional,mixed"]) == 0
     row = json.loads(capsys.readouterr().out)["compositions"]["k=2"]
     assert set(row) >= {"merge", "merge (cond)", "merge (mixed)"}
