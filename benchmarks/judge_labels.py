@@ -317,8 +317,8 @@ class Recipe:
 
     copies: int = 4
     renders: int = 1024
-    steps: int = 150
-    lr: float = 1e-2
+    steps: int = 400
+    lr: float = 3e-3
     penalty: float = 9.0
     plain_penalty: float = 1.0
     seed: int = SPLIT_SEED

@@ -277,7 +277,7 @@ def head_data(
     )
 
 
-def train_heads(judge: Judge, data: HeadData, steps: int = 150, lr: float = 1e-2) -> Judge:
+def train_heads(judge: Judge, data: HeadData, steps: int = 400, lr: float = 3e-3) -> Judge:
     """A copy of ``judge`` whose heads are fine-tuned on ``data`` (full batches, AdamW, cosine schedule; per head,
     the labelled views and the renders weigh alike), its trunk kept. Deterministic."""
     tuned = Judge(judge.trunk[0][0].out_channels)

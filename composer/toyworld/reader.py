@@ -76,10 +76,11 @@ class Evidence:
         }
 
 
-MIRRORED = ("shape", "clothing", "object")
+MIRRORED = ("shape", "object")
 """Attributes whose probabilities are the mean of the network's reading of the image and of its mirror image: a
-mirror shows the same shape, clothing and object, and the two readings' slips differ. Not the style (the stripes run
-along one diagonal only) nor the colour and background (the mirror gains nothing there on the labelled set)."""
+mirror shows the same shape and object, and the two readings' slips differ. Not the style (the stripes run along one
+diagonal only), nor the colour, background and clothing (on the labelled set, cross-fitted, the mirror gained
+nothing there or ranked the answers worse)."""
 
 
 def head_probabilities(network: Judge, pooled: torch.Tensor, mirrored: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -177,21 +178,22 @@ def read_column(evidence: Evidence, calibration: Calibration, attr: str) -> list
     """Every image's reading of one attribute: a value of its vocabulary, or :data:`UNSURE`.
 
     The attribute takes the network's most probable value if its probability reaches that value's floor. A style
-    whose measure falls short of what the calibration needs is ruled out first (its probability given to the
-    others). The colour must also be the named colour of the measured fill hue (outside the unsure bands), or
-    under the ``hue`` rule is that name alone."""
+    whose measure falls short of what the calibration needs is ruled out: where the network's most probable style
+    is ruled out, the style is unsure (the network sees it, the measure does not; neither settles it). The colour
+    must also be the named colour of the measured fill hue (outside the unsure bands), or under the ``hue`` rule is
+    that name alone."""
     if attr == "colour" and calibration.boundaries and calibration.colour_rule == "hue":
         return _measured_colours(evidence, calibration)
     p = evidence.probabilities[attr].double().clone()
+    ruled_out = torch.zeros_like(p, dtype=torch.bool)
     if attr == "style":
         for style, measure in STYLE_GATES.items():
             need = calibration.style_needs.get(style)
             if need is not None:
-                p[getattr(evidence, measure).double() < need, VOCABULARY["style"].index(style)] = 0.0
-        p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
+                ruled_out[:, VOCABULARY["style"].index(style)] = getattr(evidence, measure).double() < need
     top, best = p.max(1)
     floors = torch.tensor([calibration.floor.get(attr, {}).get(v, 0.0) for v in VOCABULARY[attr]], dtype=p.dtype)
-    sure = (top >= floors[best]).tolist()
+    sure = ((top >= floors[best]) & ~ruled_out.gather(1, best[:, None])[:, 0]).tolist()
     values = [VOCABULARY[attr][b] if ok else UNSURE for b, ok in zip(best.tolist(), sure)]
     if attr == "colour" and calibration.boundaries:
         measured = _measured_colours(evidence, calibration)
