@@ -4,8 +4,9 @@
 on base-vocabulary captions, each LoRA alone, and compositions of k = 2…5 adapters with every method and branch
 setting of the quality benchmark, on scene and generation seeds no benchmark uses (10 000 and up). Each image is a
 64² PNG named by its id; ``recipes.json`` keeps what drew it (prompt, adapters, method, branches, weight, seed) and
-which part of the split it belongs to. The split is fixed before any label is written: per kind, a seeded 40% is
-held out from every choice about the judge.
+which part of a split it belongs to (``merge --held-out-share``). The judge is fitted on the whole first set
+(``calibrate``) and checked on a fresh set drawn with ``--first-seed`` on other seeds, held out whole
+(``merge --held-out-share 1``) and labelled by other readers (``evaluate``).
 
 Labels are written by a person looking at the 4× nearest-neighbour upscale with the recipe hidden (see
 docs/judge.md for the protocol); ``sheets`` prints numbered contact sheets for that.
