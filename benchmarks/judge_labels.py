@@ -4,8 +4,9 @@
 on base-vocabulary captions, each LoRA alone, and compositions of k = 2…5 adapters with every method and branch
 setting of the quality benchmark, on scene and generation seeds no benchmark uses (10 000 and up). Each image is a
 64² PNG named by its id; ``recipes.json`` keeps what drew it (prompt, adapters, method, branches, weight, seed) and
-which part of the split it belongs to. The split is fixed before any label is written: per kind, a seeded 40% is
-held out from every choice about the judge.
+which part of a split it belongs to (``merge --held-out-share``). The judge is fitted on the whole first set
+(``calibrate``) and checked on a fresh set drawn with ``--first-seed`` on other seeds, held out whole
+(``merge --held-out-share 1``) and labelled by other readers (``evaluate``).
 
 Labels are written by a person looking at the 4× nearest-neighbour upscale with the recipe hidden (see
 docs/judge.md for the protocol); ``sheets`` prints numbered contact sheets for that.
@@ -17,6 +18,7 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,12 @@ from benchmarks.composition_quality import (
 )
 
 SET_FOLDER = Path(__file__).with_name("data") / "judge_labels"
-"""Where the labelled set lives: ``images/<id>.png``, ``recipes.json``, ``labels.json``."""
+"""Where the labelled set the judge is fitted on lives: ``images/<id>.png``, ``recipes.json``, ``labels.json``."""
+FRESH_FOLDER = SET_FOLDER.with_name("judge_labels_fresh")
+"""Where the held-out set lives (the same layout): drawn on other seeds, labelled by other readers, never looked
+at by any choice about the judge."""
+HELD_OUT = "held-out"
+TUNING = "tuning (cross-fitted)"
 FIRST_SEED = 10_000
 """Scene and generation seeds start here: above every seed a benchmark or the demo uses."""
 HELD_OUT_SHARE = 0.4
@@ -291,8 +298,8 @@ def load_set(folder: Path = SET_FOLDER) -> tuple[list[dict[str, Any]], dict[int,
     return recipes, labels, images.permute(0, 3, 1, 2).float() / 255
 
 
-FOLDS = 2
-"""The tuning part is cut in this many folds: each fold's evidence comes from a network fine-tuned on the others."""
+FOLDS = 5
+"""The labelled set is cut in this many folds for cross-fitting (see :func:`cross_fit`)."""
 
 
 def label_targets(labels: list[dict[str, str]]) -> torch.Tensor:
@@ -304,50 +311,113 @@ def label_targets(labels: list[dict[str, str]]) -> torch.Tensor:
     )
 
 
-def cross_fitted(
-    images: torch.Tensor, labels: list[dict[str, str]], seed: int = SPLIT_SEED
-) -> tuple[Any, list[dict[str, Any]]]:
-    """The shipped network fine-tuned on all ``images`` and, for fitting the thresholds, each image's evidence read
-    by a network fine-tuned without its fold (out-of-fold, so the thresholds see how the network does on images it
-    was not tuned on)."""
-    from composer.toyworld.judge import GENERATOR_JUDGE_FILE, Judge, fine_tune_on_labels
+@dataclass(frozen=True)
+class Recipe:
+    """How the judge is fitted to the labelled set: the heads' fine-tune (:func:`head_data`, :func:`train_heads`)
+    and the thresholds' costs (:func:`composer.toyworld.calibration.fit`). Deterministic for a given seed."""
+
+    copies: int = 4
+    renders: int = 1024
+    steps: int = 400
+    lr: float = 3e-3
+    penalty: float = 9.0
+    plain_penalty: float = 1.0
+    seed: int = SPLIT_SEED
+
+
+def folds_of(recipes: list[dict[str, Any]], folds: int = FOLDS, seed: int = SPLIT_SEED) -> list[int]:
+    """Each image's fold. The images of one batch (one adapter set, method and seed) stay together; the base
+    model's batch, independent captions drawn together, is dealt image by image. Per kind, the groups are shuffled
+    (seeded) and dealt round the folds, so every fold holds every kind."""
+    rng = random.Random(seed)
+    fold_of_group: dict[tuple[str, int], int] = {}
+    dealt = 0
+    for kind in sorted({r["kind"] for r in recipes}):
+        keys = sorted({_group(r) for r in recipes if r["kind"] == kind})
+        rng.shuffle(keys)
+        for key in keys:
+            fold_of_group[key] = dealt % folds
+            dealt += 1
+    return [fold_of_group[_group(r)] for r in recipes]
+
+
+def _group(recipe: dict[str, Any]) -> tuple[str, int]:
+    return ("image", recipe["id"]) if recipe["kind"] == "base" else ("batch", recipe["batch"])
+
+
+@dataclass
+class CrossFit:
+    """The outcome of :func:`cross_fit`: the network and calibration to ship, and each image's cross-fitted
+    reading (by a network and thresholds fitted without its fold)."""
+
+    network: Any
+    calibration: Any
+    readings: list[dict[str, str]]
+
+
+def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[int], recipe: Recipe) -> CrossFit:
+    """Fit the judge on every image, and read each fold as a judge fitted without it would.
+
+    The shipped judge: heads fine-tuned on every image; thresholds fitted on out-of-fold evidence (each fold read
+    by heads fine-tuned on the other folds), since thresholds fitted on images the heads were tuned on would trust
+    them too much. The cross-fitted reading of fold ``f`` repeats that whole procedure without ``f``: heads
+    fine-tuned on the other folds read it, with thresholds fitted on those folds' evidence, each read by heads
+    fine-tuned without ``f`` and without itself. Every fit sees only its own folds."""
+    from composer.toyworld.calibration import fit
+    from composer.toyworld.judge import GENERATOR_JUDGE_FILE, Judge, head_data, train_heads
     from composer.toyworld.model import WEIGHTS_DIR
-    from composer.toyworld.reader import gather_evidence
+    from composer.toyworld.reader import gather_evidence, head_probabilities, read_all
 
     base = Judge.load(WEIGHTS_DIR.parent / GENERATOR_JUDGE_FILE)
-    targets = label_targets(labels)
-    order = list(range(images.shape[0]))
-    random.Random(seed).shuffle(order)
-    rows: list[dict[str, Any] | None] = [None] * len(order)
-    for fold in range(FOLDS):
-        held = order[fold::FOLDS]
-        kept = [i for i in order if i not in set(held)]
-        network = fine_tune_on_labels(base, images[kept], targets[kept], seed=seed + fold)
-        evidence = gather_evidence(network, images[held])
-        for j, i in enumerate(held):
-            rows[i] = evidence.row(j)
-    return fine_tune_on_labels(base, images, targets, seed=seed), [row for row in rows if row is not None]
+    data = head_data(base, images, label_targets(labels), recipe.copies, recipe.renders, recipe.seed)
+    measured = gather_evidence(base, images)
+    with torch.no_grad():
+        pooled, mirrored = base.features(images), base.features(images.flip(3))
+    networks: dict[frozenset[int], Any] = {}
+    every = frozenset(folds)
+
+    def network(without: frozenset[int]) -> Any:
+        if without not in networks:
+            kept = [i for i, f in enumerate(folds) if f not in without]
+            networks[without] = train_heads(base, data.subset(kept), recipe.steps, recipe.lr)
+        return networks[without]
+
+    def evidence(heads: Any, members: list[int]) -> Any:
+        probabilities = head_probabilities(heads, pooled[members], mirrored[members])
+        return replace(measured.take(members), probabilities=probabilities)
+
+    def calibration(within: frozenset[int]) -> Any:
+        members = [i for i, f in enumerate(folds) if f in within]
+        rows: list[dict[str, Any]] = [{}] * len(images)
+        for fold in sorted(within):
+            held = [i for i, f in enumerate(folds) if f == fold]
+            read = evidence(network((every - within) | {fold}), held)
+            for j, i in enumerate(held):
+                rows[i] = read.row(j)
+        return fit([rows[i] for i in members], [labels[i] for i in members], recipe.penalty, 0.0, recipe.plain_penalty)
+
+    readings: list[dict[str, str]] = [{}] * len(images)
+    for fold in sorted(every):
+        held = [i for i, f in enumerate(folds) if f == fold]
+        seen = read_all(evidence(network(frozenset({fold})), held), calibration(every - {fold}))
+        for i, reading in zip(held, seen):
+            readings[i] = reading
+    return CrossFit(network(frozenset()), calibration(every), readings)
 
 
-def calibrate(folder: Path, weights: Path) -> int:
-    """Fine-tune the network and fit the reader's thresholds on the tuning part of the labelled set; write both
-    into the folder ``weights`` (the judge's safetensors and its calibration JSON)."""
-    from composer.toyworld.calibration import fit
+def calibrate(folder: Path, weights: Path, recipe: Recipe = Recipe()) -> int:
+    """Fine-tune the network and fit the reader's thresholds on every labelled image of the set in ``folder``
+    (:func:`cross_fit`); write both into the folder ``weights`` (the judge's safetensors and its calibration JSON)
+    and print the cross-fitted agreement."""
     from composer.toyworld.judge import JUDGE_FILE
-    from composer.toyworld.reader import CALIBRATION_FILE, Evidence, read_one
+    from composer.toyworld.reader import CALIBRATION_FILE
 
-    recipes, labels, images = load_set(folder)
-    tuning = [i for i, r in enumerate(recipes) if r["part"] == "tuning"]
-    tuning_labels = [labels[recipes[i]["id"]] for i in tuning]
-    network, rows = cross_fitted(images[tuning], tuning_labels)
-    calibration = fit(rows, tuning_labels)
-    network.save(weights / JUDGE_FILE)
-    calibration.save(weights / CALIBRATION_FILE)
-    evidence = Evidence.from_rows(rows)
-    seen = [read_one(evidence, i, calibration) for i in range(len(rows))]
-    out_of_fold = agreement([recipes[i] for i in tuning], labels, seen)
-    print("\n".join(agreement_markdown(out_of_fold, "tuning (out-of-fold network, thresholds fitted on them)")))
-    print(f"fine-tuned and fitted on {len(tuning)} tuning images: {weights}")
+    recipes, labels, images = _labelled(folder)
+    result = cross_fit(images, [labels[r["id"]] for r in recipes], folds_of(recipes), recipe)
+    result.network.save(weights / JUDGE_FILE)
+    result.calibration.save(weights / CALIBRATION_FILE)
+    print("\n".join(agreement_markdown(agreement(recipes, labels, result.readings), TUNING)))
+    print(f"fine-tuned and fitted on {len(recipes)} labelled images: {weights}")
     return 0
 
 
@@ -460,19 +530,30 @@ def agreement_markdown(result: dict[str, Any], part: str) -> list[str]:
     return [*lines, ""]
 
 
-def evaluate(folder: Path, docs: Path | None) -> int:
-    """Read the labelled set with the shipped judge and print (and write to ``docs``) the agreement per part."""
-    from composer.toyworld.verdict import shipped_judge
-
+def _labelled(folder: Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, str]], torch.Tensor]:
+    """:func:`load_set` restricted to the images that have labels."""
     recipes, labels, images = load_set(folder)
     keep = [i for i, r in enumerate(recipes) if r["id"] in labels]
-    recipes = [recipes[i] for i in keep]
-    seen = shipped_judge().read(images[keep])
+    return [recipes[i] for i in keep], labels, images[keep]
+
+
+def evaluate(folder: Path, fresh: Path, docs: Path | None, recipe: Recipe = Recipe()) -> int:
+    """Print (and write to ``docs``) the judge's agreement with the eye: on the labelled set in ``folder`` as
+    cross-fitted (each fold read by a judge fitted without it, :func:`cross_fit`), and on the set in ``fresh``,
+    which no choice about the judge looked at, as read by the shipped judge, once its labels exist."""
+    from composer.toyworld.verdict import shipped_judge
+
     results, lines = {}, []
-    for part in ("held_out", "tuning"):
-        members = [i for i, r in enumerate(recipes) if r["part"] == part]
-        results[part] = agreement([recipes[i] for i in members], labels, [seen[i] for i in members])
-        lines += agreement_markdown(results[part], part)
+    if (fresh / "labels.json").is_file():
+        recipes, labels, images = _labelled(fresh)
+        results[HELD_OUT] = agreement(recipes, labels, shipped_judge().read(images))
+        lines += agreement_markdown(results[HELD_OUT], HELD_OUT)
+    else:
+        print(f"{fresh / 'labels.json'} does not exist yet: no held-out agreement to report")
+    recipes, labels, images = _labelled(folder)
+    crossed = cross_fit(images, [labels[r["id"]] for r in recipes], folds_of(recipes), recipe)
+    results[TUNING] = agreement(recipes, labels, crossed.readings)
+    lines += agreement_markdown(results[TUNING], TUNING)
     print("\n".join(lines))
     if docs is not None:
         (docs / "judge_agreement.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -515,11 +596,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--exclude", type=Path, nargs="*", default=[], help="order.json files of sheets already made")
     g = sub.add_parser("legend", help="the clean render of every attribute value, captioned")
     g.add_argument("--out", type=Path, default=Path("docs/images/judge_legend.png"))
-    c = sub.add_parser("calibrate", help="fit the reader's thresholds on the tuning part")
+    c = sub.add_parser("calibrate", help="fine-tune the network and fit the thresholds on the whole labelled set")
     c.add_argument("--folder", type=Path, default=SET_FOLDER)
     c.add_argument("--weights", type=Path, default=None, help="folder to write into (default: the shipped weights)")
-    e = sub.add_parser("evaluate", help="judge against eye on each part of the set")
-    e.add_argument("--folder", type=Path, default=SET_FOLDER)
+    e = sub.add_parser("evaluate", help="judge against eye: the labelled set cross-fitted, the fresh set held out")
+    e.add_argument("--folder", type=Path, default=SET_FOLDER, help="the set the judge was fitted on")
+    e.add_argument("--fresh", type=Path, default=FRESH_FOLDER, help="the held-out set")
     e.add_argument("--docs", type=Path, default=None, help="write judge_agreement.md/.json here")
     r = sub.add_parser("collect", help="add readings (JSONL files, one per reader) to labels.json")
     r.add_argument("readings", type=Path, nargs="+")
@@ -532,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return calibrate(args.folder, args.weights or WEIGHTS_DIR.parent)
     if args.command == "evaluate":
-        return evaluate(args.folder, args.docs)
+        return evaluate(args.folder, args.fresh, args.docs)
     if args.command == "draw":
         return draw(args.folder, args.library, args.threads, args.shard, args.shards, args.first_seed)
     if args.command == "sheets":

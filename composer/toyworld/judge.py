@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, COLOURS, VOCABULAR
 from fusion.errors import TrainingError
 
 JUDGE_FILE = "judge.safetensors"
-"""The shipped network: trained on the generator, then fine-tuned on the labelled set's tuning part."""
+"""The shipped network: trained on the generator, its heads then fine-tuned on the labelled set."""
 GENERATOR_JUDGE_FILE = "judge_generator.safetensors"
 """The network as trained on the generator alone: where every fine-tune on labelled images starts from."""
 
@@ -223,52 +223,90 @@ def judge_accuracy(judge: Judge, count: int = 1000, seed: int = 12345) -> dict[s
     return result
 
 
-def fine_tune_on_labels(
-    judge: Judge,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    copies: int = 4,
-    renders: int = 1024,
-    steps: int = 400,
-    lr: float = 3e-3,
-    seed: int = 0,
-) -> Judge:
-    """A copy of ``judge`` whose heads are fine-tuned on model outputs labelled by eye: ``images`` (N, 3, 64, 64) in
-    [0, 1] with ``targets`` (N, 6) class indices in :data:`ATTRIBUTES` order, −1 where the eye was unsure (left out
-    of the loss). The trunk is kept: its features are read once for ``copies`` augmented (half of them mirrored)
-    copies of each image and for ``renders`` fresh generator images of the whole vocabulary with their exact labels,
-    which weigh as much as the labelled images, so the heads learn how a model's outputs depart from the generator
-    without forgetting the generator's world."""
+@dataclass
+class HeadData:
+    """What the heads are fine-tuned on: the frozen trunk's features of ``copies`` views of each labelled image
+    (view ``c`` of image ``n`` at row ``c × images + n``) with the eye's class indices (−1 where unsure, left out of
+    the loss), and of fresh generator renders with their exact labels."""
+
+    labelled: torch.Tensor
+    labelled_targets: torch.Tensor
+    generated: torch.Tensor
+    generated_targets: torch.Tensor
+    copies: int
+
+    @property
+    def images(self) -> int:
+        """How many labelled images (each in ``copies`` views)."""
+        return self.labelled.shape[0] // self.copies
+
+    def subset(self, indices: list[int]) -> HeadData:
+        """The same data for the labelled images at ``indices`` only (every view of each); renders kept."""
+        rows = [copy * self.images + i for copy in range(self.copies) for i in indices]
+        return replace(self, labelled=self.labelled[rows], labelled_targets=self.labelled_targets[rows])
+
+
+def head_data(
+    judge: Judge, images: torch.Tensor, targets: torch.Tensor, copies: int = 4, renders: int = 1024, seed: int = 0
+) -> HeadData:
+    """The trunk's features of ``images`` (N, 3, 64, 64) in [0, 1] labelled by eye — ``targets`` (N, 6) class
+    indices in :data:`ATTRIBUTES` order, −1 where the eye was unsure — in ``copies`` views (as drawn, mirrored, and
+    augmented, every other one mirrored), and of ``renders`` fresh generator images of the whole vocabulary."""
     if images.shape[0] != targets.shape[0] or targets.shape[1:] != (len(ATTRIBUTES),):
         raise TrainingError(
             f"{images.shape[0]} images and targets of shape {tuple(targets.shape)} do not match",
             hint="one row of six class indices (−1 where unsure) per image",
         )
+    if copies < 1:
+        raise TrainingError(f"copies {copies} must be at least 1", hint="1 reads each image once, as drawn")
     rng = WorldRandom(seed)
-    tuned = Judge(judge.trunk[0][0].out_channels)
-    tuned.load_state_dict(judge.state_dict())
-    tuned.eval()
+    judge = judge.eval()
     with torch.no_grad():
         views = []
         for copy in range(copies):
             view = images.flip(3) if copy % 2 else images
-            views.append(tuned.features(augment(view, rng.layout) if copy else view))
-        labelled = torch.cat(views)
-        labelled_targets = targets.repeat(copies, 1)
+            views.append(judge.features(augment(view, rng.layout) if copy > 1 else view))
         scenes = [sample_any_scene(rng.content) for _ in range(renders)]
-        generated = tuned.features(augment(render(scenes, sample_layout(renders, rng.layout)), rng.layout))
-        generated_targets = torch.tensor([s.labels() for s in scenes])
-    tuned.heads.train()
-    optimizer = torch.optim.AdamW(tuned.heads.parameters(), lr=lr, weight_decay=1e-3)
+        generated = judge.features(augment(render(scenes, sample_layout(renders, rng.layout)), rng.layout))
+    return HeadData(
+        labelled=torch.cat(views),
+        labelled_targets=targets.repeat(copies, 1),
+        generated=generated,
+        generated_targets=torch.tensor([s.labels() for s in scenes]),
+        copies=copies,
+    )
+
+
+def train_heads(judge: Judge, data: HeadData, steps: int = 400, lr: float = 3e-3) -> Judge:
+    """A copy of ``judge`` whose heads are fine-tuned on ``data`` (full batches, AdamW, cosine schedule; per head,
+    the labelled views and the renders weigh alike), its trunk kept. Deterministic."""
+    tuned = Judge(judge.trunk[0][0].out_channels)
+    tuned.load_state_dict(judge.state_dict())
+    heads = list(tuned.heads.values())
+    weight = nn.Parameter(torch.cat([head.weight.detach() for head in heads]))
+    bias = nn.Parameter(torch.cat([head.bias.detach() for head in heads]))
+    ends = torch.tensor([head.out_features for head in heads]).cumsum(0).tolist()
+    spans = list(zip([0, *ends[:-1]], ends))
+    features = torch.cat([data.labelled, data.generated])
+    labels = torch.cat([data.labelled_targets, data.generated_targets])
+    first = data.labelled.shape[0]
+    parts = [slice(0, first), slice(first, features.shape[0])]
+    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=1e-3)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        logits = F.linear(features, weight, bias)
         loss = torch.zeros(())
-        for features, labels in ((labelled, labelled_targets), (generated, generated_targets)):
-            for i, head in enumerate(tuned.heads.values()):
-                if bool((labels[:, i] >= 0).any()):
-                    loss = loss + F.cross_entropy(head(features), labels[:, i], ignore_index=-1)
+        for i, (start, end) in enumerate(spans):
+            for part in parts:
+                target = labels[part, i]
+                if bool((target >= 0).any()):
+                    loss = loss + F.cross_entropy(logits[part, start:end], target, ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    with torch.no_grad():
+        for head, (start, end) in zip(heads, spans):
+            head.weight.copy_(weight[start:end])
+            head.bias.copy_(bias[start:end])
     return tuned.eval()

@@ -11,7 +11,7 @@ named colours with an unsure band between neighbours, and the styles' grids meas
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,11 @@ class Evidence:
             backdrop=column("backdrop"),
         )
 
+    def take(self, indices: list[int]) -> Evidence:
+        """The evidence of the images at ``indices`` only, in that order."""
+        measures = {f.name: getattr(self, f.name)[indices] for f in fields(self) if f.name != "probabilities"}
+        return Evidence(probabilities={a: p[indices] for a, p in self.probabilities.items()}, **measures)
+
     def row(self, i: int) -> dict[str, Any]:
         """Image ``i``'s evidence as plain numbers (for fitting and for reports)."""
         return {
@@ -71,15 +76,33 @@ class Evidence:
         }
 
 
+MIRRORED = ("shape", "object")
+"""Attributes whose probabilities are the mean of the network's reading of the image and of its mirror image: a
+mirror shows the same shape and object, and the two readings' slips differ. Not the style (the stripes run along one
+diagonal only), nor the colour, background and clothing (on the labelled set, cross-fitted, the mirror gained
+nothing there or ranked the answers worse)."""
+
+
+def head_probabilities(network: Judge, pooled: torch.Tensor, mirrored: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Class probabilities per attribute from the trunk's pooled features of images and of their mirror images
+    (:meth:`Judge.features`), the attributes in :data:`MIRRORED` averaged over both."""
+    with torch.no_grad():
+        probabilities = {}
+        for attr, head in network.heads.items():
+            p = head(pooled).softmax(1)
+            probabilities[attr] = (p + head(mirrored).softmax(1)) / 2 if attr in MIRRORED else p
+    return probabilities
+
+
 def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:
     """The network's probabilities and the measures for images (B, 3, 64, 64) in [0, 1]."""
     images = images.detach().float().cpu().clamp(0, 1)
     with torch.no_grad():
-        logits = network(images)
+        pooled, mirrored = network.features(images), network.features(images.flip(3))
     fill = fill_hue(images)
     periodic = periodic_energy(images)
     return Evidence(
-        probabilities={a: logits[a].softmax(1) for a in ATTRIBUTES},
+        probabilities=head_probabilities(network, pooled, mirrored),
         hue=fill["hue"],
         purity=fill["purity"],
         pixels=fill["pixels"],
@@ -141,44 +164,51 @@ for a black outline a background bright enough to show it."""
 
 
 def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, str]:
-    """Image ``i``'s reading: a value of each attribute's vocabulary, or :data:`UNSURE` (see :func:`read_attribute`)."""
-    return {attr: read_attribute(evidence, i, calibration, attr) for attr in ATTRIBUTES}
+    """Image ``i``'s reading: a value of each attribute's vocabulary, or :data:`UNSURE` (see :func:`read_column`)."""
+    return {attr: read_column(evidence, calibration, attr)[i] for attr in ATTRIBUTES}
 
 
-def read_attribute(evidence: Evidence, i: int, calibration: Calibration, attr: str) -> str:
-    """Image ``i``'s reading of one attribute: a value of its vocabulary, or :data:`UNSURE`.
+def read_all(evidence: Evidence, calibration: Calibration) -> list[dict[str, str]]:
+    """Every image's reading (see :func:`read_column`)."""
+    columns = {attr: read_column(evidence, calibration, attr) for attr in ATTRIBUTES}
+    return [{attr: columns[attr][i] for attr in ATTRIBUTES} for i in range(len(columns[ATTRIBUTES[0]]))]
+
+
+def read_column(evidence: Evidence, calibration: Calibration, attr: str) -> list[str]:
+    """Every image's reading of one attribute: a value of its vocabulary, or :data:`UNSURE`.
 
     The attribute takes the network's most probable value if its probability reaches that value's floor. A style
-    whose measure falls short of what the calibration needs is ruled out first (its probability given to the
-    others). The colour must also be the named colour of the measured fill hue (outside the unsure bands), or
-    under the ``hue`` rule is that name alone."""
+    whose measure falls short of what the calibration needs is ruled out: where the network's most probable style
+    is ruled out, the style is unsure (the network sees it, the measure does not; neither settles it). The colour
+    must also be the named colour of the measured fill hue (outside the unsure bands), or under the ``hue`` rule is
+    that name alone."""
     if attr == "colour" and calibration.boundaries and calibration.colour_rule == "hue":
-        return _measured_colour(evidence, i, calibration)
-    p = evidence.probabilities[attr][i].clone()
+        return _measured_colours(evidence, calibration)
+    p = evidence.probabilities[attr].double().clone()
+    ruled_out = torch.zeros_like(p, dtype=torch.bool)
     if attr == "style":
         for style, measure in STYLE_GATES.items():
             need = calibration.style_needs.get(style)
-            if need is not None and float(getattr(evidence, measure)[i]) < need:
-                p[VOCABULARY["style"].index(style)] = 0.0
-        p = p / p.sum().clamp_min(1e-12)
-    best = int(p.argmax())
-    value = VOCABULARY[attr][best]
-    if float(p[best]) < calibration.floor.get(attr, {}).get(value, 0.0):
-        return UNSURE
-    if attr == "colour" and calibration.boundaries and _measured_colour(evidence, i, calibration) != value:
-        return UNSURE
-    return value
+            if need is not None:
+                ruled_out[:, VOCABULARY["style"].index(style)] = getattr(evidence, measure).double() < need
+    top, best = p.max(1)
+    floors = torch.tensor([calibration.floor.get(attr, {}).get(v, 0.0) for v in VOCABULARY[attr]], dtype=p.dtype)
+    sure = ((top >= floors[best]) & ~ruled_out.gather(1, best[:, None])[:, 0]).tolist()
+    values = [VOCABULARY[attr][b] if ok else UNSURE for b, ok in zip(best.tolist(), sure)]
+    if attr == "colour" and calibration.boundaries:
+        measured = _measured_colours(evidence, calibration)
+        values = [value if value == seen else UNSURE for value, seen in zip(values, measured)]
+    return values
 
 
-def _measured_colour(evidence: Evidence, i: int, calibration: Calibration) -> str:
-    """The named colour of image ``i``'s measured fill hue, or :data:`UNSURE` where the fill cannot be read."""
-    hue = float(evidence.hue[i])
+def _measured_colours(evidence: Evidence, calibration: Calibration) -> list[str]:
+    """The named colour of each image's measured fill hue, or :data:`UNSURE` where the fill cannot be read."""
     readable = (
-        hue == hue
-        and float(evidence.purity[i]) >= calibration.min_purity
-        and float(evidence.pixels[i]) >= calibration.min_pixels
-    )
-    return _hue_name(hue, calibration) if readable else UNSURE
+        (evidence.hue == evidence.hue)
+        & (evidence.purity.double() >= calibration.min_purity)
+        & (evidence.pixels.double() >= calibration.min_pixels)
+    ).tolist()
+    return [_hue_name(hue, calibration) if ok else UNSURE for hue, ok in zip(evidence.hue.tolist(), readable)]
 
 
 class Reader:
@@ -196,7 +226,7 @@ class Reader:
     def read(self, images: torch.Tensor) -> list[dict[str, str]]:
         """What the judge is sure it sees in each image (B, 3, 64, 64) in [0, 1]; :data:`UNSURE` elsewhere."""
         evidence = self.evidence(images)
-        return [read_one(evidence, i, self.calibration) for i in range(images.shape[0])]
+        return read_all(evidence, self.calibration)
 
 
 def colour_names() -> tuple[str, ...]:

@@ -79,11 +79,12 @@ def test_a_fill_on_a_boundary_band_is_unsure_and_beside_it_is_read() -> None:
     assert read_one(_evidence(252.0), 0, calibration)["colour"] == UNSURE
 
 
-def test_a_style_whose_grid_is_not_measured_is_ruled_out() -> None:
+def test_a_style_the_network_sees_but_its_grid_does_not_show_is_unsure() -> None:
     calibration = Calibration(style_needs={"pixel": 1.8})
     claims = {"pixel": 0.9, "none": 0.1}
-    assert read_one(_evidence(225.0, claims, mosaic=1.2), 0, calibration)["style"] == "none"
+    assert read_one(_evidence(225.0, claims, mosaic=1.2), 0, calibration)["style"] == UNSURE
     assert read_one(_evidence(225.0, claims, mosaic=2.5), 0, calibration)["style"] == "pixel"
+    assert read_one(_evidence(225.0, {"none": 0.6, "pixel": 0.4}, mosaic=1.2), 0, calibration)["style"] == "none"
 
 
 def test_fit_finds_the_floor_above_which_the_network_is_right() -> None:
