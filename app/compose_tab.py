@@ -7,7 +7,6 @@ The adapter editor is a table with one row per picked adapter; its columns map o
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -40,8 +39,7 @@ def _optional_float(value: Any, column: str, name: str) -> float | None:
 
 
 def adapter_requests(rows: list[list[Any]] | None) -> list[LoraTag]:
-    """The editor table's rows as requests (blank rows skipped; numbers checked). A blank weight asks for the
-    adapter's calibrated default weight (shown, once generated, in the "why these adapters" table)."""
+    """The editor table's rows as requests (blank rows skipped; numbers checked)."""
     requests = []
     for row in rows or []:
         cells = [*list(row), *[None] * len(EDITOR_HEADERS)][: len(EDITOR_HEADERS)]
@@ -49,24 +47,23 @@ def adapter_requests(rows: list[list[Any]] | None) -> list[LoraTag]:
         if not name:
             continue
         weight = _optional_float(cells[1], "weight", name)
-        schedule = str(cells[2] or "").strip() or None
-        request = adapter_request(
-            name=name,
-            weight=DEFAULT_WEIGHT if weight is None else weight,
-            schedule=schedule,
-            block_weights=str(cells[3] or "").strip() or None,
-            start=_optional_float(cells[4], "start", name),
-            stop=_optional_float(cells[5], "stop", name),
+        requests.append(
+            adapter_request(
+                name=name,
+                weight=DEFAULT_WEIGHT if weight is None else weight,
+                schedule=str(cells[2] or "").strip() or None,
+                block_weights=str(cells[3] or "").strip() or None,
+                start=_optional_float(cells[4], "start", name),
+                stop=_optional_float(cells[5], "stop", name),
+            )
         )
-        requests.append(request if weight is not None or schedule else replace(request, weight_given=False))
     return requests
 
 
 def sync_editor(picked: list[str] | None, rows: list[list[Any]] | None) -> list[list[Any]]:
-    """One editor row per picked adapter, keeping the edits of rows already there; a new row's weight is blank (the
-    adapter's calibrated default)."""
+    """One editor row per picked adapter, keeping the edits of rows already there."""
     existing = {str(row[0]): list(row) for row in rows or [] if row and row[0]}
-    return [existing.get(name, [name, None, "", "", "", ""]) for name in picked or []]
+    return [existing.get(name, [name, DEFAULT_WEIGHT, "", "", "", ""]) for name in picked or []]
 
 
 def why_rows(result: Any) -> list[list[Any]]:
@@ -138,8 +135,7 @@ def build(service: CompositionService) -> None:
                 datatype=["str", "number", "str", "str", "str", "str"],
                 type="array",
                 interactive=True,
-                label="Weights (blank: the adapter's calibrated default), schedules (0@0,1@0.5), block weights "
-                "(INS, OUTALL or 1,0,…), start/stop",
+                label="Weights, schedules (0@0,1@0.5), block weights (INS, OUTALL or 1,0,…), start/stop",
                 visible=not names,
                 elem_id="editor",
             )

@@ -18,8 +18,6 @@ def test_editor_rows_become_requests() -> None:
     first, second = adapter_requests(rows)
     assert first == LoraTag("corgi_astronaut", 0.7, block_weights="OUTALL", stop=0.5)
     assert second == LoraTag("watercolor", "0@0,1@0.5", start=2.0), "the schedule replaces the weight"
-    (blank,) = adapter_requests([["watercolor", None, "", "", "", ""]])
-    assert not blank.weight_given, "a blank weight asks for the calibrated default"
 
 
 def test_editor_rejects_non_numbers() -> None:
@@ -34,7 +32,7 @@ def test_schedule_must_be_keyframes() -> None:
 
 def test_sync_editor_keeps_edits_and_follows_the_picker() -> None:
     rows = [["a", 0.3, "0@0,1@1", "", "", ""], ["b", 0.9, "", "", "", ""]]
-    assert sync_editor(["b", "c"], rows) == [["b", 0.9, "", "", "", ""], ["c", None, "", "", "", ""]]
+    assert sync_editor(["b", "c"], rows) == [["b", 0.9, "", "", "", ""], ["c", 0.8, "", "", "", ""]]
     assert sync_editor([], rows) == []
 
 
