@@ -18,8 +18,8 @@ keeps backgrounds on both branches too and gives the unconditional half of every
 (``branches={name: share}``, :data:`UNCONDITIONAL_SHARE` for every adapter) and runs every adapter at its calibrated
 default weight (:mod:`composer.calibration`, from the adapter file and the base model alone, stored in the library's
 catalog), labelled ``<method> (shared)``. ``--default-path`` adds the rows of what a user gets with no options:
-``Composer(model="toy-sd", library=LIB).run(prompt, loras="auto", seed=s)`` (retrieval, calibrated weights, the
-facade's defaults), labelled ``default path``.
+``Composer(model="toy-sd", library=LIB).run(prompt, loras="auto", seed=s)`` (retrieval and the facade's defaults),
+labelled ``default path``, and the same with ``calibrated_defaults=True``, labelled ``default path (calibrated)``.
 The LoRA-alone table gets a column pair for each of those settings too, or for those given to ``--alone-branches``
 (a ``mixed`` alone column beside the protocol's rows, without the mixed compositions). ``--compositions-only --name
 NAME`` runs the composition rows alone into ``docs/NAME.md`` (a branch setting added
@@ -303,42 +303,48 @@ def run_default_path(
 ) -> dict[str, Any]:
     """For each k, the :data:`DEFAULT_PATH` row: ``Composer(model="toy-sd", library=library).run(prompt,
     loras="auto", seed=s)`` on the same sets, prompts and seeds as :func:`run_compositions` (same seeded picker),
-    every other argument at its default; element presence and all-elements success by the judge, and how often
-    retrieval picked exactly the named adapters."""
+    every other argument at its default, and beside it the same with ``calibrated_defaults=True``; element presence
+    and all-elements success by the judge, and how often retrieval picked exactly the named adapters."""
     from composer.facade import Composer
-    from composer.toyworld.verdict import judge_images
 
-    composer = Composer(model="toy-sd", library=library)
+    composers = {
+        DEFAULT_PATH: Composer(model="toy-sd", library=library),
+        f"{DEFAULT_PATH} (calibrated)": Composer(model="toy-sd", library=library, calibrated_defaults=True),
+    }
     table: dict[str, Any] = {}
     picker = random.Random(0)
     for k in ks:
         every = composition_sets(names, k)
         chosen = chosen_sets(every, sets_per_k if k not in every_set_k else None, picker)
         trials = [(combo, seed) for combo in chosen for seed in seeds]
-        counts, successes, exact, seconds = [], 0, 0, 0.0
-        for combo, seed in trials:
-            prompt = composition_prompt(combo, seed)
-            result = composer.run(prompt, loras="auto", seed=seed)
-            picked = {adapter.name for adapter in result.adapters}
-            exact += picked == set(combo)
-            tensor = torch.from_numpy(np.asarray(result.images[0])).permute(2, 0, 1)[None] / 255.0
-            verdict = judge_images(tensor.float(), [prompt], [list(combo)])[0]
-            present = sum(verdict.concepts.values())
-            counts.append(present)
-            successes += present == len(combo)
-            seconds += result.seconds
-        table[f"k={k}"] = {
-            "sets": len(chosen),
-            "sets_possible": len(every),
-            "images_per_method": len(trials),
-            DEFAULT_PATH: {
-                "element_presence": round(sum(counts) / (len(trials) * k), 3),
-                "all_elements": round(successes / len(trials), 3),
-                "seconds_per_image": round(seconds / len(trials), 2),
-                "retrieved_exactly": exact,
-            },
-        }
+        table[f"k={k}"] = {"sets": len(chosen), "sets_possible": len(every), "images_per_method": len(trials)}
+        for label, composer in composers.items():
+            table[f"k={k}"][label] = _default_path_cell(composer, trials, k)
     return table
+
+
+def _default_path_cell(composer: Any, trials: list[tuple[tuple[str, ...], int]], k: int) -> dict[str, Any]:
+    """One default-path row cell: ``composer.run(prompt, loras="auto", seed=seed)`` on every trial, judged."""
+    from composer.toyworld.verdict import judge_images
+
+    counts, successes, exact, seconds = [], 0, 0, 0.0
+    for combo, seed in trials:
+        prompt = composition_prompt(combo, seed)
+        result = composer.run(prompt, loras="auto", seed=seed)
+        picked = {adapter.name for adapter in result.adapters}
+        exact += picked == set(combo)
+        tensor = torch.from_numpy(np.asarray(result.images[0])).permute(2, 0, 1)[None] / 255.0
+        verdict = judge_images(tensor.float(), [prompt], [list(combo)])[0]
+        present = sum(verdict.concepts.values())
+        counts.append(present)
+        successes += present == len(combo)
+        seconds += result.seconds
+    return {
+        "element_presence": round(sum(counts) / (len(trials) * k), 3),
+        "all_elements": round(successes / len(trials), 3),
+        "seconds_per_image": round(seconds / len(trials), 2),
+        "retrieved_exactly": exact,
+    }
 
 
 def alone_scenes(name: str, images: int, scene_seed: int = ALONE_SEED) -> tuple[list[Any], list[str]]:
@@ -683,7 +689,9 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(int(k) for k in args.every_set_k.split(",") if k),
             )
             for k, row in default_rows.items():
-                result["compositions"].setdefault(k, row)[DEFAULT_PATH] = row[DEFAULT_PATH]
+                result["compositions"].setdefault(k, {}).update(
+                    {label: cell for label, cell in row.items() if label.startswith(DEFAULT_PATH)}
+                )
     samples = result["compositions"].pop("_samples")
     result["adapters"] = names
     if calibrated is not None:

@@ -93,7 +93,10 @@ class Composer:
     """Retrieve, compose and generate: ``Composer(model="tiny-sd", library=DIR).run("a prompt", loras="auto")``.
 
     Adapters are named by catalog name or, unless ``library_only`` (set when serving requests from others), by file
-    path; with ``library_only`` anything shaped like a path is refused before the file system is consulted."""
+    path; with ``library_only`` anything shaped like a path is refused before the file system is consulted.
+    ``calibrated_defaults`` gives adapters requested without a weight their calibrated default weight
+    (:meth:`default_weights`); off by default, since on toy-sd the calibration undershoots characters, styles and
+    backgrounds (docs/methods.md#calibration)."""
 
     step_defaults: ClassVar[Mapping[str, int]] = DEFAULT_STEPS
     """Steps per model family when a run does not say (the offline presets run :data:`PRESET_STEPS`)."""
@@ -110,8 +113,10 @@ class Composer:
         library_only: bool = False,
         vae: str | Path | None = None,
         text_encoders: str | Path | None = None,
+        calibrated_defaults: bool = False,
     ) -> None:
         self.model = model or default_model()
+        self.calibrated_defaults = calibrated_defaults
         self.vae = vae
         self.text_encoders = text_encoders
         self.library_dir = None if library is None else Path(library)
@@ -378,7 +383,8 @@ class Composer:
             options.setdefault("record", True)
         rejected: list[RejectedAdapter] = []
         clean_prompt, chosen = self.choose(prompt, loras, max_loras=max_loras, rejected=rejected)
-        self.default_weights(chosen)
+        if self.calibrated_defaults:
+            self.default_weights(chosen)
         pipe = self.pipe
         steps = self._steps(steps)
         size = TINY_SIZE if self._tiny else None

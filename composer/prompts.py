@@ -2,7 +2,7 @@
 
 Supported, matching the WebUI and its popular extensions:
 
-- ``<lora:name>`` (the adapter's calibrated default weight, see :mod:`composer.calibration`), ``<lora:name:0.8>``
+- ``<lora:name>`` (weight 1.0, or the calibrated default weight, see :mod:`composer.calibration`), ``<lora:name:0.8>``
   (text encoder and denoiser), ``<lora:name:0.8:0.5>`` (as in A1111: the first value is the text-encoder
   multiplier and the default for the denoiser, the second overrides the denoiser's);
 - named arguments ``te=0.5``, ``unet=0.8`` (A1111), ``lbw=INS`` or ``lbw=1,0,0,…`` (LoRA Block Weight),
@@ -36,8 +36,8 @@ class LoraTag:
     start: float | None = None
     stop: float | None = None
     weight_given: bool = True
-    """False when the request names no denoiser weight (``<lora:name>``, a bare name in a list): the composer then
-    uses the adapter's calibrated default weight in place of ``weight``."""
+    """False when the request names no denoiser weight (``<lora:name>``, a bare name in a list): a composer with
+    calibrated defaults then uses the adapter's calibrated weight in place of ``weight``."""
 
     @property
     def is_scheduled(self) -> bool:

@@ -106,7 +106,7 @@ def test_calibration_is_deterministic_and_a_file_scaled_up_gets_a_smaller_weight
 def test_a_weightless_tag_is_calibrated_once_stored_and_reused_and_a_weight_overrides_it(
     library: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    composer = Composer(model="tiny-sd", library=library)
+    composer = Composer(model="tiny-sd", library=library, calibrated_defaults=True)
     result = composer.run("a corgi <lora:style>", steps=1)
     entry = composer.library.get("style")
     identity = model_identity(composer.pipe, "tiny-sd")
@@ -119,10 +119,12 @@ def test_a_weightless_tag_is_calibrated_once_stored_and_reused_and_a_weight_over
         raise AssertionError("a stored calibration is measured again")
 
     monkeypatch.setattr(Calibrator, "calibrate", refuse)
-    fresh = Composer(model="tiny-sd", library=library)
+    fresh = Composer(model="tiny-sd", library=library, calibrated_defaults=True)
     assert fresh.run("a corgi <lora:style>", steps=1).adapters[0].weight == calibration.weight
     assert fresh.run("a corgi <lora:style:0.3>", steps=1).adapters[0].weight == 0.3
     assert fresh.run("a corgi", loras={"style": 0.7}, steps=1).adapters[0].weight == 0.7
+    plain = Composer(model="tiny-sd", library=library)
+    assert plain.run("a corgi <lora:style>", steps=1).adapters[0].weight == 1.0, "calibrated defaults are opt-in"
 
 
 def test_a_changed_file_invalidates_its_calibration(library: Path, tiny_sd: Any, tmp_path: Path) -> None:

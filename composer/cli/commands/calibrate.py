@@ -1,8 +1,8 @@
 """`compose calibrate --library DIR`: measure and store each adapter's calibrated default weight on the model.
 
 A command of its own rather than an ``index`` option: indexing reads file headers and never loads a model (it stays
-torch-free and fast), while calibration runs the base model; composing calibrates whatever is missing anyway, so this
-command only does that work ahead of time, for the whole library at once.
+torch-free and fast), while calibration runs the base model; composing with calibrated defaults calibrates whatever is
+missing anyway, so this command only does that work ahead of time, for the whole library at once.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="For every adapter of the library made for the model's family, measure the weight at which its "
         "effect on the denoiser's prediction is the calibration target times the guidance signal (see "
         "docs/methods.md#calibration) and store it in the catalog with the file's hash and the model's identity. "
-        "Adapters already calibrated for this file content and model are listed, not measured again. Requests "
-        "that name no weight (--loras auto, <lora:name>) use the stored weight.",
+        "Adapters already calibrated for this file content and model are listed, not measured again. "
+        "Composer(..., calibrated_defaults=True) gives requests that name no weight the stored weight.",
     )
     add_catalog_options(parser, library_help="LoRA folder (indexed incrementally)")
     add_model_options(parser)
