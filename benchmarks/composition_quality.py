@@ -15,8 +15,11 @@ weight and at the weight the library's cards recommend (``PREFERRED_WEIGHT``, 1.
 adapter on the conditional branch only, labelled ``<method> (mixed)``. The rule comes from the tuning scenes in
 ``composer/toyworld/weights/README.md`` (seed 99, and k = 2 seeds 10–12), not from the benchmark's own. ``shared``
 keeps backgrounds on both branches too and gives the unconditional half of every other adapter a share of its weight
-(``branches={name: share}``, :data:`SHARES`: 0.5, 0.25 for pixel_art), labelled ``<method> (shared)``; chosen on
-the LoRA-alone tuning scenes of seeds 99 and 123.
+(``branches={name: share}``, :data:`UNCONDITIONAL_SHARE` for every adapter) and runs every adapter at its calibrated
+default weight (:mod:`composer.calibration`, from the adapter file and the base model alone, stored in the library's
+catalog), labelled ``<method> (shared)``. ``--default-path`` adds the rows of what a user gets with no options:
+``Composer(model="toy-sd", library=LIB).run(prompt, loras="auto", seed=s)`` (retrieval and the facade's defaults),
+labelled ``default path``, and the same with ``calibrated_defaults=True``, labelled ``default path (calibrated)``.
 The LoRA-alone table gets a column pair for each of those settings too, or for those given to ``--alone-branches``
 (a ``mixed`` alone column beside the protocol's rows, without the mixed compositions). ``--compositions-only --name
 NAME`` runs the composition rows alone into ``docs/NAME.md`` (a branch setting added
@@ -46,6 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks._common import cpu_hardware
@@ -58,23 +62,13 @@ WEIGHT = 0.8
 BRANCHES = ("both", "conditional", "mixed", "shared")
 EXTRA_BRANCHES = BRANCHES[1:]
 """The settings that add rows (and LoRA-alone columns) beside the protocol's both-branch ones."""
-SHARES = {
-    "zorbex": 0.5,
-    "kiboko": 0.5,
-    "lunari": 0.5,
-    "crown": 0.5,
-    "sunglasses": 0.5,
-    "pixel_art": 0.25,
-    "polka_dots": 0.5,
-    "flower": 0.5,
-    "mushroom": 0.5,
-    "sunset": 1.0,
-    "forest": 1.0,
-}
-"""Under ``shared``: the share of each library adapter's weight that CFG's unconditional half carries (like the
-recommended weight on a LoRA's card): the better of 0.5 and 0.25 for it alone on the tuning scenes (seeds 99 and
-123; 0.5 where they tie or 0.25 was not measured on both). Backgrounds stay on both branches, as under ``mixed``: at
-0.5 they lost the scene's other attributes."""
+UNCONDITIONAL_SHARE = 0.5
+"""Under ``shared``: the share of its weight that a non-background adapter carries on CFG's unconditional half (one
+number for every adapter). Backgrounds stay on both branches, as under ``mixed``: at 0.5 they lost the scene's other
+attributes."""
+DEFAULT_PATH = "default path"
+"""The row label of ``Composer(model="toy-sd", library=LIB).run(prompt, loras="auto", seed=s)``, every other argument
+at its default."""
 GUIDANCE = 3.0
 """CFG scale of every image (toy-sd's default)."""
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -92,10 +86,10 @@ MIXED_NOTE = (
     " and seeds the benchmark does not use."
 )
 SHARED_NOTE = (
-    " Rows and columns marked (shared): background adapters on both CFG branches, every other adapter on the"
-    " conditional branch at its weight and on the unconditional one at a share of it, 0.25 for pixel_art and 0.5 for"
-    " the others (`branches={name: share}`); the shares were chosen per adapter on tuning scenes the benchmark does"
-    " not use. Every method runs on both halves, the unconditional one at the shares."
+    " Rows and columns marked (shared): every adapter at its calibrated default weight (measured from the adapter"
+    " file and the base model alone, docs/methods.md#calibration), background adapters on both CFG branches, every"
+    " other adapter on the conditional branch at its weight and on the unconditional one at half of it"
+    " (`branches={name: 0.5}`). Every method runs on both halves, the unconditional one at the share."
 )
 _SUFFIX = {"both": "", "conditional": " (cond)", "mixed": " (mixed)", "shared": " (shared)"}
 
@@ -109,8 +103,8 @@ def variant(method: str, branches: str) -> str:
 
 def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str | float]:
     """What ``set_composition(branches=...)`` gets for ``combo`` under a branch setting: ``mixed`` puts every
-    non-background adapter on the conditional branch only, ``shared`` gives its unconditional half the adapter's
-    :data:`SHARES` (backgrounds, unnamed, act on both)."""
+    non-background adapter on the conditional branch only, ``shared`` gives its unconditional half
+    :data:`UNCONDITIONAL_SHARE` of its weight (backgrounds, unnamed, act on both)."""
     if setting not in ("mixed", "shared"):
         return setting
     from composer.toyworld.world import CONCEPTS
@@ -118,7 +112,33 @@ def branch_choice(setting: str, combo: tuple[str, ...]) -> str | dict[str, str |
     categories = {name: CONCEPTS[name].category for name in combo if CONCEPTS[name].category != "background"}
     if setting == "mixed":
         return dict.fromkeys(categories, "conditional")
-    return {name: SHARES[name] for name in categories}
+    return dict.fromkeys(categories, UNCONDITIONAL_SHARE)
+
+
+def setting_weights(
+    setting: str, combo: tuple[str, ...], weight: float, calibrated: dict[str, float] | None
+) -> dict[str, float]:
+    """The weights ``combo`` composes at under a branch setting: the calibrated ones under ``shared``, else
+    ``weight`` for every adapter."""
+    if setting == "shared":
+        if calibrated is None:
+            raise ValueError("the shared setting needs the library's calibrated weights")
+        return {name: calibrated[name] for name in combo}
+    return dict.fromkeys(combo, weight)
+
+
+def calibrated_weights(pipe: Any, library: Path, names: list[str]) -> dict[str, float]:
+    """Each library adapter's calibrated default weight on ``pipe`` (stored in the library's catalog; measured there
+    first when missing)."""
+    from composer.calibration import Calibrator, catalog_calibration
+    from composer.calibration_store import model_identity
+    from weights_index.catalog import Library
+
+    catalog = Library(library)
+    catalog.scan()
+    calibrator = Calibrator(pipe)
+    identity = model_identity(pipe, "toy-sd")
+    return {name: catalog_calibration(calibrator, catalog, catalog.get(name), identity).weight for name in names}
 
 
 def toy_pipeline(library: Path) -> tuple[Any, list[str]]:
@@ -206,6 +226,7 @@ def run_compositions(
     every_set_k: tuple[int, ...] = (),
     branches: tuple[str, ...] = ("both",),
     cache: ImageCache | None = None,
+    calibrated: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """For each k and method (on each of ``branches``, see :func:`variant`): element presence, all-elements success,
     win/tie/lose vs merge, seconds per image.
@@ -236,7 +257,8 @@ def run_compositions(
                 prompt = composition_prompt(combo, seed)
                 options = {"gates": bank} if method == "gated" else {}
                 choice = branch_choice(branch, combo)
-                pipe.set_composition(dict.fromkeys(combo, weight), method=method, branches=choice, **options)
+                weights = setting_weights(branch, combo, weight, calibrated)
+                pipe.set_composition(weights, method=method, branches=choice, **options)
                 image, per_image = _drawn(
                     cache,
                     pipe,
@@ -244,7 +266,7 @@ def run_compositions(
                     seed,
                     steps,
                     draw="composition",
-                    weights=dict.fromkeys(combo, weight),
+                    weights=weights,
                     method=method,
                     branches=choice,
                     gates=gates_digest if method == "gated" else None,
@@ -276,6 +298,55 @@ def run_compositions(
     return table
 
 
+def run_default_path(
+    library: Path, names: list[str], ks: list[int], sets_per_k: int, seeds: list[int], every_set_k: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """For each k, the :data:`DEFAULT_PATH` row: ``Composer(model="toy-sd", library=library).run(prompt,
+    loras="auto", seed=s)`` on the same sets, prompts and seeds as :func:`run_compositions` (same seeded picker),
+    every other argument at its default, and beside it the same with ``calibrated_defaults=True``; element presence
+    and all-elements success by the judge, and how often retrieval picked exactly the named adapters."""
+    from composer.facade import Composer
+
+    composers = {
+        DEFAULT_PATH: Composer(model="toy-sd", library=library),
+        f"{DEFAULT_PATH} (calibrated)": Composer(model="toy-sd", library=library, calibrated_defaults=True),
+    }
+    table: dict[str, Any] = {}
+    picker = random.Random(0)
+    for k in ks:
+        every = composition_sets(names, k)
+        chosen = chosen_sets(every, sets_per_k if k not in every_set_k else None, picker)
+        trials = [(combo, seed) for combo in chosen for seed in seeds]
+        table[f"k={k}"] = {"sets": len(chosen), "sets_possible": len(every), "images_per_method": len(trials)}
+        for label, composer in composers.items():
+            table[f"k={k}"][label] = _default_path_cell(composer, trials, k)
+    return table
+
+
+def _default_path_cell(composer: Any, trials: list[tuple[tuple[str, ...], int]], k: int) -> dict[str, Any]:
+    """One default-path row cell: ``composer.run(prompt, loras="auto", seed=seed)`` on every trial, judged."""
+    from composer.toyworld.verdict import judge_images
+
+    counts, successes, exact, seconds = [], 0, 0, 0.0
+    for combo, seed in trials:
+        prompt = composition_prompt(combo, seed)
+        result = composer.run(prompt, loras="auto", seed=seed)
+        picked = {adapter.name for adapter in result.adapters}
+        exact += picked == set(combo)
+        tensor = torch.from_numpy(np.asarray(result.images[0])).permute(2, 0, 1)[None] / 255.0
+        verdict = judge_images(tensor.float(), [prompt], [list(combo)])[0]
+        present = sum(verdict.concepts.values())
+        counts.append(present)
+        successes += present == len(combo)
+        seconds += result.seconds
+    return {
+        "element_presence": round(sum(counts) / (len(trials) * k), 3),
+        "all_elements": round(successes / len(trials), 3),
+        "seconds_per_image": round(seconds / len(trials), 2),
+        "retrieved_exactly": exact,
+    }
+
+
 def alone_scenes(name: str, images: int, scene_seed: int = ALONE_SEED) -> tuple[list[Any], list[str]]:
     """The LoRA-alone row's scenes for the concept ``name`` (base-vocabulary scenes with the concept applied) and
     their captions, drawn with ``scene_seed``: the same for every run, method and branch setting."""
@@ -301,10 +372,11 @@ def run_alone(
     branches: str = "both",
     scene_seed: int = ALONE_SEED,
     cache: ImageCache | None = None,
+    calibrated: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Each LoRA alone at ``weight`` (on the branch setting ``branches``, ``mixed`` as in compositions) on base
-    scenes drawn with ``scene_seed``: its concept present, and the prompt's other attributes kept. Images come
-    through ``cache`` (none: every one drawn)."""
+    """Each LoRA alone at ``weight`` (its calibrated weight under ``shared``; on the branch setting ``branches``,
+    ``mixed`` as in compositions) on base scenes drawn with ``scene_seed``: its concept present, and the prompt's
+    other attributes kept. Images come through ``cache`` (none: every one drawn)."""
     from composer.toyworld.verdict import judge_images
     from composer.toyworld.world import CONCEPTS
 
@@ -313,10 +385,9 @@ def run_alone(
         concept = CONCEPTS[name]
         scenes, prompts = alone_scenes(name, images, scene_seed)
         choice = branch_choice(branches, (name,))
-        pipe.set_composition({name: weight}, method="merge", branches=choice)
-        out, _ = _drawn(
-            cache, pipe, prompts, 0, steps, draw="alone", weights={name: weight}, method="merge", branches=choice
-        )
+        weights = setting_weights(branches, (name,), weight, calibrated)
+        pipe.set_composition(weights, method="merge", branches=choice)
+        out, _ = _drawn(cache, pipe, prompts, 0, steps, draw="alone", weights=weights, method="merge", branches=choice)
         pipe.clear_composition()
         verdicts = judge_images(out, prompts, [[name]] * images)
         kept = [others_kept(v.seen, s, concept) for v, s in zip(verdicts, scenes)]
@@ -430,8 +501,8 @@ def _alone_lines(result: dict[str, Any]) -> list[str]:
         for key, at in [("alone", weight), ("alone_preferred", result.get("preferred_weight"))]
         if key in result
     ] + [
-        (f"alone_{s}", f"concept present at {weight}{_SUFFIX[s]} | others kept at {weight}{_SUFFIX[s]}")
-        for s in EXTRA_BRANCHES
+        (f"alone_{s}", f"concept present at {at}{_SUFFIX[s]} | others kept at {at}{_SUFFIX[s]}")
+        for s, at in ((s, "calibrated weight" if s == "shared" else weight) for s in EXTRA_BRANCHES)
         if f"alone_{s}" in result
     ]
     if not columns:
@@ -515,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
         default=ALONE_SEED,
         help="seed of the LoRA-alone scenes (default: the benchmark's held-out set)",
     )
+    parser.add_argument(
+        "--default-path",
+        action="store_true",
+        help='add the "default path" rows: Composer(model="toy-sd", library=LIB).run(prompt, loras="auto", seed=s)',
+    )
     parser.add_argument("--name", default="composition_quality", help="file stem of the docs written by --docs")
     parser.add_argument(
         "--image-cache",
@@ -538,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe, names = toy_pipeline(args.library)
     fingerprint = "" if args.image_cache is None else drawing_fingerprint(REPOSITORY)
     cache = ImageCache(args.image_cache, fingerprint)
+    calibrated = calibrated_weights(pipe, args.library, names) if "shared" in branches + alone_branches else None
     gates = args.gates or LIBRARY_GATES
     methods = tuple(m for m in args.methods.split(",") if m != "gated" or gates.is_file())
     started = time.perf_counter()
@@ -547,7 +624,17 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "mode": "quick",
             "compositions": run_compositions(
-                pipe, names, [2], 1, [0], args.steps, methods, gates=gates, branches=branches, cache=cache
+                pipe,
+                names,
+                [2],
+                1,
+                [0],
+                args.steps,
+                methods,
+                gates=gates,
+                branches=branches,
+                cache=cache,
+                calibrated=calibrated,
             ),
         }
     else:
@@ -575,7 +662,15 @@ def main(argv: list[str] | None = None) -> int:
             for setting in EXTRA_BRANCHES:
                 if setting in alone_branches:
                     result[f"alone_{setting}"] = run_alone(
-                        pipe, names, args.alone_images, args.steps, args.weight, setting, args.alone_seed, cache
+                        pipe,
+                        names,
+                        args.alone_images,
+                        args.steps,
+                        args.weight,
+                        setting,
+                        args.alone_seed,
+                        cache,
+                        calibrated,
                     )
         result["compositions"] = {"_samples": {}}
     if not (args.quick or args.alone_only):
@@ -593,10 +688,26 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(int(k) for k in args.every_set_k.split(",") if k),
                 branches,
                 cache,
+                calibrated,
             ),
         }
+        if args.default_path:
+            default_rows = run_default_path(
+                args.library,
+                names,
+                [2, 3, 4, 5],
+                args.sets,
+                list(range(args.seeds)),
+                tuple(int(k) for k in args.every_set_k.split(",") if k),
+            )
+            for k, row in default_rows.items():
+                result["compositions"].setdefault(k, {}).update(
+                    {label: cell for label, cell in row.items() if label.startswith(DEFAULT_PATH)}
+                )
     samples = result["compositions"].pop("_samples")
     result["adapters"] = names
+    if calibrated is not None:
+        result["calibrated_weights"] = calibrated
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["images"] = {"drawn": cache.drawn, "reused": cache.reused}
     result["hardware"] = cpu_hardware(args.threads)

@@ -18,13 +18,14 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
+from composer.calibration_store import Calibration, model_identity
 from composer.images import GenerationRecord, save_image
 from composer.mixin import ComposableMixin, make_composable
 from composer.presets import KNOWN_MODELS, PRESETS, TOY_PRESET, kontext_call_kwargs, load_preset, preset_family
@@ -92,7 +93,10 @@ class Composer:
     """Retrieve, compose and generate: ``Composer(model="tiny-sd", library=DIR).run("a prompt", loras="auto")``.
 
     Adapters are named by catalog name or, unless ``library_only`` (set when serving requests from others), by file
-    path; with ``library_only`` anything shaped like a path is refused before the file system is consulted."""
+    path; with ``library_only`` anything shaped like a path is refused before the file system is consulted.
+    ``calibrated_defaults`` gives adapters requested without a weight their calibrated default weight
+    (:meth:`default_weights`); off by default, since on toy-sd the calibration undershoots characters, styles and
+    backgrounds (docs/methods.md#calibration)."""
 
     step_defaults: ClassVar[Mapping[str, int]] = DEFAULT_STEPS
     """Steps per model family when a run does not say (the offline presets run :data:`PRESET_STEPS`)."""
@@ -109,8 +113,10 @@ class Composer:
         library_only: bool = False,
         vae: str | Path | None = None,
         text_encoders: str | Path | None = None,
+        calibrated_defaults: bool = False,
     ) -> None:
         self.model = model or default_model()
+        self.calibrated_defaults = calibrated_defaults
         self.vae = vae
         self.text_encoders = text_encoders
         self.library_dir = None if library is None else Path(library)
@@ -120,6 +126,7 @@ class Composer:
         self._pipe: Any = None
         self._library: Any = None
         self._retriever: Any = None
+        self._calibrator: Any = None
 
     @property
     def pipe(self) -> Any:
@@ -193,7 +200,8 @@ class Composer:
                 if isinstance(item, LoraTag):
                     chosen.setdefault(item.name, self._from_tag(item, "explicit"))
                 else:
-                    chosen.setdefault(item, ChosenAdapter(LoraTag(item, 1.0), reasons=["named by the caller"]))
+                    request = LoraTag(item, 1.0, weight_given=False)
+                    chosen.setdefault(item, ChosenAdapter(request, reasons=["named by the caller"]))
         return prompt, list(chosen.values())
 
     @staticmethod
@@ -222,7 +230,7 @@ class Composer:
             if pick.name in chosen:
                 continue
             chosen[pick.name] = ChosenAdapter(
-                LoraTag(pick.name, pick.weight),
+                LoraTag(pick.name, pick.weight, weight_given=False),
                 source="auto",
                 score=pick.score,
                 reasons=list(pick.reasons),
@@ -233,6 +241,58 @@ class Composer:
                 prompt = f"{prompt}, {', '.join(missing)}"
         return prompt
 
+    def calibration(self, name: str) -> Calibration:
+        """The calibrated default weight of the adapter ``name`` (catalog name or, unless ``library_only``, file path)
+        on this model: from the catalog when stored for this file and model, else measured now (and stored)."""
+        from composer.calibration import Calibrator, catalog_calibration, file_calibration
+
+        if self._calibrator is None:
+            self._calibrator = Calibrator(self.pipe)
+        identity = model_identity(self.pipe, self.model)
+        path = Path(name)
+        if self.library_only:
+            _refuse_paths(name)
+        elif path.suffix and path.is_file():
+            return file_calibration(self._calibrator, path, identity)
+        return catalog_calibration(self._calibrator, self.library, self._entry(name), identity)
+
+    def default_weights(self, chosen: Sequence[ChosenAdapter]) -> None:
+        """Give every adapter whose request names no weight (picked by ``loras="auto"``, ``<lora:name>``, a bare
+        name) its calibrated default weight. Where the model offers no guidance signal to calibrate against (FLUX.1),
+        the adapter keeps the weight it had (its card's, else 1) and its reasons say why."""
+        from composer.calibration import CalibrationError
+
+        for item in chosen:
+            if item.request.weight_given or item.request.is_scheduled:
+                continue
+            try:
+                calibration = self.calibration(item.name)
+            except CalibrationError as error:
+                logger.warning("%s keeps weight %s, not calibrated: %s", item.name, item.weight, error)
+                item.reasons.append(f"weight {item.weight} (not calibrated: {error})")
+                continue
+            item.request = replace(item.request, weight=calibration.weight, weight_given=True)
+            item.reasons = [r for r in item.reasons if not r.startswith("weight ")] + [calibration.describe()]
+
+    def _entry(self, name: str) -> Any:
+        """The readable catalog entry named ``name``; a typed error when no library is open or the file is broken."""
+        library = self.library
+        if library is None and self.library_only:
+            raise CompositionError("no library is open, so no adapter can be named", hint="serve with a library")
+        if library is None:
+            raise CompositionError(
+                f"adapter {name!r} is not a file and no library is open",
+                hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
+            )
+        entry = library.get(name)
+        if not entry.ok:
+            raise AdapterFormatError(
+                f"adapter {entry.name!r} could not be read when the library was indexed ({entry.error_type}: "
+                f"{entry.error})",
+                hint="fix or remove the file; `compose index DIR` lists every broken file",
+            )
+        return entry
+
     def _load(self, item: ChosenAdapter) -> Adapter:
         """The adapter ``item`` names (a file path or a catalog name), read for this pipeline (from the adapter
         cache while its file is unchanged); fills in the item's path, hash and trigger words."""
@@ -242,21 +302,8 @@ class Composer:
         elif path.suffix and path.is_file():
             item.path = str(path)
             return self.pipe.read_adapter_file(path)
+        entry = self._entry(item.name)
         library = self.library
-        if library is None and self.library_only:
-            raise CompositionError("no library is open, so no adapter can be named", hint="serve with a library")
-        if library is None:
-            raise CompositionError(
-                f"adapter {item.name!r} is not a file and no library is open",
-                hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
-            )
-        entry = library.get(item.name)
-        if not entry.ok:
-            raise AdapterFormatError(
-                f"adapter {entry.name!r} could not be read when the library was indexed ({entry.error_type}: "
-                f"{entry.error})",
-                hint="fix or remove the file; `compose index DIR` lists every broken file",
-            )
         item.path = str(entry.path)
         item.hash = entry.metadata.hashes.get("AutoV2")
         item.trigger_words = item.trigger_words or list(entry.trigger_words)
@@ -336,6 +383,8 @@ class Composer:
             options.setdefault("record", True)
         rejected: list[RejectedAdapter] = []
         clean_prompt, chosen = self.choose(prompt, loras, max_loras=max_loras, rejected=rejected)
+        if self.calibrated_defaults:
+            self.default_weights(chosen)
         pipe = self.pipe
         steps = self._steps(steps)
         size = TINY_SIZE if self._tiny else None

@@ -2,9 +2,9 @@
 
 Supported, matching the WebUI and its popular extensions:
 
-- ``<lora:name>`` (weight 1.0), ``<lora:name:0.8>`` (text encoder and denoiser), ``<lora:name:0.8:0.5>`` (as in
-  A1111: the first value is the text-encoder multiplier and the default for the denoiser, the second overrides the
-  denoiser's);
+- ``<lora:name>`` (weight 1.0, or the calibrated default weight, see :mod:`composer.calibration`), ``<lora:name:0.8>``
+  (text encoder and denoiser), ``<lora:name:0.8:0.5>`` (as in A1111: the first value is the text-encoder
+  multiplier and the default for the denoiser, the second overrides the denoiser's);
 - named arguments ``te=0.5``, ``unet=0.8`` (A1111), ``lbw=INS`` or ``lbw=1,0,0,…`` (LoRA Block Weight),
   ``start=0.2`` / ``stop=0.8`` (step fractions or step numbers, LoRA Block Weight);
 - a loractl keyframe schedule in place of the weight: ``<lora:name:0@0,1@0.5>``.
@@ -35,6 +35,9 @@ class LoraTag:
     block_weights: str | None = None
     start: float | None = None
     stop: float | None = None
+    weight_given: bool = True
+    """False when the request names no denoiser weight (``<lora:name>``, a bare name in a list): a composer with
+    calibrated defaults then uses the adapter's calibrated weight in place of ``weight``."""
 
     @property
     def is_scheduled(self) -> bool:
@@ -136,6 +139,7 @@ def parse_tag(body: str) -> LoraTag:
         block_weights=named.get("lbw"),
         start=start,
         stop=stop,
+        weight_given=bool(positional) or any(key in named for key in ("unet", "step")),
     )
 
 

@@ -43,7 +43,8 @@ class ChosenAdapter:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly view (what sidecars, ``--json`` and the app show): the request's fields, then the rest."""
-        fields = {**dataclasses.asdict(self.request), **{k: v for k, v in self.__dict__.items() if k != "request"}}
+        request = {k: v for k, v in dataclasses.asdict(self.request).items() if k != "weight_given"}
+        fields = {**request, **{k: v for k, v in self.__dict__.items() if k != "request"}}
         return {k: v for k, v in fields.items() if v not in (None, [], "")}
 
     def record(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from fusion.errors import CompositionError
 def test_plain_tags_are_removed_and_parsed() -> None:
     prompt, tags = extract_lora_tags("a corgi <lora:corgi:0.8>, film grain <lora:grain>")
     assert prompt == "a corgi, film grain"
-    assert tags == [LoraTag("corgi", 0.8, 0.8), LoraTag("grain", 1.0, None)]
+    assert tags == [LoraTag("corgi", 0.8, 0.8), LoraTag("grain", 1.0, None, weight_given=False)]
 
 
 def test_second_positional_overrides_denoiser_weight() -> None:

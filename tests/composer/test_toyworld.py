@@ -231,28 +231,35 @@ def test_quality_benchmark_adds_conditional_and_mixed_branch_rows(tmp_path: Path
         main([*argv, "--branches", "both", "--alone-branches", "mixed,negative"])
 
 
-def test_quality_benchmark_shared_rows_give_the_unconditional_half_each_adapters_share() -> None:
-    from benchmarks.composition_quality import SHARES, branch_choice, variant
-    from composer.toyworld.world import CONCEPTS
+def test_quality_benchmark_shared_rows_give_the_unconditional_half_one_share_and_the_calibrated_weights() -> None:
+    from benchmarks.composition_quality import UNCONDITIONAL_SHARE, branch_choice, setting_weights, variant
 
-    assert set(SHARES) == set(CONCEPTS)
-    assert branch_choice("shared", ("zorbex", "forest")) == {"zorbex": 0.5}
-    assert branch_choice("shared", ("kiboko", "crown", "pixel_art", "polka_dots", "sunset")) == {
-        "kiboko": 0.5,
-        "crown": 0.5,
-        "pixel_art": 0.25,
-        "polka_dots": 0.5,
-    }
+    assert branch_choice("shared", ("zorbex", "forest")) == {"zorbex": UNCONDITIONAL_SHARE}
+    assert branch_choice("shared", ("kiboko", "crown", "pixel_art", "polka_dots", "sunset")) == dict.fromkeys(
+        ("kiboko", "crown", "pixel_art", "polka_dots"), UNCONDITIONAL_SHARE
+    )
+    calibrated = {"zorbex": 0.6, "forest": 0.3}
+    assert setting_weights("shared", ("zorbex", "forest"), 0.8, calibrated) == calibrated
+    assert setting_weights("both", ("zorbex", "forest"), 0.8, calibrated) == {"zorbex": 0.8, "forest": 0.8}
     assert variant("merge", "shared") == "merge (shared)"
 
 
+def _stand_in_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrated weights for the benchmark's plumbing tests without measuring them (tests/composer/test_calibration.py
+    measures them)."""
+    import benchmarks.composition_quality as quality
+
+    monkeypatch.setattr(quality, "calibrated_weights", lambda _pipe, _library, names: dict.fromkeys(names, 0.7))
+
+
 def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(
-    tmp_path: Path, capsys, toy_quality_pipeline
+    tmp_path: Path, capsys, toy_quality_pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
 
     from benchmarks.composition_quality import main
 
+    _stand_in_calibration(monkeypatch)
     argv = ["--alone-only", "--alone-branches", "shared", "--alone-seed", "8", "--steps", "1", "--alone-images", "1"]
     argv += ["--library", str(tmp_path / "lib"), "--docs", str(tmp_path), "--name", "alone"]
     assert main(argv) == 0
@@ -267,11 +274,14 @@ def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(
 
 
 @pytest.mark.slow
-def test_an_extra_only_run_measures_only_the_extra_settings(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
+def test_an_extra_only_run_measures_only_the_extra_settings(
+    tmp_path: Path, capsys, toy_quality_pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
 
     from benchmarks.composition_quality import main
 
+    _stand_in_calibration(monkeypatch)
     argv = ["--extra-only", "--branches", "shared", "--methods", "merge", "--sets", "1", "--seeds", "1"]
     argv += ["--steps", "1", "--alone-images", "1", "--library", str(tmp_path / "lib"), "--docs", str(tmp_path)]
     assert main([*argv, "--name", "quality_shared"]) == 0
@@ -281,7 +291,11 @@ def test_an_extra_only_run_measures_only_the_extra_settings(tmp_path: Path, caps
     assert set(result["compositions"]["k=2"]) >= {"merge (shared)"}
     text = (tmp_path / "quality_shared.md").read_text()
     assert "Base model alone" not in text
-    assert "| adapter | concept present at 0.8 (shared) | others kept at 0.8 (shared) |" in text
+    assert (
+        "| adapter | concept present at calibrated weight (shared) | others kept at calibrated weight (shared) |"
+        in text
+    )
+    assert result["calibrated_weights"] == dict.fromkeys(result["adapters"], 0.7)
     assert "Rows and columns marked (shared)" in text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from composer.calibration_store import CATALOG_KEY, stored_lines
 from composer.cli.commands._catalog_options import add_catalog_options, open_catalog
 from composer.cli.reporting import add_json_option, emit_json
 
@@ -92,6 +93,7 @@ def _fields(entry: Any) -> list[tuple[str, Any]]:
         ("category", meta.category),
         ("triggers", ", ".join(meta.trigger_words)),
         ("preferred weight", meta.preferred_weight),
+        ("calibrated", "; ".join(stored_lines(entry))),
         ("negative text", meta.negative_text),
         ("labels", ", ".join(meta.labels)),
         ("tags", tags),
@@ -104,7 +106,7 @@ def _fields(entry: Any) -> list[tuple[str, Any]]:
         ("hashes", ", ".join(f"{k} {v}" for k, v in meta.hashes.items() if k not in ("sha256", "AutoV2"))),
         ("previews", ", ".join(meta.previews)),
         ("source", meta.source_url),
-        ("scores", entry.scores),
+        ("scores", {key: value for key, value in entry.scores.items() if key != CATALOG_KEY}),
         ("metadata from", ", ".join(meta.sources)),
         ("warnings", "; ".join(meta.warnings)),
     ]
