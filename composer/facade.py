@@ -293,6 +293,17 @@ class Composer:
             )
         return entry
 
+    def _refuse_unknown(self, chosen: Sequence[ChosenAdapter]) -> None:
+        """Raise :class:`~fusion.errors.UnknownAdapterError` for a chosen adapter that is neither registered on the
+        pipeline, an adapter file, nor in the library, before a model is loaded for a request that cannot run."""
+        registered = self._pipe.adapters if self._pipe is not None else {}
+        for item in chosen:
+            path = Path(item.name)
+            if item.name in registered or (not self.library_only and path.suffix and path.is_file()):
+                continue
+            if self.library is not None:
+                self.library.get(item.name)
+
     def _load(self, item: ChosenAdapter) -> Adapter:
         """The adapter ``item`` names (a file path or a catalog name), read for this pipeline (from the adapter
         cache while its file is unchanged); fills in the item's path, hash and trigger words."""
@@ -383,6 +394,7 @@ class Composer:
             options.setdefault("record", True)
         rejected: list[RejectedAdapter] = []
         clean_prompt, chosen = self.choose(prompt, loras, max_loras=max_loras, rejected=rejected)
+        self._refuse_unknown(chosen)
         if self.calibrated_defaults:
             self.default_weights(chosen)
         pipe = self.pipe

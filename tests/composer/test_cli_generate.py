@@ -167,3 +167,20 @@ def test_branches_per_adapter_take_an_unconditional_share(library: Path, tmp_pat
         with pytest.raises(SystemExit):
             main([*common, "--branches", bad])
         assert "a share between 0 and 1" in capsys.readouterr().err
+
+
+def test_an_unknown_adapter_name_is_refused_before_any_model_loads(
+    library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from composer import facade
+    from fusion.errors import UnknownAdapterError
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded for a request naming an adapter the library does not have")
+
+    monkeypatch.setattr(facade, "load_preset", no_model)
+    composer = facade.Composer(model="tiny-sd", library=library)
+    with pytest.raises(UnknownAdapterError, match="no adapter named 'nosuch'"):
+        composer.run("a dog", loras="nosuch, watercolor")
+    with pytest.raises(UnknownAdapterError, match="no adapter named 'nosuch'"):
+        composer.run("a dog <lora:nosuch:0.5>")
