@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from composer.calibration_store import TARGET, Calibration, store, stored
+from composer.results import ChosenAdapter
 from fusion.adapters import Adapter
 from fusion.errors import ComposerError
 from weights_index.hashing import file_sha256
@@ -339,3 +340,20 @@ def file_calibration(calibrator: Calibrator, path: str | Path, identity: str) ->
         adapter = calibrator.pipe.read_adapter_file(path)
         _FILE_CALIBRATIONS[key] = calibrator.calibrate(adapter, f"calibrating:{Path(path).name}")
     return _FILE_CALIBRATIONS[key]
+
+
+def apply_calibrated_weights(chosen: Sequence[ChosenAdapter], calibration: Callable[[str], Calibration]) -> None:
+    """Give every chosen adapter whose request names no weight (picked by ``loras="auto"``, ``<lora:name>``, a bare
+    name) the weight ``calibration(name)`` measures. Where the model offers no guidance signal to calibrate against
+    (FLUX.1), the adapter keeps the weight it had (its card's, else 1) and its reasons say why."""
+    for item in chosen:
+        if item.request.weight_given or item.request.is_scheduled:
+            continue
+        try:
+            calibrated = calibration(item.name)
+        except CalibrationError as error:
+            logger.warning("%s keeps weight %s, not calibrated: %s", item.name, item.weight, error)
+            item.reasons.append(f"weight {item.weight} (not calibrated: {error})")
+            continue
+        item.request = replace(item.request, weight=calibrated.weight, weight_given=True)
+        item.reasons = [r for r in item.reasons if not r.startswith("weight ")] + [calibrated.describe()]

@@ -18,13 +18,13 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
+from composer.analysis.run_plots import RunPlotData, write_run_plots
 from composer.calibration_store import Calibration, model_identity
 from composer.images import GenerationRecord, save_image
 from composer.mixin import ComposableMixin, make_composable
@@ -48,16 +48,6 @@ PRESET_STEPS = 4
 TINY_SIZE = 64
 TOY_GUIDANCE = 3.0
 """CFG scale toy-sd is evaluated and used at by default (not the pipeline default, 7.5, it was never tuned for)."""
-
-
-@dataclass
-class _PlotData:
-    """What a generation leaves for its plots: the weight table and (gated) the gate recorder."""
-
-    table: torch.Tensor | None = None
-    adapters: list[str] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)
-    recorder: Any = None
 
 
 def _refuse_paths(name: str) -> None:
@@ -260,19 +250,9 @@ class Composer:
         """Give every adapter whose request names no weight (picked by ``loras="auto"``, ``<lora:name>``, a bare
         name) its calibrated default weight. Where the model offers no guidance signal to calibrate against (FLUX.1),
         the adapter keeps the weight it had (its card's, else 1) and its reasons say why."""
-        from composer.calibration import CalibrationError
+        from composer.calibration import apply_calibrated_weights
 
-        for item in chosen:
-            if item.request.weight_given or item.request.is_scheduled:
-                continue
-            try:
-                calibration = self.calibration(item.name)
-            except CalibrationError as error:
-                logger.warning("%s keeps weight %s, not calibrated: %s", item.name, item.weight, error)
-                item.reasons.append(f"weight {item.weight} (not calibrated: {error})")
-                continue
-            item.request = replace(item.request, weight=calibration.weight, weight_given=True)
-            item.reasons = [r for r in item.reasons if not r.startswith("weight ")] + [calibration.describe()]
+        apply_calibrated_weights(chosen, self.calibration)
 
     def _entry(self, name: str) -> Any:
         """The readable catalog entry named ``name``; a typed error when no library is open or the file is broken."""
@@ -301,8 +281,9 @@ class Composer:
             path = Path(item.name)
             if item.name in registered or (not self.library_only and path.suffix and path.is_file()):
                 continue
-            if self.library is not None:
-                self.library.get(item.name)
+            if self.library_only:
+                _refuse_paths(item.name)
+            self._entry(item.name)
 
     def _load(self, item: ChosenAdapter) -> Adapter:
         """The adapter ``item`` names (a file path or a catalog name), read for this pipeline (from the adapter
@@ -385,7 +366,8 @@ class Composer:
         editing pipelines (Kontext, img2img). Method options (``tau``, ``mode``, ``fuse``...) and ``branches``
         (``"conditional"``: adapters on CFG's conditional branch only; or per adapter, ``{"name": "conditional"}``)
         pass through to ``set_composition``.
-        ``plot`` is a folder for PNG plots (see :meth:`_write_plots`), listed in ``result.plots``.
+        ``plot`` is a folder for PNG plots (:func:`composer.analysis.run_plots.write_run_plots`), listed in
+        ``result.plots``.
         ``max_loras`` caps how many adapters ``loras="auto"`` picks; those found named but left out are in
         ``result.rejected`` with why.
         """
@@ -452,7 +434,9 @@ class Composer:
             self._save(result, stems, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
         if plot is not None:
             ranked = isinstance(loras, str) and loras.strip().lower() == "auto"
-            self._write_plots(result, Path(plot), captured, extract_lora_tags(prompt)[0] if ranked else None)
+            prompt_ranked = extract_lora_tags(prompt)[0] if ranked else None
+            stem = Path(plot) / str(result.seed)
+            result.plots.update(write_run_plots(stem, result.method, captured, prompt_ranked, self.rank))
         return result
 
     def _generate(
@@ -465,12 +449,12 @@ class Composer:
         progress: bool = False,
         plot_steps: int | None = None,
         **options: Any,
-    ) -> tuple[list[Image.Image], _PlotData]:
+    ) -> tuple[list[Image.Image], RunPlotData]:
         """Compose ``chosen`` by ``method`` (``options`` and ``fuse`` go to ``set_composition``) and call the
         pipeline once with ``call`` under ``seed``; returns the images and, with ``plot_steps``, what the plots of a
         ``plot_steps``-step run show. The pipeline is left as it was found."""
         fuse = options.pop("fuse", None)
-        captured = _PlotData()
+        captured = RunPlotData()
         with self.composing(chosen) as pipe:
             pipe.set_progress_bar_config(disable=not progress)
             if chosen:
@@ -482,28 +466,8 @@ class Composer:
             if plot_steps is not None and chosen:
                 table = pipe.composition_weights(plot_steps)
                 recorder = getattr(pipe.composition_strategy, "recorder", None)
-                captured = _PlotData(table.weights, list(table.adapters), list(table.groups), recorder)
+                captured = RunPlotData(table.weights, list(table.adapters), list(table.groups), recorder)
         return list(images), captured
-
-    def _write_plots(self, result: CompositionResult, folder: Path, data: _PlotData, ranked: str | None) -> None:
-        """``<seed>-scores.png`` (retrieval scores per adapter and signal, when ``ranked`` holds the prompt the
-        adapters were retrieved for), ``<seed>-weights.png`` (the weight table) and ``<seed>-gates.png`` (gated)."""
-        from composer.analysis import plots
-
-        stem = folder / str(result.seed)
-        if ranked is not None:
-            names, scores, fused = plots.hit_scores(self.rank(ranked, k=plots.SCORE_TOP_K))
-            result.plots["scores"] = plots.write_score_chart(
-                names, scores, fused, f"{stem}-scores.png", title=f"retrieval: {ranked}"
-            )
-        if data.table is not None:
-            result.plots["weights"] = plots.write_weight_table(
-                data.table, data.adapters, data.groups, f"{stem}-weights.png", title=f"weight ({result.method})"
-            )
-        if data.recorder is not None:
-            from composer.training.gates import write_gate_heatmap
-
-            result.plots["gates"] = write_gate_heatmap(data.recorder, f"{stem}-gates.png")
 
     def _save(
         self,

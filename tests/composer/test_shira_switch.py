@@ -70,7 +70,7 @@ def test_random_switches_through_set_composition(tiny_sd) -> None:
         composition = {n: float(w) for n, w in zip(names, weights) if w != 0}
         seen.add(frozenset(composition))
         pipe.set_composition(composition)
-        engine = pipe._engine()
+        engine = pipe.composition_engine
         assert engine.fused
         assert attached <= set(engine.adapter_names), "sparse adapters stay attached: switches happen in place"
         attached = set(engine.adapter_names)
@@ -133,7 +133,7 @@ def test_set_composition_toggling_back_reuses_the_cached_fused_state(tiny_sd) ->
     pipe.add_adapter(second)
     pipe.set_composition({first.name: 1.0, second.name: 0.5})  # attach both
     pipe.set_composition({first.name: 1.0})
-    layers = pipe._engine().layers
+    layers = pipe.composition_engine.layers
     states = {key: layers[key]._saved for key in first.layers}
     pipe.set_composition({second.name: 1.0})
     pipe.set_composition({first.name: 1.0})
@@ -150,7 +150,7 @@ def test_removing_an_inactive_attached_adapter_keeps_the_composition_fused_in_pl
     pipe.add_adapter(second)
     pipe.set_composition({first.name: 1.0})
     pipe.set_composition({second.name: 1.0})
-    layers = pipe._engine().layers
+    layers = pipe.composition_engine.layers
     states = {key: layers[key]._saved for key in second.layers}
     fused = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     pipe.remove_adapter(first.name)
