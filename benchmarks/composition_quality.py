@@ -56,7 +56,7 @@ from benchmarks._common import cpu_hardware
 from benchmarks._image_cache import ImageCache, drawing_fingerprint
 from weights_index.hashing import file_sha256
 
-METHODS = ("merge", "switch", "composite", "cmlora", "gated")
+METHODS = ("merge", "switch", "composite", "cmlora", "klora", "ties", "gated")
 """Every method; ``gated`` runs with the library's trained gates (``--gates``) and is left out when there are none."""
 WEIGHT = 0.8
 BRANCHES = ("both", "conditional", "mixed", "shared")

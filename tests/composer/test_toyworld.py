@@ -200,7 +200,9 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys, toy_quality_pipeli
     assert set(result["compositions"]) == {"k=2"}
     row = result["compositions"]["k=2"]
     assert (row["sets"], row["images_per_method"]) == (1, 1)
-    methods = ["merge", "switch", "composite", "cmlora"] + (["gated"] if LIBRARY_GATES.is_file() else [])
+    methods = ["merge", "switch", "composite", "cmlora", "klora", "ties"] + (
+        ["gated"] if LIBRARY_GATES.is_file() else []
+    )
     assert set(row) == {"sets", "sets_possible", "images_per_method", *methods}
     for method in methods:
         assert row[method]["element_presence"] in (0.0, 0.5, 1.0)
