@@ -36,6 +36,7 @@ import torch
 from composer.calibration_store import TARGET, Calibration, store, stored
 from composer.results import ChosenAdapter
 from fusion.adapters import Adapter
+from fusion.cfg_branches import cfg_halves
 from fusion.errors import ComposerError
 from weights_index.hashing import file_sha256
 
@@ -90,12 +91,6 @@ def _top_mean(difference: torch.Tensor) -> torch.Tensor:
     return norms.topk(count, dim=1).values.mean(dim=1)
 
 
-def _halves(prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unconditional, conditional) halves of a CFG-batched prediction (diffusers' order)."""
-    unconditional, conditional = prediction.chunk(2)
-    return unconditional, conditional
-
-
 class _StopGenerationError(Exception):
     """Raised by :class:`_Recorder` once it holds every call it keeps: the rest of the generation is not needed."""
 
@@ -125,18 +120,6 @@ def _detached(value: Any) -> Any:
         return {key: _detached(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_detached(item) for item in value)
-    return value
-
-
-def _conditional_half(value: Any, batch: int) -> Any:
-    """A call argument with every tensor whose first dimension is the CFG batch (``batch``) cut to its second,
-    conditional, half (nested dicts and sequences too)."""
-    if isinstance(value, torch.Tensor):
-        return value[batch // 2 :] if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, dict):
-        return {key: _conditional_half(item, batch) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_conditional_half(item, batch) for item in value)
     return value
 
 
@@ -181,7 +164,7 @@ class Calibrator:
     def _recorded(self, prompts: Sequence[str], steps: int, keep: Sequence[int]) -> list[tuple[tuple, dict]]:
         """The denoiser inputs of calls ``keep`` of a ``steps``-step generation of ``prompts``."""
         recorder = _Recorder(keep)
-        handle = self.pipe._denoiser().register_forward_pre_hook(recorder, with_kwargs=True)
+        handle = self.pipe.denoiser().register_forward_pre_hook(recorder, with_kwargs=True)
         try:
             self._call(prompts, steps)
         except _StopGenerationError:
@@ -199,7 +182,7 @@ class Calibrator:
     def _denoise(self, args: tuple[Any, ...], kwargs: dict[str, Any], prompts: int) -> torch.Tensor:
         """The denoiser's prediction for one kept call of a generation of ``prompts`` prompts (a CFG batch)."""
         with torch.inference_mode():
-            prediction = _prediction(self.pipe._denoiser()(*args, **kwargs))
+            prediction = _prediction(self.pipe.denoiser()(*args, **kwargs))
         if prediction.shape[0] != 2 * prompts:
             raise CalibrationError(
                 f"{type(self.pipe).__name__} runs without a CFG batch (guidance-distilled models such as FLUX.1): "
@@ -215,7 +198,7 @@ class Calibrator:
             inputs = self._recorded(prompts, STEPS, PROBE_STEPS)
             conditional, guidance = [], 0.0
             for args, kwargs in inputs:
-                unconditional, cond = _halves(self._denoise(args, kwargs, len(prompts)))
+                unconditional, cond = self._denoise(args, kwargs, len(prompts)).chunk(2)  # diffusers' CFG order
                 conditional.append(cond)
                 guidance += float(_top_mean(cond - unconditional).sum())
             if not guidance > 0:
@@ -232,11 +215,9 @@ class Calibrator:
             effect = 0.0
             for (args, kwargs), base in zip(probe.inputs, probe.conditional):
                 moved = {**text_kwargs, **{k: v for k, v in kwargs.items() if k in _LATENT_KEYS}}
-                batch = 2 * base.shape[0]
+                _, (cond_args, cond_kwargs) = cfg_halves(args, moved, 2 * base.shape[0], frozenset())
                 with torch.inference_mode():
-                    cond = _prediction(
-                        self.pipe._denoiser()(*_conditional_half(args, batch), **_conditional_half(moved, batch))
-                    )
+                    cond = _prediction(self.pipe.denoiser()(*cond_args, **cond_kwargs))
                 effect += float(_top_mean(cond - base).sum())
         finally:
             self.pipe.clear_composition()

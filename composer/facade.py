@@ -239,12 +239,10 @@ class Composer:
         if self._calibrator is None:
             self._calibrator = Calibrator(self.pipe)
         identity = model_identity(self.pipe, self.model)
-        path = Path(name)
-        if self.library_only:
-            _refuse_paths(name)
-        elif path.suffix and path.is_file():
-            return file_calibration(self._calibrator, path, identity)
-        return catalog_calibration(self._calibrator, self.library, self._entry(name), identity)
+        source = self._locate(name)
+        if isinstance(source, Path):
+            return file_calibration(self._calibrator, source, identity)
+        return catalog_calibration(self._calibrator, self.library, source, identity)
 
     def default_weights(self, chosen: Sequence[ChosenAdapter]) -> None:
         """Give every adapter whose request names no weight (picked by ``loras="auto"``, ``<lora:name>``, a bare
@@ -278,28 +276,30 @@ class Composer:
         pipeline, an adapter file, nor in the library, before a model is loaded for a request that cannot run."""
         registered = self._pipe.adapters if self._pipe is not None else {}
         for item in chosen:
-            path = Path(item.name)
-            if item.name in registered or (not self.library_only and path.suffix and path.is_file()):
-                continue
-            if self.library_only:
-                _refuse_paths(item.name)
-            self._entry(item.name)
+            if item.name not in registered:
+                self._locate(item.name)
+
+    def _locate(self, name: str) -> Path | Any:
+        """Where the adapter ``name`` comes from: its file (a path, unless ``library_only``) or its readable catalog
+        entry; a typed error for a path-shaped name under ``library_only``, an unknown name or a broken file."""
+        path = Path(name)
+        if self.library_only:
+            _refuse_paths(name)
+        elif path.suffix and path.is_file():
+            return path
+        return self._entry(name)
 
     def _load(self, item: ChosenAdapter) -> Adapter:
         """The adapter ``item`` names (a file path or a catalog name), read for this pipeline (from the adapter
         cache while its file is unchanged); fills in the item's path, hash and trigger words."""
-        path = Path(item.name)
-        if self.library_only:
-            _refuse_paths(item.name)
-        elif path.suffix and path.is_file():
-            item.path = str(path)
-            return self.pipe.read_adapter_file(path)
-        entry = self._entry(item.name)
-        library = self.library
+        entry = self._locate(item.name)
+        if isinstance(entry, Path):
+            item.path = str(entry)
+            return self.pipe.read_adapter_file(entry)
         item.path = str(entry.path)
         item.hash = entry.metadata.hashes.get("AutoV2")
         item.trigger_words = item.trigger_words or list(entry.trigger_words)
-        return self.pipe.read_catalog_adapter(library, entry)
+        return self.pipe.read_catalog_adapter(self.library, entry)
 
     @contextmanager
     def composing(self, chosen: Sequence[ChosenAdapter]) -> Iterator[Any]:

@@ -80,7 +80,8 @@ class ComposableMixin:
         current = self._composer["composition"]
         return None if current is None else {**current, "weights": dict(current["weights"])}
 
-    def _denoiser(self) -> Any:
+    def denoiser(self) -> Any:
+        """The model the adapters compose into: the pipeline's ``unet``, else its ``transformer``."""
         denoiser = getattr(self, "unet", None)
         if denoiser is None:
             denoiser = getattr(self, "transformer", None)
@@ -92,7 +93,7 @@ class ComposableMixin:
         engine = self._composer["engine"]
         if engine is None:
             engine = FusionEngine(
-                self._denoiser(),
+                self.denoiser(),
                 text_encoders={name: getattr(self, name, None) for name in _TEXT_ENCODERS},
                 scheduler=lambda: self.scheduler,
                 family=self.family,
@@ -103,7 +104,7 @@ class ComposableMixin:
     def _layer_index(self) -> LayerIndex:
         """The composable layers of this pipeline's denoiser and text encoders, indexed without changing anything."""
         return LayerIndex(
-            self._denoiser(),
+            self.denoiser(),
             text_encoders={name: getattr(self, name, None) for name in _TEXT_ENCODERS},
             family=self.family,
         )
@@ -255,7 +256,7 @@ class ComposableMixin:
     def _block_layout(self) -> BlockLayout:
         """The denoiser's block-weight layout (the engine's while one is attached)."""
         engine = self._composer["engine"]
-        return engine.layout if engine is not None else BlockLayout.from_denoiser(self.family, self._denoiser())
+        return engine.layout if engine is not None else BlockLayout.from_denoiser(self.family, self.denoiser())
 
     def _restore(self, composition: Mapping[str, Any], weights: Mapping[str, WeightSpec] | None = None) -> None:
         """Set ``composition`` (as :attr:`composition` records it) again, optionally with other weights."""
@@ -374,7 +375,7 @@ class ComposableMixin:
     def _guides(self, call: inspect.BoundArguments) -> bool:
         """Whether this pipeline call runs classifier-free guidance (the rule SD and SDXL pipelines apply)."""
         scale = call.arguments.get("guidance_scale", call.signature.parameters["guidance_scale"].default)
-        return float(scale) > 1.0 and getattr(self._denoiser().config, "time_cond_proj_dim", None) is None
+        return float(scale) > 1.0 and getattr(self.denoiser().config, "time_cond_proj_dim", None) is None
 
     def _encode_negative_prompt(self, call: inspect.BoundArguments, engine: FusionEngine) -> None:
         """Encode the call's negative prompt as the unconditional branch sees it (every adapter muted, or only the

@@ -59,7 +59,7 @@ def _lora(denoiser: nn.Module, rank: int, seed: int, every: int) -> dict[str, Lo
 
 def _setup(pipe: Any, family: str = "sd1") -> list[Adapter]:
     pipe = make_composable(pipe)
-    denoiser = pipe._denoiser()
+    denoiser = pipe.denoiser()
     adapters = [Adapter(f"l{i}", family, _lora(denoiser, 2 + i, seed=10 + i, every=i + 1)) for i in range(3)]
     for adapter in adapters:
         pipe.add_adapter(adapter)
