@@ -28,9 +28,10 @@ UNNAMED_MEANS_NONE = ("clothing", "style", "object")
 """Attributes a world caption leaves out exactly when the scene has none of them."""
 
 
-def judged_seeds(composer: Any, prompt: str, seeds: range, out: Path) -> dict[str, Any]:
-    """``prompt`` composed on each seed through ``composer`` (``--loras auto``, merge) and judged: the adapters
-    chosen, the seeds with every expected attribute seen, those also as captioned, and per seed what was seen."""
+def judged_seeds(composer: Any, prompt: str, seeds: range, out: Path, steps: int | None = None) -> dict[str, Any]:
+    """``prompt`` composed on each seed through ``composer`` (``--loras auto``, merge, ``steps`` or the facade's
+    default) and judged: the adapters chosen, the seeds with every expected attribute seen, those also as captioned,
+    and per seed what was seen."""
     from composer.toyworld.verdict import judge_file
 
     rows = []
@@ -39,10 +40,10 @@ def judged_seeds(composer: Any, prompt: str, seeds: range, out: Path) -> dict[st
         image = out / f"{seed}-0.png"
         sidecar = image.with_suffix(".json")
         kept = json.loads(sidecar.read_text()) if image.is_file() and sidecar.is_file() else {}
-        if kept.get("prompt") == prompt and kept.get("seed") == seed:
+        if kept.get("prompt") == prompt and kept.get("seed") == seed and steps in (None, kept.get("steps")):
             chosen = [adapter["name"] for adapter in kept.get("adapters", [])]
         else:
-            result = composer.run(prompt, loras="auto", method="merge", seed=seed, out=out)
+            result = composer.run(prompt, loras="auto", method="merge", seed=seed, steps=steps, out=out)
             chosen = [adapter.name for adapter in result.adapters]
         verdict = judge_file(image)
         captioned = dict.fromkeys(UNNAMED_MEANS_NONE, "none") | verdict.expected
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=16, help="default: past the seeds the prompt was chosen on")
     parser.add_argument("--quick", action="store_true", help="two seeds of the demo's prompt")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the demo's, the facade's)")
     parser.add_argument(
         "--keep",
         type=Path,
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         composer = Composer(model="toy-sd", library=library)
         outputs = args.keep or Path(scratch)
         prompts = {
-            prompt: judged_seeds(composer, prompt, seeds, outputs / f"out{index}")
+            prompt: judged_seeds(composer, prompt, seeds, outputs / f"out{index}", args.steps)
             for index, prompt in enumerate(args.prompts)
         }
     result = {

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from composer.adapter_sources import locate, refuse_unknown
 from composer.analysis.run_plots import RunPlotData, write_run_plots
 from composer.calibration_store import Calibration, model_identity
 from composer.images import GenerationRecord, save_image
@@ -33,7 +34,7 @@ from composer.prompts import LoraTag, extract_lora_tags, parse_lora_list
 from composer.results import ChosenAdapter, CompositionResult, RejectedAdapter
 from composer.settings import default_model
 from fusion.adapters import Adapter
-from fusion.errors import AdapterFormatError, CompositionError, UnsafePathError
+from fusion.errors import CompositionError
 from retrieval.retriever import DEFAULT_MAX_ADAPTERS
 from weights_index.catalog_pool import open_library
 
@@ -48,17 +49,6 @@ PRESET_STEPS = 4
 TINY_SIZE = 64
 TOY_GUIDANCE = 3.0
 """CFG scale toy-sd is evaluated and used at by default (not the pipeline default, 7.5, it was never tuned for)."""
-
-
-def _refuse_paths(name: str) -> None:
-    """Where only library adapters may be named (``library_only``), refuse anything shaped like a file path (absolute,
-    ``..``, a drive or backslash) before any file is looked at: the answer is the same whether it exists or not."""
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "~")) or "\\" in name or ":" in name or ".." in parts:
-        raise UnsafePathError(
-            "adapters are named from the library here; file paths are not accepted",
-            hint="pick an adapter from the Library tab by its name",
-        )
 
 
 def _cap(max_loras: object) -> int | None:
@@ -252,42 +242,16 @@ class Composer:
 
         apply_calibrated_weights(chosen, self.calibration)
 
-    def _entry(self, name: str) -> Any:
-        """The readable catalog entry named ``name``; a typed error when no library is open or the file is broken."""
-        library = self.library
-        if library is None and self.library_only:
-            raise CompositionError("no library is open, so no adapter can be named", hint="serve with a library")
-        if library is None:
-            raise CompositionError(
-                f"adapter {name!r} is not a file and no library is open",
-                hint="pass a .safetensors path, or library=DIR (CLI: --library DIR)",
-            )
-        entry = library.get(name)
-        if not entry.ok:
-            raise AdapterFormatError(
-                f"adapter {entry.name!r} could not be read when the library was indexed ({entry.error_type}: "
-                f"{entry.error})",
-                hint="fix or remove the file; `compose index DIR` lists every broken file",
-            )
-        return entry
-
     def _refuse_unknown(self, chosen: Sequence[ChosenAdapter]) -> None:
         """Raise :class:`~fusion.errors.UnknownAdapterError` for a chosen adapter that is neither registered on the
         pipeline, an adapter file, nor in the library, before a model is loaded for a request that cannot run."""
         registered = self._pipe.adapters if self._pipe is not None else {}
-        for item in chosen:
-            if item.name not in registered:
-                self._locate(item.name)
+        names = [item.name for item in chosen]
+        refuse_unknown(names, self.library, known=registered, library_only=self.library_only)
 
     def _locate(self, name: str) -> Path | Any:
-        """Where the adapter ``name`` comes from: its file (a path, unless ``library_only``) or its readable catalog
-        entry; a typed error for a path-shaped name under ``library_only``, an unknown name or a broken file."""
-        path = Path(name)
-        if self.library_only:
-            _refuse_paths(name)
-        elif path.suffix and path.is_file():
-            return path
-        return self._entry(name)
+        """Where the adapter ``name`` comes from (:func:`composer.adapter_sources.locate`)."""
+        return locate(name, self.library, library_only=self.library_only)
 
     def _load(self, item: ChosenAdapter) -> Adapter:
         """The adapter ``item`` names (a file path or a catalog name), read for this pipeline (from the adapter

@@ -94,11 +94,22 @@ def head_probabilities(network: Judge, pooled: torch.Tensor, mirrored: torch.Ten
     return probabilities
 
 
+FEATURE_CHUNK = 16
+"""Images per trunk pass when reading: the activations of 16 images stay in a CPU's cache, which reads hundreds of
+images about twice as fast on one thread as a single batch does, with the same numbers (the trunk treats each image
+on its own)."""
+
+
+def _pooled(network: Judge, images: torch.Tensor) -> torch.Tensor:
+    """The network's pooled features of ``images``, :data:`FEATURE_CHUNK` images at a time."""
+    return torch.cat([network.features(chunk) for chunk in images.split(FEATURE_CHUNK)])
+
+
 def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:
     """The network's probabilities and the measures for images (B, 3, 64, 64) in [0, 1]."""
     images = images.detach().float().cpu().clamp(0, 1)
     with torch.no_grad():
-        pooled, mirrored = network.features(images), network.features(images.flip(3))
+        pooled, mirrored = _pooled(network, images), _pooled(network, images.flip(3))
     fill = fill_hue(images)
     periodic = periodic_energy(images)
     return Evidence(

@@ -79,3 +79,20 @@ def test_help_imports_nothing_heavy() -> None:
 )
 def test_catalog_commands_import_no_torch(library: Path, argv: list[str]) -> None:
     assert _run([part.format(lib=library) for part in argv]) == {"code": 0, "heavy": []}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["a dog", "--loras", "nosuch", "--library", "{lib}"],
+        ["a dog <lora:nosuch:0.5>", "--loras", "auto", "--library", "{lib}"],
+        ["a dog", "--loras", "corgi,missing.safetensors"],
+    ],
+    ids=["listed", "prompt-tag", "no-library"],
+)
+def test_a_name_that_cannot_load_is_refused_before_the_model_stack_loads(library: Path, argv: list[str]) -> None:
+    from composer.cli import EXIT_ERROR
+
+    result = _run([part.format(lib=library) for part in argv])
+    assert result["code"] == EXIT_ERROR
+    assert not {"torch", "diffusers"} & set(result["heavy"]), result

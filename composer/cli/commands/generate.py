@@ -6,12 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from composer.adapter_sources import named_adapters, refuse_unknown
 from composer.cli import arg_types
 from composer.cli.commands._model_options import add_model_options
 from composer.cli.commands._selection_options import add_max_loras_option
 from composer.cli.reporting import add_json_option, emit_json, format_table
 from fusion.cfg_branches import BRANCHES
 from fusion.strategies import BUILTIN
+from weights_index.catalog_pool import open_library
 
 METHODS = tuple(BUILTIN)
 
@@ -164,6 +166,9 @@ def left_out_lines(rejected: list[Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run one composition request and report the chosen adapters and written files."""
+    # a name that cannot load is refused before the model stack is imported (seconds sooner)
+    library = open_library(args.library) if args.library is not None else None
+    refuse_unknown(named_adapters(args.prompt, args.loras), library)
     from composer.facade import Composer
 
     composer = Composer(model=args.model, library=args.library, vae=args.vae, text_encoders=args.text_encoders)
