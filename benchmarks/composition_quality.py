@@ -299,12 +299,19 @@ def run_compositions(
 
 
 def run_default_path(
-    library: Path, names: list[str], ks: list[int], sets_per_k: int, seeds: list[int], every_set_k: tuple[int, ...] = ()
+    library: Path,
+    names: list[str],
+    ks: list[int],
+    sets_per_k: int,
+    seeds: list[int],
+    every_set_k: tuple[int, ...] = (),
+    cache: ImageCache | None = None,
 ) -> dict[str, Any]:
     """For each k, the :data:`DEFAULT_PATH` row: ``Composer(model="toy-sd", library=library).run(prompt,
     loras="auto", seed=s)`` on the same sets, prompts and seeds as :func:`run_compositions` (same seeded picker),
     every other argument at its default, and beside it the same with ``calibrated_defaults=True``; element presence
-    and all-elements success by the judge, and how often retrieval picked exactly the named adapters."""
+    and all-elements success by the judge, and how often retrieval picked exactly the named adapters. Images go
+    through ``cache`` like every other row's."""
     from composer.facade import Composer
 
     composers = {
@@ -319,26 +326,31 @@ def run_default_path(
         trials = [(combo, seed) for combo in chosen for seed in seeds]
         table[f"k={k}"] = {"sets": len(chosen), "sets_possible": len(every), "images_per_method": len(trials)}
         for label, composer in composers.items():
-            table[f"k={k}"][label] = _default_path_cell(composer, trials, k)
+            table[f"k={k}"][label] = _default_path_cell(composer, label, trials, k, cache)
     return table
 
 
-def _default_path_cell(composer: Any, trials: list[tuple[tuple[str, ...], int]], k: int) -> dict[str, Any]:
+def _default_path_cell(
+    composer: Any, label: str, trials: list[tuple[tuple[str, ...], int]], k: int, cache: ImageCache | None
+) -> dict[str, Any]:
     """One default-path row cell: ``composer.run(prompt, loras="auto", seed=seed)`` on every trial, judged."""
     from composer.toyworld.verdict import judge_images
+
+    def draw(prompt: str, seed: int) -> torch.Tensor:
+        image = composer.run(prompt, loras="auto", seed=seed).images[0]
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255.0
 
     counts, successes, exact, seconds = [], 0, 0, 0.0
     for combo, seed in trials:
         prompt = composition_prompt(combo, seed)
-        result = composer.run(prompt, loras="auto", seed=seed)
-        picked = {adapter.name for adapter in result.adapters}
-        exact += picked == set(combo)
-        tensor = torch.from_numpy(np.asarray(result.images[0])).permute(2, 0, 1)[None] / 255.0
-        verdict = judge_images(tensor.float(), [prompt], [list(combo)])[0]
+        recipe = {"row": label, "prompt": prompt, "seed": seed, "guidance": GUIDANCE}
+        images, spent = (cache or ImageCache(None, "")).draw(recipe, partial(draw, prompt, seed))
+        exact += {adapter.name for adapter in composer.choose(prompt, "auto")[1]} == set(combo)
+        verdict = judge_images(images, [prompt], [list(combo)])[0]
         present = sum(verdict.concepts.values())
         counts.append(present)
         successes += present == len(combo)
-        seconds += result.seconds
+        seconds += spent
     return {
         "element_presence": round(sum(counts) / (len(trials) * k), 3),
         "all_elements": round(successes / len(trials), 3),
@@ -699,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.sets,
                 list(range(args.seeds)),
                 tuple(int(k) for k in args.every_set_k.split(",") if k),
+                cache,
             )
             for k, row in default_rows.items():
                 result["compositions"].setdefault(k, {}).update(

@@ -81,3 +81,30 @@ def test_a_quality_rerun_reads_its_images_back_and_judges_them_alike(
     assert first["images"] == {"drawn": 1, "reused": 0}
     assert second["images"] == {"drawn": 0, "reused": 1}
     assert second["compositions"] == first["compositions"]
+
+
+def test_default_path_rows_are_drawn_once_and_judged_again_from_the_cache(tmp_path: Path) -> None:
+    """The quality benchmark's default-path cells go through the cache too: a rerun after a judge change reads the
+    images back instead of running the facade again."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from benchmarks.composition_quality import _default_path_cell
+
+    class Facade:
+        runs = 0
+
+        def run(self, prompt: str, loras: str, seed: int) -> SimpleNamespace:
+            Facade.runs += 1
+            return SimpleNamespace(images=[Image.new("RGB", (64, 64), (200, 40, 40))])
+
+        def choose(self, prompt: str, loras: str) -> tuple[str, list[SimpleNamespace]]:
+            return prompt, [SimpleNamespace(name="zorbex"), SimpleNamespace(name="crown")]
+
+    trials = [(("zorbex", "crown"), 0), (("zorbex", "sunset"), 1)]
+    cells = [_default_path_cell(Facade(), "default path", trials, 2, ImageCache(tmp_path, "code")) for _ in range(2)]
+    assert Facade.runs == 2, "each trial drawn once"
+    assert cells[0] == cells[1]
+    assert cells[0]["retrieved_exactly"] == 1
+    assert cells[0]["all_elements"] == 0.0, "a plain red square shows neither concept"
