@@ -13,7 +13,7 @@ from PIL import Image
 from app.compose_tab import EDITOR_HEADERS, adapter_requests
 from composer.service import CompositionService
 
-STEPS = 2
+STEPS = 1
 NAMES = [
     "corgi_astronaut",
     "pixel_knight",
