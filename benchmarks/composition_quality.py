@@ -306,18 +306,20 @@ def run_default_path(
     seeds: list[int],
     every_set_k: tuple[int, ...] = (),
     cache: ImageCache | None = None,
+    *,
+    calibrated: bool = True,
 ) -> dict[str, Any]:
     """For each k, the :data:`DEFAULT_PATH` row: ``Composer(model="toy-sd", library=library).run(prompt,
     loras="auto", seed=s)`` on the same sets, prompts and seeds as :func:`run_compositions` (same seeded picker),
-    every other argument at its default, and beside it the same with ``calibrated_defaults=True``; element presence
+    every other argument at its default, and beside it (``calibrated``) the same with ``calibrated_defaults=True``;
+    element presence
     and all-elements success by the judge, and how often retrieval picked exactly the named adapters. Images go
     through ``cache`` like every other row's."""
     from composer.facade import Composer
 
-    composers = {
-        DEFAULT_PATH: Composer(model="toy-sd", library=library),
-        f"{DEFAULT_PATH} (calibrated)": Composer(model="toy-sd", library=library, calibrated_defaults=True),
-    }
+    composers = {DEFAULT_PATH: Composer(model="toy-sd", library=library)}
+    if calibrated:
+        composers[f"{DEFAULT_PATH} (calibrated)"] = Composer(model="toy-sd", library=library, calibrated_defaults=True)
     table: dict[str, Any] = {}
     picker = random.Random(0)
     for k in ks:
@@ -600,8 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--default-path",
-        action="store_true",
-        help='add the "default path" rows: Composer(model="toy-sd", library=LIB).run(prompt, loras="auto", seed=s)',
+        nargs="?",
+        const="both",
+        choices=("both", "plain"),
+        default=None,
+        help='add the "default path" rows: Composer(model="toy-sd", library=LIB).run(prompt, loras="auto", seed=s), '
+        "and the same with calibrated_defaults=True unless `plain`",
     )
     parser.add_argument("--name", default="composition_quality", help="file stem of the docs written by --docs")
     parser.add_argument(
@@ -628,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = ImageCache(args.image_cache, fingerprint)
     calibrated = calibrated_weights(pipe, args.library, names) if "shared" in branches + alone_branches else None
     gates = args.gates or LIBRARY_GATES
-    methods = tuple(m for m in args.methods.split(",") if m != "gated" or gates.is_file())
+    methods = tuple(m for m in args.methods.split(",") if m and (m != "gated" or gates.is_file()))
     started = time.perf_counter()
     if args.steps is None:
         args.steps = 8 if args.quick else 20
@@ -712,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
                 list(range(args.seeds)),
                 tuple(int(k) for k in args.every_set_k.split(",") if k),
                 cache,
+                calibrated=args.default_path == "both",
             )
             for k, row in default_rows.items():
                 result["compositions"].setdefault(k, {}).update(
