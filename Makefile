@@ -86,6 +86,8 @@ quality: install
 	  && $(LANE_B) --extra-only --branches shared --alone-branches shared --name composition_quality_shared \
 	  && $(LANE_B) --alone-only --alone-branches shared --alone-seed 4242 --alone-images 64 \
 	     --name composition_quality_alone_third \
+	  && $(LANE_B) --compositions-only --methods "" --default-path plain --sets 24 \
+	     --name composition_quality_default \
 	) > .cache/bench/lane_b.log; lane_b=$$?; wait $$lane_a && test $$lane_b = 0
 
 lint: install
