@@ -313,13 +313,18 @@ def label_targets(labels: list[dict[str, str]]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the judge is fitted to the labelled set: the heads' fine-tune (:func:`head_data`, :func:`train_heads`)
-    and the thresholds' costs (:func:`composer.toyworld.calibration.fit`). Deterministic for a given seed."""
+    """How the judge is fitted to the labelled set: the heads' fine-tune (:func:`head_data`, :func:`train_heads`),
+    then, where ``blocks`` > 0 and ``trunk_steps`` > 0, the trunk's last ``blocks`` blocks tuned with the heads, and
+    the thresholds' costs (:func:`composer.toyworld.calibration.fit`). Deterministic for a given seed."""
 
     copies: int = 4
     renders: int = 1024
     steps: int = 400
     lr: float = 3e-3
+    blocks: int = 0
+    trunk_steps: int = 0
+    trunk_lr: float = 3e-4
+    trunk_batch: int = 64
     penalty: float = 9.0
     plain_penalty: float = 1.0
     seed: int = SPLIT_SEED
@@ -369,21 +374,33 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
     from composer.toyworld.reader import gather_evidence, head_probabilities, read_all
 
     base = Judge.load(WEIGHTS_DIR.parent / GENERATOR_JUDGE_FILE)
-    data = head_data(base, images, label_targets(labels), recipe.copies, recipe.renders, recipe.seed)
+    blocks = recipe.blocks if recipe.trunk_steps else 0
+    data = head_data(base, images, label_targets(labels), recipe.copies, recipe.renders, recipe.seed, blocks)
     measured = gather_evidence(base, images)
+    frozen = base.trunk[: len(base.trunk) - blocks]
     with torch.no_grad():
-        pooled, mirrored = base.features(images), base.features(images.flip(3))
+        maps, mirrored_maps = frozen(images * 2 - 1), frozen(images.flip(3) * 2 - 1)
     networks: dict[frozenset[int], Any] = {}
+    pooled: dict[frozenset[int], tuple[torch.Tensor, torch.Tensor]] = {}
     every = frozenset(folds)
 
     def network(without: frozenset[int]) -> Any:
         if without not in networks:
             kept = [i for i, f in enumerate(folds) if f not in without]
-            networks[without] = train_heads(base, data.subset(kept), recipe.steps, recipe.lr)
+            tuned = train_heads(
+                base, data.subset(kept), recipe.steps, recipe.lr,
+                recipe.trunk_steps, recipe.trunk_lr, recipe.trunk_batch, recipe.seed,
+            )  # fmt: skip
+            tail = tuned.trunk[len(tuned.trunk) - blocks :]
+            with torch.no_grad():
+                pooled[without] = tuned.pool(tail(maps)), tuned.pool(tail(mirrored_maps))
+            networks[without] = tuned
         return networks[without]
 
-    def evidence(heads: Any, members: list[int]) -> Any:
-        probabilities = head_probabilities(heads, pooled[members], mirrored[members])
+    def evidence(without: frozenset[int], members: list[int]) -> Any:
+        heads = network(without)
+        plain, mirrored = pooled[without]
+        probabilities = head_probabilities(heads, plain[members], mirrored[members])
         return replace(measured.take(members), probabilities=probabilities)
 
     def calibration(within: frozenset[int]) -> Any:
@@ -391,7 +408,7 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
         rows: list[dict[str, Any]] = [{}] * len(images)
         for fold in sorted(within):
             held = [i for i, f in enumerate(folds) if f == fold]
-            read = evidence(network((every - within) | {fold}), held)
+            read = evidence((every - within) | {fold}, held)
             for j, i in enumerate(held):
                 rows[i] = read.row(j)
         return fit([rows[i] for i in members], [labels[i] for i in members], recipe.penalty, 0.0, recipe.plain_penalty)
@@ -399,7 +416,7 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
     readings: list[dict[str, str]] = [{}] * len(images)
     for fold in sorted(every):
         held = [i for i, f in enumerate(folds) if f == fold]
-        seen = read_all(evidence(network(frozenset({fold})), held), calibration(every - {fold}))
+        seen = read_all(evidence(frozenset({fold}), held), calibration(every - {fold}))
         for i, reading in zip(held, seen):
             readings[i] = reading
     return CrossFit(network(frozenset()), calibration(every), readings)

@@ -51,8 +51,12 @@ class Judge(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled trunk features (B, 8 × width) that every head reads, for images (B, 3, 64, 64) in [0, 1]."""
-        features = self.trunk(images * 2 - 1)
-        return torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1)
+        return self.pool(self.trunk(images * 2 - 1))
+
+    @staticmethod
+    def pool(maps: torch.Tensor) -> torch.Tensor:
+        """The trunk's output maps (B, C, H, W) pooled as the heads read them: mean and max over space (B, 2C)."""
+        return torch.cat([maps.mean((2, 3)), maps.amax((2, 3))], dim=1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per attribute for images (B, 3, 64, 64) in [0, 1]."""
@@ -227,13 +231,17 @@ def judge_accuracy(judge: Judge, count: int = 1000, seed: int = 12345) -> dict[s
 class HeadData:
     """What the heads are fine-tuned on: the frozen trunk's features of ``copies`` views of each labelled image
     (view ``c`` of image ``n`` at row ``c × images + n``) with the eye's class indices (−1 where unsure, left out of
-    the loss), and of fresh generator renders with their exact labels."""
+    the loss), and of fresh generator renders with their exact labels. Where the trunk's last ``blocks`` blocks are
+    tuned too, the maps that enter them (``labelled_maps``, ``generated_maps``, rows as above)."""
 
     labelled: torch.Tensor
     labelled_targets: torch.Tensor
     generated: torch.Tensor
     generated_targets: torch.Tensor
     copies: int
+    blocks: int = 0
+    labelled_maps: torch.Tensor | None = None
+    generated_maps: torch.Tensor | None = None
 
     @property
     def images(self) -> int:
@@ -243,15 +251,26 @@ class HeadData:
     def subset(self, indices: list[int]) -> HeadData:
         """The same data for the labelled images at ``indices`` only (every view of each); renders kept."""
         rows = [copy * self.images + i for copy in range(self.copies) for i in indices]
-        return replace(self, labelled=self.labelled[rows], labelled_targets=self.labelled_targets[rows])
+        maps = None if self.labelled_maps is None else self.labelled_maps[rows]
+        return replace(
+            self, labelled=self.labelled[rows], labelled_targets=self.labelled_targets[rows], labelled_maps=maps
+        )
 
 
 def head_data(
-    judge: Judge, images: torch.Tensor, targets: torch.Tensor, copies: int = 4, renders: int = 1024, seed: int = 0
+    judge: Judge,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    copies: int = 4,
+    renders: int = 1024,
+    seed: int = 0,
+    blocks: int = 0,
 ) -> HeadData:
     """The trunk's features of ``images`` (N, 3, 64, 64) in [0, 1] labelled by eye — ``targets`` (N, 6) class
     indices in :data:`ATTRIBUTES` order, −1 where the eye was unsure — in ``copies`` views (as drawn, mirrored, and
-    augmented, every other one mirrored), and of ``renders`` fresh generator images of the whole vocabulary."""
+    augmented, every other one mirrored), and of ``renders`` fresh generator images of the whole vocabulary; with
+    ``blocks`` > 0, also the maps that enter the trunk's last ``blocks`` blocks (for :func:`train_heads` to tune
+    them). The views and renders do not depend on ``blocks``."""
     if images.shape[0] != targets.shape[0] or targets.shape[1:] != (len(ATTRIBUTES),):
         raise TrainingError(
             f"{images.shape[0]} images and targets of shape {tuple(targets.shape)} do not match",
@@ -259,27 +278,69 @@ def head_data(
         )
     if copies < 1:
         raise TrainingError(f"copies {copies} must be at least 1", hint="1 reads each image once, as drawn")
+    if not 0 <= blocks < len(judge.trunk):
+        raise TrainingError(
+            f"blocks {blocks} must be in [0, {len(judge.trunk)})", hint="0 tunes the heads alone, 1 the last block too"
+        )
     rng = WorldRandom(seed)
     judge = judge.eval()
+    frozen, tuned = judge.trunk[: len(judge.trunk) - blocks], judge.trunk[len(judge.trunk) - blocks :]
+
+    def read(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = frozen(batch * 2 - 1)
+        return judge.pool(tuned(maps)), maps
+
     with torch.no_grad():
         views = []
         for copy in range(copies):
             view = images.flip(3) if copy % 2 else images
-            views.append(judge.features(augment(view, rng.layout) if copy > 1 else view))
+            views.append(read(augment(view, rng.layout) if copy > 1 else view))
         scenes = [sample_any_scene(rng.content) for _ in range(renders)]
-        generated = judge.features(augment(render(scenes, sample_layout(renders, rng.layout)), rng.layout))
+        generated = read(augment(render(scenes, sample_layout(renders, rng.layout)), rng.layout))
     return HeadData(
-        labelled=torch.cat(views),
+        labelled=torch.cat([features for features, _ in views]),
         labelled_targets=targets.repeat(copies, 1),
-        generated=generated,
+        generated=generated[0],
         generated_targets=torch.tensor([s.labels() for s in scenes]),
         copies=copies,
+        blocks=blocks,
+        labelled_maps=torch.cat([maps for _, maps in views]) if blocks else None,
+        generated_maps=generated[1] if blocks else None,
     )
 
 
-def train_heads(judge: Judge, data: HeadData, steps: int = 400, lr: float = 3e-3) -> Judge:
+def _head_loss(logits: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the heads, rows whose target is −1 left out (a head with none adds nothing)."""
+    loss = torch.zeros(())
+    for i, attr in enumerate(ATTRIBUTES):
+        target = targets[:, i]
+        if bool((target >= 0).any()):
+            loss = loss + F.cross_entropy(logits[attr], target, ignore_index=-1)
+    return loss
+
+
+def train_heads(
+    judge: Judge,
+    data: HeadData,
+    steps: int = 400,
+    lr: float = 3e-3,
+    trunk_steps: int = 0,
+    trunk_lr: float = 3e-4,
+    trunk_batch: int = 64,
+    seed: int = 0,
+) -> Judge:
     """A copy of ``judge`` whose heads are fine-tuned on ``data`` (full batches, AdamW, cosine schedule; per head,
-    the labelled views and the renders weigh alike), its trunk kept. Deterministic."""
+    the labelled views and the renders weigh alike), its trunk kept. Then, where ``data`` holds the maps entering
+    the trunk's last ``data.blocks`` blocks and ``trunk_steps`` > 0, those blocks and the heads are fine-tuned
+    together for ``trunk_steps`` steps (AdamW at ``trunk_lr``, cosine schedule), each on ``trunk_batch`` labelled
+    views and as many renders drawn at random (seeded by ``seed``), the two weighing alike as before: the renders
+    keep the generator's world in the trunk. Deterministic."""
+    if trunk_steps and (data.labelled_maps is None or data.generated_maps is None):
+        raise TrainingError(
+            "trunk_steps > 0 needs the maps entering the tuned blocks", hint="build the data with head_data(blocks=1)"
+        )
+    if trunk_batch < 1:
+        raise TrainingError(f"trunk_batch {trunk_batch} must be at least 1", hint="64 views and 64 renders a step")
     tuned = Judge(judge.trunk[0][0].out_channels)
     tuned.load_state_dict(judge.state_dict())
     heads = list(tuned.heads.values())
@@ -309,4 +370,34 @@ def train_heads(judge: Judge, data: HeadData, steps: int = 400, lr: float = 3e-3
         for head, (start, end) in zip(heads, spans):
             head.weight.copy_(weight[start:end])
             head.bias.copy_(bias[start:end])
+    if trunk_steps and data.labelled_maps is not None and data.generated_maps is not None:
+        sources = ((data.labelled_maps, data.labelled_targets), (data.generated_maps, data.generated_targets))
+        _tune_last_blocks(tuned, data.blocks, sources, trunk_steps, trunk_lr, trunk_batch, seed)
     return tuned.eval()
+
+
+def _tune_last_blocks(
+    judge: Judge,
+    blocks: int,
+    sources: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+) -> None:
+    """Fine-tune ``judge``'s last ``blocks`` trunk blocks and its heads in place on ``sources`` (maps entering the
+    blocks, class indices), ``batch`` rows of each a step (see :func:`train_heads`)."""
+    tail = judge.trunk[len(judge.trunk) - blocks :]
+    optimizer = torch.optim.AdamW([*tail.parameters(), *judge.heads.parameters()], lr=lr, weight_decay=1e-4)
+    draws = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = torch.zeros(())
+        for maps, targets in sources:
+            rows = torch.randint(0, maps.shape[0], (batch,), generator=draws)
+            pooled = judge.pool(tail(maps[rows]))
+            loss = loss + _head_loss({attr: head(pooled) for attr, head in judge.heads.items()}, targets[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()

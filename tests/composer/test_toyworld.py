@@ -673,3 +673,52 @@ def test_a_judge_refuses_a_colour_drift_share_without_a_drift() -> None:
 
     with pytest.raises(TrainingError, match=r"colour_drift_share 0\.5 has no effect"):
         train_judge(steps=1, batch=2, colour_drift=0.0, colour_drift_share=0.5, device="cpu")
+
+
+def _rendered_with_labels(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = WorldRandom(seed)
+    scenes = [sample_any_scene(rng.content) for _ in range(count)]
+    return render(scenes, sample_layout(count, rng.layout)), torch.tensor([s.labels() for s in scenes])
+
+
+def test_tuning_the_last_trunk_block_changes_it_alone_deterministically_and_fits_the_labels() -> None:
+    import torch.nn.functional as F
+
+    from composer.toyworld.judge import Judge, head_data, train_heads
+
+    torch.manual_seed(0)
+    judge = Judge(8).eval()
+    images, targets = _rendered_with_labels(8, 3)
+    data = head_data(judge, images, targets, copies=2, renders=8, blocks=1)
+    with torch.no_grad():
+        assert torch.equal(data.labelled[:8], judge.features(images)), "the maps pass the same trunk"
+    heads_only = train_heads(judge, data, steps=5)
+    tuned = train_heads(judge, data, steps=5, trunk_steps=30, trunk_lr=3e-3, trunk_batch=8)
+    again = train_heads(judge, data, steps=5, trunk_steps=30, trunk_lr=3e-3, trunk_batch=8)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), again.state_dict().values()))
+    for network, changed in ((heads_only, set()), (tuned, {len(judge.trunk) - 1})):
+        for index, (block, start) in enumerate(zip(network.trunk, judge.trunk)):
+            same = all(torch.equal(a, b) for a, b in zip(block.state_dict().values(), start.state_dict().values()))
+            assert same == (index not in changed), index
+
+    def loss(network: Judge) -> float:
+        with torch.no_grad():
+            logits = network(images)
+        return sum(float(F.cross_entropy(logits[a], targets[:, i])) for i, a in enumerate(ATTRIBUTES))
+
+    assert loss(tuned) < loss(heads_only)
+
+
+def test_tuning_the_trunk_needs_its_maps_and_a_block_the_trunk_has() -> None:
+    from composer.toyworld.judge import Judge, head_data, train_heads
+    from fusion.errors import TrainingError
+
+    judge = Judge(8).eval()
+    images, targets = _rendered_with_labels(2, 4)
+    with pytest.raises(TrainingError, match="blocks"):
+        head_data(judge, images, targets, copies=1, renders=2, blocks=len(judge.trunk))
+    data = head_data(judge, images, targets, copies=1, renders=2)
+    with pytest.raises(TrainingError, match="maps"):
+        train_heads(judge, data, steps=1, trunk_steps=1)
+    with pytest.raises(TrainingError, match="trunk_batch"):
+        train_heads(judge, head_data(judge, images, targets, copies=1, renders=2, blocks=1), trunk_batch=0)
