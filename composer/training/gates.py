@@ -219,7 +219,6 @@ class GateTrainResult(TrainResult):
     """What a run produced: the trained gates, where they were saved, the losses and the checkpoints written."""
 
     gates: GateBank
-    checkpoints: list[Path] = field(default_factory=list)
 
 
 def _read_adapters(paths: Sequence[Path], family: str, shapes: Mapping[str, tuple[int, ...]]) -> list[Adapter]:
@@ -295,6 +294,4 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
         engine.clear()
     bank.requires_grad_(False)
     path = save_gates(bank, config.out, {**meta, "steps": config.steps, "final_loss": final_loss})
-    return GateTrainResult(
-        bank, result.checkpoints, path=path, losses=result.losses, initial_loss=initial_loss, final_loss=final_loss
-    )
+    return result.report(GateTrainResult, bank, path=path, initial_loss=initial_loss, final_loss=final_loss)

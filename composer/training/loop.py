@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -83,6 +83,18 @@ class LoopResult:
     model: nn.Module
     losses: list[float]
     checkpoints: list[Path] = field(default_factory=list)
+
+    def report(self, kind: type[Result], trained: Any, *, path: Path, initial_loss: float, final_loss: float) -> Result:
+        """The trainer's result ``kind`` for what it ``trained``, saved at ``path``: this run's losses and checkpoints
+        with the evaluation losses before and after."""
+        return kind(
+            trained,
+            path=path,
+            losses=self.losses,
+            checkpoints=self.checkpoints,
+            initial_loss=initial_loss,
+            final_loss=final_loss,
+        )
 
 
 def optimise(
@@ -155,14 +167,19 @@ class LoopSettings:
 
 @dataclass(kw_only=True)
 class TrainResult:
-    """What every trainer's run reports (the ``compose train-*`` summary): the file it saved, the loss per step, and
-    the evaluation loss before and after training. A trainer's result subclasses it with what it trained."""
+    """What every trainer's run reports (the ``compose train-*`` summary): the file it saved, the loss per step, the
+    evaluation loss before and after training, and the checkpoints it wrote (none unless asked). A trainer's result
+    subclasses it with what it trained."""
 
     path: Path
     losses: list[float]
     initial_loss: float
     final_loss: float
+    checkpoints: list[Path] = field(default_factory=list, kw_only=True)
 
+
+Result = TypeVar("Result", bound=TrainResult)
+"""A trainer's own :class:`TrainResult`."""
 
 _LOOP_KEYWORDS = ("steps", "learning_rate", "batch_size", "seed", "progress")
 """The :class:`LoopSettings` that are :func:`optimise`'s keywords (mixed precision is the accelerator's)."""

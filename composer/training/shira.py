@@ -233,7 +233,6 @@ class ShiraTrainResult(TrainResult):
     """What a run produced: the adapter, where it was saved, the losses and the checkpoints written."""
 
     adapter: Adapter
-    checkpoints: list[Path] = field(default_factory=list)
 
 
 def extract_sparse(denoiser: nn.Module, adapter_name: str = ADAPTER_NAME) -> dict[str, Sparse]:
@@ -332,6 +331,4 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
         remove_shira_layers(pipe.unet, previous_config)
     path = _save(layers, config.out, family, config, fingerprint, config.steps)
     adapter = Adapter(name=path.stem, family=family, layers=layers, source=str(path))
-    return ShiraTrainResult(
-        adapter, result.checkpoints, path=path, losses=result.losses, initial_loss=initial_loss, final_loss=final_loss
-    )
+    return result.report(ShiraTrainResult, adapter, path=path, initial_loss=initial_loss, final_loss=final_loss)
