@@ -377,9 +377,8 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
     blocks = recipe.blocks if recipe.trunk_steps else 0
     data = head_data(base, images, label_targets(labels), recipe.copies, recipe.renders, recipe.seed, blocks)
     measured = gather_evidence(base, images)
-    frozen = base.trunk[: len(base.trunk) - blocks]
     with torch.no_grad():
-        maps, mirrored_maps = frozen(images * 2 - 1), frozen(images.flip(3) * 2 - 1)
+        maps, mirrored_maps = base.entering(images, blocks), base.entering(images.flip(3), blocks)
     networks: dict[frozenset[int], Any] = {}
     pooled: dict[frozenset[int], tuple[torch.Tensor, torch.Tensor]] = {}
     every = frozenset(folds)
@@ -391,7 +390,7 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
                 base, data.subset(kept), recipe.steps, recipe.lr,
                 recipe.trunk_steps, recipe.trunk_lr, recipe.trunk_batch, recipe.seed,
             )  # fmt: skip
-            tail = tuned.trunk[len(tuned.trunk) - blocks :]
+            tail = tuned.last_blocks(blocks)
             with torch.no_grad():
                 pooled[without] = tuned.pool(tail(maps)), tuned.pool(tail(mirrored_maps))
             networks[without] = tuned

@@ -51,7 +51,16 @@ class Judge(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled trunk features (B, 8 × width) that every head reads, for images (B, 3, 64, 64) in [0, 1]."""
-        return self.pool(self.trunk(images * 2 - 1))
+        return self.pool(self.entering(images))
+
+    def entering(self, images: torch.Tensor, blocks: int = 0) -> torch.Tensor:
+        """The maps that enter the trunk's last ``blocks`` blocks (its output where ``blocks`` is 0), for images
+        (B, 3, 64, 64) in [0, 1]."""
+        return self.trunk[: len(self.trunk) - blocks](images * 2 - 1)
+
+    def last_blocks(self, blocks: int) -> nn.Sequential:
+        """The trunk's last ``blocks`` blocks (none where ``blocks`` is 0: the maps pass through unchanged)."""
+        return self.trunk[len(self.trunk) - blocks :]
 
     @staticmethod
     def pool(maps: torch.Tensor) -> torch.Tensor:
@@ -284,11 +293,11 @@ def head_data(
         )
     rng = WorldRandom(seed)
     judge = judge.eval()
-    frozen, tuned = judge.trunk[: len(judge.trunk) - blocks], judge.trunk[len(judge.trunk) - blocks :]
+    tail = judge.last_blocks(blocks)
 
     def read(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = frozen(batch * 2 - 1)
-        return judge.pool(tuned(maps)), maps
+        maps = judge.entering(batch, blocks)
+        return judge.pool(tail(maps)), maps
 
     with torch.no_grad():
         views = []
@@ -370,7 +379,7 @@ def train_heads(
         for head, (start, end) in zip(heads, spans):
             head.weight.copy_(weight[start:end])
             head.bias.copy_(bias[start:end])
-    if trunk_steps and data.labelled_maps is not None and data.generated_maps is not None:
+    if trunk_steps:
         sources = ((data.labelled_maps, data.labelled_targets), (data.generated_maps, data.generated_targets))
         _tune_last_blocks(tuned, data.blocks, sources, trunk_steps, trunk_lr, trunk_batch, seed)
     return tuned.eval()
@@ -387,7 +396,7 @@ def _tune_last_blocks(
 ) -> None:
     """Fine-tune ``judge``'s last ``blocks`` trunk blocks and its heads in place on ``sources`` (maps entering the
     blocks, class indices), ``batch`` rows of each a step (see :func:`train_heads`)."""
-    tail = judge.trunk[len(judge.trunk) - blocks :]
+    tail = judge.last_blocks(blocks)
     optimizer = torch.optim.AdamW([*tail.parameters(), *judge.heads.parameters()], lr=lr, weight_decay=1e-4)
     draws = torch.Generator().manual_seed(seed)
     for step in range(steps):

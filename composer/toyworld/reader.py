@@ -176,7 +176,7 @@ for a black outline a background bright enough to show it."""
 
 def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, str]:
     """Image ``i``'s reading: a value of each attribute's vocabulary, or :data:`UNSURE` (see :func:`read_column`)."""
-    return {attr: read_column(evidence, calibration, attr)[i] for attr in ATTRIBUTES}
+    return read_all(evidence.take([i]), calibration)[0]
 
 
 def read_all(evidence: Evidence, calibration: Calibration) -> list[dict[str, str]]:
