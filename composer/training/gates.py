@@ -32,14 +32,7 @@ from composer.presets import preset_family
 from composer.settings import cache_root
 from composer.training.data import ImageCaptionFolder
 from composer.training.flux import encode_flux_prompts, flux_velocity
-from composer.training.loop import (
-    LoopSettings,
-    Objective,
-    TrainResult,
-    checkpoint_path,
-    frozen_accelerator,
-    optimise_with,
-)
+from composer.training.loop import LoopSettings, Objective, TrainResult, frozen_accelerator, optimise_with
 from composer.training.shira import DenoisingObjective
 from fusion.adapters import Adapter
 from fusion.engine import FusionEngine
@@ -285,9 +278,8 @@ def train_gates(pipe: Any, config: GateTrainConfig) -> GateTrainResult:
             desc="train-gates",
             prepare_model=False,
             checkpoint_every=config.checkpoint_every,
-            save_checkpoint=lambda _, step: save_gates(
-                bank, checkpoint_path(gate_path(config.out), step), {**meta, "steps": step}
-            ),
+            save_checkpoint=lambda _, path, step: save_gates(bank, path, {**meta, "steps": step}),
+            final_path=gate_path(config.out),
         )
         final_loss = objective.evaluate(denoiser)
     finally:

@@ -111,14 +111,18 @@ def optimise(
     progress: bool = True,
     prepare_model: bool = True,
     checkpoint_every: int = 0,
-    save_checkpoint: Callable[[nn.Module, int], Path] | None = None,
+    save_checkpoint: Callable[[nn.Module, Path, int], object] | None = None,
+    final_path: Path | None = None,
 ) -> LoopResult:
     """Train ``params`` for ``steps`` steps on ``objective.loss(model, …)``.
 
     ``prepare_model=False`` leaves ``model`` unwrapped (for trainable parameters that live outside it, e.g.
-    gates reached through hooks). ``save_checkpoint(model, step)`` runs every ``checkpoint_every`` steps before
-    the last. Raises :class:`TrainingError` when the loss becomes NaN/Inf.
+    gates reached through hooks). Every ``checkpoint_every`` steps before the last, ``save_checkpoint(model, path,
+    step)`` writes the checkpoint at ``path``, named beside ``final_path`` (:func:`checkpoint_path`). Raises
+    :class:`TrainingError` when the loss becomes NaN/Inf.
     """
+    if save_checkpoint is not None and checkpoint_every and final_path is None:
+        raise TrainingError("checkpoints need the final file's path to be named beside it")
     trainable = list(params)
     if not trainable:
         raise TrainingError("nothing to train: no trainable parameters were found")
@@ -145,7 +149,8 @@ def optimise(
         if not math.isfinite(result.losses[-1]):
             raise TrainingError(f"the loss became {result.losses[-1]} at step {step}", hint="lower --lr or use fp32")
         if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            result.checkpoints.append(save_checkpoint(accelerator.unwrap_model(wrapped), step))
+            result.checkpoints.append(checkpoint_path(final_path, step))  # type: ignore[arg-type]  # checked above
+            save_checkpoint(accelerator.unwrap_model(wrapped), result.checkpoints[-1], step)
             logger.info("step %d of %d: checkpoint %s", step, steps, result.checkpoints[-1])
     result.model = accelerator.unwrap_model(wrapped) if prepare_model else model
     return result

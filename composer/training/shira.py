@@ -30,14 +30,7 @@ from torch import nn
 
 from composer.presets import preset_family
 from composer.training.data import ImageCaptionFolder, index_batches
-from composer.training.loop import (
-    LoopSettings,
-    Objective,
-    TrainResult,
-    checkpoint_path,
-    frozen_accelerator,
-    optimise_with,
-)
+from composer.training.loop import LoopSettings, Objective, TrainResult, frozen_accelerator, optimise_with
 from fusion.adapters import Adapter, Sparse
 from fusion.errors import TrainingError
 from fusion.mask_types import MASK_TYPES
@@ -321,9 +314,10 @@ def train_shira(pipe: Any, config: ShiraTrainConfig) -> ShiraTrainResult:
             objective,
             desc="train-shira",
             checkpoint_every=config.checkpoint_every,
-            save_checkpoint=lambda model, step: _save(
-                extract_sparse(model), checkpoint_path(config.out, step), family, config, fingerprint, step
+            save_checkpoint=lambda model, path, step: _save(
+                extract_sparse(model), path, family, config, fingerprint, step
             ),
+            final_path=config.out,
         )
         layers = extract_sparse(result.model)
         final_loss = objective.evaluate(result.model)

@@ -34,9 +34,9 @@ def test_loop_trains_and_checkpoints_on_schedule(tmp_path: Path) -> None:
     model = nn.Linear(1, 1, bias=False)
     saved: list[int] = []
 
-    def save(trained: nn.Module, step: int) -> Path:
+    def save(trained: nn.Module, path: Path, step: int) -> None:
         saved.append(step)
-        return tmp_path / f"step-{step}"
+        path.write_bytes(b"")
 
     result = optimise(
         Accelerator(cpu=True),
@@ -51,11 +51,35 @@ def test_loop_trains_and_checkpoints_on_schedule(tmp_path: Path) -> None:
         progress=False,
         checkpoint_every=25,
         save_checkpoint=save,
+        final_path=tmp_path / "adapter.safetensors",
     )
     assert saved == [25, 50]
-    assert result.checkpoints == [tmp_path / "step-25", tmp_path / "step-50"]
+    written = [tmp_path / "adapter-step000025.safetensors", tmp_path / "adapter-step000050.safetensors"]
+    assert result.checkpoints == written
+    assert all(path.is_file() for path in written)
     assert len(result.losses) == 60
     assert result.losses[-1] < result.losses[0] / 10
+
+
+def test_checkpoints_without_the_final_path_are_refused_before_training() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    objective = _Regression()
+    with pytest.raises(TrainingError, match="final file"):
+        optimise(
+            Accelerator(cpu=True),
+            model,
+            model.parameters(),
+            objective,
+            steps=10,
+            learning_rate=0.1,
+            batch_size=4,
+            seed=0,
+            desc="test",
+            progress=False,
+            checkpoint_every=5,
+            save_checkpoint=lambda *_: None,
+        )
+    assert objective.calls == 0
 
 
 def test_non_finite_loss_stops_with_a_typed_error() -> None:
