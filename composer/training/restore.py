@@ -133,27 +133,26 @@ class KontextRestoreObjective(Objective):
         self.task_of = torch.tensor(task_of)
         self.guidance = float(guidance_scale) if pipe.transformer.config.guidance_embeds else None
         with torch.no_grad():
-            self.clean = self._encode(pipe, clean_paths)
-            self.condition = self._encode(pipe, degraded_paths)
-            side = size // pipe.vae_scale_factor // 2
-            latent_ids = FluxKontextPipeline._prepare_latent_image_ids(1, side, side, self.device, self.clean.dtype)
-            image_ids = FluxKontextPipeline._prepare_latent_image_ids(1, side, side, self.device, self.clean.dtype)
-            image_ids[..., 0] = 1
-            self.img_ids = torch.cat([latent_ids, image_ids], dim=0)
+            self.clean, self.img_ids = self._encode(pipe, clean_paths)
+            self.condition, _ = self._encode(pipe, degraded_paths)
         self.encoded = encode_flux_prompts(
             pipe, self.prompts, device=self.device, max_sequence_length=max_sequence_length
         )
 
-    def _encode(self, pipe: Any, paths: Sequence[Path]) -> torch.Tensor:
-        """Packed latents (N, tokens, 4·C) of the images, as Kontext encodes its conditioning image."""
-        vae = pipe.vae
-        packed = []
+    def _encode(self, pipe: Any, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed latents (N, tokens, 4·C) of the images, encoded by the pipeline's own ``prepare_latents`` as Kontext
+        encodes its conditioning image, and the position ids of the target and the conditioning tokens."""
+        channels = pipe.transformer.config.in_channels // 4
+        noise = torch.Generator().manual_seed(0)  # prepare_latents also draws a start; keep the global RNG untouched
+        packed, ids = [], torch.empty(0)
         for path in paths:
-            pixels = load_image(path, self.size).unsqueeze(0).to(self.device, vae.dtype)
-            latents = pipe._encode_vae_image(pixels, generator=None)
-            channels, height, width = latents.shape[1:]
-            packed.append(FluxKontextPipeline._pack_latents(latents, 1, channels, height, width).float())
-        return torch.cat(packed)
+            pixels = load_image(path, self.size).unsqueeze(0)
+            _, latents, latent_ids, image_ids = pipe.prepare_latents(
+                pixels, 1, channels, self.size, self.size, pipe.vae.dtype, self.device, generator=noise
+            )
+            packed.append(latents.float())
+            ids = torch.cat([latent_ids, image_ids]).float()
+        return torch.cat(packed), ids
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
