@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from composer.training.loop import Objective, optimise
+from composer.training.loop import LoopResult, Objective, optimise
 from fusion.errors import TrainingError
 
 
@@ -30,28 +31,29 @@ class _Regression:
         return loss * float("nan") if self.poison_at and self.calls >= self.poison_at else loss
 
 
-def test_loop_trains_and_checkpoints_on_schedule(tmp_path: Path) -> None:
+def _fit(objective: _Regression, steps: int, **options: Any) -> LoopResult:
+    """``optimise`` on a one-weight linear model, lr 0.1, batches of 4, seed 0, no progress bar."""
     model = nn.Linear(1, 1, bias=False)
+    loop: dict[str, Any] = {
+        "steps": steps,
+        "learning_rate": 0.1,
+        "batch_size": 4,
+        "seed": 0,
+        "desc": "test",
+        "progress": False,
+    }
+    return optimise(Accelerator(cpu=True), model, model.parameters(), objective, **loop, **options)
+
+
+def test_loop_trains_and_checkpoints_on_schedule(tmp_path: Path) -> None:
     saved: list[int] = []
 
     def save(trained: nn.Module, path: Path, step: int) -> None:
         saved.append(step)
         path.write_bytes(b"")
 
-    result = optimise(
-        Accelerator(cpu=True),
-        model,
-        model.parameters(),
-        _Regression(),
-        steps=60,
-        learning_rate=0.1,
-        batch_size=4,
-        seed=0,
-        desc="test",
-        progress=False,
-        checkpoint_every=25,
-        save_checkpoint=save,
-        final_path=tmp_path / "adapter.safetensors",
+    result = _fit(
+        _Regression(), 60, checkpoint_every=25, save_checkpoint=save, final_path=tmp_path / "adapter.safetensors"
     )
     assert saved == [25, 50]
     written = [tmp_path / "adapter-step000025.safetensors", tmp_path / "adapter-step000050.safetensors"]
@@ -62,42 +64,16 @@ def test_loop_trains_and_checkpoints_on_schedule(tmp_path: Path) -> None:
 
 
 def test_checkpoints_without_the_final_path_are_refused_before_training() -> None:
-    model = nn.Linear(1, 1, bias=False)
     objective = _Regression()
     with pytest.raises(TrainingError, match="final file"):
-        optimise(
-            Accelerator(cpu=True),
-            model,
-            model.parameters(),
-            objective,
-            steps=10,
-            learning_rate=0.1,
-            batch_size=4,
-            seed=0,
-            desc="test",
-            progress=False,
-            checkpoint_every=5,
-            save_checkpoint=lambda *_: None,
-        )
+        _fit(objective, 10, checkpoint_every=5, save_checkpoint=lambda *_: None)
     assert objective.calls == 0
 
 
 def test_non_finite_loss_stops_with_a_typed_error() -> None:
-    model = nn.Linear(1, 1, bias=False)
     objective = _Regression(poison_at=3)
     with pytest.raises(TrainingError, match="step 3"):
-        optimise(
-            Accelerator(cpu=True),
-            model,
-            model.parameters(),
-            objective,
-            steps=10,
-            learning_rate=0.1,
-            batch_size=4,
-            seed=0,
-            desc="test",
-            progress=False,
-        )
+        _fit(objective, 10)
     assert objective.calls == 3
 
 
