@@ -4,9 +4,10 @@
 on base-vocabulary captions, each LoRA alone, and compositions of k = 2…5 adapters with every method and branch
 setting of the quality benchmark, on scene and generation seeds no benchmark uses (10 000 and up). Each image is a
 64² PNG named by its id; ``recipes.json`` keeps what drew it (prompt, adapters, method, branches, weight, seed) and
-which part of a split it belongs to (``merge --held-out-share``). The judge is fitted on the whole first set
-(``calibrate``) and checked on a fresh set drawn with ``--first-seed`` on other seeds, held out whole
-(``merge --held-out-share 1``) and labelled by other readers (``evaluate``).
+which part of a split it belongs to (``merge --held-out-share``). The judge is fitted on every image of the sets in
+:data:`TUNING_FOLDERS` (``calibrate``; later sets are drawn with ``--first-seed`` on other seeds) and checked on a
+fresh set drawn the same way, held out whole (``merge --held-out-share 1``) and labelled by other readers
+(``evaluate``).
 
 Labels are written by a person looking at the 4× nearest-neighbour upscale with the recipe hidden (see
 docs/judge.md for the protocol); ``sheets`` prints numbered contact sheets for that.
@@ -35,7 +36,14 @@ from benchmarks.composition_quality import (
 )
 
 SET_FOLDER = Path(__file__).with_name("data") / "judge_labels"
-"""Where the labelled set the judge is fitted on lives: ``images/<id>.png``, ``recipes.json``, ``labels.json``."""
+"""Where the first labelled set the judge is fitted on lives: ``images/<id>.png``, ``recipes.json``,
+``labels.json``."""
+SECOND_FOLDER = SET_FOLDER.with_name("judge_labels_second")
+"""The second labelled set the judge is fitted on (the same layout, drawn on seeds from 30 000)."""
+THIRD_FOLDER = SET_FOLDER.with_name("judge_labels_third")
+"""The third labelled set the judge is fitted on (the same layout, drawn on seeds from 70 000)."""
+TUNING_FOLDERS = (SET_FOLDER, SECOND_FOLDER, THIRD_FOLDER)
+"""Every labelled set the judge is fitted on, in the order their ids are numbered on (:func:`labelled_sets`)."""
 FRESH_FOLDER = SET_FOLDER.with_name("judge_labels_fresh")
 """Where the held-out set lives (the same layout): drawn on other seeds, labelled by other readers, never looked
 at by any choice about the judge."""
@@ -321,9 +329,9 @@ class Recipe:
     renders: int = 1024
     steps: int = 400
     lr: float = 3e-3
-    blocks: int = 0
-    trunk_steps: int = 0
-    trunk_lr: float = 3e-4
+    blocks: int = 1
+    trunk_steps: int = 400
+    trunk_lr: float = 1e-3
     trunk_batch: int = 64
     penalty: float = 9.0
     plain_penalty: float = 1.0
@@ -421,14 +429,14 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
     return CrossFit(network(frozenset()), calibration(every), readings)
 
 
-def calibrate(folder: Path, weights: Path, recipe: Recipe = Recipe()) -> int:
-    """Fine-tune the network and fit the reader's thresholds on every labelled image of the set in ``folder``
+def calibrate(folders: list[Path], weights: Path, recipe: Recipe = Recipe()) -> int:
+    """Fine-tune the network and fit the reader's thresholds on every labelled image of the sets in ``folders``
     (:func:`cross_fit`); write both into the folder ``weights`` (the judge's safetensors and its calibration JSON)
     and print the cross-fitted agreement."""
     from composer.toyworld.judge import JUDGE_FILE
     from composer.toyworld.reader import CALIBRATION_FILE
 
-    recipes, labels, images = _labelled(folder)
+    recipes, labels, images = labelled_sets(folders)
     result = cross_fit(images, [labels[r["id"]] for r in recipes], folds_of(recipes), recipe)
     result.network.save(weights / JUDGE_FILE)
     result.calibration.save(weights / CALIBRATION_FILE)
@@ -553,8 +561,26 @@ def _labelled(folder: Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, s
     return [recipes[i] for i in keep], labels, images[keep]
 
 
-def evaluate(folder: Path, fresh: Path, docs: Path | None, recipe: Recipe = Recipe()) -> int:
-    """Print (and write to ``docs``) the judge's agreement with the eye: on the labelled set in ``folder`` as
+def labelled_sets(folders: list[Path]) -> tuple[list[dict[str, Any]], dict[int, dict[str, str]], torch.Tensor]:
+    """The labelled images of several sets as one: each set's image ids and batch numbers are numbered on after
+    the previous set's, so ids stay unique and a batch of one set never joins a batch of another in a fold."""
+    recipes: list[dict[str, Any]] = []
+    labels: dict[int, dict[str, str]] = {}
+    images: list[torch.Tensor] = []
+    first_id = first_batch = 0
+    for folder in folders:
+        chosen, read, pixels = _labelled(folder)
+        for recipe in chosen:
+            labels[first_id + recipe["id"]] = read[recipe["id"]]
+            recipes.append(recipe | {"id": first_id + recipe["id"], "batch": first_batch + recipe["batch"]})
+        images.append(pixels)
+        first_id += 1 + max(r["id"] for r in chosen)
+        first_batch += 1 + max(r["batch"] for r in chosen)
+    return recipes, labels, torch.cat(images)
+
+
+def evaluate(folders: list[Path], fresh: Path, docs: Path | None, recipe: Recipe = Recipe()) -> int:
+    """Print (and write to ``docs``) the judge's agreement with the eye: on the labelled sets in ``folders`` as
     cross-fitted (each fold read by a judge fitted without it, :func:`cross_fit`), and on the set in ``fresh``,
     which no choice about the judge looked at, as read by the shipped judge, once its labels exist."""
     from composer.toyworld.verdict import shipped_judge
@@ -566,7 +592,7 @@ def evaluate(folder: Path, fresh: Path, docs: Path | None, recipe: Recipe = Reci
         lines += agreement_markdown(results[HELD_OUT], HELD_OUT)
     else:
         print(f"{fresh / 'labels.json'} does not exist yet: no held-out agreement to report")
-    recipes, labels, images = _labelled(folder)
+    recipes, labels, images = labelled_sets(folders)
     crossed = cross_fit(images, [labels[r["id"]] for r in recipes], folds_of(recipes), recipe)
     results[TUNING] = agreement(recipes, labels, crossed.readings)
     lines += agreement_markdown(results[TUNING], TUNING)
@@ -613,10 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("legend", help="the clean render of every attribute value, captioned")
     g.add_argument("--out", type=Path, default=Path("docs/images/judge_legend.png"))
     c = sub.add_parser("calibrate", help="fine-tune the network and fit the thresholds on the whole labelled set")
-    c.add_argument("--folder", type=Path, default=SET_FOLDER)
+    c.add_argument("--folder", type=Path, nargs="+", default=list(TUNING_FOLDERS), help="the labelled sets")
     c.add_argument("--weights", type=Path, default=None, help="folder to write into (default: the shipped weights)")
     e = sub.add_parser("evaluate", help="judge against eye: the labelled set cross-fitted, the fresh set held out")
-    e.add_argument("--folder", type=Path, default=SET_FOLDER, help="the set the judge was fitted on")
+    e.add_argument("--folder", type=Path, nargs="+", default=list(TUNING_FOLDERS), help="the sets it was fitted on")
     e.add_argument("--fresh", type=Path, default=FRESH_FOLDER, help="the held-out set")
     e.add_argument("--docs", type=Path, default=None, help="write judge_agreement.md/.json here")
     r = sub.add_parser("collect", help="add readings (JSONL files, one per reader) to labels.json")
