@@ -5,7 +5,7 @@ on base-vocabulary captions, each LoRA alone, and compositions of k = 2…5 adap
 setting of the quality benchmark, on scene and generation seeds no benchmark uses (10 000 and up). Each image is a
 64² PNG named by its id; ``recipes.json`` keeps what drew it (prompt, adapters, method, branches, weight, seed) and
 which part of a split it belongs to (``merge --held-out-share``). The judge is fitted on every image of the sets in
-:data:`TUNING_FOLDERS` (``calibrate``; later sets are drawn with ``--first-seed`` on other seeds) and checked on a
+:data:`TUNING_FOLDERS` (``calibrate``; more sets are drawn with ``--first-seed`` on other seeds) and checked on a
 fresh set drawn the same way, held out whole (``merge --held-out-share 1``) and labelled by other readers
 (``evaluate``).
 
@@ -38,12 +38,10 @@ from benchmarks.composition_quality import (
 SET_FOLDER = Path(__file__).with_name("data") / "judge_labels"
 """Where the first labelled set the judge is fitted on lives: ``images/<id>.png``, ``recipes.json``,
 ``labels.json``."""
-SECOND_FOLDER = SET_FOLDER.with_name("judge_labels_second")
-"""The second labelled set the judge is fitted on (the same layout, drawn on seeds from 30 000)."""
-THIRD_FOLDER = SET_FOLDER.with_name("judge_labels_third")
-"""The third labelled set the judge is fitted on (the same layout, drawn on seeds from 70 000)."""
-TUNING_FOLDERS = (SET_FOLDER, SECOND_FOLDER, THIRD_FOLDER)
-"""Every labelled set the judge is fitted on, in the order their ids are numbered on (:func:`labelled_sets`)."""
+TUNING_FOLDERS = (SET_FOLDER,)
+"""The labelled sets the shipped judge is fitted on, in the order their ids are numbered on (:func:`labelled_sets`).
+``judge_labels_second/`` and ``judge_labels_third/`` hold two more labelled sets of the same layout (seeds from
+30 000 and 70 000) that ``--folder`` can add."""
 FRESH_FOLDER = SET_FOLDER.with_name("judge_labels_fresh")
 """Where the held-out set lives (the same layout): drawn on other seeds, labelled by other readers, never looked
 at by any choice about the judge."""
@@ -329,9 +327,9 @@ class Recipe:
     renders: int = 1024
     steps: int = 400
     lr: float = 3e-3
-    blocks: int = 1
-    trunk_steps: int = 400
-    trunk_lr: float = 1e-3
+    blocks: int = 0
+    trunk_steps: int = 0
+    trunk_lr: float = 3e-4
     trunk_batch: int = 64
     penalty: float = 9.0
     plain_penalty: float = 1.0

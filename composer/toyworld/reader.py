@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from composer.toyworld.judge import Judge
-from composer.toyworld.measures import block_mosaic, fill_hue, outline_darkness, periodic_energy
+from composer.toyworld.measures import backdrop_brightness, block_mosaic, fill_hue, periodic_energy
 from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, VOCABULARY
 
 UNSURE = "unsure"
@@ -37,7 +37,7 @@ class Evidence:
     mosaic: torch.Tensor
     stripes: torch.Tensor
     dots: torch.Tensor
-    outline: torch.Tensor
+    backdrop: torch.Tensor
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> Evidence:
@@ -54,7 +54,7 @@ class Evidence:
             mosaic=column("mosaic"),
             stripes=column("stripes"),
             dots=column("dots"),
-            outline=column("outline"),
+            backdrop=column("backdrop"),
         )
 
     def take(self, indices: list[int]) -> Evidence:
@@ -72,7 +72,7 @@ class Evidence:
             "mosaic": float(self.mosaic[i]),
             "stripes": float(self.stripes[i]),
             "dots": float(self.dots[i]),
-            "outline": float(self.outline[i]),
+            "backdrop": float(self.backdrop[i]),
         }
 
 
@@ -120,7 +120,7 @@ def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:
         mosaic=block_mosaic(images),
         stripes=periodic["stripes"],
         dots=periodic["dots"],
-        outline=outline_darkness(images),
+        backdrop=backdrop_brightness(images),
     )
 
 
@@ -132,7 +132,7 @@ class Calibration:
     (degrees) of each boundary between neighbouring named colours; ``band``: the half-width of the unsure band around
     each; ``min_purity`` and ``min_pixels``: what a fill needs to be read at all; ``colour_rule``: how hue and
     network combine. ``style_needs``: for each style in :data:`STYLE_GATES`, the least measure it needs (``pixel``:
-    mosaic ratio, ``striped`` and ``dots``: spectral share, ``outlined``: share of thin dark line).
+    mosaic ratio, ``striped`` and ``dots``: spectral share, ``outlined``: backdrop brightness).
     """
 
     floor: dict[str, dict[str, float]] = field(default_factory=lambda: {a: {} for a in ATTRIBUTES})
@@ -169,9 +169,9 @@ def _hue_name(hue: float, calibration: Calibration) -> str:
     return UNSURE
 
 
-STYLE_GATES = {"pixel": "mosaic", "striped": "stripes", "dots": "dots", "outlined": "outline"}
+STYLE_GATES = {"pixel": "mosaic", "striped": "stripes", "dots": "dots", "outlined": "backdrop"}
 """The measure each style needs: the pixel style's block mosaic, the stripes' and dots' grids in the spectrum, and
-for a black outline thin dark lines that stand out from both their sides."""
+for a black outline a background bright enough to show it."""
 
 
 def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, str]:
