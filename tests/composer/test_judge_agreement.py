@@ -11,6 +11,8 @@ at the measured value keeps a later judge from doing worse unnoticed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.judge_labels import FRESH_FOLDER, LABEL_VALUES, agreement, consensus, load_set
@@ -124,3 +126,33 @@ def test_consensus_needs_a_majority() -> None:
     assert consensus([first, second, third])["colour"] == "blue"
     assert consensus([first, second, third])["shape"] == "star"
     assert set(LABEL_VALUES) == set(ATTRIBUTES)
+
+
+def _tiny_set(folder: Path, batches: list[int]) -> None:
+    import json
+
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    recipes, labelled = [], {}
+    for image_id, batch in enumerate(batches):
+        Image.new("RGB", (64, 64), (image_id * 40, 0, 0)).save(folder / "images" / f"{image_id:04d}.png")
+        recipes.append({"id": image_id, "batch": batch, "kind": "k=2", "prompt": "p", "adapters": []})
+        reading = dict.fromkeys(ATTRIBUTES, "none") | {"background": "sky", "shape": "star", "colour": "red"}
+        labelled[str(image_id)] = {"readings": [reading | {"reader": "a"}, reading | {"reader": "b"}]}
+    (folder / "recipes.json").write_text(json.dumps({"images": recipes}))
+    (folder / "labels.json").write_text(json.dumps({"images": labelled}))
+
+
+def test_labelled_sets_number_ids_and_batches_on_per_set(tmp_path: Path) -> None:
+    from benchmarks.judge_labels import labelled_sets
+
+    _tiny_set(tmp_path / "first", [0, 0, 1])
+    _tiny_set(tmp_path / "second", [0, 1])
+    recipes, labels, images = labelled_sets([tmp_path / "first", tmp_path / "second"])
+    assert [r["id"] for r in recipes] == [0, 1, 2, 3, 4]
+    assert [r["batch"] for r in recipes] == [0, 0, 1, 2, 3]
+    assert sorted(labels) == [0, 1, 2, 3, 4]
+    assert images.shape == (5, 3, 64, 64)
+    assert float(images[3, 0].mean()) == 0.0
+    assert float(images[4, 0].mean()) == pytest.approx(40 / 255)
