@@ -568,6 +568,8 @@ def labelled_sets(folders: list[Path]) -> tuple[list[dict[str, Any]], dict[int, 
     first_id = first_batch = 0
     for folder in folders:
         chosen, read, pixels = _labelled(folder)
+        if not chosen:
+            raise SystemExit(f"{folder} has no labelled image: collect its readings into labels.json first")
         for recipe in chosen:
             labels[first_id + recipe["id"]] = read[recipe["id"]]
             recipes.append(recipe | {"id": first_id + recipe["id"], "batch": first_batch + recipe["batch"]})

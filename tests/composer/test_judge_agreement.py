@@ -11,11 +11,13 @@ at the measured value keeps a later judge from doing worse unnoticed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from benchmarks.judge_labels import FRESH_FOLDER, LABEL_VALUES, agreement, consensus, load_set
+from benchmarks.judge_labels import FRESH_FOLDER, LABEL_VALUES, agreement, consensus, labelled_sets, load_set
 from composer.toyworld.reader import UNSURE
 from composer.toyworld.verdict import judge_images
 from composer.toyworld.world import ATTRIBUTES
@@ -129,10 +131,6 @@ def test_consensus_needs_a_majority() -> None:
 
 
 def _tiny_set(folder: Path, batches: list[int]) -> None:
-    import json
-
-    from PIL import Image
-
     (folder / "images").mkdir(parents=True)
     recipes, labelled = [], {}
     for image_id, batch in enumerate(batches):
@@ -145,8 +143,6 @@ def _tiny_set(folder: Path, batches: list[int]) -> None:
 
 
 def test_labelled_sets_number_ids_and_batches_on_per_set(tmp_path: Path) -> None:
-    from benchmarks.judge_labels import labelled_sets
-
     _tiny_set(tmp_path / "first", [0, 0, 1])
     _tiny_set(tmp_path / "second", [0, 1])
     recipes, labels, images = labelled_sets([tmp_path / "first", tmp_path / "second"])
@@ -156,3 +152,11 @@ def test_labelled_sets_number_ids_and_batches_on_per_set(tmp_path: Path) -> None
     assert images.shape == (5, 3, 64, 64)
     assert float(images[3, 0].mean()) == 0.0
     assert float(images[4, 0].mean()) == pytest.approx(40 / 255)
+
+
+def test_a_set_without_labels_is_refused_by_name(tmp_path: Path) -> None:
+    _tiny_set(tmp_path / "first", [0, 1])
+    _tiny_set(tmp_path / "unlabelled", [0])
+    (tmp_path / "unlabelled" / "labels.json").write_text(json.dumps({"images": {}}))
+    with pytest.raises(SystemExit, match=r"unlabelled.*no labelled image"):
+        labelled_sets([tmp_path / "first", tmp_path / "unlabelled"])
