@@ -5,7 +5,13 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python3}"
-work="${1:-$(mktemp -d /tmp/lora-composer-wheel.XXXXXX)}"
+if (($# >= 1)); then
+  work="$1"
+else
+  # A folder of our own making is removed on exit: each run writes about 2 GB (a virtualenv with torch).
+  work="$(mktemp -d -t lora-composer-wheel.XXXXXX)"
+  trap 'rm -rf "$work"' EXIT
+fi
 max_wheel_mb=60
 prompt="zorbex wearing a krwn crown in the snow"
 mkdir -p "$work"
@@ -30,8 +36,8 @@ echo "== install it into a fresh virtualenv"
 rm -rf "$work/venv"
 "$python" -m venv "$work/venv"
 py="$work/venv/bin/python"
-"$py" -m pip install --quiet -c "$repo/constraints.txt" torch==2.13.0
-"$py" -m pip install --quiet -c "$repo/constraints.txt" "$wheel"
+"$py" -m pip install --quiet --no-cache-dir -c "$repo/constraints.txt" torch==2.13.0
+"$py" -m pip install --quiet --no-cache-dir -c "$repo/constraints.txt" "$wheel"
 if ! "$py" -c "import torchvision" >/dev/null 2>&1; then
   echo "torchvision's compiled ops do not load with this torch: installing the import repair hook"
   site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
