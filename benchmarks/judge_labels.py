@@ -38,10 +38,9 @@ from benchmarks.composition_quality import (
 SET_FOLDER = Path(__file__).with_name("data") / "judge_labels"
 """Where the first labelled set the judge is fitted on lives: ``images/<id>.png``, ``recipes.json``,
 ``labels.json``."""
-TUNING_FOLDERS = (SET_FOLDER,)
-"""The labelled sets the shipped judge is fitted on, in the order their ids are numbered on (:func:`labelled_sets`).
-``judge_labels_second/`` and ``judge_labels_third/`` hold two more labelled sets of the same layout (seeds from
-30 000 and 70 000) that ``--folder`` can add."""
+TUNING_FOLDERS = (SET_FOLDER, *(SET_FOLDER.with_name(f"judge_labels_{n}") for n in ("second", "third", "fourth")))
+"""The labelled sets the shipped judge is fitted on, in the order their ids are numbered on (:func:`labelled_sets`):
+the first set, then three of the same layout drawn on seeds from 30 000, 70 000 and 50 000."""
 FRESH_FOLDER = SET_FOLDER.with_name("judge_labels_fresh")
 """Where the held-out set lives (the same layout): drawn on other seeds, labelled by other readers, never looked
 at by any choice about the judge."""
@@ -327,11 +326,12 @@ class Recipe:
     renders: int = 1024
     steps: int = 400
     lr: float = 3e-3
-    blocks: int = 0
-    trunk_steps: int = 0
-    trunk_lr: float = 3e-4
+    blocks: int = 1
+    trunk_steps: int = 400
+    trunk_lr: float = 1e-3
     trunk_batch: int = 64
-    penalty: float = 9.0
+    render_weight: float = 1.0
+    penalty: float = 1.0
     plain_penalty: float = 1.0
     seed: int = SPLIT_SEED
 
@@ -394,7 +394,7 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
             kept = [i for i, f in enumerate(folds) if f not in without]
             tuned = train_heads(
                 base, data.subset(kept), recipe.steps, recipe.lr,
-                recipe.trunk_steps, recipe.trunk_lr, recipe.trunk_batch, recipe.seed,
+                recipe.trunk_steps, recipe.trunk_lr, recipe.trunk_batch, recipe.seed, recipe.render_weight,
             )  # fmt: skip
             tail = tuned.last_blocks(blocks)
             with torch.no_grad():

@@ -12,6 +12,10 @@ likelier answer is given, since a wrong plain reading makes no concept present. 
 labelled set by cross-fitting (thresholds fitted on some folds, read on another): a strict cost of 14 or 19 answers
 less and is no more precise there; the plain cost gains nothing for clothing ``none``, and on the demo's images it
 read bare heads under visible caps.
+
+A style that has a measure (:data:`composer.toyworld.reader.STYLE_GATES`) gets its probability floor and the
+measure it needs chosen together: fitted one after the other, a floor set high against confident wrong answers the
+measure would have ruled out shuts out the right answers too, and the measure, with nothing read, never moves.
 """
 
 from __future__ import annotations
@@ -123,13 +127,14 @@ def fit(
             setattr(calibration, name, _best(options, with_setting))
         for style, measure in STYLE_GATES.items():
             values = sorted(row[measure] for row in rows)
-            candidates = (0.0, *(values[round(q * (len(values) - 1))] for q in QUANTILES))
+            needs = (0.0, *(values[round(q * (len(values) - 1))] for q in QUANTILES))
 
-            def with_need(value: float, style: str = style) -> float:
-                calibration.style_needs[style] = value
+            def with_gate(pair: tuple[float, float], style: str = style) -> float:
+                calibration.floor["style"][style], calibration.style_needs[style] = pair
                 return agreement("style")
 
-            calibration.style_needs[style] = _best(candidates, with_need)
+            pairs = [(floor, need) for need in needs for floor in FLOORS]
+            calibration.floor["style"][style], calibration.style_needs[style] = _best(pairs, with_gate)
     return calibration
 
 

@@ -337,13 +337,16 @@ def train_heads(
     trunk_lr: float = 3e-4,
     trunk_batch: int = 64,
     seed: int = 0,
+    render_weight: float = 1.0,
 ) -> Judge:
     """A copy of ``judge`` whose heads are fine-tuned on ``data`` (full batches, AdamW, cosine schedule; per head,
-    the labelled views and the renders weigh alike), its trunk kept. Then, where ``data`` holds the maps entering
-    the trunk's last ``data.blocks`` blocks and ``trunk_steps`` > 0, those blocks and the heads are fine-tuned
-    together for ``trunk_steps`` steps (AdamW at ``trunk_lr``, cosine schedule), each on ``trunk_batch`` labelled
-    views and as many renders drawn at random (seeded by ``seed``), the two weighing alike as before: the renders
-    keep the generator's world in the trunk. Deterministic."""
+    the renders' loss weighs ``render_weight`` times the labelled views'), its trunk kept. Then, where ``data`` holds
+    the maps entering the trunk's last ``data.blocks`` blocks and ``trunk_steps`` > 0, those blocks and the heads are
+    fine-tuned together for ``trunk_steps`` steps (AdamW at ``trunk_lr``, cosine schedule), each on ``trunk_batch``
+    labelled views and as many renders drawn at random (seeded by ``seed``), weighed as before: the renders keep the
+    generator's world — a style plainly drawn — in the network while the labels teach it the model's. Deterministic."""
+    if render_weight < 0:
+        raise TrainingError(f"render_weight {render_weight} must not be negative", hint="1 weighs the two alike")
     if trunk_steps and (data.labelled_maps is None or data.generated_maps is None):
         raise TrainingError(
             "trunk_steps > 0 needs the maps entering the tuned blocks", hint="build the data with head_data(blocks=1)"
@@ -360,7 +363,7 @@ def train_heads(
     features = torch.cat([data.labelled, data.generated])
     labels = torch.cat([data.labelled_targets, data.generated_targets])
     first = data.labelled.shape[0]
-    parts = [slice(0, first), slice(first, features.shape[0])]
+    parts = [(slice(0, first), 1.0), (slice(first, features.shape[0]), render_weight)]
     optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=1e-3)
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -368,10 +371,10 @@ def train_heads(
         logits = F.linear(features, weight, bias)
         loss = torch.zeros(())
         for i, (start, end) in enumerate(spans):
-            for part in parts:
+            for part, weight_of_part in parts:
                 target = labels[part, i]
                 if bool((target >= 0).any()):
-                    loss = loss + F.cross_entropy(logits[part, start:end], target, ignore_index=-1)
+                    loss = loss + weight_of_part * F.cross_entropy(logits[part, start:end], target, ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -380,7 +383,10 @@ def train_heads(
             head.weight.copy_(weight[start:end])
             head.bias.copy_(bias[start:end])
     if trunk_steps:
-        sources = ((data.labelled_maps, data.labelled_targets), (data.generated_maps, data.generated_targets))
+        sources = (
+            (data.labelled_maps, data.labelled_targets, 1.0),
+            (data.generated_maps, data.generated_targets, render_weight),
+        )
         _tune_last_blocks(tuned, data.blocks, sources, trunk_steps, trunk_lr, trunk_batch, seed)
     return tuned.eval()
 
@@ -388,14 +394,14 @@ def train_heads(
 def _tune_last_blocks(
     judge: Judge,
     blocks: int,
-    sources: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    sources: tuple[tuple[torch.Tensor, torch.Tensor, float], ...],
     steps: int,
     lr: float,
     batch: int,
     seed: int,
 ) -> None:
     """Fine-tune ``judge``'s last ``blocks`` trunk blocks and its heads in place on ``sources`` (maps entering the
-    blocks, class indices), ``batch`` rows of each a step (see :func:`train_heads`)."""
+    blocks, class indices, the weight of their loss), ``batch`` rows of each a step (see :func:`train_heads`)."""
     tail = judge.last_blocks(blocks)
     optimizer = torch.optim.AdamW([*tail.parameters(), *judge.heads.parameters()], lr=lr, weight_decay=1e-4)
     draws = torch.Generator().manual_seed(seed)
@@ -403,10 +409,11 @@ def _tune_last_blocks(
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = torch.zeros(())
-        for maps, targets in sources:
+        for maps, targets, weight in sources:
             rows = torch.randint(0, maps.shape[0], (batch,), generator=draws)
             pooled = judge.pool(tail(maps[rows]))
-            loss = loss + _head_loss({attr: head(pooled) for attr, head in judge.heads.items()}, targets[rows])
+            logits = {attr: head(pooled) for attr, head in judge.heads.items()}
+            loss = loss + weight * _head_loss(logits, targets[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,5 +1,5 @@
 """Exact reads of a toy-world image where the world makes them exact: the character's fill hue, the block mosaic of
-the pixel style, the periodic patterns of the striped and dotted styles.
+the pixel style, the periodic patterns of the striped and dotted styles, the dark lines of the outlined style.
 
 The renderer places the character in a known window, paints backgrounds as row-wise gradients, and draws the styles
 on fixed grids (stripes of period 8 along x + y, dots on an 8-pixel grid, pixel blocks of 4×4 aligned to the image).
@@ -105,13 +105,25 @@ def block_mosaic(images: torch.Tensor, block: int = 4) -> torch.Tensor:
     return torch.stack(ratios, 1).max(1).values
 
 
-def backdrop_brightness(images: torch.Tensor) -> torch.Tensor:
-    """How bright the background is (the median value, max of RGB, of the six-pixel border): how visible a black
-    outline drawn on it can be. A black outline on the night sky (value about 0.2) barely differs from it."""
-    border = torch.cat(
-        [images[..., :6, :].flatten(2), images[..., -6:, :].flatten(2), images[..., :, :6].flatten(2)], 2
-    )
-    return border.max(1).values.median(1).values
+OUTLINE_REACH = 2
+"""Pixels on either side of a dark line at which :func:`outline_darkness` compares it (the world's outline is one to
+two pixels wide; the model draws it two to three)."""
+OUTLINE_DEPTH = 0.25
+"""How much darker (value, max of RGB) than both sides a pixel must be to count as part of a dark line."""
+
+
+def outline_darkness(images: torch.Tensor) -> torch.Tensor:
+    """How much of the image is thin dark line: the share of pixels darker by :data:`OUTLINE_DEPTH` than both pixels
+    :data:`OUTLINE_REACH` away, across rows plus across columns. A black outline round the figure and items makes
+    such a line wherever it crosses from fill to background; solid dark areas (a hat, a night sky) do not, and on a
+    night sky an outline is no darker than what surrounds it, just as the eye cannot see it there."""
+    value = images.max(1).values
+    r = OUTLINE_REACH
+
+    def dips(v: torch.Tensor) -> torch.Tensor:
+        return (v[..., r:-r] < torch.minimum(v[..., : -2 * r], v[..., 2 * r :]) - OUTLINE_DEPTH).float().mean((1, 2))
+
+    return dips(value) + dips(value.transpose(1, 2))
 
 
 def periodic_energy(images: torch.Tensor) -> dict[str, torch.Tensor]:

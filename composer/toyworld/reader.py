@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from composer.toyworld.judge import Judge
-from composer.toyworld.measures import backdrop_brightness, block_mosaic, fill_hue, periodic_energy
+from composer.toyworld.measures import block_mosaic, fill_hue, outline_darkness, periodic_energy
 from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, VOCABULARY
 
 UNSURE = "unsure"
@@ -37,7 +37,7 @@ class Evidence:
     mosaic: torch.Tensor
     stripes: torch.Tensor
     dots: torch.Tensor
-    backdrop: torch.Tensor
+    outline: torch.Tensor
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> Evidence:
@@ -54,7 +54,7 @@ class Evidence:
             mosaic=column("mosaic"),
             stripes=column("stripes"),
             dots=column("dots"),
-            backdrop=column("backdrop"),
+            outline=column("outline"),
         )
 
     def take(self, indices: list[int]) -> Evidence:
@@ -72,7 +72,7 @@ class Evidence:
             "mosaic": float(self.mosaic[i]),
             "stripes": float(self.stripes[i]),
             "dots": float(self.dots[i]),
-            "backdrop": float(self.backdrop[i]),
+            "outline": float(self.outline[i]),
         }
 
 
@@ -120,7 +120,7 @@ def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:
         mosaic=block_mosaic(images),
         stripes=periodic["stripes"],
         dots=periodic["dots"],
-        backdrop=backdrop_brightness(images),
+        outline=outline_darkness(images),
     )
 
 
@@ -132,7 +132,7 @@ class Calibration:
     (degrees) of each boundary between neighbouring named colours; ``band``: the half-width of the unsure band around
     each; ``min_purity`` and ``min_pixels``: what a fill needs to be read at all; ``colour_rule``: how hue and
     network combine. ``style_needs``: for each style in :data:`STYLE_GATES`, the least measure it needs (``pixel``:
-    mosaic ratio, ``striped`` and ``dots``: spectral share, ``outlined``: backdrop brightness).
+    mosaic ratio, ``striped`` and ``dots``: spectral share, ``outlined``: share of thin dark line).
     """
 
     floor: dict[str, dict[str, float]] = field(default_factory=lambda: {a: {} for a in ATTRIBUTES})
@@ -169,9 +169,9 @@ def _hue_name(hue: float, calibration: Calibration) -> str:
     return UNSURE
 
 
-STYLE_GATES = {"pixel": "mosaic", "striped": "stripes", "dots": "dots", "outlined": "backdrop"}
+STYLE_GATES = {"pixel": "mosaic", "striped": "stripes", "dots": "dots", "outlined": "outline"}
 """The measure each style needs: the pixel style's block mosaic, the stripes' and dots' grids in the spectrum, and
-for a black outline a background bright enough to show it."""
+for a black outline thin dark lines that stand out from both their sides."""
 
 
 def read_one(evidence: Evidence, i: int, calibration: Calibration) -> dict[str, str]:
@@ -189,23 +189,22 @@ def read_column(evidence: Evidence, calibration: Calibration, attr: str) -> list
     """Every image's reading of one attribute: a value of its vocabulary, or :data:`UNSURE`.
 
     The attribute takes the network's most probable value if its probability reaches that value's floor. A style
-    whose measure falls short of what the calibration needs is ruled out: where the network's most probable style
-    is ruled out, the style is unsure (the network sees it, the measure does not; neither settles it). The colour
-    must also be the named colour of the measured fill hue (outside the unsure bands), or under the ``hue`` rule is
-    that name alone."""
+    whose measure falls short of what the calibration needs is ruled out (the grid, the mosaic or the dark lines
+    that would make it are not in the image) and the most probable of the styles left is read, under the same
+    floors. The colour must also be the named colour of the measured fill hue (outside the unsure bands), or under
+    the ``hue`` rule is that name alone."""
     if attr == "colour" and calibration.boundaries and calibration.colour_rule == "hue":
         return _measured_colours(evidence, calibration)
     p = evidence.probabilities[attr].double().clone()
-    ruled_out = torch.zeros_like(p, dtype=torch.bool)
     if attr == "style":
         for style, measure in STYLE_GATES.items():
             need = calibration.style_needs.get(style)
             if need is not None:
-                ruled_out[:, VOCABULARY["style"].index(style)] = getattr(evidence, measure).double() < need
+                ruled_out = getattr(evidence, measure).double() < need
+                p[ruled_out, VOCABULARY["style"].index(style)] = -1.0
     top, best = p.max(1)
     floors = torch.tensor([calibration.floor.get(attr, {}).get(v, 0.0) for v in VOCABULARY[attr]], dtype=p.dtype)
-    sure = ((top >= floors[best]) & ~ruled_out.gather(1, best[:, None])[:, 0]).tolist()
-    values = [VOCABULARY[attr][b] if ok else UNSURE for b, ok in zip(best.tolist(), sure)]
+    values = [VOCABULARY[attr][b] if ok else UNSURE for b, ok in zip(best.tolist(), (top >= floors[best]).tolist())]
     if attr == "colour" and calibration.boundaries:
         measured = _measured_colours(evidence, calibration)
         values = [value if value == seen else UNSURE for value, seen in zip(values, measured)]

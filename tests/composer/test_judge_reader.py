@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from composer.toyworld.calibration import fit
-from composer.toyworld.measures import NAMED_HUES, backdrop_brightness, block_mosaic, fill_hue, periodic_energy
+from composer.toyworld.measures import NAMED_HUES, block_mosaic, fill_hue, outline_darkness, periodic_energy
 from composer.toyworld.reader import UNSURE, Calibration, Evidence, read_one
 from composer.toyworld.verdict import judge_images, shipped_judge
 from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, VOCABULARY, Scene, render, sample_layout
@@ -55,9 +55,21 @@ def test_vertical_bands_are_not_dots() -> None:
     assert float(energy[0]) < float(energy[1]) / 10
 
 
-def test_an_outline_can_be_seen_on_the_sky_not_on_the_night() -> None:
-    night, sky = backdrop_brightness(_render([Scene("night", "circle", "red"), Scene("sky", "circle", "red")]))
-    assert float(night) < 0.35 < float(sky)
+@pytest.mark.parametrize("background", ["sky", "grass", "snow", "sunset"])
+def test_an_outline_is_thin_dark_line_where_the_eye_sees_it(background: str) -> None:
+    scenes = [
+        Scene(background, "square", "green", clothing="hat"),
+        Scene(background, "square", "green", style="outlined"),
+    ]
+    plain, outlined = outline_darkness(_render(scenes))
+    assert float(outlined) > 2 * float(plain) + 0.005
+
+
+def test_an_outline_on_the_night_sky_is_not_seen() -> None:
+    night, sky = outline_darkness(
+        _render([Scene("night", "circle", "red", style="outlined"), Scene("sky", "circle", "red", style="outlined")])
+    )
+    assert float(night) < 0.6 * float(sky)
 
 
 def _evidence(hue: float, style: dict[str, float] | None = None, mosaic: float = 1.0) -> Evidence:
@@ -79,12 +91,15 @@ def test_a_fill_on_a_boundary_band_is_unsure_and_beside_it_is_read() -> None:
     assert read_one(_evidence(252.0), 0, calibration)["colour"] == UNSURE
 
 
-def test_a_style_the_network_sees_but_its_grid_does_not_show_is_unsure() -> None:
+def test_a_style_whose_grid_does_not_show_is_ruled_out_and_the_next_likeliest_is_read_under_its_floor() -> None:
     calibration = Calibration(style_needs={"pixel": 1.8})
+    calibration.floor["style"] = {"none": 0.05}
     claims = {"pixel": 0.9, "none": 0.1}
-    assert read_one(_evidence(225.0, claims, mosaic=1.2), 0, calibration)["style"] == UNSURE
+    assert read_one(_evidence(225.0, claims, mosaic=1.2), 0, calibration)["style"] == "none"
     assert read_one(_evidence(225.0, claims, mosaic=2.5), 0, calibration)["style"] == "pixel"
     assert read_one(_evidence(225.0, {"none": 0.6, "pixel": 0.4}, mosaic=1.2), 0, calibration)["style"] == "none"
+    calibration.floor["style"] = {"none": 0.5}
+    assert read_one(_evidence(225.0, claims, mosaic=1.2), 0, calibration)["style"] == UNSURE
 
 
 def test_fit_finds_the_floor_above_which_the_network_is_right() -> None:
@@ -95,7 +110,7 @@ def test_fit_finds_the_floor_above_which_the_network_is_right() -> None:
         probabilities["shape"] = [confidence, 1 - confidence] + [0.0] * 4
         rows.append(
             {"probabilities": probabilities, "hue": 0.0, "purity": 1.0, "pixels": 500.0}
-            | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "backdrop": 1.0}
+            | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "outline": 1.0}
         )
         right = confidence >= 0.8
         labels.append(dict.fromkeys(ATTRIBUTES, UNSURE) | {"shape": "circle" if right else "square"})
@@ -159,9 +174,31 @@ def test_fit_answers_a_plain_value_right_three_times_in_four_but_not_a_concept_v
             probabilities["shape"] = shape
             rows.append(
                 {"probabilities": dict(probabilities), "hue": 0.0, "purity": 1.0, "pixels": 500.0}
-                | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "backdrop": 1.0}
+                | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "outline": 1.0}
             )
             labels.append(dict.fromkeys(ATTRIBUTES, UNSURE) | {"shape": "square" if wrong else value})
     calibration = fit(rows, labels)
     assert calibration.floor["shape"]["circle"] <= 0.6
     assert calibration.floor["shape"]["star"] > 0.6
+
+
+def test_fit_chooses_a_styles_floor_and_measure_together() -> None:
+    """Outlines the network reads with 0.99 are right where the outline measure is high and wrong where it is
+    zero: only the floor and the measure chosen together read the right ones (one after the other, the floor
+    shuts every answer out and the measure then has nothing to gate); where the measure rules the outline out, the
+    style left is read."""
+    rows, labels = [], []
+    for i in range(30):
+        style = [0.0] * len(VOCABULARY["style"])
+        style[VOCABULARY["style"].index("outlined")] = 0.99
+        style[VOCABULARY["style"].index("none")] = 0.01
+        probabilities = {a: [1.0] + [0.0] * (len(VOCABULARY[a]) - 1) for a in ATTRIBUTES} | {"style": style}
+        drawn = i < 20
+        rows.append(
+            {"probabilities": probabilities, "hue": 0.0, "purity": 1.0, "pixels": 500.0}
+            | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "outline": 0.0625 if drawn else 0.0}
+        )
+        labels.append(dict.fromkeys(ATTRIBUTES, UNSURE) | {"style": "outlined" if drawn else "none"})
+    calibration = fit(rows, labels)
+    readings = [read_one(Evidence.from_rows(rows), i, calibration)["style"] for i in range(30)]
+    assert readings == ["outlined"] * 20 + ["none"] * 10
