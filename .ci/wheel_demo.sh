@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packaging check: build the wheel, install it into a fresh virtualenv outside the checkout, and run the first-image
 # demo there (a toy library, `compose ... --loras auto` on the default model, `compose judge` on the image).
-# Usage: .ci/wheel_demo.sh [WORKDIR]   (PYTHON picks the interpreter; the default is python3)
+# Usage: .ci/wheel_demo.sh [WORKDIR]   (PYTHON picks the interpreter; the default is python3). A WORKDIR named is
+# kept; without one the check works in a temporary folder of its own and removes it on exit.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python3}"

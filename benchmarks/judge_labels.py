@@ -304,7 +304,7 @@ def load_set(folder: Path = SET_FOLDER) -> tuple[list[dict[str, Any]], dict[int,
 
 
 FOLDS = 5
-"""The labelled set is cut in this many folds for cross-fitting (see :func:`cross_fit`)."""
+"""The labelled images are cut in this many folds for cross-fitting (see :func:`cross_fit`)."""
 
 
 def label_targets(labels: list[dict[str, str]]) -> torch.Tensor:
@@ -318,9 +318,10 @@ def label_targets(labels: list[dict[str, str]]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the judge is fitted to the labelled set: the heads' fine-tune (:func:`head_data`, :func:`train_heads`),
-    then, where ``blocks`` > 0 and ``trunk_steps`` > 0, the trunk's last ``blocks`` blocks tuned with the heads, and
-    the thresholds' costs (:func:`composer.toyworld.calibration.fit`). Deterministic for a given seed."""
+    """How the judge is fitted to the labelled sets: the heads' fine-tune (:func:`head_data`, :func:`train_heads`;
+    the renders' loss weighed ``render_weight`` times the labelled views'), then, where ``blocks`` > 0 and
+    ``trunk_steps`` > 0, the trunk's last ``blocks`` blocks tuned with the heads, and the thresholds' costs
+    (:func:`composer.toyworld.calibration.fit`). Deterministic for a given seed."""
 
     copies: int = 4
     renders: int = 1024
@@ -393,9 +394,16 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
         if without not in networks:
             kept = [i for i, f in enumerate(folds) if f not in without]
             tuned = train_heads(
-                base, data.subset(kept), recipe.steps, recipe.lr,
-                recipe.trunk_steps, recipe.trunk_lr, recipe.trunk_batch, recipe.seed, recipe.render_weight,
-            )  # fmt: skip
+                base,
+                data.subset(kept),
+                steps=recipe.steps,
+                lr=recipe.lr,
+                trunk_steps=recipe.trunk_steps,
+                trunk_lr=recipe.trunk_lr,
+                trunk_batch=recipe.trunk_batch,
+                seed=recipe.seed,
+                render_weight=recipe.render_weight,
+            )
             tail = tuned.last_blocks(blocks)
             with torch.no_grad():
                 pooled[without] = tuned.pool(tail(maps)), tuned.pool(tail(mirrored_maps))
@@ -638,10 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--exclude", type=Path, nargs="*", default=[], help="order.json files of sheets already made")
     g = sub.add_parser("legend", help="the clean render of every attribute value, captioned")
     g.add_argument("--out", type=Path, default=Path("docs/images/judge_legend.png"))
-    c = sub.add_parser("calibrate", help="fine-tune the network and fit the thresholds on the whole labelled set")
+    c = sub.add_parser("calibrate", help="fine-tune the network and fit the thresholds on the labelled sets")
     c.add_argument("--folder", type=Path, nargs="+", default=list(TUNING_FOLDERS), help="the labelled sets")
     c.add_argument("--weights", type=Path, default=None, help="folder to write into (default: the shipped weights)")
-    e = sub.add_parser("evaluate", help="judge against eye: the labelled set cross-fitted, the fresh set held out")
+    e = sub.add_parser("evaluate", help="judge against eye: the labelled sets cross-fitted, the fresh set held out")
     e.add_argument("--folder", type=Path, nargs="+", default=list(TUNING_FOLDERS), help="the sets it was fitted on")
     e.add_argument("--fresh", type=Path, default=FRESH_FOLDER, help="the held-out set")
     e.add_argument("--docs", type=Path, default=None, help="write judge_agreement.md/.json here")

@@ -72,8 +72,9 @@ def fit(
 ) -> Calibration:
     """Thresholds for evidence ``rows`` (:meth:`Evidence.row`) against eye ``labels`` (attribute → value or unsure):
     each maximises agreements − cost × disagreements − ``doubt`` × answers where the eye is unsure, the cost being
-    ``penalty`` for a wrong reading that :func:`is_strict` and ``plain_penalty`` for any other.
-    Deterministic; every choice is on the given images only."""
+    ``penalty`` for a wrong reading that :func:`is_strict` and ``plain_penalty`` for any other; a gated style's
+    floor and the least measure it needs are chosen together. Deterministic; every choice is on the given images
+    only."""
     from composer.toyworld.reader import Evidence, read_column
 
     calibration = Calibration()
@@ -124,7 +125,7 @@ def fit(
             setattr(calibration, name, _best(options, with_setting))
         for style, measure in STYLE_GATES.items():
             values = sorted(row[measure] for row in rows)
-            needs = (0.0, *(values[round(q * (len(values) - 1))] for q in QUANTILES))
+            needs = tuple(dict.fromkeys((0.0, *(values[round(q * (len(values) - 1))] for q in QUANTILES))))
 
             def with_gate(pair: tuple[float, float], style: str = style) -> float:
                 calibration.floor["style"][style], calibration.style_needs[style] = pair

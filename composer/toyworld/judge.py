@@ -343,8 +343,9 @@ def train_heads(
     the renders' loss weighs ``render_weight`` times the labelled views'), its trunk kept. Then, where ``data`` holds
     the maps entering the trunk's last ``data.blocks`` blocks and ``trunk_steps`` > 0, those blocks and the heads are
     fine-tuned together for ``trunk_steps`` steps (AdamW at ``trunk_lr``, cosine schedule), each on ``trunk_batch``
-    labelled views and as many renders drawn at random (seeded by ``seed``), weighed as before: the renders keep the
-    generator's world — a style plainly drawn — in the network while the labels teach it the model's. Deterministic."""
+    labelled views and as many renders drawn at random (seeded by ``seed``), the renders' loss again weighed
+    ``render_weight`` times the views': the renders keep the generator's world — a style plainly drawn — in the
+    network while the labels teach it the model's. Deterministic."""
     if render_weight < 0:
         raise TrainingError(f"render_weight {render_weight} must not be negative", hint="1 weighs the two alike")
     if trunk_steps and (data.labelled_maps is None or data.generated_maps is None):

@@ -1,4 +1,4 @@
-"""The shipped judge against the held-out set: toy-sd images drawn on other seeds than the set the judge was fitted
+"""The shipped judge against the held-out set: toy-sd images drawn on other seeds than the sets the judge was fitted
 on and labelled blind by other readers, which no choice about the judge ever looked at. The judge must meet the
 targets published in docs/judge.md there: per attribute it agrees with the eye (an unsure reading counts as
 disagreeing) on at least 96% of the images the eye is sure of; a concept it says is present the eye sees in at
@@ -48,7 +48,7 @@ def _below_target(measured: float, target: float) -> pytest.MarkDecorator:
 held_out_labelled = pytest.mark.skipif(
     not (FRESH_FOLDER / "labels.json").is_file(),
     reason=f"the held-out set has no labels yet ({FRESH_FOLDER.name}/labels.json): it is labelled blind, by readers "
-    "other than those of the set the judge was fitted on, after the judge is fixed",
+    "other than those of the sets the judge was fitted on, after the judge is fixed",
 )
 
 

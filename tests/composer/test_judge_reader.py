@@ -65,7 +65,7 @@ def test_an_outline_is_thin_dark_line_where_the_eye_sees_it(background: str) -> 
     assert float(outlined) > 2 * float(plain) + 0.005
 
 
-def test_an_outline_on_the_night_sky_is_not_seen() -> None:
+def test_an_outline_on_the_night_sky_is_fainter_than_on_the_day_sky() -> None:
     night, sky = outline_darkness(
         _render([Scene("night", "circle", "red", style="outlined"), Scene("sky", "circle", "red", style="outlined")])
     )
@@ -160,9 +160,9 @@ def test_the_shipped_judge_reads_clean_renders_of_the_base_vocabulary() -> None:
         assert reading == {attr: getattr(scene, attr) for attr in ATTRIBUTES}
 
 
-def test_fit_answers_a_plain_value_right_three_times_in_four_but_not_a_concept_value() -> None:
-    """A wrong plain shape makes no concept present, so the likelier answer is given; a wrong star makes zorbex
-    present, so three in four is not enough."""
+def test_a_strict_cost_answers_a_plain_value_right_three_times_in_four_but_not_a_concept_value() -> None:
+    """With a strict cost of 9, a wrong plain shape (no concept present) costs one right answer, so the likelier
+    answer is given; a wrong star (zorbex present) costs nine, so three in four is not enough."""
     rows, labels = [], []
     for i in range(40):
         probabilities = {a: [1.0] + [0.0] * (len(VOCABULARY[a]) - 1) for a in ATTRIBUTES}
@@ -177,16 +177,16 @@ def test_fit_answers_a_plain_value_right_three_times_in_four_but_not_a_concept_v
                 | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "outline": 1.0}
             )
             labels.append(dict.fromkeys(ATTRIBUTES, UNSURE) | {"shape": "square" if wrong else value})
-    calibration = fit(rows, labels)
+    calibration = fit(rows, labels, penalty=9.0)
     assert calibration.floor["shape"]["circle"] <= 0.6
     assert calibration.floor["shape"]["star"] > 0.6
 
 
 def test_fit_chooses_a_styles_floor_and_measure_together() -> None:
     """Outlines the network reads with 0.99 are right where the outline measure is high and wrong where it is
-    zero: only the floor and the measure chosen together read the right ones (one after the other, the floor
-    shuts every answer out and the measure then has nothing to gate); where the measure rules the outline out, the
-    style left is read."""
+    zero: under a strict cost of 9, only the floor and the measure chosen together read the right ones (one after
+    the other, the floor shuts every answer out and the measure then has nothing to gate); where the measure rules
+    the outline out, the style left is read."""
     rows, labels = [], []
     for i in range(30):
         style = [0.0] * len(VOCABULARY["style"])
@@ -199,6 +199,6 @@ def test_fit_chooses_a_styles_floor_and_measure_together() -> None:
             | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "outline": 0.0625 if drawn else 0.0}
         )
         labels.append(dict.fromkeys(ATTRIBUTES, UNSURE) | {"style": "outlined" if drawn else "none"})
-    calibration = fit(rows, labels)
+    calibration = fit(rows, labels, penalty=9.0)
     readings = [read_one(Evidence.from_rows(rows), i, calibration)["style"] for i in range(30)]
     assert readings == ["outlined"] * 20 + ["none"] * 10

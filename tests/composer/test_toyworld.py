@@ -722,3 +722,28 @@ def test_tuning_the_trunk_needs_its_maps_and_a_block_the_trunk_has() -> None:
         train_heads(judge, data, steps=1, trunk_steps=1)
     with pytest.raises(TrainingError, match="trunk_batch"):
         train_heads(judge, head_data(judge, images, targets, copies=1, renders=2, blocks=1), trunk_batch=0)
+
+
+def test_the_renders_weight_sets_how_far_the_heads_keep_the_generators_labels() -> None:
+    """Labels that contradict the generator (every class shifted by one) pull the heads one way, the renders' exact
+    labels the other: the heavier the renders weigh, the better the fitted heads read the generator's world."""
+    import torch.nn.functional as F
+
+    from composer.toyworld.judge import Judge, head_data, train_heads
+    from fusion.errors import TrainingError
+
+    torch.manual_seed(0)
+    judge = Judge(8).eval()
+    images, targets = _rendered_with_labels(16, 5)
+    sizes = torch.tensor([len(VOCABULARY[a]) for a in ATTRIBUTES])
+    data = head_data(judge, images, (targets + 1) % sizes, copies=1, renders=16)
+
+    def render_loss(render_weight: float) -> float:
+        heads = train_heads(judge, data, steps=60, lr=1e-2, render_weight=render_weight)
+        with torch.no_grad():
+            logits = heads(images)
+        return sum(float(F.cross_entropy(logits[a], targets[:, i])) for i, a in enumerate(ATTRIBUTES))
+
+    assert render_loss(10.0) < render_loss(1.0) < render_loss(0.1)
+    with pytest.raises(TrainingError, match="render_weight"):
+        train_heads(judge, data, steps=1, render_weight=-1.0)
