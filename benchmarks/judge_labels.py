@@ -38,9 +38,12 @@ from benchmarks.composition_quality import (
 SET_FOLDER = Path(__file__).with_name("data") / "judge_labels"
 """Where the first labelled set the judge is fitted on lives: ``images/<id>.png``, ``recipes.json``,
 ``labels.json``."""
-TUNING_FOLDERS = (SET_FOLDER, *(SET_FOLDER.with_name(f"judge_labels_{n}") for n in ("second", "third", "fourth")))
+TUNING_FOLDERS = (
+    SET_FOLDER,
+    *(SET_FOLDER.with_name(f"judge_labels_{n}") for n in ("second", "third", "fourth", "fifth")),
+)
 """The labelled sets the shipped judge is fitted on, in the order their ids are numbered on (:func:`labelled_sets`):
-the first set, then three of the same layout drawn on seeds from 30 000, 70 000 and 50 000."""
+the first set, then four of the same layout drawn on seeds from 30 000, 70 000, 50 000 and 90 000."""
 FRESH_FOLDER = SET_FOLDER.with_name("judge_labels_fresh")
 """Where the held-out set lives (the same layout): drawn on other seeds, labelled by other readers, never looked
 at by any choice about the judge."""
@@ -334,6 +337,7 @@ class Recipe:
     render_weight: float = 1.0
     penalty: float = 1.0
     plain_penalty: float = 1.0
+    abstain: float = 0.0
     seed: int = SPLIT_SEED
 
 
@@ -424,7 +428,13 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
             read = evidence((every - within) | {fold}, held)
             for j, i in enumerate(held):
                 rows[i] = read.row(j)
-        return fit([rows[i] for i in members], [labels[i] for i in members], recipe.penalty, 0.0, recipe.plain_penalty)
+        return fit(
+            [rows[i] for i in members],
+            [labels[i] for i in members],
+            penalty=recipe.penalty,
+            plain_penalty=recipe.plain_penalty,
+            abstain=recipe.abstain,
+        )
 
     readings: list[dict[str, str]] = [{}] * len(images)
     for fold in sorted(every):

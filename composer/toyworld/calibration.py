@@ -29,6 +29,7 @@ PENALTY = 1.0
 PLAIN_PENALTY = 1.0
 """What any other wrong reading costs, in right readings."""
 DOUBT = 0.0
+ABSTAIN = 0.0
 FLOORS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 COLOUR_RULES = ("agree", "hue")
 BANDS = (0.0, 2.0, 4.0, 6.0, 8.0, 12.0)
@@ -40,10 +41,14 @@ the midpoint first, so that where the labels do not decide, the boundary stays a
 QUANTILES = tuple(i / 40 for i in range(1, 40))
 
 
-def _score(readings: Sequence[str], labels: Sequence[str], cost: Callable[[str], float], doubt: float) -> float:
+def _score(
+    readings: Sequence[str], labels: Sequence[str], cost: Callable[[str], float], doubt: float, abstain: float
+) -> float:
     total = 0.0
     for seen, label in zip(readings, labels):
         if seen == UNSURE:
+            if label != UNSURE:
+                total -= abstain
             continue
         if label == UNSURE:
             total -= doubt
@@ -69,6 +74,7 @@ def fit(
     penalty: float = PENALTY,
     doubt: float = DOUBT,
     plain_penalty: float = PLAIN_PENALTY,
+    abstain: float = ABSTAIN,
 ) -> Calibration:
     """Thresholds for evidence ``rows`` (:meth:`Evidence.row`) against eye ``labels`` (attribute → value or unsure):
     each maximises agreements − cost × disagreements − ``doubt`` × answers where the eye is unsure, the cost being
@@ -86,7 +92,7 @@ def fit(
         def cost(seen: str) -> float:
             return penalty if is_strict(attr, seen) else plain_penalty
 
-        return _score(readings, [label[attr] for label in labels], cost, doubt)
+        return _score(readings, [label[attr] for label in labels], cost, doubt, abstain)
 
     names = colour_names()
     calibration.boundaries = {

@@ -182,6 +182,23 @@ def test_a_strict_cost_answers_a_plain_value_right_three_times_in_four_but_not_a
     assert calibration.floor["shape"]["star"] > 0.6
 
 
+def test_a_cost_for_abstaining_answers_where_the_eye_is_sure_and_the_network_is_right_two_times_in_five() -> None:
+    """Right two times in five, an answer loses one more wrong than right per five images: without a cost for
+    leaving a value the eye names unread it is left unsure; when an unsure reading costs as much as a wrong one,
+    two right answers in five beat five unsure ones."""
+    rows, labels = [], []
+    for i in range(40):
+        probabilities = {a: [1.0] + [0.0] * (len(VOCABULARY[a]) - 1) for a in ATTRIBUTES}
+        probabilities["shape"] = [0.6, 0.4] + [0.0] * 4
+        rows.append(
+            {"probabilities": probabilities, "hue": 0.0, "purity": 1.0, "pixels": 500.0}
+            | {"mosaic": 1.0, "stripes": 0.0, "dots": 0.0, "outline": 1.0}
+        )
+        labels.append(dict.fromkeys(ATTRIBUTES, UNSURE) | {"shape": "circle" if i % 5 < 2 else "triangle"})
+    assert fit(rows, labels).floor["shape"]["circle"] > 0.6
+    assert fit(rows, labels, abstain=1.0).floor["shape"]["circle"] <= 0.6
+
+
 def test_fit_chooses_a_styles_floor_and_measure_together() -> None:
     """Outlines the network reads with 0.99 are right where the outline measure is high and wrong where it is
     zero: under a strict cost of 9, only the floor and the measure chosen together read the right ones (one after
