@@ -331,13 +331,13 @@ class Recipe:
     steps: int = 400
     lr: float = 3e-3
     blocks: int = 1
-    trunk_steps: int = 400
+    trunk_steps: int = 0
     trunk_lr: float = 1e-3
     trunk_batch: int = 64
     render_weight: float = 1.0
     penalty: float = 1.0
     plain_penalty: float = 1.0
-    abstain: float = 0.0
+    abstain: float = 0.5
     seed: int = SPLIT_SEED
 
 
