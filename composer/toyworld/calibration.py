@@ -77,10 +77,10 @@ def fit(
     abstain: float = ABSTAIN,
 ) -> Calibration:
     """Thresholds for evidence ``rows`` (:meth:`Evidence.row`) against eye ``labels`` (attribute → value or unsure):
-    each maximises agreements − cost × disagreements − ``doubt`` × answers where the eye is unsure, the cost being
-    ``penalty`` for a wrong reading that :func:`is_strict` and ``plain_penalty`` for any other; a gated style's
-    floor and the least measure it needs are chosen together. Deterministic; every choice is on the given images
-    only."""
+    each maximises agreements − cost × disagreements − ``abstain`` × unsure readings where the eye names a value −
+    ``doubt`` × answers where the eye is unsure, the cost being ``penalty`` for a wrong reading that
+    :func:`is_strict` and ``plain_penalty`` for any other; a gated style's floor and the least measure it needs are
+    chosen together. Deterministic; every choice is on the given images only."""
     from composer.toyworld.reader import Evidence, read_column
 
     calibration = Calibration()
