@@ -27,7 +27,6 @@ PENALTY = 1.0
 """What a wrong strict reading (:func:`is_strict`) costs, in right readings."""
 PLAIN_PENALTY = 1.0
 """What any other wrong reading costs, in right readings."""
-DOUBT = 0.0
 ABSTAIN = 0.5
 """What an unsure reading costs where the eye names a value, in right readings."""
 FLOORS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
@@ -41,17 +40,13 @@ the midpoint first, so that where the labels do not decide, the boundary stays a
 QUANTILES = tuple(i / 40 for i in range(1, 40))
 
 
-def _score(
-    readings: Sequence[str], labels: Sequence[str], cost: Callable[[str], float], doubt: float, abstain: float
-) -> float:
+def _score(readings: Sequence[str], labels: Sequence[str], cost: Callable[[str], float], abstain: float) -> float:
     total = 0.0
     for seen, label in zip(readings, labels):
-        if seen == UNSURE:
-            if label != UNSURE:
-                total -= abstain
-            continue
         if label == UNSURE:
-            total -= doubt
+            continue
+        if seen == UNSURE:
+            total -= abstain
         else:
             total += 1.0 if seen == label else -cost(seen)
     return total
@@ -72,15 +67,14 @@ def fit(
     rows: Sequence[dict[str, Any]],
     labels: Sequence[dict[str, str]],
     penalty: float = PENALTY,
-    doubt: float = DOUBT,
     plain_penalty: float = PLAIN_PENALTY,
     abstain: float = ABSTAIN,
 ) -> Calibration:
     """Thresholds for evidence ``rows`` (:meth:`Evidence.row`) against eye ``labels`` (attribute → value or unsure):
-    each maximises agreements − cost × disagreements − ``abstain`` × unsure readings where the eye names a value −
-    ``doubt`` × answers where the eye is unsure, the cost being ``penalty`` for a wrong reading that
-    :func:`is_strict` and ``plain_penalty`` for any other; a gated style's floor and the least measure it needs are
-    chosen together. Deterministic; every choice is on the given images only."""
+    each maximises agreements − cost × disagreements − ``abstain`` × unsure readings where the eye names a value,
+    the cost being ``penalty`` for a wrong reading that :func:`is_strict` and ``plain_penalty`` for any other; a
+    gated style's floor and the least measure it needs are chosen together. Deterministic; every choice is on the
+    given images only."""
     from composer.toyworld.reader import Evidence, read_column
 
     calibration = Calibration()
@@ -92,7 +86,7 @@ def fit(
         def cost(seen: str) -> float:
             return penalty if is_strict(attr, seen) else plain_penalty
 
-        return _score(readings, [label[attr] for label in labels], cost, doubt, abstain)
+        return _score(readings, [label[attr] for label in labels], cost, abstain)
 
     names = colour_names()
     calibration.boundaries = {
