@@ -47,6 +47,9 @@ the first set, then four of the same layout drawn on seeds from 30 000, 70 000, 
 FRESH_FOLDER = SET_FOLDER.with_name("judge_labels_fresh")
 """Where the held-out set lives (the same layout): drawn on other seeds, labelled by other readers, never looked
 at by any choice about the judge."""
+CHECK_FOLDERS = (SET_FOLDER.with_name("judge_labels_sixth"),)
+"""Labelled sets the shipped judge is not fitted on and no choice about it was made on, read beside the held-out set
+(where an earlier judge parted from the eye on them was looked at, so they are checks, not unseen tests)."""
 HELD_OUT = "held-out"
 TUNING = "tuning (cross-fitted)"
 FIRST_SEED = 10_000
@@ -323,7 +326,8 @@ def label_targets(labels: list[dict[str, str]]) -> torch.Tensor:
 class Recipe:
     """How the judge is fitted to the labelled sets: the heads' fine-tune (:func:`head_data`, :func:`train_heads`;
     the renders' loss weighed ``render_weight`` times the labelled views'), then, where ``blocks`` > 0 and
-    ``trunk_steps`` > 0, the trunk's last ``blocks`` blocks tuned with the heads, and the thresholds' costs
+    ``trunk_steps`` > 0, the trunk's last ``blocks`` blocks tuned with the heads (the heads in ``kept_for`` keep
+    reading those blocks as the generator trained them), and the thresholds' costs
     (:func:`composer.toyworld.calibration.fit`). Deterministic for a given seed."""
 
     copies: int = 4
@@ -334,6 +338,7 @@ class Recipe:
     trunk_steps: int = 0
     trunk_lr: float = 1e-3
     trunk_batch: int = 64
+    kept_for: tuple[str, ...] = ()
     render_weight: float = 1.0
     penalty: float = 1.0
     plain_penalty: float = 1.0
@@ -391,7 +396,7 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
     with torch.no_grad():
         maps, mirrored_maps = base.entering(images, blocks), base.entering(images.flip(3), blocks)
     networks: dict[frozenset[int], Any] = {}
-    pooled: dict[frozenset[int], tuple[torch.Tensor, torch.Tensor]] = {}
+    pooled: dict[frozenset[int], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
     every = frozenset(folds)
 
     def network(without: frozenset[int]) -> Any:
@@ -407,17 +412,18 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
                 trunk_batch=recipe.trunk_batch,
                 seed=recipe.seed,
                 render_weight=recipe.render_weight,
+                kept_for=recipe.kept_for,
             )
-            tail = tuned.last_blocks(blocks)
             with torch.no_grad():
-                pooled[without] = tuned.pool(tail(maps)), tuned.pool(tail(mirrored_maps))
+                pooled[without] = tuned.heads_input(maps, blocks), tuned.heads_input(mirrored_maps, blocks)
             networks[without] = tuned
         return networks[without]
 
     def evidence(without: frozenset[int], members: list[int]) -> Any:
         heads = network(without)
         plain, mirrored = pooled[without]
-        probabilities = head_probabilities(heads, plain[members], mirrored[members])
+        chosen = {attr: plain[attr][members] for attr in plain}, {attr: mirrored[attr][members] for attr in mirrored}
+        probabilities = head_probabilities(heads, *chosen)
         return replace(measured.take(members), probabilities=probabilities)
 
     def calibration(within: frozenset[int]) -> Any:
@@ -597,19 +603,32 @@ def labelled_sets(folders: list[Path]) -> tuple[list[dict[str, Any]], dict[int, 
     return recipes, labels, torch.cat(images)
 
 
-def evaluate(folders: list[Path], fresh: Path, docs: Path | None, recipe: Recipe = Recipe()) -> int:
+def evaluate(
+    folders: list[Path],
+    fresh: Path,
+    docs: Path | None,
+    recipe: Recipe = Recipe(),
+    checks: tuple[Path, ...] = CHECK_FOLDERS,
+) -> int:
     """Print (and write to ``docs``) the judge's agreement with the eye: on the labelled sets in ``folders`` as
-    cross-fitted (each fold read by a judge fitted without it, :func:`cross_fit`), and on the set in ``fresh``,
-    which no choice about the judge looked at, as read by the shipped judge, once its labels exist."""
+    cross-fitted (each fold read by a judge fitted without it, :func:`cross_fit`), on the set in ``fresh``, which no
+    choice about the judge looked at, as read by the shipped judge once its labels exist, and on each set in
+    ``checks`` (kept out of the fit) as read by the shipped judge."""
     from composer.toyworld.verdict import shipped_judge
 
     results, lines = {}, []
+    judge = shipped_judge()
     if (fresh / "labels.json").is_file():
         recipes, labels, images = _labelled(fresh)
-        results[HELD_OUT] = agreement(recipes, labels, shipped_judge().read(images))
+        results[HELD_OUT] = agreement(recipes, labels, judge.read(images))
         lines += agreement_markdown(results[HELD_OUT], HELD_OUT)
     else:
         print(f"{fresh / 'labels.json'} does not exist yet: no held-out agreement to report")
+    for folder in checks:
+        recipes, labels, images = _labelled(folder)
+        part = f"check, {folder.name.removeprefix('judge_labels_')} set (kept out of the fit)"
+        results[part] = agreement(recipes, labels, judge.read(images))
+        lines += agreement_markdown(results[part], part)
     recipes, labels, images = labelled_sets(folders)
     crossed = cross_fit(images, [labels[r["id"]] for r in recipes], folds_of(recipes), recipe)
     results[TUNING] = agreement(recipes, labels, crossed.readings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from copy import deepcopy
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,10 +35,20 @@ def sample_any_scene(rng: random.Random) -> Scene:
 
 
 class Judge(nn.Module):
-    """Six classification heads over a shared convolutional trunk (64² RGB in [0, 1])."""
+    """Six classification heads over a shared convolutional trunk (64² RGB in [0, 1]).
 
-    def __init__(self, width: int = 48) -> None:
+    Where the trunk's last blocks were tuned on model outputs, the heads named in ``kept_for`` can keep reading a copy
+    of those blocks as the generator trained them (``kept_tail``): a tuned block reads muddled model outputs more as a
+    person does but forgets part of the generator's world (a style plainly drawn), and one head can keep that world
+    while the others gain."""
+
+    def __init__(self, width: int = 48, kept_blocks: int = 0, kept_for: tuple[str, ...] = ()) -> None:
         super().__init__()
+        if bool(kept_blocks) != bool(kept_for) or not set(kept_for) <= set(ATTRIBUTES):
+            raise TrainingError(
+                f"kept_blocks {kept_blocks} and kept_for {kept_for!r} do not make a kept tail",
+                hint=f"both empty, or blocks > 0 with attributes from {ATTRIBUTES}",
+            )
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
@@ -48,10 +59,29 @@ class Judge(nn.Module):
             block(2 * w, 4 * w, 2), block(4 * w, 4 * w, 1), block(4 * w, 4 * w, 2),
         )  # fmt: skip
         self.heads = nn.ModuleDict({attr: nn.Linear(8 * w, len(VOCABULARY[attr])) for attr in ATTRIBUTES})
+        self.kept_for = tuple(kept_for)
+        self.kept_tail = deepcopy(self.last_blocks(kept_blocks)) if kept_blocks else None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The pooled trunk features (B, 8 × width) that every head reads, for images (B, 3, 64, 64) in [0, 1]."""
+        """The pooled trunk features (B, 8 × width) for images (B, 3, 64, 64) in [0, 1]: what every head reads
+        except those in ``kept_for`` (see :meth:`head_features`)."""
         return self.pool(self.entering(images))
+
+    def head_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per attribute, the pooled features (B, 8 × width) its head reads, for images (B, 3, 64, 64) in [0, 1]."""
+        blocks = len(self.kept_tail or ())
+        return self.heads_input(self.entering(images, blocks), blocks)
+
+    def heads_input(self, maps: torch.Tensor, blocks: int) -> dict[str, torch.Tensor]:
+        """Per attribute, the pooled features its head reads, from the maps entering the trunk's last ``blocks``
+        blocks (at least as many as the kept tail has)."""
+        kept = len(self.kept_tail or ())
+        if blocks < kept:
+            raise TrainingError(f"maps entering {blocks} blocks cannot feed a kept tail of {kept}", hint=f"give {kept}")
+        shared = self.trunk[len(self.trunk) - blocks : len(self.trunk) - kept](maps)
+        tuned = self.pool(self.last_blocks(kept)(shared))
+        held = self.pool(self.kept_tail(shared)) if self.kept_tail is not None else tuned
+        return {attr: held if attr in self.kept_for else tuned for attr in ATTRIBUTES}
 
     def entering(self, images: torch.Tensor, blocks: int = 0) -> torch.Tensor:
         """The maps that enter the trunk's last ``blocks`` blocks (its output where ``blocks`` is 0), for images
@@ -69,8 +99,8 @@ class Judge(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per attribute for images (B, 3, 64, 64) in [0, 1]."""
-        pooled = self.features(images)
-        return {attr: head(pooled) for attr, head in self.heads.items()}
+        pooled = self.head_features(images)
+        return {attr: head(pooled[attr]) for attr, head in self.heads.items()}
 
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> list[dict[str, str]]:
@@ -80,11 +110,13 @@ class Judge(nn.Module):
         return [{attr: VOCABULARY[attr][chosen[attr][i]] for attr in ATTRIBUTES} for i in range(images.shape[0])]
 
     def save(self, path: Path) -> None:
-        """Write the weights as safetensors with the width in the header."""
+        """Write the weights as safetensors with the width (and any kept tail's size and heads) in the header."""
         from safetensors.torch import save_file
 
-        width = self.trunk[0][0].out_channels
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata={"width": str(width)})
+        metadata = {"width": str(self.trunk[0][0].out_channels)}
+        if self.kept_tail is not None:
+            metadata |= {"kept_blocks": str(len(self.kept_tail)), "kept_for": ",".join(self.kept_for)}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: Path) -> Judge:
@@ -93,8 +125,9 @@ class Judge(nn.Module):
         from safetensors.torch import load_file
 
         with safe_open(str(path), "pt") as handle:
-            width = int(handle.metadata()["width"])
-        judge = cls(width)
+            header = handle.metadata()
+        kept_for = tuple(name for name in header.get("kept_for", "").split(",") if name)
+        judge = cls(int(header["width"]), int(header.get("kept_blocks", 0)), kept_for)
         judge.load_state_dict(load_file(str(path)))
         return judge.eval()
 
@@ -338,6 +371,7 @@ def train_heads(
     trunk_batch: int = 64,
     seed: int = 0,
     render_weight: float = 1.0,
+    kept_for: tuple[str, ...] = (),
 ) -> Judge:
     """A copy of ``judge`` whose heads are fine-tuned on ``data`` (full batches, AdamW, cosine schedule; per head,
     the renders' loss weighs ``render_weight`` times the labelled views'), its trunk kept. Then, where ``data`` holds
@@ -345,17 +379,26 @@ def train_heads(
     fine-tuned together for ``trunk_steps`` steps (AdamW at ``trunk_lr``, cosine schedule), each on ``trunk_batch``
     labelled views and as many renders drawn at random (seeded by ``seed``), the renders' loss again weighed
     ``render_weight`` times the views': the renders keep the generator's world — a style plainly drawn — in the
-    network while the labels teach it the model's. Deterministic."""
+    network while the labels teach it the model's. The heads named in ``kept_for`` then keep their own fine-tune
+    and read the trunk's last blocks as ``judge`` has them (:attr:`Judge.kept_tail`). Deterministic."""
     if render_weight < 0:
         raise TrainingError(f"render_weight {render_weight} must not be negative", hint="1 weighs the two alike")
     if trunk_steps and (data.labelled_maps is None or data.generated_maps is None):
         raise TrainingError(
             "trunk_steps > 0 needs the maps entering the tuned blocks", hint="build the data with head_data(blocks=1)"
         )
+    if judge.kept_tail is not None:
+        raise TrainingError("a fine-tune starts from a judge without a kept tail", hint="give the generator's judge")
+    if kept_for and not trunk_steps:
+        raise TrainingError(
+            f"kept_for {kept_for!r} keeps the generator's last blocks, but no block is tuned",
+            hint="give trunk_steps > 0, or leave kept_for empty",
+        )
     if trunk_batch < 1:
         raise TrainingError(f"trunk_batch {trunk_batch} must be at least 1", hint="64 views and 64 renders a step")
-    tuned = Judge(judge.trunk[0][0].out_channels)
-    tuned.load_state_dict(judge.state_dict())
+    width = judge.trunk[0][0].out_channels
+    tuned = Judge(width)
+    tuned.load_state_dict({k: v for k, v in judge.state_dict().items() if not k.startswith("kept_tail.")})
     heads = list(tuned.heads.values())
     weight = nn.Parameter(torch.cat([head.weight.detach() for head in heads]))
     bias = nn.Parameter(torch.cat([head.bias.detach() for head in heads]))
@@ -388,8 +431,20 @@ def train_heads(
             (data.labelled_maps, data.labelled_targets, 1.0),
             (data.generated_maps, data.generated_targets, render_weight),
         )
+        kept_heads = {attr: deepcopy(tuned.heads[attr]) for attr in kept_for}
         _tune_last_blocks(tuned, data.blocks, sources, trunk_steps, trunk_lr, trunk_batch, seed)
+        if kept_for:
+            branched = Judge(width, data.blocks, kept_for)
+            branched.load_state_dict({**tuned.state_dict(), **_prefixed(judge.last_blocks(data.blocks), "kept_tail.")})
+            for attr, head in kept_heads.items():
+                branched.heads[attr].load_state_dict(head.state_dict())
+            tuned = branched
     return tuned.eval()
+
+
+def _prefixed(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with every key under ``prefix``."""
+    return {prefix + key: value for key, value in module.state_dict().items()}
 
 
 def _tune_last_blocks(

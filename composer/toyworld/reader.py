@@ -83,14 +83,16 @@ diagonal only), nor the colour, background and clothing (on the labelled set, cr
 nothing there or ranked the answers worse)."""
 
 
-def head_probabilities(network: Judge, pooled: torch.Tensor, mirrored: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Class probabilities per attribute from the trunk's pooled features of images and of their mirror images
-    (:meth:`Judge.features`), the attributes in :data:`MIRRORED` averaged over both."""
+def head_probabilities(
+    network: Judge, pooled: dict[str, torch.Tensor], mirrored: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Class probabilities per attribute from the pooled features each head reads (:meth:`Judge.head_features`) of
+    images and of their mirror images, the attributes in :data:`MIRRORED` averaged over both."""
     with torch.no_grad():
         probabilities = {}
         for attr, head in network.heads.items():
-            p = head(pooled).softmax(1)
-            probabilities[attr] = (p + head(mirrored).softmax(1)) / 2 if attr in MIRRORED else p
+            p = head(pooled[attr]).softmax(1)
+            probabilities[attr] = (p + head(mirrored[attr]).softmax(1)) / 2 if attr in MIRRORED else p
     return probabilities
 
 
@@ -100,9 +102,11 @@ images about twice as fast on one thread as a single batch does, with the same n
 on its own)."""
 
 
-def _pooled(network: Judge, images: torch.Tensor) -> torch.Tensor:
-    """The network's pooled features of ``images``, :data:`FEATURE_CHUNK` images at a time."""
-    return torch.cat([network.features(chunk) for chunk in images.split(FEATURE_CHUNK)])
+def _pooled(network: Judge, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per attribute, the network's pooled features of ``images`` that its head reads, :data:`FEATURE_CHUNK` images
+    at a time."""
+    chunks = [network.head_features(chunk) for chunk in images.split(FEATURE_CHUNK)]
+    return {attr: torch.cat([chunk[attr] for chunk in chunks]) for attr in ATTRIBUTES}
 
 
 def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:

@@ -709,6 +709,37 @@ def test_tuning_the_last_trunk_block_changes_it_alone_deterministically_and_fits
     assert loss(tuned) < loss(heads_only)
 
 
+def test_heads_kept_on_the_generators_last_block_read_as_heads_alone_the_rest_as_tuned(tmp_path: Path) -> None:
+    from composer.toyworld.judge import Judge, head_data, train_heads
+    from fusion.errors import TrainingError
+
+    torch.manual_seed(0)
+    judge = Judge(8).eval()
+    images, targets = _rendered_with_labels(8, 3)
+    data = head_data(judge, images, targets, copies=2, renders=8, blocks=1)
+    heads_only = train_heads(judge, data, steps=5)
+    tuning = {"steps": 5, "trunk_steps": 30, "trunk_lr": 3e-3, "trunk_batch": 8}
+    tuned = train_heads(judge, data, **tuning)
+    kept = train_heads(judge, data, **tuning, kept_for=("style",))
+    with torch.no_grad():
+        read, alone, whole = kept(images), heads_only(images), tuned(images)
+    torch.testing.assert_close(read["style"], alone["style"], rtol=0, atol=1e-6)
+    assert not torch.allclose(read["style"], whole["style"], atol=1e-3), "the tuned block reads the style otherwise"
+    for attr in (a for a in ATTRIBUTES if a != "style"):
+        torch.testing.assert_close(read[attr], whole[attr], rtol=0, atol=1e-6)
+    kept.save(tmp_path / "judge.safetensors")
+    loaded = Judge.load(tmp_path / "judge.safetensors")
+    assert loaded.kept_for == ("style",)
+    with torch.no_grad():
+        assert all(torch.equal(loaded(images)[a], read[a]) for a in ATTRIBUTES)
+    with pytest.raises(TrainingError, match="no block is tuned"):
+        train_heads(judge, data, steps=1, kept_for=("style",))
+    with pytest.raises(TrainingError, match="without a kept tail"):
+        train_heads(kept, data, steps=1)
+    with pytest.raises(TrainingError, match="kept tail"):
+        Judge(8, kept_blocks=1, kept_for=("colour", "shade"))
+
+
 def test_tuning_the_trunk_needs_its_maps_and_a_block_the_trunk_has() -> None:
     from composer.toyworld.judge import Judge, head_data, train_heads
     from fusion.errors import TrainingError
