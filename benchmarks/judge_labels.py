@@ -7,7 +7,7 @@ setting of the quality benchmark, on scene and generation seeds no benchmark use
 which part of a split it belongs to (``merge --held-out-share``). The judge is fitted on every image of the sets in
 :data:`TUNING_FOLDERS` (``calibrate``; more sets are drawn with ``--first-seed`` on other seeds) and checked on a
 fresh set drawn the same way, held out whole (``merge --held-out-share 1``) and labelled by other readers
-(``evaluate``).
+(``evaluate``), and on the labelled sets in :data:`CHECK_FOLDERS`, kept out of the fit.
 
 Labels are written by a person looking at the 4× nearest-neighbour upscale with the recipe hidden (see
 docs/judge.md for the protocol); ``sheets`` prints numbered contact sheets for that.
@@ -49,7 +49,7 @@ FRESH_FOLDER = SET_FOLDER.with_name("judge_labels_fresh")
 at by any choice about the judge."""
 CHECK_FOLDERS = (SET_FOLDER.with_name("judge_labels_sixth"),)
 """Labelled sets the shipped judge is not fitted on and no choice about it was made on, read beside the held-out set
-(where an earlier judge parted from the eye on them was looked at, so they are checks, not unseen tests)."""
+(their disagreements with a judge were inspected, so they are checks, not unseen tests)."""
 HELD_OUT = "held-out"
 TUNING = "tuning (cross-fitted)"
 FIRST_SEED = 10_000
@@ -415,7 +415,10 @@ def cross_fit(images: torch.Tensor, labels: list[dict[str, str]], folds: list[in
                 kept_for=recipe.kept_for,
             )
             with torch.no_grad():
-                pooled[without] = tuned.heads_input(maps, blocks), tuned.heads_input(mirrored_maps, blocks)
+                pooled[without] = (
+                    tuned.head_features_from_maps(maps, blocks),
+                    tuned.head_features_from_maps(mirrored_maps, blocks),
+                )
             networks[without] = tuned
         return networks[without]
 
@@ -609,15 +612,17 @@ def evaluate(
     docs: Path | None,
     recipe: Recipe = Recipe(),
     checks: tuple[Path, ...] = CHECK_FOLDERS,
+    weights: Path | None = None,
 ) -> int:
     """Print (and write to ``docs``) the judge's agreement with the eye: on the labelled sets in ``folders`` as
-    cross-fitted (each fold read by a judge fitted without it, :func:`cross_fit`), on the set in ``fresh``, which no
-    choice about the judge looked at, as read by the shipped judge once its labels exist, and on each set in
-    ``checks`` (kept out of the fit) as read by the shipped judge."""
+    cross-fitted by ``recipe`` (each fold read by a judge fitted without it, :func:`cross_fit`), on the set in
+    ``fresh``, which no choice about the judge looked at, once its labels exist, and on each labelled set in
+    ``checks`` (kept out of the fit), both read by the judge in ``weights`` (default: the shipped one)."""
+    from composer.toyworld.reader import Reader
     from composer.toyworld.verdict import shipped_judge
 
     results, lines = {}, []
-    judge = shipped_judge()
+    judge = Reader.load(weights) if weights is not None else shipped_judge()
     if (fresh / "labels.json").is_file():
         recipes, labels, images = _labelled(fresh)
         results[HELD_OUT] = agreement(recipes, labels, judge.read(images))
@@ -625,6 +630,9 @@ def evaluate(
     else:
         print(f"{fresh / 'labels.json'} does not exist yet: no held-out agreement to report")
     for folder in checks:
+        if not (folder / "labels.json").is_file():
+            print(f"{folder / 'labels.json'} does not exist: no check to report there")
+            continue
         recipes, labels, images = _labelled(folder)
         part = f"check, {folder.name.removeprefix('judge_labels_')} set (kept out of the fit)"
         results[part] = agreement(recipes, labels, judge.read(images))
@@ -654,6 +662,11 @@ def merge_shards(folder: Path, first_seed: int = FIRST_SEED, held_out_share: flo
     return 0
 
 
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The shipped recipe with the command line's block tuning and kept heads."""
+    return replace(Recipe(), trunk_steps=args.trunk_steps, kept_for=tuple(args.kept_for))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``draw`` (resumable, shardable) and ``merge``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.judge_labels", description=__doc__)
@@ -681,7 +694,14 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("evaluate", help="judge against eye: the labelled sets cross-fitted, the fresh set held out")
     e.add_argument("--folder", type=Path, nargs="+", default=list(TUNING_FOLDERS), help="the sets it was fitted on")
     e.add_argument("--fresh", type=Path, default=FRESH_FOLDER, help="the held-out set")
+    e.add_argument("--check", type=Path, nargs="*", default=list(CHECK_FOLDERS), help="sets kept out of the fit")
+    e.add_argument("--weights", type=Path, default=None, help="the judge to read them with (default: the shipped)")
     e.add_argument("--docs", type=Path, default=None, help="write judge_agreement.md/.json here")
+    for fitting in (c, e):
+        fitting.add_argument(
+            "--trunk-steps", type=int, default=Recipe().trunk_steps, help="steps tuning the last block"
+        )
+        fitting.add_argument("--kept-for", nargs="*", default=[], help="heads kept on the generator's last block")
     r = sub.add_parser("collect", help="add readings (JSONL files, one per reader) to labels.json")
     r.add_argument("readings", type=Path, nargs="+")
     r.add_argument("--folder", type=Path, default=SET_FOLDER)
@@ -691,9 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         from composer.toyworld.model import WEIGHTS_DIR
 
-        return calibrate(args.folder, args.weights or WEIGHTS_DIR.parent)
+        return calibrate(args.folder, args.weights or WEIGHTS_DIR.parent, _recipe(args))
     if args.command == "evaluate":
-        return evaluate(args.folder, args.fresh, args.docs)
+        return evaluate(args.folder, args.fresh, args.docs, _recipe(args), tuple(args.check), args.weights)
     if args.command == "draw":
         return draw(args.folder, args.library, args.threads, args.shard, args.shards, args.first_seed)
     if args.command == "sheets":

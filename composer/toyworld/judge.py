@@ -44,11 +44,7 @@ class Judge(nn.Module):
 
     def __init__(self, width: int = 48, kept_blocks: int = 0, kept_for: tuple[str, ...] = ()) -> None:
         super().__init__()
-        if bool(kept_blocks) != bool(kept_for) or not set(kept_for) <= set(ATTRIBUTES):
-            raise TrainingError(
-                f"kept_blocks {kept_blocks} and kept_for {kept_for!r} do not make a kept tail",
-                hint=f"both empty, or blocks > 0 with attributes from {ATTRIBUTES}",
-            )
+        _check_kept(kept_blocks, kept_for)
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
@@ -59,8 +55,18 @@ class Judge(nn.Module):
             block(2 * w, 4 * w, 2), block(4 * w, 4 * w, 1), block(4 * w, 4 * w, 2),
         )  # fmt: skip
         self.heads = nn.ModuleDict({attr: nn.Linear(8 * w, len(VOCABULARY[attr])) for attr in ATTRIBUTES})
+        if kept_blocks >= len(self.trunk):
+            raise TrainingError(
+                f"kept_blocks {kept_blocks} must be less than the trunk's {len(self.trunk)} blocks",
+                hint="1 keeps the last block",
+            )
         self.kept_for = tuple(kept_for)
         self.kept_tail = deepcopy(self.last_blocks(kept_blocks)) if kept_blocks else None
+
+    @property
+    def kept_blocks(self) -> int:
+        """How many of the trunk's last blocks the heads in ``kept_for`` read as the generator trained them."""
+        return len(self.kept_tail) if self.kept_tail is not None else 0
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled trunk features (B, 8 × width) for images (B, 3, 64, 64) in [0, 1]: what every head reads
@@ -69,15 +75,17 @@ class Judge(nn.Module):
 
     def head_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per attribute, the pooled features (B, 8 × width) its head reads, for images (B, 3, 64, 64) in [0, 1]."""
-        blocks = len(self.kept_tail or ())
-        return self.heads_input(self.entering(images, blocks), blocks)
+        return self.head_features_from_maps(self.entering(images, self.kept_blocks), self.kept_blocks)
 
-    def heads_input(self, maps: torch.Tensor, blocks: int) -> dict[str, torch.Tensor]:
+    def head_features_from_maps(self, maps: torch.Tensor, blocks: int) -> dict[str, torch.Tensor]:
         """Per attribute, the pooled features its head reads, from the maps entering the trunk's last ``blocks``
-        blocks (at least as many as the kept tail has)."""
-        kept = len(self.kept_tail or ())
-        if blocks < kept:
-            raise TrainingError(f"maps entering {blocks} blocks cannot feed a kept tail of {kept}", hint=f"give {kept}")
+        blocks (at least as many as the kept tail has, at most the whole trunk)."""
+        kept = self.kept_blocks
+        if not kept <= blocks <= len(self.trunk):
+            raise TrainingError(
+                f"maps entering the last {blocks} blocks cannot feed this judge",
+                hint=f"give between {kept} (its kept tail) and {len(self.trunk)} (the whole trunk)",
+            )
         shared = self.trunk[len(self.trunk) - blocks : len(self.trunk) - kept](maps)
         tuned = self.pool(self.last_blocks(kept)(shared))
         held = self.pool(self.kept_tail(shared)) if self.kept_tail is not None else tuned
@@ -379,8 +387,9 @@ def train_heads(
     fine-tuned together for ``trunk_steps`` steps (AdamW at ``trunk_lr``, cosine schedule), each on ``trunk_batch``
     labelled views and as many renders drawn at random (seeded by ``seed``), the renders' loss again weighed
     ``render_weight`` times the views': the renders keep the generator's world — a style plainly drawn — in the
-    network while the labels teach it the model's. The heads named in ``kept_for`` then keep their own fine-tune
-    and read the trunk's last blocks as ``judge`` has them (:attr:`Judge.kept_tail`). Deterministic."""
+    network while the labels teach it the model's. The heads named in ``kept_for`` then go back to their fine-tune
+    of the first stage and read the trunk's last blocks as ``judge`` has them (:attr:`Judge.kept_tail`); every head's
+    loss, theirs included, shaped the tuned blocks. Deterministic."""
     if render_weight < 0:
         raise TrainingError(f"render_weight {render_weight} must not be negative", hint="1 weighs the two alike")
     if trunk_steps and (data.labelled_maps is None or data.generated_maps is None):
@@ -389,6 +398,8 @@ def train_heads(
         )
     if judge.kept_tail is not None:
         raise TrainingError("a fine-tune starts from a judge without a kept tail", hint="give the generator's judge")
+    if kept_for:
+        _check_kept(data.blocks, kept_for)
     if kept_for and not trunk_steps:
         raise TrainingError(
             f"kept_for {kept_for!r} keeps the generator's last blocks, but no block is tuned",
@@ -398,7 +409,7 @@ def train_heads(
         raise TrainingError(f"trunk_batch {trunk_batch} must be at least 1", hint="64 views and 64 renders a step")
     width = judge.trunk[0][0].out_channels
     tuned = Judge(width)
-    tuned.load_state_dict({k: v for k, v in judge.state_dict().items() if not k.startswith("kept_tail.")})
+    tuned.load_state_dict(judge.state_dict())
     heads = list(tuned.heads.values())
     weight = nn.Parameter(torch.cat([head.weight.detach() for head in heads]))
     bias = nn.Parameter(torch.cat([head.bias.detach() for head in heads]))
@@ -435,16 +446,25 @@ def train_heads(
         _tune_last_blocks(tuned, data.blocks, sources, trunk_steps, trunk_lr, trunk_batch, seed)
         if kept_for:
             branched = Judge(width, data.blocks, kept_for)
-            branched.load_state_dict({**tuned.state_dict(), **_prefixed(judge.last_blocks(data.blocks), "kept_tail.")})
+            generator_tail = judge.last_blocks(data.blocks).state_dict()
+            branched.load_state_dict(tuned.state_dict() | {f"kept_tail.{k}": v for k, v in generator_tail.items()})
             for attr, head in kept_heads.items():
                 branched.heads[attr].load_state_dict(head.state_dict())
             tuned = branched
     return tuned.eval()
 
 
-def _prefixed(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """``module``'s state dict with every key under ``prefix``."""
-    return {prefix + key: value for key, value in module.state_dict().items()}
+def _check_kept(blocks: int, kept_for: tuple[str, ...]) -> None:
+    """Refuse a kept tail that is not some blocks (> 0) read by distinct named heads, or a head list without blocks."""
+    if (
+        bool(blocks > 0) != bool(kept_for)
+        or not set(kept_for) <= set(ATTRIBUTES)
+        or len(set(kept_for)) != len(kept_for)
+    ):
+        raise TrainingError(
+            f"kept_blocks {blocks} and kept_for {kept_for!r} do not make a kept tail",
+            hint=f"both empty, or blocks > 0 with distinct attributes from {ATTRIBUTES}",
+        )
 
 
 def _tune_last_blocks(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from composer.toyworld.judge import Judge
+from composer.toyworld.judge import JUDGE_FILE, Judge
 from composer.toyworld.measures import block_mosaic, fill_hue, outline_darkness, periodic_energy
 from composer.toyworld.world import ATTRIBUTES, COLOUR_NAMES, VOCABULARY
 
@@ -232,6 +232,12 @@ class Reader:
     def __init__(self, network: Judge, calibration: Calibration) -> None:
         self.network = network
         self.calibration = calibration
+
+    @classmethod
+    def load(cls, folder: Path) -> Reader:
+        """The judge whose network (``judge.safetensors``) and calibration (``judge_calibration.json``) are in
+        ``folder``: the shipped weights, or a folder ``calibrate --weights`` wrote."""
+        return cls(Judge.load(folder / JUDGE_FILE), Calibration.load(folder / CALIBRATION_FILE))
 
     def evidence(self, images: torch.Tensor) -> Evidence:
         """See :func:`gather_evidence`."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from composer.toyworld.reader import CALIBRATION_FILE, UNSURE, Calibration, Reader
+from composer.toyworld.reader import UNSURE, Reader
 from composer.toyworld.world import CONCEPTS
 
 MAX_SIDECAR_BYTES = 1024 * 1024
@@ -98,11 +98,9 @@ def expected_attributes(prompt: str, adapters: list[str]) -> tuple[dict[str, str
 @lru_cache(maxsize=1)
 def shipped_judge() -> Reader:
     """The judge that ships with the model: its network, and the calibration fitted on images labelled by eye."""
-    from composer.toyworld.judge import JUDGE_FILE, Judge
     from composer.toyworld.model import WEIGHTS_DIR
 
-    folder = WEIGHTS_DIR.parent
-    return Reader(Judge.load(folder / JUDGE_FILE), Calibration.load(folder / CALIBRATION_FILE))
+    return Reader.load(WEIGHTS_DIR.parent)
 
 
 def judge_images(images: torch.Tensor, prompts: list[str], adapters: list[list[str]]) -> list[Verdict]:

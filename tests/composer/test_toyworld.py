@@ -736,8 +736,45 @@ def test_heads_kept_on_the_generators_last_block_read_as_heads_alone_the_rest_as
         train_heads(judge, data, steps=1, kept_for=("style",))
     with pytest.raises(TrainingError, match="without a kept tail"):
         train_heads(kept, data, steps=1)
+    for blocks, names in ((1, ("colour", "shade")), (1, ("style", "style")), (0, ("style",)), (-1, ("style",))):
+        with pytest.raises(TrainingError, match="kept tail"):
+            Judge(8, kept_blocks=blocks, kept_for=names)
+    with pytest.raises(TrainingError, match="less than the trunk"):
+        Judge(8, kept_blocks=len(judge.trunk), kept_for=("style",))
     with pytest.raises(TrainingError, match="kept tail"):
-        Judge(8, kept_blocks=1, kept_for=("colour", "shade"))
+        train_heads(judge, data, steps=1, trunk_steps=1, kept_for=("shade",))
+
+
+def test_a_two_block_kept_tail_reads_the_same_from_images_from_deeper_maps_and_through_the_reader() -> None:
+    from composer.toyworld.calibration import fit
+    from composer.toyworld.judge import Judge, head_data, train_heads
+    from composer.toyworld.reader import Reader, gather_evidence
+    from fusion.errors import TrainingError
+
+    torch.manual_seed(1)
+    judge = Judge(8).eval()
+    images, targets = _rendered_with_labels(6, 5)
+    data = head_data(judge, images, targets, copies=1, renders=6, blocks=2)
+    kept = train_heads(judge, data, steps=3, trunk_steps=5, trunk_batch=4, kept_for=("style", "object"))
+    assert kept.kept_blocks == 2
+    with torch.no_grad():
+        direct = kept.head_features(images)
+        for blocks in (2, 3, len(kept.trunk)):
+            deeper = kept.head_features_from_maps(kept.entering(images, blocks), blocks)
+            assert all(torch.allclose(deeper[a], direct[a], atol=1e-6) for a in ATTRIBUTES), blocks
+        generator = judge.head_features(images)["style"]
+    torch.testing.assert_close(direct["style"], generator, rtol=0, atol=1e-6)
+    for blocks in (1, len(kept.trunk) + 1):
+        with pytest.raises(TrainingError, match="cannot feed"):
+            kept.head_features_from_maps(images, blocks)
+    evidence = gather_evidence(kept, images)
+    with torch.no_grad():
+        style = kept(images)["style"].softmax(1)
+    torch.testing.assert_close(evidence.probabilities["style"], style, rtol=0, atol=1e-6)
+    rows = [evidence.row(i) for i in range(len(images))]
+    labels = [{a: VOCABULARY[a][int(t)] for a, t in zip(ATTRIBUTES, row)} for row in targets]
+    reader = Reader(kept, fit(rows, labels))
+    assert len(reader.read(images)) == len(images)
 
 
 def test_tuning_the_trunk_needs_its_maps_and_a_block_the_trunk_has() -> None:
