@@ -123,7 +123,7 @@ class Judge(nn.Module):
 
         metadata = {"width": str(self.trunk[0][0].out_channels)}
         if self.kept_tail is not None:
-            metadata |= {"kept_blocks": str(len(self.kept_tail)), "kept_for": ",".join(self.kept_for)}
+            metadata |= {"kept_blocks": str(self.kept_blocks), "kept_for": ",".join(self.kept_for)}
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=metadata)
 
     @classmethod

@@ -106,7 +106,11 @@ def _pooled(network: Judge, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per attribute, the network's pooled features of ``images`` that its head reads, :data:`FEATURE_CHUNK` images
     at a time."""
     chunks = [network.head_features(chunk) for chunk in images.split(FEATURE_CHUNK)]
-    return {attr: torch.cat([chunk[attr] for chunk in chunks]) for attr in ATTRIBUTES}
+    joined: dict[str, torch.Tensor] = {}
+    for attr in ATTRIBUTES:  # heads that read the same features share one concatenation
+        twin = next((other for other in joined if chunks[0][other] is chunks[0][attr]), None)
+        joined[attr] = joined[twin] if twin is not None else torch.cat([chunk[attr] for chunk in chunks])
+    return joined
 
 
 def gather_evidence(network: Judge, images: torch.Tensor) -> Evidence:
