@@ -27,22 +27,30 @@ import copy
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from diffusers import DiffusionPipeline
 from example_scripts import build_example_library
 from filelock import FileLock
 
-from composer.presets import CACHE_ENV, ensure_preset, load_preset, preset_cache_root
+from composer.settings import CACHE_ENV
+
+if TYPE_CHECKING:  # torch and diffusers are imported where tests run, not in xdist's controller (see pytest_configure)
+    import torch
+    from diffusers import DiffusionPipeline
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Run torch single-threaded (``LORA_COMPOSER_TEST_THREADS`` overrides).
+    """Run torch single-threaded (``LORA_COMPOSER_TEST_THREADS`` overrides) in every process that runs tests.
 
     The test models are tiny, so intra-op threads buy nothing, and on a shared 2-core machine spinning OpenMP
-    workers make a 30 ms tiny-pipeline call take 0.3-1 s. One thread keeps timings stable.
+    workers make a 30 ms tiny-pipeline call take 0.3-1 s. One thread keeps timings stable. xdist's controller runs no
+    test and imports no torch: importing it there (about 6 s on 2 cores) would hold back the start of every worker.
     """
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import torch
+
     torch.set_num_threads(int(os.environ.get("LORA_COMPOSER_TEST_THREADS", "1")))
 
 
@@ -51,6 +59,8 @@ TEST_DEVICE_ENV = "LORA_COMPOSER_TEST_DEVICE"
 
 
 def _test_device() -> torch.device:
+    import torch
+
     return torch.device(os.environ.get(TEST_DEVICE_ENV, "cuda"))
 
 
@@ -62,6 +72,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     idle worker steals from the end of the other's queue, so with the long tests at the front the run ends on short
     ones instead of one worker waiting out a long test alone.
     """
+    import torch
+
     items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
@@ -81,6 +93,8 @@ def gpu_device() -> torch.device:
 @pytest.fixture(scope="session", autouse=True)
 def preset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The presets cache folder for this session (a temp dir); ``LORA_COMPOSER_CACHE`` points at its parent."""
+    from composer.presets import preset_cache_root
+
     root = tmp_path_factory.mktemp("lora-composer-cache")
     previous = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(root)
@@ -91,6 +105,13 @@ def preset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ[CACHE_ENV] = previous
 
 
+def _ensure(name: str, cache: Path) -> Path:
+    """The cache folder of a built-in preset, built on first use (``composer.presets.ensure_preset``)."""
+    from composer.presets import ensure_preset
+
+    return ensure_preset(name, cache)
+
+
 _LOADED: dict[str, DiffusionPipeline] = {}
 """Each preset as loaded once in this worker; tests only ever see copies."""
 
@@ -98,6 +119,10 @@ _LOADED: dict[str, DiffusionPipeline] = {}
 def _fresh(name: str, folder: Path) -> DiffusionPipeline:
     """A new, independent copy of a cached preset with progress bars off: its modules and scheduler deep-copied
     from the preset as loaded (a tenth of the time of loading it again)."""
+    import torch
+
+    from composer.presets import load_preset
+
     if name not in _LOADED:
         _LOADED[name] = load_preset(name, cache_dir=folder.parent)
     loaded = _LOADED[name]
@@ -114,7 +139,7 @@ def _fresh(name: str, folder: Path) -> DiffusionPipeline:
 @pytest.fixture(scope="session")
 def tiny_sd_path(preset_cache: Path) -> Path:
     """Cache folder of the ``tiny-sd`` preset, built once per session."""
-    return ensure_preset("tiny-sd", preset_cache)
+    return _ensure("tiny-sd", preset_cache)
 
 
 @pytest.fixture
@@ -126,7 +151,7 @@ def tiny_sd(tiny_sd_path: Path) -> DiffusionPipeline:
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(preset_cache: Path) -> Path:
     """Cache folder of the ``tiny-sdxl`` preset, built once per session."""
-    return ensure_preset("tiny-sdxl", preset_cache)
+    return _ensure("tiny-sdxl", preset_cache)
 
 
 @pytest.fixture
@@ -138,7 +163,7 @@ def tiny_sdxl(tiny_sdxl_path: Path) -> DiffusionPipeline:
 @pytest.fixture(scope="session")
 def tiny_flux_path(preset_cache: Path) -> Path:
     """Cache folder of the ``tiny-flux`` preset, built once per session."""
-    return ensure_preset("tiny-flux", preset_cache)
+    return _ensure("tiny-flux", preset_cache)
 
 
 @pytest.fixture
@@ -150,7 +175,7 @@ def tiny_flux(tiny_flux_path: Path) -> DiffusionPipeline:
 @pytest.fixture(scope="session")
 def tiny_kontext_path(preset_cache: Path) -> Path:
     """Cache folder of the ``tiny-flux-kontext`` preset, built once per session."""
-    return ensure_preset("tiny-flux-kontext", preset_cache)
+    return _ensure("tiny-flux-kontext", preset_cache)
 
 
 @pytest.fixture
@@ -180,6 +205,8 @@ def toy_quality_pipeline(
 ) -> DiffusionPipeline:
     """A composable toy-sd copy with every toy library adapter registered, which
     ``benchmarks.composition_quality`` runs on instead of loading toy-sd and building the library again."""
+    import torch
+
     from benchmarks import composition_quality
     from composer.mixin import make_composable
 

@@ -152,6 +152,21 @@ def build_preset(name: str) -> DiffusionPipeline:
     return assemble_pipeline(spec.pipeline_class, parts)
 
 
+def build_tokenizers(name: str) -> dict[str, Any]:
+    """Build only the tokenizers of a built-in preset, by component name (``tokenizer``, ``tokenizer_2``).
+
+    ``load_preset`` passes them to ``from_pretrained`` instead of reading the copies saved in the cache: building the
+    offline CLIP tokenizer takes about 40 ms, parsing its saved ``tokenizer.json`` back about 500 ms (2 cores), and
+    both read text alike.
+    """
+    spec = preset_spec(name)
+    return {
+        part: _OTHER_BUILDERS[kind](config)
+        for part, (kind, config) in spec.components().items()
+        if kind.endswith("-tokenizer")
+    }
+
+
 def build_denoiser(name: str) -> torch.nn.Module:
     """Build only the denoiser (UNet or Flux transformer) of a built-in preset, with the same weights as the pipeline.
 

@@ -108,6 +108,25 @@ def test_build_is_deterministic_and_matches_cache(name, preset_cache):
     _assert_same_state(first, _state(load_preset(name, cache_dir=preset_cache)))
 
 
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-flux"])
+def test_a_loaded_preset_tokenizes_as_the_tokenizers_saved_in_its_cache(name, preset_cache):
+    """load_preset builds a smoke preset's tokenizers in memory; they must read text exactly as the copies that
+    save_pretrained wrote into the cache folder, which stock diffusers loads."""
+    from transformers import AutoTokenizer
+
+    folder = ensure_preset(name, preset_cache)
+    pipe = load_preset(name, cache_dir=preset_cache)
+    text = ["a photo of a Cat, xyzzy!", "zorbex wearing a krwn crown in the snow, " * 12]
+    for part in ("tokenizer", "tokenizer_2"):
+        saved = AutoTokenizer.from_pretrained(folder / part)
+        loaded = getattr(pipe, part)
+        assert type(loaded).__name__ == type(saved).__name__
+        assert loaded.model_max_length == saved.model_max_length
+        assert loaded.pad_token == saved.pad_token
+        for kwargs in ({}, {"padding": "max_length", "truncation": True, "max_length": loaded.model_max_length}):
+            assert loaded(text, **kwargs).input_ids == saved(text, **kwargs).input_ids
+
+
 def test_build_does_not_disturb_global_rng():
     torch.manual_seed(123)
     expected = torch.rand(3)
