@@ -47,6 +47,9 @@ the first set, then four of the same layout drawn on seeds from 30 000, 70 000, 
 FRESH_FOLDER = SET_FOLDER.with_name("judge_labels_fresh")
 """Where the held-out set lives (the same layout): drawn on other seeds, labelled by other readers, never looked
 at by any choice about the judge."""
+UNREAD_FOLDER = SET_FOLDER.with_name("judge_labels_unread")
+"""A labelled set (the same layout, seeds from 150 000) that no judge has read: the held-out set of the next judge,
+chosen on every other labelled set. Only its completeness is tested; nothing reads it with a judge."""
 CHECK_FOLDERS = (SET_FOLDER.with_name("judge_labels_sixth"),)
 """Labelled sets the shipped judge is not fitted on and no choice about it was made on, read beside the held-out set
 (their disagreements with a judge were inspected, so they are checks, not unseen tests)."""
@@ -663,8 +666,8 @@ def merge_shards(folder: Path, first_seed: int = FIRST_SEED, held_out_share: flo
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
-    """The shipped recipe with the command line's block tuning and kept heads."""
-    return replace(Recipe(), trunk_steps=args.trunk_steps, kept_for=tuple(args.kept_for))
+    """The shipped recipe with the command line's block tuning, kept heads and cost of a wrong strict reading."""
+    return replace(Recipe(), trunk_steps=args.trunk_steps, kept_for=tuple(args.kept_for), penalty=args.penalty)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -702,6 +705,12 @@ def main(argv: list[str] | None = None) -> int:
             "--trunk-steps", type=int, default=Recipe().trunk_steps, help="steps tuning the last block"
         )
         fitting.add_argument("--kept-for", nargs="*", default=[], help="heads kept on the generator's last block")
+        fitting.add_argument(
+            "--penalty",
+            type=float,
+            default=Recipe().penalty,
+            help="what a wrong reading that says something is there costs in the thresholds' fit, in right readings",
+        )
     r = sub.add_parser("collect", help="add readings (JSONL files, one per reader) to labels.json")
     r.add_argument("readings", type=Path, nargs="+")
     r.add_argument("--folder", type=Path, default=SET_FOLDER)

@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from benchmarks.judge_labels import FRESH_FOLDER, LABEL_VALUES, agreement, consensus, labelled_sets, load_set
+from benchmarks.judge_labels import (
+    FRESH_FOLDER,
+    LABEL_VALUES,
+    UNREAD_FOLDER,
+    Recipe,
+    agreement,
+    consensus,
+    labelled_sets,
+    load_set,
+)
 from composer.toyworld.reader import UNSURE
 from composer.toyworld.verdict import judge_images
 from composer.toyworld.world import ATTRIBUTES
@@ -62,8 +71,11 @@ def held_out() -> tuple[dict, list]:
 
 
 @held_out_labelled
-def test_the_held_out_set_is_large_labelled_and_of_every_kind() -> None:
-    recipes, labels, _ = load_set(FRESH_FOLDER)
+@pytest.mark.parametrize("folder", [FRESH_FOLDER, UNREAD_FOLDER], ids=["held-out", "unread"])
+def test_the_held_out_set_is_large_labelled_and_of_every_kind(folder: Path) -> None:
+    """The shipped judge's held-out set, and the one kept unread for the next judge (checked here without a judge
+    reading it)."""
+    recipes, labels, _ = load_set(folder)
     assert len(recipes) >= 150
     assert all(r["id"] in labels for r in recipes)
     assert {"base", "alone", "k=2", "k=3", "k=4", "k=5"} <= {r["kind"] for r in recipes}
@@ -160,3 +172,14 @@ def test_a_set_without_labels_is_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "unlabelled" / "labels.json").write_text(json.dumps({"images": {}}))
     with pytest.raises(SystemExit, match=r"unlabelled.*no labelled image"):
         labelled_sets([tmp_path / "first", tmp_path / "unlabelled"])
+
+
+def test_calibrate_fits_with_the_cost_the_command_line_gives(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``calibrate --penalty`` reaches the thresholds' fit, so a variant's numbers reproduce from the command line."""
+    from benchmarks import judge_labels
+
+    fitted: list[Recipe] = []
+    monkeypatch.setattr(judge_labels, "calibrate", lambda _folders, _weights, recipe: fitted.append(recipe) or 0)
+    assert judge_labels.main(["calibrate", "--weights", str(tmp_path), "--penalty", "2"]) == 0
+    assert judge_labels.main(["calibrate", "--weights", str(tmp_path)]) == 0
+    assert [recipe.penalty for recipe in fitted] == [2.0, Recipe().penalty]
