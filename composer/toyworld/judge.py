@@ -68,11 +68,6 @@ class Judge(nn.Module):
         """How many of the trunk's last blocks the heads in ``kept_for`` read as the generator trained them."""
         return len(self.kept_tail) if self.kept_tail is not None else 0
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The pooled trunk features (B, 8 × width) for images (B, 3, 64, 64) in [0, 1]: what every head reads
-        except those in ``kept_for`` (see :meth:`head_features`)."""
-        return self.pool(self.entering(images))
-
     def head_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per attribute, the pooled features (B, 8 × width) its head reads, for images (B, 3, 64, 64) in [0, 1]."""
         return self.head_features_from_maps(self.entering(images, self.kept_blocks), self.kept_blocks)

@@ -691,7 +691,7 @@ def test_tuning_the_last_trunk_block_changes_it_alone_deterministically_and_fits
     images, targets = _rendered_with_labels(8, 3)
     data = head_data(judge, images, targets, copies=2, renders=8, blocks=1)
     with torch.no_grad():
-        assert torch.equal(data.labelled[:8], judge.features(images)), "the maps pass the same trunk"
+        assert torch.equal(data.labelled[:8], judge.head_features(images)["shape"]), "the maps pass the same trunk"
     heads_only = train_heads(judge, data, steps=5)
     tuned = train_heads(judge, data, steps=5, trunk_steps=30, trunk_lr=3e-3, trunk_batch=8)
     again = train_heads(judge, data, steps=5, trunk_steps=30, trunk_lr=3e-3, trunk_batch=8)
