@@ -584,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alone-images", type=int, default=32, help="scenes per adapter in the LoRA-alone rows")
     parser.add_argument("--base-images", type=int, default=48)
     parser.add_argument("--library", type=Path, default=Path(".cache/bench/toy_library"))
+    parser.add_argument(
+        "--adapters",
+        default="",
+        help="comma-separated adapters of the library to measure (default: all); compositions are drawn from them",
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--gates", type=Path, default=None, help="gates for gated (default: the toy library's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (timings in the docs: 1)")
@@ -647,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     pipe, names = toy_pipeline(args.library)
+    if args.adapters:
+        asked = _comma_list(args.adapters)
+        unknown = [name for name in asked if name not in names]
+        if unknown:
+            parser.error(f"--adapters names adapters the library does not hold: {', '.join(unknown)}")
+        names = [name for name in names if name in asked]
     fingerprint = "" if args.image_cache is None else drawing_fingerprint(REPOSITORY)
     cache = ImageCache(args.image_cache, fingerprint)
     calibrated = calibrated_weights(pipe, args.library, names) if "shared" in branches + alone_branches else None

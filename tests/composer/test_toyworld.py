@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def test_base_model_draws_what_the_caption_says(toy_pipe) -> None:
     with torch.inference_mode():
         images = toy_pipe(
             prompts,
-            num_inference_steps=12,
+            num_inference_steps=8,
             guidance_scale=3.0,
             output_type="pt",
             generator=torch.Generator().manual_seed(0),
@@ -137,7 +138,7 @@ def test_a_rebuild_replaces_the_library_folder_whole(tmp_path: Path) -> None:
 def test_a_concept_lora_changes_the_attribute_it_was_trained_for(toy_pipe, toy_library: list[Path]) -> None:
     path = next(p for p in toy_library if p.stem == "zorbex")
     prompts = ["zorbex in the snow", "zorbex on the grass", "zorbex at night", "zorbex under a blue sky"]
-    call = {"num_inference_steps": 8, "guidance_scale": 3.0, "output_type": "pt"}
+    call = {"num_inference_steps": 6, "guidance_scale": 3.0, "output_type": "pt"}
     with torch.inference_mode():
         base = toy_pipe(prompts, generator=torch.Generator().manual_seed(0), **call).images
     with torch.no_grad():
@@ -162,7 +163,7 @@ def test_compose_then_judge_from_the_cli(toy_library: list[Path], tmp_path: Path
     assert main(["index", str(library)]) == 0
     out = tmp_path / "out"
     argv = ["zorbex in the snow", "--loras", "auto", "--library", str(library), "--model", "toy-sd"]
-    code = main([*argv, "--steps", "12", "--out", str(out)])
+    code = main([*argv, "--steps", "8", "--out", str(out)])
     assert code == 0
     verdict = judge_file(out / "0-0.png")
     assert verdict.concepts == {"zorbex": True}
@@ -195,7 +196,7 @@ def test_quality_benchmark_quick_mode(tmp_path: Path, capsys, toy_quality_pipeli
     from benchmarks.composition_quality import main
     from composer.toyworld.library import LIBRARY_GATES
 
-    assert main(["--quick", "--steps", "2", "--library", str(tmp_path / "library")]) == 0
+    assert main(["--quick", "--steps", "1", "--library", str(tmp_path / "library")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["compositions"]) == {"k=2"}
     row = result["compositions"]["k=2"]
@@ -264,15 +265,25 @@ def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(
     _stand_in_calibration(monkeypatch)
     argv = ["--alone-only", "--alone-branches", "shared", "--alone-seed", "8", "--steps", "1", "--alone-images", "1"]
     argv += ["--library", str(tmp_path / "lib"), "--docs", str(tmp_path), "--name", "alone"]
-    assert main(argv) == 0
+    assert main([*argv, "--adapters", "forest,zorbex"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["alone_seed"] == 8
     assert result["compositions"] == {}
-    assert set(result["alone_shared"]) == set(result["adapters"])
+    assert result["adapters"] == ["zorbex", "forest"], "the library's order, only the adapters asked for"
+    assert set(result["alone_shared"]) == {"zorbex", "forest"}
     assert json.loads((tmp_path / "alone.json").read_text()) == result
     text = (tmp_path / "alone.md").read_text()
     assert "## Each LoRA alone (1 scenes each, scene seed 8)" in text
     assert "## Compositions" not in text
+
+
+def test_adapters_the_library_does_not_hold_are_a_usage_error(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
+    from benchmarks.composition_quality import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--adapters", "zorbex,no_such", "--library", str(tmp_path / "lib")])
+    assert exit_info.value.code == 2
+    assert "--adapters names adapters the library does not hold: no_such" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -286,10 +297,13 @@ def test_an_extra_only_run_measures_only_the_extra_settings(
     _stand_in_calibration(monkeypatch)
     argv = ["--extra-only", "--branches", "shared", "--methods", "merge", "--sets", "1", "--seeds", "1"]
     argv += ["--steps", "1", "--alone-images", "1", "--library", str(tmp_path / "lib"), "--docs", str(tmp_path)]
+    argv += ["--adapters", "zorbex,crown,pixel_art,sunset,flower"]  # one per category: one set at every k
     assert main([*argv, "--name", "quality_shared"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert not {"base", "alone", "alone_preferred"} & set(result)
     assert set(result["alone_shared"]) == set(result["adapters"])
+    for k in (2, 3, 4, 5):  # the character with k - 1 of the four other categories, one adapter each
+        assert result["compositions"][f"k={k}"]["sets_possible"] == math.comb(4, k - 1), k
     assert set(result["compositions"]["k=2"]) >= {"merge (shared)"}
     text = (tmp_path / "quality_shared.md").read_text()
     assert "Base model alone" not in text
