@@ -24,6 +24,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["LORA_COMPOSER_MODEL"] = "tiny-sd"  # the machinery tests use the tiny random presets; toy tests name toy-sd
 
 import copy
+import gc
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +83,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not (elsewhere and "gpu_device" in getattr(item, "fixturenames", ())):
             item.add_marker(skip)
+
+
+GC_THRESHOLDS = (50_000, 20, 20)
+"""Python's cyclic collector thresholds while tests run (its defaults are 700, 10, 10)."""
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move everything imported so far out of the cyclic collector's reach and let it run less often.
+
+    torch, diffusers, transformers and gradio leave millions of long-lived objects behind their imports, and with the
+    default thresholds the collector walked them again and again: about 13% of a single-process run of tests/fusion
+    and tests/weights_index (19-21 s of 146-155 s, measured with ``gc.callbacks``), about 6 s with these settings
+    (resident memory 0.92 -> 1.05 GB). Cycles are still collected, only in larger batches.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @pytest.fixture(scope="session")
