@@ -648,15 +648,15 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [b for b in settings if b not in BRANCHES]
         if unknown:
             parser.error(f"{flag} takes {', '.join(BRANCHES)}; got {', '.join(unknown)}")
-    from composer.toyworld.library import LIBRARY_GATES, PREFERRED_WEIGHT
+    from composer.toyworld.library import LIBRARY_GATES, PREFERRED_WEIGHT, available_concepts
 
+    asked = _comma_list(args.adapters)
+    unknown = [name for name in asked if name not in available_concepts()]
+    if unknown:  # refused before the model loads or the library is built
+        parser.error(f"--adapters names adapters the library does not hold: {', '.join(unknown)}")
     torch.set_num_threads(args.threads)
     pipe, names = toy_pipeline(args.library)
-    if args.adapters:
-        asked = _comma_list(args.adapters)
-        unknown = [name for name in asked if name not in names]
-        if unknown:
-            parser.error(f"--adapters names adapters the library does not hold: {', '.join(unknown)}")
+    if asked:
         names = [name for name in names if name in asked]
     fingerprint = "" if args.image_cache is None else drawing_fingerprint(REPOSITORY)
     cache = ImageCache(args.image_cache, fingerprint)

@@ -277,12 +277,13 @@ def test_an_alone_only_run_judges_each_lora_alone_on_another_scene_seed(
     assert "## Compositions" not in text
 
 
-def test_adapters_the_library_does_not_hold_are_a_usage_error(tmp_path: Path, capsys, toy_quality_pipeline) -> None:
+def test_adapters_the_library_does_not_hold_are_a_usage_error(tmp_path: Path, capsys) -> None:
     from benchmarks.composition_quality import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--quick", "--adapters", "zorbex,no_such", "--library", str(tmp_path / "lib")])
     assert exit_info.value.code == 2
+    assert not (tmp_path / "lib").exists(), "refused before the library is built"
     assert "--adapters names adapters the library does not hold: no_such" in capsys.readouterr().err
 
 
