@@ -6,8 +6,9 @@ Tests marked ``gpu`` run on CUDA. Those that take their device from the ``gpu_de
 Pipelines: ``tiny_sd`` / ``tiny_sdxl`` / ``tiny_flux`` / ``tiny_kontext`` return a FRESH pipeline in every test
 (tests may mutate them freely): each is loaded from the session cache once per worker and every test gets its own
 deep copy of the modules and scheduler (tokenizers, which no test mutates, are shared); ``tiny_sd_path`` etc. are
-the cached folders, built once per session. Kontext runs need ``composer.presets.kontext_call_kwargs(h, w)`` or
-they silently run at 1024².
+the cached folders, built once per session; ``fresh_pipeline(name)`` makes more such copies for a test that needs
+several independent pipelines (a reference next to ours). Kontext runs need
+``composer.presets.kontext_call_kwargs(h, w)`` or they silently run at 1024².
 
 Libraries: ``example_library`` is a private copy (per test module) of the demo library that
 ``examples/make_library.py`` writes for tiny-sd, built once per run.
@@ -26,7 +27,7 @@ os.environ["LORA_COMPOSER_MODEL"] = "tiny-sd"  # the machinery tests use the tin
 import copy
 import gc
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,6 +153,17 @@ def _fresh(name: str, folder: Path) -> DiffusionPipeline:
     pipe.register_to_config(_name_or_path=loaded.name_or_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def fresh_pipeline(preset_cache: Path) -> Callable[[str], DiffusionPipeline]:
+    """A maker of fresh copies of a built-in preset by name (``fresh_pipeline("tiny-sd")``), for tests that need
+    several independent pipelines: each call is a copy like ``tiny_sd``'s, not a load of the preset again."""
+
+    def make(name: str) -> DiffusionPipeline:
+        return _fresh(name, _ensure(name, preset_cache))
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ merged composition's latents (≤1e-5 relative) at full rank.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,6 @@ from safetensors import safe_open
 from composer.cli import main
 from composer.facade import Composer
 from composer.mixin import make_composable
-from composer.presets import load_preset
 
 TOL = 1e-5
 
@@ -35,14 +35,8 @@ def two_files(tiny_sd, tmp_path: Path) -> tuple[Path, Path]:
     return first, second
 
 
-def _fresh(tiny_sd_path: Path):
-    pipe = load_preset("tiny-sd", cache_dir=tiny_sd_path.parent)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-def test_export_round_trips_through_diffusers(two_files, tiny_sd_path: Path, tmp_path: Path, fmt: str, capsys):
+def test_export_round_trips_through_diffusers(two_files, fresh_pipeline: Callable, tmp_path: Path, fmt: str, capsys):
     first, second = two_files
     prompt = f"a red fox <lora:{first}:0.8> <lora:{second}:0.6>"
     out = tmp_path / f"export-{fmt}.safetensors"
@@ -54,27 +48,27 @@ def test_export_round_trips_through_diffusers(two_files, tiny_sd_path: Path, tmp
     suffixes = (".lora_down.weight", ".lora_up.weight") if fmt == "kohya" else (".lora_A.weight", ".lora_B.weight")
     assert all(k.endswith(suffixes) for k in keys)
 
-    ours = make_composable(_fresh(tiny_sd_path))
+    ours = make_composable(fresh_pipeline("tiny-sd"))
     ours.add_adapter_file(first, name="a")
     ours.add_adapter_file(second, name="b")
     ours.set_composition({"a": 0.8, "b": 0.6})
     want = pipeline_latents(ours)
-    base = pipeline_latents(_fresh(tiny_sd_path))
+    base = pipeline_latents(fresh_pipeline("tiny-sd"))
     assert relative_error(base, want) > 1e-3
 
-    peer = _fresh(tiny_sd_path)
+    peer = fresh_pipeline("tiny-sd")
     with torch.no_grad():
         peer.load_lora_weights(str(out), adapter_name="export")
         peer.fuse_lora()
     assert relative_error(pipeline_latents(peer), want) <= TOL
 
-    reread = make_composable(_fresh(tiny_sd_path))
+    reread = make_composable(fresh_pipeline("tiny-sd"))
     reread.add_adapter_file(out, name="x")
     reread.set_composition({"x": 1.0})
     assert relative_error(pipeline_latents(reread), want) <= TOL
 
 
-def test_export_at_lower_rank_reports_energy_and_error(two_files, tiny_sd_path: Path, tmp_path: Path) -> None:
+def test_export_at_lower_rank_reports_energy_and_error(two_files, fresh_pipeline: Callable, tmp_path: Path) -> None:
     from composer.export import export_composition
 
     first, _ = two_files
@@ -84,13 +78,13 @@ def test_export_at_lower_rank_reports_energy_and_error(two_files, tiny_sd_path: 
     assert all(row["rank"] <= 2 for row in low.rows())
     assert 0.0 < low.retained < full.retained == pytest.approx(1.0)
     assert low.file_size < full.file_size
-    want = _composed(tiny_sd_path, tmp_path / "full.safetensors")
-    got = _composed(tiny_sd_path, tmp_path / "r2.safetensors")
+    want = _composed(fresh_pipeline, tmp_path / "full.safetensors")
+    got = _composed(fresh_pipeline, tmp_path / "r2.safetensors")
     assert relative_error(got, want) > TOL
 
 
-def _composed(tiny_sd_path: Path, path: Path) -> torch.Tensor:
-    pipe = make_composable(_fresh(tiny_sd_path))
+def _composed(fresh_pipeline: Callable, path: Path) -> torch.Tensor:
+    pipe = make_composable(fresh_pipeline("tiny-sd"))
     pipe.add_adapter_file(path, name="x")
     pipe.set_composition({"x": 1.0})
     return pipeline_latents(pipe)
@@ -102,7 +96,7 @@ def test_export_refuses_scheduled_weights(two_files, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_convert_to_lora_squeezes_a_lycoris_file(two_files, tiny_sd_path: Path, tmp_path: Path, capsys) -> None:
+def test_convert_to_lora_squeezes_a_lycoris_file(two_files, fresh_pipeline: Callable, tmp_path: Path, capsys) -> None:
     first, _ = two_files
     out = tmp_path / "squeezed.safetensors"
     assert main(["convert", str(first), "--to", "lora", "--out", str(out)]) == 1
@@ -114,8 +108,8 @@ def test_convert_to_lora_squeezes_a_lycoris_file(two_files, tiny_sd_path: Path, 
     assert report["retained"] < 1.0
     exact = tmp_path / "exact.safetensors"
     assert main(["convert", str(first), "--to", "lora", "--model", "tiny-sd", "--out", str(exact)]) == 0
-    want = _composed(tiny_sd_path, first)
-    assert relative_error(_composed(tiny_sd_path, exact), want) <= TOL
+    want = _composed(fresh_pipeline, first)
+    assert relative_error(_composed(fresh_pipeline, exact), want) <= TOL
 
 
 def test_export_refuses_bias_updates(tiny_sd, tmp_path: Path, capsys) -> None:

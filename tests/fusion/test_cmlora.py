@@ -4,7 +4,6 @@ guard), on tiny-sd (feature and output caching) and tiny-flux (output caching)."
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,7 +12,6 @@ import torch
 from torch import nn
 
 from composer.mixin import make_composable
-from composer.presets import load_preset
 from fusion.adapters import Adapter, LowRank
 from fusion.errors import CompositionError
 from fusion.feature_cache import UNetFeatureCache
@@ -208,7 +206,7 @@ def test_shallow_pass_on_its_own_feature_reproduces_the_full_pass(tiny_sd: Any) 
 
 
 @pytest.mark.slow
-def test_defaults_equal_the_weighted_formula_from_single_lora_runs(tiny_sd: Any, tiny_sd_path: Path) -> None:
+def test_defaults_equal_the_weighted_formula_from_single_lora_runs(tiny_sd: Any, fresh_pipeline: Any) -> None:
     """The defaults (no caching, the published stage 2) against diffusers' own LoRA path, call by call."""
     adapters = _setup(tiny_sd)
     tiny_sd.set_composition(WEIGHTS, method="cmlora", delta_h=SCORES)
@@ -222,7 +220,7 @@ def test_defaults_equal_the_weighted_formula_from_single_lora_runs(tiny_sd: Any,
     assert strategy.dominants == REFERENCE_8
     assert strategy.full_passes == {"l0": 8, "l1": 8, "l2": 8}
 
-    reference = load_preset("tiny-sd", cache_dir=tiny_sd_path.parent)  # diffusers' own LoRA path, no engine
+    reference = fresh_pipeline("tiny-sd")  # diffusers' own LoRA path, no engine
     with torch.no_grad():
         for adapter in adapters:
             state = {}

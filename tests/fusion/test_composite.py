@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +11,6 @@ from lora_factories import random_lora
 from torch import nn
 
 from composer.mixin import make_composable
-from composer.presets import load_preset
 from fusion.adapters import Adapter
 from fusion.errors import CompositionError
 from fusion.strategies.composite import Composite
@@ -51,7 +49,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_sequential_equals_the_formula_from_single_lora_runs(tiny_sd: Any, tiny_sd_path: Path) -> None:
+def test_sequential_equals_the_formula_from_single_lora_runs(tiny_sd: Any, fresh_pipeline: Any) -> None:
     adapters = _setup(tiny_sd)
     weights = {"l0": 0.8, "l1": 1.1, "l2": 0.5}
     mix = {"l0": 1.5, "l1": 1.0, "l2": 0.7}
@@ -66,7 +64,7 @@ def test_sequential_equals_the_formula_from_single_lora_runs(tiny_sd: Any, tiny_
     hook.remove()
     assert len(calls) == STEPS
 
-    reference = load_preset("tiny-sd", cache_dir=tiny_sd_path.parent)  # diffusers' own LoRA path, no engine
+    reference = fresh_pipeline("tiny-sd")  # diffusers' own LoRA path, no engine
     with torch.no_grad():
         for adapter in adapters:
             state = {}

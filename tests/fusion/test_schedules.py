@@ -9,7 +9,6 @@ import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from composer.mixin import make_composable
-from composer.presets import load_preset
 from fusion.adapters import Adapter, LowRank
 from fusion.errors import CompositionError
 from fusion.layer_groups import BlockLayout
@@ -351,7 +350,7 @@ def test_block_weight_merge_equals_diffusers_per_block_scales(
     ours_pipe.set_composition({"a": {"weight": weight, "blocks": vector}}, method="merge", fuse=fuse)
     ours = _denoise(ours_pipe)
 
-    peer = load_preset(preset.replace("_", "-"), cache_dir=request.getfixturevalue(f"{preset}_path").parent)
+    peer = request.getfixturevalue("fresh_pipeline")(preset.replace("_", "-"))
     with torch.no_grad():
         state = {f"unet.{k}.lora_A.weight": v.down.clone() for k, v in layers.items()}
         state |= {f"unet.{k}.lora_B.weight": v.up.clone() for k, v in layers.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 from lora_factories import random_lora
 
 from composer.mixin import make_composable
-from composer.presets import load_preset
 from fusion.adapters import Adapter, LowRank
 from fusion.errors import CompositionError
 from fusion.strategies.switch import Switch, active_index, category_order
@@ -48,10 +46,8 @@ def _adapters(pipe: Any) -> list[Adapter]:
     ]
 
 
-def _reference(path: Path, adapters: list[Adapter], order: list[str], weights: dict[str, float], offset: str) -> Any:
+def _reference(pipe: Any, adapters: list[Adapter], order: list[str], weights: dict[str, float], offset: str) -> Any:
     """diffusers' own multi-LoRA path, switched in callback_on_step_end exactly as the published Switch code."""
-    pipe = load_preset("tiny-sd", cache_dir=path.parent)
-    pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         for adapter in adapters:
             pipe.load_lora_weights(_peft(adapter.layers), adapter_name=adapter.name)
@@ -74,7 +70,7 @@ def _reference(path: Path, adapters: list[Adapter], order: list[str], weights: d
 @pytest.mark.parametrize("offset", ["uniform", "reference"])
 @pytest.mark.parametrize("fuse", [None, False])
 def test_switch_matches_set_adapters_in_a_callback(
-    tiny_sd: Any, tiny_sd_path: Path, offset: str, fuse: bool | None
+    tiny_sd: Any, fresh_pipeline: Any, offset: str, fuse: bool | None
 ) -> None:
     pipe = make_composable(tiny_sd)
     adapters = _adapters(pipe)
@@ -86,7 +82,7 @@ def test_switch_matches_set_adapters_in_a_callback(
         ours = _run(pipe)
         again = _run(pipe)  # a second generation starts from the first adapter again
     # default order by category: character (l2), style (l0), background (l1)
-    expected = _reference(tiny_sd_path, adapters, ["l2", "l0", "l1"], weights, offset)
+    expected = _reference(fresh_pipeline("tiny-sd"), adapters, ["l2", "l0", "l1"], weights, offset)
     error = float((ours - expected).abs().max() / expected.abs().max())
     assert error <= 1e-5, error
     assert torch.equal(again, ours)

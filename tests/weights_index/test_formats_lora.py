@@ -16,16 +16,9 @@ from format_writers import (
     write_peft,
 )
 
-from composer.presets import load_preset
 from weights_index.reader import read_adapter
 
 TOL = 1e-6
-
-
-def _fresh(name: str, folder: Path):
-    pipe = load_preset(name, cache_dir=folder.parent)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def assert_deltas(path: Path, expected: dict[str, torch.Tensor], **kwargs) -> None:
@@ -148,8 +141,8 @@ def _assert_same_as_diffusers(make_pipe, path: Path) -> None:
 
 
 @pytest.mark.parametrize("style", ["kohya", "diffusers"])
-def test_sd1_matches_diffusers_merge(style: str, tiny_sd_path, tmp_path: Path) -> None:
-    make = lambda: _fresh("tiny-sd", tiny_sd_path)  # noqa: E731
+def test_sd1_matches_diffusers_merge(style: str, fresh_pipeline, tmp_path: Path) -> None:
+    make = lambda: fresh_pipeline("tiny-sd")  # noqa: E731
     pipe = make()
     shapes = {**attention_shapes(pipe.unet, convs=True), **text_shapes(pipe.text_encoder)}
     if style == "kohya":
@@ -159,8 +152,8 @@ def test_sd1_matches_diffusers_merge(style: str, tiny_sd_path, tmp_path: Path) -
     _assert_same_as_diffusers(make, path)
 
 
-def test_sdxl_kohya_ldm_matches_diffusers_merge(tiny_sdxl_path, tmp_path: Path) -> None:
-    make = lambda: _fresh("tiny-sdxl", tiny_sdxl_path)  # noqa: E731
+def test_sdxl_kohya_ldm_matches_diffusers_merge(fresh_pipeline, tmp_path: Path) -> None:
+    make = lambda: fresh_pipeline("tiny-sdxl")  # noqa: E731
     pipe = make()
     shapes = {**attention_shapes(pipe.unet), **text_shapes(pipe.text_encoder_2, "text_encoder_2")}
     path, _ = write_kohya(tmp_path / "x.safetensors", shapes, ldm_layers_per_block=2, alphas=3.0)
@@ -168,8 +161,8 @@ def test_sdxl_kohya_ldm_matches_diffusers_merge(tiny_sdxl_path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("style", ["kohya", "xlabs", "diffusers"])
-def test_flux_matches_diffusers_merge(style: str, tiny_flux_path, tmp_path: Path) -> None:
-    make = lambda: _fresh("tiny-flux", tiny_flux_path)  # noqa: E731
+def test_flux_matches_diffusers_merge(style: str, fresh_pipeline, tmp_path: Path) -> None:
+    make = lambda: fresh_pipeline("tiny-flux")  # noqa: E731
     transformer = make().transformer
     if style == "kohya":
         path, _ = write_flux_kohya(tmp_path / "k.safetensors", transformer)

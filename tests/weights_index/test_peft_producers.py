@@ -14,7 +14,6 @@ import torch
 from producers import pipeline_latents, relative_error
 
 from composer.mixin import make_composable
-from composer.presets import load_preset
 from fusion.relative import Relative
 from weights_index.reader import probe, read_adapter
 
@@ -155,12 +154,6 @@ def check_diffusers_file(pipe, fresh, folder: Path) -> dict[str, float]:
 def test_diffusers_save_lora_weights(preset: str, request, tmp_path: Path) -> None:
     """Files written by the pipeline class's ``save_lora_weights`` (denoiser + CLIP text-encoder LoRA) compose to
     the latents of the PEFT-injected pipeline that wrote them."""
-    folder = request.getfixturevalue(f"{preset}_path")
-
-    def fresh():
-        pipe = load_preset(folder.name, cache_dir=folder.parent)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    errors = check_diffusers_file(request.getfixturevalue(preset), fresh, tmp_path)
+    make = request.getfixturevalue("fresh_pipeline")
+    errors = check_diffusers_file(request.getfixturevalue(preset), lambda: make(preset.replace("_", "-")), tmp_path)
     assert max(errors.values()) <= TOL, errors
