@@ -109,12 +109,24 @@ def gpu_device() -> torch.device:
     return _test_device()
 
 
+def _run_folder(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A folder every xdist worker of this run shares (the parent of the workers' temp folders), which lives as long
+    as the run; the session's own temp folder when there are no workers."""
+    shared = tmp_path_factory.getbasetemp()
+    return shared.parent if worker_id != "master" else shared
+
+
 @pytest.fixture(scope="session", autouse=True)
-def preset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The presets cache folder for this session (a temp dir); ``LORA_COMPOSER_CACHE`` points at its parent."""
+def preset_cache(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Path]:
+    """The presets cache folder for this run, shared by the xdist workers (each preset is built once per run, the
+    cache writes atomically); ``LORA_COMPOSER_CACHE`` points at a per-worker temp dir whose ``presets`` is this
+    folder, so everything else cached there stays the worker's own."""
     from composer.presets import preset_cache_root
 
     root = tmp_path_factory.mktemp("lora-composer-cache")
+    shared = _run_folder(tmp_path_factory, worker_id) / "presets"
+    shared.mkdir(exist_ok=True)
+    (root / "presets").symlink_to(shared, target_is_directory=True)
     previous = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(root)
     yield preset_cache_root()
@@ -125,10 +137,12 @@ def preset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def _ensure(name: str, cache: Path) -> Path:
-    """The cache folder of a built-in preset, built on first use (``composer.presets.ensure_preset``)."""
+    """The cache folder of a built-in preset, built on first use by one worker while the others wait
+    (``composer.presets.ensure_preset``)."""
     from composer.presets import ensure_preset
 
-    return ensure_preset(name, cache)
+    with FileLock(cache / f".{name}.lock"):
+        return ensure_preset(name, cache)
 
 
 _LOADED: dict[str, DiffusionPipeline] = {}
@@ -253,9 +267,7 @@ def toy_quality_pipeline(
 def example_library_build(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path, worker_id: str) -> Path:
     """The demo library as ``examples/make_library.py`` writes it for tiny-sd, built once per run and shared by the
     xdist workers (read-only: tests take a copy through ``example_library``)."""
-    shared = tmp_path_factory.getbasetemp()
-    if worker_id != "master":  # the workers' temp folders share a parent that lives as long as this run
-        shared = shared.parent
+    shared = _run_folder(tmp_path_factory, worker_id)
     out = shared / "example-library"
     with FileLock(shared / "example-library.lock"):
         if not (out / ".complete").is_file():
