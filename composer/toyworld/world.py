@@ -307,28 +307,49 @@ def _colour(rgb: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rgb, dtype=torch.float32, device=device).view(3, 1, 1) / 255.0
 
 
-def _backgrounds(batch: int, x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every background for the batch, (B, 3, H, W) each, at the supersampled resolution."""
+def _gradient(y: torch.Tensor, top: tuple[int, int, int], bottom: tuple[int, int, int]) -> torch.Tensor:
+    """A vertical blend from ``top`` to ``bottom`` over the image, (1, 3, H, W) at the supersampled resolution."""
+    t = (y / IMAGE_SIZE)[:, None]
+    return _colour(top, y.device) * (1 - t) + _colour(bottom, y.device) * t
+
+
+def _plain_backgrounds(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every background that looks the same in every sample, (1, 3, H, W) each (the night sky's stars differ)."""
     device = x.device
-    t = (y / IMAGE_SIZE).expand(batch, -1, -1)[:, None]
+    sky = _gradient(y, (120, 180, 250), (185, 220, 255))
+    ground = (y >= 44)[:, None]
+    trunks = (torch.remainder(x + 2, 12) < 4)[:, None]
+    return {
+        "sky": sky,
+        "grass": torch.where(ground, _colour((95, 185, 70), device).expand_as(sky), sky),
+        "snow": torch.where(ground, _colour((250, 250, 252), device), _gradient(y, (205, 212, 225), (225, 230, 240))),
+        "sunset": _gradient(y, (250, 140, 50), (235, 70, 150)),
+        "forest": torch.where(trunks, _colour((70, 45, 25), device), _gradient(y, (20, 70, 35), (35, 100, 45))),
+    }
 
-    def gradient(top: tuple[int, int, int], bottom: tuple[int, int, int]) -> torch.Tensor:
-        return _colour(top, device) * (1 - t) + _colour(bottom, device) * t
 
-    sky = gradient((120, 180, 250), (185, 220, 255))
-    ground = (y >= 44).expand(batch, -1, -1)[:, None]
-    grass = torch.where(ground, _colour((95, 185, 70), device).expand_as(sky), sky)
-    # Night stars: a per-sample pseudo-random sprinkle of small dots from an integer hash of the pixel's cell.
+def _night(x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """The night sky for samples with these star ``seeds`` (b,), (b, 3, H, W): a per-sample pseudo-random sprinkle
+    of small dots from an integer hash of the pixel's cell."""
+    device = x.device
     cell = (torch.div(x, 6, rounding_mode="floor") * 97 + torch.div(y, 6, rounding_mode="floor") * 31).long()
     hashed = torch.remainder(cell * 2654435761 + seeds.view(-1, 1, 1).to(device) * 40503, 2**31) % 11
     in_cell = (torch.remainder(x, 6) - 3) ** 2 + (torch.remainder(y, 6) - 3) ** 2 <= 0.9
     stars = ((hashed == 0) & in_cell)[:, None]
-    night = torch.where(stars, _colour((235, 235, 250), device), gradient((15, 18, 50), (30, 35, 80)))
-    snow = torch.where(ground, _colour((250, 250, 252), device), gradient((205, 212, 225), (225, 230, 240)))
-    sunset = gradient((250, 140, 50), (235, 70, 150))
-    trunks = (torch.remainder(x + 2, 12) < 4).expand(batch, -1, -1)[:, None]
-    forest = torch.where(trunks, _colour((70, 45, 25), device), gradient((20, 70, 35), (35, 100, 45)))
-    return {"sky": sky, "grass": grass, "night": night, "snow": snow, "sunset": sunset, "forest": forest}
+    return torch.where(stars, _colour((235, 235, 250), device), _gradient(y, (15, 18, 50), (30, 35, 80)))
+
+
+def _paint_backgrounds(x: torch.Tensor, y: torch.Tensor, chosen: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """Each sample's background (class indices ``chosen`` into BACKGROUNDS), (B, 3, H, W) at the supersampled
+    resolution. Backgrounds that look the same in every sample are drawn once and copied; the night sky only for the
+    samples that show it."""
+    plain = _plain_backgrounds(x, y)
+    blank = torch.zeros_like(plain["sky"])
+    image = torch.cat([plain.get(name, blank) for name in BACKGROUNDS]).index_select(0, chosen)
+    at_night = (chosen == BACKGROUNDS.index("night")).nonzero().flatten()
+    if len(at_night):
+        image[at_night] = _night(x, y, seeds[at_night.cpu()])
+    return image
 
 
 def _index(names: list[str], vocabulary: tuple[str, ...], device: torch.device) -> torch.Tensor:
@@ -357,9 +378,7 @@ def render(
     u = (x - layout.cx.to(device).view(-1, 1, 1)) / size
     v = (y - layout.cy.to(device).view(-1, 1, 1)) / size
 
-    image = _select(
-        _backgrounds(batch, x, y, layout.seed), _index([s.background for s in scenes], BACKGROUNDS, device), BACKGROUNDS
-    )
+    image = _paint_backgrounds(x, y, _index([s.background for s in scenes], BACKGROUNDS, device), layout.seed)
     body = _select(
         {k: m[:, None] for k, m in _shape_masks(u, v).items()},
         _index([s.shape for s in scenes], SHAPES, device),
