@@ -651,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     from composer.toyworld.library import LIBRARY_GATES, PREFERRED_WEIGHT, available_concepts
 
     asked = _comma_list(args.adapters)
-    unknown = [name for name in asked if name not in available_concepts()]
+    shipped = set(available_concepts())
+    unknown = [name for name in asked if name not in shipped]
     if unknown:  # refused before the model loads or the library is built
         parser.error(f"--adapters names adapters the library does not hold: {', '.join(unknown)}")
     torch.set_num_threads(args.threads)
