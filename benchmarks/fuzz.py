@@ -38,7 +38,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 OUTCOMES = ("ok", "typed error", "traceback", "hang", "NaN image", "outside read")
 BAD_OUTCOMES = OUTCOMES[2:]
@@ -498,11 +501,10 @@ def route_variants(count: int, seed: int, library: Path, out: Path, secret: Path
     return variants
 
 
-def run_route(url: str, target: str, forbidden: list[bytes]) -> str:
-    """GET ``target`` from the app; "outside read" when the answer holds any ``forbidden`` file's bytes."""
-    import httpx
-
-    response = httpx.get(f"{url}gradio_api/file={target}", timeout=CASE_SECONDS)
+def run_route(http: httpx.Client, url: str, target: str, forbidden: list[bytes]) -> str:
+    """GET ``target`` from the app with the campaign's one HTTP client; "outside read" when the answer holds any
+    ``forbidden`` file's bytes."""
+    response = http.get(f"{url}gradio_api/file={target}", timeout=CASE_SECONDS)
     if response.status_code == 200:
         if any(body and body in response.content for body in forbidden):
             return "outside read"
@@ -523,7 +525,10 @@ def run_editor_request(service: Any, name: str, forbidden_names: list[str]) -> s
 
 
 def route_campaign(count: int, seed: int, workdir: Path) -> list[Outcome]:
-    """Serve the app over a small library and send ``count`` route variants (one in ten an editor request)."""
+    """Serve the app over a small library and send ``count`` route variants (one in ten an editor request), all
+    over one HTTP client (a client per request would load the machine's certificate store each time)."""
+    import httpx
+
     from app.server import start
     from composer.service import CompositionService
 
@@ -538,22 +543,29 @@ def route_campaign(count: int, seed: int, workdir: Path) -> list[Outcome]:
     service = CompositionService("tiny-sd", library, out=out)
     running = start(service)
     try:
-        catalog = (library / ".lora-composer" / "catalog.sqlite").read_bytes()[:100]
-        forbidden = [SECRET, catalog, Path("/etc/passwd").read_bytes()[:64]]
-        targets = route_variants(count, seed, library, out, secret)
-        rng = random.Random(seed + 1)
-        results = []
-        for target in targets:
-            if rng.random() < 0.1:
-                name = rng.choice([str(secret), f"../outside/{secret.name}", "/etc/passwd", "zorbex/../../x", "~/x"])
-                results.append(
-                    classify(
-                        "routes", f"editor {name[:40]}", lambda n=name: run_editor_request(service, n, [secret.name])
+        with httpx.Client() as http:
+            catalog = (library / ".lora-composer" / "catalog.sqlite").read_bytes()[:100]
+            forbidden = [SECRET, catalog, Path("/etc/passwd").read_bytes()[:64]]
+            targets = route_variants(count, seed, library, out, secret)
+            rng = random.Random(seed + 1)
+            results = []
+            for target in targets:
+                if rng.random() < 0.1:
+                    name = rng.choice(
+                        [str(secret), f"../outside/{secret.name}", "/etc/passwd", "zorbex/../../x", "~/x"]
                     )
-                )
-            else:
-                results.append(classify("routes", target[:60], lambda t=target: run_route(running.url, t, forbidden)))
-        return results
+                    results.append(
+                        classify(
+                            "routes",
+                            f"editor {name[:40]}",
+                            lambda n=name: run_editor_request(service, n, [secret.name]),
+                        )
+                    )
+                else:
+                    results.append(
+                        classify("routes", target[:60], lambda t=target: run_route(http, running.url, t, forbidden))
+                    )
+            return results
     finally:
         running.close()
 

@@ -1,12 +1,23 @@
-"""Fixtures for the app tests: the demo library (built once per session) and the app served on a free port."""
+"""Fixtures for the app tests: the demo library (built once per session), the app served on a free port, and the
+HTTP clients that talk to it.
+
+The app is served over plain HTTP on the loopback address, so no certificate is ever checked; an httpx client made
+with certificate checks on still loads the machine's certificate store (about 30 ms of CPU), and gradio_client makes
+a new httpx client for every request and every file it downloads.
+"""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import httpx
+    from gradio_client import Client
 
 OUTSIDE_TEXT = "secret: this file lives outside the library"
 
@@ -36,3 +47,24 @@ def running_app(demo_library: Path, tmp_path_factory: pytest.TempPathFactory) ->
     running = start(service)
     yield running
     running.close()
+
+
+@pytest.fixture(scope="session")
+def http_client() -> Iterator[httpx.Client]:
+    """One httpx client for the plain HTTP requests of the app tests."""
+    import httpx
+
+    with httpx.Client() as client:
+        yield client
+
+
+@pytest.fixture
+def api_client() -> Callable[..., Client]:
+    """A maker of ``gradio_client.Client`` for an app served on loopback (``api_client(url, download_files=...)``),
+    with certificate checks off (plain HTTP: there is no certificate to check)."""
+    from gradio_client import Client
+
+    def make(url: str, **options: Any) -> Client:
+        return Client(url, verbose=False, ssl_verify=False, **options)
+
+    return make

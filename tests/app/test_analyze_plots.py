@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gradio_client import Client
 from PIL import Image
 
 from app.analyze_tab import score_chart
@@ -27,8 +26,8 @@ def test_score_chart_of_ranked_hits(running_app) -> None:
     assert _size(score_chart(running_app.service, hits[:1]))[1] < height, "one row per ranked adapter"
 
 
-def test_plots_endpoint_draws_gates_weights_and_scores(running_app, tmp_path: Path) -> None:
-    client = Client(running_app.url, verbose=False, download_files=str(tmp_path))
+def test_plots_endpoint_draws_gates_weights_and_scores(running_app, api_client, tmp_path: Path) -> None:
+    client = api_client(running_app.url, download_files=str(tmp_path))
     image, weights, gates, scores = client.predict("a corgi astronaut on the moon", [], "gated", 2, api_name="/plots")
     assert _size(image) == (64, 64)
     assert all(_size(p)[0] > 200 for p in (weights, gates, scores))
@@ -43,8 +42,8 @@ def test_plots_endpoint_draws_gates_weights_and_scores(running_app, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_spectra_endpoint_scores_the_library_and_draws_profiles(running_app, tmp_path: Path) -> None:
-    client = Client(running_app.url, verbose=False, download_files=str(tmp_path))
+def test_spectra_endpoint_scores_the_library_and_draws_profiles(running_app, api_client, tmp_path: Path) -> None:
+    client = api_client(running_app.url, download_files=str(tmp_path))
     table, summary, profiles = client.predict("a quiet room", 2, api_name="/spectra")
     rows = {row[0]: row for row in table["data"]}
     scored = [row for row in rows.values() if row[1] is not None]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradio_client import Client
 from PIL import Image
 
 from app.compose_tab import EDITOR_HEADERS
 
 
-def test_generate_with_the_unconditional_share_slider(running_app, tmp_path: Path) -> None:
-    client = Client(running_app.url, verbose=False, download_files=str(tmp_path))
+def test_generate_with_the_unconditional_share_slider(running_app, api_client, tmp_path: Path) -> None:
+    client = api_client(running_app.url, download_files=str(tmp_path))
     table = {"headers": EDITOR_HEADERS, "data": [["corgi_astronaut", 0.8, "", "", "", ""]]}
     outputs = {}
     for share in (1.0, 0.0, 0.5):
@@ -30,9 +29,9 @@ def test_generate_with_the_unconditional_share_slider(running_app, tmp_path: Pat
     assert len(set(images.values())) == 3
 
 
-def test_model_switching_is_no_public_endpoint(running_app) -> None:
+def test_model_switching_is_no_public_endpoint(running_app, api_client) -> None:
     """The model picker is a UI control only: switching models is not offered on the public API."""
-    client = Client(running_app.url, verbose=False)
+    client = api_client(running_app.url)
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert "/generate" in endpoints
     assert "/model" not in endpoints

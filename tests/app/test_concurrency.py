@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gradio_client import Client
 from PIL import Image
 
 from app.compose_tab import EDITOR_HEADERS, adapter_requests
@@ -48,7 +47,9 @@ def _pixels(path: str | Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_concurrent_requests_each_get_their_own_composition(running_app, demo_library: Path, tmp_path: Path) -> None:
+def test_concurrent_requests_each_get_their_own_composition(
+    running_app, api_client, demo_library: Path, tmp_path: Path
+) -> None:
     tables = _adapter_sets()
     assert len(tables) == 12
     prompts = [f"a test scene number {i}" for i in range(len(tables))]
@@ -62,9 +63,7 @@ def test_concurrent_requests_each_get_their_own_composition(running_app, demo_li
 
     # one client with every job in flight at once (its pool sends them concurrently); on a busy 2-core machine wait
     # for the server as long as it needs (httpx's 5 s default is a speed limit, not a correctness check)
-    client = Client(
-        running_app.url, verbose=False, download_files=str(tmp_path / "client"), httpx_kwargs={"timeout": 300}
-    )
+    client = api_client(running_app.url, download_files=str(tmp_path / "client"), httpx_kwargs={"timeout": 300})
     jobs = [
         client.submit(
             prompts[index],

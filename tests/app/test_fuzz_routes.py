@@ -12,12 +12,15 @@ from benchmarks import fuzz
 
 
 @pytest.mark.slow
-def test_route_variants_never_read_outside(running_app, demo_library: Path) -> None:
+def test_route_variants_never_read_outside(running_app, demo_library: Path, http_client) -> None:
     secret = demo_library.parent / "outside" / "secret.png"
     catalog = (demo_library / ".lora-composer" / "catalog.sqlite").read_bytes()[:100]
     forbidden = [OUTSIDE_TEXT.encode(), catalog, Path("/etc/passwd").read_bytes()[:64]]
     targets = fuzz.route_variants(120, 77, demo_library, running_app.service.out, secret)
-    results = [fuzz.classify("routes", t, lambda t=t: fuzz.run_route(running_app.url, t, forbidden)) for t in targets]
+    results = [
+        fuzz.classify("routes", t, lambda t=t: fuzz.run_route(http_client, running_app.url, t, forbidden))
+        for t in targets
+    ]
     assert [r for r in results if r.outcome in fuzz.BAD_OUTCOMES] == []
     assert any(r.outcome == "ok" for r in results)
 

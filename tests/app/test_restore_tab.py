@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from safetensors.torch import save_file
@@ -75,9 +75,9 @@ def test_restoration_adapters_are_found_by_metadata(restore_app) -> None:
 
 
 def test_restore_over_http_matches_a_direct_restoration(
-    restore_app, restore_library: Path, hazy: Path, tmp_path: Path
+    restore_app, api_client, restore_library: Path, hazy: Path, tmp_path: Path
 ) -> None:
-    client = Client(restore_app.url, verbose=False, download_files=str(tmp_path / "client"))
+    client = api_client(restore_app.url, download_files=str(tmp_path / "client"))
     style = {"headers": STYLE_HEADERS, "data": [["watercolor", 0.6]]}
     image, prompt = client.predict(
         handle_file(str(hazy)), ["dehaze"], style, "", "merge", STEPS, 5, api_name="/restore"
@@ -105,8 +105,8 @@ def test_restore_over_http_matches_a_direct_restoration(
     assert custom == "sharpen it"
 
 
-def test_restore_without_a_restoration_adapter_is_refused(restore_app, hazy: Path, tmp_path: Path) -> None:
-    client = Client(restore_app.url, verbose=False, download_files=str(tmp_path / "client"))
+def test_restore_without_a_restoration_adapter_is_refused(restore_app, api_client, hazy: Path, tmp_path: Path) -> None:
+    client = api_client(restore_app.url, download_files=str(tmp_path / "client"))
     with pytest.raises(AppError, match="at least one restoration adapter"):
         client.predict(
             handle_file(str(hazy)),
