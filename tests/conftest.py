@@ -45,14 +45,20 @@ if TYPE_CHECKING:  # torch and diffusers are imported where tests run, not in xd
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Run torch single-threaded (``LORA_COMPOSER_TEST_THREADS`` overrides) in every process that runs tests.
+    """Run torch single-threaded (``LORA_COMPOSER_TEST_THREADS`` overrides) in every process that runs tests, and
+    keep the cyclic garbage collector off while the tests are collected.
 
     The test models are tiny, so intra-op threads buy nothing, and on a shared 2-core machine spinning OpenMP
     workers make a 30 ms tiny-pipeline call take 0.3-1 s. One thread keeps timings stable. xdist's controller runs no
     test and imports no torch: importing it there (about 6 s on 2 cores) would hold back the start of every worker.
+
+    Collecting imports torch, diffusers, transformers and gradio, whose millions of objects live as long as the
+    process: with the collector on, it walks them again and again during the imports (about 2 s of each worker's
+    16-19 s of collection) for about 13 MB of garbage. :func:`pytest_collection_finish` turns it back on.
     """
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         return
+    gc.disable()
     import torch
 
     torch.set_num_threads(int(os.environ.get("LORA_COMPOSER_TEST_THREADS", "1")))
@@ -93,7 +99,8 @@ GC_THRESHOLDS = (50_000, 20, 20)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Move everything imported so far out of the cyclic collector's reach and let it run less often.
+    """Move everything imported so far out of the cyclic collector's reach, let it run less often, and turn it back
+    on (:func:`pytest_configure` turned it off for the collection).
 
     torch, diffusers, transformers and gradio leave millions of long-lived objects behind their imports, and with the
     default thresholds the collector walked them again and again: about 13% of a single-process run of tests/fusion
@@ -103,6 +110,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    gc.enable()
 
 
 @pytest.fixture(scope="session")
