@@ -119,27 +119,27 @@ def gpu_device() -> torch.device:
     return _test_device()
 
 
-def _run_folder(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+def _run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder every xdist worker of this run shares (the parent of the workers' temp folders), which lives as long
-    as the run; the session's own temp folder when there are no workers."""
+    as the run; the session's own temp folder when there are no workers (xdist names a worker in
+    ``PYTEST_XDIST_WORKER``; its ``worker_id`` fixture does not exist when pytest runs with ``-p no:xdist``)."""
     shared = tmp_path_factory.getbasetemp()
-    return shared.parent if worker_id != "master" else shared
+    return shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
 
 
 @pytest.fixture(scope="session", autouse=True)
-def preset_cache(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[Path]:
+def preset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The presets cache folder for this run, shared by the xdist workers (each preset is built once per run, the
     cache writes atomically); ``LORA_COMPOSER_CACHE`` points at a per-worker temp dir whose ``presets`` is this
-    folder, so everything else cached there stays the worker's own."""
-    from composer.presets import preset_cache_root
-
+    folder, so everything else cached there stays the worker's own (``composer.presets.preset_cache_root()`` is
+    that ``presets`` folder)."""
     root = tmp_path_factory.mktemp("lora-composer-cache")
-    shared = _run_folder(tmp_path_factory, worker_id) / "presets"
+    shared = _run_folder(tmp_path_factory) / "presets"
     shared.mkdir(exist_ok=True)
     (root / "presets").symlink_to(shared, target_is_directory=True)
     previous = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(root)
-    yield preset_cache_root()
+    yield root / "presets"
     if previous is None:
         os.environ.pop(CACHE_ENV, None)
     else:
@@ -285,10 +285,10 @@ def toy_quality_pipeline(
 
 
 @pytest.fixture(scope="session")
-def example_library_build(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path, worker_id: str) -> Path:
+def example_library_build(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path) -> Path:
     """The demo library as ``examples/make_library.py`` writes it for tiny-sd, built once per run and shared by the
     xdist workers (read-only: tests take a copy through ``example_library``)."""
-    shared = _run_folder(tmp_path_factory, worker_id)
+    shared = _run_folder(tmp_path_factory)
     out = shared / "example-library"
     with FileLock(shared / "example-library.lock"):
         if not (out / ".complete").is_file():

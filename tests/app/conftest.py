@@ -4,6 +4,10 @@ HTTP clients that talk to it.
 The app is served over plain HTTP on the loopback address, so no certificate is ever checked; an httpx client made
 with certificate checks on still loads the machine's certificate store (about 30 ms of CPU), and gradio_client makes
 a new httpx client for every request and every file it downloads.
+
+The app tests import the app's tab modules inside the tests, not at the top of their files: importing a tab imports
+gradio (3-4 s of CPU), and xdist imports every test file in every worker while collecting, also in a worker that
+runs no app test.
 """
 
 from __future__ import annotations

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.analyze_tab import score_chart
-
 
 def _size(path: str | Path) -> tuple[int, int]:
     with Image.open(path) as image:
@@ -18,6 +16,8 @@ def _size(path: str | Path) -> tuple[int, int]:
 
 
 def test_score_chart_of_ranked_hits(running_app) -> None:
+    from app.analyze_tab import score_chart
+
     hits = running_app.service.rank("a corgi astronaut", k=5)
     path = score_chart(running_app.service, hits)
     assert path.is_relative_to(running_app.service.out)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from app.compose_tab import EDITOR_HEADERS
-
 
 def test_generate_with_the_unconditional_share_slider(running_app, api_client, tmp_path: Path) -> None:
+    from app.compose_tab import EDITOR_HEADERS
+
     client = api_client(running_app.url, download_files=str(tmp_path))
     table = {"headers": EDITOR_HEADERS, "data": [["corgi_astronaut", 0.8, "", "", "", ""]]}
     outputs = {}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from app.compose_tab import adapter_requests, left_out_reason, sync_editor, why_rows
 from composer.facade import ChosenAdapter, CompositionResult, RejectedAdapter
 from composer.service import ComposerError, CompositionService, LoraTag, adapter_request
 
 
 def test_editor_rows_become_requests() -> None:
+    from app.compose_tab import adapter_requests
+
     rows = [
         ["corgi_astronaut", 0.7, "", "OUTALL", "", "0.5"],
         ["", 1.0, "", "", "", ""],
@@ -21,6 +22,8 @@ def test_editor_rows_become_requests() -> None:
 
 
 def test_editor_rejects_non_numbers() -> None:
+    from app.compose_tab import adapter_requests
+
     with pytest.raises(ComposerError, match="start 'soon' is not a number"):
         adapter_requests([["corgi_astronaut", 0.8, "", "", "soon", ""]])
 
@@ -31,6 +34,8 @@ def test_schedule_must_be_keyframes() -> None:
 
 
 def test_sync_editor_keeps_edits_and_follows_the_picker() -> None:
+    from app.compose_tab import sync_editor
+
     rows = [["a", 0.3, "0@0,1@1", "", "", ""], ["b", 0.9, "", "", "", ""]]
     assert sync_editor(["b", "c"], rows) == [["b", 0.9, "", "", "", ""], ["c", 0.8, "", "", "", ""]]
     assert sync_editor([], rows) == []
@@ -45,6 +50,8 @@ def test_service_rejects_empty_prompt_and_zero_workers(tmp_path) -> None:
 
 
 def test_why_table_lists_what_the_automatic_pick_left_out() -> None:
+    from app.compose_tab import why_rows
+
     used = ChosenAdapter(LoraTag("corgi", 0.8), source="auto", score=1.0, reasons=["trigger word in prompt"])
     rejected = [
         RejectedAdapter("teapot", "limit of 1 adapters reached", capped=True),
@@ -68,6 +75,8 @@ def test_why_table_lists_what_the_automatic_pick_left_out() -> None:
 
 
 def test_the_cap_hint_follows_the_capped_field_not_the_wording() -> None:
+    from app.compose_tab import left_out_reason
+
     assert left_out_reason(RejectedAdapter("a", "too many", capped=True)) == (
         "too many; raise 'Most adapters' to include it"
     )

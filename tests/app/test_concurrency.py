@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.compose_tab import EDITOR_HEADERS, adapter_requests
 from composer.service import CompositionService
 
 STEPS = 1
@@ -50,6 +49,8 @@ def _pixels(path: str | Path) -> np.ndarray:
 def test_concurrent_requests_each_get_their_own_composition(
     running_app, api_client, demo_library: Path, tmp_path: Path
 ) -> None:
+    from app.compose_tab import EDITOR_HEADERS, adapter_requests
+
     tables = _adapter_sets()
     assert len(tables) == 12
     prompts = [f"a test scene number {i}" for i in range(len(tables))]

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from app.analyze_tab import score_rows
-from app.library_tab import preview_grid, table_rows
 from composer.service import CompositionService
 
 
@@ -20,6 +18,8 @@ def service(demo_library: Path, tmp_path: Path) -> CompositionService:
 
 
 def test_entries_table_and_previews(service: CompositionService) -> None:
+    from app.library_tab import preview_grid, table_rows
+
     items = service.entries()
     assert [i.name for i in items][:2] == ["corgi_astronaut", "film_grain"]
     rows = table_rows(items)
@@ -44,6 +44,8 @@ def test_search_details_and_rescan(service: CompositionService) -> None:
 
 
 def test_retrieval_scores_for_a_prompt(service: CompositionService) -> None:
+    from app.analyze_tab import score_rows
+
     hits = service.rank("gldteapot on a table", k=3)
     assert hits[0]["name"] == "golden_teapot"
     row = score_rows(hits)[0]

@@ -15,7 +15,6 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 from safetensors.torch import save_file
 
-from app.restore_tab import STYLE_HEADERS, style_rows
 from composer.presets import load_preset
 from composer.restoration.restore import Restorer
 from composer.service import CompositionService
@@ -68,6 +67,8 @@ def _pixels(path: str | Path | Image.Image) -> np.ndarray:
 
 
 def test_restoration_adapters_are_found_by_metadata(restore_app) -> None:
+    from app.restore_tab import style_rows
+
     service = restore_app.service
     assert service.restoration_names() == ["dehaze"]
     assert "dehaze" in service.adapter_names()
@@ -77,6 +78,8 @@ def test_restoration_adapters_are_found_by_metadata(restore_app) -> None:
 def test_restore_over_http_matches_a_direct_restoration(
     restore_app, api_client, restore_library: Path, hazy: Path, tmp_path: Path
 ) -> None:
+    from app.restore_tab import STYLE_HEADERS
+
     client = api_client(restore_app.url, download_files=str(tmp_path / "client"))
     style = {"headers": STYLE_HEADERS, "data": [["watercolor", 0.6]]}
     image, prompt = client.predict(
@@ -106,6 +109,8 @@ def test_restore_over_http_matches_a_direct_restoration(
 
 
 def test_restore_without_a_restoration_adapter_is_refused(restore_app, api_client, hazy: Path, tmp_path: Path) -> None:
+    from app.restore_tab import STYLE_HEADERS
+
     client = api_client(restore_app.url, download_files=str(tmp_path / "client"))
     with pytest.raises(AppError, match="at least one restoration adapter"):
         client.predict(
