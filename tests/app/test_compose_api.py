@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
@@ -35,3 +36,34 @@ def test_model_switching_is_no_public_endpoint(running_app, api_client) -> None:
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert "/generate" in endpoints
     assert "/model" not in endpoints
+
+
+def test_the_summary_names_what_the_cap_left_out(running_app, api_client) -> None:
+    """An automatic pick capped at one adapter says in the summary which named adapter it left out and how to keep
+    it."""
+    from app.compose_tab import EDITOR_HEADERS
+
+    client = api_client(running_app.url)
+    empty = {"headers": EDITOR_HEADERS, "data": []}
+    _, why, summary = client.predict(
+        "crgastro wearing a redscarf", "auto", empty, "merge", 2, 3, 1, 1.0, 1, api_name="/generate"
+    )
+    chosen = [row[0] for row in why["data"] if row[2] != "left out"]
+    left = [row[0] for row in why["data"] if row[2] == "left out"]
+    assert len(chosen) == 1
+    assert len(left) == 1
+    assert {*chosen, *left} == {"corgi_astronaut", "red_scarf"}
+    assert f"**Left out:** `{left[0]}`" in summary
+    assert "raise 'Most adapters' to include it" in summary
+
+
+def test_a_refused_request_reaches_the_client_as_its_error(running_app, api_client) -> None:
+    """A request the composer refuses (an empty prompt) comes back as the composer's message, not a bare failure."""
+    from gradio_client.exceptions import AppError
+
+    from app.compose_tab import EDITOR_HEADERS
+
+    client = api_client(running_app.url)
+    empty = {"headers": EDITOR_HEADERS, "data": []}
+    with pytest.raises(AppError, match="the prompt is empty"):
+        client.predict("", "auto", empty, "merge", 2, 3, 1, 1.0, 1, api_name="/generate")
