@@ -237,6 +237,7 @@ def run_compositions(
     (none: every one drawn)."""
     from composer.toyworld.verdict import judge_images
     from composer.training.gates import load_gates
+    from fusion.strategies import get_strategy
 
     bank = load_gates(gates) if gates is not None and "gated" in methods else None
     gates_digest = file_sha256(gates) if bank is not None else None
@@ -251,6 +252,8 @@ def run_compositions(
         found: dict[str, list[int]] = {}
         row: dict[str, Any] = {"sets": len(chosen), "sets_possible": len(every), "images_per_method": len(trials)}
         for method, branch in itertools.product(methods, branches):
+            if branch != "both" and get_strategy(method).fused_only:
+                continue  # its fused weights serve both branches: the per-branch rules cannot apply to it
             label = variant(method, branch)
             counts, successes, seconds = [], 0, 0.0
             for combo, seed in trials:

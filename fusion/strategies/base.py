@@ -230,6 +230,9 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
+    fused_only: ClassVar[bool] = False
+    """Whether the method can only write its result into the weights (then it serves both CFG branches alike and
+    refuses ``fuse=False``, which per-branch compositions need)."""
 
     def __init__(self, weights: Mapping[str, WeightSpec], *, fuse: bool | None = None, **options: Any) -> None:
         self.weights = dict(weights)

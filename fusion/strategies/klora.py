@@ -79,6 +79,8 @@ class KLoRA(Strategy):
     """K-LoRA. Options: ``top_k`` (K, default 64), ``alpha`` / ``beta`` (the style factor α·t/T + β, 1.5 / 0.5),
     ``styles`` (names of the style adapters; default: those with category ``style``)."""
 
+    fused_only = True
+
     def __init__(
         self,
         weights: Mapping[str, Any],

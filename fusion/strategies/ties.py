@@ -65,6 +65,8 @@ def ties_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], density
 class Ties(Strategy):
     """TIES merging of the adapters' updates. Option: ``density`` (fraction of each update kept, default 0.2)."""
 
+    fused_only = True
+
     def __init__(
         self,
         weights: Mapping[str, Any],

@@ -234,6 +234,23 @@ def test_quality_benchmark_adds_conditional_and_mixed_branch_rows(tmp_path: Path
         main([*argv, "--branches", "both", "--alone-branches", "mixed,negative"])
 
 
+def test_quality_benchmark_runs_fused_only_methods_on_both_branches_only(
+    tmp_path: Path, capsys, toy_quality_pipeline
+) -> None:
+    """klora and ties write their result into the weights, which serve both CFG branches: a run that also asks for
+    per-branch rows measures them on both branches and skips their per-branch rows (it used to stop with the
+    engine's refusal, so `make quality` never finished)."""
+    import json
+
+    from benchmarks.composition_quality import main
+
+    argv = ["--quick", "--steps", "1", "--methods", "merge,klora,ties", "--library", str(tmp_path / "lib")]
+    assert main([*argv, "--branches", "both,conditional,mixed"]) == 0
+    row = json.loads(capsys.readouterr().out)["compositions"]["k=2"]
+    methods = {"merge", "merge (cond)", "merge (mixed)", "klora", "ties"}
+    assert set(row) == {"sets", "sets_possible", "images_per_method", *methods}
+
+
 def test_quality_benchmark_shared_rows_give_the_unconditional_half_one_share_and_the_calibrated_weights() -> None:
     from benchmarks.composition_quality import UNCONDITIONAL_SHARE, branch_choice, setting_weights, variant
 
