@@ -66,7 +66,7 @@ fuzz: install
 
 # Every table and grid of the toy world's quality benchmark from the shipped files, with the flags of the published
 # docs: two lanes of one torch thread each (each its own library folder); on the 2-core CPU machine of
-# docs/benchmarks.md the lanes take about 7,700 s and 7,200 s when every image is drawn.
+# docs/benchmarks.md the lanes take about 8,000 s and 7,000 s of drawing for the composition tables.
 # Rerun it whole after any library file or the gates change; docs/benchmarks.md says what each table measured.
 # Drawn images are kept in .cache/bench/images under a fingerprint of the code and weights that drew them, so a rerun
 # after a change to the judge alone re-reads them and only judges (minutes, not hours).
