@@ -26,3 +26,14 @@ def cache_root() -> Path:
     ``~/.cache/lora-composer``."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lora-composer"
+
+
+def preset_cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where presets are cached: ``cache_dir``, else ``$LORA_COMPOSER_CACHE/presets``, else the user's cache. Kept
+    here, free of heavy imports, so that callers which only need the path (test fixtures, parsers) load no torch.
+
+    The user's cache is ``~/.cache/lora-composer/presets``; each preset gets a folder named after it inside.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return cache_root() / "presets"

@@ -131,15 +131,16 @@ def _run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def preset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The presets cache folder for this run, shared by the xdist workers (each preset is built once per run, the
     cache writes atomically); ``LORA_COMPOSER_CACHE`` points at a per-worker temp dir whose ``presets`` is this
-    folder, so everything else cached there stays the worker's own (``composer.presets.preset_cache_root()`` is
-    that ``presets`` folder)."""
+    folder, so everything else cached there stays the worker's own."""
+    from composer.settings import preset_cache_root
+
     root = tmp_path_factory.mktemp("lora-composer-cache")
     shared = _run_folder(tmp_path_factory) / "presets"
     shared.mkdir(exist_ok=True)
     (root / "presets").symlink_to(shared, target_is_directory=True)
     previous = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(root)
-    yield root / "presets"
+    yield preset_cache_root()
     if previous is None:
         os.environ.pop(CACHE_ENV, None)
     else:

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from composer.settings import CACHE_ENV, cache_root
+from composer.settings import CACHE_ENV, preset_cache_root
 from composer.smoke_presets import registry
 from composer.smoke_presets.registry import PresetSpec, preset_spec
 from fusion.errors import PresetError
@@ -20,16 +20,6 @@ logger = logging.getLogger(__name__)
 
 MARKER_FILE = "preset.json"
 """Written last into a preset's cache folder; names the preset and the fingerprint of the configs it was built from."""
-
-
-def preset_cache_root(cache_dir: str | Path | None = None) -> Path:
-    """Where presets are cached: ``cache_dir``, else ``$LORA_COMPOSER_CACHE/presets``, else the user's cache.
-
-    The user's cache is ``~/.cache/lora-composer/presets``; each preset gets a folder named after it inside.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return cache_root() / "presets"
 
 
 def _is_current(folder: Path, spec: PresetSpec) -> bool:
